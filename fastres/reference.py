@@ -1,0 +1,88 @@
+"""The reference: conv -> batch norm -> ReLU (+ residual) in plain PyTorch.
+
+This file is the executable form of SPEC.md. Every backend is tested against it,
+run in float64. It is written for clarity, not speed, and imports nothing else
+from fastres so that a bug in shared code cannot hide in both sides of a test.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+PADDING_MODES = ("causal", "same")
+
+
+def conv_padding(kernel_size: int, dilation: int, stride: int, padding: str) -> Tuple[int, int]:
+    """(left, right) zero padding of the conv input for a padding mode.
+
+    causal: (K-1)*d zeros on the left, none on the right.
+    same, stride 1: PyTorch's padding="same" (the extra zero goes right when odd).
+    same, stride > 1: the ResNet convention, (K-1)*d // 2 on both sides.
+    """
+    total = (kernel_size - 1) * dilation
+    if padding == "causal":
+        return total, 0
+    if padding == "same":
+        if stride == 1:
+            return total // 2, total - total // 2
+        return total // 2, total // 2
+    raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+
+
+def output_length(length: int, kernel_size: int, dilation: int, stride: int, padding: str) -> int:
+    """Length of the conv output for an input of `length` steps."""
+    left, right = conv_padding(kernel_size, dilation, stride, padding)
+    return (length + left + right - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def conv1d(x, weight, bias, *, stride=1, dilation=1, padding="causal"):
+    """F.conv1d with the causal / same padding of SPEC.md."""
+    left, right = conv_padding(weight.shape[-1], dilation, stride, padding)
+    return F.conv1d(F.pad(x, (left, right)), weight, bias, stride=stride, dilation=dilation)
+
+
+def conv_bn_relu_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    *,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    dilation: int = 1,
+    padding: str = "causal",
+    residual: Optional[torch.Tensor] = None,
+    relu_before_add: bool = False,
+    norm: Optional[str] = "batch",
+    num_batches_tracked: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """relu(bn(conv1d(x)) + residual), exactly as nn.Conv1d -> nn.BatchNorm1d -> F.relu.
+
+    Running statistics are updated in place in training mode, as nn.BatchNorm1d
+    does (momentum=None: cumulative average over num_batches_tracked).
+    norm=None skips batch norm. relu_before_add computes relu(relu(bn(conv)) + residual).
+    """
+    y = conv1d(x, weight, bias, stride=stride, dilation=dilation, padding=padding)
+    if norm == "batch":
+        factor = momentum
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+        if training and factor is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, factor, eps)
+    elif norm is not None:
+        raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
+    if relu_before_add:
+        y = F.relu(y)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y)
