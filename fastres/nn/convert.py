@@ -398,12 +398,18 @@ def convert(model: nn.Module, inplace: bool = False, *, return_report: bool = Fa
 
 
 def _plain(m: nn.Module) -> nn.Module:
+    plain_cls = None
     if isinstance(m, TemporalBlock):
-        return retyped(m, PlainTemporalBlock if m.norm == "batch" else PlainWeightNormTemporalBlock)
-    if isinstance(m, BasicBlock):
-        return retyped(m, PlainBasicBlock)
-    if isinstance(m, ResNet1d):
-        return retyped(m, PlainResNet1d)
+        plain_cls = PlainTemporalBlock if m.norm == "batch" else PlainWeightNormTemporalBlock
+    elif isinstance(m, BasicBlock):
+        plain_cls = PlainBasicBlock
+    elif isinstance(m, ResNet1d):
+        plain_cls = PlainResNet1d
+    if plain_cls is not None:
+        plain = retyped(m, plain_cls)
+        if hasattr(plain, "record_geometry"):
+            plain.record_geometry()
+        return plain
     if isinstance(m, ConvBNReLUSequential):
         seq = retyped(m, nn.Sequential)
         del seq.__dict__["fused_runs"]

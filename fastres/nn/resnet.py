@@ -95,11 +95,20 @@ class BasicBlock(_BasicBlockLayout):
 class PlainBasicBlock(_BasicBlockLayout):
     """BasicBlock in plain PyTorch (what fastres.unfuse returns); scriptable."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record_geometry()
+
+    def record_geometry(self) -> None:
+        """Copy the convs' (stride, dilation) onto the block: TorchScript cannot read a
+        submodule's constants, so the scripted forward reads these."""
+        self.geometry = tuple((c.stride[0], c.dilation[0]) for c in (self.conv1, self.conv2))
+
     def forward(self, x: Tensor) -> Tensor:
-        c1, c2 = self.conv1, self.conv2
-        h = padded_conv1d(x, c1.weight, c1.bias, c1.stride[0], c1.dilation[0], self.causal)
+        (s1, d1), (s2, d2) = self.geometry
+        h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, s1, d1, self.causal)
         h = F.relu(self.bn1(h))
-        out = self.bn2(padded_conv1d(h, c2.weight, c2.bias, c2.stride[0], c2.dilation[0],
+        out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, s2, d2,
                                      self.causal))
         if self.downsample is not None:
             return F.relu(out + self.downsample(x))
@@ -176,8 +185,16 @@ class PlainResNet1d(_ResNet1dLayout):
 
     _block_cls = PlainBasicBlock
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record_geometry()
+
+    def record_geometry(self) -> None:
+        """The stem conv's (stride, dilation), for the scripted forward (see PlainBasicBlock)."""
+        self.geometry = (self.conv1.stride[0], self.conv1.dilation[0])
+
     def forward(self, x: Tensor) -> Tensor:
-        c = self.conv1
-        x = F.relu(self.bn1(padded_conv1d(x, c.weight, c.bias, c.stride[0], c.dilation[0],
-                                          self.causal)))
+        stride, dilation = self.geometry
+        x = F.relu(self.bn1(padded_conv1d(x, self.conv1.weight, self.conv1.bias, stride,
+                                          dilation, self.causal)))
         return self._body(x)
