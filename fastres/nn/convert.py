@@ -359,6 +359,22 @@ def _try_sequential(seq: nn.Sequential, name: str, report: ConversionReport):
 # --------------------------------------------------------------------------- public API
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also for models with old torch.nn.utils.weight_norm convs.
+
+    Old weight_norm keeps the computed weight as a plain non-leaf attribute, which
+    deepcopy refuses; that attribute is recomputed before every forward, so a detached
+    copy of it is as good.
+    """
+    memo = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+
 def _convert(m: nn.Module, name: str, report: ConversionReport) -> nn.Module:
     fused = _try_block(m, name, report)
     if fused is not None:
@@ -390,7 +406,7 @@ def convert(model: nn.Module, inplace: bool = False, *, return_report: bool = Fa
         each recognised block left untouched with the reason.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     report = ConversionReport()
     model = _convert(model, "", report)
     logger.info(report.summary())
@@ -425,7 +441,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     (weight-normed blocks: torch.jit.trace, as parametrizations do not script), ONNX.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     model = _plain(model)
     for child_name, child in list(model.named_children()):
         new = unfuse(child, inplace=True)
