@@ -203,6 +203,21 @@ def test_sequential_conv_bn_relu_runs_are_fused_in_place():
     assert_train_and_eval_match(new, model, (2, 3, 30))
 
 
+def test_bn_without_affine_or_running_stats_and_biasless_convs_carry_over():
+    torch.manual_seed(0)
+    model = SeedTCN(3, [6, 6], kernel_size=2)
+    for block in model.network:
+        block.bn1 = nn.BatchNorm1d(6, affine=False, track_running_stats=False)
+        block.bn2 = nn.BatchNorm1d(6, momentum=None)
+        d = block.conv2.dilation[0]
+        block.conv2 = nn.Conv1d(6, 6, 2, padding=d, dilation=d, bias=False)
+    randomize_bn(model)
+    new, report = converted(model)
+    assert len(report.swapped) == 2
+    assert new.network[0].bn1.running_mean is None and new.network[0].conv2.bias is None
+    assert_train_and_eval_match(new, model, (3, 3, 12))
+
+
 def test_unverifiable_blocks_are_left_untouched_and_reported():
     torch.manual_seed(0)
     model = randomize_bn(nn.Sequential(LeakyBlock(4), TwoDropoutBlock(4)))

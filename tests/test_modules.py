@@ -15,6 +15,7 @@ from torch import nn
 
 import fastres
 from fastres import backends
+from conftest import requires_cuda
 from parity import rel_err
 
 TOL = 1e-5
@@ -197,10 +198,12 @@ def randomize_bn(model, seed=1):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d):
             with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                if m.track_running_stats:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model
 
 
@@ -226,7 +229,19 @@ def _check(what, fused, plain, reference, scale=None):
     assert err < bound, f"{what}: {err:.2e} (bound {bound:.2e})"
 
 
-def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed=0):
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off (CUDA): the float32 bound of SPEC.md is for strict float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed=0,
+                                device="cpu"):
     """Train `steps` steps of forward + backward, then eval, on the fused model, the plain
     float32 model and the plain model in float64; every number of the fused model must
     match float64 (outputs, input and parameter gradients, buffers).
@@ -239,10 +254,10 @@ def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed
     g = torch.Generator().manual_seed(seed)
     ctx = fastres.use_backend(backend) if backend else contextlib.nullcontext()
     for m in models:
-        m.train()
-    with ctx:
+        m.train().to(device)
+    with ctx, strict_fp32():
         for step in range(steps):
-            x = torch.randn(*shape, generator=g, dtype=torch.float64)
+            x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
             grad = None
             results = []
             for m in models:
@@ -251,7 +266,7 @@ def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed
                 torch.manual_seed(100 + step)
                 out = m(xm)
                 if grad is None:
-                    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+                    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device)
                 params = dict(m.named_parameters())
                 names = list(params)
                 grads = torch.autograd.grad(out, [xm] + list(params.values()), grad.to(dtype))
@@ -273,7 +288,7 @@ def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed
                 _check(f"buffer {name}", buf, buffers[1][name], buffers[2][name])
         for m in models:
             m.eval()
-        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
         with torch.no_grad():
             _check("eval output", fused(x.float()), plain(x.float()), reference(x))
 
@@ -403,6 +418,28 @@ def test_resnet1d_matches_torchvision_layout(backend):
     plain = randomize_bn(TorchvisionResNet1d(2, 5, widths))
     fused = fastres.ResNet1d([2, 2, 2, 2], in_channels=2, num_classes=5, widths=widths)
     assert_train_and_eval_match(fused, plain, (4, 2, 64), backend, steps=2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", backends.names())
+def test_modules_on_cuda(backend):
+    """The CPU tests above, on a GPU (their CPU twins run everywhere)."""
+    if backends.unavailable_reason(backend) is not None \
+            or "cuda" not in backends._load(backend).DEVICES:
+        pytest.skip(f"backend {backend} does not run on CUDA here")
+    torch.manual_seed(0)
+    plain = randomize_bn(SeedTCN(3, [16, 16, 32], kernel_size=3))
+    fused = fastres.TemporalConvNet(3, [16, 16, 32], kernel_size=3, dropout=0.0)
+    assert_train_and_eval_match(fused, plain, (4, 3, 100), backend, device="cuda")
+    torch.manual_seed(1)
+    plain = LocuslabTCN(3, [16, 16], kernel_size=3, dropout=0.0)
+    torch.manual_seed(1)
+    fused = fastres.TemporalConvNet(3, [16, 16], kernel_size=3, dropout=0.0, norm="weight")
+    assert_train_and_eval_match(fused, plain, (4, 3, 100), backend, device="cuda")
+    widths = (16, 16, 32, 32)
+    plain = randomize_bn(TorchvisionResNet1d(2, 5, widths))
+    fused = fastres.ResNet1d([2, 2, 2, 2], in_channels=2, num_classes=5, widths=widths)
+    assert_train_and_eval_match(fused, plain, (4, 2, 128), backend, steps=2, device="cuda")
 
 
 # --------------------------------------------------------------------------- features
