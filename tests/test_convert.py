@@ -17,8 +17,10 @@ from fastres.nn import (ConvBNReLUSequential, PlainBasicBlock, PlainTemporalBloc
                         PlainWeightNormTemporalBlock)
 from parity import rel_err
 from test_modules import (TOL, LocuslabTCN, SeedTCN, TorchvisionBasicBlock1d,
-                          TorchvisionResNet1d, assert_train_and_eval_match, projection,
-                          randomize_bn, warnings_ignored)
+                          TorchvisionResNet1d, assert_train_and_eval_match, one_thread,
+                          projection, randomize_bn, warnings_ignored)
+
+assert one_thread  # the autouse fixture, imported so that it applies here too
 
 
 class CausalPadSeedBlock(nn.Module):

@@ -21,6 +21,16 @@ from parity import rel_err
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these shapes are tiny, and on a shared 2-core machine two
+    spinning threads per process made the training run 15x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- plain blocks
 
 
