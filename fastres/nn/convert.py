@@ -192,7 +192,7 @@ def _residual_branch(module: nn.Module):
     return None, None
 
 
-def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable]], str]:
+def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]], str]:
     """Fused candidates for a conv1/bn1/conv2/bn2 block, or ([], why not)."""
     conv1, conv2 = m.conv1, m.conv2
     if not (_plain_conv(conv1) and _plain_conv(conv2)):
@@ -261,7 +261,7 @@ def _candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]], str]:
     if type(m) in _PLAIN_TO_FUSED:
         return [(_PLAIN_TO_FUSED[type(m)].__name__,
                  lambda: retyped(m, _PLAIN_TO_FUSED[type(m)]), "")], ""
-    if isinstance(m, (*_FUSED_BLOCKS, ResNet1d, ConvBNReLUSequential)):
+    if isinstance(m, (ResNet1d, ConvBNReLUSequential)):
         return [], ""
     if not (isinstance(getattr(m, "conv1", None), nn.Module)
             and isinstance(getattr(m, "conv2", None), nn.Module)):
@@ -376,6 +376,8 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _convert(m: nn.Module, name: str, report: ConversionReport) -> nn.Module:
+    if isinstance(m, _FUSED_BLOCKS):
+        return m  # already fused; its children are its own convs and norms
     fused = _try_block(m, name, report)
     if fused is not None:
         if isinstance(fused, _FUSED_BLOCKS):

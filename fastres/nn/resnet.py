@@ -171,6 +171,10 @@ class ResNet1d(_ResNet1dLayout):
     Stem conv (stem_kernel_size, stride stem_stride) -> BN -> ReLU (fused) -> max pool ->
     stages of fused BasicBlocks with widths 64/128/256/512 (stride 2 from the second
     stage on) -> global average pooling -> fc. Input (B, in_channels, L) -> (B, num_classes).
+    Same attribute names and state_dict keys as torchvision's resnet18, in 1D.
+
+    causal=True pads every conv causally (the max pool stays torchvision's centered one;
+    pass maxpool=False for a network whose features never look ahead).
     """
 
     _block_cls = BasicBlock
