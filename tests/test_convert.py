@@ -93,14 +93,9 @@ def seed_model():
                                       nn.Conv1d(8, 2, 1)))
 
 
-def converted(model):
-    new, report = fastres.convert(model, return_report=True)
-    return new, report
-
-
 def test_seed_style_tcn_converts_and_keeps_numbers():
     model = seed_model()
-    new, report = converted(model)
+    new, report = fastres.convert(model, return_report=True)
     blocks = [new[0].network[i] for i in range(3)]
     assert all(type(b) is fastres.TemporalBlock for b in blocks)
     assert [s.name for s in report.swapped] == ["0.network.0", "0.network.1", "0.network.2"]
@@ -128,7 +123,7 @@ def test_locuslab_tcn_converts_and_keeps_numbers(old_weight_norm):
     torch.manual_seed(0)
     with warnings_ignored():
         model = LocuslabTCN(3, [5, 5, 7], kernel_size=3, dropout=0.2, block=block)
-    new, report = converted(model)
+    new, report = fastres.convert(model, return_report=True)
     assert len(report.swapped) == 3 and not report.skipped
     assert all(type(b) is fastres.TemporalBlock and b.norm == "weight" for b in new.network)
     if not old_weight_norm:
@@ -164,7 +159,7 @@ def test_locuslab_tcn_converts_and_keeps_numbers(old_weight_norm):
 def test_torchvision_style_resnet_converts_and_keeps_numbers():
     torch.manual_seed(0)
     model = randomize_bn(TorchvisionResNet1d(2, 5, widths=(8, 8, 16, 16)))
-    new, report = converted(model)
+    new, report = fastres.convert(model, return_report=True)
     blocks = [m for m in new.modules() if isinstance(m, nn.Module) and hasattr(m, "bn2")]
     assert len(blocks) == 8 and all(type(b) is fastres.BasicBlock for b in blocks)
     assert len(report.swapped) == 8
@@ -175,7 +170,7 @@ def test_torchvision_style_resnet_converts_and_keeps_numbers():
 def test_shortcut_resblocks_convert_with_the_rename_reported():
     torch.manual_seed(0)
     model = randomize_bn(nn.Sequential(ShortcutResBlock1D(3, 3), ShortcutResBlock1D(3, 6, 2)))
-    new, report = converted(model)
+    new, report = fastres.convert(model, return_report=True)
     assert [type(b) for b in new] == [fastres.BasicBlock, fastres.BasicBlock]
     assert "shortcut.* -> downsample.*" in report.swapped[1].note
     x = torch.randn(4, 3, 21)
@@ -197,7 +192,7 @@ def test_sequential_conv_bn_relu_runs_are_fused_in_place():
         nn.Conv1d(8, 8, 4, stride=2, padding=1), nn.BatchNorm1d(8), nn.ReLU(),   # strided same
         nn.Conv1d(8, 8, 3), nn.BatchNorm1d(8), nn.ReLU(),                        # "valid": no
         nn.Conv1d(8, 4, 1)))
-    new, report = converted(model)
+    new, report = fastres.convert(model, return_report=True)
     assert type(new) is ConvBNReLUSequential
     assert new.fused_runs == {0: (3, "same"), 3: (4, "causal"), 7: (3, "same")}
     assert new.state_dict().keys() == model.state_dict().keys()
@@ -214,7 +209,7 @@ def test_bn_without_affine_or_running_stats_and_biasless_convs_carry_over():
         d = block.conv2.dilation[0]
         block.conv2 = nn.Conv1d(6, 6, 2, padding=d, dilation=d, bias=False)
     randomize_bn(model)
-    new, report = converted(model)
+    new, report = fastres.convert(model, return_report=True)
     assert len(report.swapped) == 2
     assert new.network[0].bn1.running_mean is None and new.network[0].conv2.bias is None
     assert_train_and_eval_match(new, model, (3, 3, 12))
@@ -223,7 +218,7 @@ def test_bn_without_affine_or_running_stats_and_biasless_convs_carry_over():
 def test_unverifiable_blocks_are_left_untouched_and_reported():
     torch.manual_seed(0)
     model = randomize_bn(nn.Sequential(LeakyBlock(4), TwoDropoutBlock(4)))
-    new, report = converted(model)
+    new, report = fastres.convert(model, return_report=True)
     assert [type(m) for m in new] == [LeakyBlock, TwoDropoutBlock]
     assert not report.swapped
     reasons = dict(report.skipped)
@@ -257,7 +252,7 @@ def test_unfuse_round_trip_is_plain_scriptable_and_equal():
         scripted = torch.jit.script(plain.eval())
     model.eval()
     assert rel_err(scripted(x), model(x)) < TOL
-    again, report = converted(plain)
+    again, report = fastres.convert(plain, return_report=True)
     assert all(type(b) is fastres.TemporalBlock for b in again[0].network)
 
 

@@ -17,6 +17,7 @@ import fastres
 from fastres import backends
 from conftest import requires_cuda
 from parity import rel_err
+from test_parity import cpu_backends
 
 TOL = 1e-5
 
@@ -188,12 +189,6 @@ def warnings_ignored():
 
 
 # --------------------------------------------------------------------------- harness
-
-
-def cpu_backends():
-    """Backends that run CPU tensors here (Triton only through its interpreter)."""
-    return [name for name in backends.names() if backends.unavailable_reason(name) is None
-            and "cpu" in backends._load(name).DEVICES]
 
 
 def skip_slow_triton(backend):

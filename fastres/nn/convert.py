@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._stage import retyped
+from ._stage import RecordsConvGeometry, retyped
 from .resnet import BasicBlock, PlainBasicBlock, PlainResNet1d, ResNet1d
 from .sequential import ConvBNReLUSequential
 from .temporal import PlainTemporalBlock, PlainWeightNormTemporalBlock, TemporalBlock
@@ -425,7 +425,7 @@ def _plain(m: nn.Module) -> nn.Module:
         plain_cls = PlainResNet1d
     if plain_cls is not None:
         plain = retyped(m, plain_cls)
-        if hasattr(plain, "record_geometry"):
+        if isinstance(plain, RecordsConvGeometry):
             plain.record_geometry()
         return plain
     if isinstance(m, ConvBNReLUSequential):
