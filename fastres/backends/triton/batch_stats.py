@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import store_rounded
+
 
 @triton.jit
 def welford_merge_kernel(
@@ -66,7 +68,7 @@ def sum_partials_kernel(part_ptr, out_ptr, n_parts, M, part_row_stride,
         part = tl.load(part_ptr + offs_p[:, None].to(tl.int64) * part_row_stride + offs_m[None, :],
                        mask=ok, other=0.0)
         acc += tl.sum(part, axis=0)
-    tl.store(out_ptr + offs_m, acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+    store_rounded(out_ptr + offs_m, acc, m_ok)
 
 
 def welford_merge(part_mean, part_m2, mean, var, *, n_lblocks, L_out, tile_l):

@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import store_rounded
+
 
 @triton.jit
 def bn_relu_apply_kernel(
@@ -45,10 +47,10 @@ def bn_relu_apply_kernel(
 
     y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if SAVE_Y:  # the x.dtype copy of y that backward reads (y_ptr holds float32 here)
-        tl.store(y_saved_ptr + offs, y.to(y_saved_ptr.dtype.element_ty), mask=ok)
+        store_rounded(y_saved_ptr + offs, y, ok)
     z = (y - mean[:, None]) * scale[:, None] + beta[:, None]
     if RELU_BEFORE_ADD:
         z = tl.maximum(z, 0.0)
     if HAS_RES:
         z += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, tl.maximum(z, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+    store_rounded(out_ptr + offs, tl.maximum(z, 0.0), ok)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import store_rounded
+
 NORM_NONE, NORM_EVAL, NORM_TRAIN = 0, 1, 2
 
 
@@ -73,7 +75,7 @@ def relu_bn_backward_kernel(
     tile = b * tl.num_programs(0) + pid_l
     part_row = part_ptr + tile * 3 * C
     if WRITE_GRAD_RES:
-        tl.store(grad_res_ptr + offs, g.to(grad_res_ptr.dtype.element_ty), mask=ok)
+        store_rounded(grad_res_ptr + offs, g, ok)
     if REDUCE_BN:
         tl.store(part_row + offs_c, tl.sum(g, axis=1), mask=c_ok)
         tl.store(part_row + C + offs_c, tl.sum(g * xhat, axis=1), mask=c_ok)
@@ -86,6 +88,6 @@ def relu_bn_backward_kernel(
         if NORM != 0:
             grad_y = grad_y * (gamma * invstd)[:, None]
         grad_y = tl.where(ok, grad_y, 0.0)
-        tl.store(grad_y_ptr + offs, grad_y.to(grad_y_ptr.dtype.element_ty), mask=ok)
+        store_rounded(grad_y_ptr + offs, grad_y, ok)
         if REDUCE_GRAD_Y:
             tl.store(part_row + 2 * C + offs_c, tl.sum(grad_y, axis=1), mask=c_ok)

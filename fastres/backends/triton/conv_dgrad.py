@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import store_rounded
+
 
 @triton.jit
 def conv_dgrad_kernel(
@@ -55,5 +57,4 @@ def conv_dgrad_kernel(
             acc = tl.dot(w_tile, gy_tile, acc, input_precision=DOT_PRECISION)
 
     offs = b * C_in * L + offs_ci[:, None].to(tl.int64) * L + offs_t[None, :]
-    tl.store(grad_x_ptr + offs, acc.to(grad_x_ptr.dtype.element_ty),
-             mask=ci_ok[:, None] & t_ok[None, :])
+    store_rounded(grad_x_ptr + offs, acc, ci_ok[:, None] & t_ok[None, :])

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import store_rounded
+
 MODE_NONE, MODE_EVAL, MODE_TRAIN = 0, 1, 2
 
 
@@ -74,7 +76,7 @@ def conv_forward_kernel(
     tile_ok = co_ok[:, None] & l_ok[None, :]
 
     if MODE == 2:  # MODE_TRAIN: y and this tile's per-channel (mean, M2)
-        tl.store(y_ptr + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+        store_rounded(y_ptr + tile_offs, acc, tile_ok)
         count = tl.minimum(L_out - pid_l * BLOCK_L, BLOCK_L).to(tl.float32)
         tile_mean = tl.sum(tl.where(tile_ok, acc, 0.0), axis=1) / count
         centered = tl.where(tile_ok, acc - tile_mean[:, None], 0.0)
@@ -84,7 +86,7 @@ def conv_forward_kernel(
         tl.store(part_m2_ptr + tile * C_out + offs_co, tile_m2, mask=co_ok)
     else:
         if SAVE_Y:
-            tl.store(y_ptr + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+            store_rounded(y_ptr + tile_offs, acc, tile_ok)
         z = acc
         if MODE == 1:  # MODE_EVAL: batch norm with the running statistics, folded here
             mean = tl.load(mean_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
@@ -98,4 +100,4 @@ def conv_forward_kernel(
         if HAS_RES:
             z += tl.load(res_ptr + tile_offs, mask=tile_ok, other=0.0).to(tl.float32)
         z = tl.maximum(z, 0.0)
-        tl.store(out_ptr + tile_offs, z.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        store_rounded(out_ptr + tile_offs, z, tile_ok)
