@@ -2,9 +2,9 @@
 
 relu_bn_backward_kernel works on a [BLOCK_C, BLOCK_L] tile of batch row b:
 
-    g = grad_out * (out > 0) [* (bn(y) > 0) when relu_before_add]    (recomputed from y)
+    grad_residual = grad_out * (out > 0)                            (WRITE_GRAD_RES)
+    g = grad_residual [* (bn(y) > 0) when relu_before_add]          (recomputed from y)
     xhat = (y - mean) * invstd
-    grad_residual = g                                               (WRITE_GRAD_RES)
     partial sums over the tile of g and g * xhat                    (REDUCE_BN)
     grad_y = gamma * invstd * g                                     (NORM eval)
     grad_y = gamma * invstd * (g - sum_g / N - xhat * sum_gxhat / N) (NORM train; needs the
@@ -54,6 +54,8 @@ def relu_bn_backward_kernel(
     out = tl.load(out_ptr + offs, mask=ok, other=0.0)
     g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.where(out > 0, g, 0.0)
+    if WRITE_GRAD_RES:  # the residual sees only the final ReLU's mask
+        store_rounded(grad_res_ptr + offs, g, ok)
     if NORM != 0:
         mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
@@ -74,8 +76,6 @@ def relu_bn_backward_kernel(
 
     tile = b * tl.num_programs(0) + pid_l
     part_row = part_ptr + tile * 3 * C
-    if WRITE_GRAD_RES:
-        store_rounded(grad_res_ptr + offs, g, ok)
     if REDUCE_BN:
         tl.store(part_row + offs_c, tl.sum(g, axis=1), mask=c_ok)
         tl.store(part_row + C + offs_c, tl.sum(g * xhat, axis=1), mask=c_ok)
