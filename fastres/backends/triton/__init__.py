@@ -43,21 +43,10 @@ def unavailable_reason():
 _NORM_CODE = {"none": 0, "eval": 1, "train": 2}
 
 
-def _tiles(C_in, C_out, L_out):
-    from .tiling import MAX_BLOCK_CI, MAX_BLOCK_CO, MAX_BLOCK_L, MIN_DOT, pow2_block
-    return (pow2_block(C_in, MIN_DOT, MAX_BLOCK_CI), pow2_block(C_out, MIN_DOT, MAX_BLOCK_CO),
-            pow2_block(L_out, MIN_DOT, MAX_BLOCK_L))
-
-
-def _elementwise_tiles(C, L_out):
-    from .tiling import MAX_BLOCK_C, MAX_BLOCK_L, pow2_block
-    return pow2_block(C, 1, MAX_BLOCK_C), pow2_block(L_out, 16, MAX_BLOCK_L)
-
-
 def forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride, dilation,
             pad_left, pad_right, norm_mode, eps, relu_before_add, save_y):
     from . import batch_stats, bn_apply, conv_forward
-    from .tiling import cdiv, dot_precision, dot_upcast
+    from .tiling import cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles
 
     x, weight = x.contiguous(), weight.contiguous()
     residual = None if residual is None else residual.contiguous()
@@ -65,7 +54,7 @@ def forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride,
     C_out, _, K = weight.shape
     L_out = (L + pad_left + pad_right - dilation * (K - 1) - 1) // stride + 1
     shape = (B, C_out, L_out)
-    block_ci, block_co, block_l = _tiles(C_in, C_out, L_out)
+    block_ci, block_co, block_l = conv_tiles(C_in, C_out, L_out)
     n_lblocks = cdiv(L_out, block_l)
     grid = (n_lblocks, cdiv(C_out, block_co), B)
     stats_dtype = torch.float32
@@ -104,7 +93,7 @@ def forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride,
     else:
         y_saved = _alloc.empty(shape if save_y else (0,), dtype=x.dtype, device=x.device)
         write_y = save_y
-    block_c, block_l2 = _elementwise_tiles(C_out, L_out)
+    block_c, block_l2 = elementwise_tiles(C_out, L_out)
     bn_apply.bn_relu_apply_kernel[(cdiv(L_out, block_l2), cdiv(C_out, block_c), B)](
         y, use(residual), out, y_saved if write_y else dummy, batch_mean, batch_var, bn_weight,
         bn_bias, C_out, L_out, float(eps), HAS_RES=residual is not None,
@@ -116,8 +105,8 @@ def forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride,
 def backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, *, has_residual,
              stride, dilation, pad_left, pad_right, norm_mode, eps, relu_before_add):
     from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad
-    from .tiling import (MAX_WGRAD_SPLITS, WGRAD_TARGET_PROGRAMS, cdiv, dot_precision,
-                         dot_upcast)
+    from .tiling import (cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles,
+                         wgrad_splits)
 
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     B, C_in, L = x.shape
@@ -129,7 +118,7 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, *
     precision, upcast = dot_precision(dtype, dev), dot_upcast(dtype)
 
     # --- ReLU masks, residual gradient, batch-norm sums and grad_y (elementwise passes).
-    block_c, block_l = _elementwise_tiles(C_out, L_out)
+    block_c, block_l = elementwise_tiles(C_out, L_out)
     n_lblocks = cdiv(L_out, block_l)
     grid = (n_lblocks, cdiv(C_out, block_c), B)
     n_tiles = B * n_lblocks
@@ -172,35 +161,25 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, *
         batch_stats.sum_partials(part[:, 2], grad_bias)
 
     # --- conv data gradient.
-    block_ci = _pow2(C_in, 16, 64)
-    block_co = _pow2(C_out, 16, 32)
-    block_t = _pow2(L, 16, 64)
+    block_co, block_ci, block_t = conv_tiles(C_out, C_in, L)
     grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
     conv_dgrad.conv_dgrad_kernel[(cdiv(L, block_t), cdiv(C_in, block_ci), B)](
         grad_y, weight, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
-        DOT_PRECISION=precision, DOT_UPCAST=upcast, BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_T=block_t)
+        DOT_PRECISION=precision, DOT_UPCAST=upcast, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        BLOCK_T=block_t)
 
     # --- conv weight gradient: split the (b, l-block) reduction, then sum the splits.
-    block_co = _pow2(C_out, 16, 64)
-    block_ci = _pow2(C_in, 16, 64)
-    block_l = _pow2(L_out, 16, 64)
+    block_ci, block_co, block_l = conv_tiles(C_in, C_out, L_out)
     n_lblocks = cdiv(L_out, block_l)
-    n_pairs = B * n_lblocks
-    tiles = cdiv(C_out, block_co) * cdiv(C_in, block_ci) * K
-    n_splits = max(1, min(n_pairs, MAX_WGRAD_SPLITS, cdiv(WGRAD_TARGET_PROGRAMS, tiles)))
-    pairs_per_split = cdiv(n_pairs, n_splits)
-    n_splits = cdiv(n_pairs, pairs_per_split)
+    tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
+    n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
     wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=stats_dtype, device=dev)
-    conv_wgrad.conv_wgrad_kernel[(cdiv(C_out, block_co) * cdiv(C_in, block_ci), K, n_splits)](
+    conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
         grad_y, x, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left, n_lblocks,
-        n_pairs, pairs_per_split, DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        B * n_lblocks, pairs_per_split, DOT_PRECISION=precision, DOT_UPCAST=upcast,
         BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l)
     grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
     batch_stats.sum_partials(wpart, grad_weight.view(-1))
 
     return grad_x, grad_weight, grad_bias, grad_gamma, grad_beta, grad_res
 
-
-def _pow2(n, lo, hi):
-    from .tiling import pow2_block
-    return pow2_block(n, lo, hi)

@@ -14,15 +14,36 @@ import triton
 
 # Upper bounds of the tile sizes (powers of two). 64 x 64 fp32 accumulators keep register
 # pressure sane at num_warps=4; tests lower them to exercise edge tiles.
-MAX_BLOCK_CO = 64   # output channels per program (forward, wgrad rows)
-MAX_BLOCK_CI = 32   # input channels per tl.dot reduction step (forward), per program (dgrad)
-MAX_BLOCK_L = 64    # output positions per program
+MAX_BLOCK_CO = 64   # channels a GEMM program tiles (forward: C_out, dgrad: C_in, wgrad: C_out)
+MAX_BLOCK_CI = 32   # channels per tl.dot reduction step (forward: C_in, dgrad: C_out, wgrad: C_in)
+MAX_BLOCK_L = 64    # positions per program
 MAX_BLOCK_C = 32    # channels per program of the elementwise BN kernels
 MIN_DOT = 16        # smallest tl.dot dimension the GPU accepts
 
 # How many programs wgrad aims for in total; the (b, l) reduction is split to reach it.
 WGRAD_TARGET_PROGRAMS = 512
 MAX_WGRAD_SPLITS = 64
+
+
+def conv_tiles(C_reduce: int, C_tile: int, L_tile: int):
+    """(BLOCK over the reduced channels, BLOCK over the tiled channels, BLOCK over length)
+    for the three implicit GEMMs: forward (C_in, C_out, L_out), dgrad (C_out, C_in, L),
+    wgrad (C_in, C_out, L_out)."""
+    return (pow2_block(C_reduce, MIN_DOT, MAX_BLOCK_CI), pow2_block(C_tile, MIN_DOT, MAX_BLOCK_CO),
+            pow2_block(L_tile, MIN_DOT, MAX_BLOCK_L))
+
+
+def elementwise_tiles(C: int, L_out: int):
+    """(BLOCK_C, BLOCK_L) of the elementwise BN kernels (no tl.dot: any power of two)."""
+    return pow2_block(C, 1, MAX_BLOCK_C), pow2_block(L_out, 16, MAX_BLOCK_L)
+
+
+def wgrad_splits(n_pairs: int, n_tile_programs: int):
+    """(n_splits, pairs_per_split): cut wgrad's B * n_lblocks reduction into contiguous
+    ranges so that about WGRAD_TARGET_PROGRAMS programs run; every split is non-empty."""
+    n_splits = max(1, min(n_pairs, MAX_WGRAD_SPLITS, cdiv(WGRAD_TARGET_PROGRAMS, n_tile_programs)))
+    per_split = cdiv(n_pairs, n_splits)
+    return cdiv(n_pairs, per_split), per_split
 
 
 def interpreting() -> bool:
