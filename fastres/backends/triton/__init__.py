@@ -19,6 +19,7 @@ Eval / no-norm forward is conv_forward_kernel alone (read x + residual, write ou
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,8 +44,24 @@ def unavailable_reason():
 _NORM_CODE = {"none": 0, "eval": 1, "train": 2}
 
 
-def forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride, dilation,
-            pad_left, pad_right, norm_mode, eps, relu_before_add, save_y):
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, **kwargs):
+    with _on_device(x):
+        return _forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, **kwargs)
+
+
+def backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, **kwargs):
+    with _on_device(x):
+        return _backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var,
+                         **kwargs)
+
+
+def _forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride, dilation,
+             pad_left, pad_right, norm_mode, eps, relu_before_add, save_y):
     from . import batch_stats, bn_apply, conv_forward
     from .tiling import cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles
 
@@ -102,8 +119,8 @@ def forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride,
     return out, y_saved, batch_mean, batch_var
 
 
-def backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, *, has_residual,
-             stride, dilation, pad_left, pad_right, norm_mode, eps, relu_before_add):
+def _backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, *, has_residual,
+              stride, dilation, pad_left, pad_right, norm_mode, eps, relu_before_add):
     from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad
     from .tiling import (cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles,
                          wgrad_splits)

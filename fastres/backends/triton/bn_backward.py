@@ -51,7 +51,7 @@ def relu_bn_backward_kernel(
     ok = c_ok[:, None] & (offs_l < L_out)[None, :]
     offs = b * C * L_out + offs_c[:, None].to(tl.int64) * L_out + offs_l[None, :]
 
-    out = tl.load(out_ptr + offs, mask=ok, other=0.0)
+    out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.where(out > 0, g, 0.0)
     if WRITE_GRAD_RES:  # the residual sees only the final ReLU's mask
@@ -71,7 +71,7 @@ def relu_bn_backward_kernel(
         xhat = tl.where(ok, xhat, 0.0)
     else:
         if RELU_BEFORE_ADD:
-            y = tl.load(y_ptr + offs, mask=ok, other=0.0)
+            y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             g = tl.where(y > 0, g, 0.0)
 
     tile = b * tl.num_programs(0) + pid_l
