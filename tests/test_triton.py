@@ -192,6 +192,7 @@ def test_kernels_compile_for_sm90():
     """CPU twin of the GPU tests: compile the GEMM kernels for an H100 (sm_90) without one,
     which enforces what the interpreter does not (tl.dot shapes, types, constexpr use)."""
     result = _python("""
+        import sys
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -199,8 +200,12 @@ def test_kernels_compile_for_sm90():
 
         def build(fn, types, consts):
             sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-            src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v
-                                                                for n, v in consts.items()})
+            try:
+                src = ASTSource(fn=fn, signature=sig, constexprs={
+                    (fn.arg_names.index(n),): v for n, v in consts.items()})
+            except TypeError as exc:  # ASTSource's arguments differ across triton versions
+                print("ASTSource API differs:", exc)
+                sys.exit(3)
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
         for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
@@ -220,9 +225,10 @@ def test_kernels_compile_for_sm90():
                        BLOCK_L=64))
         print("compiled")
     """, {})
-    if result.returncode != 0 and ("ptxas" in result.stderr or "CUDA" in result.stderr
-                                   and "backend" in result.stderr):
-        pytest.skip(f"no CUDA compiler toolchain in this triton install: {result.stderr[-300:]}")
+    if result.returncode == 3:
+        pytest.skip(f"this triton's compile API differs: {result.stdout.strip()}")
+    if result.returncode != 0 and "ptxas" in result.stderr:
+        pytest.skip(f"no ptxas in this triton install: {result.stderr[-300:]}")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
