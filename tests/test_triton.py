@@ -243,3 +243,33 @@ def test_multi_tile_parity_cuda_default_tiles(case, dtype):
         check_parity(case, "triton", dtype, device="cuda")
     finally:
         torch.backends.cudnn.allow_tf32 = previous
+
+
+@requires_cuda
+@pytest.mark.parametrize("norm_mode", ["none", "train"])
+def test_int64_indexing_cuda(norm_mode):
+    """B * C * L over 2**31 elements: offsets computed in int32 would wrap and write the
+    wrong rows. Checks the last batch row (forward) against F.conv1d on that row alone."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip(f"needs ~40 GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    from fastres.backends import triton as tb
+    C, L, K = 16, 2**20, 3
+    B = 2**31 // (C * L) + 1  # 129 rows: the last ones start past 2**31 elements
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, C, L, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(C, C, K, device="cuda", dtype=torch.bfloat16, generator=g) / (C * K) ** 0.5
+    gamma = torch.ones(C, device="cuda")
+    beta = torch.zeros(C, device="cuda")
+    out, _, mean, var = tb.forward(
+        x, weight, None, gamma if norm_mode == "train" else None,
+        beta if norm_mode == "train" else None, None, None, None, stride=1, dilation=1,
+        pad_left=K - 1, pad_right=0, norm_mode=norm_mode, eps=1e-5, relu_before_add=False,
+        save_y=False)
+    last = torch.nn.functional.conv1d(torch.nn.functional.pad(x[-1:].float(), (K - 1, 0)),
+                                      weight.float())
+    if norm_mode == "train":
+        last = (last - mean[:, None]) * torch.rsqrt(var + 1e-5)[:, None]
+    expected = torch.relu(last)
+    err = ((out[-1:].float() - expected).norm() / expected.norm()).item()
+    assert err < 1e-2, err
