@@ -6,16 +6,23 @@ launches. Triton itself is imported on first use, so a machine without it gets a
 from unavailable_reason() instead of an ImportError.
 
 Training step, kernels and HBM passes over a B*C*L activation (SPEC.md's model):
-  forward   conv_forward_kernel (MODE_TRAIN)  read x, write y, per-tile (mean, M2)
-            welford_merge_kernel               (C-sized)
+  forward   conv_forward_kernel (MODE_TRAIN)  read x, write y (float32), per-tile (mean, M2)
+            welford_merge_kernel               C-sized: batch mean, biased var
             bn_relu_apply_kernel               read y + residual, write out
+                                               (+ write the x.dtype y backward saves, for
+                                               fp16/bf16 when grad is needed)
   backward  relu_bn_backward_kernel (reduce)   read grad_out, out, y; write grad_residual
-            sum_partials_kernel x2             (C-sized): grad_beta, grad_gamma
+            sum_partials_kernel x2             C-sized: grad_beta, grad_gamma
             relu_bn_backward_kernel (grad_y)   read grad_out, out, y; write grad_y
-            sum_partials_kernel                (C-sized): grad_bias
+            sum_partials_kernel                C-sized: grad_bias
             conv_dgrad_kernel                  read grad_y, write grad_x
-            conv_wgrad_kernel + sum            read grad_y, x
-Eval / no-norm forward is conv_forward_kernel alone (read x + residual, write out).
+            conv_wgrad_kernel + sum_partials   read grad_y, x; (n_splits, C_out*C_in*K) partials
+Forward: 5 activation passes (the SPEC floor) for float32; for fp16/bf16 y travels as
+float32 (2x bytes) and the saved copy is one more write. Backward: 9 reads + 3 writes
+(2 writes without a residual). Eval / no-norm forward is conv_forward_kernel alone: read x
+(+ residual), write out (+ y when backward needs it).
+All reductions are per-tile partials merged in a fixed order: no atomics, bitwise
+reproducible run to run.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ gathered input tile [BLOCK_CI, BLOCK_L]. Causal / same padding, stride and dilat
 all masked loads of x (out-of-range positions read 0); no padded copy of x exists.
 
 Epilogue, by MODE:
-  MODE_TRAIN: store y (x.dtype) and, per output channel, this tile's (mean, M2) over its
+  MODE_TRAIN: store y (float32: see bn_apply.py) and, per output channel, this tile's
+      (mean, M2) over its
       valid positions, computed from the float32 accumulator; the tile's count is
       min(BLOCK_L, L_out - l0), which the finalize kernel (batch_stats.py) recomputes.
       No atomics: partials land in [n_tiles, C_out] buffers, tile = b * n_lblocks + pid_l.
