@@ -143,7 +143,7 @@ def test_poison_catches_an_unwritten_tile(small_tiles):
     block_ci, block_co, block_l = tiling.conv_tiles(C_in, C_out, L)
     with _alloc.poisoned():
         out = _alloc.empty((B, C_out, L), dtype=x.dtype, device=DEVICE)
-    grid = (tiling.cdiv(L, block_l) - 1, 1, B)
+    grid = (tiling.cdiv(L, block_l) - 1, 1)  # B = 1: axis 0 is the length tile
     conv_forward.conv_forward_kernel[grid](
         x, weight, x, out, out, out, x, x, x, x, x, x, C_in, C_out, L, L, K, 1, 1, K - 1, 1e-5,
         MODE=conv_forward.MODE_NONE, HAS_BIAS=False, SAVE_Y=False, HAS_RES=False,

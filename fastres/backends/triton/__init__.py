@@ -80,7 +80,7 @@ def _forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride
     shape = (B, C_out, L_out)
     block_ci, block_co, block_l = conv_tiles(C_in, C_out, L_out)
     n_lblocks = cdiv(L_out, block_l)
-    grid = (n_lblocks, cdiv(C_out, block_co), B)
+    grid = (B * n_lblocks, cdiv(C_out, block_co))
     stats_dtype = torch.float32
     train = norm_mode == "train"
 
@@ -118,7 +118,7 @@ def _forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride
         y_saved = _alloc.empty(shape if save_y else (0,), dtype=x.dtype, device=x.device)
         write_y = save_y
     block_c, block_l2 = elementwise_tiles(C_out, L_out)
-    bn_apply.bn_relu_apply_kernel[(cdiv(L_out, block_l2), cdiv(C_out, block_c), B)](
+    bn_apply.bn_relu_apply_kernel[(B * cdiv(L_out, block_l2), cdiv(C_out, block_c))](
         y, use(residual), out, y_saved if write_y else dummy, batch_mean, batch_var, bn_weight,
         bn_bias, C_out, L_out, float(eps), HAS_RES=residual is not None,
         RELU_BEFORE_ADD=bool(relu_before_add), SAVE_Y=write_y, BLOCK_C=block_c,
@@ -144,7 +144,7 @@ def _backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, 
     # --- ReLU masks, residual gradient, batch-norm sums and grad_y (elementwise passes).
     block_c, block_l = elementwise_tiles(C_out, L_out)
     n_lblocks = cdiv(L_out, block_l)
-    grid = (n_lblocks, cdiv(C_out, block_c), B)
+    grid = (B * n_lblocks, cdiv(C_out, block_c))
     n_tiles = B * n_lblocks
     part = _alloc.empty((n_tiles, 3, C_out), dtype=stats_dtype, device=dev)
     grad_res = _alloc.empty(grad_out.shape, dtype=dtype, device=dev) if has_residual else None
@@ -187,7 +187,7 @@ def _backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, 
     # --- conv data gradient.
     block_co, block_ci, block_t = conv_tiles(C_out, C_in, L)
     grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
-    conv_dgrad.conv_dgrad_kernel[(cdiv(L, block_t), cdiv(C_in, block_ci), B)](
+    conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, block_t), cdiv(C_in, block_ci))](
         grad_y, weight, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
         DOT_PRECISION=precision, DOT_UPCAST=upcast, BLOCK_CI=block_ci, BLOCK_CO=block_co,
         BLOCK_T=block_t)

@@ -30,9 +30,11 @@ def bn_relu_apply_kernel(
     HAS_RES: tl.constexpr, RELU_BEFORE_ADD: tl.constexpr, SAVE_Y: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_l = tl.program_id(0)
+    # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
+    n_lblocks = tl.cdiv(L_out, BLOCK_L)
+    b = (tl.program_id(0) // n_lblocks).to(tl.int64)
+    pid_l = tl.program_id(0) % n_lblocks
     pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c_ok = offs_c < C

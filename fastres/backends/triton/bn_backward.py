@@ -42,9 +42,11 @@ def relu_bn_backward_kernel(
     REDUCE_BN: tl.constexpr, WRITE_GRAD_Y: tl.constexpr, REDUCE_GRAD_Y: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_l = tl.program_id(0)
+    # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
+    n_lblocks = tl.cdiv(L_out, BLOCK_L)
+    b = (tl.program_id(0) // n_lblocks).to(tl.int64)
+    pid_l = tl.program_id(0) % n_lblocks
     pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c_ok = offs_c < C
@@ -74,7 +76,7 @@ def relu_bn_backward_kernel(
             y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             g = tl.where(y > 0, g, 0.0)
 
-    tile = b * tl.num_programs(0) + pid_l
+    tile = tl.program_id(0).to(tl.int64)  # = b * n_lblocks + pid_l
     part_row = part_ptr + tile * 3 * C
     if REDUCE_BN:
         tl.store(part_row + offs_c, tl.sum(g, axis=1), mask=c_ok)

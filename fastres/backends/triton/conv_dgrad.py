@@ -28,9 +28,11 @@ def conv_dgrad_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
+    n_lblocks = tl.cdiv(L, BLOCK_T)
+    b = (tl.program_id(0) // n_lblocks).to(tl.int64)
+    pid_t = tl.program_id(0) % n_lblocks
     pid_ci = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ci_ok = offs_ci < C_in

@@ -44,9 +44,11 @@ def conv_forward_kernel(
     RELU_BEFORE_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_l = tl.program_id(0)
+    # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
+    n_lblocks = tl.cdiv(L_out, BLOCK_L)
+    b = (tl.program_id(0) // n_lblocks).to(tl.int64)
+    pid_l = tl.program_id(0) % n_lblocks
     pid_co = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
 
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -82,7 +84,7 @@ def conv_forward_kernel(
         tile_mean = tl.sum(tl.where(tile_ok, acc, 0.0), axis=1) / count
         centered = tl.where(tile_ok, acc - tile_mean[:, None], 0.0)
         tile_m2 = tl.sum(centered * centered, axis=1)
-        tile = b * tl.num_programs(0) + pid_l
+        tile = tl.program_id(0).to(tl.int64)  # = b * n_lblocks + pid_l
         tl.store(part_mean_ptr + tile * C_out + offs_co, tile_mean, mask=co_ok)
         tl.store(part_m2_ptr + tile * C_out + offs_co, tile_m2, mask=co_ok)
     else:
