@@ -25,13 +25,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """16-wide channel tiles, 32-long length tiles, a few wgrad splits."""
+    """16-wide channel tiles, 32-long length tiles, a few wgrad splits, and finalize
+    reductions of more than 4 rows in two levels."""
     from fastres.backends.triton import tiling
     monkeypatch.setattr(tiling, "MAX_BLOCK_CO", 16)
     monkeypatch.setattr(tiling, "MAX_BLOCK_CI", 16)
     monkeypatch.setattr(tiling, "MAX_BLOCK_C", 16)
     monkeypatch.setattr(tiling, "MAX_BLOCK_L", 32)
     monkeypatch.setattr(tiling, "MAX_WGRAD_SPLITS", 2)
+    monkeypatch.setattr(tiling, "FINALIZE_ROWS", 4)  # > 4 tiles: two-level finalize
     return tiling
 
 
@@ -93,6 +95,8 @@ def test_welford_merge_large_mean(small_tiles):
     x = torch.randn(B, C_in, L, generator=g).to(DEVICE)
     weight = (torch.randn(C_out, C_in, K, generator=g) / (C_in * K) ** 0.5).to(DEVICE)
     bias = (torch.randn(C_out, generator=g) + 1e3).to(DEVICE)  # y's mean ~ 1e3, std ~ 1
+    n_tiles = B * small_tiles.cdiv(L, small_tiles.conv_tiles(C_in, C_out, L)[2])
+    assert n_tiles > small_tiles.FINALIZE_ROWS  # the two-level merge runs
     mean, var = _batch_stats(x, weight, bias)
     y64 = torch.nn.functional.conv1d(torch.nn.functional.pad(x.double(), (K - 1, 0)),
                                      weight.double(), bias.double())

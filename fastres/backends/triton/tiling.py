@@ -77,3 +77,8 @@ def dot_upcast(dtype: torch.dtype) -> bool:
     multiplies bfloat16 tiles as raw 16-bit integers (triton 3.9). Exact: bf16 -> fp32
     is lossless and the accumulation is float32 either way."""
     return interpreting() and dtype == torch.bfloat16
+
+
+# Rows (tiles, splits) one finalize program reduces; more rows than this are reduced in two
+# levels, FINALIZE_ROWS-row chunks in parallel and then the chunks. A power of two.
+FINALIZE_ROWS = 1024
