@@ -60,6 +60,19 @@ def test_multi_tile_parity(small_tiles, case, dtype):
     check_parity(case, "triton", dtype, device=DEVICE)
 
 
+def test_tiles_are_powers_of_two_and_dot_sized():
+    # GPU rules the interpreter does not enforce: tl.arange sizes are powers of two and
+    # every tl.dot dimension is at least 16, whatever the shape.
+    from fastres.backends.triton import tiling
+    for c_reduce in (1, 3, 16, 17, 100, 4096):
+        for c_tile in (1, 7, 64, 65, 1000):
+            for length in (1, 2, 15, 70, 10**6):
+                for block in tiling.conv_tiles(c_reduce, c_tile, length):
+                    assert block >= 16 and block & (block - 1) == 0
+                for block in tiling.elementwise_tiles(c_tile, length):
+                    assert block >= 1 and block & (block - 1) == 0
+
+
 def test_wgrad_split_heuristic_covers_every_pair():
     from fastres.backends.triton import tiling
     for n_pairs in range(1, 40):
@@ -193,8 +206,9 @@ def test_reason_without_triton():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs these kernels for real")
 def test_kernels_compile_for_sm90():
-    """CPU twin of the GPU tests: compile the GEMM kernels for an H100 (sm_90) without one,
-    which enforces what the interpreter does not (tl.dot shapes, types, constexpr use)."""
+    """CPU twin of the GPU tests: compile every kernel for an H100 (sm_90) without one,
+    which checks what the interpreter does not (operand types, constexpr use, what the
+    NVIDIA lowering accepts)."""
     result = _python("""
         import sys
         import triton
@@ -227,6 +241,28 @@ def test_kernels_compile_for_sm90():
             build(conv_wgrad.conv_wgrad_kernel, dict(grad_y_ptr=p, x_ptr=p, part_ptr="*fp32"),
                   dict(DOT_PRECISION=prec, DOT_UPCAST=False, BLOCK_CO=32, BLOCK_CI=16,
                        BLOCK_L=64))
+        from fastres.backends.triton import batch_stats, bn_apply, bn_backward
+        f32 = "*fp32"
+        build(bn_apply.bn_relu_apply_kernel,
+              dict(y_ptr=f32, res_ptr="*bf16", out_ptr="*bf16", y_saved_ptr="*bf16",
+                   mean_ptr=f32, var_ptr=f32, gamma_ptr=f32, beta_ptr=f32, eps="fp32"),
+              dict(HAS_RES=True, RELU_BEFORE_ADD=True, SAVE_Y=True, BLOCK_C=32, BLOCK_L=64))
+        for norm, reduce_bn in ((2, True), (2, False), (0, False)):
+            build(bn_backward.relu_bn_backward_kernel,
+                  dict(grad_out_ptr="*bf16", out_ptr="*bf16", y_ptr="*bf16", mean_ptr=f32,
+                       var_ptr=f32, gamma_ptr=f32, beta_ptr=f32, sum_g_ptr=f32,
+                       sum_gxhat_ptr=f32, grad_res_ptr="*bf16", grad_y_ptr="*bf16",
+                       part_ptr=f32, n_per_channel="fp32", eps="fp32"),
+                  dict(NORM=norm, RELU_BEFORE_ADD=True, WRITE_GRAD_RES=reduce_bn,
+                       REDUCE_BN=reduce_bn, WRITE_GRAD_Y=not reduce_bn,
+                       REDUCE_GRAD_Y=not reduce_bn, BLOCK_C=32, BLOCK_L=64))
+        for counts_given in (False, True):
+            build(batch_stats.welford_merge_kernel,
+                  dict(part_mean_ptr=f32, part_m2_ptr=f32, part_count_ptr=f32, mean_ptr=f32,
+                       m2_ptr=f32, count_ptr=f32),
+                  dict(COUNTS_GIVEN=counts_given, FINAL=counts_given, BLOCK_T=64, BLOCK_C=32))
+        build(batch_stats.sum_partials_kernel, dict(part_ptr=f32, out_ptr="*bf16"),
+              dict(BLOCK_P=32, BLOCK_M=128))
         print("compiled")
     """, {})
     if result.returncode == 3:
