@@ -69,7 +69,7 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, *
 
 def _forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride, dilation,
              pad_left, pad_right, norm_mode, eps, relu_before_add, save_y):
-    from . import batch_stats, bn_apply, conv_forward
+    from . import batch_stats, bn_apply, conv_forward, tiling
     from .tiling import cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles
 
     x, weight = x.contiguous(), weight.contiguous()
@@ -87,7 +87,7 @@ def _forward(x, weight, bias, bn_weight, bn_bias, mean, var, residual, *, stride
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
     # Training normalizes y in a second pass; 16-bit inputs keep it in float32 in between
     # (see bn_apply.py) and write the x.dtype copy backward needs from the apply kernel.
-    y_dtype = torch.float32 if train else x.dtype
+    y_dtype = torch.float32 if (train and tiling.TRAIN_Y_FLOAT32) else x.dtype
     y = _alloc.empty(shape if (save_y or train) else (0,), dtype=y_dtype, device=x.device)
     dummy = out  # pointer for absent operands; never dereferenced (flags are constexpr)
     part_mean = part_m2 = dummy
