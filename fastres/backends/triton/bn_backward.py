@@ -86,7 +86,9 @@ def relu_bn_backward_kernel(
         if NORM == 2:
             sum_g = tl.load(sum_g_ptr + offs_c, mask=c_ok, other=0.0)
             sum_gxhat = tl.load(sum_gxhat_ptr + offs_c, mask=c_ok, other=0.0)
-            grad_y = g - (sum_g / n_per_channel)[:, None] - xhat * (sum_gxhat / n_per_channel)[:, None]
+            mean_g = sum_g / n_per_channel
+            mean_gxhat = sum_gxhat / n_per_channel
+            grad_y = g - mean_g[:, None] - xhat * mean_gxhat[:, None]
         if NORM != 0:
             grad_y = grad_y * (gamma * invstd)[:, None]
         grad_y = tl.where(ok, grad_y, 0.0)

@@ -3,7 +3,8 @@
 conv_forward_kernel computes, for one batch row b and a [BLOCK_CO, BLOCK_L] tile of
 (output channel, output position),
 
-    y[b, co, l] = bias[co] + sum_{k < K} sum_{ci < C_in} w[co, ci, k] * x[b, ci, l*s + k*d - pad_left]
+    y[b, co, l] = bias[co]
+                  + sum_{k < K} sum_{ci < C_in} w[co, ci, k] * x[b, ci, l*s + k*d - pad_left]
 
 as a sequence of tl.dot products of a weight tile [BLOCK_CO, BLOCK_CI] (tap k) with a
 gathered input tile [BLOCK_CI, BLOCK_L]. Causal / same padding, stride and dilation are

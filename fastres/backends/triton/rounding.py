@@ -28,5 +28,6 @@ def store_rounded(ptr, value, mask):
             bits = bits + (0x7FFF + ((bits >> 16) & 1))
             # Zeros and subnormals stay as they are: biasing 0.0 would make a subnormal that
             # the interpreter's bf16 conversion turns into a nonzero value (a flipped ReLU mask).
-            value = tl.where(tl.abs(value) >= 1.1754944e-38, bits.to(tl.float32, bitcast=True), value)
+            rounded = bits.to(tl.float32, bitcast=True)
+            value = tl.where(tl.abs(value) >= 1.1754944e-38, rounded, value)
     tl.store(ptr, value.to(dtype), mask=mask)
