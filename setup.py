@@ -55,6 +55,40 @@ def _nvidia_wheel_dirs():
     return includes, libs
 
 
+def _missing_header_dir(cuda_home, wheel_includes):
+    """A directory of links to the wheel headers the toolkit lacks (cusparse.h, cublas_v2.h...).
+
+    The wheels' include dirs cannot simply go on the include path: their cuda_runtime_api.h
+    belongs to the wheel's CUDA (13.2 here), and CCCL refuses a toolkit (nvcc 13.0) whose
+    runtime headers have another version. So only the headers the toolkit does not have are
+    linked in, and the toolkit's own headers win.
+    """
+    toolkit = os.path.join(cuda_home, "include")
+    target = os.path.join(HERE, "build", "cuda-wheel-headers")
+    os.makedirs(target, exist_ok=True)
+    for include in wheel_includes:
+        for name in os.listdir(include):
+            link = os.path.join(target, name)
+            if not os.path.exists(os.path.join(toolkit, name)) and not os.path.lexists(link):
+                os.symlink(os.path.join(include, name), link)
+    return target
+
+
+def _toolkit_root(nvcc):
+    """The CUDA toolkit nvcc belongs to. nvcc may be a wrapper script (here /usr/local/bin/nvcc
+    runs /usr/local/cuda-13.0/bin/nvcc), so ask nvcc itself (its TOP), else take bin/.. ."""
+    import subprocess
+    try:
+        dry = subprocess.run([nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (dry.stdout + dry.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                return os.path.realpath(line.split("=", 1)[1].strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
 def _find_nvcc():
     from torch.utils import cpp_extension
     candidates = []
@@ -103,10 +137,14 @@ def _extensions():
             define_macros=define_macros, extra_link_args=link_args)
         _say("building fastres._C with CPU kernels")
     else:
-        os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        cuda_home = _toolkit_root(nvcc)
+        # torch.utils.cpp_extension resolved CUDA_HOME when imported; point it (and the nvcc it
+        # runs, CUDA_HOME/bin/nvcc) at the real toolkit.
+        os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = cuda_home
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: Ampere and Hopper
-        includes, lib_dirs = _nvidia_wheel_dirs()
+        wheel_includes, lib_dirs = _nvidia_wheel_dirs()
+        includes = [_missing_header_dir(cuda_home, wheel_includes)]
         sources.append(os.path.join("csrc", "cuda", "conv_bn_relu_cuda.cu"))
         define_macros.append(("FASTRES_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
@@ -114,7 +152,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             define_macros=define_macros, include_dirs=includes, library_dirs=lib_dirs,
             extra_link_args=link_args + [f"-Wl,-rpath,{d}" for d in lib_dirs])
-        _say(f"building fastres._C with CPU and CUDA kernels (nvcc {nvcc}, "
+        _say(f"building fastres._C with CPU and CUDA kernels (CUDA toolkit {cuda_home}, "
              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)

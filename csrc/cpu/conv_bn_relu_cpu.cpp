@@ -315,6 +315,37 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
   });
 }
 
+template <typename acc_t>
+struct GradRowSums { acc_t g, gxhat, gy; };
+
+// One row (batch item, channel) of the backward's first pass, specialized so the loop has no
+// branches on the mode: g = grad_out masked by out > 0 (and by bn(y) > 0, or y > 0 without
+// norm, when relu_before_add); grad_residual = g; grad_y = g (train: finished in pass 2) or
+// gamma * invstd * g (eval). Returns the row's sums of g, g * xhat and grad_y.
+template <bool kNorm, bool kTrain, bool kRba, bool kRes, typename scalar_t, typename acc_t>
+GradRowSums<acc_t> grad_mask_row(const scalar_t* grad_out, const scalar_t* out,
+                                 const scalar_t* y, int64_t n, acc_t mean, acc_t invstd,
+                                 acc_t gamma, acc_t beta, scalar_t* grad_res, acc_t* grad_y) {
+  const acc_t k1 = (kNorm && !kTrain) ? gamma * invstd : acc_t(1);
+  acc_t sum_g = 0, sum_gx = 0, sum_gy = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t gi = static_cast<acc_t>(out[i]) > acc_t(0) ? static_cast<acc_t>(grad_out[i]) : acc_t(0);
+    if (kRes) grad_res[i] = static_cast<scalar_t>(gi);
+    if (kNorm) {
+      const acc_t xhat = (static_cast<acc_t>(y[i]) - mean) * invstd;
+      if (kRba) gi = xhat * gamma + beta > acc_t(0) ? gi : acc_t(0);
+      sum_g += gi;
+      sum_gx += gi * xhat;
+    } else if (kRba) {
+      gi = static_cast<acc_t>(y[i]) > acc_t(0) ? gi : acc_t(0);
+    }
+    const acc_t gy = gi * k1;
+    sum_gy += gy;
+    grad_y[i] = gy;
+  }
+  return {sum_g, sum_gx, sum_gy};
+}
+
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                      const at::Tensor& weight, const OptTensor& bn_weight,
@@ -355,32 +386,32 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
 
   // Pass 1: g = grad_out through the ReLU masks; grad_residual = g; sums of g and g * xhat.
   // In eval/none mode grad_y is final here (it needs no batch-wide sums).
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = r % c_out, base = r * l_out;
-      const acc_t k1 = train ? acc_t(1) : gamma[c] * invstd[c];  // eval: grad_y = k1 * g
-      acc_t sum_g = 0, sum_gx = 0, sum_gy = 0;
-      for (int64_t i = 0; i < l_out; ++i) {
-        acc_t gi = static_cast<acc_t>(outp[base + i]) > acc_t(0)
-                       ? static_cast<acc_t>(gop[base + i]) : acc_t(0);
-        if (gresp) gresp[base + i] = static_cast<scalar_t>(gi);
-        if (norm) {
-          const acc_t xhat = (static_cast<acc_t>(yp[base + i]) - mu[c]) * invstd[c];
-          if (relu_before_add && !(xhat * gamma[c] + beta[c] > acc_t(0))) gi = 0;
-          sum_g += gi;
-          sum_gx += gi * xhat;
-        } else if (relu_before_add && !(static_cast<acc_t>(yp[base + i]) > acc_t(0))) {
-          gi = 0;
-        }
-        const acc_t gy = train ? gi : gi * k1;
-        sum_gy += gy;
-        gyp[base + i] = gy;
+  auto pass1 = [&](auto norm_c, auto train_c, auto rba_c, auto res_c) {
+    constexpr bool kNorm = decltype(norm_c)::value, kTrain = decltype(train_c)::value;
+    constexpr bool kRba = decltype(rba_c)::value, kRes = decltype(res_c)::value;
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = r % c_out, base = r * l_out;
+        GradRowSums<acc_t> sums = grad_mask_row<kNorm, kTrain, kRba, kRes>(
+            gop + base, outp + base, yp ? yp + base : nullptr, l_out, mu[c], invstd[c],
+            gamma[c], beta[c], kRes ? gresp + base : nullptr, gyp + base);
+        row_g[r] = sums.g;
+        row_gxhat[r] = sums.gxhat;
+        row_gy[r] = sums.gy;
       }
-      row_g[r] = sum_g;
-      row_gxhat[r] = sum_gx;
-      row_gy[r] = sum_gy;
-    }
-  });
+    });
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  auto with_res = [&](auto norm_c, auto train_c, auto rba_c) {
+    has_residual ? pass1(norm_c, train_c, rba_c, T{}) : pass1(norm_c, train_c, rba_c, F{});
+  };
+  auto with_rba = [&](auto norm_c, auto train_c) {
+    relu_before_add ? with_res(norm_c, train_c, T{}) : with_res(norm_c, train_c, F{});
+  };
+  if (!norm) with_rba(F{}, F{});
+  else if (train) with_rba(T{}, T{});
+  else with_rba(T{}, F{});
   std::vector<acc_t> grad_beta(c_out, 0), grad_gamma(c_out, 0);
   for (int64_t r = 0; r < rows; ++r) {
     grad_beta[r % c_out] += row_g[r];
