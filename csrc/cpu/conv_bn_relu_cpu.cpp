@@ -283,8 +283,8 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
   // and exact where sum / sum-of-squares would cancel when |mean| >> std.
   acc_t* bmean = batch_mean.data_ptr<acc_t>();
   acc_t* bvar = batch_var.data_ptr<acc_t>();
-  at::parallel_for(0, c_out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t co = begin; co < end; ++co) {
+  {  // serial: items * C_out steps, cheaper than a parallel region
+    for (int64_t co = 0; co < c_out; ++co) {
       acc_t n = 0, m = 0, m2 = 0;
       for (int64_t item = 0; item < items; ++item) {
         const int64_t t0 = (item % tiles_per_item) * tile;
@@ -299,7 +299,7 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
       scale[co] = gamma[co] / std::sqrt(m2 / n + static_cast<acc_t>(eps));
       shift[co] = beta[co] - m * scale[co];
     }
-  });
+  }
 
   // Second pass: normalize, residual, ReLU; rows of (batch item, channel).
   const bool write_y = save_y && !std::is_same_v<scalar_t, acc_t>;
@@ -495,30 +495,37 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   }
 
   // grad_weight[:, :, k] = sum_b grad_y[b][:, t] @ x[b][:, t*stride + k*d - pad_left]^T over the
-  // t whose input is inside x. Long inner dimension (L_out): one BLAS call per (k, b), outside
-  // any parallel region so BLAS threads it itself (over the C_out x C_in output, which keeps
-  // each element's sum order fixed).
+  // t whose input is inside x: GEMMs with a long inner dimension (L_out). Work items are
+  // (tap, block of output channels); each sums over the batch in order, so the result does not
+  // depend on the thread count. One parallel region: many small BLAS-threaded calls measured
+  // far slower on a loaded 2-core machine (a fork/join per call).
   {
     std::vector<acc_t> gw(g.taps * c_out * c_in, acc_t(0));
-    std::vector<acc_t> gather(g.stride > 1 ? c_in * l_out : 0);
-    for (int64_t k = 0; k < g.taps; ++k) {
-      const int64_t lo = g.first_valid(k), hi = g.end_valid(k), n = hi - lo;
-      if (n <= 0) continue;
-      for (int64_t b = 0; b < g.batch; ++b) {
-        const acc_t* xb = xp + b * c_in * g.length;
-        const acc_t* cols = xb + g.input_pos(lo, k);
-        int64_t ld = g.length;
-        if (g.stride > 1) {
-          for (int64_t ci = 0; ci < c_in; ++ci)
-            for (int64_t t = lo; t < hi; ++t)
-              gather[ci * n + (t - lo)] = xb[ci * g.length + g.input_pos(t, k)];
-          cols = gather.data();
-          ld = n;
+    const int64_t co_block = std::min<int64_t>(c_out, 32);
+    const int64_t blocks = ceil_div(c_out, co_block);
+    at::parallel_for(0, g.taps * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> gather(g.stride > 1 ? c_in * l_out : 0);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t k = item / blocks, co0 = (item % blocks) * co_block;
+        const int64_t nco = std::min(co_block, c_out - co0);
+        const int64_t lo = g.first_valid(k), hi = g.end_valid(k), n = hi - lo;
+        if (n <= 0) continue;  // this tap only ever reads padding: its gradient is zero
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const acc_t* xb = xp + b * c_in * g.length;
+          const acc_t* cols = xb + g.input_pos(lo, k);
+          int64_t ld = g.length;
+          if (g.stride > 1) {
+            for (int64_t ci = 0; ci < c_in; ++ci)
+              for (int64_t t = lo; t < hi; ++t)
+                gather[ci * n + (t - lo)] = xb[ci * g.length + g.input_pos(t, k)];
+            cols = gather.data();
+            ld = n;
+          }
+          gemm<acc_t>(false, true, nco, c_in, n, gyp + (b * c_out + co0) * l_out + lo, l_out,
+                      cols, ld, acc_t(1), gw.data() + (k * c_out + co0) * c_in, c_in);
         }
-        gemm<acc_t>(false, true, c_out, c_in, n, gyp + b * c_out * l_out + lo, l_out, cols, ld,
-                    acc_t(1), gw.data() + k * c_out * c_in, c_in);
       }
-    }
+    });
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
     for (int64_t co = 0; co < c_out; ++co)
       for (int64_t ci = 0; ci < c_in; ++ci)
