@@ -210,8 +210,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice, all cores)")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     reason = backends.unavailable_reason("cpp")
     if reason is not None:
@@ -251,7 +255,8 @@ def main(argv=None):
               + f"  cpp speedup {med['eager'] / med['cpp']:.2f}x", flush=True)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"cpu-{datetime.date.today().isoformat()}-ext")
+    suffix = f"-{args.threads}thread" if args.threads else ""
+    stem = os.path.join(args.out_dir, f"cpu-{datetime.date.today().isoformat()}-ext{suffix}")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
     with open(stem + ".md", "w") as f:

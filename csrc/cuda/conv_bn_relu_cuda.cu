@@ -389,6 +389,7 @@ void conv_bn_relu_forward_cuda(
   check_cuda(out, "out");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Geo g = to_geo(geometry);
+  TORCH_CHECK(g.batch <= 65535, "fastres_ext CUDA: batch size over 65535 (grid z limit)");
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
@@ -454,6 +455,8 @@ void conv_bn_relu_backward_cuda(
               "fastres_ext: backward needs the saved conv output y");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Geo g = to_geo(geometry);
+  TORCH_CHECK(g.batch <= 65535 && g.taps <= 65535,
+              "fastres_ext CUDA: batch size or kernel size over 65535 (grid z limit)");
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor y = y_in.contiguous();
