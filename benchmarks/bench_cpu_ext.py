@@ -231,6 +231,9 @@ def main(argv=None):
         "device": _cpu_name(), "threads": torch.get_num_threads(), "dtype": "float32",
         "torch": torch.__version__, "python": platform.python_version(),
         "git_commit": _git_commit(), "repeats": repeats, "kernel_size": K,
+        # Other processes on the machine skew the timings (OpenMP threads stall when a core is
+        # taken): the load average before and after says how quiet the run was.
+        "loadavg_start": os.getloadavg(),
         "stage": "relu(bn(conv_causal(x)) + x)", "stages": [], "small_batch": None,
     }
     with fastres.use_backend("cpp"):
@@ -254,6 +257,7 @@ def main(argv=None):
               + "  ".join(f"{n} {t:8.3f} ms" for n, t in med.items())
               + f"  cpp speedup {med['eager'] / med['cpp']:.2f}x", flush=True)
 
+    results["loadavg_end"] = os.getloadavg()
     os.makedirs(args.out_dir, exist_ok=True)
     suffix = f"-{args.threads}thread" if args.threads else ""
     stem = os.path.join(args.out_dir, f"cpu-{datetime.date.today().isoformat()}-ext{suffix}")
@@ -270,7 +274,9 @@ def markdown(results):
         f"# C++ backend vs eager vs torch.compile on CPU ({results['date'][:10]})", "",
         f"{results['device']}, {results['threads']} threads, torch {results['torch']}, "
         f"{results['dtype']}, commit {results['git_commit'][:10]}; median of "
-        f"{results['repeats']} interleaved runs. Stage: {results['stage']}, K={K}, causal.", "",
+        f"{results['repeats']} interleaved runs. Stage: {results['stage']}, K={K}, causal. "
+        f"Load average (1 min) at start/end: {results['loadavg_start'][0]:.1f} / "
+        f"{results['loadavg_end'][0]:.1f} (the machine has {os.cpu_count()} cores).", "",
         "| B | C | L | d | mode | eager ms | " + ("compile ms | " if has_compile else "")
         + "cpp ms | cpp vs eager |",
         "|---|---|---|---|---|---|" + ("---|" if has_compile else "") + "---|---|",
