@@ -115,7 +115,9 @@ def _extensions():
         return [], {}
 
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "cpu", "conv_bn_relu_cpu.cpp")]
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard: whatever torch requires (it adds it)
+    # As torch builds itself: -fno-math-errno/-fno-trapping-math let masked (select) loops
+    # vectorize. The C++ standard is whatever torch requires (cpp_extension adds it).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     define_macros = []
     link_args = ["-fopenmp"]
     if _torch_exports_blas():

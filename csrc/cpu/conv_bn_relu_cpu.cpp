@@ -96,6 +96,29 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t kd, const T*
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// Reductions keep kLanes independent partial sums (element i goes to lane i % kLanes) so the
+// compiler can vectorize them without reassociating floating point itself; the order depends
+// on the length alone, so results stay deterministic.
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+acc_t sum_lanes(const acc_t (&part)[kLanes]) {
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
+// Sum of term(i) over [0, n), in lanes.
+template <typename acc_t, typename Term>
+acc_t lane_sum(int64_t n, Term term) {
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += term(i + l);
+  for (; i < n; ++i) part[i % kLanes] += term(i);
+  return sum_lanes(part);
+}
+
 // Output positions per work item: long enough for the GEMMs to run at speed, short enough that
 // the (C_out x tile) accumulator stays in L2, and small enough to give both cores several items
 // at small batch. Depends on the shapes only (see the file comment on thread independence).
@@ -261,11 +284,10 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
         const int64_t base = (b * c_out + co) * l_out + t0;
         if (train) {
           // Two passes over the row while it is in L1: the tile's mean, then its M2.
-          acc_t sum = 0;
-          for (int64_t i = 0; i < nt; ++i) sum += row[i];
-          const acc_t m = sum / static_cast<acc_t>(nt);
-          acc_t m2 = 0;
-          for (int64_t i = 0; i < nt; ++i) m2 += (row[i] - m) * (row[i] - m);
+          const acc_t m = lane_sum<acc_t>(nt, [&](int64_t i) { return row[i]; }) /
+                          static_cast<acc_t>(nt);
+          const acc_t m2 =
+              lane_sum<acc_t>(nt, [&](int64_t i) { return (row[i] - m) * (row[i] - m); });
           part_mean[item * c_out + co] = m;
           part_m2[item * c_out + co] = m2;
           std::copy(row, row + nt, y_accp + base);
@@ -328,23 +350,27 @@ GradRowSums<acc_t> grad_mask_row(const scalar_t* grad_out, const scalar_t* out,
                                  const scalar_t* y, int64_t n, acc_t mean, acc_t invstd,
                                  acc_t gamma, acc_t beta, scalar_t* grad_res, acc_t* grad_y) {
   const acc_t k1 = (kNorm && !kTrain) ? gamma * invstd : acc_t(1);
-  acc_t sum_g = 0, sum_gx = 0, sum_gy = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  acc_t sum_g[kLanes] = {}, sum_gx[kLanes] = {}, sum_gy[kLanes] = {};
+  auto element = [&](int64_t i, int lane) {
     acc_t gi = static_cast<acc_t>(out[i]) > acc_t(0) ? static_cast<acc_t>(grad_out[i]) : acc_t(0);
     if (kRes) grad_res[i] = static_cast<scalar_t>(gi);
     if (kNorm) {
       const acc_t xhat = (static_cast<acc_t>(y[i]) - mean) * invstd;
       if (kRba) gi = xhat * gamma + beta > acc_t(0) ? gi : acc_t(0);
-      sum_g += gi;
-      sum_gx += gi * xhat;
+      sum_g[lane] += gi;
+      sum_gx[lane] += gi * xhat;
     } else if (kRba) {
       gi = static_cast<acc_t>(y[i]) > acc_t(0) ? gi : acc_t(0);
     }
     const acc_t gy = gi * k1;
-    sum_gy += gy;
+    sum_gy[lane] += gy;
     grad_y[i] = gy;
-  }
-  return {sum_g, sum_gx, sum_gy};
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) element(i + l, l);
+  for (; i < n; ++i) element(i, static_cast<int>(i % kLanes));
+  return {sum_lanes(sum_g), sum_lanes(sum_gx), sum_lanes(sum_gy)};
 }
 
 template <typename scalar_t>
@@ -427,14 +453,14 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
         const int64_t c = r % c_out, base = r * l_out;
         const acc_t k1 = gamma[c] * invstd[c], mean_g = grad_beta[c] * inv_n;
         const acc_t mean_gx = grad_gamma[c] * inv_n;
-        acc_t sum_gy = 0;
-        for (int64_t i = 0; i < l_out; ++i) {
-          const acc_t xhat = (static_cast<acc_t>(yp[base + i]) - mu[c]) * invstd[c];
-          const acc_t gy = k1 * (gyp[base + i] - mean_g - xhat * mean_gx);
-          gyp[base + i] = gy;
-          sum_gy += gy;
-        }
-        row_gy[r] = sum_gy;
+        acc_t* gy_row = gyp + base;
+        const scalar_t* y_row = yp + base;
+        row_gy[r] = lane_sum<acc_t>(l_out, [&](int64_t i) {
+          const acc_t xhat = (static_cast<acc_t>(y_row[i]) - mu[c]) * invstd[c];
+          const acc_t gy = k1 * (gy_row[i] - mean_g - xhat * mean_gx);
+          gy_row[i] = gy;
+          return gy;
+        });
       }
     });
   }
