@@ -480,32 +480,43 @@ def test_dropout_between_stages_is_inverted_dropout_and_off_in_eval():
     assert torch.equal(block(x), no_dropout(x))
 
 
+def _loss_curve(model, dtype, steps=200):
+    model = copy.deepcopy(model).to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 1, 32, generator=gen).to(dtype)
+        # target: moving sum of the last 4 inputs (causal, inside the receptive field)
+        target = F.conv1d(F.pad(x, (3, 0)), torch.ones(1, 1, 4, dtype=dtype))
+        loss = F.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
 def test_training_run_follows_the_plain_loss_curve():
-    """200 Adam steps on a tiny causal task: fused and plain models trace the same curve."""
+    """200 Adam steps on a tiny causal task: fused and plain models trace the same curve.
+
+    Both are judged against the plain model trained in float64. Plain float32 itself drifts
+    from that curve by ~1e-3 relative once the loss is small (rounding compounds through
+    Adam), so the fused float32 curve must be no further from it than plain float32 is,
+    and in float64 the fused curve must match it to rounding.
+    """
     torch.manual_seed(0)
     plain = nn.Sequential(SeedTCN(1, [8, 8], kernel_size=3), nn.Conv1d(8, 1, 1))
     fused = nn.Sequential(fastres.TemporalConvNet(1, [8, 8], kernel_size=3, dropout=0.0),
                           nn.Conv1d(8, 1, 1))
     fused.load_state_dict(plain.state_dict(), strict=True)
-    curves = []
-    for model in (fused, plain):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        gen = torch.Generator().manual_seed(0)
-        losses = []
-        for _ in range(200):
-            x = torch.randn(16, 1, 32, generator=gen)
-            # target: moving sum of the last 4 inputs (causal, inside the receptive field)
-            target = F.conv1d(F.pad(x, (3, 0)), torch.ones(1, 1, 4))
-            loss = F.mse_loss(model(x), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
-    fused_curve, plain_curve = curves
-    assert fused_curve[-20:].mean() < 0.1 * fused_curve[:5].mean()  # it learns
-    # Float rounding differences compound over 200 steps; the curves stay together.
-    assert ((fused_curve - plain_curve).abs() / plain_curve).max() < 1e-3
+    exact = _loss_curve(plain, torch.float64)
+    drift = lambda curve: ((curve - exact).abs() / exact).max().item()  # noqa: E731
+    fused32, plain32 = _loss_curve(fused, torch.float32), _loss_curve(plain, torch.float32)
+    assert fused32[-20:].mean() < 0.1 * fused32[:5].mean()  # it learns
+    assert drift(fused32) <= max(2 * drift(plain32), 1e-5)
+    if torch.float64 in fastres.backends.select(torch.device("cpu"), torch.float32).DTYPES:
+        assert drift(_loss_curve(fused, torch.float64)) < 1e-10
 
 
 def test_torch_compile_temporal_conv_net():

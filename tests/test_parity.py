@@ -75,7 +75,19 @@ def cases(draw):
 
 
 def _valid(case):
-    return case.L_out >= 1 and not (case.norm == "train" and case.B * case.L_out < 2)
+    """Configs whose gradients relative error can judge.
+
+    Training-mode BN makes some gradients zero in exact arithmetic, so their relative error
+    is rounding noise over nothing: with 2 or 3 values per channel the normalized output
+    barely depends on the input (for 2 it is +-1 whatever x is), and with C_in * K == 1 the
+    conv weight's scale cancels in the normalization. Such cases fail on the reference
+    backend itself; the grid keeps a bias-gradient check that handles its zero explicitly.
+    """
+    if case.L_out < 1:
+        return False
+    if case.norm == "train":
+        return case.B * case.L_out >= 4 and case.C_in * case.K > 1
+    return True
 
 
 HYPOTHESIS_EXAMPLES = {"triton": 40}
