@@ -1,0 +1,90 @@
+"""What every fused module shares: one conv -> BN -> ReLU stage run from real nn modules.
+
+The modules keep ordinary nn.Conv1d / nn.BatchNorm1d submodules (so state_dict keys,
+optimizers, hooks on parameters and `.to()` behave as users expect) and call the fused op
+with those submodules' parameters and buffers. `bn_arguments` reproduces exactly how
+nn.BatchNorm1d.forward decides between batch and running statistics, so a fused module
+trains and evaluates as the plain module would.
+
+`padded_conv1d` is the plain-PyTorch side: what the "plain twins" (the modules `unfuse`
+returns) run. It is TorchScript-compatible on purpose.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import conv_bn_relu
+
+
+def check_block_args(kernel_size, dilation, dropout=0.0, stride=1) -> None:
+    """The ValueErrors every block constructor raises for bad hyper-parameters."""
+    for name, value in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def bn_arguments(bn: nn.BatchNorm1d) -> dict:
+    """The batch-norm keyword arguments of fastres.conv_bn_relu for module `bn`.
+
+    Mirrors nn.BatchNorm1d.forward: batch statistics in training mode, or in eval mode
+    when the module tracks no running statistics; running statistics (and
+    num_batches_tracked, which drives momentum=None) updated only when training and
+    tracking.
+    """
+    tracking = bn.training and bn.track_running_stats
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return dict(
+        running_mean=bn.running_mean if keep_running else None,
+        running_var=bn.running_var if keep_running else None,
+        bn_weight=bn.weight, bn_bias=bn.bias, training=use_batch_stats,
+        momentum=bn.momentum, eps=bn.eps,
+        num_batches_tracked=bn.num_batches_tracked if tracking else None)
+
+
+def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d], padding: str,
+                       residual: Optional[Tensor] = None,
+                       relu_before_add: bool = False) -> Tensor:
+    """relu(bn(conv(x)) [+ residual]) through the fused op, from the modules' tensors.
+
+    The conv's own `padding` attribute is ignored: `padding` ("causal" or "same") says how
+    the block pads. bn None means no batch norm (weight-normed convs: `conv.weight` is
+    the parametrization's normalized weight, so gradients reach g and v).
+    """
+    norm_kwargs = bn_arguments(bn) if bn is not None else dict(norm=None)
+    return conv_bn_relu(
+        x, conv.weight, conv.bias, stride=conv.stride[0], dilation=conv.dilation[0],
+        padding=padding, residual=residual, relu_before_add=relu_before_add, **norm_kwargs)
+
+
+def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilation: int,
+                  causal: bool) -> Tensor:
+    """F.conv1d with SPEC.md's causal / same zero padding, in plain (scriptable) PyTorch."""
+    total = (weight.shape[-1] - 1) * dilation
+    if causal:
+        left, right = total, 0
+    elif stride == 1:  # padding="same": the odd zero goes right
+        left, right = total // 2, total - total // 2
+    else:  # the ResNet convention for strided convs
+        left, right = total // 2, total // 2
+    return F.conv1d(F.pad(x, [left, right]), weight, bias, [stride], [0], [dilation])
+
+
+def retyped(module: nn.Module, cls: type) -> nn.Module:
+    """A shallow copy of `module` as class `cls`, sharing its submodules and tensors.
+
+    Fused modules and their plain twins have the same attributes and differ only in
+    forward; this swaps one for the other without re-initialising (and without touching
+    the random number generator).
+    """
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for name in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])
+    return new

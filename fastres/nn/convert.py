@@ -1,0 +1,434 @@
+"""convert(model): swap the blocks of a live model for fused ones; unfuse(model): undo it.
+
+Recognition is by structure (submodule names and types), never by class name alone:
+
+- a BatchNorm two-stage block: conv1/bn1/conv2/bn2 (nn.Conv1d, nn.BatchNorm1d) with the
+  residual branch in `downsample` (or `shortcut`): absent/None/empty nn.Sequential
+  (identity), a 1x1 nn.Conv1d (the seed TemporalBlock), or any module (a projection,
+  torchvision's BasicBlock). It becomes a causal TemporalBlock (carrying its single
+  nn.Dropout, if any, between the stages) or a BasicBlock with "same" or causal padding,
+  whichever reproduces it;
+- locuslab/TCN's TemporalBlock: weight-normed conv1/conv2 (old weight_norm hooks or
+  parametrizations), chomps, dropouts, `net`, optional 1x1 `downsample`, no BN. It becomes
+  TemporalBlock(norm="weight") loaded from its state_dict;
+- an nn.Sequential holding Conv1d -> BatchNorm1d -> ReLU runs ("same"-padded conv, or a
+  causal zero pad before an unpadded conv) becomes a ConvBNReLUSequential with the same
+  children;
+- the plain twins that fastres.unfuse produces go back to their fused classes.
+
+Every candidate swap is checked before it is made: the original and the fused module
+run a probe input in eval mode (TF32 off), and the swap happens only if the outputs
+agree to 1e-5 relative (1e-2 for half-precision models). A block whose train-mode
+behaviour the probe cannot see (dropout placement) is only swapped for a fused block with
+the same single dropout between its stages. Swapped modules carry the original
+nn.Conv1d / nn.BatchNorm1d objects (the same parameters and buffers, so state_dict keys
+do not change), except locuslab blocks, which are rebuilt and loaded from the original's
+state_dict (same keys, values copied).
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import logging
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ._stage import retyped
+from .resnet import BasicBlock, PlainBasicBlock, PlainResNet1d, ResNet1d
+from .sequential import ConvBNReLUSequential
+from .temporal import PlainTemporalBlock, PlainWeightNormTemporalBlock, TemporalBlock
+
+__all__ = ["ConversionReport", "Swap", "convert", "unfuse"]
+
+logger = logging.getLogger("fastres")
+
+_RESIDUAL_NAMES = ("downsample", "shortcut")
+_FUSED_BLOCKS = (TemporalBlock, BasicBlock)
+_PLAIN_TO_FUSED = {PlainTemporalBlock: TemporalBlock, PlainWeightNormTemporalBlock: TemporalBlock,
+                   PlainBasicBlock: BasicBlock, PlainResNet1d: ResNet1d}
+
+
+@dataclasses.dataclass
+class Swap:
+    """One module convert replaced: where, what it was, what it is now, and the probe error."""
+    name: str
+    original: str
+    fused: str
+    rel_err: float
+    note: str = ""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What convert swapped, and what it recognised but left untouched (with why)."""
+    swapped: List[Swap] = dataclasses.field(default_factory=list)
+    skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        swapped = ", ".join(f"{s.name or '<root>'}: {s.original} -> {s.fused}"
+                            for s in self.swapped)
+        line = f"fastres.convert: swapped {len(self.swapped)} module(s)"
+        line += f" ({swapped})" if swapped else ""
+        if self.skipped:
+            left = "; ".join(f"{name or '<root>'}: {why}" for name, why in self.skipped)
+            line += f"; left {len(self.skipped)} untouched ({left})"
+        return line
+
+    __str__ = summary
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _rel_err(got: Tensor, want: Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    denom = want.norm().item()
+    diff = (got - want).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def _first_tensor(module: nn.Module) -> Optional[Tensor]:
+    for t in module.parameters():
+        return t
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t
+    return None
+
+
+class _EvalNoTF32:
+    """Eval mode for the given modules, grad and TF32 off; restores everything on exit."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = {id(m): m for root in modules for m in root.modules()}
+
+    def __enter__(self):
+        self.training = {key: m.training for key, m in self.modules.items()}
+        for m in self.modules.values():
+            m.training = False
+        self.tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        for key, m in self.modules.items():
+            m.training = self.training[key]
+
+
+def _verify(original: nn.Module, fused: nn.Module, in_channels: int,
+            length: int) -> Tuple[Optional[float], str]:
+    """(relative error, "") if `fused` reproduces `original` on a probe, else (None, why)."""
+    ref = _first_tensor(original)
+    if ref is None:
+        return None, "no parameters to take a device and dtype from"
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, in_channels, length, generator=g).to(ref.device, ref.dtype)
+    with _EvalNoTF32(original, fused):
+        try:
+            want = original(probe)
+        except Exception as exc:  # noqa: BLE001 - a module we cannot run is not swapped
+            return None, f"original fails on a probe {tuple(probe.shape)}: {exc}"
+        try:
+            got = fused(probe)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"fused candidate fails on the probe: {exc}"
+    if not isinstance(want, Tensor) or got.shape != want.shape:
+        return None, "probe output shapes differ"
+    err = _rel_err(got, want)
+    tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    if not err <= tol:
+        return None, f"probe outputs differ by {err:.2e} relative (over {tol:g})"
+    return err, ""
+
+
+def _probe_shape(m: nn.Module) -> Tuple[int, int]:
+    """(channels, length) of a probe input for `m`: the first conv's channels, and long
+    enough for every conv's padding and stride to matter."""
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv1d)]
+    length = 64 + 2 * sum((c.kernel_size[0] - 1) * c.dilation[0] * c.stride[0] for c in convs)
+    return convs[0].in_channels, length
+
+
+# --------------------------------------------------------------------------- recognition
+
+
+def _is_weight_normed(conv: nn.Module) -> bool:
+    return parametrize.is_parametrized(conv, "weight") or hasattr(conv, "weight_g")
+
+
+def _plain_conv(conv) -> bool:
+    return (isinstance(conv, nn.Conv1d) and not _is_weight_normed(conv) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def _dropouts(module: nn.Module) -> List[nn.Dropout]:
+    return [m for m in module.children() if isinstance(m, nn.Dropout)]
+
+
+def _fresh(build: Callable[[], nn.Module]) -> nn.Module:
+    """Construct a module without moving the caller's random number generator."""
+    with torch.random.fork_rng(devices=[]):
+        return build()
+
+
+def _residual_branch(module: nn.Module):
+    """(attribute name, module or None for identity); name None when there is none."""
+    for name in _RESIDUAL_NAMES:
+        if name in module._modules or hasattr(module, name):
+            branch = getattr(module, name)
+            if isinstance(branch, nn.Sequential) and len(branch) == 0:
+                branch = None  # nn.Sequential() is the common way to write an identity
+            if branch is None or isinstance(branch, nn.Module):
+                return name, branch
+    return None, None
+
+
+def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable]], str]:
+    """Fused candidates for a conv1/bn1/conv2/bn2 block, or ([], why not)."""
+    conv1, conv2 = m.conv1, m.conv2
+    if not (_plain_conv(conv1) and _plain_conv(conv2)):
+        return [], "conv1/conv2 are not plain zero-padded, ungrouped nn.Conv1d"
+    if not (isinstance(m.bn1, nn.BatchNorm1d) and isinstance(m.bn2, nn.BatchNorm1d)):
+        return [], "bn1/bn2 are not nn.BatchNorm1d"
+    if conv2.stride[0] != 1:
+        return [], "conv2 is strided"
+    res_name, residual = _residual_branch(m)
+    dropouts = [d for d in _dropouts(m) if d.p > 0]
+    cin, cout = conv1.in_channels, conv1.out_channels
+    k, d, s = conv1.kernel_size[0], conv1.dilation[0], conv1.stride[0]
+
+    def take_over(block: nn.Module) -> nn.Module:
+        block.conv1, block.bn1, block.conv2, block.bn2 = m.conv1, m.bn1, m.conv2, m.bn2
+        block.downsample = residual
+        return block.train(m.training)
+
+    candidates = []
+    temporal_residual = residual is None or (isinstance(residual, nn.Conv1d)
+                                             and residual.kernel_size[0] == 1
+                                             and residual.stride[0] == 1)
+    if len(dropouts) > 1:
+        return [], "more than one dropout: their placement cannot be verified"
+    if s == 1 and temporal_residual:
+        p = dropouts[0].p if dropouts else 0.0
+        candidates.append(("TemporalBlock", lambda: take_over(
+            _fresh(lambda: TemporalBlock(cin, cout, k, dilation=d, dropout=p)))))
+    if not dropouts:  # a BasicBlock has no dropout to carry
+        for causal in (False, True):
+            candidates.append((f"BasicBlock(causal={causal})", lambda causal=causal: take_over(
+                _fresh(lambda: BasicBlock(cin, cout, s, residual, kernel_size=k, dilation=d,
+                                          causal=causal)))))
+    if not candidates:
+        return [], "a dropout in a block that is not a causal TemporalBlock layout"
+    note = f"state_dict keys {res_name}.* -> downsample.*" if res_name == "shortcut" \
+        and residual is not None else ""
+    return [(name, build, note) for name, build in candidates], ""
+
+
+def _locuslab_candidate(m: nn.Module):
+    """The TemporalBlock(norm="weight") for a locuslab/TCN block, or (None, why not)."""
+    conv1, conv2 = m.conv1, m.conv2
+    if not all(isinstance(c, nn.Conv1d) and c.groups == 1 for c in (conv1, conv2)):
+        return None, "conv1/conv2 are not ungrouped nn.Conv1d"
+    k, d = conv1.kernel_size[0], conv1.dilation[0]
+    if conv1.padding[0] != (k - 1) * d or conv1.stride[0] != 1:
+        return None, "conv1 is not locuslab's padded, unstrided conv"
+    drops = [getattr(m, name, None) for name in ("dropout1", "dropout2")]
+    if not all(isinstance(x, nn.Dropout) for x in drops) or drops[0].p != drops[1].p:
+        return None, "dropout1/dropout2 missing or with different p"
+    ref = _first_tensor(m)
+
+    def build() -> nn.Module:
+        block = _fresh(lambda: TemporalBlock(conv1.in_channels, conv1.out_channels, k,
+                                             dilation=d, dropout=drops[0].p, norm="weight"))
+        block.to(device=ref.device, dtype=ref.dtype)
+        block.load_state_dict(m.state_dict(), strict=True)  # old weight_g/_v keys load too
+        return block.train(m.training)
+
+    return build, ""
+
+
+def _candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]], str]:
+    """The fused modules that may replace `m`, most likely first; ([], "") if m is no block."""
+    if type(m) in _PLAIN_TO_FUSED:
+        return [(_PLAIN_TO_FUSED[type(m)].__name__,
+                 lambda: retyped(m, _PLAIN_TO_FUSED[type(m)]), "")], ""
+    if isinstance(m, (*_FUSED_BLOCKS, ResNet1d, ConvBNReLUSequential)):
+        return [], ""
+    if not (isinstance(getattr(m, "conv1", None), nn.Module)
+            and isinstance(getattr(m, "conv2", None), nn.Module)):
+        return [], ""
+    if hasattr(m, "bn1") and hasattr(m, "bn2"):
+        return _bn_block_candidates(m)
+    if hasattr(m, "net") and _is_weight_normed(m.conv1) and _is_weight_normed(m.conv2):
+        build, why = _locuslab_candidate(m)
+        return ([("TemporalBlock(norm='weight')", build, "")] if build else []), why
+    return [], ""
+
+
+def _try_block(m: nn.Module, name: str, report: ConversionReport) -> Optional[nn.Module]:
+    candidates, why = _candidates(m)
+    reasons = [why] if why else []
+    for label, build, note in candidates:
+        try:
+            fused = build()
+        except Exception as exc:  # noqa: BLE001 - an unbuildable candidate is skipped
+            reasons.append(f"{label}: {exc}")
+            continue
+        err, why = _verify(m, fused, *_probe_shape(m))
+        if err is not None:
+            report.swapped.append(Swap(name, type(m).__name__, label, err, note))
+            return fused
+        reasons.append(f"{label}: {why}")
+    if reasons:
+        report.skipped.append((name, "; ".join(reasons)))
+    return None
+
+
+# --------------------------------------------------------------------------- Sequential runs
+
+
+def _same_padded(conv: nn.Conv1d) -> bool:
+    k, d, s = conv.kernel_size[0], conv.dilation[0], conv.stride[0]
+    if conv.padding == "same":
+        return True
+    if isinstance(conv.padding, str):
+        return False
+    total = (k - 1) * d
+    return conv.padding[0] == total // 2 and (s > 1 or total % 2 == 0)
+
+
+def _causal_pad(pad: nn.Module, conv: nn.Conv1d) -> bool:
+    if not isinstance(pad, (nn.ConstantPad1d, nn.ZeroPad1d)) or getattr(pad, "value", 0) != 0:
+        return False
+    total = (conv.kernel_size[0] - 1) * conv.dilation[0]
+    return tuple(pad.padding) == (total, 0) and conv.padding in ((0,), "valid")
+
+
+def _runs(children: List[nn.Module]) -> List[Tuple[int, int, str]]:
+    """(start, length, padding) of the Conv1d -> BatchNorm1d -> ReLU runs in `children`."""
+    runs, i = [], 0
+    while i < len(children):
+        for length, padding in ((3, "same"), (4, "causal")):
+            run = children[i:i + length]
+            if len(run) < length:
+                continue
+            conv, bn, relu = run[-3:]
+            if not (_plain_conv(conv) and isinstance(bn, nn.BatchNorm1d)
+                    and isinstance(relu, nn.ReLU)):
+                continue
+            if (padding == "same" and _same_padded(conv)) or \
+                    (padding == "causal" and _causal_pad(run[0], conv)):
+                runs.append((i, length, padding))
+                i += length
+                break
+        else:
+            i += 1
+    return runs
+
+
+def _try_sequential(seq: nn.Sequential, name: str, report: ConversionReport):
+    children = list(seq)
+    verified = {}
+    for start, length, padding in _runs(children):
+        run = children[start:start + length]
+        err, why = _verify(nn.Sequential(*run), ConvBNReLUSequential(*run, runs={0: (length,
+                           padding)}), *_probe_shape(run[-3]))
+        label = f"{name}[{start}:{start + length}]"
+        if err is None:
+            report.skipped.append((label, why))
+            continue
+        verified[start] = (length, padding)
+        report.swapped.append(Swap(label, "Conv1d->BatchNorm1d->ReLU",
+                                   f"ConvBNReLUSequential({padding})", err))
+    if not verified:
+        return None
+    # Same keys, same children: only forward changes.
+    fused = ConvBNReLUSequential(collections.OrderedDict(seq._modules), runs=verified)
+    return fused.train(seq.training)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _convert(m: nn.Module, name: str, report: ConversionReport) -> nn.Module:
+    fused = _try_block(m, name, report)
+    if fused is not None:
+        if isinstance(fused, _FUSED_BLOCKS):
+            return fused  # its children are the block's own convs and norms
+        m = fused  # e.g. a ResNet1d: its blocks are converted below
+    for child_name, child in list(m.named_children()):
+        new = _convert(child, f"{name}.{child_name}" if name else child_name, report)
+        if new is not child:
+            m._modules[child_name] = new
+    if type(m) is nn.Sequential:  # a subclass may have its own forward: leave it alone
+        seq = _try_sequential(m, name, report)
+        if seq is not None:
+            return seq
+    return m
+
+
+def convert(model: nn.Module, inplace: bool = False, *, return_report: bool = False):
+    """Swap every block of `model` that fastres recognises for its fused module.
+
+    Args:
+        model: any nn.Module (it may itself be a block).
+        inplace: modify `model` itself; by default a deep copy is converted.
+        return_report: also return the ConversionReport.
+
+    Returns:
+        The converted model, or (model, report) with return_report. The report (also
+        logged at INFO on the "fastres" logger) lists each swap with its probe error and
+        each recognised block left untouched with the reason.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport()
+    model = _convert(model, "", report)
+    logger.info(report.summary())
+    return (model, report) if return_report else model
+
+
+def _plain(m: nn.Module) -> nn.Module:
+    plain_cls = None
+    if isinstance(m, TemporalBlock):
+        plain_cls = PlainTemporalBlock if m.norm == "batch" else PlainWeightNormTemporalBlock
+    elif isinstance(m, BasicBlock):
+        plain_cls = PlainBasicBlock
+    elif isinstance(m, ResNet1d):
+        plain_cls = PlainResNet1d
+    if plain_cls is not None:
+        plain = retyped(m, plain_cls)
+        if hasattr(plain, "record_geometry"):
+            plain.record_geometry()
+        return plain
+    if isinstance(m, ConvBNReLUSequential):
+        seq = retyped(m, nn.Sequential)
+        del seq.__dict__["fused_runs"]
+        return seq
+    return m
+
+
+def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turn every fused fastres module of `model` back into plain PyTorch modules.
+
+    The result computes the same numbers with nn.Conv1d / nn.BatchNorm1d / F.relu only
+    (no fastres op), keeps the state_dict keys, and can be exported: torch.jit.script
+    (weight-normed blocks: torch.jit.trace, as parametrizations do not script), ONNX.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model = _plain(model)
+    for child_name, child in list(model.named_children()):
+        new = unfuse(child, inplace=True)
+        if new is not child:
+            model._modules[child_name] = new
+    return model
