@@ -48,6 +48,16 @@ def _suite_list(text: str) -> List[str]:
     return [n for n in SUITES if n in names]     # run in the canonical order
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastres", description="Fused Conv1d + BatchNorm + ReLU (+ residual): "
@@ -78,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["auto", "default", "max-autotune", "none"],
                        help="torch.compile mode of the compiled candidates (auto: max-autotune "
                        "on CUDA, default on CPU, none with --quick)")
+    bench.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch CPU threads (default: torch's choice, usually all cores; "
+                       "on a shared machine --threads 1 avoids oversubscription)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     check = sub.add_parser("check", help="every available backend vs the reference, here",
@@ -104,6 +117,8 @@ def _bench(parser, args) -> int:
     from fastres.bench import report, runner
 
     device = _device(parser, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = "full" if args.full else "quick" if args.quick else "default"
     if args.dtype:
         dtypes = args.dtype

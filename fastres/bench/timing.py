@@ -14,8 +14,12 @@
 - each round contributes one sample (block time / calls); the statistics are the
   median and the interquartile range of the samples.
 
-Blocks are timed with CUDA events on a GPU, and with torch.utils.benchmark.Timer
-(a synchronized wall clock, at the current torch thread count) on the CPU.
+Blocks are timed with CUDA events on a GPU and with time.perf_counter (the clock
+torch.utils.benchmark uses) on the CPU. torch.utils.benchmark.Timer and
+triton.testing.do_bench each time one function in isolation, so they cannot interleave
+candidates, and Timer.timeit runs its own warm-up calls before every block (for a
+half-second RNN step that would triple the cost of each sample); the loop here does the
+same clock work with interleaving and a single warm-up.
 
 Candidates that read inputs cycle through several copies of them when one copy
 fits in the last-level cache (`rotation_count` / `Rotating`), so a benchmark does
@@ -31,7 +35,6 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.utils.benchmark as torch_benchmark
 
 
 @dataclasses.dataclass
@@ -103,9 +106,6 @@ class _BlockTimer:
 
     def __init__(self, fn: Callable[[], object], device: torch.device):
         self.fn, self.device = fn, device
-        if device.type != "cuda":
-            self._timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                                                num_threads=torch.get_num_threads())
 
     def __call__(self, number: int) -> float:
         if self.device.type == "cuda":
@@ -117,7 +117,11 @@ class _BlockTimer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / number
-        return self._timer.timeit(number).times[0]
+        fn = self.fn
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - start) / number
 
 
 def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
@@ -230,9 +234,14 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     return {"peak_bytes": peak, "peak_above_start_bytes": peak - before}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
-    """Measured bytes/s of a device-to-device copy (read + write counted), the memory roofline."""
-    nbytes = max(nbytes, 4 * cache_bytes(device))
+def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -> float:
+    """Measured bytes/s of a device-to-device copy (read + write counted), the memory roofline.
+
+    The buffer defaults to 4x the last-level cache (at least 64 MiB) so the copy streams
+    through memory.
+    """
+    if nbytes is None:
+        nbytes = max(64 * 2**20, 4 * cache_bytes(device))
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     stats = measure({"copy": lambda: dst.copy_(src)}, device,
