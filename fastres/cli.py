@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", dest="compile_mode", default="auto",
                        choices=["auto", "default", "max-autotune", "none"],
                        help="torch.compile mode of the compiled candidates (auto: max-autotune "
-                       "on CUDA, default on CPU, none with --quick)")
+                       "on CUDA; default on CPU, where only the op suite compiles unless "
+                       "--full; none with --quick)")
     bench.add_argument("--threads", type=_positive_int, metavar="N",
                        help="torch CPU threads (default: torch's choice, usually all cores; "
                        "on a shared machine --threads 1 avoids oversubscription)")
@@ -113,28 +114,40 @@ def _device(parser: argparse.ArgumentParser, name: Optional[str]) -> torch.devic
     return torch.device(name)
 
 
+def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.dtype]],
+                  compile_arg: str = "auto", only: Optional[List[str]] = None):
+    """The bench settings for command-line choices (shared with benchmarks/conftest.py)."""
+    from fastres.bench import runner
+
+    if not dtypes:
+        if device.type == "cpu":
+            dtypes = [torch.float32]
+        elif size == "full":
+            dtypes = [torch.float32, torch.bfloat16, torch.float16]
+        else:
+            dtypes = [torch.float32, torch.bfloat16]
+    if compile_arg == "auto":
+        # Compiling a whole model takes tens of seconds on a CPU: at the default size the
+        # CPU run compiles the single stages (op suite) only.
+        compile_mode = None if size == "quick" else (
+            "max-autotune" if device.type == "cuda" else "default")
+        compile_models = device.type == "cuda" or size == "full"
+    else:
+        compile_mode = None if compile_arg == "none" else compile_arg
+        compile_models = True
+    return runner.Settings(size=size, device=device, dtypes=list(dtypes),
+                           only=only or list(runner.SUITES), compile_mode=compile_mode,
+                           compile_models=compile_models)
+
+
 def _bench(parser, args) -> int:
-    from fastres.bench import report, runner
+    from fastres.bench import report
 
     device = _device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = "full" if args.full else "quick" if args.quick else "default"
-    if args.dtype:
-        dtypes = args.dtype
-    elif device.type == "cpu":
-        dtypes = [torch.float32]
-    elif size == "full":
-        dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    else:
-        dtypes = [torch.float32, torch.bfloat16]
-    if args.compile_mode == "auto":
-        compile_mode = None if size == "quick" else (
-            "max-autotune" if device.type == "cuda" else "default")
-    else:
-        compile_mode = None if args.compile_mode == "none" else args.compile_mode
-    settings = runner.Settings(size=size, device=device, dtypes=dtypes,
-                               only=args.only or list(runner.SUITES), compile_mode=compile_mode)
+    settings = make_settings(size, device, args.dtype, args.compile_mode, args.only)
     results = runner.run(settings, progress=False if args.no_progress else None)
     results["command"] = "fastres " + " ".join(args.argv)
     print(report.console_report(results))

@@ -110,9 +110,8 @@ def test_bench_json_schema_is_stable(quick_op_run):
                         "wall_time_s", "command"}
     assert doc["schema_version"] == 1
     assert doc["command"].startswith("fastres bench --quick --only op")
-    assert set(doc["settings"]) == {"size", "device", "dtypes", "only", "compile_mode"}
     assert doc["settings"] == {"size": "quick", "device": "cpu", "dtypes": ["float32"],
-                               "only": ["op"], "compile_mode": None}
+                               "only": ["op"], "compile_mode": None, "compile_models": False}
     assert ENVIRONMENT_KEYS <= set(doc["environment"])
     assert doc["environment"]["torch"] == torch.__version__
     assert doc["environment"]["fastres"] == fastres.__version__

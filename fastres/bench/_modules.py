@@ -35,11 +35,12 @@ def modules_unavailable() -> Optional[str]:
 
 
 def impls_for(settings: Settings) -> List[str]:
+    compile_models = settings.compile_mode and settings.compile_models
     impls = ["plain"]
-    if settings.compile_mode:
+    if compile_models:
         impls.append("compiled")
     impls.append("fastres")
-    if settings.compile_mode and settings.size == "full":
+    if compile_models and settings.size == "full":
         impls.append("fastres+compiled")
     return impls
 
@@ -112,6 +113,17 @@ def model_tasks(suite: str, specs, settings: Settings) -> List[Task]:
                     impls=impls, make=make, compiled=[i for i in impls if i.endswith("compiled")],
                     baseline="plain", items=shape[0], memory=True))
     return result
+
+
+def summarize(rows, settings: Settings):
+    return {"compiled": bool(settings.compile_mode and settings.compile_models)}
+
+
+def summary_lines(summary) -> List[str]:
+    if summary.get("compiled", True):
+        return []
+    return ["torch.compile'd models were left out at this size (compiling a whole model "
+            "costs tens of seconds on a CPU); add them with --compile default"]
 
 
 def table(rows, summary):

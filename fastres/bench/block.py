@@ -63,6 +63,8 @@ def tasks(settings: Settings) -> List[Task]:
 
 
 table = _modules.table
+summarize = _modules.summarize
+summary_lines = _modules.summary_lines
 
 
 def plot(ax, rows, summary):

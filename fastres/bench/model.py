@@ -21,7 +21,7 @@ TITLE = "Models: TemporalConvNet, ResNet1d"
 # Per size and device type: (TCN inputs, channels, kernel, (B, L)), (ResNet layers, in, classes, (B, L))
 _SIZES = {
     ("quick", "cpu"): ((4, [16] * 3, 3, (2, 128)), None),
-    ("default", "cpu"): ((16, [64] * 6, 3, (8, 1024)), ((2, 2, 2, 2), 12, 10, (8, 1024))),
+    ("default", "cpu"): ((16, [32] * 6, 3, (8, 1024)), ((2, 2, 2, 2), 12, 10, (4, 1024))),
     ("quick", "cuda"): ((16, [64] * 4, 3, (8, 1024)), None),
     ("default", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
     ("full", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
@@ -51,6 +51,8 @@ def tasks(settings: Settings) -> List[Task]:
 
 
 table = _modules.table
+summarize = _modules.summarize
+summary_lines = _modules.summary_lines
 
 
 def plot(ax, rows, summary):

@@ -50,11 +50,13 @@ class Settings:
     only: List[str]                     # suite names, in SUITES order
     compile_mode: Optional[str]         # torch.compile mode ("default", "max-autotune"), or
                                         # None to leave the compiled candidates out
+    compile_models: bool = True         # also compile whole blocks / models (slow on CPU)
 
     def to_json(self) -> Dict[str, object]:
         return {"size": self.size, "device": str(self.device),
                 "dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
-                "only": list(self.only), "compile_mode": self.compile_mode}
+                "only": list(self.only), "compile_mode": self.compile_mode,
+                "compile_models": self.compile_models}
 
 
 @dataclasses.dataclass

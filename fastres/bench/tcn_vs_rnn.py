@@ -64,7 +64,7 @@ class Config:
 CONFIGS = {
     ("quick", "cpu"): Config(lengths=(32, 128), batch=4, features=4, channels=8, levels=3,
                              kernel_size=3),
-    ("default", "cpu"): Config(lengths=(64, 256, 1024, 4096), batch=16, features=8, channels=32,
+    ("default", "cpu"): Config(lengths=(64, 256, 1024), batch=8, features=8, channels=32,
                                levels=6, kernel_size=3),
     ("quick", "cuda"): Config(lengths=(64, 256), batch=8, features=8, channels=16, levels=3,
                               kernel_size=3),

@@ -53,7 +53,7 @@ TIMING = {
     "quick": TimingConfig(min_rounds=3, max_rounds=3, max_time_s=0.05, min_block_s=0.0,
                           warmup_s=0.0, min_warmup_calls=1),
     "default": TimingConfig(min_rounds=5, max_rounds=25, max_time_s=0.6, min_block_s=0.01,
-                            warmup_s=0.02),
+                            warmup_s=0.02, min_warmup_calls=1),
     "full": TimingConfig(min_rounds=10, max_rounds=50, max_time_s=3.0, min_block_s=0.002,
                          warmup_s=0.1),
 }
