@@ -141,7 +141,7 @@ def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.d
 
 
 def _bench(parser, args) -> int:
-    from fastres.bench import report
+    from fastres.bench import report, runner
 
     device = _device(parser, args.device)
     if args.threads:
