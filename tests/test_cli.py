@@ -111,7 +111,7 @@ def test_bench_json_schema_is_stable(quick_op_run):
     assert doc["schema_version"] == 1
     assert doc["command"].startswith("fastres bench --quick --only op")
     assert doc["settings"] == {"size": "quick", "device": "cpu", "dtypes": ["float32"],
-                               "only": ["op"], "compile_mode": None, "compile_models": False}
+                               "only": ["op"], "compile_mode": None, "model_compile_mode": None}
     assert ENVIRONMENT_KEYS <= set(doc["environment"])
     assert doc["environment"]["torch"] == torch.__version__
     assert doc["environment"]["fastres"] == fastres.__version__

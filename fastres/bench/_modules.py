@@ -35,12 +35,12 @@ def modules_unavailable() -> Optional[str]:
 
 
 def impls_for(settings: Settings) -> List[str]:
-    compile_models = settings.compile_mode and settings.compile_models
+    compiled = settings.model_compile_mode is not None
     impls = ["plain"]
-    if compile_models:
+    if compiled:
         impls.append("compiled")
     impls.append("fastres")
-    if compile_models and settings.size == "full":
+    if compiled and settings.size == "full":
         impls.append("fastres+compiled")
     return impls
 
@@ -74,7 +74,8 @@ def make_call(build: Callable[[], nn.Module], impl: str, mode: str, shape, targe
     fused = build().to(device=device, dtype=dtype)
     model = fused if impl.startswith("fastres") else fastres.unfuse(copy.deepcopy(fused))
     model.train(mode == "train")
-    forward = compile_fn(model, settings) if impl.endswith("compiled") else model
+    forward = compile_fn(model, settings.model_compile_mode) if impl.endswith("compiled") \
+        else model
     inputs = _inputs(shape, target_shape, classes, dtype, device)
     if mode == "infer":
         def infer():
@@ -116,7 +117,7 @@ def model_tasks(suite: str, specs, settings: Settings) -> List[Task]:
 
 
 def summarize(rows, settings: Settings):
-    return {"compiled": bool(settings.compile_mode and settings.compile_models)}
+    return {"compiled": settings.model_compile_mode is not None}
 
 
 def summary_lines(summary) -> List[str]:

@@ -39,9 +39,9 @@ _BASIC = {
 
 
 def _key(settings: Settings):
-    key = (settings.size, settings.device.type)
-    return key if key in _TEMPORAL else ("full", "cuda") if settings.size == "full" \
-        else ("default", settings.device.type)
+    device = "cuda" if settings.device.type == "cuda" else "cpu"
+    key = (settings.size, device)
+    return key if key in _TEMPORAL else ("default", device)
 
 
 def unavailable_reason(settings: Settings) -> Optional[str]:

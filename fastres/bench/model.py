@@ -33,9 +33,10 @@ def unavailable_reason(settings: Settings) -> Optional[str]:
 
 
 def tasks(settings: Settings) -> List[Task]:
-    key = (settings.size, settings.device.type)
+    device = "cuda" if settings.device.type == "cuda" else "cpu"
+    key = (settings.size, device)
     if key not in _SIZES:
-        key = ("full", "cuda") if settings.size == "full" else ("default", settings.device.type)
+        key = ("default", device)
     tcn, resnet = _SIZES[key]
     specs = []
     inputs, channels, k, (batch, length) = tcn

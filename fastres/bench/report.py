@@ -201,7 +201,8 @@ def markdown_report(results: Dict[str, object]) -> str:
     out = [f"# fastres bench: {env['device_name']}", ""]
     out.append(f"- created: {results['created_utc']}, wall time {results['wall_time_s']:.1f} s")
     out.append(f"- size: {settings['size']}, dtypes: {', '.join(settings['dtypes'])}, "
-               f"torch.compile mode: {settings['compile_mode'] or 'not run'}")
+               f"torch.compile mode: op {settings['compile_mode'] or 'not run'}, blocks/models "
+               f"{settings['model_compile_mode'] or 'not run'}")
     out.append(f"- torch {env['torch']}, triton {env['triton']}, fastres {env['fastres']}, "
                f"commit {env['git_commit']}, python {env['python']}")
     out.append(f"- backends available: {', '.join(env['backends_available'])}; default: "

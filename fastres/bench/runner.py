@@ -48,15 +48,15 @@ class Settings:
     device: torch.device
     dtypes: List[torch.dtype]
     only: List[str]                     # suite names, in SUITES order
-    compile_mode: Optional[str]         # torch.compile mode ("default", "max-autotune"), or
-                                        # None to leave the compiled candidates out
-    compile_models: bool = True         # also compile whole blocks / models (slow on CPU)
+    compile_mode: Optional[str]         # torch.compile mode of the op suite's compiled stage
+                                        # ("default", "max-autotune"); None: left out
+    model_compile_mode: Optional[str] = None   # the same for whole blocks / models
 
     def to_json(self) -> Dict[str, object]:
         return {"size": self.size, "device": str(self.device),
                 "dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
                 "only": list(self.only), "compile_mode": self.compile_mode,
-                "compile_models": self.compile_models}
+                "model_compile_mode": self.model_compile_mode}
 
 
 @dataclasses.dataclass
@@ -83,10 +83,9 @@ def load_suite(name: str):
     return importlib.import_module(SUITES[name])
 
 
-def compile_fn(fn: Callable, settings: Settings) -> Callable:
-    """torch.compile as the benchmarks use it: whole graph, the size's mode."""
-    mode = None if settings.compile_mode in (None, "default") else settings.compile_mode
-    return torch.compile(fn, fullgraph=True, mode=mode)
+def compile_fn(fn: Callable, mode: Optional[str]) -> Callable:
+    """torch.compile as the benchmarks use it: the whole graph, in `mode`."""
+    return torch.compile(fn, fullgraph=True, mode=None if mode in (None, "default") else mode)
 
 
 def _empty_row(task: Task, impl: str) -> Dict[str, object]:
@@ -196,4 +195,5 @@ def run(settings: Settings, progress: Optional[bool] = None) -> Dict[str, object
         "environment": environment,
         "suites": suites,
         "wall_time_s": time.perf_counter() - started,
+        "command": None,   # the CLI fills in the command line
     }
