@@ -76,6 +76,24 @@ def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
     return F.conv1d(F.pad(x, [left, right]), weight, bias, [stride], [0], [dilation])
 
 
+class RecordsConvGeometry:
+    """Mixin for the plain twins: copies their convs' (stride, dilation) onto the module as
+    `geometry`, because TorchScript cannot read a submodule's constants from forward.
+
+    Called on construction and by fastres.unfuse after it swaps a fused module's class.
+    """
+
+    geometry_convs = ("conv1", "conv2")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record_geometry()
+
+    def record_geometry(self) -> None:
+        self.geometry = tuple((getattr(self, name).stride[0], getattr(self, name).dilation[0])
+                              for name in self.geometry_convs)
+
+
 def retyped(module: nn.Module, cls: type) -> nn.Module:
     """A shallow copy of `module` as class `cls`, sharing its submodules and tensors.
 

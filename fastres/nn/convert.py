@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._stage import retyped
+from ._stage import RecordsConvGeometry, retyped
 from .resnet import BasicBlock, PlainBasicBlock, PlainResNet1d, ResNet1d
 from .sequential import ConvBNReLUSequential
 from .temporal import PlainTemporalBlock, PlainWeightNormTemporalBlock, TemporalBlock
@@ -192,7 +192,7 @@ def _residual_branch(module: nn.Module):
     return None, None
 
 
-def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable]], str]:
+def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]], str]:
     """Fused candidates for a conv1/bn1/conv2/bn2 block, or ([], why not)."""
     conv1, conv2 = m.conv1, m.conv2
     if not (_plain_conv(conv1) and _plain_conv(conv2)):
@@ -261,7 +261,7 @@ def _candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]], str]:
     if type(m) in _PLAIN_TO_FUSED:
         return [(_PLAIN_TO_FUSED[type(m)].__name__,
                  lambda: retyped(m, _PLAIN_TO_FUSED[type(m)]), "")], ""
-    if isinstance(m, (*_FUSED_BLOCKS, ResNet1d, ConvBNReLUSequential)):
+    if isinstance(m, (ResNet1d, ConvBNReLUSequential)):
         return [], ""
     if not (isinstance(getattr(m, "conv1", None), nn.Module)
             and isinstance(getattr(m, "conv2", None), nn.Module)):
@@ -359,7 +359,25 @@ def _try_sequential(seq: nn.Sequential, name: str, report: ConversionReport):
 # --------------------------------------------------------------------------- public API
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also for models with old torch.nn.utils.weight_norm convs.
+
+    Old weight_norm keeps the computed weight as a plain non-leaf attribute, which
+    deepcopy refuses; that attribute is recomputed before every forward, so a detached
+    copy of it is as good.
+    """
+    memo = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+
 def _convert(m: nn.Module, name: str, report: ConversionReport) -> nn.Module:
+    if isinstance(m, _FUSED_BLOCKS):
+        return m  # already fused; its children are its own convs and norms
     fused = _try_block(m, name, report)
     if fused is not None:
         if isinstance(fused, _FUSED_BLOCKS):
@@ -390,7 +408,7 @@ def convert(model: nn.Module, inplace: bool = False, *, return_report: bool = Fa
         each recognised block left untouched with the reason.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     report = ConversionReport()
     model = _convert(model, "", report)
     logger.info(report.summary())
@@ -407,7 +425,7 @@ def _plain(m: nn.Module) -> nn.Module:
         plain_cls = PlainResNet1d
     if plain_cls is not None:
         plain = retyped(m, plain_cls)
-        if hasattr(plain, "record_geometry"):
+        if isinstance(plain, RecordsConvGeometry):
             plain.record_geometry()
         return plain
     if isinstance(m, ConvBNReLUSequential):
@@ -425,7 +443,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     (weight-normed blocks: torch.jit.trace, as parametrizations do not script), ONNX.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     model = _plain(model)
     for child_name, child in list(model.named_children()):
         new = unfuse(child, inplace=True)

@@ -14,13 +14,14 @@ PlainBasicBlock / PlainResNet1d are the plain-PyTorch twins fastres.unfuse swaps
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._stage import check_block_args, conv_bn_relu_stage, padded_conv1d
+from ._stage import (RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
+                     padded_conv1d)
 
 __all__ = ["BasicBlock", "ResNet1d", "PlainBasicBlock", "PlainResNet1d"]
 
@@ -92,17 +93,8 @@ class BasicBlock(_BasicBlockLayout):
         return conv_bn_relu_stage(h, self.conv2, self.bn2, padding, residual=identity)
 
 
-class PlainBasicBlock(_BasicBlockLayout):
+class PlainBasicBlock(RecordsConvGeometry, _BasicBlockLayout):
     """BasicBlock in plain PyTorch (what fastres.unfuse returns); scriptable."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_geometry()
-
-    def record_geometry(self) -> None:
-        """Copy the convs' (stride, dilation) onto the block: TorchScript cannot read a
-        submodule's constants, so the scripted forward reads these."""
-        self.geometry = tuple((c.stride[0], c.dilation[0]) for c in (self.conv1, self.conv2))
 
     def forward(self, x: Tensor) -> Tensor:
         (s1, d1), (s2, d2) = self.geometry
@@ -171,6 +163,10 @@ class ResNet1d(_ResNet1dLayout):
     Stem conv (stem_kernel_size, stride stem_stride) -> BN -> ReLU (fused) -> max pool ->
     stages of fused BasicBlocks with widths 64/128/256/512 (stride 2 from the second
     stage on) -> global average pooling -> fc. Input (B, in_channels, L) -> (B, num_classes).
+    Same attribute names and state_dict keys as torchvision's resnet18, in 1D.
+
+    causal=True pads every conv causally (the max pool stays torchvision's centered one;
+    pass maxpool=False for a network whose features never look ahead).
     """
 
     _block_cls = BasicBlock
@@ -180,21 +176,14 @@ class ResNet1d(_ResNet1dLayout):
         return self._body(x)
 
 
-class PlainResNet1d(_ResNet1dLayout):
-    """ResNet1d in plain PyTorch (what fastres.unfuse returns)."""
+class PlainResNet1d(RecordsConvGeometry, _ResNet1dLayout):
+    """ResNet1d in plain PyTorch (what fastres.unfuse returns); scriptable."""
 
     _block_cls = PlainBasicBlock
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_geometry()
-
-    def record_geometry(self) -> None:
-        """The stem conv's (stride, dilation), for the scripted forward (see PlainBasicBlock)."""
-        self.geometry = (self.conv1.stride[0], self.conv1.dilation[0])
+    geometry_convs = ("conv1",)  # the stem; the blocks record their own
 
     def forward(self, x: Tensor) -> Tensor:
-        stride, dilation = self.geometry
+        (stride, dilation), = self.geometry
         x = F.relu(self.bn1(padded_conv1d(x, self.conv1.weight, self.conv1.bias, stride,
                                           dilation, self.causal)))
         return self._body(x)

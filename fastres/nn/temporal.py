@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from ._stage import check_block_args, conv_bn_relu_stage, padded_conv1d
+from ._stage import (RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
+                     padded_conv1d)
 
 __all__ = ["TemporalBlock", "TemporalConvNet", "PlainTemporalBlock",
            "PlainWeightNormTemporalBlock", "Chomp1d", "receptive_field"]
@@ -156,17 +157,8 @@ class TemporalBlock(_TemporalBlockLayout):
                                   relu_before_add=True)
 
 
-class PlainTemporalBlock(_TemporalBlockLayout):
+class PlainTemporalBlock(RecordsConvGeometry, _TemporalBlockLayout):
     """TemporalBlock(norm="batch") in plain PyTorch (what fastres.unfuse returns)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_geometry()
-
-    def record_geometry(self) -> None:
-        """Copy the convs' (stride, dilation) onto the block: TorchScript cannot read a
-        submodule's constants, so the scripted forward reads these."""
-        self.geometry = tuple((c.stride[0], c.dilation[0]) for c in (self.conv1, self.conv2))
 
     def forward(self, x: Tensor) -> Tensor:
         (s1, d1), (s2, d2) = self.geometry

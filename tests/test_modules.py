@@ -1,0 +1,586 @@
+"""The drop-in modules against plain-PyTorch blocks written here, independently of fastres.
+
+Each fused module loads the plain block's state_dict strictly, then both run the same
+inputs: train mode for several steps (outputs, every parameter gradient, the input
+gradient, running statistics and num_batches_tracked) and eval mode. Errors are measured
+as tests/parity.py does (rel_err, fp32 bound 1e-5).
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastres
+from fastres import backends
+from conftest import requires_cuda
+from parity import rel_err
+from test_parity import cpu_backends
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these shapes are tiny, and on a shared 2-core machine two
+    spinning threads per process made the training run 15x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- plain blocks
+
+
+class Chomp(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return x[:, :, :x.shape[-1] - self.size]
+
+
+class SeedTemporalBlock(nn.Module):
+    """The BatchNorm TCN block: padded conv + chomp, BN, ReLU, dropout, ..., relu(out + res)."""
+
+    def __init__(self, n_in, n_out, kernel_size, dilation=1, dropout=0.0):
+        super().__init__()
+        pad = (kernel_size - 1) * dilation
+        self.conv1 = nn.Conv1d(n_in, n_out, kernel_size, padding=pad, dilation=dilation)
+        self.chomp = Chomp(pad)
+        self.bn1 = nn.BatchNorm1d(n_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv1d(n_out, n_out, kernel_size, padding=pad, dilation=dilation)
+        self.bn2 = nn.BatchNorm1d(n_out)
+        self.downsample = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
+
+    def forward(self, x):
+        h = self.dropout(torch.relu(self.bn1(self.chomp(self.conv1(x)))))
+        out = self.bn2(self.chomp(self.conv2(h)))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class LocuslabTemporalBlock(nn.Module):
+    """locuslab/TCN's block (layout, forward and init as in its tcn.py)."""
+
+    def __init__(self, n_in, n_out, kernel_size, stride, dilation, padding, dropout=0.2,
+                 old_weight_norm=False):
+        super().__init__()
+        if old_weight_norm:
+            wn = torch.nn.utils.weight_norm
+        else:
+            wn = torch.nn.utils.parametrizations.weight_norm
+        with warnings_ignored():
+            self.conv1 = wn(nn.Conv1d(n_in, n_out, kernel_size, stride=stride, padding=padding,
+                                      dilation=dilation))
+            self.chomp1 = Chomp(padding)
+            self.relu1 = nn.ReLU()
+            self.dropout1 = nn.Dropout(dropout)
+            self.conv2 = wn(nn.Conv1d(n_out, n_out, kernel_size, stride=stride, padding=padding,
+                                      dilation=dilation))
+        self.chomp2 = Chomp(padding)
+        self.relu2 = nn.ReLU()
+        self.dropout2 = nn.Dropout(dropout)
+        self.net = nn.Sequential(self.conv1, self.chomp1, self.relu1, self.dropout1,
+                                 self.conv2, self.chomp2, self.relu2, self.dropout2)
+        self.downsample = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
+        self.relu = nn.ReLU()
+        self.conv1.weight.data.normal_(0, 0.01)
+        self.conv2.weight.data.normal_(0, 0.01)
+        if self.downsample is not None:
+            self.downsample.weight.data.normal_(0, 0.01)
+
+    def forward(self, x):
+        out = self.net(x)
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class LocuslabTCN(nn.Module):
+    def __init__(self, num_inputs, num_channels, kernel_size=2, dropout=0.2, block=None):
+        super().__init__()
+        block = block or LocuslabTemporalBlock
+        layers = []
+        for i, c in enumerate(num_channels):
+            d = 2 ** i
+            layers.append(block(num_inputs if i == 0 else num_channels[i - 1], c, kernel_size,
+                                stride=1, dilation=d, padding=(kernel_size - 1) * d,
+                                dropout=dropout))
+        self.network = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.network(x)
+
+
+class SeedTCN(nn.Module):
+    def __init__(self, num_inputs, num_channels, kernel_size=2, dropout=0.0):
+        super().__init__()
+        self.network = nn.Sequential(*[
+            SeedTemporalBlock(num_inputs if i == 0 else num_channels[i - 1], c, kernel_size,
+                              2 ** i, dropout) for i, c in enumerate(num_channels)])
+
+    def forward(self, x):
+        return self.network(x)
+
+
+class TorchvisionBasicBlock1d(nn.Module):
+    """torchvision's BasicBlock with Conv1d / BatchNorm1d (optionally causally padded)."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, kernel_size=3, dilation=1,
+                 causal=False):
+        super().__init__()
+        self.pad = ((kernel_size - 1) * dilation, 0) if causal else None
+        pad = 0 if causal else (kernel_size - 1) * dilation // 2
+        self.conv1 = nn.Conv1d(inplanes, planes, kernel_size, stride, pad, dilation, bias=False)
+        self.bn1 = nn.BatchNorm1d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv1d(planes, planes, kernel_size, 1, pad, dilation, bias=False)
+        self.bn2 = nn.BatchNorm1d(planes)
+        self.downsample = downsample
+
+    def _pad(self, x):
+        return x if self.pad is None else F.pad(x, self.pad)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(self._pad(x))))
+        out = self.bn2(self.conv2(self._pad(out)))
+        return self.relu(out + identity)
+
+
+def projection(cin, cout, stride):
+    return nn.Sequential(nn.Conv1d(cin, cout, 1, stride, bias=False), nn.BatchNorm1d(cout))
+
+
+class TorchvisionResNet1d(nn.Module):
+    """torchvision's resnet18 layout in 1D."""
+
+    def __init__(self, in_channels, num_classes, widths=(64, 128, 256, 512)):
+        super().__init__()
+        self.conv1 = nn.Conv1d(in_channels, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm1d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool1d(3, 2, 1)
+        c = widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = projection(c, w, stride) if (stride != 1 or c != w) else None
+            setattr(self, f"layer{i + 1}", nn.Sequential(
+                TorchvisionBasicBlock1d(c, w, stride, down), TorchvisionBasicBlock1d(w, w)))
+            c = w
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@contextlib.contextmanager
+def warnings_ignored():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def skip_slow_triton(backend):
+    if backend == "triton":
+        pytest.skip("the Triton interpreter takes ~20 s for this model on CPU; the block "
+                    "tests run Triton on tiny shapes (and test_modules_on_cuda on a GPU)")
+
+
+def randomize_bn(model, seed=1):
+    """Non-trivial BN affine parameters and running statistics (fresh ones are 1/0)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            with torch.no_grad():
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                if m.track_running_stats:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def grad_scale(name, plain_grads):
+    """Scale a gradient's error is judged against (tests/parity.py's rule): a conv bias
+    followed by training-mode BN has zero gradient in exact arithmetic, so it is judged
+    against its conv weight's gradient instead of its own norm."""
+    weight = name[:-len("bias")] + "weight"
+    if name.endswith("bias") and weight in plain_grads and plain_grads[name].norm() < \
+            1e-3 * plain_grads[weight].norm():
+        return plain_grads[weight].norm().item()
+    return None
+
+
+def _check(what, fused, plain, reference, scale=None):
+    """The fused value against the float64 plain model, as tests/parity.py judges a backend.
+
+    Deep models (ResNet1d) compound rounding until plain float32 PyTorch itself misses 1e-5
+    against float64; there the bound is twice plain float32's own error.
+    """
+    err = rel_err(fused, reference, scale)
+    bound = max(TOL, 2 * rel_err(plain, reference, scale))
+    assert err < bound, f"{what}: {err:.2e} (bound {bound:.2e})"
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off (CUDA): the float32 bound of SPEC.md is for strict float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed=0,
+                                device="cpu"):
+    """Train `steps` steps of forward + backward, then eval, on the fused model, the plain
+    float32 model and the plain model in float64; every number of the fused model must
+    match float64 (outputs, input and parameter gradients, buffers).
+
+    All models are reseeded before each forward so that dropout draws the same masks.
+    """
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    reference = copy.deepcopy(plain).double()
+    models = (fused, plain, reference)
+    g = torch.Generator().manual_seed(seed)
+    ctx = fastres.use_backend(backend) if backend else contextlib.nullcontext()
+    for m in models:
+        m.train().to(device)
+    with ctx, strict_fp32():
+        for step in range(steps):
+            x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
+            grad = None
+            results = []
+            for m in models:
+                dtype = torch.float64 if m is reference else torch.float32
+                xm = x.to(dtype).requires_grad_()
+                torch.manual_seed(100 + step)
+                out = m(xm)
+                if grad is None:
+                    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device)
+                params = dict(m.named_parameters())
+                names = list(params)
+                grads = torch.autograd.grad(out, [xm] + list(params.values()), grad.to(dtype))
+                results.append((out, grads[0], dict(zip(names, grads[1:]))))
+            (out_f, gx_f, gp_f), (out_p, gx_p, gp_p), (out_r, gx_r, gp_r) = results
+            assert out_f.shape == out_r.shape
+            _check(f"step {step} output", out_f, out_p, out_r)
+            _check(f"step {step} input gradient", gx_f, gx_p, gx_r)
+            assert gp_f.keys() == gp_r.keys()
+            for name in gp_r:
+                _check(f"step {step} gradient of {name}", gp_f[name], gp_p[name], gp_r[name],
+                       grad_scale(name, gp_r))
+        buffers = [dict(m.named_buffers()) for m in models]
+        assert buffers[0].keys() == buffers[2].keys()
+        for name, buf in buffers[0].items():
+            if name.endswith("num_batches_tracked"):
+                assert buf.item() == buffers[2][name].item() == steps, name
+            else:
+                _check(f"buffer {name}", buf, buffers[1][name], buffers[2][name])
+        for m in models:
+            m.eval()
+        x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
+        with torch.no_grad():
+            _check("eval output", fused(x.float()), plain(x.float()), reference(x))
+
+
+# --------------------------------------------------------------------------- TemporalBlock
+
+
+@pytest.mark.parametrize("n_in, n_out, k, d, dropout, momentum", [
+    (4, 6, 3, 2, 0.0, 0.1),      # 1x1 downsample
+    (6, 6, 2, 1, 0.3, 0.1),      # identity residual, dropout between the stages
+    (3, 5, 3, 4, 0.0, None),     # receptive field longer than L; cumulative-average BN
+])
+@pytest.mark.parametrize("backend", backends.names())
+def test_temporal_block_matches_seed_block(backend, n_in, n_out, k, d, dropout, momentum):
+    if backend not in cpu_backends():
+        pytest.skip(f"backend {backend} does not run on CPU here")
+    torch.manual_seed(0)
+    plain = randomize_bn(SeedTemporalBlock(n_in, n_out, k, d, dropout))
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.momentum = momentum
+    fused = fastres.TemporalBlock(n_in, n_out, kernel_size=k, dilation=d, dropout=dropout)
+    for m in fused.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.momentum = momentum
+    assert_train_and_eval_match(fused, plain, (2, n_in, 12), backend)
+
+
+@pytest.mark.parametrize("old_weight_norm", [False, True], ids=["parametrize", "weight_g_v"])
+@pytest.mark.parametrize("backend", backends.names())
+def test_weight_norm_block_matches_locuslab(backend, old_weight_norm):
+    if backend not in cpu_backends():
+        pytest.skip(f"backend {backend} does not run on CPU here")
+    k, d = 3, 2
+    torch.manual_seed(3)
+    plain = LocuslabTemporalBlock(4, 6, k, 1, d, (k - 1) * d, dropout=0.25,
+                                  old_weight_norm=old_weight_norm)
+    torch.manual_seed(3)
+    fused = fastres.TemporalBlock(4, 6, k, stride=1, dilation=d, padding=(k - 1) * d,
+                                  dropout=0.25, norm="weight")
+    # Same constructor call order and init: the same seed gives the same parameters.
+    fresh = fused.state_dict()
+    for name, value in plain.state_dict().items():
+        key = name.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1")
+        assert torch.equal(fresh[key], value), name
+    if old_weight_norm:
+        # Old checkpoints load (weight_g / weight_v keys); parameter names differ, so compare
+        # through a parametrized plain copy holding the same values.
+        new_plain = LocuslabTemporalBlock(4, 6, k, 1, d, (k - 1) * d, dropout=0.25)
+        new_plain.load_state_dict(plain.state_dict(), strict=True)
+        fused.load_state_dict(plain.state_dict(), strict=True)
+        plain = new_plain
+    assert_train_and_eval_match(fused, plain, (3, 4, 16), backend)
+
+
+def test_weight_norm_block_is_initialised_as_locuslab():
+    # locuslab's normal_(0, 0.01) reaches only the downsample (the weight-normed convs
+    # recompute their weight from g and v); the convs keep nn.Conv1d's default init.
+    torch.manual_seed(0)
+    block = fastres.TemporalBlock(8, 16, 3, dilation=1, norm="weight")
+    assert abs(block.downsample.weight.std().item() - 0.01) < 0.003
+    assert block.conv1.weight.std().item() > 0.05
+
+
+@pytest.mark.parametrize("backend", backends.names())
+def test_temporal_conv_net_matches_plain_tcns(backend):
+    if backend not in cpu_backends():
+        pytest.skip(f"backend {backend} does not run on CPU here")
+    torch.manual_seed(0)
+    plain = randomize_bn(SeedTCN(3, [6, 6, 8], kernel_size=3))
+    fused = fastres.TemporalConvNet(3, [6, 6, 8], kernel_size=3, dropout=0.0)
+    assert fused.receptive_field == 1 + 2 * 2 * (1 + 2 + 4)
+    assert_train_and_eval_match(fused, plain, (2, 3, 20), backend)
+
+    torch.manual_seed(1)
+    plain = LocuslabTCN(3, [5, 5], kernel_size=2, dropout=0.2)
+    torch.manual_seed(1)
+    fused = fastres.TemporalConvNet(3, [5, 5], kernel_size=2, dropout=0.2, norm="weight")
+    assert_train_and_eval_match(fused, plain, (2, 3, 20), backend)
+
+
+def test_state_dict_keys_match_the_plain_blocks():
+    assert fastres.TemporalBlock(4, 6, 3, 2).state_dict().keys() == \
+        SeedTemporalBlock(4, 6, 3, 2).state_dict().keys()
+    assert fastres.TemporalConvNet(4, [6, 6], norm="weight").state_dict().keys() == \
+        LocuslabTCN(4, [6, 6]).state_dict().keys()
+    assert fastres.BasicBlock(4, 8, 2, "auto").state_dict().keys() == \
+        TorchvisionBasicBlock1d(4, 8, 2, projection(4, 8, 2)).state_dict().keys()
+    assert fastres.ResNet1d(in_channels=2, num_classes=5).state_dict().keys() == \
+        TorchvisionResNet1d(2, 5).state_dict().keys()
+
+
+# --------------------------------------------------------------------------- ResNet
+
+
+@pytest.mark.parametrize("cin, cout, stride, k, d, causal", [
+    (4, 4, 1, 3, 1, False),       # identity
+    (4, 8, 2, 3, 1, False),       # projection with stride
+    (6, 6, 1, 5, 2, False),       # dilated
+    (4, 8, 2, 3, 2, True),        # causal, strided
+])
+@pytest.mark.parametrize("backend", backends.names())
+def test_basic_block_matches_torchvision_layout(backend, cin, cout, stride, k, d, causal):
+    if backend not in cpu_backends():
+        pytest.skip(f"backend {backend} does not run on CPU here")
+    torch.manual_seed(0)
+    shape_changes = stride != 1 or cin != cout
+    plain = randomize_bn(TorchvisionBasicBlock1d(
+        cin, cout, stride, projection(cin, cout, stride) if shape_changes else None, k, d, causal))
+    fused = fastres.BasicBlock(cin, cout, stride, "auto", kernel_size=k, dilation=d,
+                               causal=causal)
+    assert (fused.downsample is None) == (not shape_changes)
+    assert_train_and_eval_match(fused, plain, (2, cin, 17), backend)
+
+
+@pytest.mark.parametrize("backend", backends.names())
+def test_resnet1d_matches_torchvision_layout(backend):
+    if backend not in cpu_backends():
+        pytest.skip(f"backend {backend} does not run on CPU here")
+    skip_slow_triton(backend)
+    torch.manual_seed(0)
+    widths = (8, 8, 16, 16)
+    plain = randomize_bn(TorchvisionResNet1d(2, 5, widths))
+    fused = fastres.ResNet1d([2, 2, 2, 2], in_channels=2, num_classes=5, widths=widths)
+    assert_train_and_eval_match(fused, plain, (4, 2, 64), backend, steps=2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", backends.names())
+def test_modules_on_cuda(backend):
+    """The CPU tests above, on a GPU (their CPU twins run everywhere)."""
+    if backends.unavailable_reason(backend) is not None \
+            or "cuda" not in backends._load(backend).DEVICES:
+        pytest.skip(f"backend {backend} does not run on CUDA here")
+    torch.manual_seed(0)
+    plain = randomize_bn(SeedTCN(3, [16, 16, 32], kernel_size=3))
+    fused = fastres.TemporalConvNet(3, [16, 16, 32], kernel_size=3, dropout=0.0)
+    assert_train_and_eval_match(fused, plain, (4, 3, 100), backend, device="cuda")
+    torch.manual_seed(1)
+    plain = LocuslabTCN(3, [16, 16], kernel_size=3, dropout=0.0)
+    torch.manual_seed(1)
+    fused = fastres.TemporalConvNet(3, [16, 16], kernel_size=3, dropout=0.0, norm="weight")
+    assert_train_and_eval_match(fused, plain, (4, 3, 100), backend, device="cuda")
+    widths = (16, 16, 32, 32)
+    plain = randomize_bn(TorchvisionResNet1d(2, 5, widths))
+    fused = fastres.ResNet1d([2, 2, 2, 2], in_channels=2, num_classes=5, widths=widths)
+    assert_train_and_eval_match(fused, plain, (4, 2, 128), backend, steps=2, device="cuda")
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_receptive_field_helper_and_property_match_the_gradient_support():
+    assert fastres.receptive_field(3, [1, 2, 4]) == 1 + 2 * 2 * 7
+    assert fastres.receptive_field(2, [1, 2, 4, 8], convs_per_block=1) == 16
+    for norm in ("batch", "weight"):
+        net = fastres.TemporalConvNet(2, [4, 4, 4], kernel_size=3, dropout=0.0, norm=norm).eval()
+        x = torch.randn(16, 2, 64, requires_grad=True)
+        net(x)[:, :, -1].sum().backward()
+        # Union over a batch: a ReLU may cut one sample's path, not all sixteen's.
+        support = (x.grad.abs().sum((0, 1)) > 0).nonzero().flatten()
+        # The last output sees exactly the receptive_field last inputs.
+        assert 64 - support.min().item() == net.receptive_field == \
+            fastres.receptive_field(3, [1, 2, 4])
+        assert support.max().item() == 63  # and nothing after itself (causal)
+
+
+def test_dropout_between_stages_is_inverted_dropout_and_off_in_eval():
+    torch.manual_seed(0)
+    block = fastres.TemporalBlock(8, 8, 3, dropout=0.4)
+    seen = {}
+    block.dropout.register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
+    x = torch.randn(16, 8, 64)
+    block(x)
+    kept = seen["out"] != 0
+    active = seen["inp"] != 0
+    dropped = (active & ~kept).sum().item() / active.sum().item()
+    assert abs(dropped - 0.4) < 0.03
+    assert torch.allclose(seen["out"][kept], seen["inp"][kept] / 0.6)
+    block.eval()
+    no_dropout = fastres.TemporalBlock(8, 8, 3, dropout=0.0).eval()
+    no_dropout.load_state_dict(block.state_dict())
+    assert torch.equal(block(x), no_dropout(x))
+
+
+def test_training_run_follows_the_plain_loss_curve():
+    """200 Adam steps on a tiny causal task: fused and plain models trace the same curve."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(SeedTCN(1, [8, 8], kernel_size=3), nn.Conv1d(8, 1, 1))
+    fused = nn.Sequential(fastres.TemporalConvNet(1, [8, 8], kernel_size=3, dropout=0.0),
+                          nn.Conv1d(8, 1, 1))
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    curves = []
+    for model in (fused, plain):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(200):
+            x = torch.randn(16, 1, 32, generator=gen)
+            # target: moving sum of the last 4 inputs (causal, inside the receptive field)
+            target = F.conv1d(F.pad(x, (3, 0)), torch.ones(1, 1, 4))
+            loss = F.mse_loss(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    fused_curve, plain_curve = curves
+    assert fused_curve[-20:].mean() < 0.1 * fused_curve[:5].mean()  # it learns
+    # Float rounding differences compound over 200 steps; the curves stay together.
+    assert ((fused_curve - plain_curve).abs() / plain_curve).max() < 1e-3
+
+
+def test_torch_compile_temporal_conv_net():
+    torch.manual_seed(0)
+    net = fastres.TemporalConvNet(3, [6, 6], kernel_size=3, dropout=0.0)
+    eager = fastres.TemporalConvNet(3, [6, 6], kernel_size=3, dropout=0.0)
+    eager.load_state_dict(net.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 24)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_c, out_e = compiled(xc), eager(xe)
+    assert rel_err(out_c, out_e) < TOL
+    out_c.square().sum().backward()
+    out_e.square().sum().backward()
+    assert rel_err(xc.grad, xe.grad) < TOL
+    for (name, pc), pe in zip(net.named_parameters(), eager.parameters()):
+        assert rel_err(pc.grad, pe.grad, grad_scale(name, {name: pe.grad})) < TOL, name
+    for bc, be in zip(net.buffers(), eager.buffers()):
+        assert rel_err(bc.float(), be.float()) < TOL
+    net.eval()
+    eager.eval()
+    torch._dynamo.reset()
+    inductor = torch.compile(net, fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(inductor(x), eager(x)) < TOL
+
+
+def test_autocast_bf16_cpu():
+    torch.manual_seed(0)
+    plain = randomize_bn(SeedTCN(3, [8, 8], kernel_size=3))
+    fused = fastres.TemporalConvNet(3, [8, 8], kernel_size=3, dropout=0.0)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+    assert out.dtype == torch.bfloat16
+    for name, buf in fused.named_buffers():
+        if "running" in name:
+            assert buf.dtype == torch.float32, name
+    # Judged against the fp64 plain model (on the same starting state) by the bf16 bound.
+    reference = randomize_bn(SeedTCN(3, [8, 8], kernel_size=3)).double()
+    reference.load_state_dict(plain.state_dict())
+    assert rel_err(out, reference(x.double())) < 1e-2
+    assert rel_err(fused.network[1].bn2.running_mean,
+                   reference.network[1].bn2.running_mean) < 1e-2
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: fastres.TemporalBlock(4, 4, 0), "kernel_size must be an int >= 1"),
+    (lambda: fastres.TemporalBlock(4, 4, 3, 0), "dilation must be an int >= 1"),
+    (lambda: fastres.TemporalBlock(4, 4, 3, dropout=1.0), r"dropout must be a probability"),
+    (lambda: fastres.TemporalBlock(4, 4, 3, dropout=-0.1), r"dropout must be a probability"),
+    (lambda: fastres.TemporalBlock(4, 4, 3, norm="layer"), "norm must be one of"),
+    (lambda: fastres.TemporalBlock(4, 4, 3, 2, padding=2), "always causal"),
+    (lambda: fastres.TemporalBlock(4, 4, 3, stride=2), "stride=1"),
+    (lambda: fastres.TemporalConvNet(4, [4, 4], kernel_size=0), "kernel_size"),
+    (lambda: fastres.TemporalConvNet(4, [4], dropout=1.5), "dropout"),
+    (lambda: fastres.TemporalConvNet(4, [4], norm=None), "norm must be one of"),
+    (lambda: fastres.BasicBlock(4, 8), "downsample='auto'"),
+    (lambda: fastres.BasicBlock(4, 4, 2), "downsample='auto'"),
+    (lambda: fastres.BasicBlock(4, 4, downsample="yes"), "downsample must be"),
+    (lambda: fastres.BasicBlock(4, 4, kernel_size=0), "kernel_size"),
+    (lambda: fastres.BasicBlock(4, 4, dilation=0), "dilation"),
+    (lambda: fastres.ResNet1d([2, 2, 2]), "4 entries"),
+    (lambda: fastres.receptive_field(0, [1, 2]), "kernel_size"),
+    (lambda: fastres.receptive_field(3, [1, 0]), "dilation"),
+])
+def test_bad_arguments_raise(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_locuslab_padding_argument_is_accepted():
+    block = fastres.TemporalBlock(4, 6, 3, stride=1, dilation=4, padding=8, dropout=0.2)
+    assert block(torch.randn(2, 4, 10)).shape == (2, 6, 10)
