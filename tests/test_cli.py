@@ -78,9 +78,10 @@ def test_dtype_aliases():
 # --------------------------------------------------------------------------- bench outputs
 
 ENVIRONMENT_KEYS = {"device", "device_name", "torch", "triton", "fastres", "git_commit", "python",
-                    "platform", "torch_threads", "cuda", "cudnn", "cudnn_allow_tf32",
+                    "platform", "cpu_count", "torch_threads", "cuda", "cudnn", "cudnn_allow_tf32",
                     "matmul_allow_tf32", "backends_available", "backend_unavailable",
-                    "default_backend", "copy_bandwidth_gbs"}
+                    "default_backend", "copy_bandwidth_gbs", "load_average_start",
+                    "load_average_end"}
 
 
 @pytest.fixture(scope="module")

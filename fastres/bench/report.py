@@ -42,6 +42,13 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _load_average() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -86,6 +93,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "git_commit": _git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
@@ -96,6 +104,8 @@ def environment(device: torch.device) -> Dict[str, object]:
                                 for name in backends.names()
                                 if backends.unavailable_reason(name) is not None},
         "default_backend": {},
+        # Other jobs on the machine skew CPU timings: say how busy it was.
+        "load_average_start": _load_average(),
     }
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
@@ -209,6 +219,9 @@ def markdown_report(results: Dict[str, object]) -> str:
                + ", ".join(f"{k} -> {v}" for k, v in env["default_backend"].items()))
     if env.get("copy_bandwidth_gbs"):
         out.append(f"- measured copy bandwidth: {env['copy_bandwidth_gbs']:.1f} GB/s")
+    if env.get("load_average_start") is not None:
+        out.append(f"- load average (1, 5, 15 min) at start {env['load_average_start']}, at end "
+                   f"{env.get('load_average_end')}, on {env.get('cpu_count')} cores")
     out += ["", HOW_TO_READ]
     for name, suite in results["suites"].items():
         out += ["", f"## {name}: {suite['title']}", ""]

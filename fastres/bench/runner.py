@@ -188,6 +188,7 @@ def run(settings: Settings, progress: Optional[bool] = None) -> Dict[str, object
             suites[name]["summary"] = summarize(rows, settings) if summarize else {}
             suites[name]["wall_time_s"] = time.perf_counter() - suite_started
 
+    environment["load_average_end"] = report._load_average()
     return {
         "schema_version": report.SCHEMA_VERSION,
         "created_utc": report.utc_now(),
