@@ -245,3 +245,13 @@ def test_python_dash_m_runs_the_cli():
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--only SUITES" in result.stdout and "--full" in result.stdout
+
+
+def test_busy_machine_warning():
+    from fastres.bench.report import busy_warning
+    env = {"device": "cpu", "cpu_count": 2, "torch_threads": 2,
+           "load_average_start": [0.2, 0.3, 0.3], "load_average_end": [1.9, 1.0, 0.5]}
+    assert busy_warning(env) is None
+    env["load_average_start"] = [3.4, 3.0, 2.0]
+    assert "machine was busy (1-min load average up to 3.4 on 2 cores" in busy_warning(env)
+    assert busy_warning(dict(env, device="cuda")) is None

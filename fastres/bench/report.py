@@ -177,12 +177,31 @@ def _summary_lines(name: str, suite: Dict[str, object]) -> List[str]:
     return describe(suite["summary"]) if describe else []
 
 
+def busy_warning(env: Dict[str, object]) -> Optional[str]:
+    """A warning when other jobs competed for the CPU cores this CPU run used."""
+    if env.get("device") != "cpu" or not env.get("cpu_count"):
+        return None
+    loads = [v[0] for v in (env.get("load_average_start"), env.get("load_average_end")) if v]
+    if not loads:
+        return None
+    # The end reading includes this run's own threads; more runnable work than cores
+    # (plus some slack for short spikes) means someone else was competing.
+    if max(loads) <= env["cpu_count"] + 0.5:
+        return None
+    return (f"warning: the machine was busy (1-min load average up to {max(loads):.1f} on "
+            f"{env['cpu_count']} cores with {env.get('torch_threads')} torch threads): CPU "
+            "timings are unreliable, threads spin-wait for cores other jobs hold. Re-run on a "
+            "quiet machine, or with --threads 1 to stay out of their way.")
+
+
 def console_report(results: Dict[str, object]) -> str:
     env = results["environment"]
     out = [f"fastres bench on {env['device_name']} | torch {env['torch']} | "
            f"triton {env['triton']} | fastres {env['fastres']} ({env['git_commit'] or 'no git'})"]
     if env.get("copy_bandwidth_gbs"):
         out.append(f"measured copy bandwidth: {env['copy_bandwidth_gbs']:.1f} GB/s")
+    if busy_warning(env):
+        out.append(busy_warning(env))
     for name, suite in results["suites"].items():
         out.append("")
         out.append(f"== {name}: {suite['title']}")
@@ -222,6 +241,8 @@ def markdown_report(results: Dict[str, object]) -> str:
     if env.get("load_average_start") is not None:
         out.append(f"- load average (1, 5, 15 min) at start {env['load_average_start']}, at end "
                    f"{env.get('load_average_end')}, on {env.get('cpu_count')} cores")
+    if busy_warning(env):
+        out += ["", "**" + busy_warning(env) + "**"]
     out += ["", HOW_TO_READ]
     for name, suite in results["suites"].items():
         out += ["", f"## {name}: {suite['title']}", ""]
