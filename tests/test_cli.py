@@ -255,3 +255,17 @@ def test_busy_machine_warning():
     env["load_average_start"] = [3.4, 3.0, 2.0]
     assert "machine was busy (1-min load average up to 3.4 on 2 cores" in busy_warning(env)
     assert busy_warning(dict(env, device="cuda")) is None
+
+
+def test_op_work_model():
+    from fastres.bench.op import OpCase
+    eval_case = OpCase(B=1, C=2, L=4, K=3, dilation=1, mode="eval")
+    assert eval_case.flops() == 2 * 1 * 2 * 4 * 2 * 3
+    # x, residual, out (4 bytes x 8 elements each) + weights (12 x 4 bytes).
+    assert eval_case.bytes() == 3 * 32 + 48
+    train = OpCase(B=1, C=2, L=4, K=3, dilation=1, mode="train")
+    assert train.flops() == 3 * eval_case.flops()
+    # forward: x, y, y, res, out; backward: 2 x (grad_out, y, 1-bit mask), x, grad_x,
+    # grad_res, weights + grad_weight; weights in the forward.
+    assert train.bytes() == 5 * 32 + 2 * (32 + 32 + 1) + 3 * 32 + 2 * 48 + 48
+    assert OpCase(B=1, C=2, L=4, K=3, dilation=1, dtype="bfloat16").bytes() < train.bytes()

@@ -6,7 +6,9 @@ Candidates, on identical inputs:
                    conv with (K-1)*d padding, last (K-1)*d outputs dropped)
     compiled       torch.compile(eager, fullgraph=True), mode max-autotune on GPU
     fastres        fastres.conv_bn_relu with the backend fastres picks by default
-    fastres[name]  the same op forced onto every other available backend
+    fastres[name]  the same op forced onto each other available backend of the device
+                   (the reference backend only in the full matrix; Triton never on CPU,
+                   where it would run in its interpreter)
 
 Modes: "eval" = inference forward with running statistics (no autograd);
 "train" = forward with batch statistics (running stats updated) + backward to
@@ -20,7 +22,8 @@ Work per call, for the throughput columns (elements of the activation: n = B*C*L
                   backward: two passes over grad_out, y and the ReLU mask (1 bit/elt) -- one
                   for the BN reductions, one feeding the conv backward -- read x for
                   grad_weight, write grad_x and grad_residual
-           weights are counted once per call.
+           plus the weights: read in the forward; read, and their gradient written, in
+           the backward.
 GB/s = bytes / median time; "copy %" = that against the measured device copy bandwidth.
 """
 from __future__ import annotations
