@@ -90,6 +90,8 @@ def run_bench_case(benchmark, fastres_settings):
         benchmark.group = f"{task.suite}:{task.name}"
         benchmark.extra_info.update(case=task.case, impl=impl)
         benchmark(call)
+        if benchmark.stats is None:   # --benchmark-disable: the call ran once, untimed
+            return
         median = benchmark.stats.stats.median
         if task.flops:
             benchmark.extra_info["tflops"] = task.flops / median / 1e12
