@@ -87,8 +87,12 @@ ENVIRONMENT_KEYS = {"device", "device_name", "torch", "triton", "fastres", "git_
 @pytest.fixture(scope="module")
 def quick_op_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    code = cli.main(["bench", "--quick", "--only", "op", "--out", str(out), "--prefix", "t",
-                     "--threads", "1", "--no-progress"])
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["bench", "--quick", "--only", "op", "--out", str(out), "--prefix", "t",
+                         "--threads", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)   # --threads sets it for the process
     return code, out
 
 
