@@ -78,7 +78,7 @@ def _valid(case):
     return case.L_out >= 1 and not (case.norm == "train" and case.B * case.L_out < 2)
 
 
-HYPOTHESIS_EXAMPLES = {"triton": 15}
+HYPOTHESIS_EXAMPLES = {"triton": 40}
 
 
 @pytest.mark.parametrize("backend", backends.names())

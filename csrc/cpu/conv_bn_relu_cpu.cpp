@@ -1,0 +1,635 @@
+// CPU kernels of the fused Conv1d -> BatchNorm1d -> ReLU (+ residual) op, forward and backward.
+//
+// Layout: x (B, C_in, L), weight (C_out, C_in, K), y/out/residual (B, C_out, L_out), all
+// contiguous. Inputs may be float32, bfloat16, float16 or float64; everything is computed in
+// acc_t (float32, or float64 for float64 inputs) and rounded once when written.
+//
+// How the work is cut: the output is split into (batch item, tile of TILE output positions)
+// work items, run by at::parallel_for. Per item the conv is K GEMMs (one per tap k) on the
+// tile's accumulator:  acc[C_out, tile] += W_k[C_out, C_in] @ x[b, :, t*stride + k*d - pad_left]
+// over the columns of the tile whose input position lies inside [0, L). Padding is therefore
+// index bounds on the GEMM's column range, never a padded copy of x. At stride 1 the shifted
+// input is a plain strided view of x (row stride L) that BLAS reads in place; at stride > 1 the
+// tile's columns are gathered into a small per-tile buffer first.
+// While the accumulator is still in cache the rest of the stage runs on it:
+//   eval  : BN folded into W and the bias beforehand; out = relu(relu?(acc) + residual)
+//   none  : out = relu(relu?(acc) + residual)
+//   train : per-tile (count, mean, M2) of every channel, merged in a fixed order (Chan), then a
+//           second pass out = relu(relu?(y * scale + shift) + residual) over y.
+// The tiling depends only on the shapes, never on the thread count, and every reduction runs in
+// a fixed order, so the results do not depend on the number of threads (weight gradient: BLAS
+// threads over the output, see below).
+//
+// Why GEMMs inside at::parallel_for: BLAS called inside a parallel region runs single-threaded,
+// so the cores are used by the tiles and each tile's epilogue runs on the core that holds it in
+// cache. One multi-threaded GEMM over a whole batch item measured no faster and needs a separate
+// pass over y for the epilogue.
+#include "../conv_bn_relu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#ifdef FASTRES_BLAS_SYMBOLS
+// The Fortran BLAS entry points libtorch_cpu exports (MKL is linked into it); setup.py defines
+// FASTRES_BLAS_SYMBOLS only after checking that the installed torch exports them. Calling them
+// directly saves the ~5 us of tensor wrapping per call that at::mm costs, which matters at the
+// small shapes of batch-1 inference.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+#endif
+
+namespace fastres {
+namespace {
+
+template <typename T>
+struct AccType { using type = float; };
+template <>
+struct AccType<double> { using type = double; };
+
+// Row-major C[m, n] = op(A)[m, kd] @ op(B)[kd, n] + beta * C.
+// A is stored (m x kd) with row stride lda, or (kd x m) when trans_a; B likewise (kd x n) or
+// (n x kd) when trans_b. Row strides let A, B and C be windows into larger matrices.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t kd, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m <= 0 || n <= 0 || kd <= 0) return;  // callers never need the kd == 0 case
+#ifdef FASTRES_BLAS_SYMBOLS
+  // Column-major BLAS sees each row-major matrix transposed: C^T = op(B)^T @ op(A)^T.
+  const char op_b = trans_b ? 'T' : 'N', op_a = trans_a ? 'T' : 'N';
+  const int cm = static_cast<int>(n), cn = static_cast<int>(m), ck = static_cast<int>(kd);
+  const int l_b = static_cast<int>(ldb), l_a = static_cast<int>(lda);
+  const int l_c = static_cast<int>(ldc);
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&op_b, &op_a, &cm, &cn, &ck, &one, b, &l_b, a, &l_a, &beta, c, &l_c);
+  } else {
+    dgemm_(&op_b, &op_a, &cm, &cn, &ck, &one, b, &l_b, a, &l_a, &beta, c, &l_c);
+  }
+#else
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols},
+                                 {ld, 1}, opts);
+    return trans ? t.t() : t;
+  };
+  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::Tensor a_view = view(a, m, kd, lda, trans_a), b_view = view(b, kd, n, ldb, trans_b);
+  if (beta == T(0)) {
+    at::mm_out(c_view, a_view, b_view);
+  } else {
+    c_view.addmm_(a_view, b_view, beta, 1);
+  }
+#endif
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Reductions keep kLanes independent partial sums (element i goes to lane i % kLanes) so the
+// compiler can vectorize them without reassociating floating point itself; the order depends
+// on the length alone, so results stay deterministic.
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+acc_t sum_lanes(const acc_t (&part)[kLanes]) {
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
+// Sum of term(i) over [0, n), in lanes.
+template <typename acc_t, typename Term>
+acc_t lane_sum(int64_t n, Term term) {
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += term(i + l);
+  for (; i < n; ++i) part[i % kLanes] += term(i);
+  return sum_lanes(part);
+}
+
+// Output positions per work item: long enough for the GEMMs to run at speed, short enough that
+// the (C_out x tile) accumulator stays in L2, and small enough to give both cores several items
+// at small batch. Depends on the shapes only (see the file comment on thread independence).
+int64_t tile_length(int64_t channels, int64_t batch, int64_t length) {
+  int64_t tile = 512;
+  // (256 KiB and 128 KiB budgets measured the same as 512 KiB at C=128/256; MKL blocks inside.)
+  while (tile > 64 && channels * tile * 4 > (512 << 10)) tile /= 2;
+  while (tile > 64 && batch * ceil_div(length, tile) < 8) tile /= 2;
+  const int64_t tiles = ceil_div(length, std::min(tile, length));
+  return ceil_div(length, tiles);  // equal tiles
+}
+
+template <typename acc_t>
+at::Tensor as_acc(const at::Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
+// Taps repacked as W_k[C_out, C_in] (k-major) in acc_t, each row scaled by row_scale (BN fold).
+template <typename acc_t>
+std::vector<acc_t> pack_taps(const at::Tensor& weight, const std::vector<acc_t>* row_scale) {
+  const at::Tensor w = as_acc<acc_t>(weight);
+  const int64_t c_out = w.size(0), c_in = w.size(1), taps = w.size(2);
+  const acc_t* src = w.data_ptr<acc_t>();
+  std::vector<acc_t> packed(taps * c_out * c_in);
+  for (int64_t co = 0; co < c_out; ++co) {
+    const acc_t s = row_scale ? (*row_scale)[co] : acc_t(1);
+    for (int64_t ci = 0; ci < c_in; ++ci)
+      for (int64_t k = 0; k < taps; ++k)
+        packed[(k * c_out + co) * c_in + ci] = src[(co * c_in + ci) * taps + k] * s;
+  }
+  return packed;
+}
+
+template <typename acc_t>
+std::vector<acc_t> to_vector(const OptTensor& t, int64_t n, acc_t fill) {
+  std::vector<acc_t> v(n, fill);
+  if (t.has_value() && t->defined() && t->numel() > 0) {
+    const at::Tensor c = as_acc<acc_t>(*t);
+    std::copy(c.data_ptr<acc_t>(), c.data_ptr<acc_t>() + n, v.begin());
+  }
+  return v;
+}
+
+// acc[C_out, nt] (row stride nt) = bias + conv of batch item xb over output positions
+// [t0, t0 + nt). gather is scratch of C_in * nt values, used at stride > 1.
+template <typename acc_t>
+void conv_tile(const ConvGeometry& g, const acc_t* xb, const acc_t* taps, const acc_t* bias,
+               int64_t t0, int64_t nt, acc_t* acc, acc_t* gather) {
+  for (int64_t co = 0; co < g.c_out; ++co) std::fill(acc + co * nt, acc + (co + 1) * nt, bias[co]);
+  for (int64_t k = 0; k < g.taps; ++k) {
+    const int64_t lo = std::max(t0, g.first_valid(k)), hi = std::min(t0 + nt, g.end_valid(k));
+    if (lo >= hi) continue;  // this tap reads only padding here
+    const acc_t* w_k = taps + k * g.c_out * g.c_in;
+    const acc_t* cols = xb + g.input_pos(lo, k);
+    int64_t ld = g.length;
+    if (g.stride > 1) {
+      for (int64_t ci = 0; ci < g.c_in; ++ci)
+        for (int64_t t = lo; t < hi; ++t)
+          gather[ci * (hi - lo) + (t - lo)] = xb[ci * g.length + g.input_pos(t, k)];
+      cols = gather;
+      ld = hi - lo;
+    }
+    gemm<acc_t>(false, false, g.c_out, hi - lo, g.c_in, w_k, g.c_in, cols, ld, acc_t(1),
+                acc + (lo - t0), nt);
+  }
+}
+
+// out = relu(relu?(v * scale + shift) + residual) over one row of n values.
+template <bool kReluBeforeAdd, bool kResidual, typename scalar_t, typename acc_t>
+void epilogue_row(const acc_t* v, int64_t n, acc_t scale, acc_t shift, const scalar_t* res,
+                  scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t z = v[i] * scale + shift;
+    if (kReluBeforeAdd) z = z < acc_t(0) ? acc_t(0) : z;
+    if (kResidual) z += static_cast<acc_t>(res[i]);
+    out[i] = static_cast<scalar_t>(z < acc_t(0) ? acc_t(0) : z);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void epilogue(const acc_t* v, int64_t n, acc_t scale, acc_t shift, bool relu_before_add,
+              const scalar_t* res, scalar_t* out) {
+  if (relu_before_add) {
+    res ? epilogue_row<true, true>(v, n, scale, shift, res, out)
+        : epilogue_row<true, false>(v, n, scale, shift, res, out);
+  } else {
+    res ? epilogue_row<false, true>(v, n, scale, shift, res, out)
+        : epilogue_row<false, false>(v, n, scale, shift, res, out);
+  }
+}
+
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptTensor& bias,
+                    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
+                    const OptTensor& var, const OptTensor& residual, const ConvGeometry& g,
+                    int64_t norm_mode, double eps, bool relu_before_add, const at::Tensor& out,
+                    const at::Tensor& y, const at::Tensor& batch_mean,
+                    const at::Tensor& batch_var) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const bool save_y = y.numel() > 0;
+  const int64_t c_out = g.c_out, l_out = g.l_out;
+  const at::Tensor x = as_acc<acc_t>(x_in);  // no copy for float32 / float64
+  const acc_t* xp = x.data_ptr<acc_t>();
+  const at::Tensor res_c = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const scalar_t* res = res_c.defined() ? res_c.data_ptr<scalar_t>() : nullptr;
+  scalar_t* outp = out.data_ptr<scalar_t>();
+  scalar_t* yp = save_y ? y.data_ptr<scalar_t>() : nullptr;
+
+  // Per channel: the conv bias, and the affine map (scale, shift) the epilogue applies.
+  std::vector<acc_t> conv_bias = to_vector<acc_t>(bias, c_out, 0);
+  std::vector<acc_t> scale(c_out, 1), shift(c_out, 0);
+  const std::vector<acc_t> gamma = to_vector<acc_t>(bn_weight, c_out, 1);
+  const std::vector<acc_t> beta = to_vector<acc_t>(bn_bias, c_out, 0);
+  std::vector<acc_t> fold_scale;  // empty: taps unscaled
+  if (norm_mode == kNormEval) {
+    const std::vector<acc_t> rmean = to_vector<acc_t>(mean, c_out, 0);
+    const std::vector<acc_t> rvar = to_vector<acc_t>(var, c_out, 1);
+    for (int64_t c = 0; c < c_out; ++c) {
+      scale[c] = gamma[c] / std::sqrt(rvar[c] + static_cast<acc_t>(eps));
+      shift[c] = beta[c] - rmean[c] * scale[c];
+    }
+    if (!save_y) {
+      // Nothing asks for the raw conv output: fold BN into the conv, W' = W * scale and
+      // b' = b * scale + shift, so the epilogue is only the ReLUs and the residual.
+      fold_scale = scale;
+      for (int64_t c = 0; c < c_out; ++c) {
+        conv_bias[c] = conv_bias[c] * scale[c] + shift[c];
+        scale[c] = 1;
+        shift[c] = 0;
+      }
+    }
+  }
+  const std::vector<acc_t> taps = pack_taps<acc_t>(weight, fold_scale.empty() ? nullptr : &fold_scale);
+
+  const int64_t tile = tile_length(c_out, g.batch, l_out);
+  const int64_t tiles_per_item = ceil_div(l_out, tile);
+  const int64_t items = g.batch * tiles_per_item;
+  const bool train = norm_mode == kNormTrain;
+
+  // Training keeps the conv output in acc_t until the statistics are known: in y itself when
+  // y is returned in acc_t, else in a scratch tensor.
+  at::Tensor y_acc;
+  if (train) {
+    y_acc = (save_y && std::is_same_v<scalar_t, acc_t>)
+                ? y
+                : at::empty({g.batch, c_out, l_out}, x.options());
+  }
+  acc_t* y_accp = train ? y_acc.data_ptr<acc_t>() : nullptr;
+  // Per (work item, channel) statistics of the tile: count is the tile's length.
+  std::vector<acc_t> part_mean(train ? items * c_out : 0), part_m2(train ? items * c_out : 0);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(c_out * tile);
+    std::vector<acc_t> gather(g.stride > 1 ? g.c_in * tile : 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / tiles_per_item, t0 = (item % tiles_per_item) * tile;
+      const int64_t nt = std::min(tile, l_out - t0);
+      conv_tile<acc_t>(g, xp + b * g.c_in * g.length, taps.data(), conv_bias.data(), t0, nt,
+                       acc.data(), gather.data());
+      for (int64_t co = 0; co < c_out; ++co) {
+        const acc_t* row = acc.data() + co * nt;
+        const int64_t base = (b * c_out + co) * l_out + t0;
+        if (train) {
+          // Two passes over the row while it is in L1: the tile's mean, then its M2.
+          const acc_t m = lane_sum<acc_t>(nt, [&](int64_t i) { return row[i]; }) /
+                          static_cast<acc_t>(nt);
+          const acc_t m2 =
+              lane_sum<acc_t>(nt, [&](int64_t i) { return (row[i] - m) * (row[i] - m); });
+          part_mean[item * c_out + co] = m;
+          part_m2[item * c_out + co] = m2;
+          std::copy(row, row + nt, y_accp + base);
+        } else {
+          if (save_y)
+            for (int64_t i = 0; i < nt; ++i) yp[base + i] = static_cast<scalar_t>(row[i]);
+          epilogue<scalar_t, acc_t>(row, nt, scale[co], shift[co], relu_before_add,
+                                    res ? res + base : nullptr, outp + base);
+        }
+      }
+    }
+  });
+  if (!train) return;
+
+  // Merge the tiles' (count, mean, M2) per channel in item order (Chan et al.): deterministic,
+  // and exact where sum / sum-of-squares would cancel when |mean| >> std.
+  acc_t* bmean = batch_mean.data_ptr<acc_t>();
+  acc_t* bvar = batch_var.data_ptr<acc_t>();
+  {  // serial: items * C_out steps, cheaper than a parallel region
+    for (int64_t co = 0; co < c_out; ++co) {
+      acc_t n = 0, m = 0, m2 = 0;
+      for (int64_t item = 0; item < items; ++item) {
+        const int64_t t0 = (item % tiles_per_item) * tile;
+        const acc_t nb = static_cast<acc_t>(std::min(tile, l_out - t0));
+        const acc_t mb = part_mean[item * c_out + co], delta = mb - m, total = n + nb;
+        m += delta * (nb / total);
+        m2 += part_m2[item * c_out + co] + delta * delta * (n * nb / total);
+        n = total;
+      }
+      bmean[co] = m;
+      bvar[co] = m2 / n;
+      scale[co] = gamma[co] / std::sqrt(m2 / n + static_cast<acc_t>(eps));
+      shift[co] = beta[co] - m * scale[co];
+    }
+  }
+
+  // Second pass: normalize, residual, ReLU; rows of (batch item, channel).
+  const bool write_y = save_y && !std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, g.batch * c_out, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t co = r % c_out, base = r * l_out;
+      const acc_t* row = y_accp + base;
+      if (write_y)
+        for (int64_t i = 0; i < l_out; ++i) yp[base + i] = static_cast<scalar_t>(row[i]);
+      epilogue<scalar_t, acc_t>(row, l_out, scale[co], shift[co], relu_before_add,
+                                res ? res + base : nullptr, outp + base);
+    }
+  });
+}
+
+template <typename acc_t>
+struct GradRowSums { acc_t g, gxhat, gy; };
+
+// One row (batch item, channel) of the backward's first pass, specialized so the loop has no
+// branches on the mode: g = grad_out masked by out > 0 (and by bn(y) > 0, or y > 0 without
+// norm, when relu_before_add); grad_residual = g; grad_y = g (train: finished in pass 2) or
+// gamma * invstd * g (eval). Returns the row's sums of g, g * xhat and grad_y.
+template <bool kNorm, bool kTrain, bool kRba, bool kRes, typename scalar_t, typename acc_t>
+GradRowSums<acc_t> grad_mask_row(const scalar_t* grad_out, const scalar_t* out,
+                                 const scalar_t* y, int64_t n, acc_t mean, acc_t invstd,
+                                 acc_t gamma, acc_t beta, scalar_t* grad_res, acc_t* grad_y) {
+  const acc_t k1 = (kNorm && !kTrain) ? gamma * invstd : acc_t(1);
+  acc_t sum_g[kLanes] = {}, sum_gx[kLanes] = {}, sum_gy[kLanes] = {};
+  auto element = [&](int64_t i, int lane) {
+    acc_t gi = static_cast<acc_t>(out[i]) > acc_t(0) ? static_cast<acc_t>(grad_out[i]) : acc_t(0);
+    if (kRes) grad_res[i] = static_cast<scalar_t>(gi);
+    if (kNorm) {
+      const acc_t xhat = (static_cast<acc_t>(y[i]) - mean) * invstd;
+      if (kRba) gi = xhat * gamma + beta > acc_t(0) ? gi : acc_t(0);
+      sum_g[lane] += gi;
+      sum_gx[lane] += gi * xhat;
+    } else if (kRba) {
+      gi = static_cast<acc_t>(y[i]) > acc_t(0) ? gi : acc_t(0);
+    }
+    const acc_t gy = gi * k1;
+    sum_gy[lane] += gy;
+    grad_y[i] = gy;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) element(i + l, l);
+  for (; i < n; ++i) element(i, static_cast<int>(i % kLanes));
+  return {sum_lanes(sum_g), sum_lanes(sum_gx), sum_lanes(sum_gy)};
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                     const at::Tensor& weight, const OptTensor& bn_weight,
+                     const OptTensor& bn_bias, const at::Tensor& y_in, const at::Tensor& out_in,
+                     const at::Tensor& mean, const at::Tensor& var, bool has_residual,
+                     const ConvGeometry& g, int64_t norm_mode, double eps, bool relu_before_add,
+                     const at::Tensor& grad_x, const at::Tensor& grad_weight,
+                     const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
+                     const at::Tensor& grad_bn_bias, const at::Tensor& grad_residual) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t c_out = g.c_out, c_in = g.c_in, l_out = g.l_out, rows = g.batch * c_out;
+  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor y = y_in.contiguous();
+  const scalar_t* gop = grad_out.data_ptr<scalar_t>();
+  const scalar_t* outp = out.data_ptr<scalar_t>();
+  const scalar_t* yp = y.numel() > 0 ? y.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gresp = has_residual ? grad_residual.data_ptr<scalar_t>() : nullptr;
+  const bool norm = norm_mode != kNormNone, train = norm_mode == kNormTrain;
+
+  std::vector<acc_t> invstd(c_out, 1), mu(c_out, 0);
+  const std::vector<acc_t> gamma = to_vector<acc_t>(bn_weight, c_out, 1);
+  const std::vector<acc_t> beta = to_vector<acc_t>(bn_bias, c_out, 0);
+  if (norm) {
+    const std::vector<acc_t> m = to_vector<acc_t>(mean, c_out, 0);
+    const std::vector<acc_t> v = to_vector<acc_t>(var, c_out, 1);
+    for (int64_t c = 0; c < c_out; ++c) {
+      mu[c] = m[c];
+      invstd[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
+    }
+  }
+
+  // grad_y in acc_t: the gradient reaching the conv output, per row (batch item, channel).
+  at::Tensor grad_y = at::empty({g.batch, c_out, l_out},
+                                x_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* gyp = grad_y.data_ptr<acc_t>();
+  // Per-row partial sums, reduced over the batch in a fixed order below.
+  std::vector<acc_t> row_g(rows, 0), row_gxhat(rows, 0), row_gy(rows, 0);
+
+  // Pass 1: g = grad_out through the ReLU masks; grad_residual = g; sums of g and g * xhat.
+  // In eval/none mode grad_y is final here (it needs no batch-wide sums).
+  auto pass1 = [&](auto norm_c, auto train_c, auto rba_c, auto res_c) {
+    constexpr bool kNorm = decltype(norm_c)::value, kTrain = decltype(train_c)::value;
+    constexpr bool kRba = decltype(rba_c)::value, kRes = decltype(res_c)::value;
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = r % c_out, base = r * l_out;
+        GradRowSums<acc_t> sums = grad_mask_row<kNorm, kTrain, kRba, kRes>(
+            gop + base, outp + base, yp ? yp + base : nullptr, l_out, mu[c], invstd[c],
+            gamma[c], beta[c], kRes ? gresp + base : nullptr, gyp + base);
+        row_g[r] = sums.g;
+        row_gxhat[r] = sums.gxhat;
+        row_gy[r] = sums.gy;
+      }
+    });
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  auto with_res = [&](auto norm_c, auto train_c, auto rba_c) {
+    has_residual ? pass1(norm_c, train_c, rba_c, T{}) : pass1(norm_c, train_c, rba_c, F{});
+  };
+  auto with_rba = [&](auto norm_c, auto train_c) {
+    relu_before_add ? with_res(norm_c, train_c, T{}) : with_res(norm_c, train_c, F{});
+  };
+  if (!norm) with_rba(F{}, F{});
+  else if (train) with_rba(T{}, T{});
+  else with_rba(T{}, F{});
+  std::vector<acc_t> grad_beta(c_out, 0), grad_gamma(c_out, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    grad_beta[r % c_out] += row_g[r];
+    grad_gamma[r % c_out] += row_gxhat[r];
+  }
+
+  if (train) {
+    // Pass 2: grad_y = gamma * invstd * (g - grad_beta / N - xhat * grad_gamma / N).
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(g.batch * l_out);
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = r % c_out, base = r * l_out;
+        const acc_t k1 = gamma[c] * invstd[c], mean_g = grad_beta[c] * inv_n;
+        const acc_t mean_gx = grad_gamma[c] * inv_n;
+        acc_t* gy_row = gyp + base;
+        const scalar_t* y_row = yp + base;
+        row_gy[r] = lane_sum<acc_t>(l_out, [&](int64_t i) {
+          const acc_t xhat = (static_cast<acc_t>(y_row[i]) - mu[c]) * invstd[c];
+          const acc_t gy = k1 * (gy_row[i] - mean_g - xhat * mean_gx);
+          gy_row[i] = gy;
+          return gy;
+        });
+      }
+    });
+  }
+  if (norm) {
+    for (int64_t c = 0; c < c_out; ++c) {
+      grad_bn_weight.data_ptr<acc_t>()[c] = grad_gamma[c];
+      grad_bn_bias.data_ptr<acc_t>()[c] = grad_beta[c];
+    }
+  }
+  if (grad_bias.numel() > 0) {
+    std::vector<acc_t> gb(c_out, 0);
+    for (int64_t r = 0; r < rows; ++r) gb[r % c_out] += row_gy[r];
+    scalar_t* gbp = grad_bias.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < c_out; ++c) gbp[c] = static_cast<scalar_t>(gb[c]);
+  }
+
+  const std::vector<acc_t> taps = pack_taps<acc_t>(weight, nullptr);
+  const at::Tensor x = as_acc<acc_t>(x_in);
+  const acc_t* xp = x.data_ptr<acc_t>();
+
+  // grad_x: tiles of input positions j; tap k sends grad_y[:, t] to j = t*stride + k*d - pad_left:
+  //   acc[C_in, tile] += W_k^T[C_in, C_out] @ grad_y[b, :, t(j)]
+  // Tiles own disjoint input positions, so no two threads write the same element.
+  {
+    const int64_t tile = tile_length(c_in, g.batch, g.length);
+    const int64_t tiles_per_item = ceil_div(g.length, tile);
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * tiles_per_item, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(c_in * tile), scratch(g.stride > 1 ? c_in * l_out : 0);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / tiles_per_item, j0 = (item % tiles_per_item) * tile;
+        const int64_t nj = std::min(tile, g.length - j0);
+        const acc_t* gy_b = gyp + b * c_out * l_out;
+        std::fill(acc.begin(), acc.begin() + c_in * nj, acc_t(0));
+        for (int64_t k = 0; k < g.taps; ++k) {
+          const acc_t* w_k = taps.data() + k * c_out * c_in;
+          const int64_t offset = k * g.dilation - g.pad_left;  // j = t * stride + offset
+          const int64_t t_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(j0 - offset, 0), g.stride));
+          const int64_t t_hi = std::min(l_out, floor_div(j0 + nj - 1 - offset, g.stride) + 1);
+          if (t_lo >= t_hi) continue;
+          if (g.stride == 1) {
+            gemm<acc_t>(true, false, c_in, t_hi - t_lo, c_out, w_k, c_in, gy_b + t_lo, l_out,
+                        acc_t(1), acc.data() + (t_lo + offset - j0), nj);
+          } else {
+            const int64_t nt = t_hi - t_lo;
+            gemm<acc_t>(true, false, c_in, nt, c_out, w_k, c_in, gy_b + t_lo, l_out, acc_t(0),
+                        scratch.data(), nt);
+            for (int64_t ci = 0; ci < c_in; ++ci)
+              for (int64_t t = t_lo; t < t_hi; ++t)
+                acc[ci * nj + t * g.stride + offset - j0] += scratch[ci * nt + (t - t_lo)];
+          }
+        }
+        for (int64_t ci = 0; ci < c_in; ++ci) {
+          scalar_t* dst = gxp + (b * c_in + ci) * g.length + j0;
+          for (int64_t j = 0; j < nj; ++j) dst[j] = static_cast<scalar_t>(acc[ci * nj + j]);
+        }
+      }
+    });
+  }
+
+  // grad_weight[:, :, k] = sum_b grad_y[b][:, t] @ x[b][:, t*stride + k*d - pad_left]^T over the
+  // t whose input is inside x: GEMMs with a long inner dimension (L_out). Work items are
+  // (tap, block of output channels); each sums over the batch in order, so the result does not
+  // depend on the thread count. One parallel region: many small BLAS-threaded calls measured
+  // far slower on a loaded 2-core machine (a fork/join per call).
+  {
+    std::vector<acc_t> gw(g.taps * c_out * c_in, acc_t(0));
+    const int64_t co_block = std::min<int64_t>(c_out, 32);
+    const int64_t blocks = ceil_div(c_out, co_block);
+    at::parallel_for(0, g.taps * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> gather(g.stride > 1 ? c_in * l_out : 0);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t k = item / blocks, co0 = (item % blocks) * co_block;
+        const int64_t nco = std::min(co_block, c_out - co0);
+        const int64_t lo = g.first_valid(k), hi = g.end_valid(k), n = hi - lo;
+        if (n <= 0) continue;  // this tap only ever reads padding: its gradient is zero
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const acc_t* xb = xp + b * c_in * g.length;
+          const acc_t* cols = xb + g.input_pos(lo, k);
+          int64_t ld = g.length;
+          if (g.stride > 1) {
+            for (int64_t ci = 0; ci < c_in; ++ci)
+              for (int64_t t = lo; t < hi; ++t)
+                gather[ci * n + (t - lo)] = xb[ci * g.length + g.input_pos(t, k)];
+            cols = gather.data();
+            ld = n;
+          }
+          gemm<acc_t>(false, true, nco, c_in, n, gyp + (b * c_out + co0) * l_out + lo, l_out,
+                      cols, ld, acc_t(1), gw.data() + (k * c_out + co0) * c_in, c_in);
+        }
+      }
+    });
+    scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
+    for (int64_t co = 0; co < c_out; ++co)
+      for (int64_t ci = 0; ci < c_in; ++ci)
+        for (int64_t k = 0; k < g.taps; ++k)
+          gwp[(co * c_in + ci) * g.taps + k] =
+              static_cast<scalar_t>(gw[(k * c_out + co) * c_in + ci]);
+  }
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(!t.defined() || t.numel() == 0 || t.device().is_cpu(), "fastres_ext: ", name,
+              " must be a CPU tensor");
+}
+
+}  // namespace
+
+ConvGeometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                                int64_t dilation, int64_t pad_left, int64_t pad_right,
+                                const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3, "fastres_ext: x and weight must be 3-D");
+  TORCH_CHECK(x.size(1) == weight.size(1), "fastres_ext: channel mismatch");
+  TORCH_CHECK(stride >= 1 && dilation >= 1 && pad_left >= 0 && pad_right >= 0,
+              "fastres_ext: bad stride/dilation/padding");
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), weight.size(0), weight.size(2), 0,
+                 stride, dilation, pad_left};
+  g.l_out = (g.length + pad_left + pad_right - dilation * (g.taps - 1) - 1) / stride + 1;
+  TORCH_CHECK(g.l_out >= 1, "fastres_ext: empty output");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == g.batch && out.size(1) == g.c_out &&
+                  out.size(2) == g.l_out && out.is_contiguous(),
+              "fastres_ext: out must be a contiguous (B, C_out, L_out) tensor");
+  return g;
+}
+
+void conv_bn_relu_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
+    const OptTensor& var, const OptTensor& residual, int64_t stride, int64_t dilation,
+    int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps, bool relu_before_add,
+    const at::Tensor& out, const at::Tensor& y, const at::Tensor& batch_mean,
+    const at::Tensor& batch_var) {
+  const ConvGeometry g =
+      check_forward_args(x, weight, stride, dilation, pad_left, pad_right, out);
+  check_cpu(x, "x");
+  check_cpu(out, "out");
+  TORCH_CHECK(y.numel() == 0 || (y.is_contiguous() && y.sizes() == out.sizes()),
+              "fastres_ext: y must be empty or shaped like out");
+  if (norm_mode == kNormTrain)
+    TORCH_CHECK(batch_mean.numel() == g.c_out && batch_var.numel() == g.c_out,
+                "fastres_ext: training needs batch_mean/batch_var of C_out values");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastres_forward_cpu", [&] {
+    forward_kernel<scalar_t>(x, weight, bias, bn_weight, bn_bias, mean, var, residual, g,
+                             norm_mode, eps, relu_before_add, out, y, batch_mean, batch_var);
+  });
+}
+
+void conv_bn_relu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const OptTensor& bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const at::Tensor& y, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var,
+    bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left, int64_t pad_right,
+    int64_t norm_mode, double eps, bool relu_before_add, const at::Tensor& grad_x,
+    const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
+    const at::Tensor& grad_bn_bias, const at::Tensor& grad_residual) {
+  (void)bias;  // presence is told by grad_bias being non-empty
+  const ConvGeometry g =
+      check_forward_args(x, weight, stride, dilation, pad_left, pad_right, out);
+  check_cpu(x, "x");
+  TORCH_CHECK(grad_x.is_contiguous() && grad_weight.is_contiguous(),
+              "fastres_ext: gradients must be contiguous");
+  TORCH_CHECK((norm_mode == kNormNone && !relu_before_add) || y.numel() == out.numel(),
+              "fastres_ext: backward needs the saved conv output y");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastres_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad_out, x, weight, bn_weight, bn_bias, y, out, mean, var,
+                              has_residual, g, norm_mode, eps, relu_before_add, grad_x,
+                              grad_weight, grad_bias, grad_bn_weight, grad_bn_bias,
+                              grad_residual);
+  });
+}
+
+}  // namespace fastres

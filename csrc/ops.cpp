@@ -1,0 +1,59 @@
+// Registers the fused op's kernels with the PyTorch dispatcher as fastres_ext::forward and
+// fastres_ext::backward (CPU always; CUDA when the extension was compiled with CUDA), plus
+// fastres_ext::compiled_with_cuda() so Python can ask whether CUDA kernels are in this build.
+// Loading the library needs no GPU: CUDA kernels only run when called with CUDA tensors.
+//
+// The ops write into tensors the caller allocates (Tensor(a!) arguments): the Python backends
+// allocate them through fastres._alloc, so tests can poison them with NaN, and autograd is wired
+// once, in Python, around the fastres::conv_bn_relu custom op that calls these.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "conv_bn_relu.h"
+
+namespace fastres {
+namespace {
+
+bool compiled_with_cuda() {
+#ifdef FASTRES_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastres_ext, m) {
+  // norm_mode: 0 none, 1 eval (normalize with mean/var), 2 train (batch statistics written to
+  // batch_mean/batch_var). y: the conv output, written when it has out's shape (else empty).
+  m.def(
+      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? mean, Tensor? var, Tensor? residual, int stride, int dilation, int pad_left, "
+      "int pad_right, int norm_mode, float eps, bool relu_before_add, Tensor(a!) out, "
+      "Tensor(b!) y, Tensor(c!) batch_mean, Tensor(d!) batch_var) -> ()");
+  // Gradients of absent inputs (bias, residual, batch-norm affine) are empty tensors.
+  m.def(
+      "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
+      "Tensor? bn_bias, Tensor y, Tensor out, Tensor mean, Tensor var, bool has_residual, "
+      "int stride, int dilation, int pad_left, int pad_right, int norm_mode, float eps, "
+      "bool relu_before_add, Tensor(a!) grad_x, Tensor(b!) grad_weight, Tensor(c!) grad_bias, "
+      "Tensor(d!) grad_bn_weight, Tensor(e!) grad_bn_bias, Tensor(f!) grad_residual) -> ()");
+  m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
+}
+
+TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
+  m.impl("forward", &conv_bn_relu_forward_cpu);
+  m.impl("backward", &conv_bn_relu_backward_cpu);
+}
+
+}  // namespace fastres
+
+// A plain Python module, so `import fastres._C` loads the library (and runs the registrations
+// above); everything else is reached through torch.ops.fastres_ext.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fastres C++/CUDA kernels (see torch.ops.fastres_ext)", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,143 @@
+"""Deterministic finalize kernels: merge per-tile partials into per-channel results.
+
+welford_merge_kernel: per-row partial (mean, M2) -> merged (mean, M2, count) per channel.
+    part_mean/part_m2: [n_rows, C] float32. Rows are either conv tiles (tile = b * n_lblocks
+    + lblock, as conv_forward_kernel writes them, whose count min(TILE_L, L_out - lblock *
+    TILE_L) is recomputed here rather than stored) or, with COUNTS_GIVEN, the outputs of a
+    previous level, whose counts are in part_count. Program (c-block, chunk) merges rows
+    [chunk * rows_per_program, ...) BLOCK_T at a time: exactly about the block's own mean
+    (M2 = sum M2_i + sum n_i (mean_i - mean)^2), then into the running result with Chan's
+    pairwise update. Only deviations from a mean are ever squared, never raw values, so a
+    large |mean| against the std costs no precision (unlike sum / sum-of-squares).
+    FINAL stores mean and the biased variance M2 / count; otherwise the chunk's
+    (mean, M2, count) for the next level.
+
+sum_partials_kernel: out[chunk, m] = sum of part[p, m] over the chunk's rows, for part
+    [n_parts, M] float32 (row stride part_row_stride), in float32, stored in out's dtype.
+    Used for the backward's per-tile BN sums and for wgrad's split partials.
+
+The host helpers run one level when the rows fit one program per channel block, else two
+(chunks of FINALIZE_ROWS rows in parallel, then the chunks), so the finalize does not
+become a long serial loop for long sequences. Fixed order: bitwise reproducible.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _alloc
+from . import tiling
+from .rounding import store_rounded
+
+
+@triton.jit
+def welford_merge_kernel(
+    part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, m2_ptr, count_ptr,
+    C, n_rows, rows_per_program, n_lblocks, L_out, TILE_L,
+    COUNTS_GIVEN: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    first_row = tl.program_id(1) * rows_per_program
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, rows_per_program, BLOCK_T):
+        rows = first_row + r0 + tl.arange(0, BLOCK_T)
+        # Past this program's rows or past the end: count 0, so the block adds nothing.
+        r_ok = (rows < n_rows) & (rows < first_row + rows_per_program)
+        offs = rows[:, None].to(tl.int64) * C + offs_c[None, :]
+        ok = r_ok[:, None] & c_ok[None, :]
+        mean_i = tl.load(part_mean_ptr + offs, mask=ok, other=0.0)
+        m2_i = tl.load(part_m2_ptr + offs, mask=ok, other=0.0)
+        if COUNTS_GIVEN:
+            n_i = tl.load(part_count_ptr + offs, mask=ok, other=0.0)
+        else:
+            l0 = (rows % n_lblocks) * TILE_L
+            n_i = tl.where(r_ok, tl.minimum(L_out - l0, TILE_L), 0).to(tl.float32)
+            n_i = tl.broadcast_to(n_i[:, None], (BLOCK_T, BLOCK_C))
+        # Exact merge of this block of rows about its own mean.
+        n_blk = tl.sum(n_i, axis=0)
+        mean_blk = tl.sum(n_i * mean_i, axis=0) / tl.maximum(n_blk, 1.0)
+        dev = tl.where(ok, mean_i - mean_blk[None, :], 0.0)
+        m2_blk = tl.sum(m2_i + n_i * dev * dev, axis=0)
+        # Chan's update of the running (count, mean, M2) with the block's.
+        total = tl.maximum(count + n_blk, 1.0)
+        delta = mean_blk - mean
+        mean += delta * (n_blk / total)
+        m2 += m2_blk + delta * delta * (count * (n_blk / total))
+        count += n_blk
+    if FINAL:
+        tl.store(mean_ptr + offs_c, mean, mask=c_ok)
+        # The biased variance (count >= 1 on real channels; the max keeps masked lanes finite).
+        tl.store(m2_ptr + offs_c, m2 / tl.maximum(count, 1.0), mask=c_ok)
+    else:
+        out = tl.program_id(1).to(tl.int64) * C + offs_c
+        tl.store(mean_ptr + out, mean, mask=c_ok)
+        tl.store(m2_ptr + out, m2, mask=c_ok)
+        tl.store(count_ptr + out, count, mask=c_ok)
+
+
+@triton.jit
+def sum_partials_kernel(part_ptr, out_ptr, n_parts, M, part_row_stride, rows_per_program,
+                        BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    first_row = tl.program_id(1) * rows_per_program
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for p0 in range(0, rows_per_program, BLOCK_P):
+        rows = first_row + p0 + tl.arange(0, BLOCK_P)
+        r_ok = (rows < n_parts) & (rows < first_row + rows_per_program)
+        ok = r_ok[:, None] & m_ok[None, :]
+        part = tl.load(part_ptr + rows[:, None].to(tl.int64) * part_row_stride + offs_m[None, :],
+                       mask=ok, other=0.0)
+        acc += tl.sum(part, axis=0)
+    store_rounded(out_ptr + tl.program_id(1).to(tl.int64) * M + offs_m, acc, m_ok)
+
+
+def _levels(n_rows: int):
+    """(rows per program, programs along the rows) of one finalize level."""
+    chunk = tiling.FINALIZE_ROWS
+    if n_rows <= chunk:
+        chunk = triton.next_power_of_2(n_rows)
+    return chunk, triton.cdiv(n_rows, chunk)
+
+
+def welford_merge(part_mean, part_m2, mean, var, *, n_lblocks, L_out, tile_l):
+    """mean, var (C,) <- the conv tiles' partials part_mean, part_m2 (n_tiles, C)."""
+    n_tiles, C = part_mean.shape
+    block_c = 32
+    rows, n_chunks = _levels(n_tiles)
+    block_t = min(64, rows)
+    if n_chunks == 1:
+        welford_merge_kernel[(triton.cdiv(C, block_c), 1)](
+            part_mean, part_m2, part_mean, mean, var, var, C, n_tiles, rows, n_lblocks, L_out,
+            tile_l, COUNTS_GIVEN=False, FINAL=True, BLOCK_T=block_t, BLOCK_C=block_c)
+        return
+    chunk_stats = [_alloc.empty((n_chunks, C), dtype=torch.float32, device=mean.device)
+                   for _ in range(3)]
+    welford_merge_kernel[(triton.cdiv(C, block_c), n_chunks)](
+        part_mean, part_m2, part_mean, *chunk_stats, C, n_tiles, rows, n_lblocks, L_out,
+        tile_l, COUNTS_GIVEN=False, FINAL=False, BLOCK_T=block_t, BLOCK_C=block_c)
+    rows2 = triton.next_power_of_2(n_chunks)
+    welford_merge_kernel[(triton.cdiv(C, block_c), 1)](
+        chunk_stats[0], chunk_stats[1], chunk_stats[2], mean, var, var, C, n_chunks, rows2,
+        1, 0, 0, COUNTS_GIVEN=True, FINAL=True, BLOCK_T=min(64, rows2), BLOCK_C=block_c)
+
+
+def sum_partials(part, out):
+    """out (M,) <- part (n_parts, M).sum(0); part may be a column slice (row stride kept)."""
+    n_parts, M = part.shape
+    assert part.stride(1) == 1 and out.is_contiguous() and out.numel() == M
+    block_m = min(128, triton.next_power_of_2(M))
+    rows, n_chunks = _levels(n_parts)
+    if n_chunks > 1:
+        chunk_sums = _alloc.empty((n_chunks, M), dtype=torch.float32, device=out.device)
+        sum_partials_kernel[(triton.cdiv(M, block_m), n_chunks)](
+            part, chunk_sums, n_parts, M, part.stride(0), rows, BLOCK_P=min(32, rows),
+            BLOCK_M=block_m)
+        part, n_parts, rows = chunk_sums, n_chunks, triton.next_power_of_2(n_chunks)
+    sum_partials_kernel[(triton.cdiv(M, block_m), 1)](
+        part, out, n_parts, M, part.stride(0), rows, BLOCK_P=min(32, rows), BLOCK_M=block_m)
