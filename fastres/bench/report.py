@@ -311,7 +311,8 @@ def write_plot(results: Dict[str, object], path: str) -> Optional[str]:
         taken, axes = axes[:n], axes[n:]
         module.plot(taken[0] if n == 1 else taken, suite["rows"], suite["summary"])
     env = results["environment"]
-    fig.suptitle(f"fastres bench, {env['device_name']}, torch {env['torch']}", fontsize=10)
+    busy = " - BUSY MACHINE, timings unreliable" if busy_warning(env) else ""
+    fig.suptitle(f"fastres bench, {env['device_name']}, torch {env['torch']}{busy}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
