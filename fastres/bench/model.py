@@ -1,0 +1,60 @@
+"""model suite: whole networks, fused (fastres) vs plain PyTorch vs torch.compile.
+
+    TemporalConvNet  locuslab/TCN's network of BatchNorm TemporalBlocks (dilations 1, 2, 4, ...)
+                     with a per-step MSE loss
+    ResNet1d         1D ResNet-18 (widths 64..512) classifying sequences (cross-entropy)
+
+Train step and inference, peak memory per step (CUDA), candidates as in _modules.py.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import fastres
+
+from . import _modules
+from .runner import Settings, Task
+
+NAME = "model"
+TITLE = "Models: TemporalConvNet, ResNet1d"
+
+# Per size and device type: (TCN inputs, channels, kernel, (B, L)), (ResNet layers, in, classes, (B, L))
+_SIZES = {
+    ("quick", "cpu"): ((4, [16] * 3, 3, (2, 128)), None),
+    ("default", "cpu"): ((16, [32] * 6, 3, (8, 1024)), ((2, 2, 2, 2), 12, 10, (4, 1024))),
+    ("quick", "cuda"): ((16, [64] * 4, 3, (8, 1024)), None),
+    ("default", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
+    ("full", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
+}
+
+
+def unavailable_reason(settings: Settings) -> Optional[str]:
+    return _modules.modules_unavailable()
+
+
+def tasks(settings: Settings) -> List[Task]:
+    device = "cuda" if settings.device.type == "cuda" else "cpu"
+    key = (settings.size, device)
+    if key not in _SIZES:
+        key = ("default", device)
+    tcn, resnet = _SIZES[key]
+    specs = []
+    inputs, channels, k, (batch, length) = tcn
+    specs.append((f"TemporalConvNet({inputs},{channels[0]}x{len(channels)},k{k})",
+                  lambda: fastres.TemporalConvNet(inputs, channels, kernel_size=k, dropout=0.0),
+                  (batch, inputs, length), (batch, channels[-1], length), None))
+    if resnet:
+        layers, in_channels, classes, (batch, length) = resnet
+        specs.append((f"ResNet1d({''.join(map(str, layers))},in{in_channels})",
+                      lambda: fastres.ResNet1d(layers, in_channels, classes),
+                      (batch, in_channels, length), (batch,), classes))
+    return _modules.model_tasks(NAME, specs, settings)
+
+
+table = _modules.table
+summarize = _modules.summarize
+summary_lines = _modules.summary_lines
+
+
+def plot(ax, rows, summary):
+    _modules.plot(ax, rows, "model: speedup over plain PyTorch (higher is better)")

@@ -1,0 +1,200 @@
+"""The suites' common shape, and the loop that runs them.
+
+A suite is a module with
+
+    NAME, TITLE: str
+    unavailable_reason(settings) -> str | None
+    tasks(settings) -> list[Task]         # what to time, cheap to build (inputs come later)
+    summarize(rows, settings) -> dict     # suite-level findings (optional)
+    table(rows, summary) -> (headers, list of row cells)   # what the console / markdown show
+    plot(figure_panels, rows, summary)    # optional, see report.py
+
+A Task is one group of candidate implementations of the same work (one shape, dtype
+and mode); `run` times its candidates together with timing.measure and turns the
+statistics into rows with throughput, speedup and memory next to the time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import timing
+
+SUITES: Dict[str, str] = {
+    "op": "fastres.bench.op",
+    "block": "fastres.bench.block",
+    "model": "fastres.bench.model",
+    "tcn-vs-rnn": "fastres.bench.tcn_vs_rnn",
+}
+
+SIZES = ("quick", "default", "full")
+
+# Every row has exactly these keys (None where a number does not apply): the JSON schema.
+ROW_KEYS = (
+    "suite", "task", "case", "impl", "status", "error",
+    "median_s", "p25_s", "p75_s", "min_s", "spread", "rounds", "number", "first_call_s",
+    "times_s", "compile_s", "speedup", "gbps", "tflops", "copy_fraction", "items_per_s",
+    "peak_mem_bytes", "peak_above_start_bytes",
+)
+
+
+@dataclasses.dataclass
+class Settings:
+    size: str                           # "quick", "default" or "full"
+    device: torch.device
+    dtypes: List[torch.dtype]
+    only: List[str]                     # suite names, in SUITES order
+    compile_mode: Optional[str]         # torch.compile mode of the op suite's compiled stage
+                                        # ("default", "max-autotune"); None: left out
+    model_compile_mode: Optional[str] = None   # the same for whole blocks / models
+
+    def to_json(self) -> Dict[str, object]:
+        return {"size": self.size, "device": str(self.device),
+                "dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
+                "only": list(self.only), "compile_mode": self.compile_mode,
+                "model_compile_mode": self.model_compile_mode}
+
+
+@dataclasses.dataclass
+class Task:
+    """One group of candidates timed together (interleaved) on identical work."""
+
+    suite: str
+    name: str                                   # stable id, unique within the suite
+    case: Dict[str, object]                     # JSON-able description of the work
+    impls: List[str]                            # candidate names, in display order
+    make: Callable[[str], Callable[[], object]]  # impl -> a no-argument call doing the work
+    compiled: Sequence[str] = ()                # impls built with torch.compile
+    baseline: Optional[str] = None              # speedup = baseline median / impl median
+    flops: Optional[float] = None               # per call, for TFLOP/s
+    bytes: Optional[float] = None               # minimum traffic per call, for GB/s
+    items: Optional[int] = None                 # e.g. sequences per call, for items/s
+    memory: bool = False                        # also measure peak memory per impl
+    timing: Optional[timing.TimingConfig] = None  # overrides the size's timing preset
+
+
+def load_suite(name: str):
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    return importlib.import_module(SUITES[name])
+
+
+def compile_fn(fn: Callable, mode: Optional[str]) -> Callable:
+    """torch.compile as the benchmarks use it: the whole graph, in `mode`."""
+    return torch.compile(fn, fullgraph=True, mode=None if mode in (None, "default") else mode)
+
+
+def _empty_row(task: Task, impl: str) -> Dict[str, object]:
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(suite=task.suite, task=task.name, case=task.case, impl=impl)
+    return row
+
+
+def run_task(task: Task, settings: Settings,
+             copy_bytes_per_s: Optional[float] = None) -> List[Dict[str, object]]:
+    """Build the task's candidates, time them together, return one row per impl."""
+    config = task.timing or timing.TIMING[settings.size]
+    if task.compiled:
+        # Dynamo keys its cache on code objects: without a reset, the same function
+        # compiled for task after task runs into the recompile limit and silently falls
+        # back to eager.
+        torch._dynamo.reset()
+    rows = {impl: _empty_row(task, impl) for impl in task.impls}
+    candidates = {}
+    for impl in task.impls:
+        try:
+            candidates[impl] = task.make(impl)
+        except Exception as exc:  # noqa: BLE001 - report it in the row, keep going
+            rows[impl].update(status="error", error=f"{type(exc).__name__}: {exc}")
+    measured = timing.measure(candidates, settings.device, config)
+    for impl, result in measured.items():
+        row = rows[impl]
+        if isinstance(result, Exception):
+            row.update(status="error", error=f"{type(result).__name__}: {result}".strip())
+            continue
+        row.update(result.to_json(), status="ok")
+        median = result.median_s
+        if impl in task.compiled:
+            row["compile_s"] = max(0.0, result.first_call_s - median)
+        if task.flops:
+            row["tflops"] = task.flops / median / 1e12
+        if task.bytes:
+            row["gbps"] = task.bytes / median / 1e9
+            if copy_bytes_per_s:
+                row["copy_fraction"] = task.bytes / median / copy_bytes_per_s
+        if task.items:
+            row["items_per_s"] = task.items / median
+        if task.memory:
+            try:
+                memory = timing.peak_memory_bytes(candidates[impl], settings.device)
+            except Exception:  # noqa: BLE001 - memory is a side number; keep the timing
+                memory = None
+            if memory:
+                row["peak_mem_bytes"] = memory["peak_bytes"]
+                row["peak_above_start_bytes"] = memory["peak_above_start_bytes"]
+    base = rows.get(task.baseline) if task.baseline else None
+    if base is not None and base["status"] == "ok":
+        for row in rows.values():
+            if row["status"] == "ok":
+                row["speedup"] = base["median_s"] / row["median_s"]
+    return [rows[impl] for impl in task.impls]
+
+
+def run(settings: Settings, progress: Optional[bool] = None) -> Dict[str, object]:
+    """Run the selected suites; return the results document (see report.write_outputs)."""
+    from tqdm.auto import tqdm
+
+    from . import report
+
+    started = time.perf_counter()
+    environment = report.environment(settings.device)
+    copy_bytes_per_s = None
+    try:
+        # The quick size is a smoke test: a small buffer is enough to exercise the path.
+        copy_bytes_per_s = timing.copy_bandwidth(
+            settings.device, 16 * 2**20 if settings.size == "quick" else None)
+        environment["copy_bandwidth_gbs"] = copy_bytes_per_s / 1e9
+    except Exception as exc:  # noqa: BLE001 - GB/s fractions are then left out
+        environment["copy_bandwidth_gbs"] = None
+        environment["copy_bandwidth_error"] = str(exc)
+
+    suites: Dict[str, Dict[str, object]] = {}
+    planned = []
+    for name in settings.only:
+        module = load_suite(name)
+        reason = module.unavailable_reason(settings)
+        suites[name] = {"title": module.TITLE, "status": "skipped" if reason else "ok",
+                        "reason": reason, "rows": [], "summary": {}, "wall_time_s": 0.0}
+        if not reason:
+            planned.append((name, module, module.tasks(settings)))
+
+    total = sum(len(tasks) for _, _, tasks in planned)
+    # disable=None: a bar on a terminal, silence in logs and tests.
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc="fastres bench", unit="case", disable=disable) as bar:
+        for name, module, tasks in planned:
+            suite_started = time.perf_counter()
+            rows = []
+            for task in tasks:
+                bar.set_postfix_str(f"{name} {task.name}", refresh=True)
+                rows.extend(run_task(task, settings, copy_bytes_per_s))
+                bar.update(1)
+            suites[name]["rows"] = rows
+            summarize = getattr(module, "summarize", None)
+            suites[name]["summary"] = summarize(rows, settings) if summarize else {}
+            suites[name]["wall_time_s"] = time.perf_counter() - suite_started
+
+    environment["load_average_end"] = report._load_average()
+    return {
+        "schema_version": report.SCHEMA_VERSION,
+        "created_utc": report.utc_now(),
+        "settings": settings.to_json(),
+        "environment": environment,
+        "suites": suites,
+        "wall_time_s": time.perf_counter() - started,
+        "command": None,   # the CLI fills in the command line
+    }

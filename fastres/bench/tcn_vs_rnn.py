@@ -1,0 +1,428 @@
+"""tcn-vs-rnn suite: is a (fused) TCN faster than an LSTM / GRU, and from which length on?
+
+Models, at matched parameter counts (the RNNs' hidden size is chosen to come closest to
+the TCN's count), each with a per-step linear read-out, on a sequence-to-sequence MSE task:
+    tcn-fastres   TemporalConvNet on fastres' fused conv -> BN -> ReLU (+res) stages
+    tcn-plain     the same network in plain PyTorch (nn.Conv1d, nn.BatchNorm1d, F.relu)
+    lstm, gru     nn.LSTM / nn.GRU, 2 layers, batch_first (cuDNN on GPU)
+
+Per sequence length L (B sequences per batch):
+    train   one optimizer step: forward, loss, backward, Adam step   -> sequences/s
+    infer   eval-mode forward under no_grad                          -> sequences/s
+and once, independent of L:
+    stream  latency of producing the output for one new time step, batch 1. The RNNs run
+            one step from their carried state. The TCN has no state: the simple version
+            measured here re-runs the network on the last receptive_field inputs and keeps
+            the last output (a cached, incremental TCN would be faster; this is the baseline
+            every TCN supports).
+
+The crossover length is where the TCN's time per batch drops below the RNN's and stays
+below up to the longest length measured (interpolated in log-log between the two swept
+lengths around it).
+
+The TCNs come from `make_tcn`, a small factory: fastres.TemporalConvNet and fastres.unfuse
+when the package provides them, otherwise the wiring in this file (same architecture).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastres
+
+from . import timing
+from .runner import Settings, Task
+
+NAME = "tcn-vs-rnn"
+TITLE = "TCN (fastres, plain) vs LSTM / GRU over sequence length"
+PLOT_PANELS = 2
+IMPLS = ["tcn-fastres", "tcn-plain", "lstm", "gru"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    lengths: Sequence[int]
+    batch: int
+    features: int             # input features per time step (also the output features)
+    channels: int             # TCN channels per level
+    levels: int               # TCN blocks; block i has dilation 2**i
+    kernel_size: int
+    rnn_layers: int = 2
+
+    @property
+    def receptive_field(self) -> int:
+        """Inputs one TCN output depends on: 2 convs per block, dilations 1, 2, ..., 2**(levels-1)."""
+        return 1 + 2 * (self.kernel_size - 1) * (2 ** self.levels - 1)
+
+
+CONFIGS = {
+    ("quick", "cpu"): Config(lengths=(32, 128), batch=4, features=4, channels=8, levels=3,
+                             kernel_size=3),
+    ("default", "cpu"): Config(lengths=(64, 256, 1024), batch=8, features=8, channels=32,
+                               levels=6, kernel_size=3),
+    ("quick", "cuda"): Config(lengths=(64, 256), batch=8, features=8, channels=16, levels=3,
+                              kernel_size=3),
+    ("default", "cuda"): Config(lengths=(64, 256, 1024, 4096, 16384), batch=32, features=16,
+                                channels=64, levels=8, kernel_size=3),
+    ("full", "cpu"): Config(lengths=tuple(2 ** i for i in range(6, 15)), batch=16, features=8,
+                            channels=32, levels=8, kernel_size=3),
+    ("full", "cuda"): Config(lengths=tuple(2 ** i for i in range(6, 15)), batch=32, features=16,
+                             channels=64, levels=8, kernel_size=3),
+}
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Stage(nn.Module):
+    """conv -> BN -> ReLU (+ residual before the ReLU), causal and dilated.
+
+    fused=True runs it as one fastres.conv_bn_relu call; False as nn.Conv1d (with the
+    "chomp") -> nn.BatchNorm1d -> add -> F.relu. Both hold the same parameters.
+    """
+
+    def __init__(self, n_in: int, n_out: int, kernel_size: int, dilation: int, fused: bool):
+        super().__init__()
+        self.fused, self.dilation = fused, dilation
+        self.chomp = (kernel_size - 1) * dilation
+        self.conv = nn.Conv1d(n_in, n_out, kernel_size, dilation=dilation, padding=self.chomp)
+        self.bn = nn.BatchNorm1d(n_out)
+
+    def forward(self, x, residual=None):
+        if self.fused:
+            bn = self.bn
+            return fastres.conv_bn_relu(
+                x, self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.weight,
+                bn.bias, training=self.training, momentum=bn.momentum, eps=bn.eps,
+                dilation=self.dilation, padding="causal", residual=residual,
+                num_batches_tracked=bn.num_batches_tracked if self.training else None)
+        y = self.conv(x)
+        if self.chomp:
+            y = y[:, :, :-self.chomp]
+        y = self.bn(y)
+        return F.relu(y if residual is None else y + residual)
+
+
+class _Block(nn.Module):
+    """The seed TemporalBlock: two causal stages, the second adding the (projected) input."""
+
+    def __init__(self, n_in, n_out, kernel_size, dilation, fused):
+        super().__init__()
+        self.stage1 = _Stage(n_in, n_out, kernel_size, dilation, fused)
+        self.stage2 = _Stage(n_out, n_out, kernel_size, dilation, fused)
+        self.downsample = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
+
+    def forward(self, x):
+        res = x if self.downsample is None else self.downsample(x)
+        return self.stage2(self.stage1(x), residual=res)
+
+
+class _OwnTCN(nn.Sequential):
+    """Fallback TCN wiring, used while fastres has no TemporalConvNet."""
+
+    def __init__(self, num_inputs, channels, kernel_size, fused):
+        layers, n_in = [], num_inputs
+        for i, n_out in enumerate(channels):
+            layers.append(_Block(n_in, n_out, kernel_size, 2 ** i, fused))
+            n_in = n_out
+        super().__init__(*layers)
+
+
+def _unfuse_own(model: nn.Module) -> nn.Module:
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, _Stage):
+            module.fused = False
+    return plain
+
+
+def make_tcn(num_inputs: int, channels: Sequence[int], kernel_size: int):
+    """(fused TCN, the same TCN in plain PyTorch with identical weights, where it came from)."""
+    if hasattr(fastres, "TemporalConvNet") and hasattr(fastres, "unfuse"):
+        fused = fastres.TemporalConvNet(num_inputs, list(channels), kernel_size=kernel_size,
+                                        dropout=0.0)
+        return fused, fastres.unfuse(copy.deepcopy(fused)), "fastres.TemporalConvNet"
+    fused = _OwnTCN(num_inputs, channels, kernel_size, fused=True)
+    return fused, _unfuse_own(fused), "bench wiring (fastres.TemporalConvNet not available)"
+
+
+class SeqModel(nn.Module):
+    """A backbone plus a per-step linear read-out. TCNs take (B, F, L), RNNs (B, L, F)."""
+
+    def __init__(self, backbone: nn.Module, hidden: int, features: int, recurrent: bool):
+        super().__init__()
+        self.backbone, self.recurrent = backbone, recurrent
+        self.head = nn.Linear(hidden, features) if recurrent else nn.Conv1d(hidden, features, 1)
+
+    def forward(self, x):
+        if self.recurrent:
+            return self.head(self.backbone(x)[0])
+        return self.head(self.backbone(x))
+
+    def step(self, x_t, state):
+        """One time step of a recurrent model: x_t (B, 1, F) -> (y_t, new state)."""
+        out, state = self.backbone(x_t, state)
+        return self.head(out), state
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _rnn_params(kind: str, features: int, hidden: int, layers: int) -> int:
+    gates = 4 if kind == "lstm" else 3
+    total = gates * hidden * (features + hidden + 2)
+    total += (layers - 1) * gates * hidden * (2 * hidden + 2)
+    return total + hidden * features + features   # read-out
+
+
+def matched_hidden(kind: str, target: int, features: int, layers: int) -> int:
+    """The RNN hidden size whose parameter count comes closest to `target`."""
+    return min(range(1, 4097), key=lambda h: abs(_rnn_params(kind, features, h, layers) - target))
+
+
+def build_models(config: Config, device: torch.device, dtype: torch.dtype):
+    """name -> SeqModel, plus a description (parameter counts, hidden sizes, TCN origin)."""
+    torch.manual_seed(0)
+    channels = [config.channels] * config.levels
+    fused, plain, origin = make_tcn(config.features, channels, config.kernel_size)
+    models = {"tcn-fastres": SeqModel(fused, config.channels, config.features, recurrent=False)}
+    models["tcn-plain"] = SeqModel(plain, config.channels, config.features, recurrent=False)
+    models["tcn-plain"].head.load_state_dict(models["tcn-fastres"].head.state_dict())
+    target = param_count(models["tcn-fastres"])
+    hidden = {}
+    for kind, cls in (("lstm", nn.LSTM), ("gru", nn.GRU)):
+        hidden[kind] = matched_hidden(kind, target, config.features, config.rnn_layers)
+        rnn = cls(config.features, hidden[kind], num_layers=config.rnn_layers, batch_first=True)
+        models[kind] = SeqModel(rnn, hidden[kind], config.features, recurrent=True)
+    for model in models.values():
+        model.to(device=device, dtype=dtype)
+    info = {"params": {name: param_count(m) for name, m in models.items()},
+            "rnn_hidden": hidden, "tcn": origin, "receptive_field": config.receptive_field,
+            "config": dataclasses.asdict(config)}
+    return models, info
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def config_for(settings: Settings) -> Config:
+    key = (settings.size, settings.device.type)
+    return CONFIGS.get(key, CONFIGS[("default", settings.device.type)])
+
+
+def unavailable_reason(settings: Settings) -> Optional[str]:
+    return None
+
+
+def _inputs(model_name, shape_tcn, dtype, device, count):
+    """`count` (input, target) pairs in the model's layout (TCN (B, F, L), RNN (B, L, F))."""
+    g = torch.Generator().manual_seed(1)
+    pairs = []
+    for _ in range(count):
+        x = torch.randn(shape_tcn, generator=g)
+        t = torch.randn(shape_tcn, generator=g)
+        if not model_name.startswith("tcn"):
+            x, t = x.transpose(1, 2).contiguous(), t.transpose(1, 2).contiguous()
+        pairs.append((x.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)))
+    return timing.Rotating(pairs)
+
+
+def _train_call(model, inputs):
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        x, target = inputs()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def _infer_call(model, inputs):
+    model.eval()
+
+    def forward():
+        x, _ = inputs()
+        with torch.no_grad():
+            return model(x)
+    return forward
+
+
+def _stream_call(model, name, config, device, dtype):
+    """One new time step, batch 1 (see the module docstring for the TCN's simple version)."""
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    if name.startswith("tcn"):
+        window = torch.randn(1, config.features, config.receptive_field,
+                             generator=g).to(device=device, dtype=dtype)
+
+        def tcn_step():
+            with torch.no_grad():
+                return model(window)[:, :, -1]
+        return tcn_step
+    x_t = torch.randn(1, 1, config.features, generator=g).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        _, state = model.step(x_t, None)
+    carried = [state]
+
+    def rnn_step():
+        with torch.no_grad():
+            y, carried[0] = model.step(x_t, carried[0])
+        return y
+    return rnn_step
+
+
+def tasks(settings: Settings) -> List[Task]:
+    config, device = config_for(settings), settings.device
+    # Lengths up to 16384 make single RNN steps slow: fewer, longer rounds are enough.
+    slow = dataclasses.replace(timing.TIMING[settings.size],
+                               min_rounds=min(3, timing.TIMING[settings.size].min_rounds),
+                               max_time_s=timing.TIMING[settings.size].max_time_s * 2)
+    result = []
+    for dtype in settings.dtypes:
+        dname = str(dtype).replace("torch.", "")
+        for length in config.lengths:
+            shape = (config.batch, config.features, length)
+            nbytes = 2 * config.batch * config.features * length * dtype.itemsize
+            for mode in ("train", "infer"):
+                def make(impl, mode=mode, shape=shape, dtype=dtype, nbytes=nbytes):
+                    models, _ = build_models(config, device, dtype)
+                    inputs = _inputs(impl, shape, dtype, device,
+                                     timing.rotation_count(nbytes, device))
+                    call = _train_call if mode == "train" else _infer_call
+                    return call(models[impl], inputs)
+                result.append(Task(
+                    suite=NAME, name=f"L{length}-{dname}-{mode}",
+                    case={"mode": mode, "L": length, "B": config.batch, "dtype": dname},
+                    impls=list(IMPLS), make=make, baseline="lstm", items=config.batch,
+                    timing=slow))
+
+        def make_stream(impl, dtype=dtype):
+            models, _ = build_models(config, device, dtype)
+            return _stream_call(models[impl], impl, config, device, dtype)
+        result.append(Task(
+            suite=NAME, name=f"stream-{dname}",
+            case={"mode": "stream", "L": None, "B": 1, "dtype": dname,
+                  "tcn_window": config.receptive_field},
+            impls=list(IMPLS), make=make_stream, baseline="lstm", items=1))
+    return result
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _curve(rows, impl, mode, dtype):
+    points = sorted((r["case"]["L"], r["median_s"]) for r in rows
+                    if r["impl"] == impl and r["case"]["mode"] == mode
+                    and r["case"]["dtype"] == dtype and r["status"] == "ok")
+    return points
+
+
+def crossover(tcn_points, rnn_points) -> Dict[str, object]:
+    """Where the TCN's time drops below the RNN's for good (see the module docstring)."""
+    rnn = dict(rnn_points)
+    ratios = [(L, t / rnn[L]) for L, t in tcn_points if L in rnn]
+    if not ratios:
+        return {"length": None, "first_faster_length": None, "note": "no common lengths"}
+    if ratios[-1][1] >= 1:
+        return {"length": None, "first_faster_length": None,
+                "note": f"RNN faster or equal at the longest length ({ratios[-1][0]})"}
+    first = len(ratios) - 1
+    while first > 0 and ratios[first - 1][1] < 1:
+        first -= 1
+    if first == 0:
+        return {"length": ratios[0][0], "first_faster_length": ratios[0][0],
+                "note": f"TCN faster at every length measured (from {ratios[0][0]})"}
+    (l0, r0), (l1, r1) = ratios[first - 1], ratios[first]
+    # log(ratio) is close to linear in log(L) between two sweep points.
+    frac = math.log(r0) / (math.log(r0) - math.log(r1))
+    length = math.exp(math.log(l0) + frac * (math.log(l1) - math.log(l0)))
+    return {"length": round(length), "first_faster_length": l1,
+            "note": f"TCN faster from L~{round(length)} (measured: slower at {l0}, faster at {l1})"}
+
+
+def summarize(rows, settings: Settings) -> Dict[str, object]:
+    config = config_for(settings)
+    _, info = build_models(config, torch.device("cpu"), torch.float32)
+    summary = dict(info)
+    summary["crossover"] = {}
+    for dtype in {r["case"]["dtype"] for r in rows}:
+        for mode in ("train", "infer"):
+            for tcn in ("tcn-fastres", "tcn-plain"):
+                for rnn in ("lstm", "gru"):
+                    key = f"{dtype}/{mode}/{tcn}/{rnn}"
+                    summary["crossover"][key] = crossover(_curve(rows, tcn, mode, dtype),
+                                                          _curve(rows, rnn, mode, dtype))
+    summary["stream_latency_s"] = {f"{r['case']['dtype']}/{r['impl']}": r["median_s"]
+                                   for r in rows if r["case"]["mode"] == "stream"
+                                   and r["status"] == "ok"}
+    return summary
+
+
+def summary_lines(summary) -> List[str]:
+    from .report import fmt_seconds
+    if not summary:
+        return []
+    params = ", ".join(f"{k} {v:,}" for k, v in summary["params"].items())
+    lines = [f"parameters: {params} (RNN hidden {summary['rnn_hidden']}); TCN receptive field "
+             f"{summary['receptive_field']} steps; TCN from {summary['tcn']}"]
+    for key, value in sorted(summary["crossover"].items()):
+        if key.split("/")[2] == "tcn-fastres":
+            lines.append(f"crossover {key}: {value['note']}")
+    if summary["stream_latency_s"]:
+        lines.append("streaming latency per step (batch 1; TCN re-runs its receptive field): "
+                     + ", ".join(f"{k} {fmt_seconds(v)}"
+                                 for k, v in summary["stream_latency_s"].items()))
+    return lines
+
+
+def table(rows, summary):
+    from .report import fmt_num, fmt_pct, fmt_seconds, fmt_x
+    headers = ["case", "model", "median", "spread", "vs lstm", "seq/s (steps/s for stream)"]
+    cells = []
+    for row in rows:
+        if row["status"] != "ok":
+            cells.append([row["task"], row["impl"], "error: " + (row["error"] or "")[:60],
+                          "", "", ""])
+            continue
+        cells.append([row["task"], row["impl"], fmt_seconds(row["median_s"]),
+                      fmt_pct(row["spread"]), fmt_x(row["speedup"]),
+                      fmt_num(row["items_per_s"], 4)])
+    return headers, cells
+
+
+def plot(axes, rows, summary):
+    """Time per batch vs sequence length, one line per model, log-log; train and inference."""
+    streams = summary.get("stream_latency_s", {}) if summary else {}
+    for ax, mode, title in zip(axes, ("train", "infer"),
+                               ("train step (fwd + bwd + Adam)", "inference (eval forward)")):
+        for dtype in sorted({r["case"]["dtype"] for r in rows}):
+            for impl in IMPLS:
+                points = _curve(rows, impl, mode, dtype)
+                if not points:
+                    continue
+                label = impl if dtype == "float32" else f"{impl} {dtype}"
+                latency = streams.get(f"{dtype}/{impl}")
+                if latency and mode == "infer":
+                    label += f" (stream {latency * 1e3:.3g} ms/step)"
+                style = "-" if impl.startswith("tcn") else "--"
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
+                        label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("seconds per batch")
+        batch = summary.get("config", {}).get("batch") if summary else None
+        ax.set_title(f"tcn-vs-rnn: {title}, batch {batch}, matched parameters", fontsize=9)
+        ax.grid(True, which="both", linewidth=0.3)
+        ax.legend(fontsize=7)

@@ -1,0 +1,216 @@
+"""The `fastres` command: `fastres bench` (speed) and `fastres check` (correctness here).
+
+    fastres bench                      default size: about a minute on a 2-core CPU
+    fastres bench --full               the complete matrix (meant for a GPU)
+    fastres bench --quick              a few seconds: smoke test of the whole pipeline
+    fastres bench --only op,tcn-vs-rnn --dtype bf16 --device cuda --out results/
+    fastres check [--device cuda]      every available backend vs the reference
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+DTYPE_ALIASES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def _dtype_list(text: str) -> List[torch.dtype]:
+    dtypes = []
+    for word in filter(None, (w.strip().lower() for w in text.split(","))):
+        if word not in DTYPE_ALIASES:
+            raise argparse.ArgumentTypeError(
+                f"invalid dtype {word!r} (choose from float32, bfloat16, float16; "
+                "aliases fp32, bf16, fp16, half)")
+        if DTYPE_ALIASES[word] not in dtypes:
+            dtypes.append(DTYPE_ALIASES[word])
+    if not dtypes:
+        raise argparse.ArgumentTypeError("no dtype given")
+    return dtypes
+
+
+def _suite_list(text: str) -> List[str]:
+    from fastres.bench.runner import SUITES
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITES)})")
+    if not names:
+        raise argparse.ArgumentTypeError("no suite given")
+    return [n for n in SUITES if n in names]     # run in the canonical order
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastres", description="Fused Conv1d + BatchNorm + ReLU (+ residual): "
+        "benchmark it, or check it against the reference on this machine.")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,check}")
+    sub.required = True
+
+    bench = sub.add_parser("bench", help="time fastres against eager PyTorch and torch.compile",
+                           description="Time fastres against eager PyTorch and torch.compile; "
+                           "print tables and write JSON, markdown and a PNG.")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true",
+                      help="the complete matrix (sweeps, all dtypes, lengths up to 16384; for a GPU)")
+    size.add_argument("--quick", action="store_true",
+                      help="a tiny matrix in a few seconds, without torch.compile (smoke test)")
+    bench.add_argument("--only", type=_suite_list, metavar="SUITES",
+                       help="comma-separated suites: op, block, model, tcn-vs-rnn (default: all)")
+    bench.add_argument("--dtype", type=_dtype_list, metavar="DTYPES",
+                       help="comma-separated dtypes (default: float32 on CPU; float32,bfloat16 "
+                       "on CUDA; --full adds float16)")
+    bench.add_argument("--device", choices=["cpu", "cuda"],
+                       help="default: cuda when available, else cpu")
+    bench.add_argument("--out", default="bench-results", metavar="DIR",
+                       help="output folder (default: bench-results/)")
+    bench.add_argument("--prefix", metavar="NAME",
+                       help="file name stem (default: <device>-<UTC date>, e.g. cpu-2026-11-23)")
+    bench.add_argument("--compile", dest="compile_mode", default="auto",
+                       choices=["auto", "default", "max-autotune", "none"],
+                       help="torch.compile mode of every compiled candidate (auto: the op "
+                       "suite's stage max-autotune on CUDA, default on CPU; blocks and models "
+                       "default mode, on CPU only with --full; nothing with --quick)")
+    bench.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch CPU threads (default: torch's choice, usually all cores; "
+                       "on a shared machine --threads 1 avoids oversubscription)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    check = sub.add_parser("check", help="every available backend vs the reference, here",
+                           description="Run every available fastres backend against the float64 "
+                           "reference on a fixed set of configurations (forward, gradients, "
+                           "running statistics). Exit status 1 if any case fails.")
+    check.add_argument("--device", choices=["cpu", "cuda"],
+                       help="default: cuda when available, else cpu")
+    check.add_argument("--backend", metavar="NAMES",
+                       help="comma-separated backends to check (default: all available)")
+    return parser
+
+
+def _device(parser: argparse.ArgumentParser, name: Optional[str]) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here "
+                     "(torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.dtype]],
+                  compile_arg: str = "auto", only: Optional[List[str]] = None):
+    """The bench settings for command-line choices (shared with benchmarks/conftest.py)."""
+    from fastres.bench import runner
+
+    if not dtypes:
+        if device.type == "cpu":
+            dtypes = [torch.float32]
+        elif size == "full":
+            dtypes = [torch.float32, torch.bfloat16, torch.float16]
+        else:
+            dtypes = [torch.float32, torch.bfloat16]
+    if compile_arg == "auto":
+        # The op suite's stage compiles with max-autotune on GPU (the fused kernel's real
+        # competitor). Whole blocks and models compile in the default mode (max-autotune
+        # of a ResNet takes many minutes), and not at all at the default CPU size, where
+        # compiling a model costs tens of seconds.
+        compile_mode = None if size == "quick" else (
+            "max-autotune" if device.type == "cuda" else "default")
+        model_compile_mode = "default" if size == "full" or (
+            device.type == "cuda" and size != "quick") else None
+    else:
+        compile_mode = model_compile_mode = None if compile_arg == "none" else compile_arg
+    return runner.Settings(size=size, device=device, dtypes=list(dtypes),
+                           only=only or list(runner.SUITES), compile_mode=compile_mode,
+                           model_compile_mode=model_compile_mode)
+
+
+def _bench(parser, args) -> int:
+    from fastres.bench import report, runner
+
+    device = _device(parser, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = "full" if args.full else "quick" if args.quick else "default"
+    settings = make_settings(size, device, args.dtype, args.compile_mode, args.only)
+    results = runner.run(settings, progress=False if args.no_progress else None)
+    results["command"] = "fastres " + " ".join(args.argv)
+    print(report.console_report(results))
+    prefix = args.prefix or (f"{report.device_slug(device)}-"
+                             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
+                             + ("-quick" if size == "quick" else ""))
+    paths = report.write_outputs(results, args.out, prefix)
+    print("wrote " + ", ".join(paths.values()))
+    failed = [(name, row["task"], row["impl"]) for name, suite in results["suites"].items()
+              for row in suite["rows"] if row["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} candidate(s) failed to run; see the error cells above",
+              file=sys.stderr)
+    return 0
+
+
+def _check(parser, args) -> int:
+    from fastres import backends
+    from fastres.bench.report import text_table
+    from fastres.parity import check_plan, run_check
+
+    device = _device(parser, args.device)
+    names = None
+    if args.backend:
+        names = [n.strip() for n in args.backend.split(",") if n.strip()]
+        for name in names:
+            if name not in backends.names():
+                parser.error(f"--backend: unknown backend {name!r} "
+                             f"(known: {', '.join(backends.names())})")
+            reason = backends.unavailable_reason(name)
+            if reason is not None:
+                parser.error(f"--backend: {name} is not available here: {reason}")
+    if not check_plan(device.type, names):
+        print(f"no available fastres backend runs on {device.type}", file=sys.stderr)
+        return 1
+    from tqdm.auto import tqdm
+    results = run_check(device.type, names, progress=lambda plan: tqdm(
+        plan, desc="fastres check", unit="case", leave=False))
+    cells = [[r.backend, r.dtype, r.case, f"{r.max_error:.2e}" if r.errors else "-",
+              r.worst or "-", f"{r.tol:.0e}", "ok" if r.passed else "FAIL"] for r in results]
+    print(f"fastres check on {device.type}: every backend vs the float64 reference "
+          "(relative error ||a-b||/||b|| of output, gradients, running stats)")
+    print(text_table(["backend", "dtype", "case", "max rel err", "worst", "tol", "result"],
+                     cells))
+    failures = [r for r in results if not r.passed]
+    for r in failures:
+        detail = r.error or ", ".join(f"{k}={v:.2e}" for k, v in r.errors.items() if not v < r.tol)
+        print(f"FAIL {r.backend} {r.dtype} {r.case}: {detail}")
+    print(f"{len(results) - len(failures)}/{len(results)} passed")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.command == "bench":
+        return _bench(parser, args)
+    return _check(parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Parity of a backend against the float64 reference: the logic behind the tests and `fastres check`.
+
+A Case describes one call of the fused op. `parity_errors(case, backend, dtype, device)` runs
+it on a backend (outputs poisoned with NaN first), runs the reference in float64 on the same
+already-rounded inputs, and returns the relative error ||a - b|| / ||b|| of the output, every
+gradient and the running statistics. `check_parity` asserts they are under the SPEC.md bound
+(the unit tests use it); `run_check` runs a fixed set of cases over every available backend
+and is what `fastres check` prints.
+
+This module imports only fastres.reference, the public op and the NaN-poisoning switch, so a
+bug in a backend or in shared op code cannot hide on both sides of a comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+import fastres
+from fastres import _alloc
+from fastres.reference import conv_bn_relu_reference, output_length
+
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+TF32_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int = 2
+    C_in: int = 4
+    C_out: int = 8
+    L: int = 16
+    K: int = 3
+    dilation: int = 1
+    stride: int = 1
+    padding: str = "causal"
+    residual: str = "none"        # "none", "identity" (x itself; needs C_in == C_out, stride 1),
+                                  # or "tensor" (an independent tensor, e.g. a projection's output)
+    norm: str = "train"           # "train", "eval" or "none"
+    bias: bool = True
+    affine: bool = True
+    relu_before_add: bool = False
+    momentum: Optional[float] = 0.1
+
+    @property
+    def L_out(self) -> int:
+        return output_length(self.L, self.K, self.dilation, self.stride, self.padding)
+
+    def __str__(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Random inputs, rounded to `dtype` and returned in float64 (the masters)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    inputs = {
+        "x": rnd(case.B, case.C_in, case.L),
+        # He-like scale keeps conv outputs O(1) whatever C_in and K are.
+        "weight": rnd(case.C_out, case.C_in, case.K) / (case.C_in * case.K) ** 0.5,
+        "grad_out": rnd(case.B, case.C_out, case.L_out),
+    }
+    if case.bias:
+        inputs["bias"] = rnd(case.C_out) * 0.5
+    if case.norm != "none":
+        inputs["running_mean"] = rnd(case.C_out) * 0.3
+        inputs["running_var"] = torch.rand(case.C_out, generator=g, dtype=torch.float64) + 0.5
+        if case.affine:
+            inputs["bn_weight"] = torch.rand(case.C_out, generator=g, dtype=torch.float64) + 0.5
+            inputs["bn_bias"] = rnd(case.C_out) * 0.3
+    if case.residual == "tensor":
+        inputs["residual"] = rnd(case.B, case.C_out, case.L_out)
+    for name, t in inputs.items():
+        if name not in ("running_mean", "running_var", "bn_weight", "bn_bias"):
+            t = t.to(dtype)  # round conv operands to the dtype under test
+        inputs[name] = t.to(torch.float64).to(device)
+    return inputs
+
+
+def _run(case: Case, inputs, dtype, param_dtype):
+    """The op's arguments for `case` in `dtype`, and the leaves gradients are taken for."""
+    cast = lambda name: inputs[name].to(dtype).detach().requires_grad_(True)  # noqa: E731
+    x, weight = cast("x"), cast("weight")
+    bias = cast("bias") if case.bias else None
+    leaves = {"x": x, "weight": weight, "bias": bias}
+    rm = rv = gamma = beta = None
+    if case.norm != "none":
+        rm = inputs["running_mean"].to(param_dtype).clone()
+        rv = inputs["running_var"].to(param_dtype).clone()
+        if case.affine:
+            gamma = inputs["bn_weight"].to(param_dtype).detach().requires_grad_(True)
+            beta = inputs["bn_bias"].to(param_dtype).detach().requires_grad_(True)
+            leaves.update(bn_weight=gamma, bn_bias=beta)
+    residual = None
+    if case.residual == "identity":
+        residual = x
+    elif case.residual == "tensor":
+        residual = cast("residual")
+        leaves["residual"] = residual
+    # A counter as nn.BatchNorm1d keeps it (3 batches seen), for momentum=None.
+    num_batches_tracked = torch.tensor(3, device=inputs["x"].device)
+    return (x, weight, bias, rm, rv, gamma, beta, residual, num_batches_tracked), leaves
+
+
+def _call(fn, case, args):
+    x, weight, bias, rm, rv, gamma, beta, residual, num_batches_tracked = args
+    return fn(x, weight, bias, rm, rv, gamma, beta, training=case.norm == "train",
+              momentum=case.momentum, stride=case.stride, dilation=case.dilation,
+              padding=case.padding, residual=residual, relu_before_add=case.relu_before_add,
+              norm=None if case.norm == "none" else "batch",
+              num_batches_tracked=num_batches_tracked)
+
+
+def run_backend(case: Case, inputs, dtype, backend: Optional[str]):
+    args, leaves = _run(case, inputs, dtype, torch.float32 if dtype != torch.float64 else dtype)
+    with _alloc.poisoned(), (fastres.use_backend(backend) if backend else contextlib.nullcontext()):
+        out = _call(fastres.conv_bn_relu, case, args)
+        names = [n for n, t in leaves.items() if t is not None]
+        grads = torch.autograd.grad(out, [leaves[n] for n in names],
+                                    inputs["grad_out"].to(dtype), allow_unused=True)
+    return out, dict(zip(names, grads)), args[3], args[4]
+
+
+def run_reference(case: Case, inputs):
+    args, leaves = _run(case, inputs, torch.float64, torch.float64)
+    out = _call(conv_bn_relu_reference, case, args)
+    names = [n for n, t in leaves.items() if t is not None]
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], inputs["grad_out"],
+                                allow_unused=True)
+    return out, dict(zip(names, grads)), args[3], args[4]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> float:
+    """||a - b|| / ||b|| in float64 (or / scale); NaN anywhere gives inf, so it never passes."""
+    a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = scale if scale is not None else b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def parity_errors(case: Case, backend: Optional[str], dtype: torch.dtype, device="cpu",
+                  seed: int = 0) -> Dict[str, float]:
+    """Relative error of the backend against the float64 reference, by quantity.
+
+    Keys: "out", "grad_<input>" for every input that takes a gradient, and in training
+    "running_mean" / "running_var". Raises AssertionError if a shape or dtype is wrong.
+    """
+    inputs = make_inputs(case, dtype, device, seed)
+    out, grads, rm, rv = run_backend(case, inputs, dtype, backend)
+    ref_out, ref_grads, ref_rm, ref_rv = run_reference(case, inputs)
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref_out.shape, f"output shape {tuple(out.shape)}, expected {tuple(ref_out.shape)}"
+    errors = {"out": rel_err(out, ref_out)}
+    # Under training-mode BN the conv bias gradient is zero in exact arithmetic; judge it
+    # against the scale of the gradient it sums (per channel, the incoming |gradient| summed).
+    bias_scale = inputs["grad_out"].abs().sum((0, 2)).norm().item()
+    for name, ref_grad in ref_grads.items():
+        got = grads[name]
+        assert got is not None, f"no gradient for {name}"
+        assert got.shape == ref_grad.shape, f"grad_{name}: {tuple(got.shape)}"
+        scale = bias_scale if (name == "bias" and case.norm == "train") else None
+        errors["grad_" + name] = rel_err(got, ref_grad, scale)
+    if case.norm == "train":
+        errors["running_mean"] = rel_err(rm, ref_rm)
+        errors["running_var"] = rel_err(rv, ref_rv)
+    return errors
+
+
+def check_parity(case: Case, backend: Optional[str], dtype: torch.dtype, device="cpu",
+                 seed: int = 0, tol: Optional[float] = None) -> Dict[str, float]:
+    """Assert the backend matches the float64 reference; return the errors by name."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    errors = parity_errors(case, backend, dtype, device, seed)
+    failed = {k: v for k, v in errors.items() if not v < tol}
+    assert not failed, f"{backend} {dtype} {case}: over {tol:g}: {failed}"
+    return errors
+
+
+# --------------------------------------------------------------------------- fastres check
+
+# The fixed configurations `fastres check` runs: every norm mode, both padding modes, both
+# residual kinds, stride, dilation longer than the sequence, no bias / no affine, the
+# locuslab ReLU placement and momentum=None, plus one case big enough to span several tiles.
+CHECK_CASES: Dict[str, Case] = {
+    "train": Case(B=4, C_in=8, C_out=16, L=64, K=3, dilation=2),
+    "train+res": Case(B=3, C_in=5, C_out=7, L=19, K=2, dilation=3, residual="tensor"),
+    "train+id,relu2": Case(C_in=8, C_out=8, L=32, dilation=2, residual="identity",
+                           relu_before_add=True),
+    "train,nobias,noaffine,cma": Case(bias=False, affine=False, momentum=None),
+    "eval+res,same": Case(padding="same", K=4, dilation=2, residual="tensor", norm="eval"),
+    "train,same,s2": Case(padding="same", K=3, stride=2, L=21),
+    "none,s3,relu2": Case(K=5, stride=3, L=20, norm="none", relu_before_add=True),
+    "train,rf>L": Case(B=1, L=9, K=7, dilation=4, residual="tensor"),
+    "train+res,big": Case(B=4, C_in=32, C_out=32, L=256, K=3, dilation=8, residual="tensor"),
+}
+
+
+@dataclasses.dataclass
+class CheckResult:
+    backend: str
+    dtype: str            # "float32", "tf32" (CUDA float32 with TF32 convs), "bfloat16", ...
+    case: str             # a key of CHECK_CASES
+    errors: Dict[str, float]
+    tol: float
+    error: Optional[str] = None   # an exception message, when the case did not run
+
+    @property
+    def worst(self) -> str:
+        return max(self.errors, key=self.errors.get) if self.errors else ""
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values()) if self.errors else float("inf")
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.max_error < self.tol
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_plan(device: str, backend_names: Optional[Sequence[str]] = None,
+               cases: Optional[Dict[str, Case]] = None):
+    """(backend, dtype label, dtype, tf32, case name, case) for every check to run on `device`."""
+    from fastres import backends
+
+    cases = CHECK_CASES if cases is None else cases
+    names = backends.available_backends() if backend_names is None else list(backend_names)
+    plan = []
+    for name in names:
+        module = backends._load(name)
+        if module.unavailable_reason() is not None or device not in module.DEVICES:
+            continue
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            if dtype not in module.DTYPES or (dtype == torch.float64 and device == "cuda"):
+                continue
+            modes = [False, True] if (device == "cuda" and dtype == torch.float32) else [False]
+            for tf32 in modes:
+                label = "tf32" if tf32 else _dtype_name(dtype)
+                for case_name, case in cases.items():
+                    plan.append((name, label, dtype, tf32, case_name, case))
+    return plan
+
+
+def run_check(device: str = "cpu", backend_names: Optional[Sequence[str]] = None,
+              cases: Optional[Dict[str, Case]] = None,
+              progress: Optional[Callable[[Iterable], Iterable]] = None) -> List[CheckResult]:
+    """Every available backend on `device` against the reference over `cases` (CHECK_CASES).
+
+    A case that raises is a failure carrying the exception message, not a crash.
+    """
+    plan = check_plan(device, backend_names, cases)
+    results = []
+    previous_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        for name, label, dtype, tf32, case_name, case in (progress or iter)(plan):
+            torch.backends.cudnn.allow_tf32 = tf32
+            tol = TF32_TOLERANCE if tf32 else TOLERANCE[dtype]
+            try:
+                errors = parity_errors(case, name, dtype, device)
+                results.append(CheckResult(name, label, case_name, errors, tol))
+            except Exception as exc:  # noqa: BLE001 - report the failure and go on
+                results.append(CheckResult(name, label, case_name, {}, tol,
+                                           error=f"{type(exc).__name__}: {exc}"))
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous_tf32
+    return results

@@ -1,0 +1,275 @@
+"""The `fastres` command: argument errors, bench outputs and their schema, `fastres check`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastres
+from fastres import cli
+from fastres.backends import reference as reference_backend
+from fastres.bench import runner, timing
+from fastres.bench.tcn_vs_rnn import crossover, matched_hidden, _rnn_params
+from fastres.parity import CHECK_CASES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _error_of(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- argument errors
+
+
+def test_bad_dtype_is_an_argparse_error(capsys):
+    err = _error_of(["bench", "--dtype", "float32,int8"], capsys)
+    assert "argument --dtype: invalid dtype 'int8'" in err
+    assert "float32, bfloat16, float16" in err
+
+
+def test_unknown_suite_is_named(capsys):
+    err = _error_of(["bench", "--only", "op,gpu-magic"], capsys)
+    assert "argument --only: unknown suite 'gpu-magic'" in err
+    assert "op, block, model, tcn-vs-rnn" in err
+
+
+def test_full_and_quick_exclude_each_other(capsys):
+    err = _error_of(["bench", "--full", "--quick"], capsys)
+    assert "not allowed with argument" in err
+
+
+def test_a_subcommand_is_required(capsys):
+    err = _error_of([], capsys)
+    assert "bench" in err and "check" in err
+
+
+def test_bad_threads(capsys):
+    assert "expected a positive integer, got '0'" in _error_of(["bench", "--threads", "0"], capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    err = _error_of(["bench", "--device", "cuda"], capsys)
+    assert "no CUDA device is available" in err
+
+
+def test_check_unknown_backend(capsys):
+    assert "unknown backend 'nope'" in _error_of(["check", "--backend", "nope"], capsys)
+
+
+def test_dtype_aliases():
+    assert cli._dtype_list("bf16, fp32,half,float32") == [torch.bfloat16, torch.float32,
+                                                           torch.float16]
+
+
+# --------------------------------------------------------------------------- bench outputs
+
+ENVIRONMENT_KEYS = {"device", "device_name", "torch", "triton", "fastres", "git_commit", "python",
+                    "platform", "cpu_count", "torch_threads", "cuda", "cudnn", "cudnn_allow_tf32",
+                    "matmul_allow_tf32", "backends_available", "backend_unavailable",
+                    "default_backend", "copy_bandwidth_gbs", "load_average_start",
+                    "load_average_end"}
+
+
+@pytest.fixture(scope="module")
+def quick_op_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["bench", "--quick", "--only", "op", "--out", str(out), "--prefix", "t",
+                         "--threads", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)   # --threads sets it for the process
+    return code, out
+
+
+def test_quick_bench_writes_json_markdown_png(quick_op_run, capsys):
+    code, out = quick_op_run
+    assert code == 0
+    assert sorted(os.listdir(out)) == ["t.json", "t.md", "t.png"]
+    with open(out / "t.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "t.md").read_text()
+    assert "## op: One conv -> BN -> ReLU (+add) stage" in markdown
+    assert "| case | impl | median |" in markdown
+    assert "B2-C16-L256-K3-d2-causal+res-float32-train" in markdown
+
+
+def test_bench_json_schema_is_stable(quick_op_run):
+    _, out = quick_op_run
+    doc = json.loads((out / "t.json").read_text())
+    assert set(doc) == {"schema_version", "created_utc", "settings", "environment", "suites",
+                        "wall_time_s", "command"}
+    assert doc["schema_version"] == 1
+    assert doc["command"].startswith("fastres bench --quick --only op")
+    assert doc["settings"] == {"size": "quick", "device": "cpu", "dtypes": ["float32"],
+                               "only": ["op"], "compile_mode": None, "model_compile_mode": None}
+    assert ENVIRONMENT_KEYS <= set(doc["environment"])
+    assert doc["environment"]["torch"] == torch.__version__
+    assert doc["environment"]["fastres"] == fastres.__version__
+    assert doc["environment"]["torch_threads"] == 1
+    assert set(doc["suites"]) == {"op"}
+    op = doc["suites"]["op"]
+    assert set(op) == {"title", "status", "reason", "rows", "summary", "wall_time_s"}
+    assert op["status"] == "ok"
+    tasks = {row["task"] for row in op["rows"]}
+    assert tasks == {"B2-C16-L256-K3-d2-causal+res-float32-eval",
+                     "B2-C16-L256-K3-d2-causal+res-float32-train"}
+    for row in op["rows"]:
+        assert tuple(row) == runner.ROW_KEYS
+        assert row["status"] == "ok", row["error"]
+        assert row["impl"] in ("eager", "fastres") or row["impl"].startswith("fastres[")
+        assert row["median_s"] > 0 and len(row["times_s"]) == row["rounds"] >= 3
+        assert row["p25_s"] <= row["median_s"] <= row["p75_s"]
+        assert row["gbps"] > 0 and row["tflops"] > 0
+        assert row["case"]["B"] == 2 and row["case"]["K"] == 3
+    eager = [r for r in op["rows"] if r["impl"] == "eager"]
+    assert all(r["speedup"] == 1.0 for r in eager)
+
+
+# --------------------------------------------------------------------------- pieces of bench
+
+
+def test_measure_interleaves_and_separates_the_first_call():
+    calls = []
+
+    def candidate(name, first_cost=0.0):
+        state = {"first": True}
+
+        def fn():
+            if state["first"] and first_cost:
+                torch.randn(200, 200) @ torch.randn(200, 200)  # a slow "compile"
+            state["first"] = False
+            calls.append(name)
+        return fn
+
+    config = timing.TimingConfig(min_rounds=4, max_rounds=4, max_time_s=0, min_block_s=0,
+                                 warmup_s=0, min_warmup_calls=1)
+    stats = timing.measure({"a": candidate("a"), "b": candidate("b"), "c": candidate("c")},
+                           torch.device("cpu"), config)
+    timed = calls[6:]  # first call + one warm-up call each
+    assert [timed[i:i + 3] for i in range(0, 12, 3)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert all(len(s.times_s) == 4 and s.number == 1 for s in stats.values())
+
+
+def test_measure_reports_a_failing_candidate_and_keeps_the_others():
+    def broken():
+        raise RuntimeError("kernel exploded")
+    stats = timing.measure({"ok": lambda: None, "broken": broken}, torch.device("cpu"),
+                           timing.TIMING["quick"])
+    assert isinstance(stats["broken"], RuntimeError)
+    assert len(stats["ok"].times_s) == 3
+
+
+def test_rotation_count_defeats_the_cache():
+    cpu = torch.device("cpu")
+    cache = timing.cache_bytes(cpu)
+    assert timing.rotation_count(cache * 2, cpu) == 1
+    small = cache // 10
+    assert timing.rotation_count(small, cpu) * small >= min(2 * cache, 16 * small)
+
+
+def test_crossover_interpolates_in_log_log():
+    rnn = [(64, 1.0), (256, 4.0), (1024, 16.0)]
+    # Slower at 64 (ratio 2), faster from 256 on (ratio 0.5): log-midpoint 128.
+    mid = crossover([(64, 2.0), (256, 2.0), (1024, 2.0)], rnn)
+    assert (mid["length"], mid["first_faster_length"]) == (128, 256)
+    every = crossover([(64, 0.5), (256, 1.0), (1024, 2.0)], rnn)
+    assert every["length"] == 64 and "every length" in every["note"]
+    never = crossover([(64, 2.0), (256, 8.0), (1024, 32.0)], rnn)
+    assert never["length"] is None and "RNN faster" in never["note"]
+    # Faster at 256 but slower again at 1024: no crossover "for good" before 1024.
+    back = crossover([(64, 2.0), (256, 2.0), (1024, 20.0)], rnn)
+    assert back["length"] is None
+
+
+def test_rnn_parameter_counts_match_the_formula():
+    for kind, cls in (("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU)):
+        rnn = cls(8, 24, num_layers=2, batch_first=True)
+        head = torch.nn.Linear(24, 8)
+        actual = sum(p.numel() for p in [*rnn.parameters(), *head.parameters()])
+        assert _rnn_params(kind, 8, 24, 2) == actual
+        hidden = matched_hidden(kind, 20000, 8, 2)
+        assert abs(_rnn_params(kind, 8, hidden, 2) - 20000) < 0.05 * 20000
+
+
+# --------------------------------------------------------------------------- fastres check
+
+
+def test_check_passes_on_cpu(capsys):
+    assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out
+    n = len(CHECK_CASES) * len(reference_backend.DTYPES)
+    assert f"{n}/{n} passed" in out
+
+
+def test_check_fails_and_names_the_case_when_a_backend_is_wrong(monkeypatch, capsys):
+    forward = reference_backend.forward
+
+    def perturbed(*args, **kwargs):
+        out, y, mean, var = forward(*args, **kwargs)
+        return out + 1e-3, y, mean, var
+
+    monkeypatch.setattr(reference_backend, "forward", perturbed)
+    assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL reference float32 train+res: out=" in out
+    assert "FAIL reference float64 eval+res,same: out=" in out
+    table_rows = [line.split() for line in out.splitlines() if line.startswith("reference ")]
+    assert ["reference", "float32", "train", "FAIL"] == [table_rows[0][i] for i in (0, 1, 2, -1)]
+
+
+def test_check_reports_a_crashing_backend(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("backward kernel missing")
+
+    monkeypatch.setattr(reference_backend, "backward", broken)
+    assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 1
+    assert "RuntimeError: backward kernel missing" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-m", "fastres", "bench", "--help"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--only SUITES" in result.stdout and "--full" in result.stdout
+
+
+def test_busy_machine_warning():
+    from fastres.bench.report import busy_warning
+    env = {"device": "cpu", "cpu_count": 2, "torch_threads": 2,
+           "load_average_start": [0.2, 0.3, 0.3], "load_average_end": [1.9, 1.0, 0.5]}
+    assert busy_warning(env) is None
+    env["load_average_start"] = [3.4, 3.0, 2.0]
+    assert "machine was busy (1-min load average up to 3.4 on 2 cores" in busy_warning(env)
+    assert busy_warning(dict(env, device="cuda")) is None
+
+
+def test_op_work_model():
+    from fastres.bench.op import OpCase
+    eval_case = OpCase(B=1, C=2, L=4, K=3, dilation=1, mode="eval")
+    assert eval_case.flops() == 2 * 1 * 2 * 4 * 2 * 3
+    # x, residual, out (4 bytes x 8 elements each) + weights (12 x 4 bytes).
+    assert eval_case.bytes() == 3 * 32 + 48
+    train = OpCase(B=1, C=2, L=4, K=3, dilation=1, mode="train")
+    assert train.flops() == 3 * eval_case.flops()
+    # forward: x, y, y, res, out; backward: 2 x (grad_out, y, 1-bit mask), x, grad_x,
+    # grad_res, weights + grad_weight; weights in the forward.
+    assert train.bytes() == 5 * 32 + 2 * (32 + 32 + 1) + 3 * 32 + 2 * 48 + 48
+    assert OpCase(B=1, C=2, L=4, K=3, dilation=1, dtype="bfloat16").bytes() < train.bytes()
