@@ -130,6 +130,9 @@ def bench_stage(channels, length, dilation, batch, repeats, use_compile):
     torch.manual_seed(0)
     stage = EagerStage(channels, dilation)
     _randomize_bn(stage)
+    # Every shape recompiles EagerStage.forward (eval and train each); without a reset dynamo
+    # hits its recompile limit after 8 and silently runs the later shapes in eager.
+    torch._dynamo.reset()
     compiled = torch.compile(stage) if use_compile else None
     x = torch.randn(batch, channels, length)
     rows = {}
@@ -174,6 +177,7 @@ def bench_small_batch(repeats, inner, use_compile):
         assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3), (got - ref).abs().max()
         fns = {"eager": lambda: model(x), "cpp": lambda: fused_tcn(model, x)}
         if use_compile:
+            torch._dynamo.reset()
             compiled = torch.compile(model)
             compiled(x)
             fns["compile"] = lambda: compiled(x)

@@ -71,13 +71,16 @@ def conv_bn_relu_reference(
     """
     y = conv1d(x, weight, bias, stride=stride, dilation=dilation, padding=padding)
     if norm == "batch":
-        factor = momentum
-        if training and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
+        factor = 0.0  # read by F.batch_norm only when it updates running statistics
+        if training and running_mean is not None:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            if momentum is not None:
+                factor = momentum
+            elif num_batches_tracked is not None:
                 factor = 1.0 / float(num_batches_tracked)
-        if training and factor is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            else:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, factor, eps)
     elif norm is not None:
         raise ValueError(f"norm must be 'batch' or None, got {norm!r}")

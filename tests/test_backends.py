@@ -44,3 +44,36 @@ def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv("FASTRES_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown fastres backend"):
         backends.select(torch.device("cpu"), torch.float32)
+
+
+def test_cpu_default_runs_fused_only_where_measured_faster():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    has_cpp = backends.unavailable_reason("cpp") is None
+    # forward-only at stride 1: the C++ kernels when built; training and strided convs: eager
+    assert backends.use_fused(cpu, f32, needs_grad=False, stride=1) == has_cpp
+    assert not backends.use_fused(cpu, f32, needs_grad=True, stride=1)
+    assert not backends.use_fused(cpu, f32, needs_grad=False, stride=2)
+    with fastres.use_backend("reference"):
+        assert backends.use_fused(cpu, f32, needs_grad=True, stride=2)
+    with fastres.use_backend("eager"):
+        assert not backends.use_fused(cpu, f32, needs_grad=False, stride=1)
+
+
+def test_eager_path_never_calls_the_custom_op(monkeypatch):
+    calls = []
+    real = backends.select
+    monkeypatch.setattr(backends, "select", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, requires_grad=True)
+    with fastres.use_backend("eager"):
+        fastres.conv_bn_relu(x, w, training=True).sum().backward()
+    assert calls == [] and x.grad is not None
+    with fastres.use_backend("reference"):
+        fastres.conv_bn_relu(x, w, training=True).sum().backward()
+    assert len(calls) == 2  # forward and backward op
+
+
+def test_forcing_eager_for_a_kernel_call_is_an_error():
+    with fastres.use_backend("eager"):
+        with pytest.raises(RuntimeError, match="eager path runs no fused kernel"):
+            backends.select(torch.device("cpu"), torch.float32)

@@ -23,6 +23,7 @@ import torch
 
 # Import path of every backend fastres knows, in no particular order.
 _MODULES: Dict[str, str] = {
+    "eager": "fastres.backends.eager",
     "reference": "fastres.backends.reference",
     "triton": "fastres.backends.triton",
     "cpp": "fastres.backends.cpp",
@@ -98,9 +99,47 @@ def forced_backend() -> Optional[str]:
     return getattr(_forced, "name", None)
 
 
+def _requested() -> Optional[str]:
+    """The backend forced by use_backend() or, failing that, FASTRES_BACKEND."""
+    forced = forced_backend()
+    if forced is None and os.environ.get("FASTRES_BACKEND"):
+        forced = os.environ["FASTRES_BACKEND"]
+        reason = unavailable_reason(forced)
+        if reason is not None:
+            raise RuntimeError(f"FASTRES_BACKEND={forced!r} is not available: {reason}")
+    return forced
+
+
+# Under torch.compile the decision is taken once at trace time (it imports backends,
+# which dynamo cannot trace); a later use_backend() around the compiled function does not
+# retrace it.
+@torch.compiler.assume_constant_result
+def use_fused(device: torch.device, dtype: torch.dtype, *, needs_grad: bool, stride: int) -> bool:
+    """Whether a call runs a fused backend (True) or PyTorch's own kernels ("eager").
+
+    A forced backend is always honoured. By default a fused kernel runs only where it was
+    measured faster than eager PyTorch, so the default never makes a user slower:
+      CPU:  the C++ backend for forward-only calls at stride 1. Its train step (fwd+bwd)
+            ranged 0.84-1.37x eager per stage and 0.61-0.87x per block and model, and a
+            strided ResNet1d ran at 0.65x (benchmarks/results/cpu-2026-11-23*.md), so those
+            stay eager.
+      CUDA: Triton, then the CUDA extension (the default the fused-op issue asks for; not
+            yet timed on a GPU: see the README).
+    """
+    requested = _requested()
+    if requested is not None:
+        return requested != "eager"
+    if device.type == "cpu":
+        return (not needs_grad and stride == 1 and unavailable_reason("cpp") is None
+                and dtype in _load("cpp").DTYPES)
+    return True
+
+
 def select(device: torch.device, dtype: torch.dtype):
     """The backend module that runs the op for tensors on `device` of `dtype`."""
-    forced = forced_backend()
+    forced = _requested()
+    if forced == "eager":
+        raise RuntimeError("the eager path runs no fused kernel; use_fused() routes it")
     if forced is not None:
         backend = _load(forced)
         if device.type not in backend.DEVICES:
@@ -110,9 +149,6 @@ def select(device: torch.device, dtype: torch.dtype):
         if dtype not in backend.DTYPES:
             raise RuntimeError(f"fastres backend {forced!r} does not support {dtype}")
         return backend
-    if os.environ.get("FASTRES_BACKEND"):
-        with use_backend(os.environ["FASTRES_BACKEND"]):
-            return select(device, dtype)
     for name in _PREFERENCE.get(device.type, ["reference"]):
         backend = _load(name)
         if backend.unavailable_reason() is None and dtype in backend.DTYPES \

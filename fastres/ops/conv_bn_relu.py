@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import PADDING_MODES, conv_padding
+from ..reference import PADDING_MODES, conv_bn_relu_reference, conv_padding
 
 __all__ = ["conv_bn_relu"]
 
@@ -251,6 +251,19 @@ def conv_bn_relu(
     pad_left, pad_right, _ = _validate(x, weight, bias, running_mean, running_var, bn_weight,
                                        bn_bias, residual, training, stride, dilation, padding,
                                        norm)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, weight, bias, bn_weight, bn_bias, residual))
+    if not backends.use_fused(x.device, x.dtype, needs_grad=needs_grad, stride=stride):
+        # PyTorch's own kernels are at least as fast here (see backends.use_fused). The
+        # operands already carry the autocast dtype; BN keeps its float32 parameters.
+        with torch.autocast(x.device.type, enabled=False):
+            return conv_bn_relu_reference(
+                x, weight, bias, running_mean, running_var, bn_weight, bn_bias,
+                training=training, momentum=momentum, eps=eps, stride=stride,
+                dilation=dilation, padding=padding, residual=residual,
+                relu_before_add=relu_before_add, norm=norm,
+                num_batches_tracked=num_batches_tracked)
     use_batch_stats = norm == "batch" and training
     norm_mode = "none" if norm is None else ("train" if training else "eval")
     factor = momentum
@@ -271,9 +284,6 @@ def conv_bn_relu(
         if norm_mode == "eval":
             mean_in, var_in = running_mean.to(sdt), running_var.to(sdt)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (x, weight, bias, bn_weight, bn_bias, residual))
     save_y = needs_grad and (norm_mode != "none" or relu_before_add)
 
     out, _y, mean, var = _conv_bn_relu_op(
