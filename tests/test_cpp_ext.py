@@ -51,12 +51,11 @@ def test_available_backends_report_the_extension():
 
 def test_backends_explain_a_missing_extension(monkeypatch):
     # With the extension unloadable, both backends say why instead of raising.
-    import fastres.backends.cpp as cpp
-    import fastres.backends.cuda as cuda
-    for mod in (cpp, cuda):
-        monkeypatch.setattr(mod, "_loaded", True)
-        monkeypatch.setattr(mod, "_load_error", "fastres._C does not load (test)")
-        assert "does not load" in mod.unavailable_reason()
+    from fastres import _ext
+    monkeypatch.setattr(_ext, "_loaded", True)
+    monkeypatch.setattr(_ext, "_load_error", "fastres._C does not load (test)")
+    for name in ("cpp", "cuda"):
+        assert "does not load" in backends.unavailable_reason(name)
     assert "cpp" not in fastres.available_backends()
 
 
