@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .rounding import store_rounded
+from .tiling import elementwise_tile
 
 
 @triton.jit
@@ -30,16 +31,7 @@ def bn_relu_apply_kernel(
     HAS_RES: tl.constexpr, RELU_BEFORE_ADD: tl.constexpr, SAVE_Y: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
-    n_lblocks = tl.cdiv(L_out, BLOCK_L)
-    b = (tl.program_id(0) // n_lblocks).to(tl.int64)
-    pid_l = tl.program_id(0) % n_lblocks
-    pid_c = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    c_ok = offs_c < C
-    ok = c_ok[:, None] & (offs_l < L_out)[None, :]
-    offs = b * C * L_out + offs_c[:, None].to(tl.int64) * L_out + offs_l[None, :]
+    offs_c, c_ok, ok, offs = elementwise_tile(C, L_out, BLOCK_C, BLOCK_L)
 
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
     var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0)

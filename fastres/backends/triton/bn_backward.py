@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .rounding import store_rounded
+from .tiling import elementwise_tile
 
 NORM_NONE, NORM_EVAL, NORM_TRAIN = 0, 1, 2
 
@@ -42,16 +43,7 @@ def relu_bn_backward_kernel(
     REDUCE_BN: tl.constexpr, WRITE_GRAD_Y: tl.constexpr, REDUCE_GRAD_Y: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
-    n_lblocks = tl.cdiv(L_out, BLOCK_L)
-    b = (tl.program_id(0) // n_lblocks).to(tl.int64)
-    pid_l = tl.program_id(0) % n_lblocks
-    pid_c = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    c_ok = offs_c < C
-    ok = c_ok[:, None] & (offs_l < L_out)[None, :]
-    offs = b * C * L_out + offs_c[:, None].to(tl.int64) * L_out + offs_l[None, :]
+    offs_c, c_ok, ok, offs = elementwise_tile(C, L_out, BLOCK_C, BLOCK_L)
 
     out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -76,7 +68,7 @@ def relu_bn_backward_kernel(
             y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             g = tl.where(y > 0, g, 0.0)
 
-    tile = tl.program_id(0).to(tl.int64)  # = b * n_lblocks + pid_l
+    tile = tl.program_id(0).to(tl.int64)  # the (batch row, length tile) of elementwise_tile
     part_row = part_ptr + tile * 3 * C
     if REDUCE_BN:
         tl.store(part_row + offs_c, tl.sum(g, axis=1), mask=c_ok)

@@ -11,6 +11,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Upper bounds of the tile sizes (powers of two). 64 x 64 fp32 accumulators keep register
 # pressure sane at num_warps=4; tests lower them to exercise edge tiles.
@@ -88,3 +89,21 @@ FINALIZE_ROWS = 1024
 # bytes for that round trip, but ReLU masks near zero then flip often enough to exceed
 # the 1e-2 bound of the parity tests. A speed/precision knob for benchmarks.
 TRAIN_Y_FLOAT32 = True
+
+
+@triton.jit
+def elementwise_tile(C, L_out, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's [BLOCK_C, BLOCK_L] tile of a contiguous (B, C, L_out) tensor.
+
+    Grid axis 0 enumerates (batch row, length tile), because CUDA caps grid axes 1 and 2
+    at 65535; axis 1 tiles the channels. The batch offset is int64, so B*C*L_out may pass
+    2**31. Returns (channel offsets, channel mask, tile mask, element offsets).
+    """
+    n_lblocks = tl.cdiv(L_out, BLOCK_L)
+    b = (tl.program_id(0) // n_lblocks).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_l = (tl.program_id(0) % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    c_ok = offs_c < C
+    ok = c_ok[:, None] & (offs_l < L_out)[None, :]
+    offs = b * C * L_out + offs_c[:, None].to(tl.int64) * L_out + offs_l[None, :]
+    return offs_c, c_ok, ok, offs
