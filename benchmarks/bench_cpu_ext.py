@@ -33,6 +33,7 @@ import torch.nn as nn
 
 import fastres
 from fastres import backends
+from fastres.bench.report import _cpu_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K = 3
@@ -184,17 +185,6 @@ def bench_small_batch(repeats, inner, use_compile):
         for fn in fns.values():
             fn()
         return interleaved(fns, repeats, inner)
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit():
