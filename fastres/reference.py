@@ -38,9 +38,20 @@ def output_length(length: int, kernel_size: int, dilation: int, stride: int, pad
 
 
 def conv1d(x, weight, bias, *, stride=1, dilation=1, padding="causal"):
-    """F.conv1d with the causal / same padding of SPEC.md."""
-    left, right = conv_padding(weight.shape[-1], dilation, stride, padding)
-    return F.conv1d(F.pad(x, (left, right)), weight, bias, stride=stride, dilation=dilation)
+    """F.conv1d with the causal / same padding of SPEC.md, without a padded copy of x.
+
+    Symmetric padding goes to the conv itself. Causal pads (K-1)*d on both sides and drops
+    the trailing outputs that only the right padding produced: SPEC.md's definition (the
+    "chomp" of the seed TemporalBlock), so eager PyTorch runs exactly what users ran.
+    """
+    kernel_size = weight.shape[-1]
+    left, right = conv_padding(kernel_size, dilation, stride, padding)
+    if left == right:
+        return F.conv1d(x, weight, bias, stride=stride, padding=left, dilation=dilation)
+    if padding == "same":  # stride 1, odd total: PyTorch's own "same" puts the extra zero right
+        return F.conv1d(x, weight, bias, padding="same", dilation=dilation)
+    y = F.conv1d(x, weight, bias, stride=stride, padding=left, dilation=dilation)
+    return y[..., :output_length(x.shape[-1], kernel_size, dilation, stride, padding)]
 
 
 def conv_bn_relu_reference(

@@ -49,14 +49,16 @@ def test_env_var_forces_backend(monkeypatch):
 def test_cpu_default_runs_fused_only_where_measured_faster():
     cpu, f32 = torch.device("cpu"), torch.float32
     has_cpp = backends.unavailable_reason("cpp") is None
-    # forward-only at stride 1: the C++ kernels when built; training and strided convs: eager
-    assert backends.use_fused(cpu, f32, needs_grad=False, stride=1) == has_cpp
-    assert not backends.use_fused(cpu, f32, needs_grad=True, stride=1)
-    assert not backends.use_fused(cpu, f32, needs_grad=False, stride=2)
+    long, short = backends.CPP_MIN_LENGTH, backends.CPP_MIN_LENGTH - 1
+    # forward-only at stride 1 on long sequences: the C++ kernels when built; else eager
+    assert backends.use_fused(cpu, f32, needs_grad=False, stride=1, length_out=long) == has_cpp
+    assert not backends.use_fused(cpu, f32, needs_grad=False, stride=1, length_out=short)
+    assert not backends.use_fused(cpu, f32, needs_grad=True, stride=1, length_out=long)
+    assert not backends.use_fused(cpu, f32, needs_grad=False, stride=2, length_out=long)
     with fastres.use_backend("reference"):
-        assert backends.use_fused(cpu, f32, needs_grad=True, stride=2)
+        assert backends.use_fused(cpu, f32, needs_grad=True, stride=2, length_out=short)
     with fastres.use_backend("eager"):
-        assert not backends.use_fused(cpu, f32, needs_grad=False, stride=1)
+        assert not backends.use_fused(cpu, f32, needs_grad=False, stride=1, length_out=long)
 
 
 def test_eager_path_never_calls_the_custom_op(monkeypatch):
@@ -77,3 +79,10 @@ def test_forcing_eager_for_a_kernel_call_is_an_error():
     with fastres.use_backend("eager"):
         with pytest.raises(RuntimeError, match="eager path runs no fused kernel"):
             backends.select(torch.device("cpu"), torch.float32)
+
+
+def test_describe_default_states_the_policy():
+    cpu = torch.device("cpu")
+    assert backends.describe_default(cpu, torch.float32).endswith("eager")
+    with fastres.use_backend("reference"):
+        assert backends.describe_default(cpu, torch.float32) == "reference (forced)"

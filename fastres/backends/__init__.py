@@ -110,19 +110,25 @@ def _requested() -> Optional[str]:
     return forced
 
 
+# Shortest output length at which the C++ forward beats oneDNN (see use_fused).
+CPP_MIN_LENGTH = 512
+
 # Under torch.compile the decision is taken once at trace time (it imports backends,
 # which dynamo cannot trace); a later use_backend() around the compiled function does not
 # retrace it.
 @torch.compiler.assume_constant_result
-def use_fused(device: torch.device, dtype: torch.dtype, *, needs_grad: bool, stride: int) -> bool:
+def use_fused(device: torch.device, dtype: torch.dtype, *, needs_grad: bool, stride: int,
+              length_out: int) -> bool:
     """Whether a call runs a fused backend (True) or PyTorch's own kernels ("eager").
 
     A forced backend is always honoured. By default a fused kernel runs only where it was
     measured faster than eager PyTorch, so the default never makes a user slower:
-      CPU:  the C++ backend for forward-only calls at stride 1. Its train step (fwd+bwd)
-            ranged 0.84-1.37x eager per stage and 0.61-0.87x per block and model, and a
-            strided ResNet1d ran at 0.65x (benchmarks/results/cpu-2026-11-23*.md), so those
-            stay eager.
+      CPU:  the C++ backend for forward-only calls at stride 1 on sequences of at least
+            CPP_MIN_LENGTH outputs. Its train step (fwd+bwd) ranged 0.84-1.37x eager per
+            stage and 0.61-0.87x per block and model (benchmarks/results/
+            cpu-2026-11-23-cpp-default.md), and its forward loses to oneDNN on short, wide
+            stages (0.5x at C=512, L=32; parity near L=256; 1.2-2.9x from L=1024), as in
+            ResNet1d's late stages; everything else stays eager.
       CUDA: Triton, then the CUDA extension (the default the fused-op issue asks for; not
             yet timed on a GPU: see the README).
     """
@@ -130,9 +136,24 @@ def use_fused(device: torch.device, dtype: torch.dtype, *, needs_grad: bool, str
     if requested is not None:
         return requested != "eager"
     if device.type == "cpu":
-        return (not needs_grad and stride == 1 and unavailable_reason("cpp") is None
-                and dtype in _load("cpp").DTYPES)
+        return (not needs_grad and stride == 1 and length_out >= CPP_MIN_LENGTH
+                and unavailable_reason("cpp") is None and dtype in _load("cpp").DTYPES)
     return True
+
+
+def describe_default(device: torch.device, dtype: torch.dtype) -> str:
+    """In words, what use_fused and select pick for calls on `device` of `dtype`."""
+    if _requested() is not None:
+        return f"{_requested()} (forced)"
+    if device.type == "cpu":
+        if unavailable_reason("cpp") is None and dtype in _load("cpp").DTYPES:
+            return (f"cpp for forward-only calls at stride 1 with L_out >= {CPP_MIN_LENGTH}, "
+                    "else eager")
+        return "eager"
+    try:
+        return select(device, dtype).NAME
+    except RuntimeError:
+        return "eager"
 
 
 def select(device: torch.device, dtype: torch.dtype):

@@ -110,7 +110,7 @@ def environment(device: torch.device) -> Dict[str, object]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
             env["default_backend"][str(dtype).replace("torch.", "")] = \
-                backends.select(device, dtype).NAME
+                backends.describe_default(device, dtype)
         except RuntimeError:
             pass
     return env

@@ -248,13 +248,14 @@ def conv_bn_relu(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         residual = None if residual is None else residual.to(dtype)
-    pad_left, pad_right, _ = _validate(x, weight, bias, running_mean, running_var, bn_weight,
+    pad_left, pad_right, l_out = _validate(x, weight, bias, running_mean, running_var, bn_weight,
                                        bn_bias, residual, training, stride, dilation, padding,
                                        norm)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, weight, bias, bn_weight, bn_bias, residual))
-    if not backends.use_fused(x.device, x.dtype, needs_grad=needs_grad, stride=stride):
+    if not backends.use_fused(x.device, x.dtype, needs_grad=needs_grad, stride=stride,
+                              length_out=l_out):
         # PyTorch's own kernels are at least as fast here (see backends.use_fused). The
         # operands already carry the autocast dtype; BN keeps its float32 parameters.
         with torch.autocast(x.device.type, enabled=False):
