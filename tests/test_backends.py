@@ -59,6 +59,9 @@ def test_cpu_default_runs_fused_only_where_measured_faster():
         assert backends.use_fused(cpu, f32, needs_grad=True, stride=2, length_out=short)
     with fastres.use_backend("eager"):
         assert not backends.use_fused(cpu, f32, needs_grad=False, stride=1, length_out=long)
+    # 16-bit: the C++ kernels (float32 accumulation) whenever built, any call
+    for dtype in (torch.bfloat16, torch.float16):
+        assert backends.use_fused(cpu, dtype, needs_grad=True, stride=2, length_out=short) == has_cpp
 
 
 def test_eager_path_never_calls_the_custom_op(monkeypatch):

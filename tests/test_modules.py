@@ -595,3 +595,21 @@ def test_bad_arguments_raise(build, match):
 def test_locuslab_padding_argument_is_accepted():
     block = fastres.TemporalBlock(4, 6, 3, stride=1, dilation=4, padding=8, dropout=0.2)
     assert block(torch.randn(2, 4, 10)).shape == (2, 6, 10)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_block_moved_to_bfloat16_whole_trains(backend):
+    """model.to(bfloat16) makes BN parameters and running stats bf16 too; every path takes it."""
+    if backend not in fastres.available_backends():
+        pytest.skip(f"backend {backend} unavailable here")
+    torch.manual_seed(0)
+    block = fastres.TemporalBlock(4, 6, 3, dilation=2).to(torch.bfloat16)
+    before = block.bn1.running_mean.clone()
+    x = torch.randn(2, 4, 32, dtype=torch.bfloat16, requires_grad=True)
+    with fastres.use_backend(backend):
+        out = block(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert block.bn1.running_mean.dtype == torch.bfloat16
+    assert not torch.equal(block.bn1.running_mean, before)  # updated in place
+    assert x.grad is not None and block.conv1.weight.grad is not None

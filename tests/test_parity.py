@@ -77,18 +77,17 @@ def cases(draw):
 def _valid(case):
     """Configs whose gradients relative error can judge.
 
-    Training-mode BN makes some gradients zero or nearly so in exact arithmetic, so their
-    relative error is rounding noise over almost nothing: with few values per channel the
-    normalized output barely depends on the input (for 2 it is +-1 whatever x is; below 8,
-    plain PyTorch in bf16 -- the eager path -- misses 1e-2 on such gradients itself), and when a single weight
+    Training-mode BN makes some gradients zero in exact arithmetic, so their relative error
+    is rounding noise over nothing: with 2 or 3 values per channel the normalized output
+    barely depends on the input (for 2 it is +-1 whatever x is), and when a single weight
     touches the data (C_in * K == 1, or taps that only ever read padding) its scale cancels
-    in the normalization. Such cases fail on the reference
-    backend itself; the grid keeps a bias-gradient check that handles its zero explicitly.
+    in the normalization. Such cases fail on the reference backend itself; the grid keeps a
+    bias-gradient check that handles its zero explicitly.
     """
     if case.L_out < 1:
         return False
     if case.norm == "train":
-        return case.B * case.L_out >= 8 and case.C_in * _taps_touching_data(case) > 1
+        return case.B * case.L_out >= 4 and case.C_in * _taps_touching_data(case) > 1
     return True
 
 

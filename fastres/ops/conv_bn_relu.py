@@ -258,13 +258,29 @@ def conv_bn_relu(
                               length_out=l_out):
         # PyTorch's own kernels are at least as fast here (see backends.use_fused). The
         # operands already carry the autocast dtype; BN keeps its float32 parameters.
+        # 16-bit operands are computed in float32 (SPEC: accumulate in float32 whatever the
+        # input dtype): rounding the conv output to 16 bits before batch norm costs 2-3e-2
+        # in the gradients, past the 1e-2 bound.
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        up = lambda t: None if t is None else t.to(compute)  # noqa: E731
+        # Running statistics of another dtype (a model moved to bf16 whole) are updated
+        # through compute-dtype copies, written back below.
+        stats = [running_mean, running_var]
+        work = [None if t is None or t.dtype == compute else t.to(compute) for t in stats]
         with torch.autocast(x.device.type, enabled=False):
-            return conv_bn_relu_reference(
-                x, weight, bias, running_mean, running_var, bn_weight, bn_bias,
-                training=training, momentum=momentum, eps=eps, stride=stride,
-                dilation=dilation, padding=padding, residual=residual,
+            out = conv_bn_relu_reference(
+                up(x), up(weight), up(bias),
+                running_mean if work[0] is None else work[0],
+                running_var if work[1] is None else work[1],
+                up(bn_weight), up(bn_bias), training=training, momentum=momentum, eps=eps,
+                stride=stride, dilation=dilation, padding=padding, residual=up(residual),
                 relu_before_add=relu_before_add, norm=norm,
                 num_batches_tracked=num_batches_tracked)
+        with torch.no_grad():
+            for stat, copy in zip(stats, work):
+                if copy is not None:
+                    stat.copy_(copy)
+        return out.to(x.dtype)
     use_batch_stats = norm == "batch" and training
     norm_mode = "none" if norm is None else ("train" if training else "eval")
     factor = momentum
