@@ -54,6 +54,24 @@ def conv1d(x, weight, bias, *, stride=1, dilation=1, padding="causal"):
     return y[..., :output_length(x.shape[-1], kernel_size, dilation, stride, padding)]
 
 
+def running_stats_factor(training, running_mean, momentum, num_batches_tracked) -> float:
+    """The running-statistics update factor of this call, as nn.BatchNorm1d computes it.
+
+    In training with running statistics, increments num_batches_tracked (when given) and
+    returns momentum, or 1/num_batches_tracked for momentum=None (a cumulative average).
+    Otherwise nothing is updated and the factor is unused (0.0).
+    """
+    if not training or running_mean is None:
+        return 0.0
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return 1.0 / float(num_batches_tracked)
+
+
 def conv_bn_relu_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -82,16 +100,7 @@ def conv_bn_relu_reference(
     """
     y = conv1d(x, weight, bias, stride=stride, dilation=dilation, padding=padding)
     if norm == "batch":
-        factor = 0.0  # read by F.batch_norm only when it updates running statistics
-        if training and running_mean is not None:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            if momentum is not None:
-                factor = momentum
-            elif num_batches_tracked is not None:
-                factor = 1.0 / float(num_batches_tracked)
-            else:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = running_stats_factor(training, running_mean, momentum, num_batches_tracked)
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, factor, eps)
     elif norm is not None:
         raise ValueError(f"norm must be 'batch' or None, got {norm!r}")

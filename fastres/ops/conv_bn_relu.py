@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import PADDING_MODES, conv_bn_relu_reference, conv_padding
+from ..reference import (PADDING_MODES, conv_bn_relu_reference, conv_padding,
+                         running_stats_factor)
 
 __all__ = ["conv_bn_relu"]
 
@@ -283,14 +284,7 @@ def conv_bn_relu(
         return out.to(x.dtype)
     use_batch_stats = norm == "batch" and training
     norm_mode = "none" if norm is None else ("train" if training else "eval")
-    factor = momentum
-    if use_batch_stats and running_mean is not None:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / float(num_batches_tracked)
-        if factor is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    factor = running_stats_factor(use_batch_stats, running_mean, momentum, num_batches_tracked)
 
     gamma = beta = mean_in = var_in = None
     if norm_mode != "none":
