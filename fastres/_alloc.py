@@ -21,10 +21,6 @@ def empty(shape, *, dtype, device) -> torch.Tensor:
     return t
 
 
-def empty_like(t: torch.Tensor) -> torch.Tensor:
-    return empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 @contextlib.contextmanager
 def poisoned(enabled: bool = True):
     """Fill every backend output with NaN before the kernel writes it."""
