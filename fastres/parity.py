@@ -20,6 +20,7 @@ import torch
 
 import fastres
 from fastres import _alloc
+from fastres.conventions import rel_err
 from fastres.reference import conv_bn_relu_reference, output_length
 
 TOLERANCE = {
@@ -137,16 +138,6 @@ def run_reference(case: Case, inputs):
     return out, dict(zip(names, grads)), args[3], args[4]
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> float:
-    """||a - b|| / ||b|| in float64 (or / scale); NaN anywhere gives inf, so it never passes."""
-    a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    denom = scale if scale is not None else b.norm().item()
-    diff = (a - b).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
 def parity_errors(case: Case, backend: Optional[str], dtype: torch.dtype, device="cpu",
                   seed: int = 0) -> Dict[str, float]:
     """Relative error of the backend against the float64 reference, by quantity.
@@ -239,11 +230,11 @@ def check_plan(device: str, backend_names: Optional[Sequence[str]] = None,
     names = backends.available_backends() if backend_names is None else list(backend_names)
     plan = []
     for name in names:
-        module = backends._load(name)
-        if module.unavailable_reason() is not None or device not in module.DEVICES:
+        backend = backends.get(name)
+        if backend.unavailable_reason() is not None or device not in backend.devices:
             continue
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            if dtype not in module.DTYPES or (dtype == torch.float64 and device == "cuda"):
+            if dtype not in backend.dtypes or (dtype == torch.float64 and device == "cuda"):
                 continue
             modes = [False, True] if (device == "cuda" and dtype == torch.float32) else [False]
             for tf32 in modes:

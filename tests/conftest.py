@@ -1,12 +1,8 @@
 import os
 
-import pytest
 import torch
 
 # Without a GPU, Triton kernels run in the interpreter. The variable is read when the
 # kernels are decorated, so it must be set before fastres.backends.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                   reason="needs a CUDA GPU (the CPU twin of this test runs)")

@@ -1,88 +1,94 @@
-"""The one place that picks a backend for the fused op.
+"""The one place that picks the backend a call of the fused op runs on.
 
-A backend is a module exposing
+Backends are objects (fastres/backends/base.py) registered here by name. Backends never
+import each other: each kernel backend's module is imported on first use, so a missing
+compiler or Triton costs nothing until that backend is asked for.
 
-    NAME: str
-    DEVICES: tuple of device types it runs on ("cpu", "cuda")
-    DTYPES: tuple of torch dtypes it accepts
-    unavailable_reason() -> str | None     # None when it can run here
-    forward(...), backward(...)            # see fastres/backends/reference.py for the contract
-
-Backends never import each other; this module imports them lazily by name, so a
-missing compiler or Triton costs nothing until that backend is asked for.
+How a call is routed (`choose`):
+  1. a backend forced with `use_backend(name)` (this thread) or FASTRES_BACKEND;
+  2. otherwise the dispatch policy: the static rule below (`static_choice`). The op records
+     the chosen backend's name in the autograd context, so backward runs on the backend
+     that ran the forward, whichever thread autograd runs it on.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
+import dataclasses
 import os
 import threading
 from typing import Dict, Iterator, List, Optional
 
 import torch
 
-# Import path of every backend fastres knows, in no particular order.
-_MODULES: Dict[str, str] = {
-    "eager": "fastres.backends.eager",
-    "reference": "fastres.backends.reference",
-    "triton": "fastres.backends.triton",
-    "cpp": "fastres.backends.cpp",
-    "cuda": "fastres.backends.cuda",
-}
+from ..conventions import HALF_DTYPES, triton_interpreting
+from .base import Backend, Call, KernelBackend
+from .eager import EagerBackend
 
-# Default preference per device type, fastest first. Triton is absent for CPU tensors:
-# TRITON_INTERPRET runs it there, but only for testing (it is orders of magnitude slower).
-_PREFERENCE: Dict[str, List[str]] = {
-    "cuda": ["triton", "cuda", "reference"],
-    "cpu": ["cpp", "reference"],
-}
+__all__ = ["Backend", "Call", "Decision", "all_backends", "available_backends", "choose",
+           "describe_default", "forced_backend", "get", "names", "static_choice",
+           "unavailable_reason", "use_backend"]
 
-_forced = threading.local()
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+_REGISTRY: Dict[str, Backend] = {b.name: b for b in (
+    EagerBackend(),
+    KernelBackend("reference", "fastres.backends.reference", ("cpu", "cuda"),
+                  _FLOATS + (torch.float64,),
+                  "PyTorch ops, with the analytic backward the fused backends reproduce"),
+    # Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1), for tests.
+    KernelBackend("triton", "fastres.backends.triton",
+                  ("cuda", "cpu") if triton_interpreting() else ("cuda",), _FLOATS,
+                  "Triton kernels: implicit-GEMM conv with the BN/ReLU/residual epilogues"),
+    KernelBackend("cpp", "fastres.backends.cpp", ("cpu",), _FLOATS + (torch.float64,),
+                  "C++ CPU kernels (csrc/cpu): BLAS conv tiles with fused epilogues"),
+    KernelBackend("cuda", "fastres.backends.cuda", ("cuda",), _FLOATS,
+                  "CUDA C++ kernels (csrc/cuda)"),
+)}
+
+# The fused backends the default tries per device type, most preferred first. "reference"
+# is never a default: it exists to be compared against.
+_PREFERENCE: Dict[str, List[str]] = {"cuda": ["triton", "cuda"], "cpu": ["cpp"]}
 
 
 def names() -> List[str]:
     """Every backend fastres knows, available here or not."""
-    return list(_MODULES)
+    return list(_REGISTRY)
 
 
-def _load(name: str):
-    if name not in _MODULES:
-        raise ValueError(f"unknown fastres backend {name!r}; known backends: {names()}")
+def all_backends() -> List[Backend]:
+    return list(_REGISTRY.values())
+
+
+def get(name: str) -> Backend:
+    """The backend called `name`; ValueError for an unknown name."""
     try:
-        return importlib.import_module(_MODULES[name])
-    except ImportError as exc:  # e.g. a backend module whose dependency is missing
-        return _Missing(name, f"cannot import {_MODULES[name]}: {exc}")
-
-
-class _Missing:
-    """Stands in for a backend whose module failed to import."""
-
-    DEVICES = ()
-    DTYPES = ()
-
-    def __init__(self, name: str, reason: str):
-        self.NAME = name
-        self._reason = reason
-
-    def unavailable_reason(self) -> str:
-        return self._reason
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown fastres backend {name!r}; known backends: {names()}") \
+            from None
 
 
 def unavailable_reason(name: str) -> Optional[str]:
     """None if backend `name` can run on this machine, else why not."""
-    return _load(name).unavailable_reason()
+    return get(name).unavailable_reason()
 
 
 def available_backends() -> List[str]:
-    """The backends that can run on this machine."""
-    return [name for name in _MODULES if unavailable_reason(name) is None]
+    """The names of the backends that can run on this machine."""
+    return [b.name for b in _REGISTRY.values() if b.unavailable_reason() is None]
+
+
+# ----------------------------------------------------------------------------- forcing
+
+_forced = threading.local()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force backend `name` for fastres ops called inside the block (this thread).
+    """Run fastres ops called inside the block (on this thread) on backend `name`.
 
-    Raises RuntimeError at once if the backend cannot run on this machine.
+    Raises at once if the backend cannot run on this machine. The backward of a call made
+    inside the block runs on the same backend, wherever autograd runs it.
     """
     reason = unavailable_reason(name)
     if reason is not None:
@@ -96,12 +102,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def forced_backend() -> Optional[str]:
-    return getattr(_forced, "name", None)
-
-
-def _requested() -> Optional[str]:
-    """The backend forced by use_backend() or, failing that, FASTRES_BACKEND."""
-    forced = forced_backend()
+    """The backend use_backend() or, failing that, FASTRES_BACKEND forces; None if none."""
+    forced = getattr(_forced, "name", None)
     if forced is None and os.environ.get("FASTRES_BACKEND"):
         forced = os.environ["FASTRES_BACKEND"]
         reason = unavailable_reason(forced)
@@ -110,78 +112,65 @@ def _requested() -> Optional[str]:
     return forced
 
 
-# Shortest output length at which the C++ forward beats oneDNN (see use_fused).
+# ----------------------------------------------------------------------------- choosing
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The backend a call runs on, and why (what `fastres.explain` reports)."""
+
+    backend: str
+    reason: str
+
+
+# Shortest output length at which the C++ forward beats oneDNN in the static rule.
 CPP_MIN_LENGTH = 512
 
-# Under torch.compile the decision is taken once at trace time (it imports backends,
-# which dynamo cannot trace); a later use_backend() around the compiled function does not
-# retrace it.
-@torch.compiler.assume_constant_result
-def use_fused(device: torch.device, dtype: torch.dtype, *, needs_grad: bool, stride: int,
-              length_out: int) -> bool:
-    """Whether a call runs a fused backend (True) or PyTorch's own kernels ("eager").
 
-    A forced backend is always honoured. By default a fused kernel runs only where it was
-    measured faster than eager PyTorch, so the default never makes a user slower:
-      CPU:  the C++ backend for forward-only calls at stride 1 on sequences of at least
-            CPP_MIN_LENGTH outputs. Its train step (fwd+bwd) ranged 0.84-1.37x eager per
-            stage and 0.61-0.87x per block and model (benchmarks/results/
-            cpu-2026-11-23-cpp-default.md), and its forward loses to oneDNN on short, wide
-            stages (0.5x at C=512, L=32; parity near L=256; 1.2-2.9x from L=1024), as in
-            ResNet1d's late stages; everything else stays eager.
-            16-bit inputs always take the C++ kernels: plain PyTorch rounds the conv output
-            to 16 bits before batch norm, which misses SPEC's 1e-2 gradient bound (2-3e-2),
-            and of the paths that meet it the C++ kernels (float32 accumulation) are the
-            fastest, 0.6-0.9x plain bf16 on a CPU with fast bf16 convs (the eager path,
-            computing in float32, is 0.35-0.7x).
-      CUDA: Triton, then the CUDA extension (the default the fused-op issue asks for; not
-            yet timed on a GPU: see the README).
+def static_choice(call: Call) -> Decision:
+    """The rule used when nothing was measured for `call`.
+
+    CPU: the C++ kernels for forward-only float32 calls at stride 1 on at least
+      CPP_MIN_LENGTH outputs, where they measured faster than oneDNN on every shape tried
+      (benchmarks/results/cpu-2026-11-23-cpp-default.md); for 16-bit inputs always, because
+      plain PyTorch rounds the conv output to 16 bits before batch norm and misses the
+      1e-2 gradient bound, and of the float32-accumulating paths the C++ kernels are the
+      fastest. Everything else runs eager.
+    CUDA: Triton, then the CUDA extension.
     """
-    requested = _requested()
-    if requested is not None:
-        return requested != "eager"
-    if device.type == "cpu":
-        if unavailable_reason("cpp") is not None or dtype not in _load("cpp").DTYPES:
-            return False
-        if dtype in (torch.float16, torch.bfloat16):
-            return True
-        return not needs_grad and stride == 1 and length_out >= CPP_MIN_LENGTH
-    return True
+    fused = [get(n) for n in _PREFERENCE.get(call.device_type, [])]
+    runnable = [b for b in fused if b.supports(call) is None]
+    if not runnable:
+        return Decision("eager", "no fused backend runs this call here")
+    best = runnable[0]
+    if call.device_type == "cpu" and call.dtype not in HALF_DTYPES:
+        if call.needs_grad or call.stride != 1 or call.length_out < CPP_MIN_LENGTH:
+            return Decision("eager", "static rule: on CPU, float32 training, strided and "
+                            f"short (< {CPP_MIN_LENGTH} outputs) calls run eager")
+    return Decision(best.name, "static rule")
+
+
+def choose(call: Call) -> Decision:
+    """The backend that runs `call`: forced, else the dispatch policy."""
+    forced = forced_backend()
+    if forced is not None:
+        reason = get(forced).supports(call)
+        if reason is not None:
+            raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
+        return Decision(forced, "forced")
+    return static_choice(call)
 
 
 def describe_default(device: torch.device, dtype: torch.dtype) -> str:
-    """In words, what use_fused and select pick for calls on `device` of `dtype`."""
-    if _requested() is not None:
-        return f"{_requested()} (forced)"
-    if device.type == "cpu":
-        if unavailable_reason("cpp") is not None or dtype not in _load("cpp").DTYPES:
-            return "eager"
-        if dtype in (torch.float16, torch.bfloat16):
-            return "cpp"
-        return f"cpp for forward-only calls at stride 1 with L_out >= {CPP_MIN_LENGTH}, else eager"
-    try:
-        return select(device, dtype).NAME
-    except RuntimeError:
-        return "eager"
-
-
-def select(device: torch.device, dtype: torch.dtype):
-    """The backend module that runs the op for tensors on `device` of `dtype`."""
-    forced = _requested()
-    if forced == "eager":
-        raise RuntimeError("the eager path runs no fused kernel; use_fused() routes it")
+    """In words, what the default picks for calls on `device` of `dtype`."""
+    forced = forced_backend()
     if forced is not None:
-        backend = _load(forced)
-        if device.type not in backend.DEVICES:
-            raise RuntimeError(
-                f"fastres backend {forced!r} does not run on {device.type} tensors "
-                f"(it runs on: {', '.join(backend.DEVICES)})")
-        if dtype not in backend.DTYPES:
-            raise RuntimeError(f"fastres backend {forced!r} does not support {dtype}")
-        return backend
-    for name in _PREFERENCE.get(device.type, ["reference"]):
-        backend = _load(name)
-        if backend.unavailable_reason() is None and dtype in backend.DTYPES \
-                and device.type in backend.DEVICES:
-            return backend
-    raise RuntimeError(f"no fastres backend runs {dtype} on {device.type}")
+        return f"{forced} (forced)"
+    fused = [n for n in _PREFERENCE.get(device.type, [])
+             if get(n).unavailable_reason() is None and dtype in get(n).dtypes]
+    if not fused:
+        return "eager"
+    if device.type == "cpu" and dtype not in HALF_DTYPES:
+        return (f"{fused[0]} for forward-only calls at stride 1 with L_out >= "
+                f"{CPP_MIN_LENGTH}, else eager")
+    return fused[0]

@@ -1,16 +1,84 @@
-"""Eager: no fused kernel. The op composed from PyTorch's own kernels under autograd.
+"""Eager: no fused kernel. The stage composed from PyTorch's own kernels under autograd.
 
-fastres.conv_bn_relu takes this path (fastres/reference.py's composition of F.conv1d,
-F.batch_norm and relu, which calls oneDNN on CPU and cuDNN on CUDA) where dispatch
-finds no fused kernel faster, so the default never makes a user slower than plain
-PyTorch. It has no forward/backward of its own: the custom op is never called for it.
+The dispatcher routes a call here wherever no fused kernel is faster, so the default never
+makes a user slower than plain PyTorch: this is exactly what users write (F.conv1d, which
+calls oneDNN on CPU and cuDNN on CUDA, F.batch_norm, F.relu). It is its own implementation,
+not fastres/reference.py: the reference judges it like any other backend.
+
+16-bit inputs are computed in float32 (docs/spec.md: accumulate in float32 whatever the
+input dtype): rounding the conv output to 16 bits before batch norm costs 2-3e-2 in the
+gradients, past the 1e-2 bound.
 """
+from __future__ import annotations
+
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-NAME = "eager"
-DEVICES = ("cpu", "cuda")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN
+from .base import Backend
+
+_ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def unavailable_reason():
-    return None
+def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilation: int,
+          pad_left: int, pad_right: int) -> Tensor:
+    """F.conv1d with asymmetric zero padding and no padded copy of x where avoidable."""
+    if pad_left == pad_right:
+        return F.conv1d(x, weight, bias, stride=stride, padding=pad_left, dilation=dilation)
+    # Pad the larger side's amount on both and drop the outputs only the extra zeros made.
+    pad = max(pad_left, pad_right)
+    y = F.conv1d(x, weight, bias, stride=stride, padding=pad, dilation=dilation)
+    k = weight.shape[-1]
+    l_out = (x.shape[-1] + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
+    if pad_left >= pad_right:  # causal: the extra outputs are at the end (the "chomp")
+        return y[..., :l_out]
+    # More zeros on the right (same padding, odd total): the extra outputs are at the start,
+    # which only works out on the stride grid at stride 1, where PyTorch's "same" is exact.
+    return F.conv1d(x, weight, bias, padding="same", dilation=dilation)
+
+
+def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, residual, *,
+                       stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
+                       relu_before_add):
+    """relu([relu](batch_norm(conv1d(x))) + residual) in PyTorch ops, under autograd.
+
+    Arguments as the backend contract's forward (docs/spec.md), except that gamma/beta may
+    be None and the running statistics are updated by F.batch_norm itself.
+    """
+    compute = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
+    up = (lambda t: t) if compute == x.dtype else (  # noqa: E731
+        lambda t: None if t is None else t.to(compute))
+    with torch.autocast(x.device.type, enabled=False):
+        z = _conv(up(x), up(weight), up(bias), stride, dilation, pad_left, pad_right)
+        if norm != NORM_NONE:
+            stats = [running_mean, running_var]
+            # Running statistics of another dtype (a model moved to 16 bits whole) are
+            # updated through compute-dtype copies, written back below.
+            work = [t if t is None or t.dtype == compute else t.to(compute) for t in stats]
+            z = F.batch_norm(z, work[0], work[1], up(gamma), up(beta), norm == NORM_TRAIN,
+                             momentum_factor, eps)
+            if norm == NORM_TRAIN:
+                with torch.no_grad():
+                    for stat, copy in zip(stats, work):
+                        if copy is not stat:
+                            stat.copy_(copy)
+        if relu_before_add:
+            z = torch.relu(z)
+        if residual is not None:
+            z = z + up(residual)
+        return torch.relu(z).to(x.dtype)
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    devices = ("cpu", "cuda", "meta")
+    dtypes = _ALL_FLOATS
+    fused = False
+    description = "PyTorch's own kernels (oneDNN / cuDNN) under autograd: no fused kernel"
+
+    @staticmethod
+    def run(*args, **kwargs) -> Tensor:
+        return conv_bn_relu_eager(*args, **kwargs)

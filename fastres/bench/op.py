@@ -146,8 +146,8 @@ def fastres_backends(device: torch.device, dtype: torch.dtype, full: bool) -> Di
     """
     impls = {"fastres": "default"}
     for name in backends.available_backends():
-        module = backends._load(name)
-        if device.type not in module.DEVICES or dtype not in module.DTYPES:
+        backend = backends.get(name)
+        if device.type not in backend.devices or dtype not in backend.dtypes:
             continue
         if name == "triton" and device.type != "cuda":
             continue

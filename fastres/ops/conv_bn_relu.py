@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import (PADDING_MODES, conv_bn_relu_reference, conv_padding,
-                         running_stats_factor)
+from ..reference import PADDING_MODES, conv_padding, running_stats_factor
 
 __all__ = ["conv_bn_relu"]
 
@@ -36,10 +35,9 @@ def _conv_bn_relu_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor],
     residual: Optional[Tensor], stride: int, dilation: int, pad_left: int, pad_right: int,
-    norm_mode: str, eps: float, relu_before_add: bool, save_y: bool,
+    norm_mode: str, eps: float, relu_before_add: bool, save_y: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = backends.select(x.device, x.dtype)
-    return backend.forward(
+    return backends.get(backend).forward(
         x, weight, bias, bn_weight, bn_bias, mean, var, residual, stride=stride,
         dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm_mode=norm_mode,
         eps=eps, relu_before_add=relu_before_add, save_y=save_y)
@@ -47,7 +45,7 @@ def _conv_bn_relu_op(
 
 @_conv_bn_relu_op.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, mean, var, residual, stride, dilation, pad_left,
-      pad_right, norm_mode, eps, relu_before_add, save_y):
+      pad_right, norm_mode, eps, relu_before_add, save_y, backend):
     batch, _, length = x.shape
     c_out, _, k = weight.shape
     l_out = (length + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
@@ -63,10 +61,9 @@ def _conv_bn_relu_backward_op(
     grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], y: Tensor, out: Tensor, mean: Tensor,
     var: Tensor, has_residual: bool, stride: int, dilation: int, pad_left: int, pad_right: int,
-    norm_mode: str, eps: float, relu_before_add: bool,
+    norm_mode: str, eps: float, relu_before_add: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    backend = backends.select(x.device, x.dtype)
-    grads = backend.backward(
+    grads = backends.get(backend).backward(
         grad_out.contiguous(), x, weight, bias, bn_weight, bn_bias, y, out, mean, var,
         has_residual=has_residual, stride=stride, dilation=dilation, pad_left=pad_left,
         pad_right=pad_right, norm_mode=norm_mode, eps=eps, relu_before_add=relu_before_add)
@@ -76,7 +73,7 @@ def _conv_bn_relu_backward_op(
 
 @_conv_bn_relu_backward_op.register_fake
 def _(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, has_residual, stride,
-      dilation, pad_left, pad_right, norm_mode, eps, relu_before_add):
+      dilation, pad_left, pad_right, norm_mode, eps, relu_before_add, backend):
     empty = x.new_empty(0)
     like = lambda t: empty if t is None else torch.empty_like(t)  # noqa: E731
     return (torch.empty_like(x), torch.empty_like(weight), like(bias), like(bn_weight),
@@ -85,14 +82,15 @@ def _(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, has_resi
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, mean_in, var_in, residual, stride, dilation, pad_left,
-     pad_right, norm_mode, eps, relu_before_add, _save_y) = inputs
+     pad_right, norm_mode, eps, relu_before_add, _save_y, backend) = inputs
     out, y, mean, var = output
     ctx.mark_non_differentiable(y, mean, var)
     if norm_mode == "eval":  # backward needs the statistics forward normalized with
         mean, var = mean_in, var_in
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, y, out, mean, var)
+    # The backend that ran the forward runs the backward, on whatever thread autograd uses.
     ctx.args = (residual is not None, stride, dilation, pad_left, pad_right, norm_mode, eps,
-                relu_before_add)
+                relu_before_add, backend)
 
 
 def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
@@ -102,7 +100,7 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     present = (True, True, bias is not None, bn_weight is not None, bn_bias is not None,
                ctx.args[0])
     g_x, g_w, g_b, g_gamma, g_beta, g_res = (g if p else None for g, p in zip(grads, present))
-    return g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res, *([None] * 8)
+    return g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res, *([None] * 9)
 
 
 _conv_bn_relu_op.register_autograd(_backward, setup_context=_setup_context)
@@ -197,6 +195,13 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
 # --------------------------------------------------------------------------- public function
 
 
+# Under torch.compile the backend is chosen once, when the graph is traced (dynamo runs this
+# function instead of tracing it); the compiled graph calls that backend from then on.
+@torch.compiler.assume_constant_result
+def _backend_at_trace_time(*signature) -> str:
+    return backends.choose(backends.Call(*signature)).backend
+
+
 def conv_bn_relu(
     x: Tensor,
     weight: Tensor,
@@ -255,33 +260,22 @@ def conv_bn_relu(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, weight, bias, bn_weight, bn_bias, residual))
-    if not backends.use_fused(x.device, x.dtype, needs_grad=needs_grad, stride=stride,
-                              length_out=l_out):
-        # PyTorch's own kernels are at least as fast here (see backends.use_fused). The
-        # operands already carry the autocast dtype; BN keeps its float32 parameters.
-        # 16-bit operands are computed in float32 (SPEC: accumulate in float32 whatever the
-        # input dtype): rounding the conv output to 16 bits before batch norm costs 2-3e-2
-        # in the gradients, past the 1e-2 bound.
-        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        up = lambda t: None if t is None else t.to(compute)  # noqa: E731
-        # Running statistics of another dtype (a model moved to bf16 whole) are updated
-        # through compute-dtype copies, written back below.
-        stats = [running_mean, running_var]
-        work = [None if t is None or t.dtype == compute else t.to(compute) for t in stats]
-        with torch.autocast(x.device.type, enabled=False):
-            out = conv_bn_relu_reference(
-                up(x), up(weight), up(bias),
-                running_mean if work[0] is None else work[0],
-                running_var if work[1] is None else work[1],
-                up(bn_weight), up(bn_bias), training=training, momentum=momentum, eps=eps,
-                stride=stride, dilation=dilation, padding=padding, residual=up(residual),
-                relu_before_add=relu_before_add, norm=norm,
-                num_batches_tracked=num_batches_tracked)
-        with torch.no_grad():
-            for stat, copy in zip(stats, work):
-                if copy is not None:
-                    stat.copy_(copy)
-        return out.to(x.dtype)
+    mode = "none" if norm is None else ("train" if training else "eval")
+    signature = (str(x.device), x.dtype, x.shape[0], x.shape[1], weight.shape[0], x.shape[2],
+                 weight.shape[2], stride, dilation, pad_left, pad_right, mode,
+                 bias is not None, residual is not None, bool(relu_before_add), needs_grad)
+    if torch.compiler.is_compiling():
+        decision = backends.Decision(_backend_at_trace_time(*signature), "traced")
+    else:
+        decision = backends.choose(backends.Call(*signature))
+    if decision.backend == "eager":
+        use_batch_stats = norm == "batch" and training
+        factor = running_stats_factor(use_batch_stats, running_mean, momentum,
+                                      num_batches_tracked)
+        return backends.get("eager").run(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+            stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
+            norm=mode, eps=eps, momentum_factor=factor, relu_before_add=relu_before_add)
     use_batch_stats = norm == "batch" and training
     norm_mode = "none" if norm is None else ("train" if training else "eval")
     factor = running_stats_factor(use_batch_stats, running_mean, momentum, num_batches_tracked)
@@ -299,7 +293,7 @@ def conv_bn_relu(
 
     out, _y, mean, var = _conv_bn_relu_op(
         x, weight, bias, gamma, beta, mean_in, var_in, residual, stride, dilation, pad_left,
-        pad_right, norm_mode, float(eps), bool(relu_before_add), save_y)
+        pad_right, norm_mode, float(eps), bool(relu_before_add), save_y, decision.backend)
 
     if use_batch_stats and running_mean is not None:
         n = x.shape[0] * out.shape[2]

@@ -15,12 +15,10 @@ from torch import nn
 import fastres
 from fastres.nn import (ConvBNReLUSequential, PlainBasicBlock, PlainTemporalBlock,
                         PlainWeightNormTemporalBlock)
-from parity import rel_err
-from test_modules import (TOL, LocuslabTCN, SeedTCN, TorchvisionBasicBlock1d,
-                          TorchvisionResNet1d, assert_train_and_eval_match, one_thread,
-                          projection, randomize_bn, warnings_ignored)
-
-assert one_thread  # the autouse fixture, imported so that it applies here too
+from fastres.conventions import rel_err
+from model_parity import TOL, assert_train_and_eval_match
+from upstream import (LocuslabTCN, SeedTCN, TorchvisionBasicBlock1d, TorchvisionResNet1d,
+                      projection, randomize_bn, warnings_ignored)
 
 
 class CausalPadSeedBlock(nn.Module):
@@ -115,7 +113,7 @@ def test_causal_pad_seed_blocks_and_the_root_block_convert():
 
 @pytest.mark.parametrize("old_weight_norm", [False, True], ids=["parametrize", "weight_g_v"])
 def test_locuslab_tcn_converts_and_keeps_numbers(old_weight_norm):
-    from test_modules import LocuslabTemporalBlock
+    from upstream import LocuslabTemporalBlock
 
     def block(*args, **kw):
         return LocuslabTemporalBlock(*args, old_weight_norm=old_weight_norm, **kw)

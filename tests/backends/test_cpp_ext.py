@@ -12,8 +12,8 @@ import torch
 
 import fastres
 from fastres import backends
-from conftest import requires_cuda
-from parity import Case, check_parity, make_inputs, run_backend
+from availability import requires_cuda
+from fastres.parity import Case, check_parity, make_inputs, run_backend
 
 CPP_REASON = backends.unavailable_reason("cpp")
 requires_cpp = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend: {CPP_REASON}")
@@ -42,7 +42,7 @@ def test_extension_is_built_in_ci():
 def test_available_backends_report_the_extension():
     names = fastres.available_backends()
     assert "cpp" in names
-    assert backends.select(torch.device("cpu"), torch.float32).NAME == "cpp"
+    assert backends.describe_default(torch.device("cpu"), torch.bfloat16) == "cpp"
     with_cuda = torch.ops.fastres_ext.compiled_with_cuda()
     assert ("cuda" in names) == (with_cuda and torch.cuda.is_available())
     if not torch.cuda.is_available():

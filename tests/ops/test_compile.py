@@ -4,7 +4,7 @@ import torch
 
 import fastres
 from fastres.reference import conv_bn_relu_reference
-from parity import rel_err
+from fastres.conventions import rel_err
 
 
 def _params(C_in=4, C_out=6, K=3):

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 import fastres
 from fastres import backends
-from parity import Case, check_parity, TF32_TOLERANCE
-from conftest import requires_cuda
+from fastres.parity import Case, check_parity, TF32_TOLERANCE
+from availability import requires_cuda, skip_unless_available
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -28,30 +28,12 @@ GRID = [
 ]
 
 
-def cpu_backends():
-    """Backends that run on CPU tensors here; Triton runs there through its interpreter."""
-    names = []
-    for name in backends.names():
-        mod = backends._load(name)
-        if backends.unavailable_reason(name) is None and "cpu" in mod.DEVICES:
-            names.append(name)
-    return names
-
-
-def _skip_unless_available(name, device="cpu"):
-    reason = backends.unavailable_reason(name)
-    if reason is not None:
-        pytest.skip(f"backend {name} unavailable here: {reason}")
-    if device not in backends._load(name).DEVICES:
-        pytest.skip(f"backend {name} does not run on {device} here")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GRID, ids=str)
 @pytest.mark.parametrize("backend", backends.names())
 def test_grid_cpu(backend, case, dtype):
-    _skip_unless_available(backend)
-    if dtype not in backends._load(backend).DTYPES:
+    skip_unless_available(backend)
+    if dtype not in backends.get(backend).dtypes:
         pytest.skip(f"{backend} does not take {dtype}")
     check_parity(case, backend, dtype)
 
@@ -105,13 +87,13 @@ HYPOTHESIS_EXAMPLES = {"triton": 40}
 
 @pytest.mark.parametrize("backend", backends.names())
 def test_hypothesis_cpu(backend):
-    _skip_unless_available(backend)
+    skip_unless_available(backend)
 
     @settings(max_examples=HYPOTHESIS_EXAMPLES.get(backend, 40), deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=cases(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
     def run(case, dtype, seed):
-        if not _valid(case) or dtype not in backends._load(backend).DTYPES:
+        if not _valid(case) or dtype not in backends.get(backend).dtypes:
             return
         check_parity(case, backend, dtype, seed=seed)
 
@@ -125,8 +107,8 @@ def test_hypothesis_cpu(backend):
                                        residual="tensor", relu_before_add=True)], ids=str)
 @pytest.mark.parametrize("backend", backends.names())
 def test_gradcheck_float64(backend, case):
-    _skip_unless_available(backend)
-    if torch.float64 not in backends._load(backend).DTYPES:
+    skip_unless_available(backend)
+    if torch.float64 not in backends.get(backend).dtypes:
         pytest.skip(f"{backend} has no float64 kernels")
     g = torch.Generator().manual_seed(1)
     new = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)
@@ -150,8 +132,8 @@ def test_gradcheck_float64(backend, case):
 @pytest.mark.parametrize("case", GRID, ids=str)
 @pytest.mark.parametrize("backend", backends.names())
 def test_grid_cuda(backend, case, dtype):
-    _skip_unless_available(backend, "cuda")
-    if dtype not in backends._load(backend).DTYPES:
+    skip_unless_available(backend, "cuda")
+    if dtype not in backends.get(backend).dtypes:
         pytest.skip(f"{backend} does not take {dtype}")
     if dtype == torch.float32:
         # SPEC: float32 follows cudnn.allow_tf32 as nn.Conv1d does. Judge both modes.

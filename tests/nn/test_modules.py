@@ -3,9 +3,8 @@
 Each fused module loads the plain block's state_dict strictly, then both run the same
 inputs: train mode for several steps (outputs, every parameter gradient, the input
 gradient, running statistics and num_batches_tracked) and eval mode. Errors are measured
-as tests/parity.py does (rel_err, fp32 bound 1e-5).
+as the parity tests do (tests/model_parity.py: rel_err, fp32 bound 1e-5).
 """
-import contextlib
 import copy
 
 import pytest
@@ -15,287 +14,11 @@ from torch import nn
 
 import fastres
 from fastres import backends
-from conftest import requires_cuda
-from parity import rel_err
-from test_parity import cpu_backends
-
-TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these shapes are tiny, and on a shared 2-core machine two
-    spinning threads per process made the training run 15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# --------------------------------------------------------------------------- plain blocks
-
-
-class Chomp(nn.Module):
-    def __init__(self, size):
-        super().__init__()
-        self.size = size
-
-    def forward(self, x):
-        return x[:, :, :x.shape[-1] - self.size]
-
-
-class SeedTemporalBlock(nn.Module):
-    """The BatchNorm TCN block: padded conv + chomp, BN, ReLU, dropout, ..., relu(out + res)."""
-
-    def __init__(self, n_in, n_out, kernel_size, dilation=1, dropout=0.0):
-        super().__init__()
-        pad = (kernel_size - 1) * dilation
-        self.conv1 = nn.Conv1d(n_in, n_out, kernel_size, padding=pad, dilation=dilation)
-        self.chomp = Chomp(pad)
-        self.bn1 = nn.BatchNorm1d(n_out)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv1d(n_out, n_out, kernel_size, padding=pad, dilation=dilation)
-        self.bn2 = nn.BatchNorm1d(n_out)
-        self.downsample = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
-
-    def forward(self, x):
-        h = self.dropout(torch.relu(self.bn1(self.chomp(self.conv1(x)))))
-        out = self.bn2(self.chomp(self.conv2(h)))
-        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class LocuslabTemporalBlock(nn.Module):
-    """locuslab/TCN's block (layout, forward and init as in its tcn.py)."""
-
-    def __init__(self, n_in, n_out, kernel_size, stride, dilation, padding, dropout=0.2,
-                 old_weight_norm=False):
-        super().__init__()
-        if old_weight_norm:
-            wn = torch.nn.utils.weight_norm
-        else:
-            wn = torch.nn.utils.parametrizations.weight_norm
-        with warnings_ignored():
-            self.conv1 = wn(nn.Conv1d(n_in, n_out, kernel_size, stride=stride, padding=padding,
-                                      dilation=dilation))
-            self.chomp1 = Chomp(padding)
-            self.relu1 = nn.ReLU()
-            self.dropout1 = nn.Dropout(dropout)
-            self.conv2 = wn(nn.Conv1d(n_out, n_out, kernel_size, stride=stride, padding=padding,
-                                      dilation=dilation))
-        self.chomp2 = Chomp(padding)
-        self.relu2 = nn.ReLU()
-        self.dropout2 = nn.Dropout(dropout)
-        self.net = nn.Sequential(self.conv1, self.chomp1, self.relu1, self.dropout1,
-                                 self.conv2, self.chomp2, self.relu2, self.dropout2)
-        self.downsample = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
-        self.relu = nn.ReLU()
-        self.conv1.weight.data.normal_(0, 0.01)
-        self.conv2.weight.data.normal_(0, 0.01)
-        if self.downsample is not None:
-            self.downsample.weight.data.normal_(0, 0.01)
-
-    def forward(self, x):
-        out = self.net(x)
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class LocuslabTCN(nn.Module):
-    def __init__(self, num_inputs, num_channels, kernel_size=2, dropout=0.2, block=None):
-        super().__init__()
-        block = block or LocuslabTemporalBlock
-        layers = []
-        for i, c in enumerate(num_channels):
-            d = 2 ** i
-            layers.append(block(num_inputs if i == 0 else num_channels[i - 1], c, kernel_size,
-                                stride=1, dilation=d, padding=(kernel_size - 1) * d,
-                                dropout=dropout))
-        self.network = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.network(x)
-
-
-class SeedTCN(nn.Module):
-    def __init__(self, num_inputs, num_channels, kernel_size=2, dropout=0.0):
-        super().__init__()
-        self.network = nn.Sequential(*[
-            SeedTemporalBlock(num_inputs if i == 0 else num_channels[i - 1], c, kernel_size,
-                              2 ** i, dropout) for i, c in enumerate(num_channels)])
-
-    def forward(self, x):
-        return self.network(x)
-
-
-class TorchvisionBasicBlock1d(nn.Module):
-    """torchvision's BasicBlock with Conv1d / BatchNorm1d (optionally causally padded)."""
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, kernel_size=3, dilation=1,
-                 causal=False):
-        super().__init__()
-        self.pad = ((kernel_size - 1) * dilation, 0) if causal else None
-        pad = 0 if causal else (kernel_size - 1) * dilation // 2
-        self.conv1 = nn.Conv1d(inplanes, planes, kernel_size, stride, pad, dilation, bias=False)
-        self.bn1 = nn.BatchNorm1d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv1d(planes, planes, kernel_size, 1, pad, dilation, bias=False)
-        self.bn2 = nn.BatchNorm1d(planes)
-        self.downsample = downsample
-
-    def _pad(self, x):
-        return x if self.pad is None else F.pad(x, self.pad)
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(self._pad(x))))
-        out = self.bn2(self.conv2(self._pad(out)))
-        return self.relu(out + identity)
-
-
-def projection(cin, cout, stride):
-    return nn.Sequential(nn.Conv1d(cin, cout, 1, stride, bias=False), nn.BatchNorm1d(cout))
-
-
-class TorchvisionResNet1d(nn.Module):
-    """torchvision's resnet18 layout in 1D."""
-
-    def __init__(self, in_channels, num_classes, widths=(64, 128, 256, 512)):
-        super().__init__()
-        self.conv1 = nn.Conv1d(in_channels, widths[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm1d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool1d(3, 2, 1)
-        c = widths[0]
-        for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            down = projection(c, w, stride) if (stride != 1 or c != w) else None
-            setattr(self, f"layer{i + 1}", nn.Sequential(
-                TorchvisionBasicBlock1d(c, w, stride, down), TorchvisionBasicBlock1d(w, w)))
-            c = w
-        self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-@contextlib.contextmanager
-def warnings_ignored():
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-# --------------------------------------------------------------------------- harness
-
-
-def skip_slow_triton(backend):
-    if backend == "triton":
-        pytest.skip("the Triton interpreter takes ~20 s for this model on CPU; the block "
-                    "tests run Triton on tiny shapes (and test_modules_on_cuda on a GPU)")
-
-
-def randomize_bn(model, seed=1):
-    """Non-trivial BN affine parameters and running statistics (fresh ones are 1/0)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            with torch.no_grad():
-                if m.affine:
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                if m.track_running_stats:
-                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
-def grad_scale(name, plain_grads):
-    """Scale a gradient's error is judged against (tests/parity.py's rule): a conv bias
-    followed by training-mode BN has zero gradient in exact arithmetic, so it is judged
-    against its conv weight's gradient instead of its own norm."""
-    weight = name[:-len("bias")] + "weight"
-    if name.endswith("bias") and weight in plain_grads and plain_grads[name].norm() < \
-            1e-3 * plain_grads[weight].norm():
-        return plain_grads[weight].norm().item()
-    return None
-
-
-def _check(what, fused, plain, reference, scale=None):
-    """The fused value against the float64 plain model, as tests/parity.py judges a backend.
-
-    Deep models (ResNet1d) compound rounding until plain float32 PyTorch itself misses 1e-5
-    against float64; there the bound is twice plain float32's own error.
-    """
-    err = rel_err(fused, reference, scale)
-    bound = max(TOL, 2 * rel_err(plain, reference, scale))
-    assert err < bound, f"{what}: {err:.2e} (bound {bound:.2e})"
-
-
-@contextlib.contextmanager
-def strict_fp32():
-    """TF32 off (CUDA): the float32 bound of SPEC.md is for strict float32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed=0,
-                                device="cpu"):
-    """Train `steps` steps of forward + backward, then eval, on the fused model, the plain
-    float32 model and the plain model in float64; every number of the fused model must
-    match float64 (outputs, input and parameter gradients, buffers).
-
-    All models are reseeded before each forward so that dropout draws the same masks.
-    """
-    fused.load_state_dict(plain.state_dict(), strict=True)
-    reference = copy.deepcopy(plain).double()
-    models = (fused, plain, reference)
-    g = torch.Generator().manual_seed(seed)
-    ctx = fastres.use_backend(backend) if backend else contextlib.nullcontext()
-    for m in models:
-        m.train().to(device)
-    with ctx, strict_fp32():
-        for step in range(steps):
-            x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
-            grad = None
-            results = []
-            for m in models:
-                dtype = torch.float64 if m is reference else torch.float32
-                xm = x.to(dtype).requires_grad_()
-                torch.manual_seed(100 + step)
-                out = m(xm)
-                if grad is None:
-                    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device)
-                params = dict(m.named_parameters())
-                names = list(params)
-                grads = torch.autograd.grad(out, [xm] + list(params.values()), grad.to(dtype))
-                results.append((out, grads[0], dict(zip(names, grads[1:]))))
-            (out_f, gx_f, gp_f), (out_p, gx_p, gp_p), (out_r, gx_r, gp_r) = results
-            assert out_f.shape == out_r.shape
-            _check(f"step {step} output", out_f, out_p, out_r)
-            _check(f"step {step} input gradient", gx_f, gx_p, gx_r)
-            assert gp_f.keys() == gp_r.keys()
-            for name in gp_r:
-                _check(f"step {step} gradient of {name}", gp_f[name], gp_p[name], gp_r[name],
-                       grad_scale(name, gp_r))
-        buffers = [dict(m.named_buffers()) for m in models]
-        assert buffers[0].keys() == buffers[2].keys()
-        for name, buf in buffers[0].items():
-            if name.endswith("num_batches_tracked"):
-                assert buf.item() == buffers[2][name].item() == steps, name
-            else:
-                _check(f"buffer {name}", buf, buffers[1][name], buffers[2][name])
-        for m in models:
-            m.eval()
-        x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
-        with torch.no_grad():
-            _check("eval output", fused(x.float()), plain(x.float()), reference(x))
+from availability import cpu_backends, requires_cuda
+from fastres.conventions import rel_err
+from model_parity import TOL, assert_train_and_eval_match, grad_scale, skip_slow_triton
+from upstream import (LocuslabTCN, LocuslabTemporalBlock, SeedTCN, SeedTemporalBlock,
+                      TorchvisionBasicBlock1d, TorchvisionResNet1d, projection, randomize_bn)
 
 
 # --------------------------------------------------------------------------- TemporalBlock
@@ -427,7 +150,7 @@ def test_resnet1d_matches_torchvision_layout(backend):
 def test_modules_on_cuda(backend):
     """The CPU tests above, on a GPU (their CPU twins run everywhere)."""
     if backends.unavailable_reason(backend) is not None \
-            or "cuda" not in backends._load(backend).DEVICES:
+            or "cuda" not in backends.get(backend).devices:
         pytest.skip(f"backend {backend} does not run on CUDA here")
     torch.manual_seed(0)
     plain = randomize_bn(SeedTCN(3, [16, 16, 32], kernel_size=3))
@@ -515,8 +238,8 @@ def test_training_run_follows_the_plain_loss_curve():
     fused32, plain32 = _loss_curve(fused, torch.float32), _loss_curve(plain, torch.float32)
     assert fused32[-20:].mean() < 0.1 * fused32[:5].mean()  # it learns
     assert drift(fused32) <= max(2 * drift(plain32), 1e-5)
-    if torch.float64 in fastres.backends.select(torch.device("cpu"), torch.float32).DTYPES:
-        assert drift(_loss_curve(fused, torch.float64)) < 1e-10
+    # Every CPU path (eager, cpp) takes float64: the fused float64 curve is plain's to rounding.
+    assert drift(_loss_curve(fused, torch.float64)) < 1e-10
 
 
 def test_torch_compile_temporal_conv_net():

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fastres import _alloc, backends
-from parity import Case, check_parity, make_inputs, run_backend
-from conftest import requires_cuda
+from fastres.parity import Case, check_parity, make_inputs, run_backend
+from availability import requires_cuda
 
 reason = backends.unavailable_reason("triton")
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"triton backend unavailable: {reason}")

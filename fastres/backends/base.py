@@ -1,0 +1,129 @@
+"""What a backend is: an object the dispatcher can ask whether it runs a call, and run it.
+
+Two kinds exist:
+
+- a kernel backend (fused=True) runs the whole stage in its own kernels. Its module (for
+  example fastres/backends/cpp.py) defines NAME, DEVICES, DTYPES, unavailable_reason(),
+  optionally supports(call), and forward/backward with the contract docs/spec.md states
+  ("Backend contract"); the op wraps them in one torch.library custom op, so autograd,
+  torch.compile and the saved tensors are wired once for all of them. The module is
+  imported on first use, so a missing compiler or Triton costs nothing until asked for.
+- the eager backend (fused=False) is PyTorch's own kernels composed under autograd; the op
+  calls its `run` directly and no custom op is involved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """Everything about one call of the op that decides which backend should run it.
+
+    It is the dispatcher's cache key, so it holds plain values only (no tensors).
+    """
+
+    device: str                 # "cpu", "cuda:0", ...
+    dtype: torch.dtype
+    batch: int
+    c_in: int
+    c_out: int
+    length: int
+    kernel_size: int
+    stride: int
+    dilation: int
+    pad_left: int
+    pad_right: int
+    norm: str                   # conventions.NORM_NONE / NORM_EVAL / NORM_TRAIN
+    has_bias: bool
+    has_residual: bool
+    relu_before_add: bool
+    needs_grad: bool
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def length_out(self) -> int:
+        k, d, s = self.kernel_size, self.dilation, self.stride
+        return (self.length + self.pad_left + self.pad_right - d * (k - 1) - 1) // s + 1
+
+    def key(self) -> str:
+        """A stable text form, for the persistent dispatch cache."""
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"{self.device_type}|{dtype}|B{self.batch}|Cin{self.c_in}|Cout{self.c_out}|"
+                f"L{self.length}|K{self.kernel_size}|s{self.stride}|d{self.dilation}|"
+                f"p{self.pad_left},{self.pad_right}|{self.norm}|bias{int(self.has_bias)}|"
+                f"res{int(self.has_residual)}|rba{int(self.relu_before_add)}|"
+                f"grad{int(self.needs_grad)}")
+
+
+class Backend:
+    """The interface the dispatcher sees. Subclasses set the class attributes."""
+
+    name: str = ""
+    devices: Tuple[str, ...] = ()
+    dtypes: Tuple[torch.dtype, ...] = ()
+    fused: bool = True
+    description: str = ""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when the backend can run on this machine, else why not."""
+        return None
+
+    def supports(self, call: Call) -> Optional[str]:
+        """None when the backend can run `call` here, else why not."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        if call.device_type not in self.devices:
+            return f"runs on {', '.join(self.devices)} tensors, not {call.device_type}"
+        if call.dtype not in self.dtypes:
+            return f"does not take {str(call.dtype).replace('torch.', '')}"
+        return None
+
+    def __repr__(self) -> str:
+        return f"<fastres backend {self.name!r}>"
+
+
+class KernelBackend(Backend):
+    """A fused backend whose kernels live in a module, imported on first use."""
+
+    fused = True
+
+    def __init__(self, name: str, module: str, devices: Tuple[str, ...],
+                 dtypes: Tuple[torch.dtype, ...], description: str):
+        self.name, self.devices, self.dtypes = name, tuple(devices), tuple(dtypes)
+        self.description = description
+        self._module_path, self._module, self._import_error = module, None, None
+
+    @property
+    def module(self):
+        if self._module is None and self._import_error is None:
+            try:
+                self._module = importlib.import_module(self._module_path)
+            except ImportError as exc:  # a backend whose dependency is missing
+                self._import_error = f"cannot import {self._module_path}: {exc}"
+        return self._module
+
+    def unavailable_reason(self) -> Optional[str]:
+        if self.module is None:
+            return self._import_error
+        return self.module.unavailable_reason()
+
+    def supports(self, call: Call) -> Optional[str]:
+        reason = super().supports(call)
+        if reason is None and hasattr(self.module, "supports"):
+            reason = self.module.supports(call)
+        return reason
+
+    def forward(self, *args, **kwargs):
+        return self.module.forward(*args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        return self.module.backward(*args, **kwargs)

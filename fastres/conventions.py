@@ -1,0 +1,105 @@
+"""The conventions every part of fastres shares, written once.
+
+Conv geometry (padding modes, output length), the norm-mode codes the kernels take, the
+dtypes of statistics and of the tensor backward reads, whether Triton is interpreting, and
+the relative error every comparison uses. This module imports nothing of fastres, so the
+backends, the op, the modules and the benchmarks can all build on it.
+
+fastres/reference.py, the independent oracle, keeps its own copy of the geometry on
+purpose: a bug here must not sit on both sides of a parity test.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+# ----------------------------------------------------------------------------- geometry
+
+PADDING_MODES = ("causal", "same")
+
+
+def conv_padding(kernel_size: int, dilation: int, stride: int, padding: str) -> Tuple[int, int]:
+    """(left, right) zeros around the input for a padding mode (docs/spec.md).
+
+    causal: (K-1)*d on the left, none on the right.
+    same, stride 1: PyTorch's padding="same" (the odd zero goes right).
+    same, stride > 1: the ResNet convention, (K-1)*d // 2 on both sides.
+    """
+    total = (kernel_size - 1) * dilation
+    if padding == "causal":
+        return total, 0
+    if padding == "same":
+        if stride == 1:
+            return total // 2, total - total // 2
+        return total // 2, total // 2
+    raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+
+
+def output_length(length: int, kernel_size: int, dilation: int, stride: int, pad_left: int,
+                  pad_right: int) -> int:
+    """Length of the conv output for an input of `length` steps and the given zero padding."""
+    return (length + pad_left + pad_right - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+# ----------------------------------------------------------------------------- norm modes
+
+# What a stage does with the conv output. The kernels (Triton constexprs, the C++ enum
+# NormMode in csrc/conv_bn_relu.h) take the integer codes.
+NORM_NONE, NORM_EVAL, NORM_TRAIN = "none", "eval", "train"
+NORM_CODES = {NORM_NONE: 0, NORM_EVAL: 1, NORM_TRAIN: 2}
+
+
+def norm_mode(norm: Optional[str], training: bool) -> str:
+    """The kernel-level mode of a call: no batch norm, running statistics, or batch ones."""
+    if norm is None:
+        return NORM_NONE
+    return NORM_TRAIN if training else NORM_EVAL
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Batch statistics, BN parameters and their gradients: float32 (float64 for float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.dtype:
+    """dtype of the tensor forward saves for backward (docs/spec.md, "What backward reads").
+
+    Backward recomputes the inner ReLU mask of relu_before_add from it, bit for bit as the
+    forward computed it, so under batch norm that tensor (x-hat) stays float32 for 16-bit
+    inputs: a 16-bit x-hat flips masks near zero (about 0.1% of them), which costs gradients
+    several percent. Everything else is saved in the input's dtype.
+    """
+    if norm != NORM_NONE and relu_before_add and dtype in HALF_DTYPES:
+        return torch.float32
+    return dtype
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, tests only)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- error measure
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> float:
+    """||a - b|| / ||b|| in float64 (or / scale): the one error measure of fastres.
+
+    A non-finite value in `a` gives inf, so NaN never passes a bound.
+    """
+    a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = scale if scale is not None else b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
