@@ -174,6 +174,20 @@ def _dropouts(module: nn.Module) -> List[nn.Dropout]:
     return [m for m in module.children() if isinstance(m, nn.Dropout)]
 
 
+def _with_modes_of(new: nn.Module, original: nn.Module) -> nn.Module:
+    """`new` with the train/eval mode of `original`, submodule by submodule.
+
+    A submodule of `new` takes the mode of the module at the same path in `original` (the
+    same object when it was taken over); one the original has no counterpart for takes the
+    original block's own mode. Never module.train(), which would set every descendant: a BN
+    the user froze with .eval() inside a model in training must stay frozen.
+    """
+    originals = dict(original.named_modules())
+    for name, sub in new.named_modules():
+        sub.training = originals[name].training if name in originals else original.training
+    return new
+
+
 def _fresh(build: Callable[[], nn.Module]) -> nn.Module:
     """Construct a module without moving the caller's random number generator."""
     with torch.random.fork_rng(devices=[]):
@@ -209,7 +223,9 @@ def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]],
     def take_over(block: nn.Module) -> nn.Module:
         block.conv1, block.bn1, block.conv2, block.bn2 = m.conv1, m.bn1, m.conv2, m.bn2
         block.downsample = residual
-        return block.train(m.training)
+        if dropouts and isinstance(block, TemporalBlock):
+            block.dropout = dropouts[0]  # the user's module, with its own mode
+        return _with_modes_of(block, m)
 
     candidates = []
     temporal_residual = residual is None or (isinstance(residual, nn.Conv1d)
@@ -251,7 +267,7 @@ def _locuslab_candidate(m: nn.Module):
                                              dilation=d, dropout=drops[0].p, norm="weight"))
         block.to(device=ref.device, dtype=ref.dtype)
         block.load_state_dict(m.state_dict(), strict=True)  # old weight_g/_v keys load too
-        return block.train(m.training)
+        return _with_modes_of(block, m)
 
     return build, ""
 
@@ -351,9 +367,10 @@ def _try_sequential(seq: nn.Sequential, name: str, report: ConversionReport):
                                    f"ConvBNReLUSequential({padding})", err))
     if not verified:
         return None
-    # Same keys, same children: only forward changes.
+    # Same keys, same children (each keeping its own mode): only forward changes.
     fused = ConvBNReLUSequential(collections.OrderedDict(seq._modules), runs=verified)
-    return fused.train(seq.training)
+    fused.training = seq.training
+    return fused
 
 
 # --------------------------------------------------------------------------- public API

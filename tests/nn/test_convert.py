@@ -237,6 +237,51 @@ def test_convert_reports_logs_and_keeps_rng_and_modes(caplog):
     assert same is model and type(model[0].network[0]) is fastres.TemporalBlock
 
 
+def _freeze_bn(model):
+    """The usual fine-tuning setup: the model trains, its batch norms keep their statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eval()
+    return model
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("build", [
+    seed_model,
+    lambda: randomize_bn(nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8),
+                                       nn.ReLU(), nn.Conv1d(8, 2, 1))),
+    lambda: randomize_bn(TorchvisionResNet1d(3, 4, widths=(8, 8, 16, 16))),
+], ids=["seed-tcn", "sequential", "resnet"])
+def test_convert_keeps_frozen_batch_norm_frozen(build, inplace):
+    torch.manual_seed(0)
+    model = _freeze_bn(build())
+    reference = copy.deepcopy(model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    new, report = fastres.convert(model, inplace=inplace, return_report=True)
+    assert report.swapped
+    kept = {name: m.training for name, m in new.named_modules() if name in modes}
+    assert kept == {name: modes[name] for name in kept} and any(not m for m in kept.values())
+    frozen = {name: buf.clone() for name, buf in new.named_buffers()}
+    x = torch.randn(2, 3, 40)
+    with torch.no_grad():
+        got, want = new(x), reference(x)
+    assert rel_err(got, want) < 1e-5
+    for name, buf in new.named_buffers():  # frozen statistics are not updated
+        assert torch.equal(buf, frozen[name]), name
+
+
+def test_convert_keeps_a_mixed_mode_dropout_and_the_block_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(SeedTCN(3, [6, 6], kernel_size=2, dropout=0.3)).train()
+    model[0].network[0].dropout.eval()   # one dropout off, the other on
+    new = fastres.convert(model)
+    block0, block1 = new[0].network
+    assert type(block0) is fastres.TemporalBlock and block0.training
+    assert not block0.dropout.training and block1.dropout.training
+    assert block0.bn1.training and block0.conv1.training
+
+
 def test_unfuse_round_trip_is_plain_scriptable_and_equal():
     model = seed_model()
     fused = fastres.convert(model)
