@@ -114,7 +114,8 @@ def _extensions():
              "Install torch first and use `pip install --no-build-isolation -e .`")
         return [], {}
 
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "cpu", "conv_bn_relu_cpu.cpp")]
+    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "checks.cpp"),
+               os.path.join("csrc", "cpu", "conv_bn_relu_cpu.cpp")]
     # As torch builds itself: -fno-math-errno/-fno-trapping-math let masked (select) loops
     # vectorize. The C++ standard is whatever torch requires (cpp_extension adds it).
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -126,6 +127,9 @@ def _extensions():
     nvcc = None
     if os.environ.get("FASTRES_NO_CUDA", "") == "1":
         _say("FASTRES_NO_CUDA=1: CUDA kernels not requested")
+    elif not os.path.exists(os.path.join(HERE, "csrc", "cuda", "conv_bn_relu_cuda.cu")):
+        # Transitional: the CUDA kernels are being rebuilt on cuDNN for the v2 contract.
+        _say("no CUDA sources in csrc/cuda: building CPU kernels only")
     elif torch.version.cuda is None:
         _say(f"torch {torch.__version__} has no CUDA: building CPU kernels only")
     else:

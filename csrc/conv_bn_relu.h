@@ -1,8 +1,9 @@
 // Shared declarations of the fused Conv1d -> BatchNorm1d -> ReLU (+ residual) kernels.
 //
-// The op contract is fastres/backends/reference.py (forward/backward, saved tensors, dtypes);
-// SPEC.md says what is computed. The kernels write into tensors the caller allocates (the
-// Python backend allocates them through fastres._alloc so tests can poison them with NaN).
+// The contract is docs/spec.md ("Backend contract"): what forward and backward compute, what
+// forward saves for backward (x-hat, or y without batch norm) and in which dtype. The kernels
+// write into tensors the caller allocates (the Python side allocates them through
+// fastres._alloc so tests can poison them with NaN).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,6 +15,7 @@
 namespace fastres {
 
 // What the op does with the conv output: no batch norm, the running statistics, or batch ones.
+// The codes are fastres.conventions.NORM_CODES.
 enum NormMode : int64_t { kNormNone = 0, kNormEval = 1, kNormTrain = 2 };
 
 // Sizes and the index arithmetic of a padded, strided, dilated 1-D convolution.
@@ -38,45 +40,42 @@ struct ConvGeometry {
 
 using OptTensor = c10::optional<at::Tensor>;
 
-void conv_bn_relu_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
-    const OptTensor& var, const OptTensor& residual, int64_t stride, int64_t dilation,
-    int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps, bool relu_before_add,
-    const at::Tensor& out, const at::Tensor& y, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var);
-
-void conv_bn_relu_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const OptTensor& bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
-    const at::Tensor& y, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var,
-    bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left, int64_t pad_right,
-    int64_t norm_mode, double eps, bool relu_before_add, const at::Tensor& grad_x,
-    const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
-    const at::Tensor& grad_bn_bias, const at::Tensor& grad_residual);
-
-#ifdef FASTRES_WITH_CUDA
-void conv_bn_relu_forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
-    const OptTensor& var, const OptTensor& residual, int64_t stride, int64_t dilation,
-    int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps, bool relu_before_add,
-    const at::Tensor& out, const at::Tensor& y, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var);
-
-void conv_bn_relu_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const OptTensor& bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
-    const at::Tensor& y, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var,
-    bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left, int64_t pad_right,
-    int64_t norm_mode, double eps, bool relu_before_add, const at::Tensor& grad_x,
-    const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
-    const at::Tensor& grad_bn_bias, const at::Tensor& grad_residual);
-#endif
-
-// Checks shared by both devices; returns the geometry.
+// Checks shared by both devices (csrc/checks.cpp); they return the geometry.
 ConvGeometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                                 int64_t dilation, int64_t pad_left, int64_t pad_right,
-                                const at::Tensor& out);
+                                int64_t norm_mode, const at::Tensor& out,
+                                const at::Tensor& saved, const at::Tensor& batch_mean,
+                                const at::Tensor& batch_var);
+ConvGeometry check_backward_args(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                                 int64_t dilation, int64_t pad_left, int64_t pad_right,
+                                 int64_t norm_mode, bool relu_before_add, const at::Tensor& out,
+                                 const at::Tensor& saved, const at::Tensor& grad_x,
+                                 const at::Tensor& grad_weight);
+
+// forward: out, saved (x-hat / y / empty), batch_mean and batch_var (train) are written;
+// running_mean / running_var are updated in place in train mode with momentum_factor.
+#define FASTRES_FORWARD_ARGS                                                                    \
+  const at::Tensor &x, const at::Tensor &weight, const OptTensor &bias, const OptTensor &gamma, \
+      const OptTensor &beta, const OptTensor &running_mean, const OptTensor &running_var,       \
+      const OptTensor &residual, int64_t stride, int64_t dilation, int64_t pad_left,           \
+      int64_t pad_right, int64_t norm_mode, double eps, double momentum_factor,                \
+      bool relu_before_add, const at::Tensor &out, const at::Tensor &saved,                    \
+      const at::Tensor &batch_mean, const at::Tensor &batch_var
+// backward: every gradient tensor is written; an absent input's gradient is an empty tensor.
+#define FASTRES_BACKWARD_ARGS                                                                 \
+  const at::Tensor &grad_out, const at::Tensor &x, const at::Tensor &weight,                  \
+      const OptTensor &gamma, const OptTensor &beta, const at::Tensor &saved,                 \
+      const at::Tensor &out, const at::Tensor &var, bool has_residual, int64_t stride,       \
+      int64_t dilation, int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps,  \
+      bool relu_before_add, const at::Tensor &grad_x, const at::Tensor &grad_weight,         \
+      const at::Tensor &grad_bias, const at::Tensor &grad_gamma, const at::Tensor &grad_beta, \
+      const at::Tensor &grad_residual
+
+void conv_bn_relu_forward_cpu(FASTRES_FORWARD_ARGS);
+void conv_bn_relu_backward_cpu(FASTRES_BACKWARD_ARGS);
+#ifdef FASTRES_WITH_CUDA
+void conv_bn_relu_forward_cuda(FASTRES_FORWARD_ARGS);
+void conv_bn_relu_backward_cuda(FASTRES_BACKWARD_ARGS);
+#endif
 
 }  // namespace fastres

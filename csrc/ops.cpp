@@ -25,20 +25,24 @@ bool compiled_with_cuda() {
 }  // namespace
 
 TORCH_LIBRARY(fastres_ext, m) {
-  // norm_mode: 0 none, 1 eval (normalize with mean/var), 2 train (batch statistics written to
-  // batch_mean/batch_var). y: the conv output, written when it has out's shape (else empty).
+  // docs/spec.md, "Backend contract". norm_mode: 0 none, 1 eval (normalize with the running
+  // statistics), 2 train (batch statistics written to batch_mean/batch_var; running statistics,
+  // when given, updated in place with momentum_factor). saved: x-hat (or y without batch norm)
+  // when it has out's shape, else empty.
   m.def(
-      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
-      "Tensor? mean, Tensor? var, Tensor? residual, int stride, int dilation, int pad_left, "
-      "int pad_right, int norm_mode, float eps, bool relu_before_add, Tensor(a!) out, "
-      "Tensor(b!) y, Tensor(c!) batch_mean, Tensor(d!) batch_var) -> ()");
-  // Gradients of absent inputs (bias, residual, batch-norm affine) are empty tensors.
+      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor? gamma, Tensor? beta, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, int stride, "
+      "int dilation, int pad_left, int pad_right, int norm_mode, float eps, "
+      "float momentum_factor, bool relu_before_add, Tensor(c!) out, Tensor(d!) saved, "
+      "Tensor(e!) batch_mean, Tensor(f!) batch_var) -> ()");
+  // var: the variance forward normalized with. Gradients of absent inputs (bias, residual,
+  // batch-norm affine) are empty tensors.
   m.def(
-      "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
-      "Tensor? bn_bias, Tensor y, Tensor out, Tensor mean, Tensor var, bool has_residual, "
-      "int stride, int dilation, int pad_left, int pad_right, int norm_mode, float eps, "
-      "bool relu_before_add, Tensor(a!) grad_x, Tensor(b!) grad_weight, Tensor(c!) grad_bias, "
-      "Tensor(d!) grad_bn_weight, Tensor(e!) grad_bn_bias, Tensor(f!) grad_residual) -> ()");
+      "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? gamma, Tensor? beta, "
+      "Tensor saved, Tensor out, Tensor var, bool has_residual, int stride, int dilation, "
+      "int pad_left, int pad_right, int norm_mode, float eps, bool relu_before_add, "
+      "Tensor(a!) grad_x, Tensor(b!) grad_weight, Tensor(c!) grad_bias, Tensor(d!) grad_gamma, "
+      "Tensor(e!) grad_beta, Tensor(f!) grad_residual) -> ()");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
 }
 

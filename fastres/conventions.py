@@ -10,6 +10,7 @@ purpose: a bug here must not sit on both sides of a parity test.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -79,6 +80,53 @@ def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.d
     if norm != NORM_NONE and relu_before_add and dtype in HALF_DTYPES:
         return torch.float32
     return dtype
+
+
+# ----------------------------------------------------------------------------- TF32
+
+
+def _new_tf32_api() -> bool:
+    """torch >= 2.9 has per-backend fp32_precision settings (and the legacy flags raise)."""
+    return hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+
+def cudnn_conv_tf32() -> bool:
+    """Whether nn.Conv1d runs float32 CUDA convs with TF32 on this torch: the setting every
+    fused backend follows (docs/spec.md, Precision).
+
+    torch >= 2.9: torch.backends.cudnn.conv.fp32_precision, where "none" inherits from
+    torch.backends.cudnn.fp32_precision, then torch.backends.fp32_precision; never the legacy
+    allow_tf32 there, which raises once a user has set the new API. Older torch: allow_tf32.
+    """
+    if not _new_tf32_api():
+        return bool(torch.backends.cudnn.allow_tf32)
+    for setting in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+        precision = getattr(setting, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+    return True  # nothing set anywhere: cuDNN's default, TF32 allowed
+
+
+@contextlib.contextmanager
+def cudnn_conv_tf32_set(enabled: bool):
+    """Set the TF32 mode of float32 convs (and matmuls) for the block, then restore it."""
+    if _new_tf32_api():
+        settings = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+        previous = [s.fp32_precision for s in settings]
+        try:
+            for s in settings:
+                s.fp32_precision = "tf32" if enabled else "ieee"
+            yield
+        finally:
+            for s, value in zip(settings, previous):
+                s.fp32_precision = value
+    else:
+        previous = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        try:
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 # ----------------------------------------------------------------------------- environment

@@ -20,7 +20,7 @@ import torch
 
 import fastres
 from fastres import _alloc
-from fastres.conventions import rel_err
+from fastres.conventions import cudnn_conv_tf32_set, rel_err
 from fastres.reference import conv_bn_relu_reference, output_length
 
 TOLERANCE = {
@@ -253,17 +253,13 @@ def run_check(device: str = "cpu", backend_names: Optional[Sequence[str]] = None
     """
     plan = check_plan(device, backend_names, cases)
     results = []
-    previous_tf32 = torch.backends.cudnn.allow_tf32
-    try:
-        for name, label, dtype, tf32, case_name, case in (progress or iter)(plan):
-            torch.backends.cudnn.allow_tf32 = tf32
-            tol = TF32_TOLERANCE if tf32 else TOLERANCE[dtype]
-            try:
+    for name, label, dtype, tf32, case_name, case in (progress or iter)(plan):
+        tol = TF32_TOLERANCE if tf32 else TOLERANCE[dtype]
+        try:
+            with cudnn_conv_tf32_set(tf32):
                 errors = parity_errors(case, name, dtype, device)
-                results.append(CheckResult(name, label, case_name, errors, tol))
-            except Exception as exc:  # noqa: BLE001 - report the failure and go on
-                results.append(CheckResult(name, label, case_name, {}, tol,
-                                           error=f"{type(exc).__name__}: {exc}"))
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous_tf32
+            results.append(CheckResult(name, label, case_name, errors, tol))
+        except Exception as exc:  # noqa: BLE001 - report the failure and go on
+            results.append(CheckResult(name, label, case_name, {}, tol,
+                                       error=f"{type(exc).__name__}: {exc}"))
     return results

@@ -9,7 +9,7 @@ import torch
 
 import fastres
 from fastres import cli
-from fastres.backends import reference as reference_backend
+from fastres.backends import composite as composite_backend
 from fastres.bench import runner, timing
 from fastres.bench.tcn_vs_rnn import crossover, matched_hidden, _rnn_params
 from fastres.parity import CHECK_CASES
@@ -78,8 +78,8 @@ def test_dtype_aliases():
 # --------------------------------------------------------------------------- bench outputs
 
 ENVIRONMENT_KEYS = {"device", "device_name", "torch", "triton", "fastres", "git_commit", "python",
-                    "platform", "cpu_count", "torch_threads", "cuda", "cudnn", "cudnn_allow_tf32",
-                    "matmul_allow_tf32", "backends_available", "backend_unavailable",
+                    "platform", "cpu_count", "torch_threads", "cuda", "cudnn", "cudnn_conv_tf32",
+                    "backends_available", "backend_unavailable",
                     "default_backend", "copy_bandwidth_gbs", "load_average_start",
                     "load_average_end"}
 
@@ -211,35 +211,35 @@ def test_rnn_parameter_counts_match_the_formula():
 
 
 def test_check_passes_on_cpu(capsys):
-    assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 0
+    assert cli.main(["check", "--device", "cpu", "--backend", "composite"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out
-    n = len(CHECK_CASES) * len(reference_backend.DTYPES)
+    n = len(CHECK_CASES) * len(fastres.backends.get("composite").dtypes)
     assert f"{n}/{n} passed" in out
 
 
 def test_check_fails_and_names_the_case_when_a_backend_is_wrong(monkeypatch, capsys):
-    forward = reference_backend.forward
+    forward = composite_backend.forward
 
     def perturbed(*args, **kwargs):
         out, y, mean, var = forward(*args, **kwargs)
         return out + 1e-3, y, mean, var
 
-    monkeypatch.setattr(reference_backend, "forward", perturbed)
-    assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 1
+    monkeypatch.setattr(composite_backend, "forward", perturbed)
+    assert cli.main(["check", "--device", "cpu", "--backend", "composite"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL reference float32 train+res: out=" in out
-    assert "FAIL reference float64 eval+res,same: out=" in out
-    table_rows = [line.split() for line in out.splitlines() if line.startswith("reference ")]
-    assert ["reference", "float32", "train", "FAIL"] == [table_rows[0][i] for i in (0, 1, 2, -1)]
+    assert "FAIL composite float32 train+res: out=" in out
+    assert "FAIL composite float64 eval+res,same: out=" in out
+    table_rows = [line.split() for line in out.splitlines() if line.startswith("composite ")]
+    assert ["composite", "float32", "train", "FAIL"] == [table_rows[0][i] for i in (0, 1, 2, -1)]
 
 
 def test_check_reports_a_crashing_backend(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("backward kernel missing")
 
-    monkeypatch.setattr(reference_backend, "backward", broken)
-    assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 1
+    monkeypatch.setattr(composite_backend, "backward", broken)
+    assert cli.main(["check", "--device", "cpu", "--backend", "composite"]) == 1
     assert "RuntimeError: backward kernel missing" in capsys.readouterr().out
 
 

@@ -186,128 +186,178 @@ void conv_tile(const ConvGeometry& g, const acc_t* xb, const acc_t* taps, const 
   }
 }
 
-// out = relu(relu?(v * scale + shift) + residual) over one row of n values.
-template <bool kReluBeforeAdd, bool kResidual, typename scalar_t, typename acc_t>
-void epilogue_row(const acc_t* v, int64_t n, acc_t scale, acc_t shift, const scalar_t* res,
-                  scalar_t* out) {
+// running <- (1 - f) running + f batch, with the unbiased variance (n / (n - 1)), as
+// nn.BatchNorm1d updates its buffers. The running statistics are float32 or float64.
+template <typename acc_t>
+void update_running_stats(const OptTensor& running_mean, const OptTensor& running_var,
+                          const acc_t* mean, const acc_t* var, int64_t c_out, int64_t n,
+                          double factor) {
+  if (!running_mean.has_value() || !running_mean->defined()) return;
+  AT_DISPATCH_FLOATING_TYPES(running_mean->scalar_type(), "fastres_running_stats", [&] {
+    scalar_t* rm = running_mean->data_ptr<scalar_t>();
+    scalar_t* rv = running_var->data_ptr<scalar_t>();
+    const double unbiased = static_cast<double>(n) / static_cast<double>(n - 1);
+    for (int64_t c = 0; c < c_out; ++c) {
+      rm[c] = static_cast<scalar_t>((1 - factor) * rm[c] + factor * mean[c]);
+      rv[c] = static_cast<scalar_t>((1 - factor) * rv[c] + factor * var[c] * unbiased);
+    }
+  });
+}
+
+// One row of n values of the forward epilogue. With kNorm the row is normalized,
+//   xhat = (v - mean) * invstd,  z = xhat * gamma + beta,  saved = xhat;
+// without, z = v (no batch norm, or batch norm already folded into the conv) and saved = v.
+// Then out = relu(relu?(z) + residual). `saved` may be null (backward needs nothing).
+// `z < 0 ? 0 : z` is torch.relu's semantics: NaN stays NaN (std::max would drop it).
+// backward recomputes the inner ReLU mask as xhat * gamma + beta from the saved xhat, the same
+// float expression as here, so both sides agree on every mask.
+template <bool kNorm, bool kReluBeforeAdd, bool kResidual, typename scalar_t, typename acc_t,
+          typename saved_t>
+void epilogue_row(const acc_t* v, int64_t n, acc_t mean, acc_t invstd, acc_t gamma, acc_t beta,
+                  const scalar_t* res, scalar_t* out, saved_t* saved) {
   for (int64_t i = 0; i < n; ++i) {
-    acc_t z = v[i] * scale + shift;
+    acc_t z = v[i];
+    if (kNorm) {
+      const acc_t xhat = (v[i] - mean) * invstd;
+      if (saved) saved[i] = static_cast<saved_t>(xhat);
+      z = xhat * gamma + beta;
+    } else if (saved) {
+      saved[i] = static_cast<saved_t>(v[i]);
+    }
     if (kReluBeforeAdd) z = z < acc_t(0) ? acc_t(0) : z;
     if (kResidual) z += static_cast<acc_t>(res[i]);
     out[i] = static_cast<scalar_t>(z < acc_t(0) ? acc_t(0) : z);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void epilogue(const acc_t* v, int64_t n, acc_t scale, acc_t shift, bool relu_before_add,
-              const scalar_t* res, scalar_t* out) {
-  if (relu_before_add) {
-    res ? epilogue_row<true, true>(v, n, scale, shift, res, out)
-        : epilogue_row<true, false>(v, n, scale, shift, res, out);
+// The per-channel values the epilogue uses.
+template <typename acc_t>
+struct ChannelAffine { acc_t mean, invstd, gamma, beta; };
+
+// epilogue_row with the mode flags resolved once per row (the loop itself has no branches).
+template <typename scalar_t, typename acc_t, typename saved_t>
+void epilogue(const acc_t* v, int64_t n, bool normalize, const ChannelAffine<acc_t>& a,
+              bool relu_before_add, const scalar_t* res, scalar_t* out, saved_t* saved) {
+  auto run = [&](auto norm_c, auto rba_c, auto res_c) {
+    epilogue_row<decltype(norm_c)::value, decltype(rba_c)::value, decltype(res_c)::value>(
+        v, n, a.mean, a.invstd, a.gamma, a.beta, res, out, saved);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  auto with_res = [&](auto norm_c, auto rba_c) {
+    res ? run(norm_c, rba_c, T{}) : run(norm_c, rba_c, F{});
+  };
+  auto with_rba = [&](auto norm_c) {
+    relu_before_add ? with_res(norm_c, T{}) : with_res(norm_c, F{});
+  };
+  normalize ? with_rba(T{}) : with_rba(F{});
+}
+
+// Calls f with the typed pointer of `saved`: scalar_t*, acc_t* (float32 x-hat for 16-bit
+// inputs, conventions.saved_dtype), or a null scalar_t* when nothing is saved.
+template <typename scalar_t, typename acc_t, typename F>
+void with_saved_ptr(const at::Tensor& saved, F&& f) {
+  if (saved.numel() == 0) {
+    f(static_cast<scalar_t*>(nullptr));
+  } else if (saved.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(saved.data_ptr<scalar_t>());
   } else {
-    res ? epilogue_row<false, true>(v, n, scale, shift, res, out)
-        : epilogue_row<false, false>(v, n, scale, shift, res, out);
+    TORCH_CHECK(saved.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "fastres_ext: saved must have x's dtype or the accumulation dtype");
+    f(saved.data_ptr<acc_t>());
   }
 }
 
-
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptTensor& bias,
-                    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
-                    const OptTensor& var, const OptTensor& residual, const ConvGeometry& g,
-                    int64_t norm_mode, double eps, bool relu_before_add, const at::Tensor& out,
-                    const at::Tensor& y, const at::Tensor& batch_mean,
+                    const OptTensor& bn_weight, const OptTensor& bn_bias,
+                    const OptTensor& running_mean, const OptTensor& running_var,
+                    const OptTensor& residual, const ConvGeometry& g, int64_t norm_mode,
+                    double eps, double momentum_factor, bool relu_before_add,
+                    const at::Tensor& out, const at::Tensor& saved, const at::Tensor& batch_mean,
                     const at::Tensor& batch_var) {
   using acc_t = typename AccType<scalar_t>::type;
-  const bool save_y = y.numel() > 0;
+  const bool save = saved.numel() > 0;
   const int64_t c_out = g.c_out, l_out = g.l_out;
   const at::Tensor x = as_acc<acc_t>(x_in);  // no copy for float32 / float64
   const acc_t* xp = x.data_ptr<acc_t>();
   const at::Tensor res_c = residual.has_value() ? residual->contiguous() : at::Tensor();
   const scalar_t* res = res_c.defined() ? res_c.data_ptr<scalar_t>() : nullptr;
   scalar_t* outp = out.data_ptr<scalar_t>();
-  scalar_t* yp = save_y ? y.data_ptr<scalar_t>() : nullptr;
+  const bool train = norm_mode == kNormTrain, eval = norm_mode == kNormEval;
 
-  // Per channel: the conv bias, and the affine map (scale, shift) the epilogue applies.
+  // Per channel: the conv bias and the epilogue's normalization.
   std::vector<acc_t> conv_bias = to_vector<acc_t>(bias, c_out, 0);
-  std::vector<acc_t> scale(c_out, 1), shift(c_out, 0);
   const std::vector<acc_t> gamma = to_vector<acc_t>(bn_weight, c_out, 1);
   const std::vector<acc_t> beta = to_vector<acc_t>(bn_bias, c_out, 0);
+  std::vector<ChannelAffine<acc_t>> affine(c_out, ChannelAffine<acc_t>{0, 1, 1, 0});
+  bool normalize = false;
   std::vector<acc_t> fold_scale;  // empty: taps unscaled
-  if (norm_mode == kNormEval) {
-    const std::vector<acc_t> rmean = to_vector<acc_t>(mean, c_out, 0);
-    const std::vector<acc_t> rvar = to_vector<acc_t>(var, c_out, 1);
-    for (int64_t c = 0; c < c_out; ++c) {
-      scale[c] = gamma[c] / std::sqrt(rvar[c] + static_cast<acc_t>(eps));
-      shift[c] = beta[c] - rmean[c] * scale[c];
-    }
-    if (!save_y) {
-      // Nothing asks for the raw conv output: fold BN into the conv, W' = W * scale and
-      // b' = b * scale + shift, so the epilogue is only the ReLUs and the residual.
-      fold_scale = scale;
+  if (eval) {
+    const std::vector<acc_t> rmean = to_vector<acc_t>(running_mean, c_out, 0);
+    const std::vector<acc_t> rvar = to_vector<acc_t>(running_var, c_out, 1);
+    for (int64_t c = 0; c < c_out; ++c)
+      affine[c] = {rmean[c], acc_t(1) / std::sqrt(rvar[c] + static_cast<acc_t>(eps)), gamma[c],
+                   beta[c]};
+    normalize = save;
+    if (!save) {
+      // Nothing asks for x-hat: fold BN into the conv, W' = W * gamma * invstd and
+      // b' = (b - mean) * gamma * invstd + beta, so the epilogue is only the ReLUs and the add.
+      fold_scale.resize(c_out);
       for (int64_t c = 0; c < c_out; ++c) {
-        conv_bias[c] = conv_bias[c] * scale[c] + shift[c];
-        scale[c] = 1;
-        shift[c] = 0;
+        fold_scale[c] = gamma[c] * affine[c].invstd;
+        conv_bias[c] = (conv_bias[c] - affine[c].mean) * fold_scale[c] + beta[c];
       }
     }
   }
-  const std::vector<acc_t> taps = pack_taps<acc_t>(weight, fold_scale.empty() ? nullptr : &fold_scale);
+  const std::vector<acc_t> taps =
+      pack_taps<acc_t>(weight, fold_scale.empty() ? nullptr : &fold_scale);
 
   const int64_t tile = tile_length(c_out, g.batch, l_out);
   const int64_t tiles_per_item = ceil_div(l_out, tile);
   const int64_t items = g.batch * tiles_per_item;
-  const bool train = norm_mode == kNormTrain;
 
-  // Training keeps the conv output in acc_t until the statistics are known: in y itself when
-  // y is returned in acc_t, else in a scratch tensor.
-  at::Tensor y_acc;
-  if (train) {
-    y_acc = (save_y && std::is_same_v<scalar_t, acc_t>)
-                ? y
-                : at::empty({g.batch, c_out, l_out}, x.options());
-  }
+  // Training keeps the conv output in acc_t until the statistics are known.
+  at::Tensor y_acc = train ? at::empty({g.batch, c_out, l_out}, x.options()) : at::Tensor();
   acc_t* y_accp = train ? y_acc.data_ptr<acc_t>() : nullptr;
   // Per (work item, channel) statistics of the tile: count is the tile's length.
   std::vector<acc_t> part_mean(train ? items * c_out : 0), part_m2(train ? items * c_out : 0);
 
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(c_out * tile);
-    std::vector<acc_t> gather(g.stride > 1 ? g.c_in * tile : 0);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / tiles_per_item, t0 = (item % tiles_per_item) * tile;
-      const int64_t nt = std::min(tile, l_out - t0);
-      conv_tile<acc_t>(g, xp + b * g.c_in * g.length, taps.data(), conv_bias.data(), t0, nt,
-                       acc.data(), gather.data());
-      for (int64_t co = 0; co < c_out; ++co) {
-        const acc_t* row = acc.data() + co * nt;
-        const int64_t base = (b * c_out + co) * l_out + t0;
-        if (train) {
-          // Two passes over the row while it is in L1: the tile's mean, then its M2.
-          const acc_t m = lane_sum<acc_t>(nt, [&](int64_t i) { return row[i]; }) /
-                          static_cast<acc_t>(nt);
-          const acc_t m2 =
-              lane_sum<acc_t>(nt, [&](int64_t i) { return (row[i] - m) * (row[i] - m); });
-          part_mean[item * c_out + co] = m;
-          part_m2[item * c_out + co] = m2;
-          std::copy(row, row + nt, y_accp + base);
-        } else {
-          if (save_y)
-            for (int64_t i = 0; i < nt; ++i) yp[base + i] = static_cast<scalar_t>(row[i]);
-          epilogue<scalar_t, acc_t>(row, nt, scale[co], shift[co], relu_before_add,
-                                    res ? res + base : nullptr, outp + base);
+  with_saved_ptr<scalar_t, acc_t>(saved, [&](auto* savedp) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(c_out * tile);
+      std::vector<acc_t> gather(g.stride > 1 ? g.c_in * tile : 0);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / tiles_per_item, t0 = (item % tiles_per_item) * tile;
+        const int64_t nt = std::min(tile, l_out - t0);
+        conv_tile<acc_t>(g, xp + b * g.c_in * g.length, taps.data(), conv_bias.data(), t0, nt,
+                         acc.data(), gather.data());
+        for (int64_t co = 0; co < c_out; ++co) {
+          const acc_t* row = acc.data() + co * nt;
+          const int64_t base = (b * c_out + co) * l_out + t0;
+          if (train) {
+            // Two passes over the row while it is in L1: the tile's mean, then its M2.
+            const acc_t m = lane_sum<acc_t>(nt, [&](int64_t i) { return row[i]; }) /
+                            static_cast<acc_t>(nt);
+            const acc_t m2 =
+                lane_sum<acc_t>(nt, [&](int64_t i) { return (row[i] - m) * (row[i] - m); });
+            part_mean[item * c_out + co] = m;
+            part_m2[item * c_out + co] = m2;
+            std::copy(row, row + nt, y_accp + base);
+          } else {
+            epilogue(row, nt, normalize, affine[co], relu_before_add,
+                     res ? res + base : nullptr, outp + base, savedp ? savedp + base : savedp);
+          }
         }
       }
-    }
-  });
-  if (!train) return;
+    });
+    if (!train) return;
 
-  // Merge the tiles' (count, mean, M2) per channel in item order (Chan et al.): deterministic,
-  // and exact where sum / sum-of-squares would cancel when |mean| >> std.
-  acc_t* bmean = batch_mean.data_ptr<acc_t>();
-  acc_t* bvar = batch_var.data_ptr<acc_t>();
-  {  // serial: items * C_out steps, cheaper than a parallel region
-    for (int64_t co = 0; co < c_out; ++co) {
+    // Merge the tiles' (count, mean, M2) per channel in item order (Chan et al.):
+    // deterministic, and exact where sum / sum-of-squares would cancel when |mean| >> std.
+    acc_t* bmean = batch_mean.data_ptr<acc_t>();
+    acc_t* bvar = batch_var.data_ptr<acc_t>();
+    for (int64_t co = 0; co < c_out; ++co) {  // serial: cheaper than a parallel region
       acc_t n = 0, m = 0, m2 = 0;
       for (int64_t item = 0; item < items; ++item) {
         const int64_t t0 = (item % tiles_per_item) * tile;
@@ -319,22 +369,20 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
       }
       bmean[co] = m;
       bvar[co] = m2 / n;
-      scale[co] = gamma[co] / std::sqrt(m2 / n + static_cast<acc_t>(eps));
-      shift[co] = beta[co] - m * scale[co];
+      affine[co] = {m, acc_t(1) / std::sqrt(m2 / n + static_cast<acc_t>(eps)), gamma[co],
+                    beta[co]};
     }
-  }
+    update_running_stats<acc_t>(running_mean, running_var, bmean, bvar, c_out,
+                                g.batch * l_out, momentum_factor);
 
-  // Second pass: normalize, residual, ReLU; rows of (batch item, channel).
-  const bool write_y = save_y && !std::is_same_v<scalar_t, acc_t>;
-  at::parallel_for(0, g.batch * c_out, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t co = r % c_out, base = r * l_out;
-      const acc_t* row = y_accp + base;
-      if (write_y)
-        for (int64_t i = 0; i < l_out; ++i) yp[base + i] = static_cast<scalar_t>(row[i]);
-      epilogue<scalar_t, acc_t>(row, l_out, scale[co], shift[co], relu_before_add,
-                                res ? res + base : nullptr, outp + base);
-    }
+    // Second pass: normalize (saving x-hat), residual, ReLU; rows of (batch item, channel).
+    at::parallel_for(0, g.batch * c_out, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t co = r % c_out, base = r * l_out;
+        epilogue(y_accp + base, l_out, true, affine[co], relu_before_add,
+                 res ? res + base : nullptr, outp + base, savedp ? savedp + base : savedp);
+      }
+    });
   });
 }
 
@@ -342,25 +390,28 @@ template <typename acc_t>
 struct GradRowSums { acc_t g, gxhat, gy; };
 
 // One row (batch item, channel) of the backward's first pass, specialized so the loop has no
-// branches on the mode: g = grad_out masked by out > 0 (and by bn(y) > 0, or y > 0 without
-// norm, when relu_before_add); grad_residual = g; grad_y = g (train: finished in pass 2) or
-// gamma * invstd * g (eval). Returns the row's sums of g, g * xhat and grad_y.
-template <bool kNorm, bool kTrain, bool kRba, bool kRes, typename scalar_t, typename acc_t>
+// branches on the mode: g = grad_out masked where out <= 0 (torch.relu's backward: a NaN output
+// passes the gradient), and where xhat * gamma + beta <= 0 (or y <= 0 without norm) when
+// relu_before_add; grad_residual = g; grad_y = g (train: finished in pass 2) or
+// gamma * invstd * g (eval). `saved` is the forward's saved tensor: x-hat, or y without norm.
+// Returns the row's sums of g, g * xhat and grad_y.
+template <bool kNorm, bool kTrain, bool kRba, bool kRes, typename scalar_t, typename acc_t,
+          typename saved_t>
 GradRowSums<acc_t> grad_mask_row(const scalar_t* grad_out, const scalar_t* out,
-                                 const scalar_t* y, int64_t n, acc_t mean, acc_t invstd,
-                                 acc_t gamma, acc_t beta, scalar_t* grad_res, acc_t* grad_y) {
+                                 const saved_t* saved, int64_t n, acc_t invstd, acc_t gamma,
+                                 acc_t beta, scalar_t* grad_res, acc_t* grad_y) {
   const acc_t k1 = (kNorm && !kTrain) ? gamma * invstd : acc_t(1);
   acc_t sum_g[kLanes] = {}, sum_gx[kLanes] = {}, sum_gy[kLanes] = {};
   auto element = [&](int64_t i, int lane) {
-    acc_t gi = static_cast<acc_t>(out[i]) > acc_t(0) ? static_cast<acc_t>(grad_out[i]) : acc_t(0);
+    acc_t gi = static_cast<acc_t>(out[i]) <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(grad_out[i]);
     if (kRes) grad_res[i] = static_cast<scalar_t>(gi);
     if (kNorm) {
-      const acc_t xhat = (static_cast<acc_t>(y[i]) - mean) * invstd;
-      if (kRba) gi = xhat * gamma + beta > acc_t(0) ? gi : acc_t(0);
+      const acc_t xhat = static_cast<acc_t>(saved[i]);
+      if (kRba) gi = xhat * gamma + beta <= acc_t(0) ? acc_t(0) : gi;
       sum_g[lane] += gi;
       sum_gx[lane] += gi * xhat;
     } else if (kRba) {
-      gi = static_cast<acc_t>(y[i]) > acc_t(0) ? gi : acc_t(0);
+      gi = static_cast<acc_t>(saved[i]) <= acc_t(0) ? acc_t(0) : gi;
     }
     const acc_t gy = gi * k1;
     sum_gy[lane] += gy;
@@ -376,8 +427,8 @@ GradRowSums<acc_t> grad_mask_row(const scalar_t* grad_out, const scalar_t* out,
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                      const at::Tensor& weight, const OptTensor& bn_weight,
-                     const OptTensor& bn_bias, const at::Tensor& y_in, const at::Tensor& out_in,
-                     const at::Tensor& mean, const at::Tensor& var, bool has_residual,
+                     const OptTensor& bn_bias, const at::Tensor& saved_in,
+                     const at::Tensor& out_in, const at::Tensor& var, bool has_residual,
                      const ConvGeometry& g, int64_t norm_mode, double eps, bool relu_before_add,
                      const at::Tensor& grad_x, const at::Tensor& grad_weight,
                      const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
@@ -385,23 +436,19 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t c_out = g.c_out, c_in = g.c_in, l_out = g.l_out, rows = g.batch * c_out;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
+  const at::Tensor saved = saved_in.contiguous();
   const scalar_t* gop = grad_out.data_ptr<scalar_t>();
   const scalar_t* outp = out.data_ptr<scalar_t>();
-  const scalar_t* yp = y.numel() > 0 ? y.data_ptr<scalar_t>() : nullptr;
   scalar_t* gresp = has_residual ? grad_residual.data_ptr<scalar_t>() : nullptr;
   const bool norm = norm_mode != kNormNone, train = norm_mode == kNormTrain;
 
-  std::vector<acc_t> invstd(c_out, 1), mu(c_out, 0);
+  std::vector<acc_t> invstd(c_out, 1);
   const std::vector<acc_t> gamma = to_vector<acc_t>(bn_weight, c_out, 1);
   const std::vector<acc_t> beta = to_vector<acc_t>(bn_bias, c_out, 0);
   if (norm) {
-    const std::vector<acc_t> m = to_vector<acc_t>(mean, c_out, 0);
     const std::vector<acc_t> v = to_vector<acc_t>(var, c_out, 1);
-    for (int64_t c = 0; c < c_out; ++c) {
-      mu[c] = m[c];
+    for (int64_t c = 0; c < c_out; ++c)
       invstd[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
-    }
   }
 
   // grad_y in acc_t: the gradient reaching the conv output, per row (batch item, channel).
@@ -410,7 +457,9 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   acc_t* gyp = grad_y.data_ptr<acc_t>();
   // Per-row partial sums, reduced over the batch in a fixed order below.
   std::vector<acc_t> row_g(rows, 0), row_gxhat(rows, 0), row_gy(rows, 0);
+  std::vector<acc_t> grad_beta(c_out, 0), grad_gamma(c_out, 0);
 
+  with_saved_ptr<scalar_t, acc_t>(saved, [&](auto* savedp) {
   // Pass 1: g = grad_out through the ReLU masks; grad_residual = g; sums of g and g * xhat.
   // In eval/none mode grad_y is final here (it needs no batch-wide sums).
   auto pass1 = [&](auto norm_c, auto train_c, auto rba_c, auto res_c) {
@@ -420,7 +469,7 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % c_out, base = r * l_out;
         GradRowSums<acc_t> sums = grad_mask_row<kNorm, kTrain, kRba, kRes>(
-            gop + base, outp + base, yp ? yp + base : nullptr, l_out, mu[c], invstd[c],
+            gop + base, outp + base, savedp ? savedp + base : savedp, l_out, invstd[c],
             gamma[c], beta[c], kRes ? gresp + base : nullptr, gyp + base);
         row_g[r] = sums.g;
         row_gxhat[r] = sums.gxhat;
@@ -439,7 +488,6 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   if (!norm) with_rba(F{}, F{});
   else if (train) with_rba(T{}, T{});
   else with_rba(T{}, F{});
-  std::vector<acc_t> grad_beta(c_out, 0), grad_gamma(c_out, 0);
   for (int64_t r = 0; r < rows; ++r) {
     grad_beta[r % c_out] += row_g[r];
     grad_gamma[r % c_out] += row_gxhat[r];
@@ -454,16 +502,16 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
         const acc_t k1 = gamma[c] * invstd[c], mean_g = grad_beta[c] * inv_n;
         const acc_t mean_gx = grad_gamma[c] * inv_n;
         acc_t* gy_row = gyp + base;
-        const scalar_t* y_row = yp + base;
+        const auto* xhat_row = savedp + base;
         row_gy[r] = lane_sum<acc_t>(l_out, [&](int64_t i) {
-          const acc_t xhat = (static_cast<acc_t>(y_row[i]) - mu[c]) * invstd[c];
-          const acc_t gy = k1 * (gy_row[i] - mean_g - xhat * mean_gx);
+          const acc_t gy = k1 * (gy_row[i] - mean_g - static_cast<acc_t>(xhat_row[i]) * mean_gx);
           gy_row[i] = gy;
           return gy;
         });
       }
     });
   }
+  });
   if (norm) {
     for (int64_t c = 0; c < c_out; ++c) {
       grad_bn_weight.data_ptr<acc_t>()[c] = grad_gamma[c];
@@ -569,66 +617,39 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-ConvGeometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
-                                int64_t dilation, int64_t pad_left, int64_t pad_right,
-                                const at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3, "fastres_ext: x and weight must be 3-D");
-  TORCH_CHECK(x.size(1) == weight.size(1), "fastres_ext: channel mismatch");
-  TORCH_CHECK(stride >= 1 && dilation >= 1 && pad_left >= 0 && pad_right >= 0,
-              "fastres_ext: bad stride/dilation/padding");
-  ConvGeometry g{x.size(0), x.size(1), x.size(2), weight.size(0), weight.size(2), 0,
-                 stride, dilation, pad_left};
-  g.l_out = (g.length + pad_left + pad_right - dilation * (g.taps - 1) - 1) / stride + 1;
-  TORCH_CHECK(g.l_out >= 1, "fastres_ext: empty output");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == g.batch && out.size(1) == g.c_out &&
-                  out.size(2) == g.l_out && out.is_contiguous(),
-              "fastres_ext: out must be a contiguous (B, C_out, L_out) tensor");
-  return g;
-}
-
 void conv_bn_relu_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
-    const OptTensor& var, const OptTensor& residual, int64_t stride, int64_t dilation,
-    int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps, bool relu_before_add,
-    const at::Tensor& out, const at::Tensor& y, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var) {
-  const ConvGeometry g =
-      check_forward_args(x, weight, stride, dilation, pad_left, pad_right, out);
+    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const OptTensor& gamma,
+    const OptTensor& beta, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& residual, int64_t stride, int64_t dilation, int64_t pad_left,
+    int64_t pad_right, int64_t norm_mode, double eps, double momentum_factor,
+    bool relu_before_add, const at::Tensor& out, const at::Tensor& saved,
+    const at::Tensor& batch_mean, const at::Tensor& batch_var) {
+  const ConvGeometry g = check_forward_args(x, weight, stride, dilation, pad_left, pad_right,
+                                            norm_mode, out, saved, batch_mean, batch_var);
   check_cpu(x, "x");
   check_cpu(out, "out");
-  TORCH_CHECK(y.numel() == 0 || (y.is_contiguous() && y.sizes() == out.sizes()),
-              "fastres_ext: y must be empty or shaped like out");
-  if (norm_mode == kNormTrain)
-    TORCH_CHECK(batch_mean.numel() == g.c_out && batch_var.numel() == g.c_out,
-                "fastres_ext: training needs batch_mean/batch_var of C_out values");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastres_forward_cpu", [&] {
-    forward_kernel<scalar_t>(x, weight, bias, bn_weight, bn_bias, mean, var, residual, g,
-                             norm_mode, eps, relu_before_add, out, y, batch_mean, batch_var);
+    forward_kernel<scalar_t>(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+                             g, norm_mode, eps, momentum_factor, relu_before_add, out, saved,
+                             batch_mean, batch_var);
   });
 }
 
 void conv_bn_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const OptTensor& bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
-    const at::Tensor& y, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var,
-    bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left, int64_t pad_right,
-    int64_t norm_mode, double eps, bool relu_before_add, const at::Tensor& grad_x,
-    const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
-    const at::Tensor& grad_bn_bias, const at::Tensor& grad_residual) {
-  (void)bias;  // presence is told by grad_bias being non-empty
+    const OptTensor& gamma, const OptTensor& beta, const at::Tensor& saved, const at::Tensor& out,
+    const at::Tensor& var, bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left,
+    int64_t pad_right, int64_t norm_mode, double eps, bool relu_before_add,
+    const at::Tensor& grad_x, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+    const at::Tensor& grad_gamma, const at::Tensor& grad_beta, const at::Tensor& grad_residual) {
   const ConvGeometry g =
-      check_forward_args(x, weight, stride, dilation, pad_left, pad_right, out);
+      check_backward_args(x, weight, stride, dilation, pad_left, pad_right, norm_mode,
+                          relu_before_add, out, saved, grad_x, grad_weight);
   check_cpu(x, "x");
-  TORCH_CHECK(grad_x.is_contiguous() && grad_weight.is_contiguous(),
-              "fastres_ext: gradients must be contiguous");
-  TORCH_CHECK((norm_mode == kNormNone && !relu_before_add) || y.numel() == out.numel(),
-              "fastres_ext: backward needs the saved conv output y");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastres_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_out, x, weight, bn_weight, bn_bias, y, out, mean, var,
-                              has_residual, g, norm_mode, eps, relu_before_add, grad_x,
-                              grad_weight, grad_bias, grad_bn_weight, grad_bn_bias,
-                              grad_residual);
+    backward_kernel<scalar_t>(grad_out, x, weight, gamma, beta, saved, out, var, has_residual,
+                              g, norm_mode, eps, relu_before_add, grad_x, grad_weight,
+                              grad_bias, grad_gamma, grad_beta, grad_residual);
   });
 }
 

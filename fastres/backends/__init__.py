@@ -32,9 +32,10 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 _REGISTRY: Dict[str, Backend] = {b.name: b for b in (
     EagerBackend(),
-    KernelBackend("reference", "fastres.backends.reference", ("cpu", "cuda"),
+    KernelBackend("composite", "fastres.backends.composite", ("cpu", "cuda"),
                   _FLOATS + (torch.float64,),
-                  "PyTorch ops, with the analytic backward the fused backends reproduce"),
+                  "PyTorch ops inside the custom op, with the analytic backward every fused "
+                  "backend reproduces"),
     # Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1), for tests.
     KernelBackend("triton", "fastres.backends.triton",
                   ("cuda", "cpu") if triton_interpreting() else ("cuda",), _FLOATS,
@@ -45,7 +46,7 @@ _REGISTRY: Dict[str, Backend] = {b.name: b for b in (
                   "CUDA C++ kernels (csrc/cuda)"),
 )}
 
-# The fused backends the default tries per device type, most preferred first. "reference"
+# The fused backends the default tries per device type, most preferred first. "composite"
 # is never a default: it exists to be compared against.
 _PREFERENCE: Dict[str, List[str]] = {"cuda": ["triton", "cuda"], "cpu": ["cpp"]}
 

@@ -1,19 +1,10 @@
 """CUDA backend: the CUDA kernels of the compiled extension fastres._C (csrc/cuda).
 
-Used for CUDA tensors when Triton is unavailable (the dispatcher prefers Triton). Direct
-convolutions in float32 FMA: float32 inputs are computed in strict float32 whatever
-cudnn.allow_tf32 says (within both of SPEC.md's bounds).
-
-Calls fastres._ext, the extension's Python interface; the contract is the one
-fastres/backends/reference.py documents.
+Calls fastres._ext, the extension's Python interface (docs/spec.md, "Backend contract").
 """
 import torch
 
 from .._ext import backward, compiled_with_cuda, forward, load_error  # noqa: F401
-
-NAME = "cuda"
-DEVICES = ("cuda",)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def unavailable_reason():

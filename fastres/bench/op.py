@@ -7,7 +7,7 @@ Candidates, on identical inputs:
     compiled       torch.compile(eager, fullgraph=True), mode max-autotune on GPU
     fastres        fastres.conv_bn_relu with the backend fastres picks by default
     fastres[name]  the same op forced onto each other available backend of the device
-                   (the reference backend only in the full matrix; Triton never on CPU,
+                   (the composite backend only in the full matrix; Triton never on CPU,
                    where it would run in its interpreter)
 
 Modes: "eval" = inference forward with running statistics (no autograd);
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import fastres
 from fastres import backends
-from fastres.reference import conv_padding, output_length
+from fastres.conventions import conv_padding, output_length
 
 from . import timing
 from .runner import Settings, Task, compile_fn
@@ -59,7 +59,8 @@ class OpCase:
 
     @property
     def L_out(self) -> int:
-        return output_length(self.L, self.K, self.dilation, 1, self.padding)
+        return output_length(self.L, self.K, self.dilation, 1,
+                             *conv_padding(self.K, self.dilation, 1, self.padding))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -141,7 +142,7 @@ def fastres_backends(device: torch.device, dtype: torch.dtype, full: bool) -> Di
     a fused kernel or eager per call), then each available backend forced on its own.
 
     Triton is never benchmarked on CPU tensors: there it runs in its interpreter, a test
-    tool orders of magnitude slower. The reference backend is listed on its own only in
+    tool orders of magnitude slower. The composite backend is listed on its own only in
     the full matrix (it is plain PyTorch plus a custom-op wrapper).
     """
     impls = {"fastres": "default"}
@@ -151,7 +152,7 @@ def fastres_backends(device: torch.device, dtype: torch.dtype, full: bool) -> Di
             continue
         if name == "triton" and device.type != "cuda":
             continue
-        if name == "reference" and not full:
+        if name == "composite" and not full:
             continue
         impls[f"fastres[{name}]"] = name
     return impls

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..conventions import cudnn_conv_tf32
+
 SCHEMA_VERSION = 1
 
 
@@ -97,8 +99,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_conv_tf32": cudnn_conv_tf32(),
         "backends_available": backends.available_backends(),
         "backend_unavailable": {name: backends.unavailable_reason(name)
                                 for name in backends.names()

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..conventions import cudnn_conv_tf32_set, rel_err
 from ._stage import RecordsConvGeometry, retyped
 from .resnet import BasicBlock, PlainBasicBlock, PlainResNet1d, ResNet1d
 from .sequential import ConvBNReLUSequential
@@ -84,15 +85,6 @@ class ConversionReport:
 # --------------------------------------------------------------------------- verification
 
 
-def _rel_err(got: Tensor, want: Tensor) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    denom = want.norm().item()
-    diff = (got - want).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
 def _first_tensor(module: nn.Module) -> Optional[Tensor]:
     for t in module.parameters():
         return t
@@ -112,14 +104,14 @@ class _EvalNoTF32:
         self.training = {key: m.training for key, m in self.modules.items()}
         for m in self.modules.values():
             m.training = False
-        self.tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        self.strict = cudnn_conv_tf32_set(False)
+        self.strict.__enter__()
         self.no_grad = torch.no_grad()
         self.no_grad.__enter__()
 
     def __exit__(self, *exc):
         self.no_grad.__exit__(*exc)
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        self.strict.__exit__(*exc)
         for key, m in self.modules.items():
             m.training = self.training[key]
 
@@ -143,7 +135,7 @@ def _verify(original: nn.Module, fused: nn.Module, in_channels: int,
             return None, f"fused candidate fails on the probe: {exc}"
     if not isinstance(want, Tensor) or got.shape != want.shape:
         return None, "probe output shapes differ"
-    err = _rel_err(got, want)
+    err = rel_err(got, want)
     tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-5
     if not err <= tol:
         return None, f"probe outputs differ by {err:.2e} relative (over {tol:g})"

@@ -1,109 +1,119 @@
 """conv_bn_relu: causal/same dilated Conv1d + BatchNorm1d + ReLU (+ residual), fused.
 
-The public function validates its arguments, applies autocast, calls the registered
-custom op `fastres::conv_bn_relu` (whose implementation asks fastres.backends which
-kernel to run) and updates the running statistics in place, as nn.BatchNorm1d does.
-
-The op and its backward are torch.library custom ops with fake implementations, so
-the function traces under torch.compile(fullgraph=True) without graph breaks, and
-autograd is wired once for every backend.
+The public function validates its arguments, applies autocast, counts the batch in
+num_batches_tracked and asks fastres.backends which backend runs the call. The eager backend
+runs under autograd as PyTorch's own kernels; a fused backend runs inside the registered
+custom ops `fastres::conv_bn_relu` and `fastres::conv_bn_relu_backward`, tied together by
+an autograd.Function; they carry the backend's name, so backward runs on the backend that
+ran forward. The custom ops have fake
+implementations: the function traces under torch.compile(fullgraph=True), where the backend
+is chosen once, at trace time.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import PADDING_MODES, conv_padding, running_stats_factor
+from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
+                           norm_mode, output_length, saved_dtype, stats_dtype)
 
 __all__ = ["conv_bn_relu"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastres::conv_bn_relu", mutates_args=())
-def _conv_bn_relu_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor],
+@torch.library.custom_op("fastres::conv_bn_relu", mutates_args=("running_mean", "running_var"))
+def _forward_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
+    beta: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
     residual: Optional[Tensor], stride: int, dilation: int, pad_left: int, pad_right: int,
-    norm_mode: str, eps: float, relu_before_add: bool, save_y: bool, backend: str,
+    norm: str, eps: float, momentum_factor: float, relu_before_add: bool,
+    save_for_backward: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return backends.get(backend).forward(
-        x, weight, bias, bn_weight, bn_bias, mean, var, residual, stride=stride,
-        dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm_mode=norm_mode,
-        eps=eps, relu_before_add=relu_before_add, save_y=save_y)
+        x, weight, bias, gamma, beta, running_mean, running_var, residual, stride=stride,
+        dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=norm, eps=eps,
+        momentum_factor=momentum_factor, relu_before_add=relu_before_add,
+        save_for_backward=save_for_backward)
 
 
-@_conv_bn_relu_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, mean, var, residual, stride, dilation, pad_left,
-      pad_right, norm_mode, eps, relu_before_add, save_y, backend):
+@_forward_op.register_fake
+def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, stride, dilation,
+      pad_left, pad_right, norm, eps, momentum_factor, relu_before_add, save_for_backward,
+      backend):
     batch, _, length = x.shape
     c_out, _, k = weight.shape
-    l_out = (length + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
-    out = x.new_empty((batch, c_out, l_out))
-    y = x.new_empty((batch, c_out, l_out) if save_y else (0,))
-    n_stats = c_out if norm_mode == "train" else 0
-    stats = x.new_empty((n_stats,), dtype=_stats_dtype(x.dtype))
-    return out, y, stats, stats.clone()
+    shape = (batch, c_out, output_length(length, k, dilation, stride, pad_left, pad_right))
+    saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
+    saved = x.new_empty(shape if saves else (0,), dtype=saved_dtype(x.dtype, norm,
+                                                                     relu_before_add))
+    stats = x.new_empty((c_out if norm == NORM_TRAIN else 0,), dtype=stats_dtype(x.dtype))
+    return x.new_empty(shape), saved, stats, stats.clone()
 
 
 @torch.library.custom_op("fastres::conv_bn_relu_backward", mutates_args=())
-def _conv_bn_relu_backward_op(
-    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], y: Tensor, out: Tensor, mean: Tensor,
-    var: Tensor, has_residual: bool, stride: int, dilation: int, pad_left: int, pad_right: int,
-    norm_mode: str, eps: float, relu_before_add: bool, backend: str,
+def _backward_op(
+    grad_out: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor],
+    beta: Optional[Tensor], saved: Tensor, out: Tensor, var: Tensor, has_bias: bool,
+    has_residual: bool, stride: int, dilation: int, pad_left: int, pad_right: int, norm: str,
+    eps: float, relu_before_add: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = backends.get(backend).backward(
-        grad_out.contiguous(), x, weight, bias, bn_weight, bn_bias, y, out, mean, var,
+        grad_out.contiguous(), x, weight, gamma, beta, saved, out, var, has_bias=has_bias,
         has_residual=has_residual, stride=stride, dilation=dilation, pad_left=pad_left,
-        pad_right=pad_right, norm_mode=norm_mode, eps=eps, relu_before_add=relu_before_add)
+        pad_right=pad_right, norm=norm, eps=eps, relu_before_add=relu_before_add)
     # Custom ops cannot return None: an absent gradient travels as an empty tensor.
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
-@_conv_bn_relu_backward_op.register_fake
-def _(grad_out, x, weight, bias, bn_weight, bn_bias, y, out, mean, var, has_residual, stride,
-      dilation, pad_left, pad_right, norm_mode, eps, relu_before_add, backend):
+@_backward_op.register_fake
+def _(grad_out, x, weight, gamma, beta, saved, out, var, has_bias, has_residual, stride,
+      dilation, pad_left, pad_right, norm, eps, relu_before_add, backend):
     empty = x.new_empty(0)
-    like = lambda t: empty if t is None else torch.empty_like(t)  # noqa: E731
-    return (torch.empty_like(x), torch.empty_like(weight), like(bias), like(bn_weight),
-            like(bn_bias), torch.empty_like(out) if has_residual else empty)
+    c_out = weight.shape[0]
+    vector = x.new_empty((c_out,))
+    stats = x.new_empty((c_out,), dtype=stats_dtype(x.dtype))
+    return (torch.empty_like(x), torch.empty_like(weight), vector if has_bias else empty,
+            stats if norm != NORM_NONE else empty, stats.clone() if norm != NORM_NONE else empty,
+            torch.empty_like(out) if has_residual else empty)
 
 
-def _setup_context(ctx, inputs, output):
-    (x, weight, bias, bn_weight, bn_bias, mean_in, var_in, residual, stride, dilation, pad_left,
-     pad_right, norm_mode, eps, relu_before_add, _save_y, backend) = inputs
-    out, y, mean, var = output
-    ctx.mark_non_differentiable(y, mean, var)
-    if norm_mode == "eval":  # backward needs the statistics forward normalized with
-        mean, var = mean_in, var_in
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, y, out, mean, var)
-    # The backend that ran the forward runs the backward, on whatever thread autograd uses.
-    ctx.args = (residual is not None, stride, dilation, pad_left, pad_right, norm_mode, eps,
-                relu_before_add, backend)
+class _FusedStage(torch.autograd.Function):
+    """Autograd around the two custom ops. (A custom op that mutates its inputs, as the
+    forward does with the running statistics, cannot carry torch.library's autograd
+    registration; an autograd.Function around it traces under torch.compile all the same.)"""
 
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, residual,
+                stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
+                relu_before_add, save_for_backward, backend):
+        out, saved, _batch_mean, batch_var = _forward_op(
+            x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
+            dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
+            save_for_backward, backend)
+        # Backward needs the variance forward normalized with: the batch's, or the running one.
+        var = batch_var if norm == NORM_TRAIN else running_var
+        ctx.save_for_backward(x, weight, gamma, beta, saved, out, var)
+        ctx.args = (bias is not None, residual is not None, stride, dilation, pad_left,
+                    pad_right, norm, eps, relu_before_add, backend)
+        return out
 
-def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
-    x, weight, bias, bn_weight, bn_bias, y, out, mean, var = ctx.saved_tensors
-    grads = _conv_bn_relu_backward_op(grad_out, x, weight, bias, bn_weight, bn_bias, y, out,
-                                      mean, var, *ctx.args)
-    present = (True, True, bias is not None, bn_weight is not None, bn_bias is not None,
-               ctx.args[0])
-    g_x, g_w, g_b, g_gamma, g_beta, g_res = (g if p else None for g, p in zip(grads, present))
-    return g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res, *([None] * 9)
-
-
-_conv_bn_relu_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, gamma, beta, saved, out, var = ctx.saved_tensors
+        if var is None:
+            var = x.new_empty(0)
+        grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, *ctx.args)
+        has_bias, has_residual = ctx.args[0], ctx.args[1]
+        present = (True, True, has_bias, gamma is not None, beta is not None, has_residual)
+        g_x, g_w, g_b, g_gamma, g_beta, g_res = (g if p else None for g, p in zip(grads, present))
+        return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 10
 
 
 # --------------------------------------------------------------------------- validation
@@ -129,7 +139,8 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual,
-              training, stride, dilation, padding, norm) -> Tuple[int, int, int]:
+              training, momentum, eps, stride, dilation, padding, norm,
+              num_batches_tracked) -> Tuple[int, int, int]:
     """Check every argument; return (pad_left, pad_right, L_out)."""
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("x and weight must be tensors")
@@ -149,8 +160,10 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
     if w_c_in != c_in:
         raise ValueError(f"weight expects {w_c_in} input channels but x has {c_in} "
                          "(grouped convolution is not supported)")
-    if c_out < 1 or k < 1:
-        raise ValueError(f"weight shape {tuple(weight.shape)} has an empty dimension")
+    if c_in < 1 or c_out < 1 or k < 1:
+        # PyTorch's own conv gives inconsistent shapes for C_in = 0; refuse rather than guess.
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must have at "
+                         "least one input channel, output channel and tap")
     _check_int("stride", stride, 1)
     _check_int("dilation", dilation, 1)
     if padding not in PADDING_MODES:
@@ -169,8 +182,17 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
         if not training and running_mean is None:
             raise ValueError("eval-mode batch norm needs running_mean and running_var "
                              "(pass training=True to use batch statistics, or norm=None)")
+        # PyTorch's rules (F.batch_norm): eps > 0 to normalize batch statistics, eps >= 0
+        # with running ones.
+        if training and not eps > 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if not eps >= 0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        if training and running_mean is not None and momentum is None \
+                and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     pad_left, pad_right = conv_padding(k, dilation, stride, padding)
-    l_out = (length + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
+    l_out = output_length(length, k, dilation, stride, pad_left, pad_right)
     if l_out < 1:
         raise ValueError(f"output length would be {l_out}: input length {length} is too short "
                          f"for kernel_size={k}, dilation={dilation}, stride={stride}, "
@@ -185,11 +207,36 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
         if residual.dtype != x.dtype:
             raise TypeError(f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
-    if norm == "batch" and training and batch * l_out <= 1:
+    if norm == "batch" and training and batch > 0 and batch * l_out <= 1:
         # The message nn.BatchNorm1d gives, so users see the error they know.
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size((batch, c_out, l_out))}")
     return pad_left, pad_right, l_out
+
+
+def count_batch_and_momentum_factor(momentum: Optional[float],
+                                    num_batches_tracked: Optional[Tensor]) -> float:
+    """Count this training batch in num_batches_tracked (when given), as nn.BatchNorm1d does,
+    and return the running-statistics factor: momentum, or 1/num_batches_tracked for
+    momentum=None (a cumulative average)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is not None:
+        return float(momentum)
+    return 1.0 / float(num_batches_tracked)
+
+
+# gamma = 1, beta = 0 for batch norm without affine parameters, made once per
+# (channels, device, dtype) rather than allocated on every call.
+_UNIT_AFFINE: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+
+
+def _unit_affine(c_out: int, device: torch.device, dtype: torch.dtype):
+    key = (c_out, device, dtype)
+    if key not in _UNIT_AFFINE:
+        _UNIT_AFFINE[key] = (torch.ones(c_out, device=device, dtype=dtype),
+                             torch.zeros(c_out, device=device, dtype=dtype))
+    return _UNIT_AFFINE[key]
 
 
 # --------------------------------------------------------------------------- public function
@@ -225,10 +272,10 @@ def conv_bn_relu(
     """relu(batch_norm(conv1d(x)) + residual) as one fused op.
 
     Computes what nn.Conv1d -> nn.BatchNorm1d -> F.relu (-> + residual -> F.relu) computes
-    (SPEC.md), forward and backward, on whichever backend fastres.backends picks.
+    (docs/spec.md), forward and backward, on the backend fastres.backends chooses.
 
     Args:
-        x: (B, C_in, L) float32 / float16 / bfloat16 (float64 on the reference and C++ backends).
+        x: (B, C_in, L) float32 / float16 / bfloat16 / float64.
         weight, bias: the conv's (C_out, C_in, K) weight and (C_out,) bias or None.
         running_mean, running_var, bn_weight, bn_bias: as F.batch_norm (same order, same
             meaning). Running statistics are updated in place in training mode and may be None
@@ -236,7 +283,7 @@ def conv_bn_relu(
         training: batch statistics (True) or running statistics (False).
         momentum: running-statistics momentum; None for a cumulative average, which needs
             num_batches_tracked (the module's counter, incremented here in training).
-        eps: added to the variance.
+        eps: added to the variance (> 0 in training, >= 0 in eval, as PyTorch requires).
         stride, dilation: of the conv.
         padding: "causal" (left-pad (K-1)*dilation; L_out = L at stride 1) or "same".
         residual: None or a tensor of the output's shape added before the final ReLU.
@@ -247,58 +294,73 @@ def conv_bn_relu(
     Returns:
         (B, C_out, L_out) tensor of x's dtype.
     """
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+    if isinstance(x, Tensor) and x.is_floating_point() \
+            and torch.amp.is_autocast_available(x.device.type) \
+            and torch.is_autocast_enabled(x.device.type):
         # Conv operands take the autocast dtype (as nn.Conv1d under autocast); batch-norm
         # parameters and running statistics stay float32, as PyTorch keeps them.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         residual = None if residual is None else residual.to(dtype)
-    pad_left, pad_right, l_out = _validate(x, weight, bias, running_mean, running_var, bn_weight,
-                                       bn_bias, residual, training, stride, dilation, padding,
-                                       norm)
+    pad_left, pad_right, _ = _validate(
+        x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual, training,
+        momentum, eps, stride, dilation, padding, norm, num_batches_tracked)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, weight, bias, bn_weight, bn_bias, residual))
-    mode = "none" if norm is None else ("train" if training else "eval")
+    mode = norm_mode(norm, training)
     signature = (str(x.device), x.dtype, x.shape[0], x.shape[1], weight.shape[0], x.shape[2],
                  weight.shape[2], stride, dilation, pad_left, pad_right, mode,
                  bias is not None, residual is not None, bool(relu_before_add), needs_grad)
     if torch.compiler.is_compiling():
-        decision = backends.Decision(_backend_at_trace_time(*signature), "traced")
+        name = _backend_at_trace_time(*signature)
+    elif x.shape[0] == 0 or x.device.type == "meta":
+        # An empty batch or meta tensors: PyTorch's own ops give its results and shapes.
+        name = "eager"
     else:
-        decision = backends.choose(backends.Call(*signature))
-    if decision.backend == "eager":
-        use_batch_stats = norm == "batch" and training
-        factor = running_stats_factor(use_batch_stats, running_mean, momentum,
-                                      num_batches_tracked)
+        name = backends.choose(backends.Call(*signature)).backend
+
+    factor = 0.0
+    if mode == NORM_TRAIN and running_mean is not None:
+        factor = count_batch_and_momentum_factor(momentum, num_batches_tracked)
+    if name == "eager":
         return backends.get("eager").run(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-            stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
-            norm=mode, eps=eps, momentum_factor=factor, relu_before_add=relu_before_add)
-    use_batch_stats = norm == "batch" and training
-    norm_mode = "none" if norm is None else ("train" if training else "eval")
-    factor = running_stats_factor(use_batch_stats, running_mean, momentum, num_batches_tracked)
+            stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=mode,
+            eps=eps, momentum_factor=factor, relu_before_add=relu_before_add)
+    return fused_forward(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                         residual, stride=stride, dilation=dilation, pad_left=pad_left,
+                         pad_right=pad_right, norm=mode, eps=eps, momentum_factor=factor,
+                         relu_before_add=relu_before_add, needs_grad=needs_grad)
 
-    gamma = beta = mean_in = var_in = None
-    if norm_mode != "none":
-        sdt = _stats_dtype(x.dtype)
-        c_out = weight.shape[0]
-        gamma = bn_weight.to(sdt) if bn_weight is not None else x.new_ones(c_out, dtype=sdt)
-        beta = bn_bias.to(sdt) if bn_bias is not None else x.new_zeros(c_out, dtype=sdt)
-        if norm_mode == "eval":
-            mean_in, var_in = running_mean.to(sdt), running_var.to(sdt)
 
-    save_y = needs_grad and (norm_mode != "none" or relu_before_add)
-
-    out, _y, mean, var = _conv_bn_relu_op(
-        x, weight, bias, gamma, beta, mean_in, var_in, residual, stride, dilation, pad_left,
-        pad_right, norm_mode, float(eps), bool(relu_before_add), save_y, decision.backend)
-
-    if use_batch_stats and running_mean is not None:
-        n = x.shape[0] * out.shape[2]
+def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                  residual, *, stride, dilation, pad_left, pad_right, norm, eps,
+                  momentum_factor, relu_before_add, needs_grad) -> Tensor:
+    """Run an already validated call on the fused backend `backend` (through the custom op)."""
+    gamma = beta = None
+    if norm != NORM_NONE:
+        sdt = stats_dtype(x.dtype)
+        if bn_weight is None or bn_bias is None:
+            ones, zeros = _unit_affine(weight.shape[0], x.device, sdt)
+            bn_weight = ones if bn_weight is None else bn_weight
+            bn_bias = zeros if bn_bias is None else bn_bias
+        gamma, beta = bn_weight.to(sdt), bn_bias.to(sdt)
+    stats = [running_mean, running_var] if norm != NORM_NONE else [None, None]
+    # Running statistics of another dtype (a model moved to 16 bits whole) travel through
+    # statistics-dtype copies, written back after the call.
+    work = [t if t is None or t.dtype == stats_dtype(x.dtype) else t.to(stats_dtype(x.dtype))
+            for t in stats]
+    residual = None if residual is None else residual.contiguous()
+    out = _FusedStage.apply(
+        x.contiguous(), weight.contiguous(), bias, gamma, beta, work[0], work[1], residual,
+        stride, dilation, pad_left, pad_right, norm, float(eps), float(momentum_factor),
+        bool(relu_before_add), needs_grad, backend)
+    if norm == NORM_TRAIN:
         with torch.no_grad():
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            unbiased = var * (n / (n - 1))
-            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+            for stat, copy in zip(stats, work):
+                if copy is not stat:
+                    stat.copy_(copy)
     return out
+

@@ -114,7 +114,7 @@ def test_cpp_ops_reject_bad_outputs():
     empty = torch.empty(0)
     with pytest.raises(RuntimeError, match="out must be"):
         torch.ops.fastres_ext.forward(x, w, None, None, None, None, None, None, 1, 1, 2, 0, 0,
-                                      1e-5, False, wrong, empty, empty, empty)
+                                      1e-5, 0.0, False, wrong, empty, empty, empty)
 
 
 @requires_cuda

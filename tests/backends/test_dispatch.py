@@ -21,7 +21,7 @@ def test_registry_lists_backends_as_objects():
         assert backends.get(backend.name) is backend
         assert backend.devices and backend.dtypes and backend.description
     assert "eager" in fastres.available_backends()
-    assert "reference" in fastres.available_backends()
+    assert "composite" in fastres.available_backends()
     assert set(fastres.available_backends()) <= set(backends.names())
 
 
@@ -44,7 +44,7 @@ def test_unavailable_backend_names_why(monkeypatch):
 
 def test_supports_names_device_and_dtype():
     cpu = call()
-    assert backends.get("reference").supports(cpu) is None
+    assert backends.get("composite").supports(cpu) is None
     assert "runs on cuda" in backends.get("cuda").supports(cpu) or \
         backends.get("cuda").unavailable_reason() is not None
     f64 = call(dtype=torch.float64)
@@ -55,15 +55,15 @@ def test_supports_names_device_and_dtype():
 
 def test_use_backend_is_scoped():
     assert backends.forced_backend() is None
-    with fastres.use_backend("reference"):
-        assert backends.forced_backend() == "reference"
-        assert backends.choose(call()) == backends.Decision("reference", "forced")
+    with fastres.use_backend("composite"):
+        assert backends.forced_backend() == "composite"
+        assert backends.choose(call()) == backends.Decision("composite", "forced")
     assert backends.forced_backend() is None
 
 
 def test_forced_backend_that_cannot_run_the_call_raises():
-    with fastres.use_backend("reference"):
-        with pytest.raises(RuntimeError, match="'reference' cannot run this call"):
+    with fastres.use_backend("composite"):
+        with pytest.raises(RuntimeError, match="'composite' cannot run this call"):
             backends.choose(call(device="meta"))
 
 
@@ -74,8 +74,8 @@ def test_default_on_cpu_is_never_the_interpreter():
 
 
 def test_env_var_forces_backend(monkeypatch):
-    monkeypatch.setenv("FASTRES_BACKEND", "reference")
-    assert backends.choose(call()).backend == "reference"
+    monkeypatch.setenv("FASTRES_BACKEND", "composite")
+    assert backends.choose(call()).backend == "composite"
     monkeypatch.setenv("FASTRES_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown fastres backend"):
         backends.choose(call())
@@ -103,14 +103,14 @@ def test_eager_path_never_calls_the_custom_op(monkeypatch):
     w = torch.randn(4, 3, 3, requires_grad=True)
     with fastres.use_backend("eager"):
         fastres.conv_bn_relu(x, w, training=True).sum().backward()
-    assert "reference" not in calls and x.grad is not None
-    with fastres.use_backend("reference"):
+    assert "composite" not in calls and x.grad is not None
+    with fastres.use_backend("composite"):
         fastres.conv_bn_relu(x, w, training=True).sum().backward()
-    assert calls.count("reference") >= 2  # the forward and the backward op
+    assert calls.count("composite") >= 2  # the forward and the backward op
 
 
 def test_describe_default_states_the_policy():
     cpu = torch.device("cpu")
     assert backends.describe_default(cpu, torch.float32).endswith("eager")
-    with fastres.use_backend("reference"):
-        assert backends.describe_default(cpu, torch.float32) == "reference (forced)"
+    with fastres.use_backend("composite"):
+        assert backends.describe_default(cpu, torch.float32) == "composite (forced)"

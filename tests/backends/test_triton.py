@@ -106,7 +106,8 @@ def _batch_stats(x, weight, bias):
     _, _, mean, var = tb.forward(x, weight, bias, torch.ones_like(bias, dtype=torch.float32),
                                  torch.zeros_like(bias, dtype=torch.float32), None, None, None,
                                  stride=1, dilation=1, pad_left=K - 1, pad_right=0,
-                                 norm_mode="train", eps=1e-5, relu_before_add=False, save_y=False)
+                                 norm="train", eps=1e-5, momentum_factor=0.0,
+                                 relu_before_add=False, save_for_backward=False)
     return mean, var
 
 
@@ -182,11 +183,10 @@ def test_poison_catches_an_unwritten_tile(small_tiles):
 
 
 def test_interface():
-    from fastres.backends import triton as tb
-    assert tb.NAME == "triton"
-    assert "cuda" in tb.DEVICES
-    assert ("cpu" in tb.DEVICES) == (os.environ.get("TRITON_INTERPRET") == "1")
-    assert tb.DTYPES == (torch.float32, torch.float16, torch.bfloat16)
+    tb = backends.get("triton")
+    assert tb.fused and "cuda" in tb.devices
+    assert ("cpu" in tb.devices) == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert tb.dtypes == (torch.float32, torch.float16, torch.bfloat16)
     assert "triton" in backends.available_backends()
 
 
@@ -259,7 +259,7 @@ def test_kernels_compile_for_sm90():
               dict(HAS_RES=True, RELU_BEFORE_ADD=True, SAVE_Y=True, BLOCK_C=32, BLOCK_L=64))
         for norm, reduce_bn in ((2, True), (2, False), (0, False)):
             build(bn_backward.relu_bn_backward_kernel,
-                  dict(grad_out_ptr="*bf16", out_ptr="*bf16", y_ptr="*bf16", mean_ptr=f32,
+                  dict(grad_out_ptr="*bf16", out_ptr="*bf16", saved_ptr="*bf16",
                        var_ptr=f32, gamma_ptr=f32, beta_ptr=f32, sum_g_ptr=f32,
                        sum_gxhat_ptr=f32, grad_res_ptr="*bf16", grad_y_ptr="*bf16",
                        part_ptr=f32, n_per_channel="fp32", eps="fp32"),
@@ -314,8 +314,8 @@ def test_int64_indexing_cuda(norm_mode):
     out, _, mean, var = tb.forward(
         x, weight, None, gamma if norm_mode == "train" else None,
         beta if norm_mode == "train" else None, None, None, None, stride=1, dilation=1,
-        pad_left=K - 1, pad_right=0, norm_mode=norm_mode, eps=1e-5, relu_before_add=False,
-        save_y=False)
+        pad_left=K - 1, pad_right=0, norm=norm_mode, eps=1e-5, momentum_factor=0.0,
+        relu_before_add=False, save_for_backward=False)
     last = torch.nn.functional.conv1d(torch.nn.functional.pad(x[-1:].float(), (K - 1, 0)),
                                       weight.float())
     if norm_mode == "train":

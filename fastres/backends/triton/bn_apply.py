@@ -1,16 +1,15 @@
 """Training-mode apply: out = relu([relu](batch_norm(y)) + residual), one elementwise pass.
 
-bn_relu_apply_kernel reads a [BLOCK_C, BLOCK_L] tile of y (the conv output, x.dtype) of
-batch row b, normalizes it with the batch statistics the finalize kernel produced,
-z = (y - mean) * gamma * rsqrt(var + eps) + beta (deviation first, so a large |mean| does
-not swamp the std), optionally relu's it (relu_before_add), adds the residual tile and
-applies the final ReLU. One read of y and of the residual, one write of out.
+bn_relu_apply_kernel reads a [BLOCK_C, BLOCK_L] tile of y (the conv output) of batch row
+b, normalizes it with the batch statistics the finalize kernel produced,
+x-hat = (y - mean) * rsqrt(var + eps) (deviation first, so a large |mean| does not swamp
+the std), z = x-hat * gamma + beta, optionally relu's it (relu_before_add), adds the
+residual tile and applies the final ReLU. One read of y and of the residual, one write of
+out; SAVE_Y also writes x-hat, what backward reads (docs/spec.md), in the saved dtype.
 
 y is the conv output as conv_forward_kernel stored it: x.dtype for float32 inputs, but
 float32 for fp16/bf16 inputs, because normalizing a bf16-rounded y shifts z by up to
-2**-9 * |y| / std, enough to flip ReLU masks near zero and miss the 1e-2 bound that
-rounding the final out alone meets. For those dtypes SAVE_Y also writes the x.dtype copy
-of y that backward reads (the contract's y), while the tile is in registers.
+2**-9 * |y| / std, enough to flip ReLU masks near zero (and the gradients with them).
 
 Shapes: y, residual, out, y_saved (B, C, L_out) contiguous; mean, var, gamma, beta (C,)
 float32.
@@ -20,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import store_rounded
+from .rounding import relu, store_rounded
 from .tiling import elementwise_tile
 
 
@@ -37,14 +36,14 @@ def bn_relu_apply_kernel(
     var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0)
     gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
     beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    scale = gamma * tl.rsqrt(var + eps)
 
     y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if SAVE_Y:  # the x.dtype copy of y that backward reads (y_ptr holds float32 here)
-        store_rounded(y_saved_ptr + offs, y, ok)
-    z = (y - mean[:, None]) * scale[:, None] + beta[:, None]
+    xhat = (y - mean[:, None]) * tl.rsqrt(var + eps)[:, None]
+    if SAVE_Y:  # x-hat, what backward reads (docs/spec.md), while the tile is in registers
+        store_rounded(y_saved_ptr + offs, xhat, ok)
+    z = xhat * gamma[:, None] + beta[:, None]
     if RELU_BEFORE_ADD:
-        z = tl.maximum(z, 0.0)
+        z = relu(z)
     if HAS_RES:
         z += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    store_rounded(out_ptr + offs, tl.maximum(z, 0.0), ok)
+    store_rounded(out_ptr + offs, relu(z), ok)

@@ -2,9 +2,9 @@
 
 relu_bn_backward_kernel works on a [BLOCK_C, BLOCK_L] tile of batch row b:
 
-    grad_residual = grad_out * (out > 0)                            (WRITE_GRAD_RES)
-    g = grad_residual [* (bn(y) > 0) when relu_before_add]          (recomputed from y)
-    xhat = (y - mean) * invstd
+    grad_residual = grad_out where out > 0 (or NaN: torch.relu's backward)   (WRITE_GRAD_RES)
+    g = grad_residual [where xhat * gamma + beta > 0, when relu_before_add]
+    xhat: what forward saved (docs/spec.md); y itself without batch norm
     partial sums over the tile of g and g * xhat                    (REDUCE_BN)
     grad_y = gamma * invstd * g                                     (NORM eval)
     grad_y = gamma * invstd * (g - sum_g / N - xhat * sum_gxhat / N) (NORM train; needs the
@@ -20,8 +20,8 @@ rather than recomputed in the prologue of the dgrad/wgrad GEMMs: that would relo
 grad_out, out and y once per tap in dgrad; kept simple for now.
 Training therefore runs this kernel twice (reduce; then grad_y), eval and none once.
 
-Shapes: grad_out, out, y, grad_residual, grad_y (B, C, L_out) contiguous; mean, var,
-gamma, beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) float32.
+Shapes: grad_out, out, saved, grad_residual, grad_y (B, C, L_out) contiguous; var, gamma,
+beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) float32.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ NORM_NONE, NORM_EVAL, NORM_TRAIN = 0, 1, 2
 
 @triton.jit
 def relu_bn_backward_kernel(
-    grad_out_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
+    grad_out_ptr, out_ptr, saved_ptr, var_ptr, gamma_ptr, beta_ptr,
     sum_g_ptr, sum_gxhat_ptr, grad_res_ptr, grad_y_ptr, part_ptr,
     C, L_out, n_per_channel, eps,
     NORM: tl.constexpr, RELU_BEFORE_ADD: tl.constexpr, WRITE_GRAD_RES: tl.constexpr,
@@ -47,26 +47,24 @@ def relu_bn_backward_kernel(
 
     out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    g = tl.where(out > 0, g, 0.0)
+    g = tl.where(out <= 0, 0.0, g)
     if WRITE_GRAD_RES:  # the residual sees only the final ReLU's mask
         store_rounded(grad_res_ptr + offs, g, ok)
     if NORM != 0:
-        mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
         gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
         invstd = tl.rsqrt(var + eps)
-        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        xhat = (y - mean[:, None]) * invstd[:, None]
-        if RELU_BEFORE_ADD:
+        xhat = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if RELU_BEFORE_ADD:  # the forward's float32 expression, so the masks agree bit for bit
             beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-            g = tl.where(xhat * gamma[:, None] + beta[:, None] > 0, g, 0.0)
+            g = tl.where(xhat * gamma[:, None] + beta[:, None] <= 0, 0.0, g)
         # Masked lanes loaded zeros, so they add nothing to the sums.
         g = tl.where(ok, g, 0.0)
         xhat = tl.where(ok, xhat, 0.0)
     else:
         if RELU_BEFORE_ADD:
-            y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            g = tl.where(y > 0, g, 0.0)
+            y = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.where(y <= 0, 0.0, g)
 
     tile = tl.program_id(0).to(tl.int64)  # the (batch row, length tile) of elementwise_tile
     part_row = part_ptr + tile * 3 * C

@@ -17,10 +17,11 @@ Epilogue, by MODE:
       min(BLOCK_L, L_out - l0), which the finalize kernel (batch_stats.py) recomputes.
       No atomics: partials land in [n_tiles, C_out] buffers, tile = b * n_lblocks + pid_l.
   MODE_EVAL: batch norm with the running statistics is folded in-kernel, per channel:
-      z = (y - mean) * gamma * rsqrt(var + eps) + beta, then [relu], + residual, relu, store
-      out. The eval stage is this one kernel: one read of x (and residual), one write.
+      x-hat = (y - mean) * rsqrt(var + eps), z = x-hat * gamma + beta, then [relu],
+      + residual, relu, store out. The eval stage is this one kernel: one read of x (and
+      residual), one write.
   MODE_NONE: as eval without the normalization.
-  SAVE_Y (eval/none): also store y, which backward recomputes masks from.
+  SAVE_Y (eval/none): also store what backward reads: x-hat (eval) or y (none).
 
 Shapes: x (B, C_in, L), w (C_out, C_in, K), bias (C_out,), y/out/residual (B, C_out, L_out),
 all contiguous. Batch and channel offsets are int64 so B * C * L may exceed 2**31.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import store_rounded
+from .rounding import relu, store_rounded
 
 MODE_NONE, MODE_EVAL, MODE_TRAIN = 0, 1, 2
 
@@ -89,19 +90,18 @@ def conv_forward_kernel(
         tl.store(part_mean_ptr + tile * C_out + offs_co, tile_mean, mask=co_ok)
         tl.store(part_m2_ptr + tile * C_out + offs_co, tile_m2, mask=co_ok)
     else:
-        if SAVE_Y:
-            store_rounded(y_ptr + tile_offs, acc, tile_ok)
         z = acc
         if MODE == 1:  # MODE_EVAL: batch norm with the running statistics, folded here
             mean = tl.load(mean_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
             var = tl.load(var_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             gamma = tl.load(gamma_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             beta = tl.load(beta_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
-            scale = gamma * tl.rsqrt(var + eps)
-            z = (acc - mean[:, None]) * scale[:, None] + beta[:, None]
+            xhat = (acc - mean[:, None]) * tl.rsqrt(var + eps)[:, None]
+            z = xhat * gamma[:, None] + beta[:, None]
+        if SAVE_Y:  # what backward reads: x-hat (eval), or y (none)
+            store_rounded(y_ptr + tile_offs, xhat if MODE == 1 else acc, tile_ok)
         if RELU_BEFORE_ADD:
-            z = tl.maximum(z, 0.0)
+            z = relu(z)
         if HAS_RES:
             z += tl.load(res_ptr + tile_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        z = tl.maximum(z, 0.0)
-        store_rounded(out_ptr + tile_offs, z, tile_ok)
+        store_rounded(out_ptr + tile_offs, relu(z), tile_ok)

@@ -10,12 +10,12 @@ rounded value.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+from ...conventions import triton_interpreting
+
+_INTERPRETING = tl.constexpr(triton_interpreting())
 
 
 @triton.jit
@@ -31,3 +31,10 @@ def store_rounded(ptr, value, mask):
             rounded = bits.to(tl.float32, bitcast=True)
             value = tl.where(tl.abs(value) >= 1.1754944e-38, rounded, value)
     tl.store(ptr, value.to(dtype), mask=mask)
+
+
+@triton.jit
+def relu(z):
+    """torch.relu's semantics: NaN stays NaN. (tl.maximum(z, 0) returns the non-NaN operand,
+    and so does the GPU's max instruction, which would silently zero a diverging model.)"""
+    return tl.where(z < 0, 0.0, z)

@@ -7,11 +7,11 @@ along every axis on small shapes.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ...conventions import cudnn_conv_tf32, triton_interpreting
 
 # Upper bounds of the tile sizes (powers of two). 64 x 64 fp32 accumulators keep register
 # pressure sane at num_warps=4; tests lower them to exercise edge tiles.
@@ -47,22 +47,19 @@ def wgrad_splits(n_pairs: int, n_tile_programs: int):
     return cdiv(n_pairs, per_split), per_split
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def pow2_block(n: int, lo: int, hi: int) -> int:
     """next_power_of_2(n) clamped to [lo, hi] (both powers of two)."""
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tl.dot input_precision: float32 follows cudnn.allow_tf32 as nn.Conv1d does (SPEC.md).
+    """tl.dot input_precision: float32 follows the TF32 setting nn.Conv1d follows
+    (conventions.cudnn_conv_tf32; docs/spec.md).
 
     fp16/bf16 operands always run on tensor cores, the flag is irrelevant to them; the
     interpreter computes dots in numpy, so "ieee" there.
     """
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and device.type == "cuda" and cudnn_conv_tf32():
         return "tf32"
     if dtype == torch.float32:
         return "ieee"
@@ -77,7 +74,7 @@ def dot_upcast(dtype: torch.dtype) -> bool:
     """Upcast tl.dot operands to float32 first: only in the interpreter, whose tl.dot
     multiplies bfloat16 tiles as raw 16-bit integers (triton 3.9). Exact: bf16 -> fp32
     is lossless and the accumulation is float32 either way."""
-    return interpreting() and dtype == torch.bfloat16
+    return triton_interpreting() and dtype == torch.bfloat16
 
 
 # Rows (tiles, splits) one finalize program reduces; more rows than this are reduced in two
