@@ -72,12 +72,19 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.dtype:
     """dtype of the tensor forward saves for backward (docs/spec.md, "What backward reads").
 
-    Backward recomputes the inner ReLU mask of relu_before_add from it, bit for bit as the
-    forward computed it, so under batch norm that tensor (x-hat) stays float32 for 16-bit
-    inputs: a 16-bit x-hat flips masks near zero (about 0.1% of them), which costs gradients
-    several percent. Everything else is saved in the input's dtype.
+    16-bit inputs save x-hat in float32 in training, and whenever backward recomputes the
+    inner ReLU mask of relu_before_add from it:
+    - training-mode batch norm projects x-hat's direction out of the gradient
+      (grad_y = k (g - mean g - x-hat mean(g x-hat))); with a 16-bit x-hat that projection
+      is off by its rounding, and where few values share a channel the weight gradient,
+      which cancels along the weight's own direction, lost up to 1e-2 relative (float32:
+      2.7e-3, as plain PyTorch computing in float32);
+    - a 16-bit x-hat flips about 0.1% of the masks x-hat * gamma + beta > 0, which costs the
+      gradients several percent; in float32 backward recomputes them bit for bit.
+    Eval-mode x-hat (used only for grad_gamma) and y without batch norm (only its sign is
+    read) keep the input's dtype.
     """
-    if norm != NORM_NONE and relu_before_add and dtype in HALF_DTYPES:
+    if dtype in HALF_DTYPES and (norm == NORM_TRAIN or (norm != NORM_NONE and relu_before_add)):
         return torch.float32
     return dtype
 

@@ -21,7 +21,7 @@ import torch
 import fastres
 from fastres import _alloc
 from fastres.conventions import cudnn_conv_tf32_set, rel_err
-from fastres.reference import conv_bn_relu_reference, output_length
+from fastres.reference import conv1d, conv_bn_relu_reference, output_length
 
 TOLERANCE = {
     torch.float64: 1e-10,
@@ -138,6 +138,49 @@ def run_reference(case: Case, inputs):
     return out, dict(zip(names, grads)), args[3], args[4]
 
 
+def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
+    """The scale each per-channel-sum gradient is judged against: ||sum of |terms| ||.
+
+    grad_bias = sum grad_y, grad_bn_weight = sum g * x-hat and grad_bn_bias = sum g over
+    (batch, length) per channel. Where the terms cancel, a float32 sum cannot be accurate to
+    1e-5 of the result itself (plain PyTorch is not: a channel whose gamma gradient cancels
+    274-fold misses by 1.1e-5), and where they cancel completely (the conv bias under
+    training-mode batch norm, zero in exact arithmetic) the result is pure rounding. So these
+    are judged against the size of what they sum, which equals their own size when nothing
+    cancels. Computed here in float64 from the inputs, as docs/spec.md defines the stage.
+    """
+    f64 = {k: v.to(torch.float64) for k, v in inputs.items()}
+    y = conv1d(f64["x"], f64["weight"], f64.get("bias"), stride=case.stride,
+               dilation=case.dilation, padding=case.padding)
+    z = y
+    if case.norm != "none":
+        if case.norm == "train":
+            var, mean = torch.var_mean(y, dim=(0, 2), unbiased=False)
+        else:
+            mean, var = f64["running_mean"], f64["running_var"]
+        invstd = torch.rsqrt(var + 1e-5)
+        xhat = (y - mean[:, None]) * invstd[:, None]
+        gamma = f64.get("bn_weight", torch.ones_like(mean))
+        z = xhat * gamma[:, None] + f64.get("bn_bias", torch.zeros_like(mean))[:, None]
+    h = torch.relu(z) if case.relu_before_add else z
+    residual = {"none": 0.0, "identity": f64["x"], "tensor": f64.get("residual")}[case.residual]
+    g = f64["grad_out"] * (h + residual > 0)
+    if case.relu_before_add:
+        g = g * (z > 0)
+    scales = {}
+    grad_y = g
+    if case.norm != "none":
+        scales["bn_weight"] = (g * xhat).abs().sum((0, 2)).norm().item()
+        scales["bn_bias"] = g.abs().sum((0, 2)).norm().item()
+        grad_y = g * (gamma * invstd)[:, None]
+        if case.norm == "train":
+            n = g.shape[0] * g.shape[2]
+            grad_y = (g - g.mean((0, 2))[:, None]
+                      - xhat * (g * xhat).sum((0, 2))[:, None] / n) * (gamma * invstd)[:, None]
+    scales["bias"] = grad_y.abs().sum((0, 2)).norm().item()
+    return scales
+
+
 def parity_errors(case: Case, backend: Optional[str], dtype: torch.dtype, device="cpu",
                   seed: int = 0) -> Dict[str, float]:
     """Relative error of the backend against the float64 reference, by quantity.
@@ -151,15 +194,12 @@ def parity_errors(case: Case, backend: Optional[str], dtype: torch.dtype, device
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref_out.shape, f"output shape {tuple(out.shape)}, expected {tuple(ref_out.shape)}"
     errors = {"out": rel_err(out, ref_out)}
-    # Under training-mode BN the conv bias gradient is zero in exact arithmetic; judge it
-    # against the scale of the gradient it sums (per channel, the incoming |gradient| summed).
-    bias_scale = inputs["grad_out"].abs().sum((0, 2)).norm().item()
+    scales = sum_term_scales(case, inputs)  # for the per-channel sums (see there)
     for name, ref_grad in ref_grads.items():
         got = grads[name]
         assert got is not None, f"no gradient for {name}"
         assert got.shape == ref_grad.shape, f"grad_{name}: {tuple(got.shape)}"
-        scale = bias_scale if (name == "bias" and case.norm == "train") else None
-        errors["grad_" + name] = rel_err(got, ref_grad, scale)
+        errors["grad_" + name] = rel_err(got, ref_grad, scales.get(name))
     if case.norm == "train":
         errors["running_mean"] = rel_err(rm, ref_rm)
         errors["running_var"] = rel_err(rv, ref_rv)

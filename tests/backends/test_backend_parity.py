@@ -1,14 +1,21 @@
-"""Every backend against the float64 reference: forward, all gradients, running stats."""
+"""Every backend against the float64 reference: forward, all gradients, running stats.
+
+Every example draws fresh inputs: the grid's seed comes from the session seed (printed in
+the test header; FASTRES_TEST_SEED repeats a run) and the test's id, and hypothesis draws its
+own. One fixed draw per configuration hid bf16 gradient errors of up to 23% for a year.
+"""
 import dataclasses
+import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastres
 from fastres import backends
 from fastres.parity import Case, check_parity, TF32_TOLERANCE
+from fastres.reference import conv_padding
 from availability import requires_cuda, skip_unless_available
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -31,11 +38,33 @@ GRID = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GRID, ids=str)
 @pytest.mark.parametrize("backend", backends.names())
-def test_grid_cpu(backend, case, dtype):
+def test_grid_cpu(backend, case, dtype, fresh_seed):
     skip_unless_available(backend)
     if dtype not in backends.get(backend).dtypes:
         pytest.skip(f"{backend} does not take {dtype}")
-    check_parity(case, backend, dtype)
+    check_parity(case, backend, dtype, seed=fresh_seed)
+
+
+# Configurations whose bf16 gradients a one-draw grid never caught (issue 13): relu_before_add
+# masks recomputed from a 16-bit tensor, and few values per channel in training. Forty draws
+# failed 2 and 14 times on the reference and C++ backends before x-hat was saved in float32.
+BF16_SENSITIVE = [
+    Case(B=4, C_in=3, C_out=8, L=64, K=3, dilation=3, padding="same", norm="eval",
+         relu_before_add=True),
+    Case(B=4, C_in=1, C_out=32, L=5, K=2, stride=2, padding="same", residual="tensor",
+         norm="train"),
+    Case(B=2, C_in=4, C_out=8, L=6, K=3, norm="train", relu_before_add=True, residual="tensor"),
+]
+
+
+@pytest.mark.parametrize("case", BF16_SENSITIVE, ids=str)
+@pytest.mark.parametrize("backend", backends.names())
+def test_bf16_gradients_over_many_draws(backend, case, fresh_seed):
+    skip_unless_available(backend)
+    if torch.bfloat16 not in backends.get(backend).dtypes:
+        pytest.skip(f"{backend} does not take bfloat16")
+    for draw in range(8 if backend != "triton" else 3):
+        check_parity(case, backend, torch.bfloat16, seed=fresh_seed + draw)
 
 
 @st.composite
@@ -46,11 +75,14 @@ def cases(draw):
     dilation = draw(st.integers(1, 4))
     length = draw(st.integers(1, 24))
     c_in, c_out = draw(st.integers(1, 9)), draw(st.integers(1, 9))
-    residual = draw(st.sampled_from(["none", "tensor"] + (["identity"] if c_in == c_out and stride == 1 else [])))
-    case = Case(B=draw(st.integers(1, 3)), C_in=c_in, C_out=c_out, L=length, K=k,
+    residual = draw(st.sampled_from(["none", "tensor"]
+                                    + (["identity"] if c_in == c_out and stride == 1 else [])))
+    # Training is where batch statistics and their gradients live: half the examples.
+    norm = draw(st.sampled_from(["train", "train", "eval", "none"]))
+    case = Case(B=draw(st.integers(1, 4)), C_in=c_in, C_out=c_out, L=length, K=k,
                 dilation=dilation, stride=stride, padding=padding, residual=residual,
-                norm=draw(st.sampled_from(["train", "eval", "none"])), bias=draw(st.booleans()),
-                affine=draw(st.booleans()), relu_before_add=draw(st.booleans()))
+                norm=norm, bias=draw(st.booleans()), affine=draw(st.booleans()),
+                relu_before_add=draw(st.booleans()))
     if residual == "identity" and case.L_out != length:
         case = dataclasses.replace(case, residual="tensor")
     return case
@@ -75,26 +107,31 @@ def _valid(case):
 
 def _taps_touching_data(case):
     """Kernel taps that read at least one real (non-padding) input element."""
-    from fastres.reference import conv_padding
     pad_left, _ = conv_padding(case.K, case.dilation, case.stride, case.padding)
     return sum(any(0 <= t * case.stride + k * case.dilation - pad_left < case.L
                    for t in range(case.L_out))
                for k in range(case.K))
 
 
-HYPOTHESIS_EXAMPLES = {"triton": 40}
+# Examples per backend and run; each run draws new ones (hypothesis is not derandomized).
+# FASTRES_HYPOTHESIS_EXAMPLES=2000 searches harder (minutes; not for CI).
+HYPOTHESIS_EXAMPLES = {"triton": 25}
+DEFAULT_EXAMPLES = 40
 
 
 @pytest.mark.parametrize("backend", backends.names())
 def test_hypothesis_cpu(backend):
     skip_unless_available(backend)
+    dtypes = [d for d in DTYPES if d in backends.get(backend).dtypes]
 
-    @settings(max_examples=HYPOTHESIS_EXAMPLES.get(backend, 40), deadline=None, derandomize=True,
+    examples = int(os.environ.get("FASTRES_HYPOTHESIS_EXAMPLES", 0)) or \
+        HYPOTHESIS_EXAMPLES.get(backend, DEFAULT_EXAMPLES)
+
+    @settings(max_examples=examples, deadline=None,
               suppress_health_check=list(HealthCheck))
-    @given(case=cases(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+    @given(case=cases(), dtype=st.sampled_from(dtypes), seed=st.integers(0, 2**31 - 1))
     def run(case, dtype, seed):
-        if not _valid(case) or dtype not in backends.get(backend).dtypes:
-            return
+        assume(_valid(case))
         check_parity(case, backend, dtype, seed=seed)
 
     run()
