@@ -299,8 +299,13 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
     for (int64_t c = 0; c < c_out; ++c)
       affine[c] = {rmean[c], acc_t(1) / std::sqrt(rvar[c] + static_cast<acc_t>(eps)), gamma[c],
                    beta[c]};
-    normalize = save;
-    if (!save) {
+    // Fold unless backward needs x-hat, or a channel's invstd is not finite (eps = 0 with a
+    // zero running variance): then (y - mean) * invstd gives +-inf as the unfolded formula
+    // does, where W * inf would turn every sum into NaN.
+    normalize = save || std::any_of(affine.begin(), affine.end(), [](const auto& a) {
+                  return !std::isfinite(static_cast<double>(a.invstd));
+                });
+    if (!normalize) {
       // Nothing asks for x-hat: fold BN into the conv, W' = W * gamma * invstd and
       // b' = (b - mean) * gamma * invstd + beta, so the epilogue is only the ReLUs and the add.
       fold_scale.resize(c_out);

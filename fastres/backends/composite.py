@@ -90,7 +90,7 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
     x_padded_shape = x.shape[:2] + (x.shape[2] + pad_left + pad_right,)
     grad_x = torch.nn.grad.conv1d_input(x_padded_shape, weight.to(ct), grad_y, stride=stride,
                                         dilation=dilation)
-    grad_x = grad_x[:, :, pad_left:pad_left + x.shape[2]]
+    grad_x = grad_x[:, :, pad_left:pad_left + x.shape[2]].contiguous()
     grad_weight = torch.nn.grad.conv1d_weight(F.pad(x.to(ct), (pad_left, pad_right)),
                                               weight.shape, grad_y, stride=stride,
                                               dilation=dilation)

@@ -11,6 +11,7 @@ gradients, past the 1e-2 bound.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -51,7 +52,9 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
     compute = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
     up = (lambda t: t) if compute == x.dtype else (  # noqa: E731
         lambda t: None if t is None else t.to(compute))
-    with torch.autocast(x.device.type, enabled=False):
+    no_autocast = torch.autocast(x.device.type, enabled=False) \
+        if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext()
+    with no_autocast:
         z = _conv(up(x), up(weight), up(bias), stride, dilation, pad_left, pad_right)
         if norm != NORM_NONE:
             stats = [running_mean, running_var]

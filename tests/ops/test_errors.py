@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import fastres
+from fastres import backends
+from availability import cpu_backends
 
 
 def args(B=2, C_in=4, C_out=6, L=10, K=3, dtype=torch.float32):
@@ -71,3 +73,90 @@ def test_device_mismatch_meta():
     a["bias"] = a["bias"].to("meta")
     with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
         call(a)
+
+
+# --------------------------------------------------------------------------- eps, as PyTorch
+
+
+@pytest.mark.parametrize("backend", ["eager", "composite", "cpp"])
+@pytest.mark.parametrize("training, eps, ok", [
+    (True, 0.0, False), (True, -1e-5, False), (False, -1e-5, False), (False, 0.0, True),
+])
+def test_eps_is_validated_as_pytorch_does(backend, training, eps, ok):
+    """PyTorch raises for eps <= 0 with batch statistics and eps < 0 with running ones, on
+    every path (before, whether fastres raised depended on the sequence length)."""
+    if backends.get(backend).unavailable_reason() is not None:
+        pytest.skip(f"{backend} is not available here")
+    for length in (8, 600):  # short and long sequences took different paths by default
+        a = args(L=length)
+        with fastres.use_backend(backend):
+            if ok:
+                assert torch.isfinite(call(a, training=training, eps=eps)).all()
+            else:
+                with pytest.raises(ValueError, match="batch_norm eps must be"):
+                    call(a, training=training, eps=eps)
+        a = args(L=length)
+        try:
+            torch.nn.functional.batch_norm(torch.randn(2, 6, length), a["running_mean"],
+                                           a["running_var"], training=training, eps=eps)
+            pytorch_ok = True
+        except ValueError:
+            pytorch_ok = False
+        assert pytorch_ok == ok
+
+
+def test_eps_zero_in_eval_with_zero_variance_is_the_same_on_every_backend():
+    """eval, eps = 0 and a running variance of 0 (allowed by PyTorch): (y - mean) / 0 on every
+    backend, +inf / 0 (the ReLU of -inf) / NaN, never a finite guess (the C++ kernels gave
+    1.0 when they folded inf into the weights, Triton 0). PyTorch's own F.batch_norm gives
+    NaN or this depending on the input's memory layout."""
+    a = args()
+    a["running_var"] = torch.zeros(6)
+    y = torch.nn.functional.conv1d(torch.nn.functional.pad(a["x"], (2, 0)), a["weight"], a["bias"])
+    dev = y - a["running_mean"][:, None]
+    want = torch.where(dev > 0, torch.inf, torch.where(dev < 0, 0.0, torch.nan))
+    for backend in ("eager", "composite", "cpp", "triton"):
+        if backend not in cpu_backends():
+            continue
+        b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+        with fastres.use_backend(backend):
+            got = call(b, training=False, eps=0.0)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), backend
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), backend
+
+
+# --------------------------------------------------------------------------- degenerate shapes
+
+
+def test_zero_input_channels_raise():
+    # PyTorch's own conv returns a (B, 0, L) tensor for C_in = 0 whatever C_out is; the
+    # backends disagreed. fastres refuses instead of guessing.
+    with pytest.raises(ValueError, match="at least one input channel"):
+        fastres.conv_bn_relu(torch.randn(2, 0, 8), torch.randn(3, 0, 3), norm=None)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_returns_empty_as_batchnorm_does(training):
+    bn = torch.nn.BatchNorm1d(6)
+    conv = torch.nn.Conv1d(4, 6, 3)
+    x = torch.randn(0, 4, 10, requires_grad=True)
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    out = fastres.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                               bn.weight, bn.bias, training=training,
+                               num_batches_tracked=bn.num_batches_tracked)
+    assert out.shape == (0, 6, 10)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert bn.num_batches_tracked.item() == (1 if training else 0)
+
+
+def test_meta_tensors_give_meta_outputs():
+    conv, bn = torch.nn.Conv1d(4, 6, 3).to("meta"), torch.nn.BatchNorm1d(6).to("meta")
+    x = torch.empty(2, 4, 10, device="meta")
+    out = fastres.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                               bn.weight, bn.bias, training=False, residual=torch.empty(
+                                   2, 6, 10, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 6, 10)
+    block = fastres.TemporalBlock(4, 6, 3).to("meta")
+    assert block(x).shape == (2, 6, 10)
