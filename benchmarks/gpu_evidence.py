@@ -43,8 +43,8 @@ from typing import List, Optional, Sequence
 SECTIONS = [
     ("environment", "1. Environment", 10, 5),
     ("ceilings", "2. Measured ceilings", 10, 5),
-    ("check", "3. fastres check on every CUDA backend", 40, 10),
-    ("parity", "4. Parity at realistic shapes with the default tiles", 110, 15),
+    ("check", "3. fastres check on every CUDA backend", 50, 10),
+    ("parity", "4. Parity at realistic shapes with the default tiles", 100, 15),
     ("timings", "5. Timings against eager PyTorch and torch.compile", 170, 20),
     ("profile", "6. Where the time goes (per-kernel device time)", 15, 5),
     ("triton", "7. Triton metadata from the device's own compile", 20, 20),

@@ -154,7 +154,8 @@ def time_candidates(ctx: Context, candidates: Dict[str, Callable[[], object]]
             out[name] = {"status": "error", "error": error_text(result)}
             continue
         row = {"status": "ok", "device_s": result.median_s, "spread": result.spread,
-               "rounds": len(result.times_s), "first_call_s": result.first_call_s}
+               "rounds": len(result.times_s), "first_call_s": result.first_call_s,
+               "samples_s": list(result.times_s), "calls_per_sample": result.number}
         try:
             row["host_s"] = host_seconds(candidates[name], ctx.device, ctx.host_calls)
         except Exception as exc:  # noqa: BLE001 - keep the device time

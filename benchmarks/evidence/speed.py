@@ -29,6 +29,7 @@ from fastres.bench.op import OpCase, _Stage
 from fastres.bench.report import fmt_seconds, fmt_x
 
 from .context import SPENT, Context, forced, time_candidates
+from .environment import tf32_settings
 from .results import Section, error_text
 
 
@@ -183,6 +184,13 @@ def run_timings(ctx: Context, section: Section) -> None:
     rows = section.data["rows"] = []
     section.data["note"] = ("device_s: median per call, CUDA events on a GPU; host_s: "
                             "the Python call alone; vs_*: baseline device time / this one")
+    section.data["tf32"] = tf32_settings()
+    if ctx.cuda:
+        section.notes.append(
+            "float32 rows: convs in TF32 wherever the switch applies, PyTorch's default for "
+            "convs (cuDNN under eager and compile, fastres's Triton kernels; the cuda backend "
+            "always computes strict float32): " + ", ".join(
+                f"{k}={v}" for k, v in section.data["tf32"].items() if k != "note"))
     table = section.table("", ["workload", "impl", "device", "host", "spread", "vs eager",
                                "vs compile", "compile time"])
     for work in ctx.progress(plan(ctx), "timings"):
