@@ -139,8 +139,11 @@ def _module_candidates(ctx: Context, work: Workload) -> Dict[str, Callable[[], o
     fused = build_module(work).to(ctx.device, dtype).train(work.mode == "train")
     c_in = TCN_INPUTS if work.suite == "tcn" else work.C
     inputs = module_inputs(ctx, (work.B, c_in, work.L), (work.B, work.C, work.L), dtype)
-    # The same weights in plain PyTorch, in the same train/eval mode.
-    plain = lambda: fastres.unfuse(copy.deepcopy(fused)).train(work.mode == "train")  # noqa
+
+    def plain():
+        """The same weights in plain PyTorch, in the same train/eval mode."""
+        return fastres.unfuse(copy.deepcopy(fused)).train(work.mode == "train")
+
     calls = {}
     model = plain()
     calls["eager"] = module_call(model, model, work.mode, inputs)

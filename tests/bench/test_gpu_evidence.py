@@ -158,6 +158,52 @@ def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
                                        reason="not selected (--only)")
 
 
+# --------------------------------------------------------------------------- streaming
+
+
+class RerunStream:
+    """The streaming API the section is written against (fastres.stream is being built
+    elsewhere), done the slow obvious way: re-run the model on everything since reset()."""
+
+    def __init__(self, model):
+        self.model, self.history = model, None
+
+    def reset(self):
+        self.history = None
+
+    def step(self, x_t):
+        x_t = x_t[..., None]
+        self.history = x_t if self.history is None else torch.cat([self.history, x_t], -1)
+        return self.model(self.history)[..., -1]
+
+
+def test_streaming_section_runs_against_the_stream_api(monkeypatch):
+    import fastres
+    from evidence import memory_stream
+
+    monkeypatch.setattr(fastres, "stream", RerunStream, raising=False)
+    ctx = context.Context(device=torch.device("cpu"), smoke=True, deadline=1e18,
+                          timing=context.SMOKE_TIMING, host_calls=2,
+                          budget=context.Budget(60, 1e18))
+    section = results.Section("streaming", "10. Streaming", 5)
+    memory_stream.run_streaming(ctx, section)
+    rows = section.data["rows"]
+    assert [(r["B"], r["impl"]) for r in rows] == [(1, "step"), (64, "step")]
+    for row in rows:
+        assert row["status"] == "ok" and row["device_s"] > 0
+        assert row["rel_err_vs_forward"] < 1e-5
+    assert {"what": "CUDA-graph capture of step()", "why": "skipped: no GPU"} in section.skipped
+
+
+def test_streaming_section_is_unavailable_without_the_api(monkeypatch):
+    import fastres
+    from evidence import memory_stream
+
+    monkeypatch.delattr(fastres, "stream", raising=False)
+    with pytest.raises(results.SectionUnavailable, match="not available in this build"):
+        memory_stream.run_streaming(None, results.Section("streaming", "10. Streaming", 5))
+
+
 # --------------------------------------------------------------------------- budgets
 
 
