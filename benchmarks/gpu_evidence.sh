@@ -12,13 +12,14 @@ set -u
 out="${1:?usage: bash benchmarks/gpu_evidence.sh OUT_DIR}"
 mkdir -p "$out"
 start=$(date +%s)
-arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+py=$(command -v python || command -v python3)
+arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 echo "building fastres._C for sm_${arch:-unknown} (log: $out/build.log)"
 TORCH_CUDA_ARCH_LIST="${arch:-9.0}" MAX_JOBS=16 timeout 240 \
-    python setup.py build_ext --inplace > "$out/build.log" 2>&1
+    "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1
 status=$?
 built=$(date +%s)
 echo "build finished in $((built - start)) s with exit status $status"
-PYTHONPATH=$PWD python benchmarks/gpu_evidence.py --out "$out" --deadline $((start + 540)) \
+PYTHONPATH=$PWD "$py" benchmarks/gpu_evidence.py --out "$out" --deadline $((start + 540)) \
     --build-log "$out/build.log" --build-status "$status" --build-seconds $((built - start)) \
     "${@:2}"

@@ -86,9 +86,7 @@ class Section:
                       "traceback_tail": tail[-3000:]}
 
     def to_json(self) -> Dict[str, object]:
-        out = dataclasses.asdict(self)
-        out["tables"] = [dataclasses.asdict(t) for t in self.tables]
-        return out
+        return dataclasses.asdict(self)
 
 
 def error_text(exc: BaseException, limit: int = 300) -> str:
