@@ -118,10 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # not spun on by idle OpenMP workers.
         torch.set_num_threads(1)
 
-    from evidence import (context, correctness, environment, goals, memory_stream, plot,
-                          profiling, speed, triton_meta)
-    from evidence.results import (ERROR, OK, PARTIAL, RUNNING, SKIPPED, UNAVAILABLE,
-                                  EvidenceWriter, Section, SectionSkipped, SectionUnavailable)
+    from evidence import (context, correctness, environment, memory_stream, profiling, speed,
+                          triton_meta)
+    from evidence.results import ERROR, RUNNING, SKIPPED, EvidenceWriter, Section
     from fastres.bench.report import device_name, device_slug
 
     runners = {
@@ -150,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "nominal_s": {s.key: s.nominal_s for s in sections}},
     }, sections)
     ctx = context.Context(
-        device=device, smoke=args.smoke, deadline=deadline,
+        device=device, smoke=args.smoke,
         timing=context.SMOKE_TIMING if args.smoke else context.GPU_TIMING,
         host_calls=2 if args.smoke else 15, max_autotune=args.max_autotune,
         flush=lambda: writer.flush(force=False))
@@ -178,25 +177,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         section.status, section.budget_s = RUNNING, budget
         ctx.budget = context.Budget(budget, deadline)
         writer.flush()
-        t0 = time.perf_counter()
-        try:
-            runners[section.key](ctx, section)
-            section.status = PARTIAL if section.skipped else OK
-            if section.skipped:
-                section.reason = f"{len(section.skipped)} item(s) not run, listed below"
-        except SectionSkipped as exc:
-            section.status, section.reason = SKIPPED, str(exc)
-        except SectionUnavailable as exc:
-            section.status, section.reason = UNAVAILABLE, str(exc)
-        except Exception as exc:  # noqa: BLE001 - record it, go on with the next section
-            section.record_error(exc)
-        section.wall_s = time.perf_counter() - t0
+        run_section(runners[section.key], ctx, section)
         writer.flush()
         say(f"{section.title}: {section.status}" + (f" ({section.reason})" if section.reason
                                                      else ""))
+    finish(writer, say)
+    errors: List[str] = [s.key for s in sections if s.status == ERROR]
+    if errors:
+        say(f"sections with errors: {', '.join(errors)}")
+    return 1 if errors else 0
 
-    doc = writer.snapshot()
-    writer.document["summary"] = goals.summarize(doc)
+
+def run_section(run, ctx, section) -> None:
+    """Run one section; its outcome (or exception) becomes the record's status."""
+    from evidence.results import (OK, PARTIAL, SKIPPED, UNAVAILABLE, SectionSkipped,
+                                  SectionUnavailable)
+
+    started = time.perf_counter()
+    try:
+        run(ctx, section)
+        section.status = PARTIAL if section.skipped else OK
+        if section.skipped:
+            section.reason = f"{len(section.skipped)} item(s) not run, listed below"
+    except SectionSkipped as exc:
+        section.status, section.reason = SKIPPED, str(exc)
+    except SectionUnavailable as exc:
+        section.status, section.reason = UNAVAILABLE, str(exc)
+    except Exception as exc:  # noqa: BLE001 - record it, go on with the next section
+        section.record_error(exc)
+    section.wall_s = time.perf_counter() - started
+
+
+def finish(writer, say) -> None:
+    """The goals summary and the PNG, each of which may fail without losing the rest."""
+    from evidence import goals, plot
+
+    try:
+        writer.document["summary"] = goals.summarize(writer.snapshot())
+        for goal in writer.document["summary"]["goals"]:
+            say(f"goal: {goal['goal']}: {goal['measured_text']} ({goal['target_text']}) "
+                f"{goal['status']}")
+    except Exception as exc:  # noqa: BLE001 - the sections' results stand without it
+        writer.document["summary_error"] = f"{type(exc).__name__}: {exc}"
+        say(f"no goals summary: {writer.document['summary_error']}")
     writer.flush()
     try:
         png = plot.write_png(writer.snapshot(), writer.paths["png"])
@@ -206,13 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if png is None:
         writer.document["files"].pop("png", None)
         writer.flush()
-    for goal in writer.document["summary"]["goals"]:
-        say(f"goal: {goal['goal']}: {goal['measured_text']} ({goal['target_text']}) "
-            f"{goal['status']}")
-    errors: List[str] = [s.key for s in sections if s.status == ERROR]
-    say(f"wrote {', '.join(p for k, p in writer.paths.items() if k != 'png' or png)}"
-        + (f"; sections with errors: {', '.join(errors)}" if errors else ""))
-    return 1 if errors else 0
+    say("wrote " + ", ".join(path for kind, path in writer.paths.items()
+                             if kind != "png" or png))
 
 
 if __name__ == "__main__":

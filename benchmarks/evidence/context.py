@@ -65,7 +65,6 @@ SPENT = "section time budget spent"
 class Context:
     device: torch.device
     smoke: bool
-    deadline: float                        # epoch seconds: nothing starts after this
     timing: timing.TimingConfig
     host_calls: int                        # host-time samples per candidate
     max_autotune: bool = False             # also time torch.compile(mode="max-autotune")

@@ -184,6 +184,8 @@ def render_markdown(doc: Dict[str, object]) -> str:
         out.append(f"- extension build: {build.get('summary', build)}")
     out.append("")
     summary = doc.get("summary")
+    if doc.get("summary_error"):
+        out += [f"**No goals summary: {doc['summary_error']}**", ""]
     if summary:
         out += ["## Goals", ""]
         if summary.get("note"):

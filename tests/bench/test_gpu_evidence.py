@@ -182,7 +182,7 @@ def test_streaming_section_runs_against_the_stream_api(monkeypatch):
     from evidence import memory_stream
 
     monkeypatch.setattr(fastres, "stream", RerunStream, raising=False)
-    ctx = context.Context(device=torch.device("cpu"), smoke=True, deadline=1e18,
+    ctx = context.Context(device=torch.device("cpu"), smoke=True,
                           timing=context.SMOKE_TIMING, host_calls=2,
                           budget=context.Budget(60, 1e18))
     section = results.Section("streaming", "10. Streaming", 5)
