@@ -13,7 +13,6 @@ issuing the work, which is what limits small shapes.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 import time
@@ -22,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fastres import backends
+from fastres.conventions import cudnn_conv_tf32_set
 from fastres.bench import timing
 
 from .results import error_text
@@ -84,7 +84,7 @@ class Context:
         """
         names = []
         for backend in backends.all_backends():
-            if not backend.fused or backend.name == "reference":
+            if not backend.fused or backend.name == "composite":
                 continue
             if backend.unavailable_reason() is not None or self.device.type not in backend.devices:
                 continue
@@ -175,17 +175,7 @@ def forced(fn: Callable, backend: Optional[str]) -> Callable:
     return run
 
 
-@contextlib.contextmanager
 def tf32_convs(enabled: bool):
-    """Set the TF32 switch fastres (and nn.Conv1d) follow for float32 convs; restore it.
-
-    fastres reads torch.backends.cudnn.allow_tf32, and so does fastres.parity.run_check,
-    so this uses that (legacy) switch too; mixing it with the new fp32_precision API in
-    one process would make reading it raise.
-    """
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous
+    """Set the TF32 mode fastres (and nn.Conv1d) follow for float32 convs; restore it after.
+    The new fp32_precision API on torch >= 2.9, allow_tf32 before (conventions)."""
+    return cudnn_conv_tf32_set(enabled)
