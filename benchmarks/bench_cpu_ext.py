@@ -33,7 +33,7 @@ import torch.nn as nn
 
 import fastres
 from fastres import backends
-from fastres.bench.report import _cpu_name
+from fastres.conventions import cpu_name as _cpu_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K = 3

@@ -3,12 +3,12 @@ from .backends import available_backends, use_backend
 from .ops import conv_bn_relu
 from .nn import (BasicBlock, ResNet1d, TemporalBlock, TemporalConvNet, convert,
                  receptive_field, unfuse)
-from .reference import conv_bn_relu_reference
+from .tuning import DispatchReport, autotune, explain
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "conv_bn_relu", "conv_bn_relu_reference", "use_backend",
-           "__version__",
+__all__ = ["DispatchReport", "autotune", "available_backends", "conv_bn_relu", "explain",
+           "use_backend", "__version__",
            # drop-in modules (fastres.nn)
            "BasicBlock", "ResNet1d", "TemporalBlock", "TemporalConvNet", "convert",
            "receptive_field", "unfuse"]

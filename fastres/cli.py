@@ -5,6 +5,7 @@
     fastres bench --quick              a few seconds: smoke test of the whole pipeline
     fastres bench --only op,tcn-vs-rnn --dtype bf16 --device cuda --out results/
     fastres check [--device cuda]      every available backend vs the reference
+    fastres dispatch [--clear]         the backends measured per call signature on this machine
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastres", description="Fused Conv1d + BatchNorm + ReLU (+ residual): "
         "benchmark it, or check it against the reference on this machine.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,check}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,check,dispatch}")
     sub.required = True
 
     bench = sub.add_parser("bench", help="time fastres against eager PyTorch and torch.compile",
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: cuda when available, else cpu")
     check.add_argument("--backend", metavar="NAMES",
                        help="comma-separated backends to check (default: all available)")
+
+    dispatch = sub.add_parser(
+        "dispatch", help="which backend won each measured call signature here",
+        description="List the dispatch choices measured on this machine (per device, call "
+        "signature and software versions; see fastres.explain for a model's stages).")
+    dispatch.add_argument("--device", choices=["cpu", "cuda"],
+                          help="default: cuda when available, else cpu")
+    dispatch.add_argument("--clear", action="store_true",
+                          help="delete the stored choices (they are measured again on first use)")
     return parser
 
 
@@ -202,6 +212,44 @@ def _check(parser, args) -> int:
     return 1 if failures else 0
 
 
+def _dispatch(parser, args) -> int:
+    import glob
+    import json
+    import os
+
+    from fastres import backends
+    from fastres.bench.report import text_table
+
+    device = str(_device(parser, args.device))
+    current = backends.dispatch_cache()._file(device)
+    if current is None:
+        print("FASTRES_DISPATCH_CACHE=0: choices are kept in memory only, nothing is stored")
+        return 0
+    # One file per device, software versions and thread count; list them all.
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(current),
+                                          f"dispatch-{device.split(':')[0]}-*.json")))
+    if args.clear:
+        for path in paths:
+            os.remove(path)
+        print(f"cleared {len(paths)} file(s) in {os.path.dirname(current)}")
+        return 0
+    if not paths:
+        print(f"no dispatch choices stored for {device} in {os.path.dirname(current)} yet: "
+              "calls are measured on first use, or with fastres.autotune")
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        rows = [[key, entry["backend"], ", ".join(
+            f"{name} {t * 1e6:.0f} us"
+            for name, t in sorted(entry["times_s"].items(), key=lambda kv: kv[1]))]
+            for key, entry in sorted(doc.get("entries", {}).items())]
+        mark = " (this process)" if path == current else ""
+        print(f"{path}{mark}\n  {doc.get('device')}, " + ", ".join(
+            f"{k} {v}" for k, v in doc.get("versions", {}).items()))
+        print(text_table(["call signature", "backend", "measured (per call)"], rows))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -209,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = argv
     if args.command == "bench":
         return _bench(parser, args)
+    if args.command == "dispatch":
+        return _dispatch(parser, args)
     return _check(parser, args)
 
 

@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Dispatch choices are measured as usual but not stored in ~/.cache (tests that check the
+# persistent cache point it at a temporary folder).
+os.environ.setdefault("FASTRES_DISPATCH_CACHE", "0")
+
 # Parity tests draw fresh inputs every run; FASTRES_TEST_SEED repeats a run's draws.
 SESSION_SEED = int(os.environ.get("FASTRES_TEST_SEED", random.randrange(2**31)))
 

@@ -15,6 +15,7 @@ import torch
 import fastres
 from fastres import _ext, backends
 from fastres.bench import report, timing
+from fastres.conventions import cpu_name
 
 from .context import Context, clock_name
 from .results import Section, error_text
@@ -110,7 +111,7 @@ def run_environment(ctx: Context, section: Section) -> None:
     data["versions"] = versions()
     data["commit"] = commit()
     data["tf32"] = tf32_settings()
-    data["host"] = {"cpu": report._cpu_name(), "cpu_count": os.cpu_count(),
+    data["host"] = {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
     data["env"] = {k: os.environ.get(k) for k in (
         "TRITON_INTERPRET", "FASTRES_BACKEND", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST",

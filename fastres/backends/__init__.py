@@ -6,9 +6,13 @@ compiler or Triton costs nothing until that backend is asked for.
 
 How a call is routed (`choose`):
   1. a backend forced with `use_backend(name)` (this thread) or FASTRES_BACKEND;
-  2. otherwise the dispatch policy: the static rule below (`static_choice`). The op records
-     the chosen backend's name in the autograd context, so backward runs on the backend
-     that ran the forward, whichever thread autograd runs it on.
+  2. otherwise the fastest of eager and the fused backends that can run the call, measured
+     on this device on the call signature's first use and remembered (backends/autotune.py,
+     like cudnn.benchmark), or read from the persistent cache of an earlier process;
+  3. where nothing may be measured (under torch.compile tracing, FASTRES_DISPATCH=static),
+     the cache or else the static rule (`static_choice`).
+The op records the chosen backend's name in the autograd context, so backward runs on the
+backend that ran the forward, whichever thread autograd runs it on.
 """
 from __future__ import annotations
 
@@ -16,17 +20,19 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from ..conventions import HALF_DTYPES, triton_interpreting
+from . import autotune
 from .base import Backend, Call, KernelBackend
 from .eager import EagerBackend
 
-__all__ = ["Backend", "Call", "Decision", "all_backends", "available_backends", "choose",
-           "describe_default", "forced_backend", "get", "names", "static_choice",
-           "unavailable_reason", "use_backend"]
+__all__ = ["Backend", "Call", "Decision", "all_backends", "available_backends", "candidates",
+           "choose", "choose_signature", "describe_default", "forced_backend", "get",
+           "is_recording", "names", "record", "recording", "set_recording_stage",
+           "static_choice", "unavailable_reason", "use_backend"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -151,15 +157,107 @@ def static_choice(call: Call) -> Decision:
     return Decision(best.name, "static rule")
 
 
-def choose(call: Call) -> Decision:
-    """The backend that runs `call`: forced, else the dispatch policy."""
+def candidates(call: Call) -> List[str]:
+    """eager, then the fused backends that can run `call` here, in preference order."""
+    return ["eager"] + [name for name in _PREFERENCE.get(call.device_type, [])
+                        if get(name).supports(call) is None]
+
+
+_CACHE: Optional[autotune.DispatchCache] = None
+# Decisions measured or loaded in this process, by call signature (Call's fields as a tuple):
+# the op's hot path is one dict lookup.
+_DECIDED: Dict[tuple, Decision] = {}
+_recording = threading.local()
+
+
+def dispatch_cache() -> autotune.DispatchCache:
+    """The process's cache of measured choices (FASTRES_DISPATCH_CACHE says where it is kept)."""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = autotune.DispatchCache(autotune.default_cache_path())
+    return _CACHE
+
+
+def forget_decisions() -> None:
+    """Drop every decision this process made or loaded (the next calls choose again)."""
+    global _CACHE
+    _DECIDED.clear()
+    _CACHE = None
+
+
+def choose(call: Call, make_run: Optional[Callable[[str], Callable[[], object]]] = None
+           ) -> Decision:
+    """The backend that runs `call`: forced, else measured (make_run gives the candidates' runs
+    on the call's inputs; without it, or with FASTRES_DISPATCH=static, nothing is measured)."""
+    return choose_signature(dataclasses.astuple(call), make_run)
+
+
+def choose_signature(signature: tuple, make_run=None) -> Decision:
+    """choose() for a call given as the tuple of Call's fields (what the op has at hand)."""
     forced = forced_backend()
     if forced is not None:
+        call = Call(*signature)
         reason = get(forced).supports(call)
         if reason is not None:
             raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
-        return Decision(forced, "forced")
-    return static_choice(call)
+        return _recorded(signature, Decision(forced, "forced"))
+    decision = _DECIDED.get(signature)
+    if decision is None:
+        decision = _decide(Call(*signature), make_run)
+    return _recorded(signature, decision)
+
+
+def _decide(call: Call, make_run) -> Decision:
+    names = candidates(call)
+    if names == ["eager"]:
+        return Decision("eager", "no fused backend runs this call here")
+    entry = dispatch_cache().lookup(call.key(), call.device)
+    if entry is not None and entry["backend"] in names:
+        decision = Decision(entry["backend"], "measured earlier: " + autotune.Measurement(
+            **entry).reason().split(": ", 1)[1])
+    elif make_run is None or not autotune.measuring_enabled():
+        return static_choice(call)
+    else:
+        measurement = autotune.measure(names, make_run, call.device)
+        dispatch_cache().store(call.key(), call.device, measurement)
+        decision = Decision(measurement.backend, measurement.reason())
+    _DECIDED[dataclasses.astuple(call)] = decision
+    return decision
+
+
+def _recorded(signature: tuple, decision: Decision) -> Decision:
+    log = getattr(_recording, "log", None)
+    if log is not None:
+        log.append((getattr(_recording, "stage", None), Call(*signature), decision))
+    return decision
+
+
+def is_recording() -> bool:
+    return getattr(_recording, "log", None) is not None
+
+
+def record(stage, signature: Optional[tuple], decision: Decision) -> None:
+    """Log a decision taken outside choose() (e.g. a module running a stage unfused)."""
+    log = getattr(_recording, "log", None)
+    if log is not None:
+        log.append((stage, None if signature is None else Call(*signature), decision))
+
+
+def set_recording_stage(stage) -> None:
+    """Name the stage (the caller's conv module) the next recorded decisions belong to."""
+    _recording.stage = stage
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[List]:
+    """Collect (stage, call, decision) of every op call made inside the block (this thread);
+    stage is what set_recording_stage named (the drop-in modules name their conv), or None."""
+    previous = getattr(_recording, "log", None), getattr(_recording, "stage", None)
+    _recording.log, _recording.stage = [], None
+    try:
+        yield _recording.log
+    finally:
+        _recording.log, _recording.stage = previous
 
 
 def describe_default(device: torch.device, dtype: torch.dtype) -> str:
@@ -171,7 +269,15 @@ def describe_default(device: torch.device, dtype: torch.dtype) -> str:
              if get(n).unavailable_reason() is None and dtype in get(n).dtypes]
     if not fused:
         return "eager"
+    if not autotune.measuring_enabled():
+        return "the static rule (FASTRES_DISPATCH=static): " + static_rule_in_words(
+            device, dtype, fused[0])
+    return (f"the faster of eager and {', '.join(fused)}, measured per call signature on "
+            "first use")
+
+
+def static_rule_in_words(device: torch.device, dtype: torch.dtype, fused: str) -> str:
     if device.type == "cpu" and dtype not in HALF_DTYPES:
-        return (f"{fused[0]} for forward-only calls at stride 1 with L_out >= "
-                f"{CPP_MIN_LENGTH}, else eager")
-    return fused[0]
+        return (f"{fused} for forward-only calls at stride 1 with L_out >= {CPP_MIN_LENGTH}, "
+                "else eager")
+    return fused

@@ -6,17 +6,31 @@ with those submodules' parameters and buffers. `bn_arguments` reproduces exactly
 nn.BatchNorm1d.forward decides between batch and running statistics, so a fused module
 trains and evaluates as the plain module would.
 
+A stage pays for nothing it does not use: the op's validation and backend choice run once per
+input signature, and the plan is kept per conv module. Where eager PyTorch won the
+measurement the stage runs the plain twin's code itself (float32 and float64; 16-bit inputs
+take the eager backend, which computes in float32 as docs/spec.md asks), so a fused module
+then costs what the plain block costs plus one dictionary lookup. A BatchNorm with forward
+hooks always runs as a module, so its hooks fire; forward hooks on the convs do not (fastres
+blocks and their plain twins both use the conv's parameters, never conv.forward): register
+those on the block.
+
 `padded_conv1d` is the plain-PyTorch side: what the "plain twins" (the modules `unfuse`
 returns) run. It is TorchScript-compatible on purpose.
 """
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Dict, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
-from ..ops import conv_bn_relu
+from .. import backends
+from ..conventions import HALF_DTYPES
+from ..ops import conv_bn_relu, execute, plan
 
 
 def check_block_args(kernel_size, dilation, dropout=0.0, stride=1) -> None:
@@ -48,6 +62,16 @@ def bn_arguments(bn: nn.BatchNorm1d) -> dict:
         num_batches_tracked=bn.num_batches_tracked if tracking else None)
 
 
+# Plans per conv module (one stage each) and input signature; weak, so modules die freely.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, object]]" = weakref.WeakKeyDictionary()
+
+
+def _hooked(bn: Optional[nn.Module]) -> bool:
+    return bn is not None and bool(bn._forward_hooks or bn._forward_pre_hooks
+                                   or _module._global_forward_hooks
+                                   or _module._global_forward_pre_hooks)
+
+
 def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d], padding: str,
                        residual: Optional[Tensor] = None,
                        relu_before_add: bool = False) -> Tensor:
@@ -57,10 +81,69 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
     the block pads. bn None means no batch norm (weight-normed convs: `conv.weight` is
     the parametrization's normalized weight, so gradients reach g and v).
     """
-    norm_kwargs = bn_arguments(bn) if bn is not None else dict(norm=None)
-    return conv_bn_relu(
-        x, conv.weight, conv.bias, stride=conv.stride[0], dilation=conv.dilation[0],
-        padding=padding, residual=residual, relu_before_add=relu_before_add, **norm_kwargs)
+    weight = conv.weight
+    if torch.compiler.is_compiling() or (torch.amp.is_autocast_available(x.device.type)
+                                         and torch.is_autocast_enabled(x.device.type)):
+        # The op as a whole, validated and dispatched on every call: torch.compile traces it.
+        return conv_bn_relu(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
+                            padding=padding, residual=residual, relu_before_add=relu_before_add,
+                            **op_arguments(conv, bn))
+    recording = backends.is_recording()
+    if recording:
+        backends.set_recording_stage(conv)
+    if _hooked(bn):
+        if recording:
+            backends.record(conv, None, backends.Decision(
+                "eager", "its BatchNorm has forward hooks, so it runs as modules"))
+        return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, weight, conv.bias, residual, bn and bn.weight, bn and bn.bias))
+    key = (x.shape, x.dtype, x.device, weight.dtype, padding, relu_before_add, needs_grad,
+           conv.stride, conv.dilation,
+           None if residual is None else (residual.shape, residual.dtype),
+           None if bn is None else (bn.training, bn.running_mean is None, bn.eps),
+           backends.forced_backend())
+    plans = _PLANS.setdefault(conv, {})
+    cached = None if recording else plans.get(key)  # recording: choose() logs the decision
+    arguments = op_arguments(conv, bn)
+    if cached is None:
+        stage_plan, _ = plan(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
+                             padding=padding, residual=residual,
+                             relu_before_add=relu_before_add, **arguments)
+        # Eager at full precision runs the plain twin's code; 16-bit keeps the eager backend.
+        cached = "plain" if stage_plan.backend == "eager" and x.dtype not in HALF_DTYPES \
+            else stage_plan
+        plans[key] = cached
+    if cached == "plain":
+        return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add)
+    a = arguments
+    tensors = (x, weight, a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+               a["running_var"], residual)
+    return execute(cached, tensors, a["momentum"], a["num_batches_tracked"])
+
+
+def op_arguments(conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> dict:
+    """The keyword arguments of fastres.conv_bn_relu that come from the stage's modules
+    (everything but x, weight, the geometry and the residual)."""
+    if bn is None:
+        return dict(bias=conv.bias, running_mean=None, running_var=None, bn_weight=None,
+                    bn_bias=None, training=False, momentum=None, eps=0.0,
+                    num_batches_tracked=None, norm=None)
+    return dict(bias=conv.bias, norm="batch", **bn_arguments(bn))
+
+
+def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
+    """What the plain twin computes: PyTorch's ops and the BN module itself."""
+    z = padded_conv1d(x, weight, conv.bias, conv.stride[0], conv.dilation[0],
+                      padding == "causal")
+    if bn is not None:
+        z = bn(z)
+    if relu_before_add:
+        z = F.relu(z)
+    if residual is not None:
+        z = z + residual
+    return F.relu(z)
 
 
 def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilation: int,

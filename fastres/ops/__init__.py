@@ -1,4 +1,4 @@
 """One fused op per file."""
-from .conv_bn_relu import conv_bn_relu
+from .conv_bn_relu import Plan, conv_bn_relu, execute, plan
 
-__all__ = ["conv_bn_relu"]
+__all__ = ["Plan", "conv_bn_relu", "execute", "plan"]

@@ -11,6 +11,7 @@ is chosen once, at trace time.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ from .. import backends
 from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
                            norm_mode, output_length, saved_dtype, stats_dtype)
 
-__all__ = ["conv_bn_relu"]
+__all__ = ["Plan", "conv_bn_relu", "execute", "plan"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -294,6 +295,31 @@ def conv_bn_relu(
     Returns:
         (B, C_out, L_out) tensor of x's dtype.
     """
+    stage_plan, tensors = plan(
+        x, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=training,
+        momentum=momentum, eps=eps, stride=stride, dilation=dilation, padding=padding,
+        residual=residual, relu_before_add=relu_before_add, norm=norm,
+        num_batches_tracked=num_batches_tracked)
+    return execute(stage_plan, tensors, momentum, num_batches_tracked)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a validated call runs: the backend, the conv geometry and mode, whether autograd
+    needs the backward. The drop-in modules keep one per input signature and go straight to
+    `execute` on later calls."""
+
+    backend: str
+    geometry: Dict[str, object]
+    needs_grad: bool
+
+
+def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=None,
+         bn_bias=None, *, training=False, momentum=0.1, eps=1e-5, stride=1, dilation=1,
+         padding="causal", residual=None, relu_before_add=False, norm="batch",
+         num_batches_tracked=None) -> Tuple[Plan, tuple]:
+    """Validate a call (after autocast) and choose its backend; return the plan and the
+    call's tensors (x, weight, bias, gamma, beta, running mean, running var, residual)."""
     if isinstance(x, Tensor) and x.is_floating_point() \
             and torch.amp.is_autocast_available(x.device.type) \
             and torch.is_autocast_enabled(x.device.type):
@@ -313,26 +339,73 @@ def conv_bn_relu(
     signature = (str(x.device), x.dtype, x.shape[0], x.shape[1], weight.shape[0], x.shape[2],
                  weight.shape[2], stride, dilation, pad_left, pad_right, mode,
                  bias is not None, residual is not None, bool(relu_before_add), needs_grad)
+    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
+    geometry = dict(stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
+                    norm=mode, eps=eps, relu_before_add=relu_before_add)
     if torch.compiler.is_compiling():
         name = _backend_at_trace_time(*signature)
     elif x.shape[0] == 0 or x.device.type == "meta":
         # An empty batch or meta tensors: PyTorch's own ops give its results and shapes.
         name = "eager"
     else:
-        name = backends.choose(backends.Call(*signature)).backend
+        name = backends.choose_signature(signature, lambda candidate: _candidate_run(
+            candidate, tensors, geometry, momentum, num_batches_tracked, needs_grad)).backend
+    return Plan(name, geometry, needs_grad), tensors
 
+
+def execute(stage_plan: Plan, tensors, momentum, num_batches_tracked) -> Tensor:
+    """Run a planned call: count the batch (training with running statistics), then the
+    backend."""
     factor = 0.0
-    if mode == NORM_TRAIN and running_mean is not None:
+    if stage_plan.geometry["norm"] == NORM_TRAIN and tensors[5] is not None:
         factor = count_batch_and_momentum_factor(momentum, num_batches_tracked)
-    if name == "eager":
+    return run_backend(stage_plan.backend, *tensors, momentum_factor=factor,
+                       needs_grad=stage_plan.needs_grad, **stage_plan.geometry)
+
+
+def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                residual, *, stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
+                relu_before_add, needs_grad) -> Tensor:
+    """Run an already validated call on `backend` (eager, or a fused one via the custom op)."""
+    if backend == "eager":
         return backends.get("eager").run(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-            stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=mode,
-            eps=eps, momentum_factor=factor, relu_before_add=relu_before_add)
-    return fused_forward(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=norm,
+            eps=eps, momentum_factor=momentum_factor, relu_before_add=relu_before_add)
+    return fused_forward(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                          residual, stride=stride, dilation=dilation, pad_left=pad_left,
-                         pad_right=pad_right, norm=mode, eps=eps, momentum_factor=factor,
-                         relu_before_add=relu_before_add, needs_grad=needs_grad)
+                         pad_right=pad_right, norm=norm, eps=eps,
+                         momentum_factor=momentum_factor, relu_before_add=relu_before_add,
+                         needs_grad=needs_grad)
+
+
+def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracked,
+                   needs_grad: bool):
+    """One timed run of `backend` on private copies of the call's inputs, for the dispatcher.
+
+    Copies of every tensor (the identity residual stays the input), of the running
+    statistics and of the batch counter: measuring changes nothing the user can see, and
+    the gradients go to the copies (torch.autograd.grad), never into .grad or the graph.
+    """
+    x = tensors[0]
+    copies = [None if t is None or t is x else
+              t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+    copies[0] = x.detach().clone().requires_grad_(x.requires_grad)
+    if tensors[7] is x:
+        copies[7] = copies[0]
+    counter = None if num_batches_tracked is None else num_batches_tracked.clone()
+    leaves = [t for t in dict.fromkeys(copies) if t is not None and t.requires_grad]
+
+    def run():
+        factor = 0.0
+        if geometry["norm"] == NORM_TRAIN and copies[5] is not None:
+            factor = count_batch_and_momentum_factor(momentum, counter)
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            out = run_backend(backend, *copies, momentum_factor=factor, needs_grad=needs_grad,
+                              **geometry)
+            if needs_grad:
+                torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return run
 
 
 def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

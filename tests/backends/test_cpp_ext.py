@@ -42,7 +42,7 @@ def test_extension_is_built_in_ci():
 def test_available_backends_report_the_extension():
     names = fastres.available_backends()
     assert "cpp" in names
-    assert backends.describe_default(torch.device("cpu"), torch.bfloat16) == "cpp"
+    assert "cpp" in backends.describe_default(torch.device("cpu"), torch.bfloat16)
     with_cuda = torch.ops.fastres_ext.compiled_with_cuda()
     assert ("cuda" in names) == (with_cuda and torch.cuda.is_available())
     if not torch.cuda.is_available():
