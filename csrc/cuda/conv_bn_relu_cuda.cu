@@ -15,13 +15,14 @@
 // starts one output later. x is never padded; the kept outputs are read in place with the conv
 // output's row stride L_full. The conv bias is not given to cuDNN: it is added in float32 here.
 // 16-bit inputs: the conv output (y) must stay float32 wherever a gradient may follow, because
-// rounding y to 16 bits before batch norm flips ReLU masks near zero and costs the gradients
-// 2-14% (docs/spec.md's bound is 1e-2). cuDNN writes its output in its input dtype, so those
-// calls convert x and the weight to float32 first; the conv then runs exactly (16-bit values
-// are exact in TF32) at TF32 speed under PyTorch's default setting. Only a call that provably
-// has no backward (batch norm or relu_before_add, and nothing saved for backward), in eval or
-// without batch norm, runs the conv natively in 16 bits: its output error is 16-bit rounding
-// of the conv, as plain PyTorch's. Backward convs always run in the input dtype.
+// rounding y to 16 bits before batch norm flips ReLU masks near zero, which cost the eager
+// backend's gradients 2-3e-2 (fastres/backends/eager.py; docs/spec.md's bound is 1e-2).
+// cuDNN writes its output in its input dtype, so those calls convert x and the weight to
+// float32 first; the conv then runs exactly (16-bit values are exact in TF32) at TF32 speed
+// under PyTorch's default setting. Only a call that provably has no backward (batch norm or
+// relu_before_add, and nothing saved for backward), in eval or without batch norm, runs the
+// conv natively in 16 bits: its output error is 16-bit rounding of the conv, as plain
+// PyTorch's. Backward convs always run in the input dtype.
 //
 // KERNELS. Elementwise kernels walk rows (b, c) of L_out in segments, one thread block per
 // segment, each thread taking chunks of kChunk = 8 consecutive values (one 16-byte vector of
@@ -47,26 +48,27 @@
 //                  at::convolution_backward's (C_out * C_in * K values, copied).
 //
 // BYTES per training step of one stage (N = B * C_out * L_out outputs, N_in = B * C_in * L
-// inputs; e = the input dtype's size, 2 or 4; s = the saved x-hat's size, e or 4 when
-// relu_before_add keeps it in float32; y = 4 for the float32 conv output; L_full / L_out of N
-// extra for the outputs cuDNN computes and the chomp drops; C-sized traffic left out):
-//   forward  x -> float32 (16-bit only)          read e N_in, write 4 N_in
-//            cuDNN conv                          read y N_in, write y N (+ dropped outputs)
-//            batch_stats_partials_kernel         read y N
-//            bn_relu_apply_kernel                read y N (+ e N residual), write e N + s N
+// inputs; e = the input dtype's size, 2 or 4; c = the conv's dtype size, 4 except for 16-bit
+// forward-only calls; s = the saved x-hat's size, e, or 4 when relu_before_add keeps it in
+// float32; the outputs cuDNN computes and the chomp drops add L_full / L_out - 1 to the conv's
+// write and to grad_y; C-sized traffic left out):
+//   forward  x -> float32 (16-bit, c = 4)        read e N_in, write 4 N_in
+//            cuDNN conv                          read c N_in, write c N
+//            batch_stats_partials_kernel (train) read c N
+//            bn_relu_apply_kernel                read c N (+ e N residual), write e N + s N
 //   backward bn_relu_grad_kernel, pass 1         read 2e N + s N, write e N (with a residual)
 //            bn_relu_grad_kernel, pass 2 (train) read e N (residual: its gradient is g) or
 //                                                2e N (none), + s N; write e N grad_y
 //            cuDNN dgrad                         read e N, write e N_in (+ read e N_in, write
 //                                                e N_in for the copy at stride > 1)
 //            cuDNN wgrad                         read e N + e N_in
-// Float32, stage with a residual (C_in = C_out): forward 4+4+4+4+4+4+4 = 28 bytes per element,
-// backward 16+12+8+8 = 44. Plain PyTorch (F.pad, conv, batch_norm, relu, add, relu) moves
-// 4+4 (pad) + 8 (conv) + 12 (BN: stats, apply) + 8 (relu) + 12 (add) + 8 (relu) = 56 forward
-// and 12 (relu) + 20 (BN: reduce, apply) + 16 (conv) = 48 backward. Eval forward-only: 8 + 12
-// against plain's 8 + 8 + 8 + 8 + 12 + 8. 16-bit inputs: the float32 conv output costs the
-// conversion of x and twice the bytes of y (see benchmarks/NOTES.md, "CUDA extension", for the
-// whole TemporalBlock against plain bf16 PyTorch and against the eager backend).
+// Float32, stage with a residual (C_in = C_out): forward 8 (conv) + 4 + 16 = 28 bytes per
+// element, backward 16 + 12 + 8 + 8 = 44. Plain PyTorch (F.pad, conv, batch_norm, add, relu)
+// moves 8 (pad) + 8 (conv) + 12 (BN: stats, apply) + 12 (add) + 8 (relu) = 48 forward and
+// 12 (relu) + 20 (BN: reduce, apply) + 16 (conv) = 48 backward. Eval forward-only: 8 + 12
+// against plain's 8 + 8 + 8 + 12 + 8. 16-bit inputs: the float32 conv output costs the
+// conversion of x and twice the bytes of y; benchmarks/NOTES.md ("CUDA extension") works out
+// a whole TemporalBlock against plain bf16 PyTorch and against the eager backend.
 #include "../conv_bn_relu.h"
 
 #include <ATen/ATen.h>
@@ -726,9 +728,8 @@ at::Tensor batch_statistics(const at::Tensor& y, const Rows& rows, const at::Ten
   const int v = vector_width({row_access(y, rows.y_stride, rows.y_offset)}, 4);
   with_vector_width<4>(v, [&](auto width) {
     batch_stats_partials_kernel<decltype(width)::value>
-        <<<static_cast<unsigned>(rows.blocks()), rows.threads, 0, stream>>>(y.data_ptr<float>(), rows,
-                                                     part[0].data_ptr<float>(),
-                                                     part[1].data_ptr<float>());
+        <<<static_cast<unsigned>(rows.blocks()), rows.threads, 0, stream>>>(
+            y.data_ptr<float>(), rows, part[0].data_ptr<float>(), part[1].data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const bool update = given(running_mean);
@@ -943,18 +944,18 @@ void conv_bn_relu_backward_cuda(
         check_cuda(grad_gamma, x, "grad_gamma");
         check_cuda(grad_beta, x, "grad_beta");
       }
-      const at::Tensor no_grad_res = has_residual ? grad_residual : at::Tensor();
+      const at::Tensor residual_grad = has_residual ? grad_residual : at::Tensor();
       const at::Tensor bn_beta = normalize ? grad_beta : at::Tensor();
       const at::Tensor bn_gamma = normalize ? grad_gamma : at::Tensor();
       if (train) {
-        launch_grad(a, rows, kMaskAndSums, grad_out, out, saved, no_grad_res, grad_y, stream);
+        launch_grad(a, rows, kMaskAndSums, grad_out, out, saved, residual_grad, grad_y, stream);
         launch_sums<scalar_t>(part, rows, 0, 2, bn_beta, bn_gamma, at::Tensor(), stream);
         a.grad_beta = grad_beta.data_ptr<float>();
         a.grad_gamma = grad_gamma.data_ptr<float>();
-        launch_grad(a, rows, kTrainGradY, grad_out, out, saved, no_grad_res, grad_y, stream);
+        launch_grad(a, rows, kTrainGradY, grad_out, out, saved, residual_grad, grad_y, stream);
         launch_sums<scalar_t>(part, rows, 2, 1, at::Tensor(), at::Tensor(), grad_bias, stream);
       } else {
-        launch_grad(a, rows, kOnePass, grad_out, out, saved, no_grad_res, grad_y, stream);
+        launch_grad(a, rows, kOnePass, grad_out, out, saved, residual_grad, grad_y, stream);
         launch_sums<scalar_t>(part, rows, 0, 3, bn_beta, bn_gamma, grad_bias, stream);
       }
     };
