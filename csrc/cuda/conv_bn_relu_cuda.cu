@@ -677,6 +677,12 @@ Access row_access(const at::Tensor& t, int64_t row_stride, int64_t offset = 0) {
           t.defined() ? static_cast<int64_t>(t.element_size()) : 4, row_stride, offset};
 }
 
+void check_dtype(const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fastres_ext CUDA: float32, float16 or bfloat16 inputs only, got ", dtype);
+}
+
 // Nested ATen calls (the convs) run as part of this kernel: not autocast (the conv dtype is
 // chosen here) and not recorded by autograd.
 struct KernelScope {
@@ -810,11 +816,12 @@ void conv_bn_relu_forward_cuda(
     const at::Tensor& batch_mean, const at::Tensor& batch_var) {
   const ConvGeometry g = check_forward_args(x, weight, stride, dilation, pad_left, pad_right,
                                             norm_mode, out, saved, batch_mean, batch_var);
+  TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
+  check_dtype(x);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"},
                                 {out, "out"}, {saved, "saved"}, {batch_mean, "batch_mean"},
                                 {batch_var, "batch_var"}})
     check_cuda(t, x, name);
-  TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
   TORCH_CHECK(norm_mode == kNormNone || norm_mode == kNormEval || norm_mode == kNormTrain,
               "fastres_ext: bad norm_mode ", norm_mode);
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
@@ -888,13 +895,14 @@ void conv_bn_relu_backward_cuda(
   const ConvGeometry g =
       check_backward_args(x, weight, stride, dilation, pad_left, pad_right, norm_mode,
                           relu_before_add, out_in, saved_in, grad_x, grad_weight);
+  TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
+  check_dtype(x);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"},
                                 {grad_out_in, "grad_out"}, {out_in, "out"},
                                 {saved_in, "saved"}, {grad_x, "grad_x"},
                                 {grad_weight, "grad_weight"}, {grad_bias, "grad_bias"},
                                 {grad_residual, "grad_residual"}})
     check_cuda(t, x, name);
-  TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
   TORCH_CHECK(grad_out_in.sizes() == out_in.sizes() &&
                   grad_out_in.scalar_type() == x.scalar_type() &&
                   out_in.scalar_type() == x.scalar_type() &&
@@ -902,8 +910,9 @@ void conv_bn_relu_backward_cuda(
               "fastres_ext CUDA: grad_out, out and weight must have x's dtype, grad_out out's "
               "shape");
   TORCH_CHECK(!has_residual || (grad_residual.sizes() == out_in.sizes() &&
+                                grad_residual.scalar_type() == x.scalar_type() &&
                                 grad_residual.is_contiguous()),
-              "fastres_ext CUDA: grad_residual must be a contiguous tensor of out's shape");
+              "fastres_ext CUDA: grad_residual must be a contiguous tensor like out");
   TORCH_CHECK(grad_bias.numel() == 0 || (grad_bias.numel() == g.c_out &&
                                          grad_bias.scalar_type() == x.scalar_type()),
               "fastres_ext CUDA: grad_bias must be empty or C_out values of x's dtype");
