@@ -127,9 +127,6 @@ def _extensions():
     nvcc = None
     if os.environ.get("FASTRES_NO_CUDA", "") == "1":
         _say("FASTRES_NO_CUDA=1: CUDA kernels not requested")
-    elif not os.path.exists(os.path.join(HERE, "csrc", "cuda", "conv_bn_relu_cuda.cu")):
-        # Transitional: the CUDA kernels are being rebuilt on cuDNN for the v2 contract.
-        _say("no CUDA sources in csrc/cuda: building CPU kernels only")
     elif torch.version.cuda is None:
         _say(f"torch {torch.__version__} has no CUDA: building CPU kernels only")
     else:
