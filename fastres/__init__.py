@@ -1,5 +1,6 @@
 """fastres: fused Conv1d + BatchNorm + ReLU + residual for TCNs and 1D ResNets."""
 from .backends import available_backends, use_backend
+from .monitor import GradientMonitor
 from .ops import conv_bn_relu
 from .nn import (BasicBlock, ResNet1d, TemporalBlock, TemporalConvNet, convert,
                  receptive_field, unfuse)
@@ -8,7 +9,7 @@ from .reference import conv_bn_relu_reference
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "conv_bn_relu", "conv_bn_relu_reference", "use_backend",
-           "__version__",
+           "__version__", "GradientMonitor",
            # drop-in modules (fastres.nn)
            "BasicBlock", "ResNet1d", "TemporalBlock", "TemporalConvNet", "convert",
            "receptive_field", "unfuse"]
