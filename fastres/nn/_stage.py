@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import conv_bn_relu
+from .sync_batchnorm import sync_conv_bn_relu_stage
 
 
 def check_block_args(kernel_size, dilation, dropout=0.0, stride=1) -> None:
@@ -58,6 +59,9 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
     the parametrization's normalized weight, so gradients reach g and v).
     """
     norm_kwargs = bn_arguments(bn) if bn is not None else dict(norm=None)
+    if isinstance(bn, nn.SyncBatchNorm):  # statistics over every process's batch
+        return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
+                                       norm_kwargs)
     return conv_bn_relu(
         x, conv.weight, conv.bias, stride=conv.stride[0], dilation=conv.dilation[0],
         padding=padding, residual=residual, relu_before_add=relu_before_add, **norm_kwargs)
