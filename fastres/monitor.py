@@ -164,10 +164,12 @@ class GradientMonitor:
     # ------------------------------------------------------------------ plotting
 
     def plot(self, path: Optional[str] = None, *, kind: str = "heatmap", ax=None,
-             title: Optional[str] = None, layers: Optional[Sequence[str]] = None):
+             title: Optional[str] = None, layers: Optional[Sequence[str]] = None,
+             log_range: Optional[Tuple[float, float]] = None):
         """Plot the recorded norms; save to `path` if given. Returns the matplotlib Figure.
 
-        kind="heatmap": layers (rows, input side on top) against steps, colour = log10 norm.
+        kind="heatmap": layers (rows, input side on top) against steps, colour = log10 norm
+            (`log_range` = (low, high) fixes the colour scale, to compare two heatmaps).
         kind="lines": one line per layer over steps (log scale), coloured by depth.
         `layers` picks a subset of `names` (all by default); `ax` draws into an existing axes.
         """
@@ -192,7 +194,9 @@ class GradientMonitor:
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.log10(table)
         if kind == "heatmap":
-            image = ax.imshow(logs.T, aspect="auto", interpolation="nearest", cmap="viridis")
+            low, high = log_range if log_range is not None else (None, None)
+            image = ax.imshow(logs.T, aspect="auto", interpolation="nearest", cmap="viridis",
+                              vmin=low, vmax=high)
             fig.colorbar(image, ax=ax, label="log10 gradient norm")
             ax.set_ylabel("layer (input side on top)")
             if len(names) <= 24:

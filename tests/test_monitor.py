@@ -105,10 +105,12 @@ def test_plot_writes_a_file(tmp_path, kind):
         monitor.step()
         model.zero_grad()
     path = tmp_path / f"flow-{kind}.png"
-    fig = monitor.plot(str(path), kind=kind, title="test")
+    fig = monitor.plot(str(path), kind=kind, title="test", log_range=(-3, 1))
     assert path.stat().st_size > 1000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fig.axes[0].get_title() == "test"
+    if kind == "heatmap":
+        assert fig.axes[0].images[0].get_clim() == (-3, 1)
     with pytest.raises(ValueError, match="kind"):
         monitor.plot(kind="bars")
     with pytest.raises(ValueError, match="unknown layers"):
