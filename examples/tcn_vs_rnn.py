@@ -48,7 +48,7 @@ class Size:
     test: int
 
 
-SIZES = {"default": Size(100, 32, 24, 12.0, 25, 512),
+SIZES = {"default": Size(100, 32, 24, 15.0, 25, 512),
          "smoke": Size(24, 8, 8, 0.6, 5, 64)}
 KERNEL = 3
 
@@ -129,7 +129,7 @@ def main() -> None:
     x_test, y_test = (t.to(device) for t in adding_batch(size.test, size.length, data))
     # One batch stream per model, the same batches in the same order for all of them.
     streams = {name: torch.Generator().manual_seed(args.seed + 1) for name in models}
-    opts = {name: torch.optim.Adam(m.parameters(), lr=2e-3) for name, m in models.items()}
+    opts = {name: torch.optim.Adam(m.parameters(), lr=4e-3) for name, m in models.items()}
     clock = {name: 0.0 for name in models}
     steps = {name: 0 for name in models}
     curves = {name: [(0.0, test_mse(m, x_test, y_test))] for name, m in models.items()}

@@ -226,7 +226,7 @@ def plot(x_train, y_train, classes, history, train_s, steps, eval_times, args) -
     ax_time.bar(xs + 0.2, eval_ms, 0.4, label="eval forward, test set (median)")
     ax_time.set(xticks=xs, xticklabels=names, ylabel="ms", title=f"time ({args.device})")
     ax_time.legend(fontsize=7)
-    fig.suptitle(f"ResNet1d on {args.dataset}: fastres against plain PyTorch")
+    fig.suptitle(f"ResNet1d on {args.dataset}: fastres against plain PyTorch", y=1.03)
     save_figure(fig, args, "ucr_classification")
 
 
