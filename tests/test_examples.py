@@ -18,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
-def _run(args, cwd):
+def _start(args, cwd):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    return subprocess.run([sys.executable] + args, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.Popen([sys.executable] + args, cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _write_ts(path, x, labels):
@@ -48,39 +48,46 @@ def _tiny_dataset(folder, seed=0):
         _write_ts(folder / f"Tiny_{split}.ts", x, labels)
 
 
-def _check_outputs(result, out, name, expected):
-    assert result.returncode == 0, result.stderr[-3000:]
-    png, table = out / f"{name}.png", out / f"{name}.md"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    text = table.read_text()
-    for word in expected:
-        assert word in result.stdout and word in text, word
-    assert "commit" in text and "torch" in text  # where the numbers came from
-
-
 SMOKE = {
     "degradation": ["plain", "residual", "test acc", "grad norm first/last conv"],
     "sine_forecast": ["TCN (fastres)", "baseline: repeat the last value", "receptive field",
                       "plain twin"],
     "tcn_vs_rnn": ["TCN (fastres)", "TCN (plain)", "LSTM", "GRU", "final test MSE"],
+    "ucr_classification": ["Tiny", "fastres", "plain / fastres", "test acc", "2x40",
+                           "2 classes"],
 }
 
 
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Every example's --smoke run, all started at once: {name: (returncode, stdout,
+    stderr, output folder)}. Each process uses one thread; together they overlap their
+    start-up (importing torch) on a 2-core machine."""
+    root = tmp_path_factory.mktemp("examples")
+    _tiny_dataset(root)
+    extra = {"ucr_classification": ["--dataset", "Tiny", "--data-dir", str(root)]}
+    running = {}
+    for name in SMOKE:
+        out = root / name
+        args = [os.path.join(EXAMPLES, f"{name}.py"), "--smoke", "--out", str(out)]
+        running[name] = (_start(args + extra.get(name, []), root), out)
+    runs = {}
+    for name, (process, out) in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        runs[name] = (process.returncode, stdout, stderr, out)
+    return runs
+
+
 @pytest.mark.parametrize("name", list(SMOKE))
-def test_example_smoke(name, tmp_path):
-    out = tmp_path / "out"
-    result = _run([os.path.join(EXAMPLES, f"{name}.py"), "--smoke", "--out", str(out)],
-                  cwd=tmp_path)
-    _check_outputs(result, out, name, SMOKE[name])
-
-
-def test_ucr_classification_smoke_on_a_ts_dataset(tmp_path):
-    _tiny_dataset(tmp_path)
-    out = tmp_path / "out"
-    result = _run([os.path.join(EXAMPLES, "ucr_classification.py"), "--smoke", "--out",
-                   str(out), "--dataset", "Tiny", "--data-dir", str(tmp_path)], cwd=tmp_path)
-    _check_outputs(result, out, "ucr_classification",
-                   ["Tiny", "fastres", "plain / fastres", "test acc", "2x40", "2 classes"])
+def test_example_smoke(name, smoke_runs):
+    returncode, stdout, stderr, out = smoke_runs[name]
+    assert returncode == 0, stderr[-3000:]
+    png, table = out / f"{name}.png", out / f"{name}.md"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = table.read_text()
+    for word in SMOKE[name]:
+        assert word in stdout and word in text, word
+    assert "commit" in text and "torch" in text  # where the numbers came from
 
 
 @pytest.fixture

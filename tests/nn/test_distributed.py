@@ -5,7 +5,9 @@ their half of a batch. With nn.SyncBatchNorm in fused blocks, every number must 
 single-process training on the whole batch (judged against float64, fp32 bound 1e-5):
 outputs, input gradients, parameter gradients after DDP's averaging, running statistics.
 Without SyncBN, DDP must train a fastres model exactly as each process would alone, with
-the gradients averaged. Assertions run inside the workers; spawn re-raises their failures.
+the gradients averaged. All checks run in one pair of processes (starting them costs
+seconds); assertions run inside the workers, and spawn re-raises a failure, which names
+its check.
 """
 import copy
 import socket
@@ -83,10 +85,12 @@ def _synchronized_ddp(name, model):
     return ddp
 
 
-# --------------------------------------------------------------------------- SyncBN workers
+# --------------------------------------------------------------------------- the checks
 
 
-def _sync_worker(rank, port):
+def _worker(rank, port):
+    """Every check, in one pair of processes (starting them costs seconds); a failure
+    names its check."""
     _init(rank, port)
     try:
         for name, build in (("tcn", _tcn), ("basic-blocks", _basic_blocks),
@@ -94,6 +98,7 @@ def _sync_worker(rank, port):
             _check_sync_training(rank, name, build)
         _check_sync_stage_relu_before_add(rank)
         _check_process_group_of_one(rank)
+        _check_ddp_without_sync_batch_norm(rank)
     finally:
         dist.destroy_process_group()
 
@@ -194,52 +199,45 @@ def _check_process_group_of_one(rank):
            local.network[0].bn1.running_mean)
 
 
-def test_synchronized_batch_norm_matches_single_process_training():
-    _spawn(_sync_worker)
-
-
 # --------------------------------------------------------------------------- DDP, plain BN
 
 
-def _ddp_worker(rank, port):
-    _init(rank, port)
-    try:
-        torch.manual_seed(0)
-        model = _tcn()
-        # DDP by hand: this process's own forward and backward, buffers broadcast from
-        # process 0 before each forward, gradients averaged over the processes.
-        by_hand = copy.deepcopy(model)
-        ddp = DDP(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        hand_opt = torch.optim.SGD(by_hand.parameters(), lr=0.1)
-        g = torch.Generator().manual_seed(100 + rank)  # each process its own data
-        for step in range(STEPS):
-            x = torch.randn(BATCH, 3, 32, generator=g)
-            for buf in by_hand.buffers():
-                dist.broadcast(buf, 0)
-            out, out_by_hand = ddp(x), by_hand(x)
-            _close(f"step {step} output", out, out_by_hand)
-            out.square().mean().backward()
-            out_by_hand.square().mean().backward()
-            grads = {n: p.grad for n, p in by_hand.named_parameters()}
-            for p in grads.values():
-                dist.all_reduce(p)
-                p /= WORLD
-            for n, p in ddp.module.named_parameters():
-                _close(f"step {step} gradient of {n}", p.grad, grads[n], grad_scale(n, grads))
-            for o in (opt, hand_opt):
-                o.step()
-                o.zero_grad()
-            # Per-process statistics without SyncBN: this process's batch alone.
-            _close(f"step {step} running var", model.network[1].bn2.running_var,
-                   by_hand.network[1].bn2.running_var)
-        params = torch.cat([p.detach().flatten() for p in ddp.parameters()])
-        copies = [torch.empty_like(params) for _ in range(WORLD)]
-        dist.all_gather(copies, params)
-        assert torch.equal(copies[0], copies[1]), "DDP replicas diverged"
-    finally:
-        dist.destroy_process_group()
+def _check_ddp_without_sync_batch_norm(rank):
+    torch.manual_seed(0)
+    model = _tcn()
+    # DDP by hand: this process's own forward and backward, buffers broadcast from
+    # process 0 before each forward, gradients averaged over the processes.
+    by_hand = copy.deepcopy(model)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    hand_opt = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # each process its own data
+    for step in range(STEPS):
+        x = torch.randn(BATCH, 3, 32, generator=g)
+        for buf in by_hand.buffers():
+            dist.broadcast(buf, 0)
+        out, out_by_hand = ddp(x), by_hand(x)
+        _close(f"DDP without SyncBN, step {step} output", out, out_by_hand)
+        out.square().mean().backward()
+        out_by_hand.square().mean().backward()
+        grads = {n: p.grad for n, p in by_hand.named_parameters()}
+        for p in grads.values():
+            dist.all_reduce(p)
+            p /= WORLD
+        for n, p in ddp.module.named_parameters():
+            _close(f"DDP without SyncBN, step {step} gradient of {n}", p.grad, grads[n], grad_scale(n, grads))
+        for o in (opt, hand_opt):
+            o.step()
+            o.zero_grad()
+        # Per-process statistics without SyncBN: this process's batch alone.
+        _close(f"DDP without SyncBN, step {step} running var", model.network[1].bn2.running_var,
+               by_hand.network[1].bn2.running_var)
+    params = torch.cat([p.detach().flatten() for p in ddp.parameters()])
+    copies = [torch.empty_like(params) for _ in range(WORLD)]
+    dist.all_gather(copies, params)
+    assert torch.equal(copies[0], copies[1]), "DDP replicas diverged"
 
 
-def test_ddp_trains_a_fastres_model():
-    _spawn(_ddp_worker)
+def test_multi_process_training():
+    """Synchronized BN against single-process training, and DDP without SyncBN."""
+    _spawn(_worker)
