@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     results = measure({"never attached": train_step(never, x),
                        "detached": train_step(detached, x),
                        "recording": train_step(recording, x, monitor)}, device, TIMINGS[size])
-    for name, stats in results.items():
+    for stats in results.values():
         if isinstance(stats, Exception):
             raise stats
     base_s = results["never attached"].median_s

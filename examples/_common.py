@@ -16,14 +16,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # examples write files; they never open windows
 
-import torch  # noqa: E402
+import torch
 
-from fastres.bench.report import environment, markdown_table, text_table  # noqa: E402
+from fastres.bench.report import environment, markdown_table, text_table
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
     """The options every example takes; the module docstring is the --help text."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run of a few seconds (what CI runs), same code path")
     p.add_argument("--out", default="example-results",
@@ -56,7 +57,7 @@ def now(device: torch.device) -> float:
 
 
 def report(args, name: str, title: str, headers: Sequence[str], rows: Sequence[Sequence],
-           notes: Sequence[str] = (), device: torch.device = torch.device("cpu")) -> str:
+           notes: Sequence[str], device: torch.device) -> str:
     """Print the table; write it with the run's environment to {out}/{name}.md."""
     cells = [[str(v) for v in row] for row in rows]
     print(f"\n{title}\n")

@@ -27,7 +27,7 @@ def _start(args, cwd):
 
 def _write_ts(path, x, labels):
     """A classification .ts file as sktime/aeon write them."""
-    n, channels, length = x.shape
+    _, channels, length = x.shape
     lines = ["# written by tests/test_examples.py", "@problemName Tiny", "@timeStamps false",
              "@missing false", f"@univariate {'true' if channels == 1 else 'false'}",
              f"@dimensions {channels}", "@equalLength true", f"@seriesLength {length}",
@@ -109,6 +109,7 @@ def test_ucr_classification_reads_ts_and_refuses_unequal_lengths(ucr, tmp_path):
     (x_train, y_train), (x_test, y_test), classes = ucr.load("Tiny", str(tmp_path))
     assert tuple(x_train.shape) == (12, 2, 40) and tuple(x_test.shape) == (10, 2, 40)
     assert classes == ["down", "up"] and y_train.tolist() == [0, 1] * 6
+    assert y_test.tolist() == [0, 1] * 5
     train = tmp_path / "Tiny_TRAIN.ts"
     lines = train.read_text().splitlines()
     lines[-1] = lines[-1].split(",", 1)[1]  # drop one value of the last series

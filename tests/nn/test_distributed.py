@@ -225,7 +225,8 @@ def _check_ddp_without_sync_batch_norm(rank):
             dist.all_reduce(p)
             p /= WORLD
         for n, p in ddp.module.named_parameters():
-            _close(f"DDP without SyncBN, step {step} gradient of {n}", p.grad, grads[n], grad_scale(n, grads))
+            _close(f"DDP without SyncBN, step {step} gradient of {n}", p.grad, grads[n],
+                   grad_scale(n, grads))
         for o in (opt, hand_opt):
             o.step()
             o.zero_grad()
