@@ -1,5 +1,6 @@
 """fastres: fused Conv1d + BatchNorm + ReLU + residual for TCNs and 1D ResNets."""
 from .backends import available_backends, use_backend
+from .monitor import GradientMonitor
 from .ops import conv_bn_relu
 from .nn import (BasicBlock, ResNet1d, TemporalBlock, TemporalConvNet, convert,
                  receptive_field, unfuse)
@@ -7,8 +8,8 @@ from .tuning import DispatchReport, autotune, explain
 
 __version__ = "0.1.0"
 
-__all__ = ["DispatchReport", "autotune", "available_backends", "conv_bn_relu", "explain",
-           "use_backend", "__version__",
+__all__ = ["DispatchReport", "GradientMonitor", "autotune", "available_backends", "conv_bn_relu",
+           "explain", "use_backend", "__version__",
            # drop-in modules (fastres.nn)
            "BasicBlock", "ResNet1d", "TemporalBlock", "TemporalConvNet", "convert",
            "receptive_field", "unfuse"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastres
-from fastres.conventions import rel_err
+from fastres.conventions import cudnn_conv_tf32_set, rel_err
 
 TOL = 1e-5
 
@@ -42,15 +42,9 @@ def _check(what, fused, plain, reference, scale=None):
     assert err < bound, f"{what}: {err:.2e} (bound {bound:.2e})"
 
 
-@contextlib.contextmanager
 def strict_fp32():
-    """TF32 off (CUDA): the float32 bound of SPEC.md is for strict float32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """TF32 off (CUDA): the float32 bound of docs/spec.md is for strict float32."""
+    return cudnn_conv_tf32_set(False)
 
 
 def assert_train_and_eval_match(fused, plain, shape, backend=None, steps=3, seed=0,

@@ -31,6 +31,7 @@ from torch.nn.modules import module as _module
 from .. import backends
 from ..conventions import HALF_DTYPES
 from ..ops import conv_bn_relu, execute, plan
+from .sync_batchnorm import sync_conv_bn_relu_stage
 
 
 def check_block_args(kernel_size, dilation, dropout=0.0, stride=1) -> None:
@@ -81,6 +82,9 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
     the block pads. bn None means no batch norm (weight-normed convs: `conv.weight` is
     the parametrization's normalized weight, so gradients reach g and v).
     """
+    if isinstance(bn, nn.SyncBatchNorm):  # statistics over every process's batch
+        return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
+                                       bn_arguments(bn))
     weight = conv.weight
     if torch.compiler.is_compiling() or (torch.amp.is_autocast_available(x.device.type)
                                          and torch.is_autocast_enabled(x.device.type)):

@@ -24,6 +24,11 @@ the same single dropout between its stages. Swapped modules carry the original
 nn.Conv1d / nn.BatchNorm1d objects (the same parameters and buffers, so state_dict keys
 do not change), except locuslab blocks, which are rebuilt and loaded from the original's
 state_dict (same keys, values copied).
+
+A block or run whose batch norms are nn.SyncBatchNorm is swapped like one with
+nn.BatchNorm1d and keeps those modules: its fused stages then normalize with statistics
+synchronized over the module's process group (fastres/nn/sync_batchnorm.py), never
+per-process ones, and the report notes "synchronized batch norm".
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from ..conventions import cudnn_conv_tf32_set, rel_err
 from ._stage import RecordsConvGeometry, retyped
 from .resnet import BasicBlock, PlainBasicBlock, PlainResNet1d, ResNet1d
 from .sequential import ConvBNReLUSequential
+from .sync_batchnorm import BATCH_NORMS
 from .temporal import PlainTemporalBlock, PlainWeightNormTemporalBlock, TemporalBlock
 
 __all__ = ["ConversionReport", "Swap", "convert", "unfuse"]
@@ -49,6 +55,7 @@ logger = logging.getLogger("fastres")
 
 _RESIDUAL_NAMES = ("downsample", "shortcut")
 _FUSED_BLOCKS = (TemporalBlock, BasicBlock)
+_SYNC_NOTE = "synchronized batch norm"
 _PLAIN_TO_FUSED = {PlainTemporalBlock: TemporalBlock, PlainWeightNormTemporalBlock: TemporalBlock,
                    PlainBasicBlock: BasicBlock, PlainResNet1d: ResNet1d}
 
@@ -71,7 +78,7 @@ class ConversionReport:
 
     def summary(self) -> str:
         swapped = ", ".join(f"{s.name or '<root>'}: {s.original} -> {s.fused}"
-                            for s in self.swapped)
+                            + (f" [{s.note}]" if s.note else "") for s in self.swapped)
         line = f"fastres.convert: swapped {len(self.swapped)} module(s)"
         line += f" ({swapped})" if swapped else ""
         if self.skipped:
@@ -203,8 +210,8 @@ def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]],
     conv1, conv2 = m.conv1, m.conv2
     if not (_plain_conv(conv1) and _plain_conv(conv2)):
         return [], "conv1/conv2 are not plain zero-padded, ungrouped nn.Conv1d"
-    if not (isinstance(m.bn1, nn.BatchNorm1d) and isinstance(m.bn2, nn.BatchNorm1d)):
-        return [], "bn1/bn2 are not nn.BatchNorm1d"
+    if not (isinstance(m.bn1, BATCH_NORMS) and isinstance(m.bn2, BATCH_NORMS)):
+        return [], "bn1/bn2 are not nn.BatchNorm1d or nn.SyncBatchNorm"
     if conv2.stride[0] != 1:
         return [], "conv2 is strided"
     res_name, residual = _residual_branch(m)
@@ -236,8 +243,11 @@ def _bn_block_candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]],
                                           causal=causal)))))
     if not candidates:
         return [], "a dropout in a block that is not a causal TemporalBlock layout"
-    note = f"state_dict keys {res_name}.* -> downsample.*" if res_name == "shortcut" \
-        and residual is not None else ""
+    notes = [f"state_dict keys {res_name}.* -> downsample.*"] if res_name == "shortcut" \
+        and residual is not None else []
+    if any(isinstance(bn, nn.SyncBatchNorm) for bn in (m.bn1, m.bn2)):
+        notes.append(_SYNC_NOTE)
+    note = "; ".join(notes)
     return [(name, build, note) for name, build in candidates], ""
 
 
@@ -330,7 +340,7 @@ def _runs(children: List[nn.Module]) -> List[Tuple[int, int, str]]:
             if len(run) < length:
                 continue
             conv, bn, relu = run[-3:]
-            if not (_plain_conv(conv) and isinstance(bn, nn.BatchNorm1d)
+            if not (_plain_conv(conv) and isinstance(bn, BATCH_NORMS)
                     and isinstance(relu, nn.ReLU)):
                 continue
             if (padding == "same" and _same_padded(conv)) or \
@@ -355,8 +365,10 @@ def _try_sequential(seq: nn.Sequential, name: str, report: ConversionReport):
             report.skipped.append((label, why))
             continue
         verified[start] = (length, padding)
-        report.swapped.append(Swap(label, "Conv1d->BatchNorm1d->ReLU",
-                                   f"ConvBNReLUSequential({padding})", err))
+        bn = run[-2]
+        report.swapped.append(Swap(label, f"Conv1d->{type(bn).__name__}->ReLU",
+                                   f"ConvBNReLUSequential({padding})", err,
+                                   _SYNC_NOTE if isinstance(bn, nn.SyncBatchNorm) else ""))
     if not verified:
         return None
     # Same keys, same children (each keeping its own mode): only forward changes.

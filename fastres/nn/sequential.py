@@ -16,6 +16,7 @@ from typing import Dict, Tuple
 from torch import Tensor, nn
 
 from ._stage import conv_bn_relu_stage
+from .sync_batchnorm import BATCH_NORMS
 
 __all__ = ["ConvBNReLUSequential"]
 
@@ -39,10 +40,10 @@ class ConvBNReLUSequential(nn.Sequential):
             if expected is None or length != expected or len(run) != length:
                 raise ValueError(f"bad run at {start}: {length} children, padding={padding!r}")
             conv, bn, relu = run[-3:]
-            if not (isinstance(conv, nn.Conv1d) and isinstance(bn, nn.BatchNorm1d)
+            if not (isinstance(conv, nn.Conv1d) and isinstance(bn, BATCH_NORMS)
                     and isinstance(relu, nn.ReLU)):
                 raise ValueError(f"children {start}..{start + length - 1} are not "
-                                 "Conv1d -> BatchNorm1d -> ReLU")
+                                 "Conv1d -> BatchNorm1d (or SyncBatchNorm) -> ReLU")
         self.fused_runs = dict(runs)
 
     def forward(self, x: Tensor) -> Tensor:

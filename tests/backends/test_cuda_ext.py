@@ -21,7 +21,6 @@ from fastres import backends
 from fastres.conventions import cudnn_conv_tf32_set, rel_err
 from fastres.parity import TF32_TOLERANCE, Case, check_parity, make_inputs, run_backend
 from fastres.reference import conv_bn_relu_reference
-from availability import requires_cuda
 
 EXT_REASON = backends.unavailable_reason("cpp")  # the extension itself (any device)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastres import _alloc, backends
+from fastres.conventions import cudnn_conv_tf32_set
 from fastres.parity import Case, check_parity, make_inputs, run_backend
 from availability import requires_cuda
 
@@ -287,12 +288,8 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.parametrize("case", MULTI_TILE, ids=str)
 def test_multi_tile_parity_cuda_default_tiles(case, dtype):
     # The default (large) tiles on the GPU, compiled, with strict fp32 dots.
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with cudnn_conv_tf32_set(False):
         check_parity(case, "triton", dtype, device="cuda")
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous
 
 
 @requires_cuda
