@@ -23,7 +23,8 @@ import os
 import torch
 
 import fastres
-from fastres.bench.report import environment, fmt_pct, fmt_x, markdown_table, text_table
+from fastres.bench.environment import environment
+from fastres.bench.formatting import fmt_pct, fmt_x, markdown_table, text_table
 from fastres.bench.timing import TimingConfig, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))

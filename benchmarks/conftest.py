@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from fastres.bench import runner, timing
-from fastres.cli import _dtype_list, make_settings
 
 
 def pytest_addoption(parser):
@@ -36,9 +35,9 @@ def _settings(config) -> runner.Settings:
     device = config.getoption("--fastres-device") or (
         "cuda" if torch.cuda.is_available() else "cpu")
     dtype_text = config.getoption("--fastres-dtype")
-    return make_settings(config.getoption("--fastres-size"), torch.device(device),
-                         _dtype_list(dtype_text) if dtype_text else None,
-                         config.getoption("--fastres-compile"))
+    return runner.make_settings(config.getoption("--fastres-size"), torch.device(device),
+                                runner.parse_dtypes(dtype_text) if dtype_text else None,
+                                config.getoption("--fastres-compile"))
 
 
 @pytest.fixture(scope="session")

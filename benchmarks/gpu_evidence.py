@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from evidence import (context, correctness, environment, memory_stream, profiling, speed,
                           triton_meta)
     from evidence.results import ERROR, RUNNING, SKIPPED, EvidenceWriter, Section
-    from fastres.bench.report import device_name, device_slug
+    from fastres.bench.environment import device_name, device_slug
 
     runners = {
         "environment": environment.run_environment, "ceilings": environment.run_ceilings,

@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # examples write files; they never open windows
 
 import torch
 
-from fastres.bench.report import environment, markdown_table, text_table
+from fastres.bench.environment import environment
+from fastres.bench.formatting import markdown_table, text_table
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -5,8 +5,7 @@ from .ops import conv_bn_relu
 from .nn import (BasicBlock, ResNet1d, TemporalBlock, TemporalConvNet, convert,
                  receptive_field, unfuse)
 from .tuning import DispatchReport, autotune, explain
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["DispatchReport", "GradientMonitor", "autotune", "available_backends", "conv_bn_relu",
            "explain", "use_backend", "__version__",

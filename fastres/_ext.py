@@ -13,7 +13,8 @@ import importlib
 import torch
 
 from . import _alloc
-from .conventions import NORM_CODES, NORM_NONE, NORM_TRAIN, saved_dtype, stats_dtype
+from .conventions import (NORM_CODES, NORM_NONE, NORM_TRAIN, output_length, saved_dtype,
+                          stats_dtype)
 
 _load_error = None
 _loaded = False
@@ -46,7 +47,7 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
             dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
             save_for_backward):
     batch, c_out, k = x.shape[0], weight.shape[0], weight.shape[2]
-    l_out = (x.shape[2] + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
+    l_out = output_length(x.shape[2], k, dilation, stride, pad_left, pad_right)
     shape = (batch, c_out, l_out)
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
     saves = save_for_backward and (norm != NORM_NONE or relu_before_add)

@@ -16,25 +16,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-DTYPE_ALIASES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
 def _dtype_list(text: str) -> List[torch.dtype]:
-    dtypes = []
-    for word in filter(None, (w.strip().lower() for w in text.split(","))):
-        if word not in DTYPE_ALIASES:
-            raise argparse.ArgumentTypeError(
-                f"invalid dtype {word!r} (choose from float32, bfloat16, float16; "
-                "aliases fp32, bf16, fp16, half)")
-        if DTYPE_ALIASES[word] not in dtypes:
-            dtypes.append(DTYPE_ALIASES[word])
-    if not dtypes:
-        raise argparse.ArgumentTypeError("no dtype given")
-    return dtypes
+    from fastres.bench.runner import parse_dtypes
+    try:
+        return parse_dtypes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _suite_list(text: str) -> List[str]:
@@ -124,46 +111,18 @@ def _device(parser: argparse.ArgumentParser, name: Optional[str]) -> torch.devic
     return torch.device(name)
 
 
-def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.dtype]],
-                  compile_arg: str = "auto", only: Optional[List[str]] = None):
-    """The bench settings for command-line choices (shared with benchmarks/conftest.py)."""
-    from fastres.bench import runner
-
-    if not dtypes:
-        if device.type == "cpu":
-            dtypes = [torch.float32]
-        elif size == "full":
-            dtypes = [torch.float32, torch.bfloat16, torch.float16]
-        else:
-            dtypes = [torch.float32, torch.bfloat16]
-    if compile_arg == "auto":
-        # The op suite's stage compiles with max-autotune on GPU (the fused kernel's real
-        # competitor). Whole blocks and models compile in the default mode (max-autotune
-        # of a ResNet takes many minutes), and not at all at the default CPU size, where
-        # compiling a model costs tens of seconds.
-        compile_mode = None if size == "quick" else (
-            "max-autotune" if device.type == "cuda" else "default")
-        model_compile_mode = "default" if size == "full" or (
-            device.type == "cuda" and size != "quick") else None
-    else:
-        compile_mode = model_compile_mode = None if compile_arg == "none" else compile_arg
-    return runner.Settings(size=size, device=device, dtypes=list(dtypes),
-                           only=only or list(runner.SUITES), compile_mode=compile_mode,
-                           model_compile_mode=model_compile_mode)
-
-
 def _bench(parser, args) -> int:
-    from fastres.bench import report, runner
+    from fastres.bench import environment, report, runner
 
     device = _device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = "full" if args.full else "quick" if args.quick else "default"
-    settings = make_settings(size, device, args.dtype, args.compile_mode, args.only)
+    settings = runner.make_settings(size, device, args.dtype, args.compile_mode, args.only)
     results = runner.run(settings, progress=False if args.no_progress else None)
     results["command"] = "fastres " + " ".join(args.argv)
     print(report.console_report(results))
-    prefix = args.prefix or (f"{report.device_slug(device)}-"
+    prefix = args.prefix or (f"{environment.device_slug(device)}-"
                              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
                              + ("-quick" if size == "quick" else ""))
     paths = report.write_outputs(results, args.out, prefix)
@@ -178,7 +137,7 @@ def _bench(parser, args) -> int:
 
 def _check(parser, args) -> int:
     from fastres import backends
-    from fastres.bench.report import text_table
+    from fastres.bench.formatting import text_table
     from fastres.parity import check_plan, run_check
 
     device = _device(parser, args.device)
@@ -218,7 +177,7 @@ def _dispatch(parser, args) -> int:
     import os
 
     from fastres import backends
-    from fastres.bench.report import text_table
+    from fastres.bench.formatting import text_table
 
     device = str(_device(parser, args.device))
     current = backends.dispatch_cache()._file(device)

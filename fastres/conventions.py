@@ -27,6 +27,7 @@ def conv_padding(kernel_size: int, dilation: int, stride: int, padding: str) -> 
     causal: (K-1)*d on the left, none on the right.
     same, stride 1: PyTorch's padding="same" (the odd zero goes right).
     same, stride > 1: the ResNet convention, (K-1)*d // 2 on both sides.
+    TorchScript compiles this too (the plain twins' forward calls it).
     """
     total = (kernel_size - 1) * dilation
     if padding == "causal":
@@ -35,7 +36,7 @@ def conv_padding(kernel_size: int, dilation: int, stride: int, padding: str) -> 
         if stride == 1:
             return total // 2, total - total // 2
         return total // 2, total // 2
-    raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    raise ValueError("padding must be 'causal' or 'same', got '" + padding + "'")
 
 
 def output_length(length: int, kernel_size: int, dilation: int, stride: int, pad_left: int,

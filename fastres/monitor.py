@@ -178,8 +178,12 @@ class GradientMonitor:
         if not self._rows:
             raise ValueError("nothing recorded yet: call step() after backward passes")
         # A bare Figure (no pyplot) renders with Agg and leaves the user's backend alone.
-        import matplotlib
-        from matplotlib.figure import Figure
+        try:
+            import matplotlib
+            from matplotlib.figure import Figure
+        except ImportError as exc:
+            raise ImportError("GradientMonitor.plot needs matplotlib: "
+                              "pip install 'fastres[bench]'") from exc
 
         names = list(layers) if layers is not None else self.names
         unknown = [n for n in names if n not in self.names]

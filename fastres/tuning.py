@@ -46,7 +46,7 @@ class DispatchReport(List[StageDecision]):
     """The decisions of one model run, in call order (forward stages; see explain)."""
 
     def __str__(self) -> str:
-        from .bench.report import text_table
+        from .bench.formatting import text_table
         rows = [[d.module or "<op>", d.describe_call(), d.backend, d.reason] for d in self]
         return text_table(["stage", "call", "backend", "why"], rows)
 

@@ -252,7 +252,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 def test_busy_machine_warning():
-    from fastres.bench.report import busy_warning
+    from fastres.bench.environment import busy_warning
     env = {"device": "cpu", "cpu_count": 2, "torch_threads": 2,
            "load_average_start": [0.2, 0.3, 0.3], "load_average_end": [1.9, 1.0, 0.5]}
     assert busy_warning(env) is None

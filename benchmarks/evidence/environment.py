@@ -14,7 +14,9 @@ import torch
 
 import fastres
 from fastres import _ext, backends
-from fastres.bench import report, timing
+from fastres.bench import environment as environment_info
+from fastres.bench import timing
+from fastres.bench.formatting import fmt_bytes
 from fastres.conventions import cpu_name
 
 from .context import Context, clock_name
@@ -57,7 +59,7 @@ def tf32_settings() -> Dict[str, object]:
 
 def commit() -> str:
     """git rev-parse HEAD where the tree is a checkout, else $FASTRES_COMMIT, else unknown."""
-    return report._git_commit() or os.environ.get("FASTRES_COMMIT") or "unknown"
+    return environment_info.git_commit() or os.environ.get("FASTRES_COMMIT") or "unknown"
 
 
 def versions() -> Dict[str, Optional[str]]:
@@ -135,8 +137,8 @@ def run_environment(ctx: Context, section: Section) -> None:
     if ctx.cuda:
         gpu, smi = data["gpu"], data["nvidia_smi"]
         table.add("GPU", f"{gpu['name']} (sm_{gpu['capability'].replace('.', '')}, "
-                  f"{gpu['sm_count']} SMs, L2 {report.fmt_bytes(gpu['l2_bytes'])}, "
-                  f"{report.fmt_bytes(gpu['memory_bytes'])})")
+                  f"{gpu['sm_count']} SMs, L2 {fmt_bytes(gpu['l2_bytes'])}, "
+                  f"{fmt_bytes(gpu['memory_bytes'])})")
         table.add("clocks (MHz)", f"SM {smi.get('clocks.sm')} of max {smi.get('clocks.max.sm')}, "
                   f"memory {smi.get('clocks.mem')} of max {smi.get('clocks.max.mem')}, "
                   f"application {smi.get('clocks.applications.graphics')}")
@@ -145,7 +147,7 @@ def run_environment(ctx: Context, section: Section) -> None:
                   f"{smi.get('power.limit')} W, {smi.get('temperature.gpu')} C, "
                   f"clock event reasons {smi.get('clocks_event_reasons.active')}")
     else:
-        table.add("device", report.device_name(ctx.device))
+        table.add("device", environment_info.device_name(ctx.device))
     for name, version in data["versions"].items():
         table.add(name, version)
     table.add("commit", data["commit"])
@@ -187,8 +189,8 @@ def run_ceilings(ctx: Context, section: Section) -> None:
     mm = section.data["matmul_bf16"]
     table = section.table("", ["ceiling", "measured", "how"])
     table.add("device-to-device copy", f"{copy / 1e9:.1f} GB/s",
-              f"{report.fmt_bytes(nbytes)} buffer ({nbytes / cache:.1f}x the "
-              f"{report.fmt_bytes(cache)} last-level cache), read + write counted, "
+              f"{fmt_bytes(nbytes)} buffer ({nbytes / cache:.1f}x the "
+              f"{fmt_bytes(cache)} last-level cache), read + write counted, "
               f"{clock_name(ctx.device)}, median")
     table.add("bf16 matmul", f"{mm['tflops']:.1f} TFLOP/s",
               f"{mm['n']}^3, random data, {clock_name(ctx.device)}, median of "

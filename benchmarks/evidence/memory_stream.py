@@ -20,7 +20,7 @@ import torch
 
 import fastres
 from fastres.bench import timing
-from fastres.bench.report import fmt_bytes, fmt_seconds, fmt_x
+from fastres.bench.formatting import fmt_bytes, fmt_seconds, fmt_x
 from fastres.conventions import rel_err
 
 from .context import SPENT, Context, time_candidates

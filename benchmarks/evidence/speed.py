@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import fastres
 from fastres.bench import timing
 from fastres.bench.op import OpCase, _Stage
-from fastres.bench.report import fmt_seconds, fmt_x
+from fastres.bench.formatting import fmt_seconds, fmt_x
 
 from .context import SPENT, Context, forced, time_candidates
 from .environment import tf32_settings

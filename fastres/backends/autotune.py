@@ -111,7 +111,7 @@ def _device_name(device: str) -> str:
 
 
 def _versions() -> Dict[str, Optional[str]]:
-    from .. import __version__
+    from .._version import __version__
     try:
         import triton
         triton_version = triton.__version__

@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..conventions import output_length
+
 
 @dataclasses.dataclass(frozen=True)
 class Call:
@@ -50,8 +52,8 @@ class Call:
 
     @property
     def length_out(self) -> int:
-        k, d, s = self.kernel_size, self.dilation, self.stride
-        return (self.length + self.pad_left + self.pad_right - d * (k - 1) - 1) // s + 1
+        return output_length(self.length, self.kernel_size, self.dilation, self.stride,
+                             self.pad_left, self.pad_right)
 
     def key(self) -> str:
         """A stable text form, for the persistent dispatch cache."""

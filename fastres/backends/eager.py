@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN
+from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN, output_length
 from .base import Backend
 
 _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -33,7 +33,7 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilati
     pad = max(pad_left, pad_right)
     y = F.conv1d(x, weight, bias, stride=stride, padding=pad, dilation=dilation)
     k = weight.shape[-1]
-    l_out = (x.shape[-1] + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
+    l_out = output_length(x.shape[-1], k, dilation, stride, pad_left, pad_right)
     if pad_left >= pad_right:  # causal: the extra outputs are at the end (the "chomp")
         return y[..., :l_out]
     # More zeros on the right (same padding, odd total): the extra outputs are at the start,

@@ -128,7 +128,7 @@ def summary_lines(summary) -> List[str]:
 
 
 def table(rows, summary):
-    from .report import fmt_bytes, fmt_num, fmt_pct, fmt_seconds, fmt_x
+    from .formatting import fmt_bytes, fmt_num, fmt_pct, fmt_seconds, fmt_x
     headers = ["case", "impl", "median", "spread", "vs plain", "samples/s", "peak mem",
                "compile"]
     cells = []
@@ -145,5 +145,5 @@ def table(rows, summary):
 
 
 def plot(ax, rows, title):
-    from .report import bar_chart
+    from .formatting import bar_chart
     bar_chart(ax, rows, value="speedup", title=title, reference_line=1.0)

@@ -18,13 +18,19 @@ from .runner import Settings, Task
 NAME = "model"
 TITLE = "Models: TemporalConvNet, ResNet1d"
 
-# Per size and device type: (TCN inputs, channels, kernel, (B, L)), (ResNet layers, in, classes, (B, L))
+# Per size and device type: the TCNs as (inputs, channels, kernel, (B, L)), and the ResNet as
+# (layers, in, classes, (B, L)). The CPU sizes include an 8-block, 64-channel TCN at B=1,
+# L=256: small-batch inference, where per-call overhead decides.
+_SMALL_BATCH_TCN = (64, [64] * 8, 3, (1, 256))
 _SIZES = {
-    ("quick", "cpu"): ((4, [16] * 3, 3, (2, 128)), None),
-    ("default", "cpu"): ((16, [32] * 6, 3, (8, 1024)), ((2, 2, 2, 2), 12, 10, (4, 1024))),
-    ("quick", "cuda"): ((16, [64] * 4, 3, (8, 1024)), None),
-    ("default", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
-    ("full", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
+    ("quick", "cpu"): ([(4, [16] * 3, 3, (2, 128))], None),
+    ("default", "cpu"): ([(16, [32] * 6, 3, (8, 1024)), _SMALL_BATCH_TCN],
+                         ((2, 2, 2, 2), 12, 10, (4, 1024))),
+    ("full", "cpu"): ([(16, [32] * 6, 3, (8, 1024)), _SMALL_BATCH_TCN],
+                      ((2, 2, 2, 2), 12, 10, (4, 1024))),
+    ("quick", "cuda"): ([(16, [64] * 4, 3, (8, 1024))], None),
+    ("default", "cuda"): ([(32, [128] * 8, 3, (32, 4096))], ((2, 2, 2, 2), 12, 10, (64, 4096))),
+    ("full", "cuda"): ([(32, [128] * 8, 3, (32, 4096))], ((2, 2, 2, 2), 12, 10, (64, 4096))),
 }
 
 
@@ -37,12 +43,13 @@ def tasks(settings: Settings) -> List[Task]:
     key = (settings.size, device)
     if key not in _SIZES:
         key = ("default", device)
-    tcn, resnet = _SIZES[key]
+    tcns, resnet = _SIZES[key]
     specs = []
-    inputs, channels, k, (batch, length) = tcn
-    specs.append((f"TemporalConvNet({inputs},{channels[0]}x{len(channels)},k{k})",
-                  lambda: fastres.TemporalConvNet(inputs, channels, kernel_size=k, dropout=0.0),
-                  (batch, inputs, length), (batch, channels[-1], length), None))
+    for inputs, channels, k, (batch, length) in tcns:
+        specs.append((f"TemporalConvNet({inputs},{channels[0]}x{len(channels)},k{k},B{batch})",
+                      lambda inputs=inputs, channels=channels, k=k: fastres.TemporalConvNet(
+                          inputs, channels, kernel_size=k, dropout=0.0),
+                      (batch, inputs, length), (batch, channels[-1], length), None))
     if resnet:
         layers, in_channels, classes, (batch, length) = resnet
         specs.append((f"ResNet1d({''.join(map(str, layers))},in{in_channels})",

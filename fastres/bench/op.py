@@ -253,7 +253,7 @@ def tasks(settings: Settings) -> List[Task]:
 def table(rows, summary):
     headers = ["case", "impl", "median", "spread", "vs eager", "GB/s", "TFLOP/s", "copy %",
                "compile"]
-    from .report import fmt_pct, fmt_seconds, fmt_x, fmt_num
+    from .formatting import fmt_pct, fmt_seconds, fmt_x, fmt_num
     cells = []
     for row in rows:
         if row["status"] != "ok":
@@ -269,6 +269,6 @@ def table(rows, summary):
 
 def plot(ax, rows, summary):
     """Speedup over eager per case and impl (horizontal bars; 1.0 = as fast as eager)."""
-    from .report import bar_chart
+    from .formatting import bar_chart
     bar_chart(ax, rows, value="speedup", title="op: speedup over eager PyTorch (higher is better)",
               reference_line=1.0)

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from . import environment as environment_info
 from . import timing
 
 SUITES: Dict[str, str] = {
@@ -32,6 +33,9 @@ SUITES: Dict[str, str] = {
 }
 
 SIZES = ("quick", "default", "full")
+
+# Version of the results document run() returns (keys: run(); rows: ROW_KEYS).
+SCHEMA_VERSION = 1
 
 # Every row has exactly these keys (None where a number does not apply): the JSON schema.
 ROW_KEYS = (
@@ -75,6 +79,53 @@ class Task:
     items: Optional[int] = None                 # e.g. sequences per call, for items/s
     memory: bool = False                        # also measure peak memory per impl
     timing: Optional[timing.TimingConfig] = None  # overrides the size's timing preset
+
+
+DTYPE_ALIASES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtypes(text: str) -> List[torch.dtype]:
+    """"float32,bf16" -> [torch.float32, torch.bfloat16]; ValueError names a bad word."""
+    dtypes = []
+    for word in filter(None, (w.strip().lower() for w in text.split(","))):
+        if word not in DTYPE_ALIASES:
+            raise ValueError(f"invalid dtype {word!r} (choose from float32, bfloat16, float16; "
+                             "aliases fp32, bf16, fp16, half)")
+        if DTYPE_ALIASES[word] not in dtypes:
+            dtypes.append(DTYPE_ALIASES[word])
+    if not dtypes:
+        raise ValueError("no dtype given")
+    return dtypes
+
+
+def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.dtype]],
+                  compile_arg: str = "auto", only: Optional[List[str]] = None) -> "Settings":
+    """The bench settings for command-line choices (fastres bench, benchmarks/conftest.py)."""
+    if not dtypes:
+        if device.type == "cpu":
+            dtypes = [torch.float32]
+        elif size == "full":
+            dtypes = [torch.float32, torch.bfloat16, torch.float16]
+        else:
+            dtypes = [torch.float32, torch.bfloat16]
+    if compile_arg == "auto":
+        # The op suite's stage compiles with max-autotune on GPU (the fused kernel's real
+        # competitor). Whole blocks and models compile in the default mode (max-autotune
+        # of a ResNet takes many minutes), and not at all at the default CPU size, where
+        # compiling a model costs tens of seconds.
+        compile_mode = None if size == "quick" else (
+            "max-autotune" if device.type == "cuda" else "default")
+        model_compile_mode = "default" if size == "full" or (
+            device.type == "cuda" and size != "quick") else None
+    else:
+        compile_mode = model_compile_mode = None if compile_arg == "none" else compile_arg
+    return Settings(size=size, device=device, dtypes=list(dtypes),
+                    only=only or list(SUITES), compile_mode=compile_mode,
+                    model_compile_mode=model_compile_mode)
 
 
 def load_suite(name: str):
@@ -148,10 +199,8 @@ def run(settings: Settings, progress: Optional[bool] = None) -> Dict[str, object
     """Run the selected suites; return the results document (see report.write_outputs)."""
     from tqdm.auto import tqdm
 
-    from . import report
-
     started = time.perf_counter()
-    environment = report.environment(settings.device)
+    environment = environment_info.environment(settings.device)
     copy_bytes_per_s = None
     try:
         # The quick size is a smoke test: a small buffer is enough to exercise the path.
@@ -188,10 +237,10 @@ def run(settings: Settings, progress: Optional[bool] = None) -> Dict[str, object
             suites[name]["summary"] = summarize(rows, settings) if summarize else {}
             suites[name]["wall_time_s"] = time.perf_counter() - suite_started
 
-    environment["load_average_end"] = report._load_average()
+    environment["load_average_end"] = environment_info.load_average()
     return {
-        "schema_version": report.SCHEMA_VERSION,
-        "created_utc": report.utc_now(),
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": environment_info.utc_now(),
         "settings": settings.to_json(),
         "environment": environment,
         "suites": suites,

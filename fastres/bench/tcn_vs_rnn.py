@@ -370,7 +370,7 @@ def summarize(rows, settings: Settings) -> Dict[str, object]:
 
 
 def summary_lines(summary) -> List[str]:
-    from .report import fmt_seconds
+    from .formatting import fmt_seconds
     if not summary:
         return []
     params = ", ".join(f"{k} {v:,}" for k, v in summary["params"].items())
@@ -387,7 +387,7 @@ def summary_lines(summary) -> List[str]:
 
 
 def table(rows, summary):
-    from .report import fmt_num, fmt_pct, fmt_seconds, fmt_x
+    from .formatting import fmt_num, fmt_pct, fmt_seconds, fmt_x
     headers = ["case", "model", "median", "spread", "vs lstm", "seq/s (steps/s for stream)"]
     cells = []
     for row in rows:

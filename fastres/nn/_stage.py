@@ -21,7 +21,7 @@ returns) run. It is TorchScript-compatible on purpose.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .. import backends
-from ..conventions import HALF_DTYPES
+from ..conventions import HALF_DTYPES, conv_padding
 from ..ops import conv_bn_relu, execute, plan
 from .sync_batchnorm import sync_conv_bn_relu_stage
 
@@ -152,14 +152,8 @@ def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
 
 def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilation: int,
                   causal: bool) -> Tensor:
-    """F.conv1d with SPEC.md's causal / same zero padding, in plain (scriptable) PyTorch."""
-    total = (weight.shape[-1] - 1) * dilation
-    if causal:
-        left, right = total, 0
-    elif stride == 1:  # padding="same": the odd zero goes right
-        left, right = total // 2, total - total // 2
-    else:  # the ResNet convention for strided convs
-        left, right = total // 2, total // 2
+    """F.conv1d with docs/spec.md's causal / same zero padding, in plain (scriptable) PyTorch."""
+    left, right = conv_padding(weight.shape[-1], dilation, stride, "causal" if causal else "same")
     return F.conv1d(F.pad(x, [left, right]), weight, bias, [stride], [0], [dilation])
 
 
@@ -179,6 +173,43 @@ class RecordsConvGeometry:
     def record_geometry(self) -> None:
         self.geometry = tuple((getattr(self, name).stride[0], getattr(self, name).dilation[0])
                               for name in self.geometry_convs)
+
+
+class FusedModule:
+    """Mixin of every fused module. A fused module declares its plain twin once, here:
+    convert and unfuse read these declarations and keep no tables of their own, so a new
+    block is one class (plus its plain twin and tests).
+
+    PLAIN_TWINS: the plain classes that are this module with a plain-PyTorch forward (same
+        attributes and state_dict keys); convert turns them back into this class.
+    LEAF: the module's children are its own stages' convs and norms; convert does not look
+        inside (False for containers such as ResNet1d, whose blocks it converts).
+    """
+
+    PLAIN_TWINS: Tuple[type, ...] = ()
+    LEAF = True
+    _fused_class_of_twin: Dict[type, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for twin in cls.__dict__.get("PLAIN_TWINS", ()):
+            FusedModule._fused_class_of_twin[twin] = cls
+
+    @staticmethod
+    def fused_class_of(module: nn.Module) -> Optional[type]:
+        """The fused class whose plain twin `module` is (by exact type), else None."""
+        return FusedModule._fused_class_of_twin.get(type(module))
+
+    def plain_twin(self) -> type:
+        """The class unfuse turns this module into."""
+        return self.PLAIN_TWINS[0]
+
+    def unfused(self) -> nn.Module:
+        """This module as its plain twin, sharing submodules and tensors."""
+        plain = retyped(self, self.plain_twin())
+        if isinstance(plain, RecordsConvGeometry):
+            plain.record_geometry()
+        return plain
 
 
 def retyped(module: nn.Module, cls: type) -> nn.Module:

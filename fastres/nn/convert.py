@@ -42,22 +42,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..conventions import cudnn_conv_tf32_set, rel_err
-from ._stage import RecordsConvGeometry, retyped
-from .resnet import BasicBlock, PlainBasicBlock, PlainResNet1d, ResNet1d
+from ..conventions import conv_padding, cudnn_conv_tf32_set, rel_err
+from ._stage import FusedModule, retyped
+from .resnet import BasicBlock
 from .sequential import ConvBNReLUSequential
 from .sync_batchnorm import BATCH_NORMS
-from .temporal import PlainTemporalBlock, PlainWeightNormTemporalBlock, TemporalBlock
+from .temporal import TemporalBlock
 
 __all__ = ["ConversionReport", "Swap", "convert", "unfuse"]
 
 logger = logging.getLogger("fastres")
 
 _RESIDUAL_NAMES = ("downsample", "shortcut")
-_FUSED_BLOCKS = (TemporalBlock, BasicBlock)
 _SYNC_NOTE = "synchronized batch norm"
-_PLAIN_TO_FUSED = {PlainTemporalBlock: TemporalBlock, PlainWeightNormTemporalBlock: TemporalBlock,
-                   PlainBasicBlock: BasicBlock, PlainResNet1d: ResNet1d}
 
 
 @dataclasses.dataclass
@@ -276,10 +273,10 @@ def _locuslab_candidate(m: nn.Module):
 
 def _candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]], str]:
     """The fused modules that may replace `m`, most likely first; ([], "") if m is no block."""
-    if type(m) in _PLAIN_TO_FUSED:
-        return [(_PLAIN_TO_FUSED[type(m)].__name__,
-                 lambda: retyped(m, _PLAIN_TO_FUSED[type(m)]), "")], ""
-    if isinstance(m, (ResNet1d, ConvBNReLUSequential)):
+    fused_cls = FusedModule.fused_class_of(m)
+    if fused_cls is not None:  # a plain twin unfuse made: back to its fused class
+        return [(fused_cls.__name__, lambda: retyped(m, fused_cls), "")], ""
+    if isinstance(m, FusedModule):
         return [], ""
     if not (isinstance(getattr(m, "conv1", None), nn.Module)
             and isinstance(getattr(m, "conv2", None), nn.Module)):
@@ -315,20 +312,20 @@ def _try_block(m: nn.Module, name: str, report: ConversionReport) -> Optional[nn
 
 
 def _same_padded(conv: nn.Conv1d) -> bool:
-    k, d, s = conv.kernel_size[0], conv.dilation[0], conv.stride[0]
+    """Whether the conv's own padding is the "same" mode's (nn.Conv1d pads symmetrically)."""
     if conv.padding == "same":
         return True
     if isinstance(conv.padding, str):
         return False
-    total = (k - 1) * d
-    return conv.padding[0] == total // 2 and (s > 1 or total % 2 == 0)
+    left, right = conv_padding(conv.kernel_size[0], conv.dilation[0], conv.stride[0], "same")
+    return left == right == conv.padding[0]
 
 
 def _causal_pad(pad: nn.Module, conv: nn.Conv1d) -> bool:
     if not isinstance(pad, (nn.ConstantPad1d, nn.ZeroPad1d)) or getattr(pad, "value", 0) != 0:
         return False
-    total = (conv.kernel_size[0] - 1) * conv.dilation[0]
-    return tuple(pad.padding) == (total, 0) and conv.padding in ((0,), "valid")
+    causal = conv_padding(conv.kernel_size[0], conv.dilation[0], conv.stride[0], "causal")
+    return tuple(pad.padding) == causal and conv.padding in ((0,), "valid")
 
 
 def _runs(children: List[nn.Module]) -> List[Tuple[int, int, str]]:
@@ -397,11 +394,11 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _convert(m: nn.Module, name: str, report: ConversionReport) -> nn.Module:
-    if isinstance(m, _FUSED_BLOCKS):
+    if isinstance(m, FusedModule) and m.LEAF:
         return m  # already fused; its children are its own convs and norms
     fused = _try_block(m, name, report)
     if fused is not None:
-        if isinstance(fused, _FUSED_BLOCKS):
+        if fused.LEAF:
             return fused  # its children are the block's own convs and norms
         m = fused  # e.g. a ResNet1d: its blocks are converted below
     for child_name, child in list(m.named_children()):
@@ -436,26 +433,6 @@ def convert(model: nn.Module, inplace: bool = False, *, return_report: bool = Fa
     return (model, report) if return_report else model
 
 
-def _plain(m: nn.Module) -> nn.Module:
-    plain_cls = None
-    if isinstance(m, TemporalBlock):
-        plain_cls = PlainTemporalBlock if m.norm == "batch" else PlainWeightNormTemporalBlock
-    elif isinstance(m, BasicBlock):
-        plain_cls = PlainBasicBlock
-    elif isinstance(m, ResNet1d):
-        plain_cls = PlainResNet1d
-    if plain_cls is not None:
-        plain = retyped(m, plain_cls)
-        if isinstance(plain, RecordsConvGeometry):
-            plain.record_geometry()
-        return plain
-    if isinstance(m, ConvBNReLUSequential):
-        seq = retyped(m, nn.Sequential)
-        del seq.__dict__["fused_runs"]
-        return seq
-    return m
-
-
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Turn every fused fastres module of `model` back into plain PyTorch modules.
 
@@ -465,7 +442,8 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = _deepcopy(model)
-    model = _plain(model)
+    if isinstance(model, FusedModule):
+        model = model.unfused()
     for child_name, child in list(model.named_children()):
         new = unfuse(child, inplace=True)
         if new is not child:

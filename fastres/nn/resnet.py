@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._stage import (RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
+from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
                      padded_conv1d)
 
 __all__ = ["BasicBlock", "ResNet1d", "PlainBasicBlock", "PlainResNet1d"]
@@ -71,7 +71,21 @@ class _BasicBlockLayout(nn.Module):
                 f"causal={self.causal}")
 
 
-class BasicBlock(_BasicBlockLayout):
+class PlainBasicBlock(RecordsConvGeometry, _BasicBlockLayout):
+    """BasicBlock in plain PyTorch (what fastres.unfuse returns); scriptable."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        (s1, d1), (s2, d2) = self.geometry
+        h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, s1, d1, self.causal)
+        h = F.relu(self.bn1(h))
+        out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, s2, d2,
+                                     self.causal))
+        if self.downsample is not None:
+            return F.relu(out + self.downsample(x))
+        return F.relu(out + x)
+
+
+class BasicBlock(FusedModule, _BasicBlockLayout):
     """1D ResNet basic block with both conv -> BN -> ReLU stages fused.
 
     Args (positional order as torchvision's BasicBlock):
@@ -86,25 +100,13 @@ class BasicBlock(_BasicBlockLayout):
     "same"- or causally-padded conv with that stride gives (L for stride 1).
     """
 
+    PLAIN_TWINS = (PlainBasicBlock,)
+
     def forward(self, x: Tensor) -> Tensor:
         padding = "causal" if self.causal else "same"
         identity = x if self.downsample is None else self.downsample(x)
         h = conv_bn_relu_stage(x, self.conv1, self.bn1, padding)
         return conv_bn_relu_stage(h, self.conv2, self.bn2, padding, residual=identity)
-
-
-class PlainBasicBlock(RecordsConvGeometry, _BasicBlockLayout):
-    """BasicBlock in plain PyTorch (what fastres.unfuse returns); scriptable."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        (s1, d1), (s2, d2) = self.geometry
-        h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, s1, d1, self.causal)
-        h = F.relu(self.bn1(h))
-        out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, s2, d2,
-                                     self.causal))
-        if self.downsample is not None:
-            return F.relu(out + self.downsample(x))
-        return F.relu(out + x)
 
 
 class _ResNet1dLayout(nn.Module):
@@ -157,7 +159,20 @@ class _ResNet1dLayout(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-class ResNet1d(_ResNet1dLayout):
+class PlainResNet1d(RecordsConvGeometry, _ResNet1dLayout):
+    """ResNet1d in plain PyTorch (what fastres.unfuse returns); scriptable."""
+
+    _block_cls = PlainBasicBlock
+    geometry_convs = ("conv1",)  # the stem; the blocks record their own
+
+    def forward(self, x: Tensor) -> Tensor:
+        (stride, dilation), = self.geometry
+        x = F.relu(self.bn1(padded_conv1d(x, self.conv1.weight, self.conv1.bias, stride,
+                                          dilation, self.causal)))
+        return self._body(x)
+
+
+class ResNet1d(FusedModule, _ResNet1dLayout):
     """1D ResNet (ResNet-18 with the default layers) for time-series classification.
 
     Stem conv (stem_kernel_size, stride stem_stride) -> BN -> ReLU (fused) -> max pool ->
@@ -170,20 +185,9 @@ class ResNet1d(_ResNet1dLayout):
     """
 
     _block_cls = BasicBlock
+    PLAIN_TWINS = (PlainResNet1d,)
+    LEAF = False  # convert looks at (and fixes) its blocks
 
     def forward(self, x: Tensor) -> Tensor:
         x = conv_bn_relu_stage(x, self.conv1, self.bn1, "causal" if self.causal else "same")
-        return self._body(x)
-
-
-class PlainResNet1d(RecordsConvGeometry, _ResNet1dLayout):
-    """ResNet1d in plain PyTorch (what fastres.unfuse returns); scriptable."""
-
-    _block_cls = PlainBasicBlock
-    geometry_convs = ("conv1",)  # the stem; the blocks record their own
-
-    def forward(self, x: Tensor) -> Tensor:
-        (stride, dilation), = self.geometry
-        x = F.relu(self.bn1(padded_conv1d(x, self.conv1.weight, self.conv1.bias, stride,
-                                          dilation, self.causal)))
         return self._body(x)

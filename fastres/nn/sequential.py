@@ -15,13 +15,13 @@ from typing import Dict, Tuple
 
 from torch import Tensor, nn
 
-from ._stage import conv_bn_relu_stage
+from ._stage import FusedModule, conv_bn_relu_stage, retyped
 from .sync_batchnorm import BATCH_NORMS
 
 __all__ = ["ConvBNReLUSequential"]
 
 
-class ConvBNReLUSequential(nn.Sequential):
+class ConvBNReLUSequential(FusedModule, nn.Sequential):
     """nn.Sequential with fused Conv1d -> BatchNorm1d -> ReLU runs.
 
     Args:
@@ -45,6 +45,17 @@ class ConvBNReLUSequential(nn.Sequential):
                 raise ValueError(f"children {start}..{start + length - 1} are not "
                                  "Conv1d -> BatchNorm1d (or SyncBatchNorm) -> ReLU")
         self.fused_runs = dict(runs)
+
+    # Its plain twin is nn.Sequential itself; convert recognises the runs by structure.
+    LEAF = False
+
+    def plain_twin(self) -> type:
+        return nn.Sequential
+
+    def unfused(self) -> nn.Module:
+        seq = retyped(self, nn.Sequential)
+        del seq.__dict__["fused_runs"]
+        return seq
 
     def forward(self, x: Tensor) -> Tensor:
         children = list(self)

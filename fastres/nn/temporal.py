@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from ._stage import (RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
+from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
                      padded_conv1d)
 
 __all__ = ["TemporalBlock", "TemporalConvNet", "PlainTemporalBlock",
@@ -128,35 +128,6 @@ class _TemporalBlockLayout(nn.Module):
                 f"dilation={conv.dilation[0]}, norm={self.norm!r}")
 
 
-class TemporalBlock(_TemporalBlockLayout):
-    """Causal residual TCN block; both conv -> norm -> ReLU stages fused.
-
-    Args:
-        n_inputs, n_outputs: channels in and out.
-        kernel_size, dilation: of both convs (causal: left-padded by (kernel_size-1)*dilation).
-        stride: must be 1 (accepted for locuslab/TCN's call).
-        padding: None, or (kernel_size-1)*dilation as locuslab/TCN passes it; anything else
-            raises (the block is always causal).
-        dropout: after the first stage (norm="batch"); after both stages (norm="weight").
-        norm: "batch" (BatchNorm1d after each conv) or "weight" (locuslab/TCN's block).
-
-    Input (B, n_inputs, L) -> output (B, n_outputs, L).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        res = x if self.downsample is None else self.downsample(x)
-        if self.norm == "batch":
-            h = self.dropout(conv_bn_relu_stage(x, self.conv1, self.bn1, "causal"))
-            return conv_bn_relu_stage(h, self.conv2, self.bn2, "causal", residual=res)
-        h = self.dropout1(conv_bn_relu_stage(x, self.conv1, None, "causal"))
-        if self.training and self.dropout2.p > 0:
-            # Dropout sits between relu(conv2) and the add: the add cannot be fused here.
-            out = self.dropout2(conv_bn_relu_stage(h, self.conv2, None, "causal"))
-            return F.relu(out + res)
-        return conv_bn_relu_stage(h, self.conv2, None, "causal", residual=res,
-                                  relu_before_add=True)
-
-
 class PlainTemporalBlock(RecordsConvGeometry, _TemporalBlockLayout):
     """TemporalBlock(norm="batch") in plain PyTorch (what fastres.unfuse returns)."""
 
@@ -177,6 +148,40 @@ class PlainWeightNormTemporalBlock(_TemporalBlockLayout):
         out = self.net(x)
         res = x if self.downsample is None else self.downsample(x)
         return self.relu(out + res)
+
+
+class TemporalBlock(FusedModule, _TemporalBlockLayout):
+    """Causal residual TCN block; both conv -> norm -> ReLU stages fused.
+
+    Args:
+        n_inputs, n_outputs: channels in and out.
+        kernel_size, dilation: of both convs (causal: left-padded by (kernel_size-1)*dilation).
+        stride: must be 1 (accepted for locuslab/TCN's call).
+        padding: None, or (kernel_size-1)*dilation as locuslab/TCN passes it; anything else
+            raises (the block is always causal).
+        dropout: after the first stage (norm="batch"); after both stages (norm="weight").
+        norm: "batch" (BatchNorm1d after each conv) or "weight" (locuslab/TCN's block).
+
+    Input (B, n_inputs, L) -> output (B, n_outputs, L).
+    """
+
+    PLAIN_TWINS = (PlainTemporalBlock, PlainWeightNormTemporalBlock)
+
+    def plain_twin(self) -> type:
+        return PlainTemporalBlock if self.norm == "batch" else PlainWeightNormTemporalBlock
+
+    def forward(self, x: Tensor) -> Tensor:
+        res = x if self.downsample is None else self.downsample(x)
+        if self.norm == "batch":
+            h = self.dropout(conv_bn_relu_stage(x, self.conv1, self.bn1, "causal"))
+            return conv_bn_relu_stage(h, self.conv2, self.bn2, "causal", residual=res)
+        h = self.dropout1(conv_bn_relu_stage(x, self.conv1, None, "causal"))
+        if self.training and self.dropout2.p > 0:
+            # Dropout sits between relu(conv2) and the add: the add cannot be fused here.
+            out = self.dropout2(conv_bn_relu_stage(h, self.conv2, None, "causal"))
+            return F.relu(out + res)
+        return conv_bn_relu_stage(h, self.conv2, None, "causal", residual=res,
+                                  relu_before_add=True)
 
 
 class TemporalConvNet(nn.Module):

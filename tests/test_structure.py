@@ -1,0 +1,105 @@
+"""The package's structure, as the brief and docs/spec.md state it.
+
+- no import cycle inside fastres (an import inside a function counts: it is a dependency all
+  the same, and a cycle through one only waits for the first call to bite);
+- the reference is an independent oracle: only the parity harness and the benchmarks import it;
+- backends never import each other (the shared C++ interface fastres._ext is not a backend);
+- the dispatch happens in one place: only fastres.backends (and tests) reach a backend module.
+"""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "fastres"
+BACKEND_MODULES = {"fastres.backends.eager", "fastres.backends.composite",
+                   "fastres.backends.cpp", "fastres.backends.cuda", "fastres.backends.triton"}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules():
+    return {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _imports(name: str, path: pathlib.Path, known):
+    """The fastres modules `name` imports (relative imports resolved, `from P import sub`
+    counted as importing P.sub when that is a module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("fastres"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("fastres"):
+                continue
+            subs = {f"{target}.{a.name}" for a in node.names} & set(known)
+            found.update(subs or {target})
+    return {m for m in found if m in known and m != name}
+
+
+@pytest.fixture(scope="module")
+def graph():
+    known = _modules()
+    return {name: _imports(name, path, known) for name, path in known.items()}
+
+
+def test_no_import_cycle_inside_fastres(graph):
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_only_the_parity_harness_and_benchmarks_import_the_reference(graph):
+    importers = {m for m, deps in graph.items() if "fastres.reference" in deps}
+    allowed = {m for m in importers if m == "fastres.parity" or m.startswith("fastres.bench")}
+    assert importers == allowed, f"the reference is imported by {sorted(importers - allowed)}"
+
+
+def test_backends_never_import_each_other(graph):
+    for name, deps in graph.items():
+        mine = next((b for b in BACKEND_MODULES if name == b or name.startswith(b + ".")), None)
+        others = {d for d in deps for b in BACKEND_MODULES - {mine}
+                  if d == b or d.startswith(b + ".")}
+        assert not (mine and others), f"{name} imports another backend: {sorted(others)}"
+
+
+def test_only_the_dispatch_point_reaches_a_backend_module(graph):
+    for name, deps in graph.items():
+        if name.startswith("fastres.backends"):
+            continue
+        reached = {d for d in deps for b in BACKEND_MODULES if d == b or d.startswith(b + ".")}
+        assert not reached, f"{name} imports backend modules {sorted(reached)} directly"
