@@ -63,14 +63,15 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
 def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
              dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
              save_for_backward):
-    from . import batch_stats, bn_apply, conv_forward, tiling
-    from .tiling import cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles
+    from . import batch_stats, bn_apply, conv_forward, operands, tiling
+    from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles
 
     B, C_in, L = x.shape
     C_out, _, K = weight.shape
     L_out = (L + pad_left + pad_right - dilation * (K - 1) - 1) // stride + 1
     shape = (B, C_out, L_out)
-    block_ci, block_co, block_l = conv_tiles(C_in, C_out, L_out)
+    cfg = tiling.forward_config(C_in, C_out, L_out, x.dtype)
+    block_co, block_ci, block_l = cfg.block_m, cfg.block_k, cfg.block_n
     n_lblocks = cdiv(L_out, block_l)
     grid = (B * n_lblocks, cdiv(C_out, block_co))
     sdt = stats_dtype(x.dtype)
@@ -90,14 +91,21 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
         part_mean = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
         part_m2 = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
     use = lambda t: dummy if t is None or t.numel() == 0 else t  # noqa: E731
+    taps = operands.tap_major_weight(weight)
+    tma = operands.descriptor_ok(x, stride)
+    x_src, w_src = x, taps
+    if tma:
+        x_src = operands.descriptor(x, (1, block_ci, block_l))
+        w_src = operands.weight_tile_descriptor(taps, block_co, block_ci)
     conv_forward.conv_forward_kernel[grid](
-        x, weight, use(bias), use(y), out, use(residual),
+        x_src, w_src, use(bias), use(y), out, use(residual),
         use(running_mean), use(running_var), use(gamma), use(beta), part_mean, part_m2,
-        C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps),
-        MODE=NORM_CODES[norm], HAS_BIAS=bias is not None, SAVE_Y=saves and not train,
-        HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
-        DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l)
+        C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps), taps.shape[2],
+        taps.shape[1], MODE=NORM_CODES[norm], HAS_BIAS=bias is not None,
+        SAVE_Y=saves and not train, HAS_RES=residual is not None,
+        RELU_BEFORE_ADD=bool(relu_before_add), DOT_PRECISION=dot_precision(x.dtype, x.device),
+        DOT_UPCAST=dot_upcast(x.dtype), TMA=tma, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        BLOCK_L=block_l, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if not train:
         empty_stats = _alloc.empty((0,), dtype=sdt, device=x.device)
@@ -122,9 +130,8 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
 
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
               stride, dilation, pad_left, pad_right, norm, eps, relu_before_add):
-    from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad
-    from .tiling import (cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles,
-                         wgrad_splits)
+    from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling
+    from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
 
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     B, C_in, L = x.shape
@@ -177,23 +184,36 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
         batch_stats.sum_partials(part[:, 2], grad_bias)
 
     # --- conv data gradient.
-    block_co, block_ci, block_t = conv_tiles(C_out, C_in, L)
+    taps = operands.tap_major_weight(weight)
+    cfg = tiling.dgrad_config(C_in, C_out, L, dtype)
     grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
-    conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, block_t), cdiv(C_in, block_ci))](
-        grad_y, weight, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
-        DOT_PRECISION=precision, DOT_UPCAST=upcast, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-        BLOCK_T=block_t)
+    tma = operands.descriptor_ok(grad_y, stride) and operands.descriptor_ok(x, stride)
+    gy_src, w_src = grad_y, taps
+    if tma:
+        gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
+        w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
+    conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
+        gy_src, w_src, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
+        taps.shape[2], taps.shape[1], DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
+        BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # --- conv weight gradient: split the (b, l-block) reduction, then sum the splits.
-    block_ci, block_co, block_l = conv_tiles(C_in, C_out, L_out)
+    cfg = tiling.wgrad_config(C_in, C_out, L_out, dtype)
+    block_co, block_ci, block_l = cfg.block_m, cfg.block_n, cfg.block_k
     n_lblocks = cdiv(L_out, block_l)
     tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
     n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
     wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=sdt, device=dev)
+    gy_src, x_src = grad_y, x
+    if tma:
+        gy_src = operands.descriptor(grad_y, (1, block_co, block_l))
+        x_src = operands.descriptor(x, (1, block_ci, block_l))
     conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
-        grad_y, x, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left, n_lblocks,
-        B * n_lblocks, pairs_per_split, DOT_PRECISION=precision, DOT_UPCAST=upcast,
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l)
+        gy_src, x_src, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left, n_lblocks,
+        B * n_lblocks, pairs_per_split, DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
+        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
     batch_stats.sum_partials(wpart, grad_weight.view(-1))
 

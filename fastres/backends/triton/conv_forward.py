@@ -6,9 +6,12 @@ conv_forward_kernel computes, for one batch row b and a [BLOCK_CO, BLOCK_L] tile
     y[b, co, l] = bias[co]
                   + sum_{k < K} sum_{ci < C_in} w[co, ci, k] * x[b, ci, l*s + k*d - pad_left]
 
-as a sequence of tl.dot products of a weight tile [BLOCK_CO, BLOCK_CI] (tap k) with a
-gathered input tile [BLOCK_CI, BLOCK_L]. Causal / same padding, stride and dilation are
-all masked loads of x (out-of-range positions read 0); no padded copy of x exists.
+as one software-pipelined loop over (tap, C_in block) pairs of tl.dot products of a
+weight tile [BLOCK_CO, BLOCK_CI] (tap k of the tap-major copy, operands.py) with the input
+window [BLOCK_CI, BLOCK_L] that tap reads. TMA: both come through tensor descriptors,
+whose zero fill outside the tensor is the causal / same padding; otherwise the window is a
+masked gather (stride > 1, unaligned rows) and padding positions read 0. No padded copy
+of x exists. BLOCK_CO may cover all of C_out, so that x is read from HBM once.
 
 Epilogue, by MODE:
   MODE_TRAIN: store y (float32: see bn_apply.py) and, per output channel, this tile's
@@ -31,6 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .operands import weight_tile, window
 from .rounding import relu, store_rounded
 
 MODE_NONE, MODE_EVAL, MODE_TRAIN = 0, 1, 2
@@ -38,13 +42,13 @@ MODE_NONE, MODE_EVAL, MODE_TRAIN = 0, 1, 2
 
 @triton.jit
 def conv_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, out_ptr, res_ptr,
+    x_src, w_src, bias_ptr, y_ptr, out_ptr, res_ptr,
     mean_ptr, var_ptr, gamma_ptr, beta_ptr,
     part_mean_ptr, part_m2_ptr,
-    C_in, C_out, L, L_out, K, stride, dilation, pad_left, eps,
+    C_in, C_out, L, L_out, K, stride, dilation, pad_left, eps, C_in_p, C_out_p,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Y: tl.constexpr, HAS_RES: tl.constexpr,
     RELU_BEFORE_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
     n_lblocks = tl.cdiv(L_out, BLOCK_L)
@@ -57,22 +61,20 @@ def conv_forward_kernel(
     co_ok = offs_co < C_out
     l_ok = offs_l < L_out
 
-    x_row = x_ptr + b * C_in * L
     acc = tl.zeros([BLOCK_CO, BLOCK_L], dtype=tl.float32)
-    for k in range(0, K):
-        # Input position each output position reads at tap k; outside [0, L) is padding.
-        t = offs_l * stride + k * dilation - pad_left
-        t_ok = (t >= 0) & (t < L) & l_ok
-        for ci0 in range(0, C_in, BLOCK_CI):
-            offs_ci = ci0 + tl.arange(0, BLOCK_CI)
-            ci_ok = offs_ci < C_in
-            w_tile = tl.load(w_ptr + (offs_co[:, None] * C_in + offs_ci[None, :]) * K + k,
-                             mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
-            x_tile = tl.load(x_row + offs_ci[:, None].to(tl.int64) * L + t[None, :],
-                             mask=ci_ok[:, None] & t_ok[None, :], other=0.0)
-            if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
-                w_tile, x_tile = w_tile.to(tl.float32), x_tile.to(tl.float32)
-            acc = tl.dot(w_tile, x_tile, acc, input_precision=DOT_PRECISION)
+    n_ci = tl.cdiv(C_in, BLOCK_CI)
+    # One loop over (tap, channel block), so the pipeliner overlaps every load with the dots.
+    for i in range(0, K * n_ci):
+        k = i // n_ci
+        ci0 = (i % n_ci) * BLOCK_CI
+        w_tile = weight_tile(w_src, k, pid_co * BLOCK_CO, ci0, C_out_p, C_in_p, TMA,
+                             BLOCK_CO, BLOCK_CI)
+        # Input position of output l at tap k is l * stride + k * dilation - pad_left.
+        x_tile = window(x_src, b, ci0, pid_l * BLOCK_L * stride + k * dilation - pad_left,
+                        C_in, L, stride, TMA, BLOCK_CI, BLOCK_L)
+        if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
+            w_tile, x_tile = w_tile.to(tl.float32), x_tile.to(tl.float32)
+        acc = tl.dot(w_tile, x_tile, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[:, None]

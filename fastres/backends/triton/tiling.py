@@ -7,31 +7,84 @@ along every axis on small shapes.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from ...conventions import cudnn_conv_tf32, triton_interpreting
 
-# Upper bounds of the tile sizes (powers of two). 64 x 64 fp32 accumulators keep register
-# pressure sane at num_warps=4; tests lower them to exercise edge tiles.
-MAX_BLOCK_CO = 64   # channels a GEMM program tiles (forward: C_out, dgrad: C_in, wgrad: C_out)
-MAX_BLOCK_CI = 32   # channels per tl.dot reduction step (forward: C_in, dgrad: C_out, wgrad: C_in)
-MAX_BLOCK_L = 64    # positions per program
+# Upper bounds of the tile sizes (powers of two); tests lower them to exercise edge tiles.
+MAX_BLOCK_CO = 256  # channels a GEMM program tiles (forward: C_out, dgrad: C_in, wgrad: C_out)
+MAX_BLOCK_CI = 64   # channels per reduction step (forward: C_in, dgrad: C_out), 16-bit;
+                    # wgrad's C_in tile is capped by MAX_BLOCK_CO / 2
+MAX_BLOCK_L = 128   # positions per program (wgrad: per reduction step)
 MAX_BLOCK_C = 32    # channels per program of the elementwise BN kernels
 MIN_DOT = 16        # smallest tl.dot dimension the GPU accepts
+MAX_ACC = 128 * 128  # float32 accumulator elements per program: 64 registers a thread at 8 warps
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand buffers (H100: 227 KiB a block)
+MAX_STAGES = 4
+
+# Read activation windows through tensor descriptors (TMA) where the layout allows
+# (operands.descriptor_ok); False forces the masked-pointer path everywhere (tests).
+USE_TMA = True
 
 # How many programs wgrad aims for in total; the (b, l) reduction is split to reach it.
 WGRAD_TARGET_PROGRAMS = 512
 MAX_WGRAD_SPLITS = 64
 
 
-def conv_tiles(C_reduce: int, C_tile: int, L_tile: int):
-    """(BLOCK over the reduced channels, BLOCK over the tiled channels, BLOCK over length)
-    for the three implicit GEMMs: forward (C_in, C_out, L_out), dgrad (C_out, C_in, L),
-    wgrad (C_in, C_out, L_out)."""
-    return (pow2_block(C_reduce, MIN_DOT, MAX_BLOCK_CI), pow2_block(C_tile, MIN_DOT, MAX_BLOCK_CO),
-            pow2_block(L_tile, MIN_DOT, MAX_BLOCK_L))
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of one conv GEMM: out tile [block_m, block_n], reduction steps of block_k.
+
+    forward: (C_out, L_out, C_in); dgrad: (C_in, L, C_out); wgrad: (C_out, C_in, L_out).
+    Every block is a power of two >= 16 (tl.arange and tl.dot need it); num_stages is
+    how many operand buffers the software pipeline keeps in shared memory."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def smem_bytes(self, element_size: int) -> int:
+        per_stage = (self.block_m + self.block_n) * self.block_k * element_size
+        return self.num_stages * per_stage
+
+
+def gemm_config(M: int, N: int, Kr: int, dtype: torch.dtype, *, max_m: int, max_n: int,
+                max_k: int) -> GemmConfig:
+    """Tiles that fit the problem: block_m up to all of M (an operand is then read once),
+    block_n shrunk to keep the accumulator at MAX_ACC, a reduction step of 16 bytes x 4,
+    8 warps (two warpgroups) for large tiles, and as many pipeline stages as fit
+    SMEM_BUDGET (at least 2)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    block_m = pow2_block(M, MIN_DOT, max_m)
+    block_n = pow2_block(N, MIN_DOT, max(MIN_DOT, min(max_n, MAX_ACC // block_m)))
+    block_k = pow2_block(Kr, MIN_DOT, max(MIN_DOT, max_k * 2 // size))
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    stages = MAX_STAGES
+    while stages > 2 and GemmConfig(block_m, block_n, block_k, num_warps,
+                                    stages).smem_bytes(size) > SMEM_BUDGET:
+        stages -= 1
+    return GemmConfig(block_m, block_n, block_k, num_warps, stages)
+
+
+def forward_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmConfig:
+    return gemm_config(C_out, L_out, C_in, dtype, max_m=MAX_BLOCK_CO, max_n=MAX_BLOCK_L,
+                       max_k=MAX_BLOCK_CI)
+
+
+def dgrad_config(C_in: int, C_out: int, L: int, dtype: torch.dtype) -> GemmConfig:
+    return gemm_config(C_in, L, C_out, dtype, max_m=MAX_BLOCK_CO, max_n=MAX_BLOCK_L,
+                       max_k=MAX_BLOCK_CI)
+
+
+def wgrad_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmConfig:
+    return gemm_config(C_out, C_in, L_out, dtype, max_m=min(MAX_BLOCK_CO, 128),
+                       max_n=max(MIN_DOT, MAX_BLOCK_CO // 2), max_k=MAX_BLOCK_L)
 
 
 def elementwise_tiles(C: int, L_out: int):
