@@ -114,12 +114,8 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     batch_mean = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_var = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_stats.welford_merge(part_mean, part_m2, batch_mean, batch_var, n_lblocks=n_lblocks,
-                              L_out=L_out, tile_l=block_l)
-    if running_mean is not None:
-        n = B * L_out
-        running_mean.mul_(1 - momentum_factor).add_(batch_mean, alpha=momentum_factor)
-        running_var.mul_(1 - momentum_factor).add_(batch_var * (n / (n - 1)),
-                                                   alpha=momentum_factor)
+                              L_out=L_out, tile_l=block_l, running_mean=running_mean,
+                              running_var=running_var, momentum_factor=momentum_factor)
     block_c, block_l2 = elementwise_tiles(C_out, L_out)
     bn_apply.bn_relu_apply_kernel[(B * cdiv(L_out, block_l2), cdiv(C_out, block_c))](
         y, use(residual), out, use(saved), batch_mean, batch_var, gamma, beta, C_out, L_out,

@@ -9,8 +9,11 @@ welford_merge_kernel: per-row partial (mean, M2) -> merged (mean, M2, count) per
     (M2 = sum M2_i + sum n_i (mean_i - mean)^2), then into the running result with Chan's
     pairwise update. Only deviations from a mean are ever squared, never raw values, so a
     large |mean| against the std costs no precision (unlike sum / sum-of-squares).
-    FINAL stores mean and the biased variance M2 / count; otherwise the chunk's
-    (mean, M2, count) for the next level.
+    FINAL stores mean and the biased variance M2 / count, and with UPDATE_RUNNING moves
+    the running statistics in place (docs/spec.md: running_mean <- (1 - f) running_mean +
+    f mean, running_var <- (1 - f) running_var + f var * N / (N - 1)), so the training
+    forward needs no torch kernels for them; otherwise the chunk's (mean, M2, count) for
+    the next level.
 
 sum_partials_kernel: out[chunk, m] = sum of part[p, m] over the chunk's rows, for part
     [n_parts, M] float32 (row stride part_row_stride), in float32, stored in out's dtype.
@@ -34,8 +37,9 @@ from .rounding import store_rounded
 @triton.jit
 def welford_merge_kernel(
     part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, m2_ptr, count_ptr,
+    running_mean_ptr, running_var_ptr, momentum_factor,
     C, n_rows, rows_per_program, n_lblocks, L_out, TILE_L,
-    COUNTS_GIVEN: tl.constexpr, FINAL: tl.constexpr,
+    COUNTS_GIVEN: tl.constexpr, FINAL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -72,7 +76,15 @@ def welford_merge_kernel(
     if FINAL:
         tl.store(mean_ptr + offs_c, mean, mask=c_ok)
         # The biased variance (count >= 1 on real channels; the max keeps masked lanes finite).
-        tl.store(m2_ptr + offs_c, m2 / tl.maximum(count, 1.0), mask=c_ok)
+        var = m2 / tl.maximum(count, 1.0)
+        tl.store(m2_ptr + offs_c, var, mask=c_ok)
+        if UPDATE_RUNNING:
+            f = momentum_factor
+            unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+            r_mean = tl.load(running_mean_ptr + offs_c, mask=c_ok, other=0.0)
+            r_var = tl.load(running_var_ptr + offs_c, mask=c_ok, other=0.0)
+            tl.store(running_mean_ptr + offs_c, (1.0 - f) * r_mean + f * mean, mask=c_ok)
+            tl.store(running_var_ptr + offs_c, (1.0 - f) * r_var + f * unbiased, mask=c_ok)
     else:
         out = tl.program_id(1).to(tl.int64) * C + offs_c
         tl.store(mean_ptr + out, mean, mask=c_ok)
@@ -105,26 +117,33 @@ def _levels(n_rows: int):
     return chunk, triton.cdiv(n_rows, chunk)
 
 
-def welford_merge(part_mean, part_m2, mean, var, *, n_lblocks, L_out, tile_l):
-    """mean, var (C,) <- the conv tiles' partials part_mean, part_m2 (n_tiles, C)."""
+def welford_merge(part_mean, part_m2, mean, var, *, n_lblocks, L_out, tile_l,
+                  running_mean=None, running_var=None, momentum_factor=0.0):
+    """mean, var (C,) <- the conv tiles' partials part_mean, part_m2 (n_tiles, C); the
+    running statistics, when given, move by momentum_factor in the same launch."""
     n_tiles, C = part_mean.shape
+    update = running_mean is not None
+    running = (running_mean, running_var, float(momentum_factor)) if update else (mean, var, 0.0)
     block_c = 32
     rows, n_chunks = _levels(n_tiles)
     block_t = min(64, rows)
     if n_chunks == 1:
         welford_merge_kernel[(triton.cdiv(C, block_c), 1)](
-            part_mean, part_m2, part_mean, mean, var, var, C, n_tiles, rows, n_lblocks, L_out,
-            tile_l, COUNTS_GIVEN=False, FINAL=True, BLOCK_T=block_t, BLOCK_C=block_c)
+            part_mean, part_m2, part_mean, mean, var, var, *running, C, n_tiles, rows,
+            n_lblocks, L_out, tile_l, COUNTS_GIVEN=False, FINAL=True, UPDATE_RUNNING=update,
+            BLOCK_T=block_t, BLOCK_C=block_c)
         return
     chunk_stats = [_alloc.empty((n_chunks, C), dtype=torch.float32, device=mean.device)
                    for _ in range(3)]
     welford_merge_kernel[(triton.cdiv(C, block_c), n_chunks)](
-        part_mean, part_m2, part_mean, *chunk_stats, C, n_tiles, rows, n_lblocks, L_out,
-        tile_l, COUNTS_GIVEN=False, FINAL=False, BLOCK_T=block_t, BLOCK_C=block_c)
+        part_mean, part_m2, part_mean, *chunk_stats, mean, var, 0.0, C, n_tiles, rows,
+        n_lblocks, L_out, tile_l, COUNTS_GIVEN=False, FINAL=False, UPDATE_RUNNING=False,
+        BLOCK_T=block_t, BLOCK_C=block_c)
     rows2 = triton.next_power_of_2(n_chunks)
     welford_merge_kernel[(triton.cdiv(C, block_c), 1)](
-        chunk_stats[0], chunk_stats[1], chunk_stats[2], mean, var, var, C, n_chunks, rows2,
-        1, 0, 0, COUNTS_GIVEN=True, FINAL=True, BLOCK_T=min(64, rows2), BLOCK_C=block_c)
+        chunk_stats[0], chunk_stats[1], chunk_stats[2], mean, var, var, *running, C, n_chunks,
+        rows2, 1, 0, 0, COUNTS_GIVEN=True, FINAL=True, UPDATE_RUNNING=update,
+        BLOCK_T=min(64, rows2), BLOCK_C=block_c)
 
 
 def sum_partials(part, out):

@@ -148,6 +148,7 @@ class Report:
     hgmma: int                 # Hopper tensor-core instructions (wgmma in PTX)
     mma_sync: int              # pre-Hopper mma.sync (HMMA): no wgmma
     ldg: Dict[str, int]        # global loads by bytes per thread
+    loop_ldg: Dict[str, int]   # those inside the GEMM loop (operand loads)
     cp_async: int              # LDGSTS (Ampere-style async copies)
     tma: int                   # UTMALDG (tensor-memory-accelerator copies)
     local: int                 # LDL + STL
@@ -159,14 +160,20 @@ class Report:
         return self.async_in_loop and self.async_before_loop
 
     def row(self) -> List[str]:
-        ldg = " ".join(f"{w}:{n}" for w, n in sorted(self.ldg.items(), key=lambda x: x[0]))
+        widths = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa
         return [self.kernel, self.config, str(self.regs), str(self.spill_bytes),
-                str(self.shared_bytes), str(self.hgmma), ldg or "-", str(self.cp_async),
-                str(self.tma), str(self.local), "yes" if self.pipelined else "no"]
+                str(self.shared_bytes), str(self.hgmma), str(self.mma_sync), widths(self.ldg),
+                widths(self.loop_ldg), str(self.cp_async), str(self.tma), str(self.local),
+                "yes" if self.pipelined else "no"]
+
+    @property
+    def narrow_operand_loads(self) -> int:
+        """Global loads under 8 bytes a thread inside the GEMM loop."""
+        return sum(n for w, n in self.loop_ldg.items() if w in ("1B", "2B", "4B"))
 
 
-HEADER = ["kernel", "config", "regs", "spill B", "smem B", "HGMMA", "LDG widths",
-          "LDGSTS", "UTMALDG", "LDL/STL", "pipelined"]
+HEADER = ["kernel", "config", "regs", "spill B", "smem B", "HGMMA", "HMMA", "LDG widths",
+          "LDG in loop", "LDGSTS", "UTMALDG", "LDL/STL", "pipelined"]
 
 
 def _addresses(lines: List[str]):
@@ -203,6 +210,8 @@ def inspect(compiled, kernel: str = "", config: str = "") -> Report:
     lines = text.splitlines()
     ldg: Dict[str, int] = collections.Counter()
     counts: Dict[str, int] = collections.Counter()
+    loops = _gemm_loops(lines, _addresses(lines))
+    loop_ldg: Dict[str, int] = collections.Counter()
     async_lines = []
     for i, line in enumerate(lines):
         if re.search(r"\bHGMMA\b", line):
@@ -213,19 +222,20 @@ def inspect(compiled, kernel: str = "", config: str = "") -> Report:
             op, suffix = m.group(1), m.group(2) or ""
             if op == "LDG":
                 ldg[_load_width(op, suffix)] += 1
+                if any(a <= i <= b for a, b in loops):
+                    loop_ldg[_load_width(op, suffix)] += 1
             elif op in ("LDGSTS", "UTMALDG"):
                 counts[op] += 1
                 async_lines.append(i)
             elif op in ("LDL", "STL"):
                 counts["local"] += 1
-    loops = _gemm_loops(lines, _addresses(lines))
     in_loop = any(a <= i <= b for i in async_lines for a, b in loops)
     first_loop = min((a for a, _ in loops), default=len(lines))
     before = any(i < first_loop for i in async_lines)
     res = resources(compiled)
     return Report(kernel or compiled.name, config, res.get("reg", 0), res.get("local", 0)
                   + res.get("stack", 0), int(compiled.metadata.shared), counts["hgmma"],
-                  counts["hmma"], dict(ldg), counts["LDGSTS"], counts["UTMALDG"],
+                  counts["hmma"], dict(ldg), dict(loop_ldg), counts["LDGSTS"], counts["UTMALDG"],
                   counts["local"], in_loop, before)
 
 

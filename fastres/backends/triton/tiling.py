@@ -132,7 +132,7 @@ def dot_upcast(dtype: torch.dtype) -> bool:
 
 # Rows (tiles, splits) one finalize program reduces; more rows than this are reduced in two
 # levels, FINALIZE_ROWS-row chunks in parallel and then the chunks. A power of two.
-FINALIZE_ROWS = 1024
+FINALIZE_ROWS = 4096
 
 # Training keeps the conv output y in float32 between the conv and the apply pass for
 # fp16/bf16 inputs (bn_apply.py says why). False stores it in x.dtype instead: 2x fewer
