@@ -57,8 +57,11 @@ def tap_major_weight(weight: torch.Tensor) -> torch.Tensor:
     if hit is not None and hit[0] == weight._version:
         return hit[1]
     pad = lambda c: triton.cdiv(c, WEIGHT_CHANNEL_ALIGN) * WEIGHT_CHANNEL_ALIGN  # noqa: E731
-    taps = torch.zeros((K, pad(C_out), pad(C_in)), dtype=weight.dtype, device=weight.device)
-    taps[:, :C_out, :C_in] = weight.detach().permute(2, 0, 1)
+    if (pad(C_out), pad(C_in)) == (C_out, C_in):  # one copy kernel
+        taps = weight.detach().permute(2, 0, 1).contiguous()
+    else:  # a zero fill and a copy
+        taps = torch.zeros((K, pad(C_out), pad(C_in)), dtype=weight.dtype, device=weight.device)
+        taps[:, :C_out, :C_in] = weight.detach().permute(2, 0, 1)
     _WEIGHT_CACHE[key] = (weight._version, taps)
     return taps
 
