@@ -63,8 +63,8 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
 def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
              dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
              save_for_backward):
-    from . import batch_stats, bn_apply, conv_forward, operands, tiling
-    from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles
+    from . import batch_stats, conv_forward, operands, tiling
+    from .tiling import cdiv, dot_precision, dot_upcast
 
     B, C_in, L = x.shape
     C_out, _, K = weight.shape
@@ -81,46 +81,42 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
     saved = _alloc.empty(shape if saves else (0,), device=x.device,
                          dtype=saved_dtype(x.dtype, norm, relu_before_add))
-    # Training normalizes y in a second pass; 16-bit inputs keep it in float32 in between
-    # (see bn_apply.py).
-    y_dtype = torch.float32 if tiling.TRAIN_Y_FLOAT32 else x.dtype
-    y = _alloc.empty(shape, dtype=y_dtype, device=x.device) if train else saved
-    dummy = out  # pointer for absent operands; never dereferenced (flags are constexpr)
-    part_mean = part_m2 = dummy
-    if train:
-        part_mean = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
-        part_m2 = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
-    use = lambda t: dummy if t is None or t.numel() == 0 else t  # noqa: E731
+    use = lambda t: out if t is None or t.numel() == 0 else t  # noqa: E731  (never read)
     taps = operands.tap_major_weight(weight)
     tma = operands.descriptor_ok(x, stride)
     x_src, w_src = x, taps
     if tma:
         x_src = operands.descriptor(x, (1, block_ci, block_l))
         w_src = operands.weight_tile_descriptor(taps, block_co, block_ci)
-    conv_forward.conv_forward_kernel[grid](
-        x_src, w_src, use(bias), use(y), out, use(residual),
-        use(running_mean), use(running_var), use(gamma), use(beta), part_mean, part_m2,
-        C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps), taps.shape[2],
-        taps.shape[1], MODE=NORM_CODES[norm], HAS_BIAS=bias is not None,
-        SAVE_Y=saves and not train, HAS_RES=residual is not None,
-        RELU_BEFORE_ADD=bool(relu_before_add), DOT_PRECISION=dot_precision(x.dtype, x.device),
-        DOT_UPCAST=dot_upcast(x.dtype), TMA=tma, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-        BLOCK_L=block_l, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def conv(mode, mean, var, part_mean, part_m2, save):
+        conv_forward.conv_forward_kernel[grid](
+            x_src, w_src, use(bias), use(saved), out, use(residual), use(mean), use(var),
+            use(gamma), use(beta), use(part_mean), use(part_m2),
+            C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps), taps.shape[2],
+            taps.shape[1], MODE=mode, HAS_BIAS=bias is not None, SAVE_Y=save,
+            HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
+            DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
+            TMA=tma, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if not train:
+        mode = conv_forward.MODE_NONE if norm == NORM_NONE else conv_forward.MODE_NORM
+        conv(mode, running_mean, running_var, None, None, saves)
         empty_stats = _alloc.empty((0,), dtype=sdt, device=x.device)
         return out, saved, empty_stats, _alloc.empty((0,), dtype=sdt, device=x.device)
 
+    # Training: statistics pass, finalize (+ running statistics), then the conv again,
+    # normalized with the batch statistics (y never stored: see conv_forward.py).
+    part_mean = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
+    part_m2 = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
+    conv(conv_forward.MODE_STATS, None, None, part_mean, part_m2, False)
     batch_mean = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_var = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_stats.welford_merge(part_mean, part_m2, batch_mean, batch_var, n_lblocks=n_lblocks,
                               L_out=L_out, tile_l=block_l, running_mean=running_mean,
                               running_var=running_var, momentum_factor=momentum_factor)
-    block_c, block_l2 = elementwise_tiles(C_out, L_out)
-    bn_apply.bn_relu_apply_kernel[(B * cdiv(L_out, block_l2), cdiv(C_out, block_c))](
-        y, use(residual), out, use(saved), batch_mean, batch_var, gamma, beta, C_out, L_out,
-        float(eps), HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
-        SAVE_Y=saves, BLOCK_C=block_c, BLOCK_L=block_l2)
+    conv(conv_forward.MODE_NORM, batch_mean, batch_var, None, None, saves)
     return out, saved, batch_mean, batch_var
 
 

@@ -14,20 +14,23 @@ masked gather (stride > 1, unaligned rows) and padding positions read 0. No padd
 of x exists. BLOCK_CO may cover all of C_out, so that x is read from HBM once.
 
 Epilogue, by MODE:
-  MODE_TRAIN: store y (float32: see bn_apply.py) and, per output channel, this tile's
-      (mean, M2) over its
-      valid positions, computed from the float32 accumulator; the tile's count is
-      min(BLOCK_L, L_out - l0), which the finalize kernel (batch_stats.py) recomputes.
-      No atomics: partials land in [n_tiles, C_out] buffers, tile = b * n_lblocks + pid_l.
-  MODE_EVAL: batch norm with the running statistics is folded in-kernel, per channel:
-      x-hat = (y - mean) * rsqrt(var + eps), z = x-hat * gamma + beta, then [relu],
-      + residual, relu, store out. The eval stage is this one kernel: one read of x (and
-      residual), one write.
-  MODE_NONE: as eval without the normalization.
-  SAVE_Y (eval/none): also store what backward reads: x-hat (eval) or y (none).
+  MODE_STATS (training, first pass): per output channel, this tile's (mean, M2) over its
+      valid positions, from the float32 accumulator; nothing else is written. The count
+      min(BLOCK_L, L_out - l0) is recomputed by the finalize kernel (batch_stats.py). No
+      atomics: partials land in [n_tiles, C_out] buffers, tile = b * n_lblocks + pid_l.
+  MODE_NORM: batch norm with the given statistics, per channel: x-hat = (y - mean) *
+      rsqrt(var + eps), z = x-hat * gamma + beta, then [relu], + residual, relu, store out.
+      Eval passes the running statistics: the eval stage is this one kernel, one read of
+      x (and residual), one write. Training runs it as its second pass with the batch
+      statistics: the conv is computed again rather than y stored and re-read, so y never
+      travels through memory (nor is rounded: 16-bit inputs normalize the float32 y).
+  MODE_NONE: as MODE_NORM without the normalization.
+  SAVE_Y (NORM/NONE): also store what backward reads: x-hat (NORM) or y (NONE).
 
-Shapes: x (B, C_in, L), w (C_out, C_in, K), bias (C_out,), y/out/residual (B, C_out, L_out),
-all contiguous. Batch and channel offsets are int64 so B * C * L may exceed 2**31.
+Shapes: x (B, C_in, L) (x_src: its descriptor, box [1, BLOCK_CI, BLOCK_L], or pointer),
+tap-major weight (K, C_out_p, C_in_p) (w_src likewise, box [1, BLOCK_CO, BLOCK_CI]), bias
+(C_out,), y/out/residual (B, C_out, L_out), all contiguous. Batch and channel offsets are
+int64 so B * C * L may exceed 2**31.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import triton.language as tl
 from .operands import weight_tile, window
 from .rounding import relu, store_rounded
 
-MODE_NONE, MODE_EVAL, MODE_TRAIN = 0, 1, 2
+MODE_NONE, MODE_NORM, MODE_STATS = 0, 1, 2
 
 
 @triton.jit
@@ -82,8 +85,7 @@ def conv_forward_kernel(
     tile_offs = b * C_out * L_out + offs_co[:, None].to(tl.int64) * L_out + offs_l[None, :]
     tile_ok = co_ok[:, None] & l_ok[None, :]
 
-    if MODE == 2:  # MODE_TRAIN: y and this tile's per-channel (mean, M2)
-        store_rounded(y_ptr + tile_offs, acc, tile_ok)
+    if MODE == 2:  # MODE_STATS: this tile's per-channel (mean, M2)
         count = tl.minimum(L_out - pid_l * BLOCK_L, BLOCK_L).to(tl.float32)
         tile_mean = tl.sum(tl.where(tile_ok, acc, 0.0), axis=1) / count
         centered = tl.where(tile_ok, acc - tile_mean[:, None], 0.0)
@@ -93,7 +95,7 @@ def conv_forward_kernel(
         tl.store(part_m2_ptr + tile * C_out + offs_co, tile_m2, mask=co_ok)
     else:
         z = acc
-        if MODE == 1:  # MODE_EVAL: batch norm with the running statistics, folded here
+        if MODE == 1:  # MODE_NORM: batch norm with the given (running or batch) statistics
             mean = tl.load(mean_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
             var = tl.load(var_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             gamma = tl.load(gamma_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
