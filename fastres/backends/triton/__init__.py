@@ -5,21 +5,22 @@ sibling module; this file only sizes tiles, allocates (through fastres._alloc) a
 launches. Triton itself is imported on first use, so a machine without it gets a reason
 from unavailable_reason() instead of an ImportError.
 
-Training step, kernels and HBM passes over a B*C*L activation (SPEC.md's model):
-  forward   conv_forward_kernel (MODE_TRAIN)  read x, write y (float32), per-tile (mean, M2)
-            welford_merge_kernel               C-sized: batch mean, biased var
-            bn_relu_apply_kernel               read y + residual, write out
-                                               (+ write x-hat, what backward reads)
-  backward  relu_bn_backward_kernel (reduce)   read grad_out, out, x-hat; write grad_residual
-            sum_partials_kernel x2             C-sized: grad_beta, grad_gamma
-            relu_bn_backward_kernel (grad_y)   read grad_out, out, x-hat; write grad_y
-            sum_partials_kernel                C-sized: grad_bias
-            conv_dgrad_kernel                  read grad_y, write grad_x
-            conv_wgrad_kernel + sum_partials   read grad_y, x; (n_splits, C_out*C_in*K) partials
-Forward: 5 activation passes (the spec's floor) for float32, plus the x-hat write when
-backward needs it; for fp16/bf16 y travels as float32 (2x bytes). Backward: 9 reads + 3 writes
-(2 writes without a residual). Eval / no-norm forward is conv_forward_kernel alone: read x
-(+ residual), write out (+ y when backward needs it).
+Training step of one stage, kernels and HBM traffic over a B*C*L activation of e bytes an
+element (benchmarks/NOTES.md has the byte and launch model of a whole TemporalBlock):
+  forward   tap-major weight copy (torch)     once per weight version (operands.py)
+            conv_forward_kernel (MODE_STATS)  read x; per-tile (mean, M2), no y
+            welford_merge_kernel              C-sized: batch mean, biased var, running stats
+            conv_forward_kernel (MODE_NORM)   read x (+ residual); write out and x-hat
+  backward  relu_bn_backward_kernel (pass 1)  read grad_out, out, x-hat; write grad_residual
+            bn_grad_finalize_kernel           C-sized: grad_beta, grad_gamma, grad_bias
+            relu_bn_backward_kernel (pass 2)  read grad_residual (or grad_out, out), x-hat;
+                                              write grad_y
+            conv_dgrad_kernel                 read grad_y; write grad_x
+            conv_wgrad_kernel + sum_partials  read grad_y, x; (n_splits, C_out*C_in*K) partials
+The training forward computes the conv twice instead of writing y and reading it back: y
+never travels (4e per element saved) and 16-bit inputs normalize the float32 y. Eval /
+no-norm forward is conv_forward_kernel alone: read x (+ residual), write out (+ x-hat or
+y when backward needs it). Backward in eval / no-norm is one elementwise pass.
 All reductions are per-tile partials merged in a fixed order: no atomics, bitwise
 reproducible run to run.
 """
@@ -142,38 +143,32 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     part = _alloc.empty((n_tiles, 3, C_out), dtype=sdt, device=dev)
     grad_res = _alloc.empty(grad_out.shape, dtype=dtype, device=dev) if has_residual else None
     grad_y = _alloc.empty(grad_out.shape, dtype=dtype, device=dev)
-    grad_gamma = grad_beta = None
+    grad_gamma = grad_beta = grad_bias = None
     if norm != 0:
         grad_beta = _alloc.empty((C_out,), dtype=beta.dtype, device=dev)
         grad_gamma = _alloc.empty((C_out,), dtype=gamma.dtype, device=dev)
+    if has_bias:
+        grad_bias = _alloc.empty((C_out,), dtype=dtype, device=dev)
     use = lambda t: grad_y if t is None or t.numel() == 0 else t  # noqa: E731
 
-    def launch(reduce_bn, write_grad_res, write_grad_y, reduce_grad_y):
+    def elementwise(write_g, read_g, reduce, write_grad_y):
         bn_backward.relu_bn_backward_kernel[grid](
             grad_out, out, use(saved), use(var), use(gamma), use(beta),
             use(grad_beta), use(grad_gamma), use(grad_res), grad_y, part,
             C_out, L_out, float(B * L_out), float(eps),
-            NORM=norm, RELU_BEFORE_ADD=bool(relu_before_add), WRITE_GRAD_RES=write_grad_res,
-            REDUCE_BN=reduce_bn, WRITE_GRAD_Y=write_grad_y, REDUCE_GRAD_Y=reduce_grad_y,
-            BLOCK_C=block_c, BLOCK_L=block_l)
+            NORM=norm, RELU_BEFORE_ADD=bool(relu_before_add), WRITE_G=write_g, READ_G=read_g,
+            REDUCE=reduce, WRITE_GRAD_Y=write_grad_y, BLOCK_C=block_c, BLOCK_L=block_l)
 
-    def finalize_bn_sums():
-        batch_stats.sum_partials(part[:, 0], grad_beta)
-        batch_stats.sum_partials(part[:, 1], grad_gamma)
-
+    reduce = norm != 0 or has_bias
+    # Training: grad_y needs the full sums of g and g * xhat: reduce, finalize, then grad_y.
+    elementwise(has_residual, False, reduce, norm != 2)
+    if reduce:
+        batch_stats.bn_grad_finalize_kernel[(cdiv(C_out, 32),)](
+            part, use(grad_beta), use(grad_gamma), use(grad_bias), use(var), use(gamma),
+            C_out, n_tiles, float(B * L_out), float(eps), NORM=norm, HAS_BIAS=has_bias,
+            BLOCK_T=64, BLOCK_C=32)
     if norm == 2:
-        # grad_y needs the full sums of g and g * xhat: reduce first, then a second pass.
-        launch(True, has_residual, False, False)
-        finalize_bn_sums()
-        launch(False, False, True, has_bias)
-    else:
-        launch(norm != 0, has_residual, True, has_bias)
-        if norm != 0:
-            finalize_bn_sums()
-    grad_bias = None
-    if has_bias:
-        grad_bias = _alloc.empty((C_out,), dtype=dtype, device=dev)
-        batch_stats.sum_partials(part[:, 2], grad_bias)
+        elementwise(False, has_residual, False, True)
 
     # --- conv data gradient.
     taps = operands.tap_major_weight(weight)
