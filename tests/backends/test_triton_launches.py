@@ -93,7 +93,7 @@ def test_temporal_block_train_step_launches(monkeypatch, dilation):
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
 
 
-def test_weight_copy_is_cached_per_version(monkeypatch):
+def test_weight_copy_is_cached_per_version():
     """The tap-major weight copy is made once per weight version: a second forward with
     the same weight makes no copy; an in-place update (optimizer step) makes a new one."""
     from fastres.backends.triton import operands
@@ -107,3 +107,15 @@ def test_weight_copy_is_cached_per_version(monkeypatch):
         assert second is not first and second.shape == (3, 8 * -(-c_out // 8), 8 * -(-c_in // 8))
         assert torch.equal(second[:, :c_out, :c_in], w.permute(2, 0, 1))
         assert (second[:, c_out:, :] == 0).all() and (second[:, :, c_in:] == 0).all()
+
+
+def test_weight_copy_cache_never_serves_a_freed_weight():
+    """A new weight allocated where a freed one lived (same address, shape, dtype and
+    version 0) must not get the freed weight's copy."""
+    from fastres.backends.triton import operands
+    for _ in range(20):
+        w = torch.randn(8, 8, 3)
+        taps = operands.tap_major_weight(w)
+        assert torch.equal(taps, w.permute(2, 0, 1))
+        del w, taps
+    assert len(operands._WEIGHT_CACHE) <= 1  # entries leave with their weights

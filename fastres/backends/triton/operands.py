@@ -18,6 +18,8 @@ version) and caches it.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -43,26 +45,29 @@ def descriptor(t: torch.Tensor, block_shape):
     return TensorDescriptor.from_tensor(t, list(block_shape))
 
 
+# id(weight) -> (weak reference to the weight, its version, the tap-major copy)
 _WEIGHT_CACHE: dict = {}
 
 
 def tap_major_weight(weight: torch.Tensor) -> torch.Tensor:
     """(C_out, C_in, K) -> zero-padded (K, C_out_p, C_in_p) copy, cached per weight version.
 
-    One entry per weight tensor (keyed by its storage, shape and dtype); a new version
-    (in-place update) replaces it, so the cache holds one copy per live weight."""
+    One entry per live weight tensor: a hit needs the very same tensor object (a new
+    tensor at a freed address is a new weight) at the same version (an optimizer step
+    bumps it); an entry goes when its weight is garbage collected."""
     C_out, C_in, K = weight.shape
-    key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape))
-    hit = _WEIGHT_CACHE.get(key)
-    if hit is not None and hit[0] == weight._version:
-        return hit[1]
+    hit = _WEIGHT_CACHE.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
     pad = lambda c: triton.cdiv(c, WEIGHT_CHANNEL_ALIGN) * WEIGHT_CHANNEL_ALIGN  # noqa: E731
     if (pad(C_out), pad(C_in)) == (C_out, C_in):  # one copy kernel
         taps = weight.detach().permute(2, 0, 1).contiguous()
     else:  # a zero fill and a copy
         taps = torch.zeros((K, pad(C_out), pad(C_in)), dtype=weight.dtype, device=weight.device)
         taps[:, :C_out, :C_in] = weight.detach().permute(2, 0, 1)
-    _WEIGHT_CACHE[key] = (weight._version, taps)
+    key = id(weight)
+    _WEIGHT_CACHE[key] = (weakref.ref(weight, lambda _: _WEIGHT_CACHE.pop(key, None)),
+                          weight._version, taps)
     return taps
 
 
