@@ -57,12 +57,16 @@ class GemmConfig:
 def gemm_config(M: int, N: int, Kr: int, dtype: torch.dtype, *, max_m: int, max_n: int,
                 max_k: int) -> GemmConfig:
     """Tiles that fit the problem: block_m up to all of M (an operand is then read once),
-    block_n shrunk to keep the accumulator at MAX_ACC, a reduction step of 16 bytes x 4,
-    8 warps (two warpgroups) for large tiles, and as many pipeline stages as fit
-    SMEM_BUDGET (at least 2)."""
+    block_n shrunk to keep the accumulator at MAX_ACC (half that in float32), a reduction
+    step of max_k * 2 bytes, 8 warps (two warpgroups) for large tiles,
+    and as many pipeline stages as fit SMEM_BUDGET (at least 2)."""
     size = torch.empty((), dtype=dtype).element_size()
     block_m = pow2_block(M, MIN_DOT, max_m)
-    block_n = pow2_block(N, MIN_DOT, max(MIN_DOT, min(max_n, MAX_ACC // block_m)))
+    # float32 epilogues hold 32-bit operand tiles (residual, x-hat) beside the accumulator:
+    # half the accumulator keeps them out of local memory (checked: tests/backends/
+    # test_triton_codegen.py).
+    max_acc = MAX_ACC * 2 // size if size > 2 else MAX_ACC
+    block_n = pow2_block(N, MIN_DOT, max(MIN_DOT, min(max_n, max_acc // block_m)))
     block_k = pow2_block(Kr, MIN_DOT, max(MIN_DOT, max_k * 2 // size))
     num_warps = 8 if block_m * block_n >= 128 * 64 else 4
     stages = MAX_STAGES
