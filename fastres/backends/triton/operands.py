@@ -42,7 +42,12 @@ def descriptor(t: torch.Tensor, block_shape):
     """A host-side TMA descriptor of `t` whose box is `block_shape`; zero fill outside."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     _allow_unaligned_interpreter_offsets()
-    return TensorDescriptor.from_tensor(t, list(block_shape))
+    # Row-major strides from the shape: a contiguous tensor may carry any stride on a
+    # size-1 dimension (K=1 weights, B=1 batches), which TMA would reject; it is never used.
+    strides = [1]
+    for size in reversed(t.shape[1:]):
+        strides.insert(0, strides[0] * size)
+    return TensorDescriptor(t, list(t.shape), strides, list(block_shape))
 
 
 # id(weight) -> (weak reference to the weight, its version, the tap-major copy)
