@@ -15,7 +15,8 @@ software-pipelined (issued inside the GEMM loop and ahead of it).
 
 Options: --channels 64 256, --dtypes bf16 fp32 (fp32 compiles tf32 dots), --length
 (4100 shows the masked-pointer path of rows that are not 16-byte multiples), --all
-(also the elementwise and finalize kernels).
+(also the elementwise and finalize kernels), --candidates (also every tile config that
+FASTRES_TRITON_TUNE=1 may time: one that spills or fails to compile is one to prune).
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--all", action="store_true", help="elementwise and finalize kernels too")
+    parser.add_argument("--candidates", action="store_true",
+                        help="every tuning candidate's tiles, not only the heuristic's")
     args = parser.parse_args(argv)
 
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_90; "
@@ -51,6 +54,11 @@ def main(argv=None) -> int:
         for C in args.channels:
             launches = codegen.training_step_launches(C, DTYPES[dtype_name], B=args.batch,
                                                       L=args.length)
+            if args.candidates:
+                for index in range(1, 12):
+                    launches += codegen.training_step_launches(
+                        C, DTYPES[dtype_name], B=args.batch, L=args.length, candidate=index)
+                launches = codegen.unique(launches)
             if not args.all:
                 launches = [launch for launch in launches if launch.name.startswith("conv_")]
             reports = []

@@ -61,20 +61,25 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
 
 
+def _gemm_config(kind, config, M, N, dtype, tuning_key, run, device):
+    """The tiles of one conv GEMM: the heuristic, or the measured choice (tuning.py)."""
+    from . import tiling, tuning
+    if not tuning.enabled():
+        return config
+    return tuning.choose(tuning_key, tiling.candidate_configs(config, M, N, dtype), run,
+                         device)
+
+
 def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
              dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
              save_for_backward):
-    from . import batch_stats, conv_forward, operands, tiling
+    from . import batch_stats, conv_forward, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast
 
     B, C_in, L = x.shape
     C_out, _, K = weight.shape
     L_out = (L + pad_left + pad_right - dilation * (K - 1) - 1) // stride + 1
     shape = (B, C_out, L_out)
-    cfg = tiling.forward_config(C_in, C_out, L_out, x.dtype)
-    block_co, block_ci, block_l = cfg.block_m, cfg.block_k, cfg.block_n
-    n_lblocks = cdiv(L_out, block_l)
-    grid = (B * n_lblocks, cdiv(C_out, block_co))
     sdt = stats_dtype(x.dtype)
     train = norm == NORM_TRAIN
     saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
@@ -85,12 +90,13 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     use = lambda t: out if t is None or t.numel() == 0 else t  # noqa: E731  (never read)
     taps = operands.tap_major_weight(weight)
     tma = operands.descriptor_ok(x, stride)
-    x_src, w_src = x, taps
-    if tma:
-        x_src = operands.descriptor(x, (1, block_ci, block_l))
-        w_src = operands.weight_tile_descriptor(taps, block_co, block_ci)
 
-    def conv(mode, mean, var, part_mean, part_m2, save):
+    def conv(cfg, mode, mean, var, part_mean, part_m2, save):
+        x_src, w_src = x, taps
+        if tma:
+            x_src = operands.descriptor(x, (1, cfg.block_k, cfg.block_n))
+            w_src = operands.weight_tile_descriptor(taps, cfg.block_m, cfg.block_k)
+        grid = (B * cdiv(L_out, cfg.block_n), cdiv(C_out, cfg.block_m))
         conv_forward.conv_forward_kernel[grid](
             x_src, w_src, use(bias), use(saved), out, use(residual), use(mean), use(var),
             use(gamma), use(beta), use(part_mean), use(part_m2),
@@ -98,32 +104,45 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             taps.shape[1], MODE=mode, HAS_BIAS=bias is not None, SAVE_Y=save,
             HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
             DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
-            TMA=tma, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l,
+            TMA=tma, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k, BLOCK_L=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    def partials(cfg):
+        n_tiles = B * cdiv(L_out, cfg.block_n)
+        return (_alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device),
+                _alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device))
+
+    mode = {NORM_NONE: conv_forward.MODE_NONE}.get(norm, conv_forward.MODE_NORM)
+    if train:  # tuning times the statistics pass: it has no side effect but its partials
+        run = lambda c: conv(c, conv_forward.MODE_STATS, None, None, *partials(c), False)  # noqa
+    else:  # (out and saved are written whole by every run)
+        run = lambda c: conv(c, mode, running_mean, running_var, None, None, saves)  # noqa
+    cfg = _gemm_config("fwd", tiling.forward_config(C_in, C_out, L_out, x.dtype), C_out,
+                       L_out, x.dtype, tuning.key("fwd" + norm, C_in, C_out, K, L_out, x.dtype,
+                                                 stride, tma), run, x.device)
+
     if not train:
-        mode = conv_forward.MODE_NONE if norm == NORM_NONE else conv_forward.MODE_NORM
-        conv(mode, running_mean, running_var, None, None, saves)
+        run(cfg)
         empty_stats = _alloc.empty((0,), dtype=sdt, device=x.device)
         return out, saved, empty_stats, _alloc.empty((0,), dtype=sdt, device=x.device)
 
-    # Training: statistics pass, finalize (+ running statistics), then the conv again,
-    # normalized with the batch statistics (y never stored: see conv_forward.py).
-    part_mean = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
-    part_m2 = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
-    conv(conv_forward.MODE_STATS, None, None, part_mean, part_m2, False)
+    # Training: statistics pass, finalize (+ running statistics, once), then the conv
+    # again, normalized with the batch statistics (y never stored: see conv_forward.py).
+    part_mean, part_m2 = partials(cfg)
+    conv(cfg, conv_forward.MODE_STATS, None, None, part_mean, part_m2, False)
     batch_mean = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_var = _alloc.empty((C_out,), dtype=sdt, device=x.device)
-    batch_stats.welford_merge(part_mean, part_m2, batch_mean, batch_var, n_lblocks=n_lblocks,
-                              L_out=L_out, tile_l=block_l, running_mean=running_mean,
+    batch_stats.welford_merge(part_mean, part_m2, batch_mean, batch_var,
+                              n_lblocks=cdiv(L_out, cfg.block_n), L_out=L_out,
+                              tile_l=cfg.block_n, running_mean=running_mean,
                               running_var=running_var, momentum_factor=momentum_factor)
-    conv(conv_forward.MODE_NORM, batch_mean, batch_var, None, None, saves)
+    conv(cfg, conv_forward.MODE_NORM, batch_mean, batch_var, None, None, saves)
     return out, saved, batch_mean, batch_var
 
 
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
               stride, dilation, pad_left, pad_right, norm, eps, relu_before_add):
-    from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling
+    from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
 
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
@@ -172,35 +191,46 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
 
     # --- conv data gradient.
     taps = operands.tap_major_weight(weight)
-    cfg = tiling.dgrad_config(C_in, C_out, L, dtype)
     grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
     tma = operands.descriptor_ok(grad_y, stride) and operands.descriptor_ok(x, stride)
-    gy_src, w_src = grad_y, taps
-    if tma:
-        gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
-        w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
-    conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
-        gy_src, w_src, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
-        taps.shape[2], taps.shape[1], DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
-        BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def dgrad(cfg):
+        gy_src, w_src = grad_y, taps
+        if tma:
+            gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
+            w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
+        conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
+            gy_src, w_src, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
+            taps.shape[2], taps.shape[1], DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
+            BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = _gemm_config("dgrad", tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,
+                       tuning.key("dgrad", C_in, C_out, K, L, dtype, stride, tma), dgrad, dev)
+    dgrad(cfg)
 
     # --- conv weight gradient: split the (b, l-block) reduction, then sum the splits.
-    cfg = tiling.wgrad_config(C_in, C_out, L_out, dtype)
-    block_co, block_ci, block_l = cfg.block_m, cfg.block_n, cfg.block_k
-    n_lblocks = cdiv(L_out, block_l)
-    tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
-    n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
-    wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=sdt, device=dev)
-    gy_src, x_src = grad_y, x
-    if tma:
-        gy_src = operands.descriptor(grad_y, (1, block_co, block_l))
-        x_src = operands.descriptor(x, (1, block_ci, block_l))
-    conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
-        gy_src, x_src, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left, n_lblocks,
-        B * n_lblocks, pairs_per_split, DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+    def wgrad(cfg):
+        block_co, block_ci, block_l = cfg.block_m, cfg.block_n, cfg.block_k
+        n_lblocks = cdiv(L_out, block_l)
+        tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
+        n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
+        wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=sdt, device=dev)
+        gy_src, x_src = grad_y, x
+        if tma:
+            gy_src = operands.descriptor(grad_y, (1, block_co, block_l))
+            x_src = operands.descriptor(x, (1, block_ci, block_l))
+        conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
+            gy_src, x_src, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
+            n_lblocks, B * n_lblocks, pairs_per_split, DOT_PRECISION=precision,
+            DOT_UPCAST=upcast, TMA=tma, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            BLOCK_L=block_l, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return wpart
+
+    cfg = _gemm_config("wgrad", tiling.wgrad_config(C_in, C_out, L_out, dtype), C_out, C_in,
+                       dtype, tuning.key("wgrad", C_in, C_out, K, L_out, dtype, stride, tma),
+                       wgrad, dev)
+    wpart = wgrad(cfg)
     grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
     batch_stats.sum_partials(wpart, grad_weight.view(-1))
 

@@ -241,8 +241,11 @@ def inspect(compiled, kernel: str = "", config: str = "") -> Report:
 
 def describe(launch: Launch) -> str:
     """The tile constexprs and options of a launch, for a table's config column."""
-    tiles = {k: v for k, v in _named_constexprs(launch).items() if k.startswith("BLOCK_")}
+    constexprs = _named_constexprs(launch)
+    tiles = {k: v for k, v in constexprs.items() if k.startswith("BLOCK_")}
     parts = [f"{k[6:]}{v}" for k, v in tiles.items()]
+    if launch.name == "conv_forward_kernel":  # which pass: conv_forward.MODE_*
+        parts.insert(0, {0: "none", 1: "norm", 2: "stats"}[constexprs["MODE"]])
     parts += [f"w{launch.options.get('num_warps', 4)}", f"s{launch.options.get('num_stages', 3)}"]
     return " ".join(parts)
 
@@ -287,11 +290,42 @@ def run_captured(run: Callable[[], None], capability: int = 90) -> List[Launch]:
     return unique(launches)
 
 
+@contextlib.contextmanager
+def _candidate_tiles(index: Optional[int]):
+    """Make the launchers use candidate `index` of tiling.candidate_configs (the tiles
+    tuning.py may choose) instead of the heuristic; None leaves the heuristic."""
+    from . import tiling
+    if index is None:
+        yield
+        return
+    originals = {name: getattr(tiling, name)
+                 for name in ("forward_config", "dgrad_config", "wgrad_config")}
+    problem = {"forward_config": lambda C_in, C_out, L: (C_out, L),
+               "dgrad_config": lambda C_in, C_out, L: (C_in, L),
+               "wgrad_config": lambda C_in, C_out, L: (C_out, C_in)}
+
+    def picker(name):
+        def config(C_in, C_out, L, dtype):
+            base = originals[name](C_in, C_out, L, dtype)
+            candidates = tiling.candidate_configs(base, *problem[name](C_in, C_out, L), dtype)
+            return candidates[min(index, len(candidates) - 1)]
+        return config
+
+    try:
+        for name in originals:
+            setattr(tiling, name, picker(name))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(tiling, name, fn)
+
+
 def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: int = 4096,
-                           K: int = 3, dilation: int = 1,
-                           residual: bool = True) -> List[Launch]:
+                           K: int = 3, dilation: int = 1, residual: bool = True,
+                           candidate: Optional[int] = None) -> List[Launch]:
     """The launches of one training forward + backward of a stage at (B, C, L), as the
-    backend issues them for real shapes; float32 with tf32 dots if `tf32`."""
+    backend issues them for real shapes; float32 with tf32 dots if `tf32`; with
+    `candidate`, the GEMMs take that tuning candidate's tiles (tiling.candidate_configs)."""
     import torch
     from . import tiling
     from .. import triton as backend
@@ -315,6 +349,7 @@ def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: 
             backend.backward(torch.zeros_like(out), x, w, gamma, beta, saved, out, var,
                              has_bias=True, has_residual=residual, norm="train", eps=1e-5,
                              relu_before_add=False, **geometry)
-        return run_captured(run)
+        with _candidate_tiles(candidate):
+            return run_captured(run)
     finally:
         tiling.dot_precision = previous

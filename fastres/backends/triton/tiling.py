@@ -62,11 +62,7 @@ def gemm_config(M: int, N: int, Kr: int, dtype: torch.dtype, *, max_m: int, max_
     and as many pipeline stages as fit SMEM_BUDGET (at least 2)."""
     size = torch.empty((), dtype=dtype).element_size()
     block_m = pow2_block(M, MIN_DOT, max_m)
-    # float32 epilogues hold 32-bit operand tiles (residual, x-hat) beside the accumulator:
-    # half the accumulator keeps them out of local memory (checked: tests/backends/
-    # test_triton_codegen.py).
-    max_acc = MAX_ACC * 2 // size if size > 2 else MAX_ACC
-    block_n = pow2_block(N, MIN_DOT, max(MIN_DOT, min(max_n, max_acc // block_m)))
+    block_n = pow2_block(N, MIN_DOT, max(MIN_DOT, min(max_n, _max_acc(size) // block_m)))
     block_k = pow2_block(Kr, MIN_DOT, max(MIN_DOT, max_k * 2 // size))
     num_warps = 8 if block_m * block_n >= 128 * 64 else 4
     stages = MAX_STAGES
@@ -74,6 +70,13 @@ def gemm_config(M: int, N: int, Kr: int, dtype: torch.dtype, *, max_m: int, max_
                                     stages).smem_bytes(size) > SMEM_BUDGET:
         stages -= 1
     return GemmConfig(block_m, block_n, block_k, num_warps, stages)
+
+
+def _max_acc(element_size: int) -> int:
+    """float32 epilogues hold 32-bit operand tiles (residual, x-hat) beside the accumulator:
+    half the accumulator keeps them out of local memory (an fp32 C=256 forward spilled at
+    MAX_ACC; tests/backends/test_triton_codegen.py checks)."""
+    return MAX_ACC // 2 if element_size > 2 else MAX_ACC
 
 
 def forward_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmConfig:
@@ -89,6 +92,32 @@ def dgrad_config(C_in: int, C_out: int, L: int, dtype: torch.dtype) -> GemmConfi
 def wgrad_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmConfig:
     return gemm_config(C_out, C_in, L_out, dtype, max_m=min(MAX_BLOCK_CO, 128),
                        max_n=max(MIN_DOT, MAX_BLOCK_CO // 2), max_k=MAX_BLOCK_L)
+
+
+def candidate_configs(config: GemmConfig, M: int, N: int, dtype: torch.dtype):
+    """The heuristic `config` first, then its neighbours worth timing on a GPU (tuning.py):
+    block_n halved and doubled, the reduction step halved, the other warp count. Pruned:
+    tl.dot-sized and power-of-two blocks, block_n within N's next power of two, an
+    accumulator no larger than the heuristic allows (MAX_ACC, half in float32), and as many stages as SMEM_BUDGET allows (>= 2; a
+    config that needs more shared memory than that at 2 stages is dropped)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    out = [config]
+    n_cap = max(MIN_DOT, triton.next_power_of_2(max(int(N), 1)))
+    for block_n in (config.block_n // 2, config.block_n, config.block_n * 2):
+        for block_k in (config.block_k // 2, config.block_k):
+            for warps in (4, 8):
+                if min(block_n, block_k) < MIN_DOT or block_n > n_cap \
+                        or config.block_m * block_n > max(_max_acc(size),
+                                                          config.block_m * config.block_n):
+                    continue
+                stages = MAX_STAGES
+                while stages > 2 and GemmConfig(config.block_m, block_n, block_k, warps,
+                                                stages).smem_bytes(size) > SMEM_BUDGET:
+                    stages -= 1
+                cfg = GemmConfig(config.block_m, block_n, block_k, warps, stages)
+                if cfg.smem_bytes(size) <= SMEM_BUDGET and cfg not in out:
+                    out.append(cfg)
+    return out
 
 
 def elementwise_tiles(C: int, L_out: int):
