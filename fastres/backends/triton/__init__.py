@@ -61,9 +61,12 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
 
 
-def _gemm_config(kind, config, M, N, dtype, tuning_key, run, device):
-    """The tiles of one conv GEMM: the heuristic, or the measured choice (tuning.py)."""
+def _gemm_config(kind, config, M, N, dtype, tuning_key, run, device, tma):
+    """The tiles of one conv GEMM: the heuristic, or the measured choice (tuning.py).
+    Without TMA (masked-pointer operands) the small tiles of tiling.pointer_config."""
     from . import tiling, tuning
+    if not tma:
+        return tiling.pointer_config(config)
     if not tuning.enabled():
         return config
     return tuning.choose(tuning_key, tiling.candidate_configs(config, M, N, dtype), run,
@@ -119,7 +122,7 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
         run = lambda c: conv(c, mode, running_mean, running_var, None, None, saves)  # noqa
     cfg = _gemm_config("fwd", tiling.forward_config(C_in, C_out, L_out, x.dtype), C_out,
                        L_out, x.dtype, tuning.key("fwd" + norm, C_in, C_out, K, L_out, x.dtype,
-                                                 stride, tma), run, x.device)
+                                                 stride, tma), run, x.device, tma)
 
     if not train:
         run(cfg)
@@ -206,7 +209,8 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = _gemm_config("dgrad", tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,
-                       tuning.key("dgrad", C_in, C_out, K, L, dtype, stride, tma), dgrad, dev)
+                       tuning.key("dgrad", C_in, C_out, K, L, dtype, stride, tma), dgrad, dev,
+                       tma)
     dgrad(cfg)
 
     # --- conv weight gradient: split the (b, l-block) reduction, then sum the splits.
@@ -229,7 +233,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
 
     cfg = _gemm_config("wgrad", tiling.wgrad_config(C_in, C_out, L_out, dtype), C_out, C_in,
                        dtype, tuning.key("wgrad", C_in, C_out, K, L_out, dtype, stride, tma),
-                       wgrad, dev)
+                       wgrad, dev, tma)
     wpart = wgrad(cfg)
     grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
     batch_stats.sum_partials(wpart, grad_weight.view(-1))

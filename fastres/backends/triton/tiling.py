@@ -94,6 +94,15 @@ def wgrad_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmC
                        max_n=max(MIN_DOT, MAX_BLOCK_CO // 2), max_k=MAX_BLOCK_L)
 
 
+def pointer_config(config: GemmConfig) -> GemmConfig:
+    """Tiles for the masked-pointer path (stride > 1, rows that are not 16-byte multiples):
+    its operands arrive as 2-byte scalar gathers through registers, which neither large
+    tiles nor deep pipelines help; at the TMA path's tiles wgrad spilled 400+ bytes a
+    thread (benchmarks/NOTES.md). At most 64 x 64 outputs, 32-deep steps, 4 warps."""
+    return GemmConfig(min(config.block_m, 64), min(config.block_n, 64),
+                      min(config.block_k, 32), 4, 2)
+
+
 def candidate_configs(config: GemmConfig, M: int, N: int, dtype: torch.dtype):
     """The heuristic `config` first, then its neighbours worth timing on a GPU (tuning.py):
     block_n halved and doubled, the reduction step halved, the other warp count. Pruned:
