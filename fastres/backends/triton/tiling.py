@@ -107,7 +107,8 @@ def candidate_configs(config: GemmConfig, M: int, N: int, dtype: torch.dtype):
     """The heuristic `config` first, then its neighbours worth timing on a GPU (tuning.py):
     block_n halved and doubled, the reduction step halved, the other warp count. Pruned:
     tl.dot-sized and power-of-two blocks, block_n within N's next power of two, an
-    accumulator no larger than the heuristic allows (MAX_ACC, half in float32), and as many stages as SMEM_BUDGET allows (>= 2; a
+    accumulator no larger than the heuristic allows (MAX_ACC, half in float32) nor than 64
+    registers a thread, and as many stages as SMEM_BUDGET allows (>= 2; a
     config that needs more shared memory than that at 2 stages is dropped)."""
     size = torch.empty((), dtype=dtype).element_size()
     out = [config]
@@ -115,9 +116,11 @@ def candidate_configs(config: GemmConfig, M: int, N: int, dtype: torch.dtype):
     for block_n in (config.block_n // 2, config.block_n, config.block_n * 2):
         for block_k in (config.block_k // 2, config.block_k):
             for warps in (4, 8):
+                acc = config.block_m * block_n
+                # (at most 64 accumulator registers a thread: 4 warps spilled beyond)
                 if min(block_n, block_k) < MIN_DOT or block_n > n_cap \
-                        or config.block_m * block_n > max(_max_acc(size),
-                                                          config.block_m * config.block_n):
+                        or acc > max(_max_acc(size), config.block_m * config.block_n) \
+                        or acc > MAX_ACC * warps // 8:
                     continue
                 stages = MAX_STAGES
                 while stages > 2 and GemmConfig(config.block_m, block_n, block_k, warps,
