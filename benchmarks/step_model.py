@@ -82,22 +82,24 @@ def this_branch(C, K, B, L) -> List[Kernel]:
 
 
 def before(C, K, B, L) -> List[Kernel]:
-    """The kernels at f49810d: x re-read per 64 output channels, y kept in float32."""
+    """The kernels at f49810d: x re-read per 64 output channels, y kept in float32; at
+    L=4096 its 64-long tiles make 2048 partial rows, which its finalizes reduced in two
+    levels (FINALIZE_ROWS was 1024)."""
     r = max(1, C // 64)
     partials = wgrad_partial_bytes(C, K, B, L)
     return [
         Kernel("num_batches_tracked += 1 (op, torch)", torch=True, count=2),
         Kernel("conv_forward TRAIN: read x (x C/64), write y fp32", r * E + 4, 1, count=2,
                old_gemm=True),
-        Kernel("welford_merge", count=2),
+        Kernel("welford_merge (two levels: 2048 tiles > 1024)", count=4),
         Kernel("running stats (5 torch kernels)", torch=True, count=10),
         Kernel("bn_relu_apply s1: read y fp32; write out, x-hat", 4 + 2 * E),
         Kernel("bn_relu_apply s2: read y fp32, res; write out, x-hat", 4 + 3 * E),
         Kernel("bn backward reduce s1", 3 * E),
         Kernel("bn backward reduce s2 (+ grad_res)", 4 * E),
-        Kernel("sum_partials (grad_beta, grad_gamma)", count=4),
+        Kernel("sum_partials, two levels (grad_beta, grad_gamma)", count=8),
         Kernel("bn backward grad_y", 4 * E, count=2),
-        Kernel("sum_partials (grad_bias)", count=2),
+        Kernel("sum_partials, two levels (grad_bias)", count=4),
         Kernel("conv_dgrad: read g_y (x C/64); write g_x", (r + 1) * E, 1, count=2,
                old_gemm=True),
         Kernel("conv_wgrad: read g_y, x", 2 * E, 1, count=2, old_gemm=True,
