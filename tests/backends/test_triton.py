@@ -65,6 +65,17 @@ def test_multi_tile_parity(small_tiles, case, dtype):
     check_parity(case, "triton", dtype, device=DEVICE)
 
 
+def test_tma_can_be_switched_off(small_tiles, monkeypatch):
+    """FASTRES_TRITON_TMA=0 (tiling.USE_TMA): aligned rows take the masked-pointer path."""
+    from fastres.backends.triton import operands
+    case = Case(B=2, C_in=16, C_out=16, L=32, K=3, dilation=2, residual="tensor")
+    x = torch.empty(case.B, case.C_in, case.L)
+    assert operands.descriptor_ok(x)
+    monkeypatch.setattr(small_tiles, "USE_TMA", False)
+    assert not operands.descriptor_ok(x)
+    check_parity(case, "triton", torch.bfloat16, device=DEVICE)
+
+
 def test_tiles_are_powers_of_two_dot_sized_and_fit_shared_memory():
     # GPU rules the interpreter does not enforce: tl.arange sizes are powers of two, every
     # tl.dot dimension is at least 16, and the pipelined operand buffers fit shared memory.

@@ -61,7 +61,7 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
 
 
-def _gemm_config(kind, config, M, N, dtype, tuning_key, run, device, tma):
+def _gemm_config(config, M, N, dtype, tuning_key, run, device, tma):
     """The tiles of one conv GEMM: the heuristic, or the measured choice (tuning.py).
     Without TMA (masked-pointer operands) the small tiles of tiling.pointer_config."""
     from . import tiling, tuning
@@ -120,7 +120,7 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
         run = lambda c: conv(c, conv_forward.MODE_STATS, None, None, *partials(c), False)  # noqa
     else:  # (out and saved are written whole by every run)
         run = lambda c: conv(c, mode, running_mean, running_var, None, None, saves)  # noqa
-    cfg = _gemm_config("fwd", tiling.forward_config(C_in, C_out, L_out, x.dtype), C_out,
+    cfg = _gemm_config(tiling.forward_config(C_in, C_out, L_out, x.dtype), C_out,
                        L_out, x.dtype, tuning.key("fwd" + norm, C_in, C_out, K, L_out, x.dtype,
                                                  stride, tma), run, x.device, tma)
 
@@ -208,7 +208,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
             BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = _gemm_config("dgrad", tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,
+    cfg = _gemm_config(tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,
                        tuning.key("dgrad", C_in, C_out, K, L, dtype, stride, tma), dgrad, dev,
                        tma)
     dgrad(cfg)
@@ -231,7 +231,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
             BLOCK_L=block_l, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return wpart
 
-    cfg = _gemm_config("wgrad", tiling.wgrad_config(C_in, C_out, L_out, dtype), C_out, C_in,
+    cfg = _gemm_config(tiling.wgrad_config(C_in, C_out, L_out, dtype), C_out, C_in,
                        dtype, tuning.key("wgrad", C_in, C_out, K, L_out, dtype, stride, tma),
                        wgrad, dev, tma)
     wpart = wgrad(cfg)

@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _alloc
 from ...conventions import triton_interpreting
 
 # Channel counts of the tap-major weight copy are padded to this (16 bytes of bf16).

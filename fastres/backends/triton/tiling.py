@@ -8,6 +8,7 @@ along every axis on small shapes.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
@@ -27,8 +28,9 @@ SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand buffers (H100: 227 KiB a 
 MAX_STAGES = 4
 
 # Read activation windows through tensor descriptors (TMA) where the layout allows
-# (operands.descriptor_ok); False forces the masked-pointer path everywhere (tests).
-USE_TMA = True
+# (operands.descriptor_ok). FASTRES_TRITON_TMA=0 forces the masked-pointer path everywhere:
+# the way out if a GPU ever refuses what the TMA path does (benchmarks/NOTES.md).
+USE_TMA = os.environ.get("FASTRES_TRITON_TMA", "1") != "0"
 
 # How many programs wgrad aims for in total; the (b, l) reduction is split to reach it.
 WGRAD_TARGET_PROGRAMS = 512
