@@ -41,6 +41,11 @@ _SCRIPT = """
             report = codegen.inspect(codegen.compile_launch(launch), "unaligned rows")
             reports.append(dict(vars(report), dtype="bf16", C=64, pipelined=report.pipelined,
                                 narrow=report.narrow_operand_loads))
+    # Launches of one stage's training step at the real shape (no compile needed).
+    for C in (64, 256):
+        names = [x.name for x in codegen.training_step_launches(C, torch.bfloat16,
+                                                                distinct=False)]
+        reports.append(dict(kernel="launches", C=C, names=names))
     print("REPORTS" + json.dumps(reports))
 """
 
@@ -56,6 +61,14 @@ def reports():
     return json.loads(line[len("REPORTS"):])
 
 
+def test_stage_launches_at_the_real_shape(reports):
+    """B=32, L=4096: 9 Triton launches a stage (every finalize one level), as the
+    interpreter count of tests/backends/test_triton_launches.py at its small shape."""
+    for entry in (r for r in reports if r["kernel"] == "launches"):
+        assert len(entry["names"]) == 9, entry
+        assert entry["names"].count("conv_forward_kernel") == 2, entry
+
+
 def _gemms(reports):
     gemms = [r for r in reports if r["kernel"].startswith("conv_")]  # not the control
     # forward (statistics and normalizing passes), dgrad and wgrad for each of bf16 / fp32
@@ -65,7 +78,7 @@ def _gemms(reports):
 
 
 def test_every_kernel_compiles_for_sm90(reports):
-    names = {r["kernel"] for r in reports} - {"unaligned rows"}
+    names = {r["kernel"] for r in reports} - {"unaligned rows", "launches"}
     assert names == {"conv_forward_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel",
                      "welford_merge_kernel", "relu_bn_backward_kernel",
                      "bn_grad_finalize_kernel", "sum_partials_kernel"}

@@ -284,10 +284,11 @@ def unique(launches: List[Launch]) -> List[Launch]:
     return out
 
 
-def run_captured(run: Callable[[], None], capability: int = 90) -> List[Launch]:
+def run_captured(run: Callable[[], None], capability: int = 90,
+                 distinct: bool = True) -> List[Launch]:
     with capture(capability) as launches:
         run()
-    return unique(launches)
+    return unique(launches) if distinct else launches
 
 
 @contextlib.contextmanager
@@ -322,10 +323,12 @@ def _candidate_tiles(index: Optional[int]):
 
 def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: int = 4096,
                            K: int = 3, dilation: int = 1, residual: bool = True,
-                           candidate: Optional[int] = None) -> List[Launch]:
+                           candidate: Optional[int] = None,
+                           distinct: bool = True) -> List[Launch]:
     """The launches of one training forward + backward of a stage at (B, C, L), as the
     backend issues them for real shapes; float32 with tf32 dots if `tf32`; with
-    `candidate`, the GEMMs take that tuning candidate's tiles (tiling.candidate_configs)."""
+    `candidate`, the GEMMs take that tuning candidate's tiles (tiling.candidate_configs);
+    one per distinct compile, or every launch in order (distinct=False)."""
     import torch
     from . import tiling
     from .. import triton as backend
@@ -350,6 +353,6 @@ def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: 
                              has_bias=True, has_residual=residual, norm="train", eps=1e-5,
                              relu_before_add=False, **geometry)
         with _candidate_tiles(candidate):
-            return run_captured(run)
+            return run_captured(run, distinct=distinct)
     finally:
         tiling.dot_precision = previous
