@@ -238,48 +238,32 @@ def device_compiled(kernel, launch: Dict[str, object]):
     return compiled
 
 
-_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
-                 "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
-                 "bool": "i1"}
-
-
-def sm90_signature(launch: Dict[str, object], arg_names: List[str]):
-    """(signature, constexprs by name) for triton.compile from a recorded launch."""
-    signature, constexprs = {}, {}
-    for name in arg_names:
-        value = launch["args"].get(name)
-        if name in launch["constexprs"] or value is None:
-            signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, dict):
-            signature[name] = "*" + _TRITON_TYPES[value["tensor"]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        else:
-            signature[name] = "fp32"
-    return signature, constexprs
-
-
 def compile_for_sm90(spec_path: str, out_dir: str) -> None:
     """Subprocess entry (no TRITON_INTERPRET): compile each launch of the spec for sm_90,
-    writing <i>.cubin and <i>.json (Triton's metadata, or the error) into out_dir."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    writing <i>.cubin and <i>.json (Triton's metadata, or the error) into out_dir.
+
+    The launches are captured again here from the backend's real launchers
+    (fastres.backends.triton.codegen: a compile-only driver records what the JIT would
+    compile, specialization and tensor descriptors included) for the spec's workload, and
+    matched to the spec by kernel name."""
+    import torch
+    from fastres.backends.triton import codegen
 
     with open(spec_path) as f:
-        launches = json.load(f)
-    for i, launch in enumerate(launches):
-        module_name, name = launch["kernel"].rsplit(".", 1)
-        fn = getattr(importlib.import_module(f"fastres.backends.triton.{module_name}"), name)
+        spec = json.load(f)
+    captured = {}
+    for work in spec["workloads"]:
+        for launch in codegen.training_step_launches(
+                work["C"], getattr(torch, work["dtype"]), B=work["B"], L=work["L"],
+                dilation=work["dilation"]):
+            name = f"{launch.fn.fn.__module__.rsplit('.', 1)[1]}.{launch.name}"
+            captured.setdefault(name, launch)
+    for i, launch in enumerate(spec["launches"]):
         result: Dict[str, object] = {}
         try:
-            signature, constexprs = sm90_signature(launch, list(fn.arg_names))
-            src = ASTSource(fn=fn, signature=signature, constexprs={
-                (fn.arg_names.index(n),): v for n, v in constexprs.items()})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options=dict(launch["options"]) or {"num_warps": 4})
+            if launch["kernel"] not in captured:
+                raise LookupError(f"{launch['kernel']}: not launched by the captured step")
+            compiled = codegen.compile_launch(captured[launch["kernel"]])
             with open(os.path.join(out_dir, f"{i}.cubin"), "wb") as f:
                 f.write(compiled.asm["cubin"])
             result["metadata"] = {k: v for k, v in _metadata_dict(compiled).items()
@@ -291,14 +275,16 @@ def compile_for_sm90(spec_path: str, out_dir: str) -> None:
             json.dump(result, f)
 
 
-def sm90_compiled(launches: List[Dict[str, object]], timeout_s: float
-                  ) -> List[Tuple[Optional[bytes], Dict[str, object]]]:
+def sm90_compiled(launches: List[Dict[str, object]], workloads: List[Workload],
+                  timeout_s: float) -> List[Tuple[Optional[bytes], Dict[str, object]]]:
     """(cubin, {"metadata"} or {"error"}) per launch, compiled for sm_90 in a subprocess;
     what it had not compiled when the time ran out is an error entry."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = os.path.join(tmp, "launches.json")
         with open(spec, "w") as f:
-            json.dump(launches, f, default=str)
+            json.dump({"launches": launches, "workloads": [
+                dict(C=w.C, B=w.B, L=w.L, dtype=w.dtype, dilation=w.dilation)
+                for w in workloads if w.mode == "train"]}, f, default=str)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), REPO,
                                              env.get("PYTHONPATH", "")])
@@ -382,7 +368,8 @@ def run_triton_meta(ctx: Context, section: Section) -> None:
     else:
         launches = _smoke_selection(section, launches)
         compiled = [(cubin, result, None, None)
-                    for cubin, result in sm90_compiled(launches, ctx.budget.left())]
+                    for cubin, result in sm90_compiled(launches, _workloads(ctx),
+                                                       ctx.budget.left())]
     table = section.table("", ["kernel", "dtypes", "constexprs", "regs", "spills", "shared",
                                "warps", "stages", "HGMMA", "HMMA", "LDG bits:count",
                                "LDGSTS", "UTMALDG", "LDL/STL"])

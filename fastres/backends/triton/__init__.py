@@ -5,21 +5,22 @@ sibling module; this file only sizes tiles, allocates (through fastres._alloc) a
 launches. Triton itself is imported on first use, so a machine without it gets a reason
 from unavailable_reason() instead of an ImportError.
 
-Training step, kernels and HBM passes over a B*C*L activation (SPEC.md's model):
-  forward   conv_forward_kernel (MODE_TRAIN)  read x, write y (float32), per-tile (mean, M2)
-            welford_merge_kernel               C-sized: batch mean, biased var
-            bn_relu_apply_kernel               read y + residual, write out
-                                               (+ write x-hat, what backward reads)
-  backward  relu_bn_backward_kernel (reduce)   read grad_out, out, x-hat; write grad_residual
-            sum_partials_kernel x2             C-sized: grad_beta, grad_gamma
-            relu_bn_backward_kernel (grad_y)   read grad_out, out, x-hat; write grad_y
-            sum_partials_kernel                C-sized: grad_bias
-            conv_dgrad_kernel                  read grad_y, write grad_x
-            conv_wgrad_kernel + sum_partials   read grad_y, x; (n_splits, C_out*C_in*K) partials
-Forward: 5 activation passes (the spec's floor) for float32, plus the x-hat write when
-backward needs it; for fp16/bf16 y travels as float32 (2x bytes). Backward: 9 reads + 3 writes
-(2 writes without a residual). Eval / no-norm forward is conv_forward_kernel alone: read x
-(+ residual), write out (+ y when backward needs it).
+Training step of one stage, kernels and HBM traffic over a B*C*L activation of e bytes an
+element (benchmarks/NOTES.md has the byte and launch model of a whole TemporalBlock):
+  forward   tap-major weight copy (torch)     once per weight version (operands.py)
+            conv_forward_kernel (MODE_STATS)  read x; per-tile (mean, M2), no y
+            welford_merge_kernel              C-sized: batch mean, biased var, running stats
+            conv_forward_kernel (MODE_NORM)   read x (+ residual); write out and x-hat
+  backward  relu_bn_backward_kernel (pass 1)  read grad_out, out, x-hat; write grad_residual
+            bn_grad_finalize_kernel           C-sized: grad_beta, grad_gamma, grad_bias
+            relu_bn_backward_kernel (pass 2)  read grad_residual (or grad_out, out), x-hat;
+                                              write grad_y
+            conv_dgrad_kernel                 read grad_y; write grad_x
+            conv_wgrad_kernel + sum_partials  read grad_y, x; (n_splits, C_out*C_in*K) partials
+The training forward computes the conv twice instead of writing y and reading it back: y
+never travels (4e per element saved) and 16-bit inputs normalize the float32 y. Eval /
+no-norm forward is conv_forward_kernel alone: read x (+ residual), write out (+ x-hat or
+y when backward needs it). Backward in eval / no-norm is one elementwise pass.
 All reductions are per-tile partials merged in a fixed order: no atomics, bitwise
 reproducible run to run.
 """
@@ -60,19 +61,28 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
 
 
+def _gemm_config(config, M, N, dtype, tuning_key, run, device, tma):
+    """The tiles of one conv GEMM: the heuristic, or the measured choice (tuning.py).
+    Without TMA (masked-pointer operands) the small tiles of tiling.pointer_config."""
+    from . import tiling, tuning
+    if not tma:
+        return tiling.pointer_config(config)
+    if not tuning.enabled():
+        return config
+    return tuning.choose(tuning_key, tiling.candidate_configs(config, M, N, dtype), run,
+                         device)
+
+
 def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
              dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
              save_for_backward):
-    from . import batch_stats, bn_apply, conv_forward, tiling
-    from .tiling import cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles
+    from . import batch_stats, conv_forward, operands, tiling, tuning
+    from .tiling import cdiv, dot_precision, dot_upcast
 
     B, C_in, L = x.shape
     C_out, _, K = weight.shape
     L_out = (L + pad_left + pad_right - dilation * (K - 1) - 1) // stride + 1
     shape = (B, C_out, L_out)
-    block_ci, block_co, block_l = conv_tiles(C_in, C_out, L_out)
-    n_lblocks = cdiv(L_out, block_l)
-    grid = (B * n_lblocks, cdiv(C_out, block_co))
     sdt = stats_dtype(x.dtype)
     train = norm == NORM_TRAIN
     saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
@@ -80,51 +90,63 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
     saved = _alloc.empty(shape if saves else (0,), device=x.device,
                          dtype=saved_dtype(x.dtype, norm, relu_before_add))
-    # Training normalizes y in a second pass; 16-bit inputs keep it in float32 in between
-    # (see bn_apply.py).
-    y_dtype = torch.float32 if tiling.TRAIN_Y_FLOAT32 else x.dtype
-    y = _alloc.empty(shape, dtype=y_dtype, device=x.device) if train else saved
-    dummy = out  # pointer for absent operands; never dereferenced (flags are constexpr)
-    part_mean = part_m2 = dummy
-    if train:
-        part_mean = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
-        part_m2 = _alloc.empty((B * n_lblocks, C_out), dtype=sdt, device=x.device)
-    use = lambda t: dummy if t is None or t.numel() == 0 else t  # noqa: E731
-    conv_forward.conv_forward_kernel[grid](
-        x, weight, use(bias), use(y), out, use(residual),
-        use(running_mean), use(running_var), use(gamma), use(beta), part_mean, part_m2,
-        C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps),
-        MODE=NORM_CODES[norm], HAS_BIAS=bias is not None, SAVE_Y=saves and not train,
-        HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
-        DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l)
+    use = lambda t: out if t is None or t.numel() == 0 else t  # noqa: E731  (never read)
+    taps = operands.tap_major_weight(weight)
+    tma = operands.descriptor_ok(x, stride)
+
+    def conv(cfg, mode, mean, var, part_mean, part_m2, save):
+        x_src, w_src = x, taps
+        if tma:
+            x_src = operands.descriptor(x, (1, cfg.block_k, cfg.block_n))
+            w_src = operands.weight_tile_descriptor(taps, cfg.block_m, cfg.block_k)
+        grid = (B * cdiv(L_out, cfg.block_n), cdiv(C_out, cfg.block_m))
+        conv_forward.conv_forward_kernel[grid](
+            x_src, w_src, use(bias), use(saved), out, use(residual), use(mean), use(var),
+            use(gamma), use(beta), use(part_mean), use(part_m2),
+            C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps), taps.shape[2],
+            taps.shape[1], MODE=mode, HAS_BIAS=bias is not None, SAVE_Y=save,
+            HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
+            DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
+            TMA=tma, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k, BLOCK_L=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def partials(cfg):
+        n_tiles = B * cdiv(L_out, cfg.block_n)
+        return (_alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device),
+                _alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device))
+
+    mode = {NORM_NONE: conv_forward.MODE_NONE}.get(norm, conv_forward.MODE_NORM)
+    if train:  # tuning times the statistics pass: it has no side effect but its partials
+        run = lambda c: conv(c, conv_forward.MODE_STATS, None, None, *partials(c), False)  # noqa
+    else:  # (out and saved are written whole by every run)
+        run = lambda c: conv(c, mode, running_mean, running_var, None, None, saves)  # noqa
+    cfg = _gemm_config(tiling.forward_config(C_in, C_out, L_out, x.dtype), C_out,
+                       L_out, x.dtype, tuning.key("fwd" + norm, C_in, C_out, K, L_out, x.dtype,
+                                                 stride, tma), run, x.device, tma)
 
     if not train:
+        run(cfg)
         empty_stats = _alloc.empty((0,), dtype=sdt, device=x.device)
         return out, saved, empty_stats, _alloc.empty((0,), dtype=sdt, device=x.device)
 
+    # Training: statistics pass, finalize (+ running statistics, once), then the conv
+    # again, normalized with the batch statistics (y never stored: see conv_forward.py).
+    part_mean, part_m2 = partials(cfg)
+    conv(cfg, conv_forward.MODE_STATS, None, None, part_mean, part_m2, False)
     batch_mean = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_var = _alloc.empty((C_out,), dtype=sdt, device=x.device)
-    batch_stats.welford_merge(part_mean, part_m2, batch_mean, batch_var, n_lblocks=n_lblocks,
-                              L_out=L_out, tile_l=block_l)
-    if running_mean is not None:
-        n = B * L_out
-        running_mean.mul_(1 - momentum_factor).add_(batch_mean, alpha=momentum_factor)
-        running_var.mul_(1 - momentum_factor).add_(batch_var * (n / (n - 1)),
-                                                   alpha=momentum_factor)
-    block_c, block_l2 = elementwise_tiles(C_out, L_out)
-    bn_apply.bn_relu_apply_kernel[(B * cdiv(L_out, block_l2), cdiv(C_out, block_c))](
-        y, use(residual), out, use(saved), batch_mean, batch_var, gamma, beta, C_out, L_out,
-        float(eps), HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
-        SAVE_Y=saves, BLOCK_C=block_c, BLOCK_L=block_l2)
+    batch_stats.welford_merge(part_mean, part_m2, batch_mean, batch_var,
+                              n_lblocks=cdiv(L_out, cfg.block_n), L_out=L_out,
+                              tile_l=cfg.block_n, running_mean=running_mean,
+                              running_var=running_var, momentum_factor=momentum_factor)
+    conv(cfg, conv_forward.MODE_NORM, batch_mean, batch_var, None, None, saves)
     return out, saved, batch_mean, batch_var
 
 
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
               stride, dilation, pad_left, pad_right, norm, eps, relu_before_add):
-    from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad
-    from .tiling import (cdiv, conv_tiles, dot_precision, dot_upcast, elementwise_tiles,
-                         wgrad_splits)
+    from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling, tuning
+    from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
 
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     B, C_in, L = x.shape
@@ -143,57 +165,76 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     part = _alloc.empty((n_tiles, 3, C_out), dtype=sdt, device=dev)
     grad_res = _alloc.empty(grad_out.shape, dtype=dtype, device=dev) if has_residual else None
     grad_y = _alloc.empty(grad_out.shape, dtype=dtype, device=dev)
-    grad_gamma = grad_beta = None
+    grad_gamma = grad_beta = grad_bias = None
     if norm != 0:
         grad_beta = _alloc.empty((C_out,), dtype=beta.dtype, device=dev)
         grad_gamma = _alloc.empty((C_out,), dtype=gamma.dtype, device=dev)
+    if has_bias:
+        grad_bias = _alloc.empty((C_out,), dtype=dtype, device=dev)
     use = lambda t: grad_y if t is None or t.numel() == 0 else t  # noqa: E731
 
-    def launch(reduce_bn, write_grad_res, write_grad_y, reduce_grad_y):
+    def elementwise(write_g, read_g, reduce, write_grad_y):
         bn_backward.relu_bn_backward_kernel[grid](
             grad_out, out, use(saved), use(var), use(gamma), use(beta),
             use(grad_beta), use(grad_gamma), use(grad_res), grad_y, part,
             C_out, L_out, float(B * L_out), float(eps),
-            NORM=norm, RELU_BEFORE_ADD=bool(relu_before_add), WRITE_GRAD_RES=write_grad_res,
-            REDUCE_BN=reduce_bn, WRITE_GRAD_Y=write_grad_y, REDUCE_GRAD_Y=reduce_grad_y,
-            BLOCK_C=block_c, BLOCK_L=block_l)
+            NORM=norm, RELU_BEFORE_ADD=bool(relu_before_add), WRITE_G=write_g, READ_G=read_g,
+            REDUCE=reduce, WRITE_GRAD_Y=write_grad_y, BLOCK_C=block_c, BLOCK_L=block_l)
 
-    def finalize_bn_sums():
-        batch_stats.sum_partials(part[:, 0], grad_beta)
-        batch_stats.sum_partials(part[:, 1], grad_gamma)
-
+    reduce = norm != 0 or has_bias
+    # Training: grad_y needs the full sums of g and g * xhat: reduce, finalize, then grad_y.
+    elementwise(has_residual, False, reduce, norm != 2)
+    if reduce:
+        batch_stats.bn_grad_finalize_kernel[(cdiv(C_out, 32),)](
+            part, use(grad_beta), use(grad_gamma), use(grad_bias), use(var), use(gamma),
+            C_out, n_tiles, float(B * L_out), float(eps), NORM=norm, HAS_BIAS=has_bias,
+            BLOCK_T=64, BLOCK_C=32)
     if norm == 2:
-        # grad_y needs the full sums of g and g * xhat: reduce first, then a second pass.
-        launch(True, has_residual, False, False)
-        finalize_bn_sums()
-        launch(False, False, True, has_bias)
-    else:
-        launch(norm != 0, has_residual, True, has_bias)
-        if norm != 0:
-            finalize_bn_sums()
-    grad_bias = None
-    if has_bias:
-        grad_bias = _alloc.empty((C_out,), dtype=dtype, device=dev)
-        batch_stats.sum_partials(part[:, 2], grad_bias)
+        elementwise(False, has_residual, False, True)
 
     # --- conv data gradient.
-    block_co, block_ci, block_t = conv_tiles(C_out, C_in, L)
+    taps = operands.tap_major_weight(weight)
     grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
-    conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, block_t), cdiv(C_in, block_ci))](
-        grad_y, weight, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
-        DOT_PRECISION=precision, DOT_UPCAST=upcast, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-        BLOCK_T=block_t)
+    tma = operands.descriptor_ok(grad_y, stride) and operands.descriptor_ok(x, stride)
+
+    def dgrad(cfg):
+        gy_src, w_src = grad_y, taps
+        if tma:
+            gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
+            w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
+        conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
+            gy_src, w_src, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
+            taps.shape[2], taps.shape[1], DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
+            BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = _gemm_config(tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,
+                       tuning.key("dgrad", C_in, C_out, K, L, dtype, stride, tma), dgrad, dev,
+                       tma)
+    dgrad(cfg)
 
     # --- conv weight gradient: split the (b, l-block) reduction, then sum the splits.
-    block_ci, block_co, block_l = conv_tiles(C_in, C_out, L_out)
-    n_lblocks = cdiv(L_out, block_l)
-    tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
-    n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
-    wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=sdt, device=dev)
-    conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
-        grad_y, x, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left, n_lblocks,
-        B * n_lblocks, pairs_per_split, DOT_PRECISION=precision, DOT_UPCAST=upcast,
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_L=block_l)
+    def wgrad(cfg):
+        block_co, block_ci, block_l = cfg.block_m, cfg.block_n, cfg.block_k
+        n_lblocks = cdiv(L_out, block_l)
+        tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
+        n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
+        wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=sdt, device=dev)
+        gy_src, x_src = grad_y, x
+        if tma:
+            gy_src = operands.descriptor(grad_y, (1, block_co, block_l))
+            x_src = operands.descriptor(x, (1, block_ci, block_l))
+        conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
+            gy_src, x_src, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
+            n_lblocks, B * n_lblocks, pairs_per_split, DOT_PRECISION=precision,
+            DOT_UPCAST=upcast, TMA=tma, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            BLOCK_L=block_l, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return wpart
+
+    cfg = _gemm_config(tiling.wgrad_config(C_in, C_out, L_out, dtype), C_out, C_in,
+                       dtype, tuning.key("wgrad", C_in, C_out, K, L_out, dtype, stride, tma),
+                       wgrad, dev, tma)
+    wpart = wgrad(cfg)
     grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
     batch_stats.sum_partials(wpart, grad_weight.view(-1))
 

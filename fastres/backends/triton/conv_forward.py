@@ -6,45 +6,52 @@ conv_forward_kernel computes, for one batch row b and a [BLOCK_CO, BLOCK_L] tile
     y[b, co, l] = bias[co]
                   + sum_{k < K} sum_{ci < C_in} w[co, ci, k] * x[b, ci, l*s + k*d - pad_left]
 
-as a sequence of tl.dot products of a weight tile [BLOCK_CO, BLOCK_CI] (tap k) with a
-gathered input tile [BLOCK_CI, BLOCK_L]. Causal / same padding, stride and dilation are
-all masked loads of x (out-of-range positions read 0); no padded copy of x exists.
+as one software-pipelined loop over (tap, C_in block) pairs of tl.dot products of a
+weight tile [BLOCK_CO, BLOCK_CI] (tap k of the tap-major copy, operands.py) with the input
+window [BLOCK_CI, BLOCK_L] that tap reads. TMA: both come through tensor descriptors,
+whose zero fill outside the tensor is the causal / same padding; otherwise the window is a
+masked gather (stride > 1, unaligned rows) and padding positions read 0. No padded copy
+of x exists. BLOCK_CO may cover all of C_out, so that x is read from HBM once.
 
 Epilogue, by MODE:
-  MODE_TRAIN: store y (float32: see bn_apply.py) and, per output channel, this tile's
-      (mean, M2) over its
-      valid positions, computed from the float32 accumulator; the tile's count is
-      min(BLOCK_L, L_out - l0), which the finalize kernel (batch_stats.py) recomputes.
-      No atomics: partials land in [n_tiles, C_out] buffers, tile = b * n_lblocks + pid_l.
-  MODE_EVAL: batch norm with the running statistics is folded in-kernel, per channel:
-      x-hat = (y - mean) * rsqrt(var + eps), z = x-hat * gamma + beta, then [relu],
-      + residual, relu, store out. The eval stage is this one kernel: one read of x (and
-      residual), one write.
-  MODE_NONE: as eval without the normalization.
-  SAVE_Y (eval/none): also store what backward reads: x-hat (eval) or y (none).
+  MODE_STATS (training, first pass): per output channel, this tile's (mean, M2) over its
+      valid positions, from the float32 accumulator; nothing else is written. The count
+      min(BLOCK_L, L_out - l0) is recomputed by the finalize kernel (batch_stats.py). No
+      atomics: partials land in [n_tiles, C_out] buffers, tile = b * n_lblocks + pid_l.
+  MODE_NORM: batch norm with the given statistics, per channel: x-hat = (y - mean) *
+      rsqrt(var + eps), z = x-hat * gamma + beta, then [relu], + residual, relu, store out.
+      Eval passes the running statistics: the eval stage is this one kernel, one read of
+      x (and residual), one write. Training runs it as its second pass with the batch
+      statistics: the conv is computed again rather than y stored and re-read, so y never
+      travels through memory (nor is rounded: 16-bit inputs normalize the float32 y).
+  MODE_NONE: as MODE_NORM without the normalization.
+  SAVE_Y (NORM/NONE): also store what backward reads: x-hat (NORM) or y (NONE).
 
-Shapes: x (B, C_in, L), w (C_out, C_in, K), bias (C_out,), y/out/residual (B, C_out, L_out),
-all contiguous. Batch and channel offsets are int64 so B * C * L may exceed 2**31.
+Shapes: x (B, C_in, L) (x_src: its descriptor, box [1, BLOCK_CI, BLOCK_L], or pointer),
+tap-major weight (K, C_out_p, C_in_p) (w_src likewise, box [1, BLOCK_CO, BLOCK_CI]), bias
+(C_out,), y/out/residual (B, C_out, L_out), all contiguous. Batch and channel offsets are
+int64 so B * C * L may exceed 2**31.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .operands import weight_tile, window
 from .rounding import relu, store_rounded
 
-MODE_NONE, MODE_EVAL, MODE_TRAIN = 0, 1, 2
+MODE_NONE, MODE_NORM, MODE_STATS = 0, 1, 2
 
 
 @triton.jit
 def conv_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, out_ptr, res_ptr,
+    x_src, w_src, bias_ptr, y_ptr, out_ptr, res_ptr,
     mean_ptr, var_ptr, gamma_ptr, beta_ptr,
     part_mean_ptr, part_m2_ptr,
-    C_in, C_out, L, L_out, K, stride, dilation, pad_left, eps,
+    C_in, C_out, L, L_out, K, stride, dilation, pad_left, eps, C_in_p, C_out_p,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Y: tl.constexpr, HAS_RES: tl.constexpr,
     RELU_BEFORE_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
     n_lblocks = tl.cdiv(L_out, BLOCK_L)
@@ -57,22 +64,20 @@ def conv_forward_kernel(
     co_ok = offs_co < C_out
     l_ok = offs_l < L_out
 
-    x_row = x_ptr + b * C_in * L
     acc = tl.zeros([BLOCK_CO, BLOCK_L], dtype=tl.float32)
-    for k in range(0, K):
-        # Input position each output position reads at tap k; outside [0, L) is padding.
-        t = offs_l * stride + k * dilation - pad_left
-        t_ok = (t >= 0) & (t < L) & l_ok
-        for ci0 in range(0, C_in, BLOCK_CI):
-            offs_ci = ci0 + tl.arange(0, BLOCK_CI)
-            ci_ok = offs_ci < C_in
-            w_tile = tl.load(w_ptr + (offs_co[:, None] * C_in + offs_ci[None, :]) * K + k,
-                             mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
-            x_tile = tl.load(x_row + offs_ci[:, None].to(tl.int64) * L + t[None, :],
-                             mask=ci_ok[:, None] & t_ok[None, :], other=0.0)
-            if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
-                w_tile, x_tile = w_tile.to(tl.float32), x_tile.to(tl.float32)
-            acc = tl.dot(w_tile, x_tile, acc, input_precision=DOT_PRECISION)
+    n_ci = tl.cdiv(C_in, BLOCK_CI)
+    # One loop over (tap, channel block), so the pipeliner overlaps every load with the dots.
+    for i in range(0, K * n_ci):
+        k = i // n_ci
+        ci0 = (i % n_ci) * BLOCK_CI
+        w_tile = weight_tile(w_src, k, pid_co * BLOCK_CO, ci0, C_out_p, C_in_p, TMA,
+                             BLOCK_CO, BLOCK_CI)
+        # Input position of output l at tap k is l * stride + k * dilation - pad_left.
+        x_tile = window(x_src, b, ci0, pid_l * BLOCK_L * stride + k * dilation - pad_left,
+                        C_in, L, stride, TMA, BLOCK_CI, BLOCK_L)
+        if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
+            w_tile, x_tile = w_tile.to(tl.float32), x_tile.to(tl.float32)
+        acc = tl.dot(w_tile, x_tile, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
@@ -80,8 +85,7 @@ def conv_forward_kernel(
     tile_offs = b * C_out * L_out + offs_co[:, None].to(tl.int64) * L_out + offs_l[None, :]
     tile_ok = co_ok[:, None] & l_ok[None, :]
 
-    if MODE == 2:  # MODE_TRAIN: y and this tile's per-channel (mean, M2)
-        store_rounded(y_ptr + tile_offs, acc, tile_ok)
+    if MODE == 2:  # MODE_STATS: this tile's per-channel (mean, M2)
         count = tl.minimum(L_out - pid_l * BLOCK_L, BLOCK_L).to(tl.float32)
         tile_mean = tl.sum(tl.where(tile_ok, acc, 0.0), axis=1) / count
         centered = tl.where(tile_ok, acc - tile_mean[:, None], 0.0)
@@ -91,7 +95,7 @@ def conv_forward_kernel(
         tl.store(part_m2_ptr + tile * C_out + offs_co, tile_m2, mask=co_ok)
     else:
         z = acc
-        if MODE == 1:  # MODE_EVAL: batch norm with the running statistics, folded here
+        if MODE == 1:  # MODE_NORM: batch norm with the given (running or batch) statistics
             mean = tl.load(mean_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
             var = tl.load(var_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             gamma = tl.load(gamma_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)

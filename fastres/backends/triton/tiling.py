@@ -7,31 +7,131 @@ along every axis on small shapes.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ...conventions import cudnn_conv_tf32, triton_interpreting
 
-# Upper bounds of the tile sizes (powers of two). 64 x 64 fp32 accumulators keep register
-# pressure sane at num_warps=4; tests lower them to exercise edge tiles.
-MAX_BLOCK_CO = 64   # channels a GEMM program tiles (forward: C_out, dgrad: C_in, wgrad: C_out)
-MAX_BLOCK_CI = 32   # channels per tl.dot reduction step (forward: C_in, dgrad: C_out, wgrad: C_in)
-MAX_BLOCK_L = 64    # positions per program
+# Upper bounds of the tile sizes (powers of two); tests lower them to exercise edge tiles.
+MAX_BLOCK_CO = 256  # channels a GEMM program tiles (forward: C_out, dgrad: C_in, wgrad: C_out)
+MAX_BLOCK_CI = 64   # channels per reduction step (forward: C_in, dgrad: C_out), 16-bit;
+                    # wgrad's C_in tile is capped by MAX_BLOCK_CO / 2
+MAX_BLOCK_L = 128   # positions per program (wgrad: per reduction step)
 MAX_BLOCK_C = 32    # channels per program of the elementwise BN kernels
 MIN_DOT = 16        # smallest tl.dot dimension the GPU accepts
+MAX_ACC = 128 * 128  # float32 accumulator elements per program: 64 registers a thread at 8 warps
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand buffers (H100: 227 KiB a block)
+MAX_STAGES = 4
+
+# Read activation windows through tensor descriptors (TMA) where the layout allows
+# (operands.descriptor_ok). FASTRES_TRITON_TMA=0 forces the masked-pointer path everywhere:
+# the way out if a GPU ever refuses what the TMA path does (benchmarks/NOTES.md).
+USE_TMA = os.environ.get("FASTRES_TRITON_TMA", "1") != "0"
 
 # How many programs wgrad aims for in total; the (b, l) reduction is split to reach it.
 WGRAD_TARGET_PROGRAMS = 512
 MAX_WGRAD_SPLITS = 64
 
 
-def conv_tiles(C_reduce: int, C_tile: int, L_tile: int):
-    """(BLOCK over the reduced channels, BLOCK over the tiled channels, BLOCK over length)
-    for the three implicit GEMMs: forward (C_in, C_out, L_out), dgrad (C_out, C_in, L),
-    wgrad (C_in, C_out, L_out)."""
-    return (pow2_block(C_reduce, MIN_DOT, MAX_BLOCK_CI), pow2_block(C_tile, MIN_DOT, MAX_BLOCK_CO),
-            pow2_block(L_tile, MIN_DOT, MAX_BLOCK_L))
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of one conv GEMM: out tile [block_m, block_n], reduction steps of block_k.
+
+    forward: (C_out, L_out, C_in); dgrad: (C_in, L, C_out); wgrad: (C_out, C_in, L_out).
+    Every block is a power of two >= 16 (tl.arange and tl.dot need it); num_stages is
+    how many operand buffers the software pipeline keeps in shared memory."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def smem_bytes(self, element_size: int) -> int:
+        per_stage = (self.block_m + self.block_n) * self.block_k * element_size
+        return self.num_stages * per_stage
+
+
+def gemm_config(M: int, N: int, Kr: int, dtype: torch.dtype, *, max_m: int, max_n: int,
+                max_k: int) -> GemmConfig:
+    """Tiles that fit the problem: block_m up to all of M (an operand is then read once),
+    block_n shrunk to keep the accumulator at MAX_ACC (half that in float32), a reduction
+    step of max_k * 2 bytes, 8 warps (two warpgroups) for large tiles,
+    and as many pipeline stages as fit SMEM_BUDGET (at least 2)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    block_m = pow2_block(M, MIN_DOT, max_m)
+    block_n = pow2_block(N, MIN_DOT, max(MIN_DOT, min(max_n, _max_acc(size) // block_m)))
+    block_k = pow2_block(Kr, MIN_DOT, max(MIN_DOT, max_k * 2 // size))
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    stages = MAX_STAGES
+    while stages > 2 and GemmConfig(block_m, block_n, block_k, num_warps,
+                                    stages).smem_bytes(size) > SMEM_BUDGET:
+        stages -= 1
+    return GemmConfig(block_m, block_n, block_k, num_warps, stages)
+
+
+def _max_acc(element_size: int) -> int:
+    """float32 epilogues hold 32-bit operand tiles (residual, x-hat) beside the accumulator:
+    half the accumulator keeps them out of local memory (an fp32 C=256 forward spilled at
+    MAX_ACC; tests/backends/test_triton_codegen.py checks)."""
+    return MAX_ACC // 2 if element_size > 2 else MAX_ACC
+
+
+def forward_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmConfig:
+    return gemm_config(C_out, L_out, C_in, dtype, max_m=MAX_BLOCK_CO, max_n=MAX_BLOCK_L,
+                       max_k=MAX_BLOCK_CI)
+
+
+def dgrad_config(C_in: int, C_out: int, L: int, dtype: torch.dtype) -> GemmConfig:
+    return gemm_config(C_in, L, C_out, dtype, max_m=MAX_BLOCK_CO, max_n=MAX_BLOCK_L,
+                       max_k=MAX_BLOCK_CI)
+
+
+def wgrad_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmConfig:
+    return gemm_config(C_out, C_in, L_out, dtype, max_m=min(MAX_BLOCK_CO, 128),
+                       max_n=max(MIN_DOT, MAX_BLOCK_CO // 2), max_k=MAX_BLOCK_L)
+
+
+def pointer_config(config: GemmConfig) -> GemmConfig:
+    """Tiles for the masked-pointer path (stride > 1, rows that are not 16-byte multiples):
+    its operands arrive as 2-byte scalar gathers through registers, which neither large
+    tiles nor deep pipelines help; at the TMA path's tiles wgrad spilled 400+ bytes a
+    thread (benchmarks/NOTES.md). At most 64 x 64 outputs, 32-deep steps, 4 warps."""
+    return GemmConfig(min(config.block_m, 64), min(config.block_n, 64),
+                      min(config.block_k, 32), 4, 2)
+
+
+def candidate_configs(config: GemmConfig, M: int, N: int, dtype: torch.dtype):
+    """The heuristic `config` first, then its neighbours worth timing on a GPU (tuning.py):
+    block_n halved and doubled, the reduction step halved, the other warp count. Pruned:
+    tl.dot-sized and power-of-two blocks, block_n within N's next power of two, an
+    accumulator no larger than the heuristic allows (MAX_ACC, half in float32) nor than 64
+    registers a thread, and as many stages as SMEM_BUDGET allows (>= 2; a
+    config that needs more shared memory than that at 2 stages is dropped)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    out = [config]
+    n_cap = max(MIN_DOT, triton.next_power_of_2(max(int(N), 1)))
+    for block_n in (config.block_n // 2, config.block_n, config.block_n * 2):
+        for block_k in (config.block_k // 2, config.block_k):
+            for warps in (4, 8):
+                acc = config.block_m * block_n
+                # (at most 64 accumulator registers a thread: 4 warps spilled beyond)
+                if min(block_n, block_k) < MIN_DOT or block_n > n_cap \
+                        or acc > max(_max_acc(size), config.block_m * config.block_n) \
+                        or acc > MAX_ACC * warps // 8:
+                    continue
+                stages = MAX_STAGES
+                while stages > 2 and GemmConfig(config.block_m, block_n, block_k, warps,
+                                                stages).smem_bytes(size) > SMEM_BUDGET:
+                    stages -= 1
+                cfg = GemmConfig(config.block_m, block_n, block_k, warps, stages)
+                if cfg.smem_bytes(size) <= SMEM_BUDGET and cfg not in out:
+                    out.append(cfg)
+    return out
 
 
 def elementwise_tiles(C: int, L_out: int):
@@ -79,14 +179,7 @@ def dot_upcast(dtype: torch.dtype) -> bool:
 
 # Rows (tiles, splits) one finalize program reduces; more rows than this are reduced in two
 # levels, FINALIZE_ROWS-row chunks in parallel and then the chunks. A power of two.
-FINALIZE_ROWS = 1024
-
-# Training keeps the conv output y in float32 between the conv and the apply pass for
-# fp16/bf16 inputs (bn_apply.py says why). False stores it in x.dtype instead: 2x fewer
-# bytes for that round trip, but ReLU masks near zero then flip often enough to exceed
-# the 1e-2 bound of the parity tests. A speed/precision knob for benchmarks.
-TRAIN_Y_FLOAT32 = True
-
+FINALIZE_ROWS = 4096
 
 @triton.jit
 def elementwise_tile(C, L_out, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
