@@ -57,6 +57,8 @@ ConvGeometry check_backward_args(const at::Tensor& x, const at::Tensor& weight, 
               "fastres_ext: backward needs the saved x-hat (or y without batch norm)");
   TORCH_CHECK(grad_x.is_contiguous() && grad_weight.is_contiguous(),
               "fastres_ext: gradients must be contiguous");
+  TORCH_CHECK(grad_x.numel() == 0 || grad_x.sizes() == x.sizes(),
+              "fastres_ext: grad_x must be shaped like x, or empty (x needs no gradient)");
   return g;
 }
 

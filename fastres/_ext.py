@@ -64,13 +64,14 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
 
 
 def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
-             stride, dilation, pad_left, pad_right, norm, eps, relu_before_add):
+             stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
+             need_grad_x=True):
     def like(t, dtype=None):
         return _alloc.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
 
     empty = x.new_empty(0)
     with_norm = norm != NORM_NONE
-    grad_x, grad_weight = like(x), like(weight)
+    grad_x, grad_weight = like(x) if need_grad_x else empty, like(weight)
     grad_bias = _alloc.empty((weight.shape[0],), dtype=x.dtype, device=x.device) \
         if has_bias else empty
     grad_gamma = like(gamma) if with_norm else empty
@@ -80,6 +81,6 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
         grad_out, x, weight, gamma, beta, saved, out, var, has_residual, stride, dilation,
         pad_left, pad_right, NORM_CODES[norm], eps, relu_before_add, grad_x, grad_weight,
         grad_bias, grad_gamma, grad_beta, grad_residual)
-    return (grad_x, grad_weight, grad_bias if has_bias else None,
+    return (grad_x if need_grad_x else None, grad_weight, grad_bias if has_bias else None,
             grad_gamma if with_norm else None, grad_beta if with_norm else None,
             grad_residual if has_residual else None)

@@ -536,8 +536,9 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
 
   // grad_x: tiles of input positions j; tap k sends grad_y[:, t] to j = t*stride + k*d - pad_left:
   //   acc[C_in, tile] += W_k^T[C_in, C_out] @ grad_y[b, :, t(j)]
-  // Tiles own disjoint input positions, so no two threads write the same element.
-  {
+  // Tiles own disjoint input positions, so no two threads write the same element. An empty
+  // grad_x means x needs no gradient (a network's input): the whole data-gradient conv is skipped.
+  if (grad_x.numel() > 0) {
     const int64_t tile = tile_length(c_in, g.batch, g.length);
     const int64_t tiles_per_item = ceil_div(g.length, tile);
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();

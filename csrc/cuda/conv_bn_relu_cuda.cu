@@ -786,12 +786,15 @@ void conv_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
                    const at::Tensor& grad_weight) {
   const int64_t reach = g.dilation * (g.taps - 1);
   const at::Context& ctx = at::globalContext();
+  // An empty grad_x: x needs no gradient (a network's input), only the weight's is computed.
+  const bool need_grad_x = grad_x.numel() > 0;
   const bool direct = g.stride == 1 && cc.padding <= reach && ctx.userEnabledCuDNN() &&
                       at::detail::getCUDAHooks().compiledWithCuDNN();
   const auto result = at::convolution_backward(
       grad_y, x, weight, std::nullopt, {g.stride}, {cc.padding}, {g.dilation}, false, {0}, 1,
-      {!direct, true, false});
+      {need_grad_x && !direct, true, false});
   grad_weight.copy_(std::get<1>(result));
+  if (!need_grad_x) return;
   if (!direct) {
     grad_x.copy_(std::get<0>(result));
     return;

@@ -63,7 +63,8 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
 
 
 def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
-             stride, dilation, pad_left, pad_right, norm, eps, relu_before_add):
+             stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
+             need_grad_x=True):
     """The analytic backward (docs/spec.md), in the compute dtype."""
     ct = stats_dtype(x.dtype)
     # ReLU passes the gradient where its output is positive or NaN, as torch.relu does.
@@ -87,13 +88,15 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
         if relu_before_add:
             g = torch.where(saved <= 0, 0.0, g)
         grad_y = g
-    x_padded_shape = x.shape[:2] + (x.shape[2] + pad_left + pad_right,)
-    grad_x = torch.nn.grad.conv1d_input(x_padded_shape, weight.to(ct), grad_y, stride=stride,
-                                        dilation=dilation)
-    grad_x = grad_x[:, :, pad_left:pad_left + x.shape[2]].contiguous()
+    grad_x = None
+    if need_grad_x:
+        x_padded_shape = x.shape[:2] + (x.shape[2] + pad_left + pad_right,)
+        grad_x = torch.nn.grad.conv1d_input(x_padded_shape, weight.to(ct), grad_y,
+                                            stride=stride, dilation=dilation)
+        grad_x = grad_x[:, :, pad_left:pad_left + x.shape[2]].contiguous().to(x.dtype)
     grad_weight = torch.nn.grad.conv1d_weight(F.pad(x.to(ct), (pad_left, pad_right)),
                                               weight.shape, grad_y, stride=stride,
                                               dilation=dilation)
     grad_bias = grad_y.sum((0, 2)).to(x.dtype) if has_bias else None
-    return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias, grad_gamma, grad_beta,
+    return (grad_x, grad_weight.to(weight.dtype), grad_bias, grad_gamma, grad_beta,
             grad_residual)

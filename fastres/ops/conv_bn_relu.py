@@ -63,24 +63,26 @@ def _backward_op(
     grad_out: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor],
     beta: Optional[Tensor], saved: Tensor, out: Tensor, var: Tensor, has_bias: bool,
     has_residual: bool, stride: int, dilation: int, pad_left: int, pad_right: int, norm: str,
-    eps: float, relu_before_add: bool, backend: str,
+    eps: float, relu_before_add: bool, backend: str, need_grad_x: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = backends.get(backend).backward(
         grad_out.contiguous(), x, weight, gamma, beta, saved, out, var, has_bias=has_bias,
         has_residual=has_residual, stride=stride, dilation=dilation, pad_left=pad_left,
-        pad_right=pad_right, norm=norm, eps=eps, relu_before_add=relu_before_add)
+        pad_right=pad_right, norm=norm, eps=eps, relu_before_add=relu_before_add,
+        need_grad_x=need_grad_x)
     # Custom ops cannot return None: an absent gradient travels as an empty tensor.
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @_backward_op.register_fake
 def _(grad_out, x, weight, gamma, beta, saved, out, var, has_bias, has_residual, stride,
-      dilation, pad_left, pad_right, norm, eps, relu_before_add, backend):
+      dilation, pad_left, pad_right, norm, eps, relu_before_add, backend, need_grad_x):
     empty = x.new_empty(0)
     c_out = weight.shape[0]
     vector = x.new_empty((c_out,))
     stats = x.new_empty((c_out,), dtype=stats_dtype(x.dtype))
-    return (torch.empty_like(x), torch.empty_like(weight), vector if has_bias else empty,
+    return (torch.empty_like(x) if need_grad_x else empty, torch.empty_like(weight),
+            vector if has_bias else empty,
             stats if norm != NORM_NONE else empty, stats.clone() if norm != NORM_NONE else empty,
             torch.empty_like(out) if has_residual else empty)
 
@@ -110,9 +112,13 @@ class _FusedStage(torch.autograd.Function):
         x, weight, gamma, beta, saved, out, var = ctx.saved_tensors
         if var is None:
             var = x.new_empty(0)
-        grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, *ctx.args)
+        # The data gradient is a whole conv: skip it where x needs none (a network's input).
+        need_grad_x = ctx.needs_input_grad[0]
+        grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, *ctx.args,
+                             need_grad_x)
         has_bias, has_residual = ctx.args[0], ctx.args[1]
-        present = (True, True, has_bias, gamma is not None, beta is not None, has_residual)
+        present = (need_grad_x, True, has_bias, gamma is not None, beta is not None,
+                   has_residual)
         g_x, g_w, g_b, g_gamma, g_beta, g_res = (g if p else None for g, p in zip(grads, present))
         return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 10
 

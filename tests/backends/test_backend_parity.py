@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import fastres
 from fastres import backends
 from fastres.parity import Case, check_parity, TF32_TOLERANCE
-from fastres.conventions import cudnn_conv_tf32_set
-from fastres.reference import conv_padding
+from fastres.conventions import cudnn_conv_tf32_set, rel_err
+from fastres.reference import conv_bn_relu_reference, conv_padding
 from availability import requires_cuda, skip_unless_available
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -182,3 +182,36 @@ def test_grid_cuda(backend, case, dtype, fresh_seed):
             check_parity(case, backend, dtype, device="cuda", seed=fresh_seed)
     else:
         check_parity(case, backend, dtype, device="cuda", seed=fresh_seed)
+
+
+@pytest.mark.parametrize("backend", [n for n in backends.names() if n != "eager"])
+def test_input_that_needs_no_gradient_skips_the_data_gradient(backend, monkeypatch, fresh_seed):
+    """A network's input needs no gradient: backward skips the data-gradient conv and the
+    other gradients stay exact."""
+    skip_unless_available(backend)
+    module = backends.get(backend).module
+    seen = []
+    real = module.backward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("need_grad_x"))
+        grads = real(*args, **kwargs)
+        seen.append(grads[0])
+        return grads
+    monkeypatch.setattr(module, "backward", spy)
+    g = torch.Generator().manual_seed(fresh_seed)
+    x = torch.randn(2, 4, 24, generator=g)
+    w = (torch.randn(6, 4, 3, generator=g) / 3).requires_grad_()
+    gamma, beta = torch.rand(6, generator=g).add(0.5).requires_grad_(), torch.randn(6, generator=g).requires_grad_()
+    grad = torch.randn(2, 6, 24, generator=g)
+    with fastres.use_backend(backend):
+        out = fastres.conv_bn_relu(x, w, None, None, None, gamma, beta, training=True, dilation=2)
+        got = torch.autograd.grad(out, [w, gamma, beta], grad)
+    assert seen == [False, None]
+    leaves = [w.detach().double().requires_grad_(), gamma.detach().double().requires_grad_(),
+              beta.detach().double().requires_grad_()]
+    want_out = conv_bn_relu_reference(x.double(), leaves[0], None, None, None, leaves[1],
+                                      leaves[2], training=True, dilation=2)
+    want = torch.autograd.grad(want_out, leaves, grad.double())
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5

@@ -144,7 +144,8 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
 
 
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
-              stride, dilation, pad_left, pad_right, norm, eps, relu_before_add):
+              stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
+              need_grad_x=True):
     from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
 
@@ -192,26 +193,28 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     if norm == 2:
         elementwise(False, has_residual, False, True)
 
-    # --- conv data gradient.
-    taps = operands.tap_major_weight(weight)
-    grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
+    # --- conv data gradient (a whole conv: skipped where x needs no gradient).
     tma = operands.descriptor_ok(grad_y, stride) and operands.descriptor_ok(x, stride)
+    grad_x = None
+    if need_grad_x:
+        taps = operands.tap_major_weight(weight)
+        grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
 
-    def dgrad(cfg):
-        gy_src, w_src = grad_y, taps
-        if tma:
-            gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
-            w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
-        conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
-            gy_src, w_src, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
-            taps.shape[2], taps.shape[1], DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
-            BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        def dgrad(cfg):
+            gy_src, w_src = grad_y, taps
+            if tma:
+                gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
+                w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
+            conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
+                gy_src, w_src, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
+                taps.shape[2], taps.shape[1], DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
+                BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = _gemm_config(tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,
-                       tuning.key("dgrad", C_in, C_out, K, L, dtype, stride, tma), dgrad, dev,
-                       tma)
-    dgrad(cfg)
+        cfg = _gemm_config(tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,
+                           tuning.key("dgrad", C_in, C_out, K, L, dtype, stride, tma), dgrad, dev,
+                           tma)
+        dgrad(cfg)
 
     # --- conv weight gradient: split the (b, l-block) reduction, then sum the splits.
     def wgrad(cfg):
