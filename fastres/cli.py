@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: cuda when available, else cpu")
     check.add_argument("--backend", metavar="NAMES",
                        help="comma-separated backends to check (default: all available)")
+    check.add_argument("--seed", type=int, metavar="N",
+                       help="draw the inputs from seed N (default: fresh random inputs)")
 
     dispatch = sub.add_parser(
         "dispatch", help="which backend won each measured call signature here",
@@ -155,14 +157,16 @@ def _check(parser, args) -> int:
         print(f"no available fastres backend runs on {device.type}", file=sys.stderr)
         return 1
     from tqdm.auto import tqdm
-    results = run_check(device.type, names, progress=lambda plan: tqdm(
+    results = run_check(device.type, names, seed=args.seed, progress=lambda plan: tqdm(
         plan, desc="fastres check", unit="case", leave=False))
     cells = [[r.backend, r.dtype, r.case, f"{r.max_error:.2e}" if r.errors else "-",
-              r.worst or "-", f"{r.tol:.0e}", "ok" if r.passed else "FAIL"] for r in results]
+              r.worst or "-", f"{r.tol:.0e}", str(r.seed), "ok" if r.passed else "FAIL"]
+             for r in results]
     print(f"fastres check on {device.type}: every backend vs the float64 reference "
-          "(relative error ||a-b||/||b|| of output, gradients, running stats)")
-    print(text_table(["backend", "dtype", "case", "max rel err", "worst", "tol", "result"],
-                     cells))
+          "(relative error ||a-b||/||b|| of output, gradients, running stats; fresh inputs "
+          f"per case, --seed {results[0].seed if results else 0} repeats this run)")
+    print(text_table(["backend", "dtype", "case", "max rel err", "worst", "tol", "seed",
+                      "result"], cells))
     failures = [r for r in results if not r.passed]
     for r in failures:
         detail = r.error or ", ".join(f"{k}={v:.2e}" for k, v in r.errors.items() if not v < r.tol)

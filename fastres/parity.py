@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -206,6 +207,23 @@ def parity_errors(case: Case, backend: Optional[str], dtype: torch.dtype, device
     return errors
 
 
+def nonfinite_errors(case: Case, backend: Optional[str], dtype: torch.dtype, device="cpu",
+                     seed: int = 0) -> Dict[str, float]:
+    """NaN propagation against the reference, as errors a bound can judge: 0.0 where the
+    backend's NaN positions in the output equal the reference's and every gradient the
+    reference has a NaN in has one too; inf where not (a NaN swallowed, or invented)."""
+    inputs = make_inputs(case, dtype, device, seed)
+    inputs["x"][0, 0, case.L // 2] = float("nan")
+    out, grads, _, _ = run_backend(case, inputs, dtype, backend)
+    ref_out, ref_grads, _, _ = run_reference(case, inputs)
+    same = torch.equal(torch.isnan(out).cpu(), torch.isnan(ref_out).cpu())
+    errors = {"out NaN positions": 0.0 if same else float("inf")}
+    for name, ref_grad in ref_grads.items():
+        kept = torch.isfinite(ref_grad).all() or not torch.isfinite(grads[name]).all()
+        errors[f"grad_{name} keeps NaN"] = 0.0 if kept else float("inf")
+    return errors
+
+
 def check_parity(case: Case, backend: Optional[str], dtype: torch.dtype, device="cpu",
                  seed: int = 0, tol: Optional[float] = None) -> Dict[str, float]:
     """Assert the backend matches the float64 reference; return the errors by name."""
@@ -232,6 +250,15 @@ CHECK_CASES: Dict[str, Case] = {
     "none,s3,relu2": Case(K=5, stride=3, L=20, norm="none", relu_before_add=True),
     "train,rf>L": Case(B=1, L=9, K=7, dilation=4, residual="tensor"),
     "train+res,big": Case(B=4, C_in=32, C_out=32, L=256, K=3, dilation=8, residual="tensor"),
+    # 4 values per channel: batch norm's backward nearly cancels, 16-bit rounding shows.
+    "train,4/channel": Case(B=2, C_in=6, C_out=8, L=2, K=2, residual="tensor"),
+}
+
+# Cases run with a NaN planted in x (see nonfinite_errors): it must reach the output where
+# the reference has it, and never vanish from a gradient.
+NONFINITE_CASES: Dict[str, Case] = {
+    "NaN in x,eval+res": Case(norm="eval", residual="tensor", relu_before_add=True),
+    "NaN in x,train": Case(norm="train", L=24, dilation=2),
 }
 
 
@@ -242,6 +269,7 @@ class CheckResult:
     case: str             # a key of CHECK_CASES
     errors: Dict[str, float]
     tol: float
+    seed: Optional[int] = None    # the inputs' seed (parity_errors(..., seed=) repeats them)
     error: Optional[str] = None   # an exception message, when the case did not run
 
     @property
@@ -286,20 +314,28 @@ def check_plan(device: str, backend_names: Optional[Sequence[str]] = None,
 
 def run_check(device: str = "cpu", backend_names: Optional[Sequence[str]] = None,
               cases: Optional[Dict[str, Case]] = None,
-              progress: Optional[Callable[[Iterable], Iterable]] = None) -> List[CheckResult]:
-    """Every available backend on `device` against the reference over `cases` (CHECK_CASES).
+              progress: Optional[Callable[[Iterable], Iterable]] = None,
+              seed: Optional[int] = None) -> List[CheckResult]:
+    """Every available backend on `device` against the reference over `cases` (CHECK_CASES,
+    and NONFINITE_CASES when `cases` is not given).
 
-    A case that raises is a failure carrying the exception message, not a crash.
+    Each case draws fresh inputs: from `seed` (repeatable) or a random one; the result
+    records it. A case that raises is a failure carrying the exception message, not a crash.
     """
+    if cases is None:
+        cases = {**CHECK_CASES, **NONFINITE_CASES}
     plan = check_plan(device, backend_names, cases)
+    base = random.randrange(2**31) if seed is None else seed
     results = []
-    for name, label, dtype, tf32, case_name, case in (progress or iter)(plan):
+    for i, (name, label, dtype, tf32, case_name, case) in enumerate((progress or iter)(plan)):
         tol = TF32_TOLERANCE if tf32 else TOLERANCE[dtype]
+        case_seed = (base + i) % 2**31
+        measure = nonfinite_errors if case_name in NONFINITE_CASES else parity_errors
         try:
             with cudnn_conv_tf32_set(tf32):
-                errors = parity_errors(case, name, dtype, device)
-            results.append(CheckResult(name, label, case_name, errors, tol))
+                errors = measure(case, name, dtype, device, case_seed)
+            results.append(CheckResult(name, label, case_name, errors, tol, seed=case_seed))
         except Exception as exc:  # noqa: BLE001 - report the failure and go on
-            results.append(CheckResult(name, label, case_name, {}, tol,
+            results.append(CheckResult(name, label, case_name, {}, tol, seed=case_seed,
                                        error=f"{type(exc).__name__}: {exc}"))
     return results

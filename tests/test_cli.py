@@ -12,7 +12,7 @@ from fastres import cli
 from fastres.backends import composite as composite_backend
 from fastres.bench import runner, timing
 from fastres.bench.tcn_vs_rnn import crossover, matched_hidden, _rnn_params
-from fastres.parity import CHECK_CASES
+from fastres.parity import CHECK_CASES, NONFINITE_CASES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -214,8 +214,30 @@ def test_check_passes_on_cpu(capsys):
     assert cli.main(["check", "--device", "cpu", "--backend", "composite"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out
-    n = len(CHECK_CASES) * len(fastres.backends.get("composite").dtypes)
+    n = (len(CHECK_CASES) + len(NONFINITE_CASES)) * len(fastres.backends.get("composite").dtypes)
     assert f"{n}/{n} passed" in out
+
+
+def test_check_draws_fresh_inputs_and_a_seed_repeats_them(capsys):
+    from fastres.parity import run_check
+    first = run_check("cpu", ["composite"], {"train": CHECK_CASES["train"]}, seed=7)
+    again = run_check("cpu", ["composite"], {"train": CHECK_CASES["train"]}, seed=7)
+    other = run_check("cpu", ["composite"], {"train": CHECK_CASES["train"]})
+    assert [r.errors for r in first] == [r.errors for r in again]
+    assert [r.seed for r in first] != [r.seed for r in other]
+
+
+def test_check_fails_a_backend_that_swallows_nan(monkeypatch, capsys):
+    forward = composite_backend.forward
+
+    def zeroing(*args, **kwargs):  # max(z, 0): what a ReLU written with maximum does
+        out, saved, mean, var = forward(*args, **kwargs)
+        return out.nan_to_num(0.0), saved, mean, var
+
+    monkeypatch.setattr(composite_backend, "forward", zeroing)
+    assert cli.main(["check", "--device", "cpu", "--backend", "composite"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL composite float32 NaN in x,eval+res: out NaN positions=inf" in out
 
 
 def test_check_fails_and_names_the_case_when_a_backend_is_wrong(monkeypatch, capsys):

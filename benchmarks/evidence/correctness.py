@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from fastres import backends, parity
-from fastres.parity import CHECK_CASES, TF32_TOLERANCE, TOLERANCE, Case
+from fastres.parity import CHECK_CASES, NONFINITE_CASES, TF32_TOLERANCE, TOLERANCE, Case
 
 from .context import SPENT, Context, tf32_convs
 from .results import Section, error_text
@@ -157,7 +157,8 @@ def run_check(ctx: Context, section: Section) -> None:
     budget can stop it between cases."""
     device = ctx.device.type
     names = [n for n in backends.available_backends() if device in backends.get(n).devices]
-    cases = CHECK_CASES if ctx.cuda else dict(list(CHECK_CASES.items())[:1])
+    every = {**CHECK_CASES, **NONFINITE_CASES}
+    cases = every if ctx.cuda else dict(list(CHECK_CASES.items())[:1])
     section.data.update(device=device, backends=names, cases={k: str(v) for k, v in cases.items()},
                         results=[])
     table = section.table("", ["backend", "dtype", "case", "max rel err", "worst", "tol",
