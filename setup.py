@@ -101,6 +101,15 @@ def _find_nvcc():
     return next((c for c in candidates if os.path.exists(c)), None)
 
 
+def _record_build(**outcome):
+    """Write fastres/_build_info.json: what this build tried and whether it worked, so the
+    tests (tests/backends/test_cpp_ext.py) fail loudly where a build failed, instead of the
+    extension's tests skipping."""
+    import json
+    with open(os.path.join(HERE, "fastres", "_build_info.json"), "w") as f:
+        json.dump(outcome, f)
+
+
 def _extensions():
     """The extension list and the build_ext command class, or ([], {}) for pure Python."""
     if os.environ.get("FASTRES_NO_EXT", "") == "1":
@@ -167,9 +176,12 @@ def _extensions():
             try:
                 super().run()
                 _say("built fastres._C")
+                _record_build(built=True, cuda=nvcc is not None)
             except Exception as exc:  # compiler missing or compile error: degrade, loudly
                 _say(f"FAILED to build fastres._C ({type(exc).__name__}: {exc}); installing "
                      "without it (reference/Triton backends only)")
+                _record_build(built=False, cuda=nvcc is not None,
+                              error=f"{type(exc).__name__}: {exc}")
 
     return [ext], {"build_ext": OptionalBuildExtension}
 
