@@ -31,7 +31,7 @@ from .eager import EagerBackend
 
 __all__ = ["Backend", "Call", "Decision", "all_backends", "available_backends", "candidates",
            "choose", "choose_signature", "describe_default", "forced_backend", "get",
-           "is_recording", "names", "record", "recording", "set_recording_stage",
+           "is_recording", "names", "not_recording", "record", "recording", "set_recording_stage",
            "static_choice", "unavailable_reason", "use_backend"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -91,21 +91,22 @@ _forced = threading.local()
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str, reason: str = "forced") -> Iterator[None]:
     """Run fastres ops called inside the block (on this thread) on backend `name`.
 
     Raises at once if the backend cannot run on this machine. The backward of a call made
-    inside the block runs on the same backend, wherever autograd runs it.
+    inside the block runs on the same backend, wherever autograd runs it. `reason` is what
+    fastres.explain reports for the calls.
     """
-    reason = unavailable_reason(name)
-    if reason is not None:
-        raise RuntimeError(f"fastres backend {name!r} is not available: {reason}")
-    previous = getattr(_forced, "name", None)
-    _forced.name = name
+    unavailable = unavailable_reason(name)
+    if unavailable is not None:
+        raise RuntimeError(f"fastres backend {name!r} is not available: {unavailable}")
+    previous = getattr(_forced, "name", None), getattr(_forced, "reason", None)
+    _forced.name, _forced.reason = name, reason
     try:
         yield
     finally:
-        _forced.name = previous
+        _forced.name, _forced.reason = previous
 
 
 def forced_backend() -> Optional[str]:
@@ -200,7 +201,8 @@ def choose_signature(signature: tuple, make_run=None) -> Decision:
         reason = get(forced).supports(call)
         if reason is not None:
             raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
-        return _recorded(signature, Decision(forced, "forced"))
+        return _recorded(signature, Decision(forced, getattr(_forced, "reason", None)
+                                             or "forced"))
     decision = _DECIDED.get(signature)
     if decision is None:
         decision = _decide(Call(*signature), make_run)
@@ -218,7 +220,7 @@ def _decide(call: Call, make_run) -> Decision:
     elif make_run is None or not autotune.measuring_enabled():
         return static_choice(call)
     else:
-        measurement = autotune.measure(names, make_run, call.device)
+        measurement = autotune.measure(names, make_run, call.device, call.needs_grad)
         dispatch_cache().store(call.key(), call.device, measurement)
         decision = Decision(measurement.backend, measurement.reason())
     _DECIDED[dataclasses.astuple(call)] = decision
@@ -246,6 +248,17 @@ def record(stage, signature: Optional[tuple], decision: Decision) -> None:
 def set_recording_stage(stage) -> None:
     """Name the stage (the caller's conv module) the next recorded decisions belong to."""
     _recording.stage = stage
+
+
+@contextlib.contextmanager
+def not_recording() -> Iterator[None]:
+    """Leave the calls made inside the block out of an enclosing recording (measurements)."""
+    previous = getattr(_recording, "log", None)
+    _recording.log = None
+    try:
+        yield
+    finally:
+        _recording.log = previous
 
 
 @contextlib.contextmanager

@@ -52,8 +52,11 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
     compute = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
     up = (lambda t: t) if compute == x.dtype else (  # noqa: E731
         lambda t: None if t is None else t.to(compute))
-    no_autocast = torch.autocast(x.device.type, enabled=False) \
-        if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext()
+    # (entering torch.autocast costs microseconds: only where autocast is on)
+    device_type = x.device.type
+    no_autocast = torch.autocast(device_type, enabled=False) \
+        if torch.amp.is_autocast_available(device_type) \
+        and torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
     with no_autocast:
         z = _conv(up(x), up(weight), up(bias), stride, dilation, pad_left, pad_right)
         if norm != NORM_NONE:

@@ -31,6 +31,7 @@ from torch.nn.modules import module as _module
 from .. import backends
 from ..conventions import HALF_DTYPES, conv_padding
 from ..ops import conv_bn_relu, execute, plan
+from .policy import forward_with_policy
 from .sync_batchnorm import sync_conv_bn_relu_stage
 
 
@@ -64,6 +65,9 @@ def bn_arguments(bn: nn.BatchNorm1d) -> dict:
 
 
 # Plans per conv module (one stage each) and input signature; weak, so modules die freely.
+# _PLAIN marks a stage where eager won: it runs the plain twin's code.
+_PLAIN = "plain"
+_PLANNED_DEVICES = ("cpu", "cuda")
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, object]]" = weakref.WeakKeyDictionary()
 
 
@@ -86,9 +90,11 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
         return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
                                        bn_arguments(bn))
     weight = conv.weight
-    if torch.compiler.is_compiling() or (torch.amp.is_autocast_available(x.device.type)
-                                         and torch.is_autocast_enabled(x.device.type)):
-        # The op as a whole, validated and dispatched on every call: torch.compile traces it.
+    device_type = x.device.type
+    if torch.compiler.is_compiling() or device_type not in _PLANNED_DEVICES \
+            or torch.is_autocast_enabled(device_type):
+        # The op as a whole, validated and dispatched on every call: torch.compile traces
+        # it, autocast casts for it, and other devices (meta) take PyTorch's own ops.
         return conv_bn_relu(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
                             padding=padding, residual=residual, relu_before_add=relu_before_add,
                             **op_arguments(conv, bn))
@@ -100,29 +106,36 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
             backends.record(conv, None, backends.Decision(
                 "eager", "its BatchNorm has forward hooks, so it runs as modules"))
         return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (x, weight, conv.bias, residual, bn and bn.weight, bn and bn.bias))
-    key = (x.shape, x.dtype, x.device, weight.dtype, padding, relu_before_add, needs_grad,
-           conv.stride, conv.dilation,
-           None if residual is None else (residual.shape, residual.dtype),
-           None if bn is None else (bn.training, bn.running_mean is None, bn.eps),
+    # The signature of this stage's call (plans are kept per conv module, whose stride and
+    # dilation it carries; the padding mode and ReLU placement are the block's, and convert
+    # tries one conv in several blocks). needs_grad short-circuits on the parameters, which
+    # usually decide it.
+    bias = conv.bias
+    needs_grad = torch.is_grad_enabled() and (
+        weight.requires_grad or x.requires_grad
+        or (residual is not None and residual.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (bn is not None and bn.weight is not None and bn.weight.requires_grad))
+    key = (x.shape, x.dtype, x.device, weight.dtype, needs_grad, residual is None, padding,
+           relu_before_add,
+           None if bn is None else (bn.training, bn.eps, bn.running_mean is None),
            backends.forced_backend())
-    plans = _PLANS.setdefault(conv, {})
+    plans = _PLANS.get(conv)
+    if plans is None:
+        plans = _PLANS.setdefault(conv, {})
     cached = None if recording else plans.get(key)  # recording: choose() logs the decision
-    arguments = op_arguments(conv, bn)
     if cached is None:
         stage_plan, _ = plan(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
                              padding=padding, residual=residual,
-                             relu_before_add=relu_before_add, **arguments)
+                             relu_before_add=relu_before_add, **op_arguments(conv, bn))
         # Eager at full precision runs the plain twin's code; 16-bit keeps the eager backend.
-        cached = "plain" if stage_plan.backend == "eager" and x.dtype not in HALF_DTYPES \
+        cached = _PLAIN if stage_plan.backend == "eager" and x.dtype not in HALF_DTYPES \
             else stage_plan
         plans[key] = cached
-    if cached == "plain":
+    if cached is _PLAIN:
         return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add)
-    a = arguments
-    tensors = (x, weight, a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+    a = op_arguments(conv, bn)
+    tensors = (x, weight, bias, a["bn_weight"], a["bn_bias"], a["running_mean"],
                a["running_var"], residual)
     return execute(cached, tensors, a["momentum"], a["num_batches_tracked"])
 
@@ -139,8 +152,8 @@ def op_arguments(conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> dict:
 
 def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
     """What the plain twin computes: PyTorch's ops and the BN module itself."""
-    z = padded_conv1d(x, weight, conv.bias, conv.stride[0], conv.dilation[0],
-                      padding == "causal")
+    z = padded_conv1d(x, weight, conv.bias, conv.kernel_size[0], conv.stride[0],
+                      conv.dilation[0], padding == "causal")
     if bn is not None:
         z = bn(z)
     if relu_before_add:
@@ -150,16 +163,22 @@ def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
     return F.relu(z)
 
 
-def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilation: int,
-                  causal: bool) -> Tensor:
-    """F.conv1d with docs/spec.md's causal / same zero padding, in plain (scriptable) PyTorch."""
-    left, right = conv_padding(weight.shape[-1], dilation, stride, "causal" if causal else "same")
+def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int,
+                  stride: int, dilation: int, causal: bool) -> Tensor:
+    """F.conv1d with docs/spec.md's causal / same zero padding, in plain (scriptable) PyTorch.
+    Symmetric padding goes to the conv itself; otherwise a padded copy of x (what the seed
+    blocks do, and no slower than padding both sides and dropping outputs on every shape
+    timed)."""
+    left, right = conv_padding(kernel_size, dilation, stride, "causal" if causal else "same")
+    if left == right:
+        return F.conv1d(x, weight, bias, [stride], [left], [dilation])
     return F.conv1d(F.pad(x, [left, right]), weight, bias, [stride], [0], [dilation])
 
 
 class RecordsConvGeometry:
-    """Mixin for the plain twins: copies their convs' (stride, dilation) onto the module as
-    `geometry`, because TorchScript cannot read a submodule's constants from forward.
+    """Mixin for the plain twins: copies their convs' (kernel size, stride, dilation) onto the
+    module as `geometry`, because TorchScript cannot read a submodule's constants from
+    forward (and torch.jit.trace would see the kernel size as a traced value).
 
     Called on construction and by fastres.unfuse after it swaps a fused module's class.
     """
@@ -170,9 +189,11 @@ class RecordsConvGeometry:
         super().__init__(*args, **kwargs)
         self.record_geometry()
 
-    def record_geometry(self) -> None:
-        self.geometry = tuple((getattr(self, name).stride[0], getattr(self, name).dilation[0])
-                              for name in self.geometry_convs)
+    def record_geometry(self, convs: Optional[Tuple[str, ...]] = None) -> None:
+        convs = self.geometry_convs if convs is None else convs
+        self.geometry = tuple((getattr(self, name).kernel_size[0], getattr(self, name).stride[0],
+                               getattr(self, name).dilation[0])
+                              for name in convs)
 
 
 class FusedModule:
@@ -203,6 +224,22 @@ class FusedModule:
     def plain_twin(self) -> type:
         """The class unfuse turns this module into."""
         return self.PLAIN_TWINS[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The outermost fused module of a call picks how its stages run by timing itself
+        # (fastres/nn/policy.py); nested ones follow it.
+        return forward_with_policy(self, x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """The forward through fastres's stages."""
+        raise NotImplementedError
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        """The plain twin's forward, run on this module: exactly what unfuse(module) runs."""
+        twin = self.plain_twin()
+        if issubclass(twin, RecordsConvGeometry):
+            RecordsConvGeometry.record_geometry(self, twin.geometry_convs)
+        return twin.forward(self, x)
 
     def unfused(self) -> nn.Module:
         """This module as its plain twin, sharing submodules and tensors."""

@@ -75,10 +75,10 @@ class PlainBasicBlock(RecordsConvGeometry, _BasicBlockLayout):
     """BasicBlock in plain PyTorch (what fastres.unfuse returns); scriptable."""
 
     def forward(self, x: Tensor) -> Tensor:
-        (s1, d1), (s2, d2) = self.geometry
-        h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, s1, d1, self.causal)
+        (k1, s1, d1), (k2, s2, d2) = self.geometry
+        h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, k1, s1, d1, self.causal)
         h = F.relu(self.bn1(h))
-        out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, s2, d2,
+        out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, k2, s2, d2,
                                      self.causal))
         if self.downsample is not None:
             return F.relu(out + self.downsample(x))
@@ -102,7 +102,7 @@ class BasicBlock(FusedModule, _BasicBlockLayout):
 
     PLAIN_TWINS = (PlainBasicBlock,)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def fused_forward(self, x: Tensor) -> Tensor:
         padding = "causal" if self.causal else "same"
         identity = x if self.downsample is None else self.downsample(x)
         h = conv_bn_relu_stage(x, self.conv1, self.bn1, padding)
@@ -166,9 +166,9 @@ class PlainResNet1d(RecordsConvGeometry, _ResNet1dLayout):
     geometry_convs = ("conv1",)  # the stem; the blocks record their own
 
     def forward(self, x: Tensor) -> Tensor:
-        (stride, dilation), = self.geometry
-        x = F.relu(self.bn1(padded_conv1d(x, self.conv1.weight, self.conv1.bias, stride,
-                                          dilation, self.causal)))
+        (kernel_size, stride, dilation), = self.geometry
+        x = F.relu(self.bn1(padded_conv1d(x, self.conv1.weight, self.conv1.bias, kernel_size,
+                                          stride, dilation, self.causal)))
         return self._body(x)
 
 
@@ -188,6 +188,6 @@ class ResNet1d(FusedModule, _ResNet1dLayout):
     PLAIN_TWINS = (PlainResNet1d,)
     LEAF = False  # convert looks at (and fixes) its blocks
 
-    def forward(self, x: Tensor) -> Tensor:
+    def fused_forward(self, x: Tensor) -> Tensor:
         x = conv_bn_relu_stage(x, self.conv1, self.bn1, "causal" if self.causal else "same")
         return self._body(x)

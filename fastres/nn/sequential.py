@@ -57,7 +57,7 @@ class ConvBNReLUSequential(FusedModule, nn.Sequential):
         del seq.__dict__["fused_runs"]
         return seq
 
-    def forward(self, x: Tensor) -> Tensor:
+    def fused_forward(self, x: Tensor) -> Tensor:
         children = list(self)
         i = 0
         while i < len(children):

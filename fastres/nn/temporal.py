@@ -132,10 +132,10 @@ class PlainTemporalBlock(RecordsConvGeometry, _TemporalBlockLayout):
     """TemporalBlock(norm="batch") in plain PyTorch (what fastres.unfuse returns)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        (s1, d1), (s2, d2) = self.geometry
-        h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, s1, d1, True)
+        (k1, s1, d1), (k2, s2, d2) = self.geometry
+        h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, k1, s1, d1, True)
         h = self.dropout(F.relu(self.bn1(h)))
-        out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, s2, d2, True))
+        out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, k2, s2, d2, True))
         if self.downsample is not None:
             return F.relu(out + self.downsample(x))
         return F.relu(out + x)
@@ -170,7 +170,7 @@ class TemporalBlock(FusedModule, _TemporalBlockLayout):
     def plain_twin(self) -> type:
         return PlainTemporalBlock if self.norm == "batch" else PlainWeightNormTemporalBlock
 
-    def forward(self, x: Tensor) -> Tensor:
+    def fused_forward(self, x: Tensor) -> Tensor:
         res = x if self.downsample is None else self.downsample(x)
         if self.norm == "batch":
             h = self.dropout(conv_bn_relu_stage(x, self.conv1, self.bn1, "causal"))

@@ -302,26 +302,62 @@ def test_explain_and_autotune_report_every_stage_and_restore_state(fresh_dispatc
     x = torch.randn(2, 3, 32)
     rng = torch.get_rng_state()
     report = fastres.autotune(model, x)
-    assert [d.module for d in report] == ["0.network.0.conv1", "0.network.0.conv2",
-                                          "0.network.1.conv1", "0.network.1.conv2"]
-    assert all(d.call.needs_grad and d.call.norm == "train" for d in report)
-    assert all(d.reason.startswith("measured") or d.backend == "eager" for d in report)
+    modules = [d for d in report if d.call is None]
+    stages = [d for d in report if d.call is not None]
+    # The outermost fused modules (the blocks here) measured a policy for their stages.
+    assert [d.module for d in modules] == ["0.network.0", "0.network.1"]
+    assert all(d.backend.startswith("policy: ") and "whole module measured" in d.reason
+               for d in modules)
+    # A block on its plain policy runs its plain twin's code: no stage to report. The others
+    # report both stages, with the reason of their own choice or the block's.
+    expected = [f"{m.module}.conv{i}" for m in modules if m.backend != "policy: plain"
+                for i in (1, 2)]
+    assert [d.module for d in stages] == expected
+    assert all(d.call.needs_grad and d.call.norm == "train" for d in stages)
+    assert all(d.reason.startswith(("measured", "no fused", "the enclosing module"))
+               for d in stages)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
     again = fastres.explain(model, x)
     assert [d.backend for d in again] == [d.backend for d in report]
-    assert all(d.reason.startswith(("measured", "no fused")) for d in again)
     assert "0.network.1.conv2" in str(again)
     model.eval()
     assert all(d.call.norm == "eval" and not d.call.needs_grad
-               for d in fastres.explain(model, x))
+               for d in fastres.explain(model, x) if d.call is not None)
+
+
+def test_a_module_is_never_slower_than_its_eager_policy(monkeypatch, fresh_dispatch):
+    """A module times its whole forward under each policy: with the C++ kernels made slow,
+    a block whose stages would each pick them (their own measurement says so) runs eager."""
+    if backends.unavailable_reason("cpp") is None:
+        cpp = backends.get("cpp")
+        real = cpp.module.forward
+
+        def slow(*args, **kwargs):
+            time.sleep(5e-3)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(cpp.module, "forward", slow)
+        monkeypatch.setattr(backends.autotune, "measure", lambda names, make_run, device, grad:
+                            backends.autotune.Measurement("cpp", {"cpp": 1.0, "eager": 2.0},
+                                                          "now"))
+        block = fastres.TemporalBlock(4, 4, 3).eval()
+        x = torch.randn(2, 4, 64)
+        with torch.no_grad():
+            block(x)
+        (policy,) = fastres.nn.policy.policies(block).values()
+        assert policy.backend == "plain" and policy.times_s["auto"] > policy.times_s["plain"]
+    else:
+        pytest.skip("needs the cpp backend")
 
 
 def test_explain_says_why_a_hooked_batchnorm_runs_unfused():
     block = fastres.TemporalBlock(4, 4, 3)
     seen = []
     block.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    report = fastres.explain(block, torch.randn(2, 4, 16))
-    assert report[0].backend == "eager" and "forward hooks" in report[0].reason
-    assert seen == [torch.Size([2, 4, 16])]  # the hook fired
+    report = [d for d in fastres.explain(block, torch.randn(2, 4, 16)) if d.module != ""]
+    stage = next(d for d in report if d.module == "conv1")
+    assert stage.backend == "eager" and "forward hooks" in stage.reason
+    assert seen == [torch.Size([2, 4, 16])]  # the hook fired, once: nothing was measured
+    assert any("hooks" in d.reason for d in fastres.explain(block, torch.randn(2, 4, 16))
+               if d.module == "")
