@@ -4,6 +4,7 @@ from .ops import conv_bn_relu
 from .nn import (BasicBlock, ResNet1d, TemporalBlock, TemporalConvNet, convert,
                  receptive_field, unfuse)
 from .reference import conv_bn_relu_reference
+from .stream import Stream, StreamError, stream
 
 __version__ = "0.1.0"
 
@@ -11,4 +12,6 @@ __all__ = ["available_backends", "conv_bn_relu", "conv_bn_relu_reference", "use_
            "__version__",
            # drop-in modules (fastres.nn)
            "BasicBlock", "ResNet1d", "TemporalBlock", "TemporalConvNet", "convert",
-           "receptive_field", "unfuse"]
+           "receptive_field", "unfuse",
+           # streaming inference (fastres/stream.py)
+           "Stream", "StreamError", "stream"]
