@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ext
+from . import _alloc, _ext
 from .nn.resnet import _BasicBlockLayout, _ResNet1dLayout
 from .nn.sequential import ConvBNReLUSequential
 from .nn.temporal import TemporalBlock, TemporalConvNet, _TemporalBlockLayout
@@ -295,15 +295,39 @@ def _check_chain(layers: List[_Layer]) -> None:
 # ----------------------------------------------------------------------------- the plan
 
 
-def _source_tensors(model: nn.Module) -> List[Tensor]:
-    return list(model.parameters()) + list(model.buffers())
+def _sources(model: nn.Module) -> Tuple[List[Tensor], Tuple[bool, ...]]:
+    """What a folded plan depends on: every parameter and buffer, and every module's
+    train/eval mode (one traversal: this runs on every whole_sequence call)."""
+    tensors, modes = [], []
+    for module in model.modules():
+        modes.append(module.training)
+        tensors += [t for t in module._parameters.values() if t is not None]
+        tensors += [t for t in module._buffers.values() if t is not None]
+    return tensors, tuple(modes)
 
 
-def _fingerprint(model: nn.Module) -> Tuple:
-    """Changes whenever a parameter or buffer is replaced or written in place, or a module
-    switches between train and eval: what makes a folded plan stale."""
-    return (tuple((id(t), t._version) for t in _source_tensors(model)),
-            tuple(m.training for m in model.modules()))
+class _Snapshot:
+    """A copy of the values a plan was folded from, to tell whether the model changed.
+
+    Values, not version counters: writes through .data (home-made EMA updates, say) leave
+    version counters alone, and a fast path must never return what stale weights give. The
+    comparison is one C++ call (memcmp) where the extension is built.
+    """
+
+    def __init__(self, model: nn.Module):
+        tensors, self.modes = _sources(model)
+        with torch.no_grad():
+            self.values = [t.detach().clone() for t in tensors]
+
+    def matches(self, model: nn.Module) -> bool:
+        tensors, modes = _sources(model)
+        if modes != self.modes:
+            return False
+        if _cpp_unavailable() is None:
+            return torch.ops.fastres_ext.stream_same_values.default(tensors, self.values)
+        return len(tensors) == len(self.values) and all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b)
+            for a, b in zip(tensors, self.values))
 
 
 class _Plan:
@@ -318,7 +342,6 @@ class _Plan:
         if not isinstance(model, nn.Module):
             raise StreamError(f"fastres.stream: expected an nn.Module, got "
                               f"{type(model).__name__}")
-        self.fingerprint = _fingerprint(model)
         self.layers = _layers(model)
         if not self.layers:
             raise StreamError("fastres.stream: the model has no layer to stream")
@@ -451,8 +474,8 @@ class _Runner:
         self.plan, self.batch, self.state, self.position = plan, batch, state, position
 
     def run_new(self, x: Tensor) -> Tensor:
-        out = torch.empty((x.shape[0], self.plan.c_out) + tuple(x.shape[2:]), dtype=x.dtype,
-                          device=x.device)
+        out = _alloc.empty((x.shape[0], self.plan.c_out) + tuple(x.shape[2:]), dtype=x.dtype,
+                           device=x.device)
         self.run(x, out)
         return out
 
@@ -601,6 +624,7 @@ class Stream:
     def __init__(self, model: nn.Module, *, batch_size: Optional[int] = None,
                  backend: Optional[str] = None):
         self._model = model
+        self._snapshot = _Snapshot(model)
         self._plan = _Plan(model)
         device = self._plan.device
         if backend is None:
@@ -781,18 +805,19 @@ class Stream:
     # --- the model behind it
 
     def stale(self) -> bool:
-        """Whether the model changed (parameters, buffers, train/eval) since the last fold."""
-        return _fingerprint(self._model) != self._plan.fingerprint
+        """Whether the model changed (parameter or buffer values, train/eval modes) since
+        the stream folded it."""
+        return not self._snapshot.matches(self._model)
 
     def refold(self) -> None:
         """Fold the model's current parameters again, keeping the state."""
-        plan = _Plan(self._model)
+        snapshot, plan = _Snapshot(self._model), _Plan(self._model)
         if plan.layout != self._plan.layout or plan.dtype != self._plan.dtype \
                 or plan.device != self._plan.device:
             raise StreamError("fastres.stream: the model's layers, dtype or device changed; "
                               "build a new stream")
         runner = self._runner
-        self._plan = plan
+        self._snapshot, self._plan = snapshot, plan
         if runner is not None:
             self._runner = _RUNNERS[self.backend](plan, self._batch, runner.state,
                                                   runner.position)
@@ -829,29 +854,27 @@ _CACHE_ATTR = "_fastres_whole_sequence"
 
 
 class _WholeSequenceCache:
-    """What whole_sequence keeps on a TemporalConvNet: the folded plan (or why there is
-    none) with the fingerprint it was built from, and the measured winner per input
+    """What whole_sequence keeps on a TemporalConvNet: the folded plan (None where the model
+    cannot stream) with the snapshot it was folded from, and the measured winner per input
     signature. Copies and pickles of the module start empty."""
 
     def __init__(self):
-        self.fingerprint = None
+        self.snapshot: Optional[_Snapshot] = None
         self.plan: Optional[_Plan] = None
-        self.layout = None
-        self.choices: Dict[Tuple, bool] = {}   # (B, L, dtype) -> stacked kernel faster
+        self.choices: Dict[Tuple, bool] = {}   # (B, L, dtype) -> the stacked kernel is faster
 
     def plan_for(self, model: TemporalConvNet) -> Optional[_Plan]:
-        fingerprint = _fingerprint(model)
-        if fingerprint != self.fingerprint:
-            self.fingerprint = fingerprint
-            self.plan = None
+        """The plan of the model as it is now (refolded if anything changed)."""
+        if self.snapshot is None or not self.snapshot.matches(model):
+            layout = self.plan.layout if self.plan is not None else None
+            self.snapshot, self.plan = _Snapshot(model), None
             if all(type(block) is TemporalBlock for block in model.network):
                 try:
                     self.plan = _Plan(model)
                 except StreamError:
                     pass   # (a BN in training mode, ...): the layered path runs
-            layout = self.plan.layout if self.plan is not None else None
-            if layout != self.layout:
-                self.layout, self.choices = layout, {}
+            if (self.plan.layout if self.plan is not None else None) != layout:
+                self.choices = {}   # timings hold for the same layers only
         return self.plan
 
     def __deepcopy__(self, memo):
@@ -866,7 +889,8 @@ def _stacked_forward(plan: _Plan, x: Tensor) -> Tensor:
     fresh zero state."""
     batch = x.shape[0]
     xc = x.to(plan.compute_dtype).contiguous()
-    out = torch.empty((batch, plan.c_out, x.shape[2]), dtype=plan.compute_dtype)
+    out = _alloc.empty((batch, plan.c_out, x.shape[2]), dtype=plan.compute_dtype,
+                       device=x.device)
     empty = xc.new_empty(0)
     torch.ops.fastres_ext.stream_forward_out.default(
         xc, plan.weights, plan.meta(batch), empty, empty.long(), empty, out)
@@ -877,43 +901,60 @@ def whole_sequence(model: TemporalConvNet, x: Tensor) -> Optional[Tensor]:
     """TemporalConvNet.forward's fast path: model(x) by the C++ stream kernel, or None where
     the layered path (model.network(x)) should run.
 
-    The kernel runs where it can give exactly the layered output: an eval-mode network of
-    fused TemporalBlocks on the CPU, no gradient needed, a small batch, the extension
-    built, not under tracing or torch.compile. The first call of each input signature
-    (B, L, dtype) times both paths with a few interleaved calls and keeps the winner on the
-    module, so this never runs the slower one where it has been measured.
+    The kernel runs where it gives the layered output: an eval-mode network of fused
+    TemporalBlocks on the CPU, no gradient needed, a batch of at most
+    WHOLE_SEQUENCE_MAX_BATCH, the extension built, not under tracing or torch.compile. Its
+    folded weights are checked against the model's current values on every call. The
+    first call of each input signature (B, L, dtype) times both paths, checks included,
+    with a few interleaved calls and keeps the winner on the module: where it has been
+    measured, this never runs the slower path.
     """
+    if not _may_run_stacked(model, x):
+        return None
+    cache = model.__dict__.get(_CACHE_ATTR)
+    if cache is None:
+        cache = model.__dict__[_CACHE_ATTR] = _WholeSequenceCache()
+    signature = (x.shape[0], x.shape[2], x.dtype)
+    faster = cache.choices.get(signature)
+    if faster is None:
+        plan = cache.plan_for(model)
+        if not _plan_takes(plan, x):
+            return None
+        faster = cache.choices[signature] = _stacked_is_faster(model, cache, x)
+    return _run_stacked(model, cache, x) if faster else None
+
+
+def _may_run_stacked(model: TemporalConvNet, x: Tensor) -> bool:
     if model.training or not isinstance(x, Tensor) or x.dim() != 3 or x.device.type != "cpu" \
             or not 1 <= x.shape[0] <= WHOLE_SEQUENCE_MAX_BATCH \
             or not 1 <= x.shape[0] * x.shape[2] <= WHOLE_SEQUENCE_MAX_STEPS \
             or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return None
+        return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                            for p in model.parameters())):
-        return None
-    cache = model.__dict__.get(_CACHE_ATTR)
-    if cache is None:
-        if _cpp_unavailable() is not None:
-            return None
-        cache = model.__dict__[_CACHE_ATTR] = _WholeSequenceCache()
+        return False
+    return _cpp_unavailable() is None
+
+
+def _plan_takes(plan: Optional[_Plan], x: Tensor) -> bool:
+    return plan is not None and plan.device.type == "cpu" and x.dtype == plan.dtype \
+        and x.shape[1] == plan.c_in
+
+
+def _run_stacked(model: TemporalConvNet, cache: _WholeSequenceCache,
+                 x: Tensor) -> Optional[Tensor]:
+    """The stacked forward with the model as it is now; None where it no longer streams."""
     plan = cache.plan_for(model)
-    if plan is None or plan.device.type != "cpu" or x.dtype != plan.dtype \
-            or x.shape[1] != plan.c_in:
-        return None
-    signature = (x.shape[0], x.shape[2], x.dtype)
-    faster = cache.choices.get(signature)
-    if faster is None:
-        faster = cache.choices[signature] = _stacked_is_faster(model, plan, x)
-    return _stacked_forward(plan, x) if faster else None
+    return _stacked_forward(plan, x) if _plan_takes(plan, x) else None
 
 
-def _stacked_is_faster(model: TemporalConvNet, plan: _Plan, x: Tensor) -> bool:
+def _stacked_is_faster(model: TemporalConvNet, cache: _WholeSequenceCache, x: Tensor) -> bool:
     """A few interleaved timed calls of both paths (fastres.bench.timing.measure)."""
     from .bench import timing
     config = timing.TimingConfig(min_rounds=5, max_rounds=5, max_time_s=0.0, min_block_s=0.0,
                                  warmup_s=0.0, min_warmup_calls=1)
     with torch.no_grad():
-        stats = timing.measure({"stacked": lambda: _stacked_forward(plan, x),
+        stats = timing.measure({"stacked": lambda: _run_stacked(model, cache, x),
                                 "layered": lambda: model.network(x)}, x.device, config)
     if any(isinstance(s, Exception) for s in stats.values()):
         return False

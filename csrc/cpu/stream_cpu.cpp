@@ -594,10 +594,31 @@ at::Tensor stream_forward_cpu(const at::Tensor& x, const at::Tensor& weights,
   return out;
 }
 
+// Whether every tensor of `now` holds exactly the bytes of the tensor at the same index of
+// `then` (same dtype and shape). What fastres/stream.py checks its folded weights against:
+// unlike version counters, it also sees writes through .data. NaNs compare by their bits.
+bool stream_same_values(at::TensorList now, at::TensorList then) {
+  if (now.size() != then.size()) return false;
+  for (size_t i = 0; i < now.size(); ++i) {
+    const at::Tensor& a = now[i];
+    const at::Tensor& b = then[i];
+    if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes() ||
+        a.device() != b.device())
+      return false;
+    if (a.device().is_cpu() && a.is_contiguous() && b.is_contiguous()) {
+      if (std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) != 0) return false;
+    } else if (!at::equal(a, b)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 // Both advance `state` and `position` in place (see fastres/stream.py).
 TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
+  m.def("stream_same_values(Tensor[] now, Tensor[] then) -> bool", &stream_same_values);
   m.def(
       "stream_forward(Tensor x, Tensor weights, Tensor meta, Tensor(a!) state, "
       "Tensor(b!) position, Tensor(c!) workspace) -> Tensor");
