@@ -149,8 +149,9 @@ def _conv_weight(conv: nn.Conv1d) -> Tensor:
     return conv.weight   # plain, or the parametrization's normalized weight
 
 
-def _fold(path: str, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> _Conv:
-    """conv (-> bn in eval mode) as one conv, in float64."""
+def _fold(path: str, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d] = None,
+          bn_path: str = "") -> _Conv:
+    """conv (-> bn, at bn_path, in eval mode) as one conv, in float64."""
     if not isinstance(conv, nn.Conv1d):
         raise _refuse(path, conv, "expected nn.Conv1d")
     if conv.stride[0] != 1:
@@ -163,7 +164,7 @@ def _fold(path: str, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> _Conv:
         bias = conv.bias.detach().double() if conv.bias is not None \
             else weight.new_zeros(weight.shape[0])
         if bn is not None:
-            _check_eval_bn(path, bn)
+            _check_eval_bn(bn_path, bn)
             scale = torch.rsqrt(bn.running_var.double() + bn.eps)
             if bn.weight is not None:
                 scale = scale * bn.weight.double()
@@ -175,14 +176,15 @@ def _fold(path: str, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> _Conv:
     return _Conv(weight, bias, conv.dilation[0])
 
 
-def _pointwise(path: str, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d] = None) -> _Conv:
+def _pointwise(path: str, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d] = None,
+               bn_path: str = "") -> _Conv:
     """A 1x1 conv (-> BN); any other kernel size is not causal here."""
     if isinstance(conv, nn.Conv1d) and (conv.kernel_size[0] != 1 or conv.padding not in
                                         ((0,), "valid")):
         raise _refuse(path, conv, f"a Conv1d with kernel_size {conv.kernel_size[0]} and "
                       f"padding {conv.padding} outside a block is not a causal conv; outside "
                       "blocks only pointwise (1x1, unpadded) convs stream")
-    return _fold(path, conv, bn)
+    return _fold(path, conv, bn, bn_path)
 
 
 def _block(path: str, block: nn.Module, conv1: _Conv, conv2: _Conv, downsample: Optional[_Conv],
@@ -202,13 +204,13 @@ def _block(path: str, block: nn.Module, conv1: _Conv, conv2: _Conv, downsample: 
 def _temporal_block(path: str, block: _TemporalBlockLayout) -> _Layer:
     if block.norm == "batch":
         _check_dropout(f"{path}.dropout", block.dropout)
-        conv1 = _fold(f"{path}.conv1", block.conv1, block.bn1)
-        conv2 = _fold(f"{path}.conv2", block.conv2, block.bn2)
+        conv1 = _fold(f"{path}.conv1", block.conv1, block.bn1, f"{path}.bn1")
+        conv2 = _fold(f"{path}.conv2", block.conv2, block.bn2, f"{path}.bn2")
     else:
         for name in ("dropout1", "dropout2"):
             _check_dropout(f"{path}.{name}", getattr(block, name))
-        conv1 = _fold(f"{path}.conv1", block.conv1, None)
-        conv2 = _fold(f"{path}.conv2", block.conv2, None)
+        conv1 = _fold(f"{path}.conv1", block.conv1)
+        conv2 = _fold(f"{path}.conv2", block.conv2)
     down = None if block.downsample is None else \
         _pointwise(f"{path}.downsample", block.downsample)
     return _block(path, block, conv1, conv2, down, relu_before_add=block.norm == "weight")
@@ -227,12 +229,13 @@ def _basic_block(path: str, block: _BasicBlockLayout) -> _Layer:
     elif isinstance(down, nn.Conv1d):
         projection = _pointwise(f"{path}.downsample", down)
     elif type(down) is nn.Sequential and len(down) == 2:
-        projection = _pointwise(f"{path}.downsample", down[0], down[1])
+        projection = _pointwise(f"{path}.downsample.0", down[0], down[1],
+                                f"{path}.downsample.1")
     else:
         raise _refuse(f"{path}.downsample", down, "a residual branch other than a 1x1 conv "
                       "(-> BatchNorm1d) is not supported")
-    return _block(path, block, _fold(f"{path}.conv1", block.conv1, block.bn1),
-                  _fold(f"{path}.conv2", block.conv2, block.bn2), projection)
+    return _block(path, block, _fold(f"{path}.conv1", block.conv1, block.bn1, f"{path}.bn1"),
+                  _fold(f"{path}.conv2", block.conv2, block.bn2, f"{path}.bn2"), projection)
 
 
 def _unknown_hint(module: nn.Module) -> str:
@@ -339,9 +342,6 @@ class _Plan:
     """
 
     def __init__(self, model: nn.Module):
-        if not isinstance(model, nn.Module):
-            raise StreamError(f"fastres.stream: expected an nn.Module, got "
-                              f"{type(model).__name__}")
         self.layers = _layers(model)
         if not self.layers:
             raise StreamError("fastres.stream: the model has no layer to stream")
@@ -623,9 +623,12 @@ class Stream:
 
     def __init__(self, model: nn.Module, *, batch_size: Optional[int] = None,
                  backend: Optional[str] = None):
+        if not isinstance(model, nn.Module):
+            raise StreamError(f"fastres.stream: expected an nn.Module, got "
+                              f"{type(model).__name__}")
         self._model = model
-        self._snapshot = _Snapshot(model)
         self._plan = _Plan(model)
+        self._snapshot = _Snapshot(model)
         device = self._plan.device
         if backend is None:
             backend = _default_backend(device)
@@ -868,11 +871,10 @@ class _WholeSequenceCache:
         if self.snapshot is None or not self.snapshot.matches(model):
             layout = self.plan.layout if self.plan is not None else None
             self.snapshot, self.plan = _Snapshot(model), None
-            if all(type(block) is TemporalBlock for block in model.network):
-                try:
-                    self.plan = _Plan(model)
-                except StreamError:
-                    pass   # (a BN in training mode, ...): the layered path runs
+            try:
+                self.plan = _Plan(model)
+            except StreamError:
+                pass   # (a BN in training mode, ...): the layered path runs
             if (self.plan.layout if self.plan is not None else None) != layout:
                 self.choices = {}   # timings hold for the same layers only
         return self.plan
@@ -933,7 +935,9 @@ def _may_run_stacked(model: TemporalConvNet, x: Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                            for p in model.parameters())):
         return False
-    return _cpp_unavailable() is None
+    # Plain twins (fastres.unfuse) stay plain PyTorch.
+    return all(type(block) is TemporalBlock for block in model.network) \
+        and _cpp_unavailable() is None
 
 
 def _plan_takes(plan: Optional[_Plan], x: Tensor) -> bool:

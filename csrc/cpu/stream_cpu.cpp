@@ -127,22 +127,26 @@ Net parse_meta(const at::Tensor& meta) {
 // 64 bytes of channels as a GCC/Clang vector type: one AVX-512 register, two AVX2 ones, four
 // SSE ones, whatever the target. (A plain loop over a local array vectorizes too, but GCC keeps
 // that array on the stack and reloads it every iteration; vector-typed locals stay in registers.)
-typedef float f32x64b __attribute__((vector_size(64), aligned(4)));
-typedef double f64x64b __attribute__((vector_size(64), aligned(8)));
+typedef float f32x64b __attribute__((vector_size(64)));
+typedef double f64x64b __attribute__((vector_size(64)));
 template <typename T> struct Vec64;
 template <> struct Vec64<float> { using type = f32x64b; };
 template <> struct Vec64<double> { using type = f64x64b; };
 
-// (Always inlined, so no vector crosses a call: GCC's -Wpsabi note about vector returns does
-// not apply.)
+// Unaligned vector load and store: memcpy, which the compiler turns into one unaligned move
+// (an aligned attribute on the typedef would be dropped where it is a template argument).
+// Always inlined, so no vector crosses a call: GCC's -Wpsabi note about vector returns does not
+// apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 template <typename V, typename T>
 inline __attribute__((always_inline)) V load(const T* p) {
-  return *reinterpret_cast<const V*>(p);
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
 }
 template <typename V, typename T>
 inline __attribute__((always_inline)) void store(T* p, V v) {
-  *reinterpret_cast<V*>(p) = v;
+  std::memcpy(p, &v, sizeof(V));
 }
 
 // c[m][:] += a[m][:] @ w for rows m < rows; a's rows are kd long with stride lda, w is

@@ -211,9 +211,14 @@ class TemporalConvNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             # Small-batch eval inference: the whole stack in one C++ call where that measured
-            # faster (fastres/stream.py, whole_sequence); None runs the blocks.
-            from ..stream import whole_sequence
-            out = whole_sequence(self, x)
+            # faster; None runs the blocks.
+            out = _whole_sequence(self, x)
             if out is not None:
                 return out
         return self.network(x)
+
+
+def _whole_sequence(model: TemporalConvNet, x: Tensor) -> Optional[Tensor]:
+    """fastres.stream.whole_sequence (imported here: fastres/stream.py imports this module)."""
+    from ..stream import whole_sequence
+    return whole_sequence(model, x)
