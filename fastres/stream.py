@@ -46,7 +46,7 @@ C++ kernel on a fresh zero state for small-batch inference, where that measured 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -52,7 +52,8 @@ namespace {
 
 // ----------------------------------------------------------------------------- meta layout
 // Mirrored in fastres/stream.py; a mismatch is caught by the header checks below.
-constexpr int64_t kHeader = 8;   // n_layers, batch, c_in, c_out, max_c, state size, weights size, version
+// Header: n_layers, batch, c_in, c_out, max_c, state size, weights size, layout version.
+constexpr int64_t kHeader = 8;
 constexpr int64_t kFields = 16;  // per layer, see Layer
 constexpr int64_t kMetaVersion = 1;
 enum LayerKind : int64_t { kBlock = 0, kPointwise = 1, kRelu = 2 };
@@ -282,7 +283,7 @@ class Stack {
   void run_items(T* const* buf, int64_t b0, int64_t b1) const {
     int in = 0;
     for (const Layer& l : net_.layers) {
-      const Slots s = slots(in);
+      const Buffers s = buffers(in);
       for (int phase = 0; phase < phases(l); ++phase) run_phase(l, phase, buf, s, b0, b1, 0, n_);
       write_rings(l, buf, s, b0, b1);
       in = s.out;
@@ -294,7 +295,7 @@ class Stack {
   void run_split_time(T* const* buf, int64_t min_macs) const {
     int in = 0;
     for (const Layer& l : net_.layers) {
-      const Slots s = slots(in);
+      const Buffers s = buffers(in);
       for (int phase = 0; phase < phases(l); ++phase) {
         const int64_t grain = std::max<int64_t>(1, min_macs / phase_macs(l, phase));
         for (int64_t b = 0; b < net_.batch; ++b) {
@@ -311,14 +312,23 @@ class Stack {
   // Which workspace buffer holds the stack's output after run_* (the input starts in 0).
   int output_buffer() const {
     int in = 0;
-    for (size_t i = 0; i < net_.layers.size(); ++i) in = slots(in).out;
+    for (size_t i = 0; i < net_.layers.size(); ++i) in = buffers(in).out;
     return in;
   }
 
+  // Multiply-adds of one step of one batch item through the whole stack.
+  int64_t row_macs() const {
+    int64_t macs = 0;
+    for (const Layer& l : net_.layers)
+      for (int phase = 0; phase < phases(l); ++phase) macs += phase_macs(l, phase);
+    return macs;
+  }
+
  private:
-  // Workspace buffers of one layer: its input, the block's h, the projected residual, output.
-  struct Slots { int in, mid, res, out; };
-  static Slots slots(int in) { return {in, (in + 1) % 4, (in + 2) % 4, (in + 3) % 4}; }
+  // Which of the 4 workspace buffers hold a layer's input, the block's h, the projected
+  // residual and the output (the next layer's input).
+  struct Buffers { int in, mid, res, out; };
+  static Buffers buffers(int in) { return {in, (in + 1) % 4, (in + 2) % 4, (in + 3) % 4}; }
 
   static int phases(const Layer& l) { return l.kind == kBlock ? 2 : 1; }
 
@@ -329,17 +339,6 @@ class Stack {
     if (phase == 0) return l.taps * l.c_in * l.c_out;
     return l.taps * l.c_out * l.c_out + (l.wd >= 0 ? l.c_in * l.c_out : 0);
   }
-
- public:
-  // Multiply-adds of one step of one batch item through the whole stack.
-  int64_t row_macs() const {
-    int64_t macs = 0;
-    for (const Layer& l : net_.layers)
-      for (int phase = 0; phase < phases(l); ++phase) macs += phase_macs(l, phase);
-    return macs;
-  }
-
- private:
 
   Conv<T> conv(const Layer& l, int which) const {
     const bool history = state_ != nullptr && l.slots > 1;
@@ -356,7 +355,7 @@ class Stack {
   // Rows of one phase: batch items [b0, b1), time steps [t0, t1). A block's phase 0 is
   // h = relu(conv1(x)); phase 1 is out = relu([relu](conv2(h)) + residual). A pointwise layer
   // is out = conv(x), a ReLU layer out = relu(x).
-  void run_phase(const Layer& l, int phase, T* const* buf, const Slots& s, int64_t b0,
+  void run_phase(const Layer& l, int phase, T* const* buf, const Buffers& s, int64_t b0,
                  int64_t b1, int64_t t0, int64_t t1) const {
     const T* x = buf[s.in];
     T* out = buf[s.out];
@@ -464,7 +463,7 @@ class Stack {
   }
 
   // The chunk's last inputs of every ring of the layer, each into slot (time mod slots).
-  void write_rings(const Layer& l, T* const* buf, const Slots& s, int64_t b0, int64_t b1) const {
+  void write_rings(const Layer& l, T* const* buf, const Buffers& s, int64_t b0, int64_t b1) const {
     if (state_ == nullptr) return;
     write_ring(state_ + l.ring_in, l.slots, l.c_in, buf[s.in], b0, b1);
     if (l.kind == kBlock) write_ring(state_ + l.ring_mid, l.slots, l.c_out, buf[s.mid], b0, b1);
