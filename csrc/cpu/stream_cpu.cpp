@@ -271,12 +271,12 @@ struct Conv {
 };
 
 // Everything one call shares: the chunk is n steps of B batch items, starting after `pos`
-// steps; activations are [b][t][c] buffers.
+// steps; activations are [b][t][c] buffers with rows max_c apart.
 template <typename T>
 class Stack {
  public:
   Stack(const Net& net, const T* weights, T* state, int64_t pos, int64_t n)
-      : net_(net), weights_(weights), state_(state), pos_(pos), n_(n) {}
+      : net_(net), weights_(weights), state_(state), pos_(pos), n_(n), ld_(net.max_c) {}
 
   // Runs every layer over batch items [b0, b1) and all n steps, phase after phase, writing the
   // rings as it goes (rows of different batch items never interact).
@@ -360,8 +360,8 @@ class Stack {
     const T* x = buf[s.in];
     T* out = buf[s.out];
     if (l.kind == kRelu) {
-      for_rows(b0, b1, t0, t1, [&](int64_t row, int64_t count) {
-        relu_rows(x + row * l.c_in, out + row * l.c_out, count * l.c_out);
+      for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+        relu_row(x + row * ld_, out + row * ld_, l.c_out);
       });
       return;
     }
@@ -372,8 +372,8 @@ class Stack {
     if (phase == 0) {
       T* h = buf[s.mid];
       conv_rows(conv(l, 1), x, h, b0, b1, t0, t1);
-      for_rows(b0, b1, t0, t1, [&](int64_t row, int64_t count) {
-        relu_rows(h + row * l.c_out, h + row * l.c_out, count * l.c_out);
+      for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+        relu_row(h + row * ld_, h + row * ld_, l.c_out);
       });
       return;
     }
@@ -383,17 +383,16 @@ class Stack {
       res = buf[s.res];
     }
     conv_rows(conv(l, 2), buf[s.mid], out, b0, b1, t0, t1);
-    for_rows(b0, b1, t0, t1, [&](int64_t row, int64_t count) {
-      const int64_t size = count * l.c_out;
-      T* o = out + row * l.c_out;
-      const T* r = res + row * l.c_out;
+    for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+      T* o = out + row * ld_;
+      const T* r = res + row * ld_;
       if (l.relu_before_add) {
-        for (int64_t i = 0; i < size; ++i) {
+        for (int64_t i = 0; i < l.c_out; ++i) {
           const T z = (o[i] > T(0) ? o[i] : T(0)) + r[i];
           o[i] = z > T(0) ? z : T(0);
         }
       } else {
-        for (int64_t i = 0; i < size; ++i) {
+        for (int64_t i = 0; i < l.c_out; ++i) {
           const T z = o[i] + r[i];
           o[i] = z > T(0) ? z : T(0);
         }
@@ -401,18 +400,15 @@ class Stack {
     });
   }
 
-  static void relu_rows(const T* x, T* out, int64_t size) {
+  static void relu_row(const T* x, T* out, int64_t size) {
     for (int64_t i = 0; i < size; ++i) out[i] = x[i] > T(0) ? x[i] : T(0);
   }
 
-  // fn(first row, row count) over runs of contiguous rows ([b][t] order) of the range.
+  // fn(row) for every row b * n + t of the range.
   template <typename Fn>
-  void for_rows(int64_t b0, int64_t b1, int64_t t0, int64_t t1, Fn fn) const {
-    if (t0 == 0 && t1 == n_) {
-      fn(b0 * n_, (b1 - b0) * n_);
-      return;
-    }
-    for (int64_t b = b0; b < b1; ++b) fn(b * n_ + t0, t1 - t0);
+  void for_each_row(int64_t b0, int64_t b1, int64_t t0, int64_t t1, Fn fn) const {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t t = t0; t < t1; ++t) fn(b * n_ + t);
   }
 
   // dst[b][t] = bias + sum_k W_k . input[b][t - lag_k], lag_k = (K-1-k) * d, over the rows
@@ -420,12 +416,10 @@ class Stack {
   void conv_rows(const Conv<T>& cv, const T* src, T* dst, int64_t b0, int64_t b1, int64_t t0,
                  int64_t t1) const {
     const int64_t batch = net_.batch;
-    for_rows(b0, b1, t0, t1, [&](int64_t row, int64_t count) {
-      T* d = dst + row * cv.c_out;
-      for (int64_t r = 0; r < count; ++r) {
-        if (cv.b) std::copy(cv.b, cv.b + cv.c_out, d + r * cv.c_out);
-        else std::fill(d + r * cv.c_out, d + (r + 1) * cv.c_out, T(0));
-      }
+    for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+      T* d = dst + row * ld_;
+      if (cv.b) std::copy(cv.b, cv.b + cv.c_out, d);
+      else std::fill(d, d + cv.c_out, T(0));
     });
     for (int64_t k = 0; k < cv.taps; ++k) {
       const int64_t lag = (cv.taps - 1 - k) * cv.dilation;
@@ -433,21 +427,20 @@ class Stack {
       if (n_ == 1) {
         // One step: the rows are batch items, all reading the same time step.
         if (lag == 0) {
-          gemm_acc(b1 - b0, cv.c_out, cv.c_in, src + b0 * cv.c_in, cv.c_in, w,
-                   dst + b0 * cv.c_out, cv.c_out);
+          gemm_acc(b1 - b0, cv.c_out, cv.c_in, src + b0 * ld_, ld_, w, dst + b0 * ld_, ld_);
         } else if (cv.ring) {
           const T* slot = cv.ring + mod(pos_ - lag, cv.slots) * batch * cv.c_in;
           gemm_acc(b1 - b0, cv.c_out, cv.c_in, slot + b0 * cv.c_in, cv.c_in, w,
-                   dst + b0 * cv.c_out, cv.c_out);
+                   dst + b0 * ld_, ld_);
         }
         continue;
       }
       for (int64_t b = b0; b < b1; ++b) {
-        T* d = dst + b * n_ * cv.c_out;
+        T* d = dst + b * n_ * ld_;
         const int64_t lo = std::max(t0, lag);
         if (lo < t1)
-          gemm_acc(t1 - lo, cv.c_out, cv.c_in, src + (b * n_ + lo - lag) * cv.c_in, cv.c_in, w,
-                   d + lo * cv.c_out, cv.c_out);
+          gemm_acc(t1 - lo, cv.c_out, cv.c_in, src + (b * n_ + lo - lag) * ld_, ld_, w,
+                   d + lo * ld_, ld_);
         if (!cv.ring) continue;
         // Rows that read before the chunk: consecutive slots, split where the ring wraps.
         const int64_t hi = std::min(t1, lag);
@@ -455,7 +448,7 @@ class Stack {
           const int64_t slot = mod(pos_ + t - lag, cv.slots);
           const int64_t run = std::min(hi - t, cv.slots - slot);
           gemm_acc(run, cv.c_out, cv.c_in, cv.ring + (slot * batch + b) * cv.c_in,
-                   batch * cv.c_in, w, d + t * cv.c_out, cv.c_out);
+                   batch * cv.c_in, w, d + t * ld_, ld_);
           t += run;
         }
       }
@@ -475,7 +468,7 @@ class Stack {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t t = std::max<int64_t>(0, n_ - slots); t < n_; ++t) {
         const int64_t slot = mod(pos_ + t, slots);
-        std::memcpy(ring + (slot * batch + b) * c, src + (b * n_ + t) * c, c * sizeof(T));
+        std::memcpy(ring + (slot * batch + b) * c, src + (b * n_ + t) * ld_, c * sizeof(T));
       }
     }
   }
@@ -484,6 +477,10 @@ class Stack {
   const T* weights_;
   T* state_;
   const int64_t pos_, n_;
+  // Row stride of the workspace buffers: max_c in every layer, so that a batch item's rows are
+  // the same memory whatever the layer's width, and threads owning different items never write
+  // where the other reads (with a stride of the layer's width they did, one layer apart).
+  const int64_t ld_;
 };
 
 // Below about this many multiply-adds a parallel region costs more than it saves.
@@ -508,18 +505,19 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
   T* op = out.data_ptr<T>();
   const int64_t batch = net.batch, c_in = net.c_in, c_out = net.c_out;
   const T* result = buf[stack.output_buffer()];
-  // (B, C, n) <-> [b][t][c]; for one step both are (B, C) and this is a copy.
+  // (B, C, n) <-> [b][t][c] with rows max_c apart.
+  const int64_t ld = net.max_c;
   auto load_items = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < c_in; ++c)
         for (int64_t t = 0; t < n; ++t)
-          buf[0][(b * n + t) * c_in + c] = xp[(b * c_in + c) * n + t];
+          buf[0][(b * n + t) * ld + c] = xp[(b * c_in + c) * n + t];
   };
   auto store_items = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < c_out; ++c)
         for (int64_t t = 0; t < n; ++t)
-          op[(b * c_out + c) * n + t] = result[(b * n + t) * c_out + c];
+          op[(b * c_out + c) * n + t] = result[(b * n + t) * ld + c];
   };
 
   const int64_t threads = at::get_num_threads();
