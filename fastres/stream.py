@@ -365,6 +365,8 @@ class _Plan:
                             for layer in self.layers)
         self._pack()
         self._metas: Dict[int, Tensor] = {}
+        # (state, position) of a run from a fresh zero state that keeps nothing.
+        self.empty_state = (self.weights.new_empty(0), torch.empty(0, dtype=torch.int64))
 
     def _pack(self) -> None:
         chunks, offset = [], 0
@@ -586,13 +588,17 @@ class _TritonRunner(_Runner):
         position += x.shape[-1] if x.dim() == 3 else 1
 
     def run(self, x: Tensor, out: Tensor) -> None:
-        if x.is_cuda and x.dim() == 2:
+        if not x.is_cuda:   # the interpreter, in tests
+            self.launch(x, out, self.state, self.position)
+            return
+        with torch.cuda.device(x.device):   # Triton and graphs run on the current device
+            if x.dim() == 3:
+                self.launch(x, out, self.state, self.position)
+                return
             graph, static_x, static_out = self.graph or self._capture(x, out)
             static_x.copy_(x)
             graph.replay()
             out.copy_(static_out)
-            return
-        self.launch(x, out, self.state, self.position)
 
     def _capture(self, x: Tensor, out: Tensor):
         static_x, static_out = torch.zeros_like(x), torch.empty_like(out)
@@ -888,14 +894,14 @@ class _WholeSequenceCache:
 
 def _stacked_forward(plan: _Plan, x: Tensor) -> Tensor:
     """The full causal forward of the plan's stack on x (B, C, L) by one C++ call from a
-    fresh zero state."""
+    fresh zero state (an empty state: nothing kept)."""
     batch = x.shape[0]
     xc = x.to(plan.compute_dtype).contiguous()
     out = _alloc.empty((batch, plan.c_out, x.shape[2]), dtype=plan.compute_dtype,
                        device=x.device)
-    empty = xc.new_empty(0)
+    empty, no_position = plan.empty_state
     torch.ops.fastres_ext.stream_forward_out.default(
-        xc, plan.weights, plan.meta(batch), empty, empty.long(), empty, out)
+        xc, plan.weights, plan.meta(batch), empty, no_position, empty, out)
     return out.to(x.dtype)
 
 
