@@ -870,7 +870,7 @@ class _WholeSequenceCache:
     def __init__(self):
         self.snapshot: Optional[_Snapshot] = None
         self.plan: Optional[_Plan] = None
-        self.choices: Dict[Tuple, bool] = {}   # (B, L, dtype) -> the stacked kernel is faster
+        self.choices: Dict[Tuple, bool] = {}   # signature -> the stacked kernel is faster
 
     def plan_for(self, model: TemporalConvNet) -> Optional[_Plan]:
         """The plan of the model as it is now (refolded if anything changed)."""
@@ -913,16 +913,18 @@ def whole_sequence(model: TemporalConvNet, x: Tensor) -> Optional[Tensor]:
     TemporalBlocks on the CPU, no gradient needed, a batch of at most
     WHOLE_SEQUENCE_MAX_BATCH, the extension built, not under tracing or torch.compile. Its
     folded weights are checked against the model's current values on every call. The
-    first call of each input signature (B, L, dtype) times both paths, checks included,
-    with a few interleaved calls and keeps the winner on the module: where it has been
-    measured, this never runs the slower path.
+    first call of each signature (B, L rounded up to a power of two, dtype, torch's thread
+    count) times both paths, checks included, with a few interleaved calls and keeps the
+    winner on the module: where it has been measured, this never runs the slower path.
+    (Rounding L keeps inputs of varying length from paying for a measurement each.)
     """
     if not _may_run_stacked(model, x):
         return None
     cache = model.__dict__.get(_CACHE_ATTR)
     if cache is None:
         cache = model.__dict__[_CACHE_ATTR] = _WholeSequenceCache()
-    signature = (x.shape[0], x.shape[2], x.dtype)
+    signature = (x.shape[0], 1 << (x.shape[2] - 1).bit_length(), x.dtype,
+                 torch.get_num_threads())
     faster = cache.choices.get(signature)
     if faster is None:
         plan = cache.plan_for(model)

@@ -586,8 +586,8 @@ def test_whole_sequence_keeps_the_measured_winner(monkeypatch, stacked_calls):
     monkeypatch.setattr(timing, "measure", fake_measure)
     x = torch.randn(1, 3, 32)
     with torch.no_grad():
-        for _ in range(3):
-            net(x)
+        for length in (32, 32, 17, 31):                      # L rounds up to 32
+            net(x[..., :length])
     assert measured == [["layered", "stacked"]]              # once per signature
     stacked_calls.clear()
     with torch.no_grad():
@@ -599,11 +599,11 @@ def test_whole_sequence_keeps_the_measured_winner(monkeypatch, stacked_calls):
         net(torch.randn(2, 3, 32))
     assert len(measured) == 2 and stacked_calls[-1] == (2, 3, 32)
     choices = net.__dict__[stream_module._CACHE_ATTR].choices
-    assert choices == {(1, 32, torch.float32): False, (2, 32, torch.float32): True}
+    assert choices == {(1, 32, torch.float32, 1): False, (2, 32, torch.float32, 1): True}
     timings["stacked"] = 0.95   # faster, but under the margin: not worth the risk
     with torch.no_grad():
         net(torch.randn(3, 3, 32))
-    assert choices[(3, 32, torch.float32)] is False
+    assert choices[(3, 32, torch.float32, 1)] is False
 
 
 @requires_cpp
