@@ -1,7 +1,8 @@
 """model suite: whole networks, fused (fastres) vs plain PyTorch vs torch.compile.
 
     TemporalConvNet  locuslab/TCN's network of BatchNorm TemporalBlocks (dilations 1, 2, 4, ...)
-                     with a per-step MSE loss
+                     with a per-step MSE loss; on CPU also at batch 1 (B=1, L=256, 8 blocks of
+                     64 channels: small-batch latency)
     ResNet1d         1D ResNet-18 (widths 64..512) classifying sequences (cross-entropy)
 
 Train step and inference, peak memory per step (CUDA), candidates as in _modules.py.
@@ -18,13 +19,16 @@ from .runner import Settings, Task
 NAME = "model"
 TITLE = "Models: TemporalConvNet, ResNet1d"
 
-# Per size and device type: (TCN inputs, channels, kernel, (B, L)), (ResNet layers, in, classes, (B, L))
+# Per size and device type: TCNs [(inputs, channels, kernel, (B, L))], then the ResNet
+# (layers, in, classes, (B, L)) or None.
+_SMALL_BATCH_TCN = (64, [64] * 8, 3, (1, 256))
 _SIZES = {
-    ("quick", "cpu"): ((4, [16] * 3, 3, (2, 128)), None),
-    ("default", "cpu"): ((16, [32] * 6, 3, (8, 1024)), ((2, 2, 2, 2), 12, 10, (4, 1024))),
-    ("quick", "cuda"): ((16, [64] * 4, 3, (8, 1024)), None),
-    ("default", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
-    ("full", "cuda"): ((32, [128] * 8, 3, (32, 4096)), ((2, 2, 2, 2), 12, 10, (64, 4096))),
+    ("quick", "cpu"): ([(4, [16] * 3, 3, (2, 128))], None),
+    ("default", "cpu"): ([(16, [32] * 6, 3, (8, 1024)), _SMALL_BATCH_TCN],
+                         ((2, 2, 2, 2), 12, 10, (4, 1024))),
+    ("quick", "cuda"): ([(16, [64] * 4, 3, (8, 1024))], None),
+    ("default", "cuda"): ([(32, [128] * 8, 3, (32, 4096))], ((2, 2, 2, 2), 12, 10, (64, 4096))),
+    ("full", "cuda"): ([(32, [128] * 8, 3, (32, 4096))], ((2, 2, 2, 2), 12, 10, (64, 4096))),
 }
 
 
@@ -37,12 +41,13 @@ def tasks(settings: Settings) -> List[Task]:
     key = (settings.size, device)
     if key not in _SIZES:
         key = ("default", device)
-    tcn, resnet = _SIZES[key]
+    tcns, resnet = _SIZES[key]
     specs = []
-    inputs, channels, k, (batch, length) = tcn
-    specs.append((f"TemporalConvNet({inputs},{channels[0]}x{len(channels)},k{k})",
-                  lambda: fastres.TemporalConvNet(inputs, channels, kernel_size=k, dropout=0.0),
-                  (batch, inputs, length), (batch, channels[-1], length), None))
+    for inputs, channels, k, (batch, length) in tcns:
+        specs.append((f"TemporalConvNet({inputs},{channels[0]}x{len(channels)},k{k})",
+                      lambda inputs=inputs, channels=channels, k=k: fastres.TemporalConvNet(
+                          inputs, channels, kernel_size=k, dropout=0.0),
+                      (batch, inputs, length), (batch, channels[-1], length), None))
     if resnet:
         layers, in_channels, classes, (batch, length) = resnet
         specs.append((f"ResNet1d({''.join(map(str, layers))},in{in_channels})",
