@@ -449,21 +449,24 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     return reason
 
 
-def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
-    """None if stream backend `backend` runs models on `device` here, else why not."""
+def unavailable_reason(backend: str, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """None if stream backend `backend` runs models of `dtype` on `device` here, else why."""
     if backend not in BACKENDS:
         raise StreamError(f"fastres.stream: unknown backend {backend!r}; choose from "
                           f"{', '.join(BACKENDS)}")
     if backend == "cpp":
         return "runs on CPU only" if device.type != "cpu" else _cpp_unavailable()
     if backend == "triton":
+        if dtype == torch.float64:
+            return "the Triton kernel computes in float32; float64 models stream on 'torch'"
         return _triton_unavailable(device)
     return None
 
 
-def _default_backend(device: torch.device) -> str:
+def _default_backend(device: torch.device, dtype: torch.dtype) -> str:
     preferred = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
-    return next(b for b in preferred if unavailable_reason(b, device) is None)
+    return next(b for b in preferred if unavailable_reason(b, device, dtype) is None)
 
 
 class _Runner:
@@ -635,13 +638,14 @@ class Stream:
         self._model = model
         self._plan = _Plan(model)
         self._snapshot = _Snapshot(model)
-        device = self._plan.device
+        device, dtype = self._plan.device, self._plan.dtype
         if backend is None:
-            backend = _default_backend(device)
-        reason = unavailable_reason(backend, device)
+            backend = _default_backend(device, dtype)
+        reason = unavailable_reason(backend, device, dtype)
         if reason is not None:
-            raise StreamError(f"fastres.stream: backend {backend!r} cannot run a model on "
-                              f"{device.type}: {reason}")
+            raise StreamError(f"fastres.stream: backend {backend!r} cannot run a "
+                              f"{str(dtype).replace('torch.', '')} model on {device.type}: "
+                              f"{reason}")
         self.backend = backend
         self._batch: Optional[int] = None
         self._batch_origin = ""   # what fixed the batch size, for the mismatch error

@@ -516,6 +516,10 @@ def test_bad_states_and_backends_raise_clear_errors():
     with pytest.raises(StreamError, match="unknown backend 'numpy'"):
         stream_fn(net, backend="numpy")
     assert unavailable_reason("cpp", torch.device("cuda")) == "runs on CPU only"
+    assert "computes in float32" in unavailable_reason("triton", torch.device("cuda"),
+                                                       torch.float64)
+    with pytest.raises(StreamError, match="backend 'triton' cannot run a float64 model"):
+        stream_fn(copy.deepcopy(net).double(), backend="triton")
     with pytest.raises(StreamError, match="model's layers, dtype or device changed"):
         s._model = other
         s.refold()
@@ -528,7 +532,8 @@ def test_cpp_backend_without_the_extension_names_the_reason(monkeypatch):
     assert "does not load" in unavailable_reason("cpp", CPU)
     net = fastres.TemporalConvNet(2, [3]).eval()
     assert stream_fn(net).backend == "torch"   # the fallback takes over
-    with pytest.raises(StreamError, match="backend 'cpp' cannot run .*does not load"):
+    with pytest.raises(StreamError, match="backend 'cpp' cannot run a float32 model on cpu: "
+                                          ".*does not load"):
         stream_fn(net, backend="cpp")
     assert whole_sequence(net, torch.randn(1, 2, 8)) is None
 
