@@ -40,7 +40,8 @@ Backends (`backend=`, default: the fastest available for the model's device):
 Every backend keeps the same state layout, so a state moves between them.
 
 Computation is float32 (float64 for float64 models); 16-bit inputs and outputs are
-converted once per call. `whole_sequence` (below) lets TemporalConvNet.forward run the
+converted once per call on the CPU backends. A stream is for inference: no gradient flows
+through it (its outputs never require grad). `whole_sequence` (below) lets TemporalConvNet.forward run the
 C++ kernel on a fresh zero state for small-batch inference, where that measured faster.
 """
 from __future__ import annotations
@@ -535,6 +536,7 @@ class _TorchRunner(_Runner):
         size = slots * self.batch * channels
         return self.state[offset:offset + size].view(slots, self.batch, channels)
 
+    @torch.no_grad()
     def run(self, x: Tensor, out: Tensor) -> None:
         chunk = x if x.dim() == 3 else x.unsqueeze(-1)
         pos = int(self.position)

@@ -144,6 +144,14 @@ def test_whole_sequence_as_one_chunk_and_float64(backend):
         assert_parity(stream_fn(model, backend=backend).step(x), full_forward(model, x), dtype)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_gradient_flows_through_a_stream(backend):
+    net = fastres.TemporalConvNet(2, [3], kernel_size=2).eval()
+    s = stream_fn(net, backend=backend)
+    x = torch.randn(1, 2, 3, requires_grad=True)
+    assert not s.step(x).requires_grad and not s.step(x[..., 0]).requires_grad
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_out_is_written_in_full(backend):
     # out= prefilled with NaN: the kernel must write every element (one step and a chunk).
