@@ -27,12 +27,12 @@
 // next conv reads earlier rows of this one's output).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #ifdef FASTRES_BLAS_SYMBOLS
 // libtorch_cpu's Fortran BLAS (MKL); setup.py defines FASTRES_BLAS_SYMBOLS after checking that
@@ -70,7 +70,7 @@ struct Layer {
 };
 
 struct Net {
-  std::vector<Layer> layers;
+  c10::SmallVector<Layer, 32> layers;  // on the stack up to 32 layers: no allocation per step
   int64_t batch, c_in, c_out, max_c, state_size, weights_size;
 };
 
