@@ -30,8 +30,8 @@ another batch size raises. `reset(batch_size=...)` changes it.
 
 Backends (`backend=`, default: the fastest available for the model's device):
     "cpp"     CPU: the C++ kernel csrc/cpu/stream_cpu.cpp, one op call per step or chunk
-              for the whole stack, weights packed in one buffer, no allocation per step
-              beyond the output (none with step(x, out=...)).
+              for the whole stack, weights packed in one buffer, no tensor allocated per
+              step beyond the output (none with step(x, out=...)).
     "triton"  CUDA: one Triton launch per step or chunk for the whole stack
               (fastres/backends/triton/stream_step.py); single steps replay a CUDA graph.
               On CPU only under TRITON_INTERPRET=1, for tests.
@@ -346,11 +346,7 @@ class _Plan:
         self.layers = _layers(model)
         if not self.layers:
             raise StreamError("fastres.stream: the model has no layer to stream")
-        _check_chain(self.layers)
-        convs = [c for layer in self.layers for c in (layer.conv1, layer.conv2, layer.downsample)
-                 if c is not None]
-        if not convs:
-            raise StreamError("fastres.stream: the model has no conv")
+        _check_chain(self.layers)   # (so the stack starts with a conv: it has parameters)
         weights = [p for p in model.parameters() if p.is_floating_point()]
         self.dtype, self.device = weights[0].dtype, weights[0].device
         if any(p.dtype != self.dtype or p.device != self.device for p in weights):
@@ -393,8 +389,7 @@ class _Plan:
                 "w2": add(taps(layer.conv2)), "b2": add(layer.conv2 and layer.conv2.bias),
                 "wd": add(taps(layer.downsample)),
                 "bd": add(layer.downsample and layer.downsample.bias)})
-        packed = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
-        self.weights = packed.to(device=self.device, dtype=self.compute_dtype)
+        self.weights = torch.cat(chunks).to(device=self.device, dtype=self.compute_dtype)
 
     def ring_offsets(self, batch: int) -> Tuple[List[Tuple[int, int]], int]:
         """Per layer (input ring offset, h ring offset or -1) in the state; the state size."""
