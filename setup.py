@@ -124,7 +124,8 @@ def _extensions():
         return [], {}
 
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "checks.cpp"),
-               os.path.join("csrc", "cpu", "conv_bn_relu_cpu.cpp")]
+               os.path.join("csrc", "cpu", "conv_bn_relu_cpu.cpp"),
+               os.path.join("csrc", "cpu", "stream_cpu.cpp")]  # the last: fastres.stream's kernel
     # As torch builds itself: -fno-math-errno/-fno-trapping-math let masked (select) loops
     # vectorize. The C++ standard is whatever torch requires (cpp_extension adds it).
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]

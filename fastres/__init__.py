@@ -4,6 +4,7 @@ from .monitor import GradientMonitor
 from .ops import conv_bn_relu
 from .nn import (BasicBlock, ResNet1d, TemporalBlock, TemporalConvNet, convert,
                  receptive_field, unfuse)
+from .stream import Stream, StreamError, stream
 from .tuning import DispatchReport, autotune, explain
 from ._version import __version__
 
@@ -11,4 +12,6 @@ __all__ = ["DispatchReport", "GradientMonitor", "autotune", "available_backends"
            "explain", "use_backend", "__version__",
            # drop-in modules (fastres.nn)
            "BasicBlock", "ResNet1d", "TemporalBlock", "TemporalConvNet", "convert",
-           "receptive_field", "unfuse"]
+           "receptive_field", "unfuse",
+           # streaming inference (fastres/stream.py)
+           "Stream", "StreamError", "stream"]

@@ -129,3 +129,9 @@ class KernelBackend(Backend):
 
     def backward(self, *args, **kwargs):
         return self.module.backward(*args, **kwargs)
+
+    def stream_forward(self, *args, **kwargs) -> None:
+        """The backend's streaming kernel (fastres.stream), where it has one."""
+        if not hasattr(self.module, "stream_forward"):
+            raise NotImplementedError(f"backend {self.name} has no streaming kernel")
+        self.module.stream_forward(*args, **kwargs)

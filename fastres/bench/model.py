@@ -1,7 +1,8 @@
 """model suite: whole networks, fused (fastres) vs plain PyTorch vs torch.compile.
 
     TemporalConvNet  locuslab/TCN's network of BatchNorm TemporalBlocks (dilations 1, 2, 4, ...)
-                     with a per-step MSE loss
+                     with a per-step MSE loss; on CPU also at batch 1 (B=1, L=256, 8 blocks of
+                     64 channels: small-batch latency)
     ResNet1d         1D ResNet-18 (widths 64..512) classifying sequences (cross-entropy)
 
 Train step and inference, peak memory per step (CUDA), candidates as in _modules.py.
@@ -19,8 +20,8 @@ NAME = "model"
 TITLE = "Models: TemporalConvNet, ResNet1d"
 
 # Per size and device type: the TCNs as (inputs, channels, kernel, (B, L)), and the ResNet as
-# (layers, in, classes, (B, L)). The CPU sizes include an 8-block, 64-channel TCN at B=1,
-# L=256: small-batch inference, where per-call overhead decides.
+# (layers, in, classes, (B, L)) or None. The CPU sizes include an 8-block, 64-channel TCN at
+# B=1, L=256: small-batch inference, where per-call overhead decides.
 _SMALL_BATCH_TCN = (64, [64] * 8, 3, (1, 256))
 _SIZES = {
     ("quick", "cpu"): ([(4, [16] * 3, 3, (2, 128))], None),

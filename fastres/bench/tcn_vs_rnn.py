@@ -9,19 +9,19 @@ the TCN's count), each with a per-step linear read-out, on a sequence-to-sequenc
 Per sequence length L (B sequences per batch):
     train   one optimizer step: forward, loss, backward, Adam step   -> sequences/s
     infer   eval-mode forward under no_grad                          -> sequences/s
-and once, independent of L:
-    stream  latency of producing the output for one new time step, batch 1. The RNNs run
-            one step from their carried state. The TCN has no state: the simple version
-            measured here re-runs the network on the last receptive_field inputs and keeps
-            the last output (a cached, incremental TCN would be faster; this is the baseline
-            every TCN supports).
+and, for B = 1 and B = 64 independent streams, independent of L:
+    stream  latency of producing every stream's output for one new time step, on their own
+            model (STREAM_CONFIGS: the issue's 8 blocks of 64 channels, K=3, at the default
+            and full sizes), again at matched parameter counts:
+              tcn-stream     fastres.stream: one step from the carried ring buffers
+              tcn-recompute  the TCN re-run on the last receptive_field inputs, keeping the
+                             last output (what any TCN can do without a state)
+              lstm, gru      nn.LSTM / nn.GRU stepped one step from their carried state
+              lstm-cell, gru-cell   the same weights as nn.LSTMCell / nn.GRUCell stacks
 
 The crossover length is where the TCN's time per batch drops below the RNN's and stays
 below up to the longest length measured (interpolated in log-log between the two swept
 lengths around it).
-
-The TCNs come from `make_tcn`, a small factory: fastres.TemporalConvNet and fastres.unfuse
-when the package provides them, otherwise the wiring in this file (same architecture).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 import fastres
 
@@ -41,8 +42,9 @@ from .runner import Settings, Task
 
 NAME = "tcn-vs-rnn"
 TITLE = "TCN (fastres, plain) vs LSTM / GRU over sequence length"
-PLOT_PANELS = 2
+PLOT_PANELS = 3
 IMPLS = ["tcn-fastres", "tcn-plain", "lstm", "gru"]
+STREAM_IMPLS = ["tcn-stream", "tcn-recompute", "lstm", "lstm-cell", "gru", "gru-cell"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,80 +78,24 @@ CONFIGS = {
                              channels=64, levels=8, kernel_size=3),
 }
 
+# The streaming rows' model (lengths unused; batch = the number of streams, STREAM_BATCHES).
+_ISSUE_TCN = Config(lengths=(), batch=1, features=8, channels=64, levels=8, kernel_size=3)
+STREAM_CONFIGS = {
+    "quick": Config(lengths=(), batch=1, features=4, channels=8, levels=3, kernel_size=3),
+    "default": _ISSUE_TCN,
+    "full": _ISSUE_TCN,
+}
+STREAM_BATCHES = {"quick": (1, 4), "default": (1, 64), "full": (1, 64)}
+
 
 # --------------------------------------------------------------------------- models
 
 
-class _Stage(nn.Module):
-    """conv -> BN -> ReLU (+ residual before the ReLU), causal and dilated.
-
-    fused=True runs it as one fastres.conv_bn_relu call; False as nn.Conv1d (with the
-    "chomp") -> nn.BatchNorm1d -> add -> F.relu. Both hold the same parameters.
-    """
-
-    def __init__(self, n_in: int, n_out: int, kernel_size: int, dilation: int, fused: bool):
-        super().__init__()
-        self.fused, self.dilation = fused, dilation
-        self.chomp = (kernel_size - 1) * dilation
-        self.conv = nn.Conv1d(n_in, n_out, kernel_size, dilation=dilation, padding=self.chomp)
-        self.bn = nn.BatchNorm1d(n_out)
-
-    def forward(self, x, residual=None):
-        if self.fused:
-            bn = self.bn
-            return fastres.conv_bn_relu(
-                x, self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.weight,
-                bn.bias, training=self.training, momentum=bn.momentum, eps=bn.eps,
-                dilation=self.dilation, padding="causal", residual=residual,
-                num_batches_tracked=bn.num_batches_tracked if self.training else None)
-        y = self.conv(x)
-        if self.chomp:
-            y = y[:, :, :-self.chomp]
-        y = self.bn(y)
-        return F.relu(y if residual is None else y + residual)
-
-
-class _Block(nn.Module):
-    """The seed TemporalBlock: two causal stages, the second adding the (projected) input."""
-
-    def __init__(self, n_in, n_out, kernel_size, dilation, fused):
-        super().__init__()
-        self.stage1 = _Stage(n_in, n_out, kernel_size, dilation, fused)
-        self.stage2 = _Stage(n_out, n_out, kernel_size, dilation, fused)
-        self.downsample = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
-
-    def forward(self, x):
-        res = x if self.downsample is None else self.downsample(x)
-        return self.stage2(self.stage1(x), residual=res)
-
-
-class _OwnTCN(nn.Sequential):
-    """Fallback TCN wiring, used while fastres has no TemporalConvNet."""
-
-    def __init__(self, num_inputs, channels, kernel_size, fused):
-        layers, n_in = [], num_inputs
-        for i, n_out in enumerate(channels):
-            layers.append(_Block(n_in, n_out, kernel_size, 2 ** i, fused))
-            n_in = n_out
-        super().__init__(*layers)
-
-
-def _unfuse_own(model: nn.Module) -> nn.Module:
-    plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if isinstance(module, _Stage):
-            module.fused = False
-    return plain
-
-
 def make_tcn(num_inputs: int, channels: Sequence[int], kernel_size: int):
-    """(fused TCN, the same TCN in plain PyTorch with identical weights, where it came from)."""
-    if hasattr(fastres, "TemporalConvNet") and hasattr(fastres, "unfuse"):
-        fused = fastres.TemporalConvNet(num_inputs, list(channels), kernel_size=kernel_size,
-                                        dropout=0.0)
-        return fused, fastres.unfuse(copy.deepcopy(fused)), "fastres.TemporalConvNet"
-    fused = _OwnTCN(num_inputs, channels, kernel_size, fused=True)
-    return fused, _unfuse_own(fused), "bench wiring (fastres.TemporalConvNet not available)"
+    """(fused TCN, the same TCN in plain PyTorch with identical weights)."""
+    fused = fastres.TemporalConvNet(num_inputs, list(channels), kernel_size=kernel_size,
+                                    dropout=0.0)
+    return fused, fastres.unfuse(copy.deepcopy(fused))
 
 
 class SeqModel(nn.Module):
@@ -169,6 +115,30 @@ class SeqModel(nn.Module):
         """One time step of a recurrent model: x_t (B, 1, F) -> (y_t, new state)."""
         out, state = self.backbone(x_t, state)
         return self.head(out), state
+
+
+class CellStack(nn.Module):
+    """A multi-layer nn.LSTM / nn.GRU as a stack of nn.LSTMCell / nn.GRUCell sharing its
+    weights: one step costs one cell call per layer, without nn.LSTM's sequence machinery."""
+
+    def __init__(self, rnn: nn.RNNBase, head: nn.Linear):
+        super().__init__()
+        cell = nn.LSTMCell if isinstance(rnn, nn.LSTM) else nn.GRUCell
+        self.cells = nn.ModuleList()
+        for layer in range(rnn.num_layers):
+            c = cell(rnn.input_size if layer == 0 else rnn.hidden_size, rnn.hidden_size)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                setattr(c, name, getattr(rnn, f"{name}_l{layer}"))
+            self.cells.append(c)
+        self.head = head
+
+    def step(self, x_t: Tensor, state):
+        """x_t (B, F) -> (y_t (B, F), new state); state None starts from zeros."""
+        state = list(state) if state is not None else [None] * len(self.cells)
+        for layer, cell in enumerate(self.cells):
+            state[layer] = cell(x_t, state[layer])
+            x_t = state[layer][0] if isinstance(state[layer], tuple) else state[layer]
+        return self.head(x_t), state
 
 
 def param_count(module: nn.Module) -> int:
@@ -191,7 +161,7 @@ def build_models(config: Config, device: torch.device, dtype: torch.dtype):
     """name -> SeqModel, plus a description (parameter counts, hidden sizes, TCN origin)."""
     torch.manual_seed(0)
     channels = [config.channels] * config.levels
-    fused, plain, origin = make_tcn(config.features, channels, config.kernel_size)
+    fused, plain = make_tcn(config.features, channels, config.kernel_size)
     models = {"tcn-fastres": SeqModel(fused, config.channels, config.features, recurrent=False)}
     models["tcn-plain"] = SeqModel(plain, config.channels, config.features, recurrent=False)
     models["tcn-plain"].head.load_state_dict(models["tcn-fastres"].head.state_dict())
@@ -204,7 +174,7 @@ def build_models(config: Config, device: torch.device, dtype: torch.dtype):
     for model in models.values():
         model.to(device=device, dtype=dtype)
     info = {"params": {name: param_count(m) for name, m in models.items()},
-            "rnn_hidden": hidden, "tcn": origin, "receptive_field": config.receptive_field,
+            "rnn_hidden": hidden, "receptive_field": config.receptive_field,
             "config": dataclasses.asdict(config)}
     return models, info
 
@@ -258,26 +228,36 @@ def _infer_call(model, inputs):
     return forward
 
 
-def _stream_call(model, name, config, device, dtype):
-    """One new time step, batch 1 (see the module docstring for the TCN's simple version)."""
-    model.eval()
+def _stream_call(models, impl, config, streams, device, dtype):
+    """One new time step for `streams` independent streams (see the module docstring)."""
     g = torch.Generator().manual_seed(2)
-    if name.startswith("tcn"):
-        window = torch.randn(1, config.features, config.receptive_field,
+    x_t = torch.randn(streams, config.features, generator=g).to(device=device, dtype=dtype)
+    if impl == "tcn-stream":
+        model = models["tcn-fastres"].eval()
+        step = fastres.stream(nn.Sequential(model.backbone, model.head), batch_size=streams)
+        return lambda: step.step(x_t)
+    if impl == "tcn-recompute":
+        model = models["tcn-fastres"].eval()
+        window = torch.randn(streams, config.features, config.receptive_field,
                              generator=g).to(device=device, dtype=dtype)
 
-        def tcn_step():
+        def recompute():
             with torch.no_grad():
                 return model(window)[:, :, -1]
-        return tcn_step
-    x_t = torch.randn(1, 1, config.features, generator=g).to(device=device, dtype=dtype)
+        return recompute
+    rnn = models[impl.replace("-cell", "")].eval()
+    if impl.endswith("-cell"):
+        cells = CellStack(rnn.backbone, rnn.head)
+        step, x = cells.step, x_t
+    else:
+        step, x = rnn.step, x_t[:, None, :]
     with torch.no_grad():
-        _, state = model.step(x_t, None)
+        _, state = step(x, None)
     carried = [state]
 
     def rnn_step():
         with torch.no_grad():
-            y, carried[0] = model.step(x_t, carried[0])
+            y, carried[0] = step(x, carried[0])
         return y
     return rnn_step
 
@@ -307,14 +287,22 @@ def tasks(settings: Settings) -> List[Task]:
                     impls=list(IMPLS), make=make, baseline="lstm", items=config.batch,
                     timing=slow))
 
-        def make_stream(impl, dtype=dtype):
-            models, _ = build_models(config, device, dtype)
-            return _stream_call(models[impl], impl, config, device, dtype)
-        result.append(Task(
-            suite=NAME, name=f"stream-{dname}",
-            case={"mode": "stream", "L": None, "B": 1, "dtype": dname,
-                  "tcn_window": config.receptive_field},
-            impls=list(IMPLS), make=make_stream, baseline="lstm", items=1))
+        stream_config = STREAM_CONFIGS[settings.size]
+        # Re-running the receptive field for 64 streams takes about 0.5 s a call on a CPU, so
+        # the time cap would stop these groups after a few rounds: ask for more.
+        stream_timing = dataclasses.replace(slow, min_rounds=max(slow.min_rounds, 7)) \
+            if settings.size != "quick" else slow
+        for streams in STREAM_BATCHES[settings.size]:
+            def make_stream(impl, dtype=dtype, streams=streams):
+                models, _ = build_models(stream_config, device, dtype)
+                return _stream_call(models, impl, stream_config, streams, device, dtype)
+            result.append(Task(
+                suite=NAME, name=f"stream-B{streams}-{dname}",
+                case={"mode": "stream", "L": None, "B": streams, "dtype": dname,
+                      "channels": stream_config.channels, "levels": stream_config.levels,
+                      "tcn_window": stream_config.receptive_field},
+                impls=list(STREAM_IMPLS), make=make_stream, baseline="lstm", items=streams,
+                timing=stream_timing))
     return result
 
 
@@ -363,10 +351,27 @@ def summarize(rows, settings: Settings) -> Dict[str, object]:
                     key = f"{dtype}/{mode}/{tcn}/{rnn}"
                     summary["crossover"][key] = crossover(_curve(rows, tcn, mode, dtype),
                                                           _curve(rows, rnn, mode, dtype))
-    summary["stream_latency_s"] = {f"{r['case']['dtype']}/{r['impl']}": r["median_s"]
-                                   for r in rows if r["case"]["mode"] == "stream"
-                                   and r["status"] == "ok"}
+    _, stream_info = build_models(STREAM_CONFIGS[settings.size], torch.device("cpu"),
+                                  torch.float32)
+    summary["stream_model"] = {key: stream_info[key] for key in
+                               ("params", "rnn_hidden", "receptive_field", "config")}
+    summary["stream_latency_s"] = {_stream_key(r): r["median_s"] for r in rows
+                                   if r["case"]["mode"] == "stream" and r["status"] == "ok"}
     return summary
+
+
+def _stream_key(row) -> str:
+    return f"{row['case']['dtype']}/B{row['case']['B']}/{row['impl']}"
+
+
+def stream_ratios(latency: Dict[str, float], prefix: str) -> Dict[str, float]:
+    """How many times faster tcn-stream is per step than each other candidate (prefix:
+    "dtype/B<streams>/")."""
+    mine = latency.get(prefix + "tcn-stream")
+    if not mine:
+        return {}
+    return {key[len(prefix):]: value / mine for key, value in latency.items()
+            if key.startswith(prefix) and not key.endswith("/tcn-stream")}
 
 
 def summary_lines(summary) -> List[str]:
@@ -375,14 +380,25 @@ def summary_lines(summary) -> List[str]:
         return []
     params = ", ".join(f"{k} {v:,}" for k, v in summary["params"].items())
     lines = [f"parameters: {params} (RNN hidden {summary['rnn_hidden']}); TCN receptive field "
-             f"{summary['receptive_field']} steps; TCN from {summary['tcn']}"]
+             f"{summary['receptive_field']} steps"]
     for key, value in sorted(summary["crossover"].items()):
         if key.split("/")[2] == "tcn-fastres":
             lines.append(f"crossover {key}: {value['note']}")
-    if summary["stream_latency_s"]:
-        lines.append("streaming latency per step (batch 1; TCN re-runs its receptive field): "
-                     + ", ".join(f"{k} {fmt_seconds(v)}"
-                                 for k, v in summary["stream_latency_s"].items()))
+    latency = summary.get("stream_latency_s", {})
+    if latency:
+        model = summary["stream_model"]
+        config = model["config"]
+        lines.append(f"streaming model: TCN of {config['levels']} blocks x {config['channels']} "
+                     f"channels, K={config['kernel_size']}, receptive field "
+                     f"{model['receptive_field']}; parameters "
+                     + ", ".join(f"{k} {v:,}" for k, v in model["params"].items()))
+        for prefix in sorted({key.rsplit("/", 1)[0] + "/" for key in latency}):
+            ratios = stream_ratios(latency, prefix)
+            mine = latency.get(prefix + "tcn-stream")
+            if mine:
+                lines.append(f"per step, {prefix[:-1]}: tcn-stream {fmt_seconds(mine)}; "
+                             + ", ".join(f"{ratio:.1f}x faster than {impl}"
+                                         for impl, ratio in ratios.items()))
     return lines
 
 
@@ -402,8 +418,8 @@ def table(rows, summary):
 
 
 def plot(axes, rows, summary):
-    """Time per batch vs sequence length, one line per model, log-log; train and inference."""
-    streams = summary.get("stream_latency_s", {}) if summary else {}
+    """Time per batch vs sequence length, one line per model, log-log, for training and
+    inference; then the per-step latency of the streaming candidates."""
     for ax, mode, title in zip(axes, ("train", "infer"),
                                ("train step (fwd + bwd + Adam)", "inference (eval forward)")):
         for dtype in sorted({r["case"]["dtype"] for r in rows}):
@@ -412,9 +428,6 @@ def plot(axes, rows, summary):
                 if not points:
                     continue
                 label = impl if dtype == "float32" else f"{impl} {dtype}"
-                latency = streams.get(f"{dtype}/{impl}")
-                if latency and mode == "infer":
-                    label += f" (stream {latency * 1e3:.3g} ms/step)"
                 style = "-" if impl.startswith("tcn") else "--"
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
                         label=label)
@@ -426,3 +439,20 @@ def plot(axes, rows, summary):
         ax.set_title(f"tcn-vs-rnn: {title}, batch {batch}, matched parameters", fontsize=9)
         ax.grid(True, which="both", linewidth=0.3)
         ax.legend(fontsize=7)
+    _plot_stream(axes[2], [r for r in rows if r["case"]["mode"] == "stream"], summary)
+
+
+def _plot_stream(ax, rows, summary):
+    """Per-step latency, one group of bars per number of streams, log scale."""
+    from .formatting import bar_chart
+    model = (summary or {}).get("stream_model", {})
+    config = model.get("config", {})
+    bar_chart(ax, rows, value="median_s", log=True,
+              title=f"streaming: seconds per step of all B streams (TCN of {config.get('levels')} "
+                    f"blocks x {config.get('channels')} channels, receptive field "
+                    f"{model.get('receptive_field')}; RNNs at matched parameters)")
+    ax.set_xlabel("seconds per step (log scale)")
+    for patch_group in ax.containers:
+        ax.bar_label(patch_group, labels=[f"{w * 1e6:.3g} us" if w < 1e-3 else
+                                          f"{w * 1e3:.3g} ms" for w in patch_group.datavalues],
+                     fontsize=6, padding=2)

@@ -69,7 +69,8 @@ def forward_with_policy(module: nn.Module, x: Tensor) -> Tensor:
     if inner is not None:  # inside an outer fused module: follow its policy
         return module.plain_forward(x) if inner == "plain" else module.fused_forward(x)
     if not isinstance(x, Tensor) or x.device.type not in ("cpu", "cuda") \
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) \
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() \
+            or torch.is_autocast_enabled(x.device.type) \
             or backends.forced_backend() is not None:
         return module.fused_forward(x)
     needs_grad = torch.is_grad_enabled() and (

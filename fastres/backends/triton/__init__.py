@@ -61,6 +61,13 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
 
 
+def stream_forward(*args, **kwargs) -> None:
+    """fastres.stream's kernel: one launch advances a whole causal stack by a step or a
+    chunk (stream_step.py states its arguments)."""
+    from . import stream_step
+    stream_step.stream_forward(*args, **kwargs)
+
+
 def _gemm_config(config, M, N, dtype, tuning_key, run, device, tma):
     """The tiles of one conv GEMM: the heuristic, or the measured choice (tuning.py).
     Without TMA (masked-pointer operands) the small tiles of tiling.pointer_config."""

@@ -1,0 +1,643 @@
+// Streaming inference on CPU: one call advances a whole causal stack (TemporalBlocks, 1x1
+// convs, ReLUs) by one step or by a chunk of n steps. fastres/stream.py builds the inputs and
+// documents the semantics; this file is its C++ kernel, registered as fastres_ext::stream_forward.
+//
+// What the Python side packs once, when a stream is built:
+//   weights  one contiguous buffer: every conv as K taps of W_k[C_in][C_out] (row-major, so a
+//            tap is the right-hand side of a GEMM over rows of channels-last activations), then
+//            its bias. Batch norm is already folded in (W' = W * scale, b' = (b - mean) * scale
+//            + beta), weight norm already applied.
+//   meta     int64: a header and one record per layer (offsets into weights and state); the
+//            layout constants are mirrored in fastres/stream.py (META_*) and checked here.
+//   state    every layer's input ring: (K-1)*d + 1 slots of (B, C) values; the input of time t
+//            sits in slot t mod slots. Zero-filled, it is the causal zero padding.
+//   position the number of steps taken so far (int64, advanced by this kernel).
+//
+// A layer reads the input of `lag` steps back from the chunk itself when it is inside the
+// chunk, else from its ring (circular indexing; nothing is ever shifted), then writes the
+// chunk's last inputs into the ring. The ring keeps one slot more than the conv needs so that
+// the slot being written never is one a step reads: the Triton kernel relies on that, and the
+// state layout is the same for every backend.
+//
+// Activations inside a call are channels-last, [b][t][c], in 4 workspace buffers used in
+// rotation. A conv over rows of that layout is K GEMMs (one per tap) whose left-hand sides are
+// shifted row windows: no im2col, no padded copy. Work is split across threads by batch item
+// (one parallel region for the whole stack) when there are at least as many items as threads or
+// the chunk is a single step, else by time inside each conv (a region per conv, because the
+// next conv reads earlier rows of this one's output).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#ifdef FASTRES_BLAS_SYMBOLS
+// libtorch_cpu's Fortran BLAS (MKL); setup.py defines FASTRES_BLAS_SYMBOLS after checking that
+// the installed torch exports them (see conv_bn_relu_cpu.cpp).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+#endif
+
+namespace fastres {
+namespace {
+
+// ----------------------------------------------------------------------------- meta layout
+// Mirrored in fastres/stream.py; a mismatch is caught by the header checks below.
+// Header: n_layers, batch, c_in, c_out, max_c, state size, weights size, layout version.
+constexpr int64_t kHeader = 8;
+constexpr int64_t kFields = 16;  // per layer, see Layer
+constexpr int64_t kMetaVersion = 1;
+enum LayerKind : int64_t { kBlock = 0, kPointwise = 1, kRelu = 2 };
+
+// One layer of the stack. Offsets index `weights` (w*, b*) or `state` (ring_*); -1 = absent.
+struct Layer {
+  int64_t kind, c_in, c_out, taps, dilation, slots;
+  int64_t ring_in;   // ring of this layer's input: slots * B * c_in values
+  int64_t ring_mid;  // block: ring of the first stage's output h, slots * B * c_out values
+  int64_t w1, b1;    // block: conv1; pointwise: the conv
+  int64_t w2, b2;    // block: conv2
+  int64_t wd, bd;    // block: 1x1 downsample of the residual (wd = -1: identity)
+  bool relu_before_add;  // block: relu(relu(conv2) + res) (weight-norm blocks) or relu(conv2 + res)
+};
+
+struct Net {
+  c10::SmallVector<Layer, 32> layers;  // on the stack up to 32 layers: no allocation per step
+  int64_t batch, c_in, c_out, max_c, state_size, weights_size;
+};
+
+Net parse_meta(const at::Tensor& meta) {
+  TORCH_CHECK(meta.dim() == 1 && meta.scalar_type() == at::kLong && meta.is_contiguous() &&
+                  meta.device().is_cpu() && meta.numel() >= kHeader,
+              "fastres_ext.stream_forward: meta must be a contiguous int64 CPU vector");
+  const int64_t* m = meta.data_ptr<int64_t>();
+  Net net{{}, m[1], m[2], m[3], m[4], m[5], m[6]};
+  const int64_t n_layers = m[0];
+  TORCH_CHECK(m[7] == kMetaVersion && n_layers >= 1 &&
+                  meta.numel() == kHeader + n_layers * kFields,
+              "fastres_ext.stream_forward: meta has the wrong layout (version ", m[7],
+              ", expected ", kMetaVersion, "): rebuild the stream");
+  auto in_weights = [&](int64_t off, int64_t size) {
+    return off == -1 || (off >= 0 && off + size <= net.weights_size);
+  };
+  auto in_state = [&](int64_t off, int64_t size) {
+    return off >= 0 && off + size <= net.state_size;
+  };
+  int64_t channels = net.c_in;
+  for (int64_t i = 0; i < n_layers; ++i) {
+    const int64_t* r = m + kHeader + i * kFields;
+    Layer l{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12],
+            r[13], r[14] != 0};
+    const int64_t ring_in = l.slots * net.batch * l.c_in;
+    const bool block = l.kind == kBlock;
+    const int64_t taps = block ? l.taps : 1;
+    bool ok = (block || l.kind == kPointwise || l.kind == kRelu) && l.c_in == channels &&
+              l.c_in >= 1 && l.c_out >= 1 && l.c_in <= net.max_c && l.c_out <= net.max_c &&
+              l.taps >= 1 && l.dilation >= 1 && l.slots == (taps - 1) * l.dilation + 1 &&
+              in_state(l.ring_in, ring_in);
+    if (block) {
+      ok = ok && in_state(l.ring_mid, l.slots * net.batch * l.c_out) && l.w1 >= 0 &&
+           l.w2 >= 0 && in_weights(l.w1, l.taps * l.c_in * l.c_out) &&
+           in_weights(l.w2, l.taps * l.c_out * l.c_out) && in_weights(l.b1, l.c_out) &&
+           in_weights(l.b2, l.c_out) && in_weights(l.wd, l.c_in * l.c_out) &&
+           in_weights(l.bd, l.c_out) && (l.wd >= 0 || l.c_in == l.c_out);
+    } else if (l.kind == kPointwise) {
+      ok = ok && l.w1 >= 0 && in_weights(l.w1, l.c_in * l.c_out) && in_weights(l.b1, l.c_out);
+    } else {
+      ok = ok && l.c_in == l.c_out;
+    }
+    TORCH_CHECK(ok, "fastres_ext.stream_forward: meta record of layer ", i,
+                " is inconsistent (channels, ring or weight offsets): rebuild the stream");
+    channels = l.c_out;
+    net.layers.push_back(l);
+  }
+  TORCH_CHECK(channels == net.c_out, "fastres_ext.stream_forward: meta channel counts disagree");
+  return net;
+}
+
+// ----------------------------------------------------------------------------- GEMM
+
+// 64 bytes of channels as a GCC/Clang vector type: one AVX-512 register, two AVX2 ones, four
+// SSE ones, whatever the target. (A plain loop over a local array vectorizes too, but GCC keeps
+// that array on the stack and reloads it every iteration; vector-typed locals stay in registers.)
+typedef float f32x64b __attribute__((vector_size(64)));
+typedef double f64x64b __attribute__((vector_size(64)));
+template <typename T> struct Vec64;
+template <> struct Vec64<float> { using type = f32x64b; };
+template <> struct Vec64<double> { using type = f64x64b; };
+
+// Unaligned vector load and store: memcpy, which the compiler turns into one unaligned move
+// (an aligned attribute on the typedef would be dropped where it is a template argument).
+// Always inlined, so no vector crosses a call: GCC's -Wpsabi note about vector returns does not
+// apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline __attribute__((always_inline)) void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// c[m][:] += a[m][:] @ w for rows m < rows; a's rows are kd long with stride lda, w is
+// (kd, n) row-major, c's rows have stride ldc. Vectorized over the output channels j, which are
+// contiguous in w and c, so no sum is reassociated across channels. A tile of 4 vectors of
+// channels is accumulated in two sets of registers (even and odd q, added at the end): eight
+// independent multiply-add chains keep both FMA units busy.
+template <typename T>
+inline __attribute__((always_inline)) void rows_times_packed(int64_t rows, int64_t n,
+                                                             int64_t kd, const T* a,
+                                                             int64_t lda, const T* w, T* c,
+                                                             int64_t ldc) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t kV = 64 / sizeof(T);  // channels per vector
+  for (int64_t m = 0; m < rows; ++m) {
+    const T* ar = a + m * lda;
+    T* cr = c + m * ldc;
+    int64_t j = 0;
+    for (; j + 4 * kV <= n; j += 4 * kV) {
+      V e0 = load<V>(cr + j), e1 = load<V>(cr + j + kV), e2 = load<V>(cr + j + 2 * kV),
+        e3 = load<V>(cr + j + 3 * kV);
+      V o0 = {}, o1 = {}, o2 = {}, o3 = {};
+      int64_t q = 0;
+      for (; q + 2 <= kd; q += 2) {
+        const T* w0 = w + q * n + j;
+        const T* w1 = w0 + n;
+        const T a0 = ar[q], a1 = ar[q + 1];
+        e0 += a0 * load<V>(w0);
+        e1 += a0 * load<V>(w0 + kV);
+        e2 += a0 * load<V>(w0 + 2 * kV);
+        e3 += a0 * load<V>(w0 + 3 * kV);
+        o0 += a1 * load<V>(w1);
+        o1 += a1 * load<V>(w1 + kV);
+        o2 += a1 * load<V>(w1 + 2 * kV);
+        o3 += a1 * load<V>(w1 + 3 * kV);
+      }
+      if (q < kd) {
+        const T* w0 = w + q * n + j;
+        const T a0 = ar[q];
+        e0 += a0 * load<V>(w0);
+        e1 += a0 * load<V>(w0 + kV);
+        e2 += a0 * load<V>(w0 + 2 * kV);
+        e3 += a0 * load<V>(w0 + 3 * kV);
+      }
+      store(cr + j, e0 + o0);
+      store(cr + j + kV, e1 + o1);
+      store(cr + j + 2 * kV, e2 + o2);
+      store(cr + j + 3 * kV, e3 + o3);
+    }
+    for (; j + kV <= n; j += kV) {  // single vectors of channels
+      V e = load<V>(cr + j);
+      for (int64_t q = 0; q < kd; ++q) e += ar[q] * load<V>(w + q * n + j);
+      store(cr + j, e);
+    }
+    for (; j < n; ++j) {  // the last few channels
+      T e = cr[j];
+      for (int64_t q = 0; q < kd; ++q) e += ar[q] * w[q * n + j];
+      cr[j] = e;
+    }
+  }
+}
+
+// Compiled for AVX-512, AVX2 + FMA and baseline x86-64, picked at load time by the CPU (the
+// extension itself is built for baseline x86-64). fp-contract=fast lets the multiply-adds
+// become FMAs where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTRES_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), \
+                 optimize("fp-contract=fast")))
+#else
+#define FASTRES_CLONES
+#endif
+
+FASTRES_CLONES void small_gemm(int64_t rows, int64_t n, int64_t kd, const float* a, int64_t lda,
+                               const float* w, float* c, int64_t ldc) {
+  rows_times_packed<float>(rows, n, kd, a, lda, w, c, ldc);
+}
+
+FASTRES_CLONES void small_gemm(int64_t rows, int64_t n, int64_t kd, const double* a,
+                               int64_t lda, const double* w, double* c, int64_t ldc) {
+  rows_times_packed<double>(rows, n, kd, a, lda, w, c, ldc);
+}
+
+// Below this many rows the loop above beats a BLAS call (whose fixed cost is a few us).
+constexpr int64_t kBlasMinRows = 16;
+
+template <typename T>
+void gemm_acc(int64_t rows, int64_t n, int64_t kd, const T* a, int64_t lda, const T* w, T* c,
+              int64_t ldc) {
+  if (rows <= 0) return;
+#ifdef FASTRES_BLAS_SYMBOLS
+  if (rows >= kBlasMinRows) {
+    // Column-major BLAS sees the row-major matrices transposed: C^T += W^T @ A^T.
+    const char no = 'N';
+    const int cm = static_cast<int>(n), cn = static_cast<int>(rows), ck = static_cast<int>(kd);
+    const int l_w = static_cast<int>(n), l_a = static_cast<int>(lda), l_c = static_cast<int>(ldc);
+    const T one = 1;
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_(&no, &no, &cm, &cn, &ck, &one, w, &l_w, a, &l_a, &one, c, &l_c);
+    } else {
+      dgemm_(&no, &no, &cm, &cn, &ck, &one, w, &l_w, a, &l_a, &one, c, &l_c);
+    }
+    return;
+  }
+#endif
+  small_gemm(rows, n, kd, a, lda, w, c, ldc);
+}
+
+// ----------------------------------------------------------------------------- the stack
+
+int64_t mod(int64_t a, int64_t m) { return ((a % m) + m) % m; }
+
+// One conv as the kernel sees it: K taps of W_k[c_in][c_out] at `w`, bias at `b` (or none),
+// its input ring at `ring` in the state (slots (K-1)*d + 1), or none (1x1 convs).
+template <typename T>
+struct Conv {
+  int64_t c_in, c_out, taps, dilation, slots;
+  const T* w;
+  const T* b;
+  const T* ring;  // nullptr: no history (a 1x1 conv, or a fresh zero state)
+};
+
+// Everything one call shares: the chunk is n steps of B batch items, starting after `pos`
+// steps; activations are [b][t][c] buffers with rows max_c apart.
+template <typename T>
+class Stack {
+ public:
+  Stack(const Net& net, const T* weights, T* state, int64_t pos, int64_t n)
+      : net_(net), weights_(weights), state_(state), pos_(pos), n_(n), ld_(net.max_c) {}
+
+  // Runs every layer over batch items [b0, b1) and all n steps, phase after phase, writing the
+  // rings as it goes (rows of different batch items never interact).
+  void run_items(T* const* buf, int64_t b0, int64_t b1) const {
+    int in = 0;
+    for (const Layer& l : net_.layers) {
+      const Buffers s = buffers(in);
+      for (int phase = 0; phase < phases(l); ++phase) run_phase(l, phase, buf, s, b0, b1, 0, n_);
+      write_rings(l, buf, s, b0, b1);
+      in = s.out;
+    }
+  }
+
+  // The same with the time steps of each phase split across threads (few batch items); a
+  // thread gets at least `min_macs` multiply-adds.
+  void run_split_time(T* const* buf, int64_t min_macs) const {
+    int in = 0;
+    for (const Layer& l : net_.layers) {
+      const Buffers s = buffers(in);
+      for (int phase = 0; phase < phases(l); ++phase) {
+        const int64_t grain = std::max<int64_t>(1, min_macs / phase_macs(l, phase));
+        for (int64_t b = 0; b < net_.batch; ++b) {
+          at::parallel_for(0, n_, grain, [&](int64_t t0, int64_t t1) {
+            run_phase(l, phase, buf, s, b, b + 1, t0, t1);
+          });
+        }
+      }
+      write_rings(l, buf, s, 0, net_.batch);
+      in = s.out;
+    }
+  }
+
+  // Which workspace buffer holds the stack's output after run_* (the input starts in 0).
+  int output_buffer() const {
+    int in = 0;
+    for (size_t i = 0; i < net_.layers.size(); ++i) in = buffers(in).out;
+    return in;
+  }
+
+  // Multiply-adds of one step of one batch item through the whole stack.
+  int64_t row_macs() const {
+    int64_t macs = 0;
+    for (const Layer& l : net_.layers)
+      for (int phase = 0; phase < phases(l); ++phase) macs += phase_macs(l, phase);
+    return macs;
+  }
+
+ private:
+  // Which of the 4 workspace buffers hold a layer's input, the block's h, the projected
+  // residual and the output (the next layer's input).
+  struct Buffers { int in, mid, res, out; };
+  static Buffers buffers(int in) { return {in, (in + 1) % 4, (in + 2) % 4, (in + 3) % 4}; }
+
+  static int phases(const Layer& l) { return l.kind == kBlock ? 2 : 1; }
+
+  // Multiply-adds of one row (one step of one batch item) of a phase.
+  static int64_t phase_macs(const Layer& l, int phase) {
+    if (l.kind == kRelu) return l.c_out;
+    if (l.kind == kPointwise) return l.c_in * l.c_out;
+    if (phase == 0) return l.taps * l.c_in * l.c_out;
+    return l.taps * l.c_out * l.c_out + (l.wd >= 0 ? l.c_in * l.c_out : 0);
+  }
+
+  Conv<T> conv(const Layer& l, int which) const {
+    const bool history = state_ != nullptr && l.slots > 1;
+    if (which == 1)
+      return {l.c_in, l.c_out, l.taps, l.dilation, l.slots, weights_ + l.w1, bias(l.b1),
+              history ? state_ + l.ring_in : nullptr};
+    if (which == 2)
+      return {l.c_out, l.c_out, l.taps, l.dilation, l.slots, weights_ + l.w2, bias(l.b2),
+              history ? state_ + l.ring_mid : nullptr};
+    return {l.c_in, l.c_out, 1, 1, 1, weights_ + l.wd, bias(l.bd), nullptr};  // downsample
+  }
+  const T* bias(int64_t off) const { return off < 0 ? nullptr : weights_ + off; }
+
+  // Rows of one phase: batch items [b0, b1), time steps [t0, t1). A block's phase 0 is
+  // h = relu(conv1(x)); phase 1 is out = relu([relu](conv2(h)) + residual). A pointwise layer
+  // is out = conv(x), a ReLU layer out = relu(x).
+  void run_phase(const Layer& l, int phase, T* const* buf, const Buffers& s, int64_t b0,
+                 int64_t b1, int64_t t0, int64_t t1) const {
+    const T* x = buf[s.in];
+    T* out = buf[s.out];
+    if (l.kind == kRelu) {
+      for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+        relu_row(x + row * ld_, out + row * ld_, l.c_out);
+      });
+      return;
+    }
+    if (l.kind == kPointwise) {
+      conv_rows(conv(l, 1), x, out, b0, b1, t0, t1);
+      return;
+    }
+    if (phase == 0) {
+      T* h = buf[s.mid];
+      conv_rows(conv(l, 1), x, h, b0, b1, t0, t1);
+      for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+        relu_row(h + row * ld_, h + row * ld_, l.c_out);
+      });
+      return;
+    }
+    const T* res = x;
+    if (l.wd >= 0) {
+      conv_rows(conv(l, 3), x, buf[s.res], b0, b1, t0, t1);
+      res = buf[s.res];
+    }
+    conv_rows(conv(l, 2), buf[s.mid], out, b0, b1, t0, t1);
+    for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+      T* o = out + row * ld_;
+      const T* r = res + row * ld_;
+      if (l.relu_before_add) {
+        for (int64_t i = 0; i < l.c_out; ++i) {
+          const T z = (o[i] > T(0) ? o[i] : T(0)) + r[i];
+          o[i] = z > T(0) ? z : T(0);
+        }
+      } else {
+        for (int64_t i = 0; i < l.c_out; ++i) {
+          const T z = o[i] + r[i];
+          o[i] = z > T(0) ? z : T(0);
+        }
+      }
+    });
+  }
+
+  static void relu_row(const T* x, T* out, int64_t size) {
+    for (int64_t i = 0; i < size; ++i) out[i] = x[i] > T(0) ? x[i] : T(0);
+  }
+
+  // fn(row) for every row b * n + t of the range.
+  template <typename Fn>
+  void for_each_row(int64_t b0, int64_t b1, int64_t t0, int64_t t1, Fn fn) const {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t t = t0; t < t1; ++t) fn(b * n_ + t);
+  }
+
+  // dst[b][t] = bias + sum_k W_k . input[b][t - lag_k], lag_k = (K-1-k) * d, over the rows
+  // (b, t) of the range: from the chunk where t - lag_k >= 0, else from the ring.
+  void conv_rows(const Conv<T>& cv, const T* src, T* dst, int64_t b0, int64_t b1, int64_t t0,
+                 int64_t t1) const {
+    const int64_t batch = net_.batch;
+    for_each_row(b0, b1, t0, t1, [&](int64_t row) {
+      T* d = dst + row * ld_;
+      if (cv.b) std::copy(cv.b, cv.b + cv.c_out, d);
+      else std::fill(d, d + cv.c_out, T(0));
+    });
+    for (int64_t k = 0; k < cv.taps; ++k) {
+      const int64_t lag = (cv.taps - 1 - k) * cv.dilation;
+      const T* w = cv.w + k * cv.c_in * cv.c_out;
+      if (n_ == 1) {
+        // One step: the rows are batch items, all reading the same time step.
+        if (lag == 0) {
+          gemm_acc(b1 - b0, cv.c_out, cv.c_in, src + b0 * ld_, ld_, w, dst + b0 * ld_, ld_);
+        } else if (cv.ring) {
+          const T* slot = cv.ring + mod(pos_ - lag, cv.slots) * batch * cv.c_in;
+          gemm_acc(b1 - b0, cv.c_out, cv.c_in, slot + b0 * cv.c_in, cv.c_in, w,
+                   dst + b0 * ld_, ld_);
+        }
+        continue;
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        T* d = dst + b * n_ * ld_;
+        const int64_t lo = std::max(t0, lag);
+        if (lo < t1)
+          gemm_acc(t1 - lo, cv.c_out, cv.c_in, src + (b * n_ + lo - lag) * ld_, ld_, w,
+                   d + lo * ld_, ld_);
+        if (!cv.ring) continue;
+        // Rows that read before the chunk: consecutive slots, split where the ring wraps.
+        const int64_t hi = std::min(t1, lag);
+        for (int64_t t = t0; t < hi;) {
+          const int64_t slot = mod(pos_ + t - lag, cv.slots);
+          const int64_t run = std::min(hi - t, cv.slots - slot);
+          gemm_acc(run, cv.c_out, cv.c_in, cv.ring + (slot * batch + b) * cv.c_in,
+                   batch * cv.c_in, w, d + t * ld_, ld_);
+          t += run;
+        }
+      }
+    }
+  }
+
+  // The chunk's last inputs of every ring of the layer, each into slot (time mod slots).
+  void write_rings(const Layer& l, T* const* buf, const Buffers& s, int64_t b0, int64_t b1) const {
+    if (state_ == nullptr) return;
+    write_ring(state_ + l.ring_in, l.slots, l.c_in, buf[s.in], b0, b1);
+    if (l.kind == kBlock) write_ring(state_ + l.ring_mid, l.slots, l.c_out, buf[s.mid], b0, b1);
+  }
+
+  void write_ring(T* ring, int64_t slots, int64_t c, const T* src, int64_t b0,
+                  int64_t b1) const {
+    const int64_t batch = net_.batch;
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t t = std::max<int64_t>(0, n_ - slots); t < n_; ++t) {
+        const int64_t slot = mod(pos_ + t, slots);
+        std::memcpy(ring + (slot * batch + b) * c, src + (b * n_ + t) * ld_, c * sizeof(T));
+      }
+    }
+  }
+
+  const Net& net_;
+  const T* weights_;
+  T* state_;
+  const int64_t pos_, n_;
+  // Row stride of the workspace buffers: max_c in every layer, so that a batch item's rows are
+  // the same memory whatever the layer's width, and threads owning different items never write
+  // where the other reads (with a stride of the layer's width they did, one layer apart).
+  const int64_t ld_;
+};
+
+// Below about this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kParallelMacs = 1 << 19;
+
+template <typename T>
+void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& weights,
+                         const at::Tensor& state, const at::Tensor& position,
+                         const at::Tensor& workspace, const at::Tensor& out, int64_t n) {
+  const bool keep = state.numel() > 0;
+  const int64_t pos = keep ? position.data_ptr<int64_t>()[0] : 0;
+  TORCH_CHECK(pos >= 0, "fastres_ext.stream_forward: negative position ", pos);
+  const int64_t buf_size = net.batch * n * net.max_c;
+  at::Tensor ws = workspace;
+  if (ws.numel() < 4 * buf_size) ws = at::empty({4 * buf_size}, weights.options());
+  T* base = ws.data_ptr<T>();
+  T* const buf[4] = {base, base + buf_size, base + 2 * buf_size, base + 3 * buf_size};
+
+  const Stack<T> stack(net, weights.data_ptr<T>(), keep ? state.data_ptr<T>() : nullptr, pos,
+                       n);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t batch = net.batch, c_in = net.c_in, c_out = net.c_out;
+  const T* result = buf[stack.output_buffer()];
+  // (B, C, n) <-> [b][t][c] with rows max_c apart.
+  const int64_t ld = net.max_c;
+  auto load_items = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = 0; c < c_in; ++c)
+        for (int64_t t = 0; t < n; ++t)
+          buf[0][(b * n + t) * ld + c] = xp[(b * c_in + c) * n + t];
+  };
+  auto store_items = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = 0; c < c_out; ++c)
+        for (int64_t t = 0; t < n; ++t)
+          op[(b * c_out + c) * n + t] = result[(b * n + t) * ld + c];
+  };
+
+  const int64_t threads = at::get_num_threads();
+  if (n == 1 || batch >= threads) {
+    const int64_t grain = std::max<int64_t>(1, kParallelMacs / (stack.row_macs() * n));
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      load_items(b0, b1);
+      stack.run_items(buf, b0, b1);
+      store_items(b0, b1);
+    });
+  } else {
+    load_items(0, batch);
+    stack.run_split_time(buf, kParallelMacs);
+    store_items(0, batch);
+  }
+  if (keep) position.data_ptr<int64_t>()[0] = pos + n;
+}
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
+              "fastres_ext.stream_forward: ", name, " must be a contiguous CPU tensor of ",
+              dtype, ", got ", t.scalar_type(), " on ", t.device());
+}
+
+// x (B, C_in) -> out (B, C_out): one step; x (B, C_in, n) -> out (B, C_out, n): n steps.
+// state empty: run from a fresh zero state and keep nothing (the full causal forward).
+// workspace: at least 4 * B * n * max_c values, or anything smaller to allocate one here.
+void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
+                            const at::Tensor& meta, const at::Tensor& state,
+                            const at::Tensor& position, const at::Tensor& workspace,
+                            const at::Tensor& out) {
+  const Net net = parse_meta(meta);
+  const at::ScalarType dtype = weights.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "fastres_ext.stream_forward: computes in float32 or float64, got ", dtype);
+  for (auto [t, name] : {std::pair{&x, "x"}, {&weights, "weights"}, {&out, "out"},
+                         {&workspace, "workspace"}, {&state, "state"}})
+    check_tensor(*t, name, dtype);
+  TORCH_CHECK(weights.numel() == net.weights_size,
+              "fastres_ext.stream_forward: weights has ", weights.numel(),
+              " values, meta expects ", net.weights_size);
+  TORCH_CHECK(state.numel() == 0 || state.numel() == net.state_size,
+              "fastres_ext.stream_forward: state has ", state.numel(), " values, meta expects ",
+              net.state_size, " (or 0 for a fresh zero state)");
+  TORCH_CHECK(state.numel() == 0 || (position.scalar_type() == at::kLong &&
+                                     position.device().is_cpu() && position.numel() == 1),
+              "fastres_ext.stream_forward: position must be a one-element int64 CPU tensor");
+  TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && out.dim() == x.dim(),
+              "fastres_ext.stream_forward: x and out must both be (B, C) or (B, C, n)");
+  const int64_t n = x.dim() == 3 ? x.size(2) : 1;
+  TORCH_CHECK(x.size(0) == net.batch && x.size(1) == net.c_in && n >= 1,
+              "fastres_ext.stream_forward: x has shape ", x.sizes(), ", the stream expects (",
+              net.batch, ", ", net.c_in, "[, n >= 1])");
+  TORCH_CHECK(out.size(0) == net.batch && out.size(1) == net.c_out &&
+                  (x.dim() == 2 || out.size(2) == n),
+              "fastres_ext.stream_forward: out has shape ", out.sizes(), ", expected (",
+              net.batch, ", ", net.c_out, x.dim() == 3 ? ", n)" : ")");
+  if (dtype == at::kFloat) {
+    stream_forward_impl<float>(net, x, weights, state, position, workspace, out, n);
+  } else {
+    stream_forward_impl<double>(net, x, weights, state, position, workspace, out, n);
+  }
+}
+
+// The same into a new output tensor (allocated here: cheaper than from Python per step).
+at::Tensor stream_forward_cpu(const at::Tensor& x, const at::Tensor& weights,
+                              const at::Tensor& meta, const at::Tensor& state,
+                              const at::Tensor& position, const at::Tensor& workspace) {
+  TORCH_CHECK(meta.numel() >= kHeader && (x.dim() == 2 || x.dim() == 3),
+              "fastres_ext.stream_forward: x must be (B, C) or (B, C, n)");
+  const int64_t c_out = meta.data_ptr<int64_t>()[3];
+  at::Tensor out = x.dim() == 2 ? at::empty({x.size(0), c_out}, x.options())
+                                : at::empty({x.size(0), c_out, x.size(2)}, x.options());
+  stream_forward_out_cpu(x, weights, meta, state, position, workspace, out);
+  return out;
+}
+
+// Whether every tensor of `now` holds exactly the bytes of the tensor at the same index of
+// `then` (same dtype and shape). What fastres/stream.py checks its folded weights against:
+// unlike version counters, it also sees writes through .data. NaNs compare by their bits.
+bool stream_same_values(at::TensorList now, at::TensorList then) {
+  if (now.size() != then.size()) return false;
+  for (size_t i = 0; i < now.size(); ++i) {
+    const at::Tensor& a = now[i];
+    const at::Tensor& b = then[i];
+    if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes() ||
+        a.device() != b.device())
+      return false;
+    if (a.device().is_cpu() && a.is_contiguous() && b.is_contiguous()) {
+      if (std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) != 0) return false;
+    } else if (!at::equal(a, b)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+// Both advance `state` and `position` in place (see fastres/stream.py).
+TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
+  m.def("stream_same_values(Tensor[] now, Tensor[] then) -> bool", &stream_same_values);
+  m.def(
+      "stream_forward(Tensor x, Tensor weights, Tensor meta, Tensor(a!) state, "
+      "Tensor(b!) position, Tensor(c!) workspace) -> Tensor");
+  m.def(
+      "stream_forward_out(Tensor x, Tensor weights, Tensor meta, Tensor(a!) state, "
+      "Tensor(b!) position, Tensor(c!) workspace, Tensor(d!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
+  m.impl("stream_forward", &stream_forward_cpu);
+  m.impl("stream_forward_out", &stream_forward_out_cpu);
+}
+
+// Nothing here is differentiable: go straight to the CPU kernel instead of through autograd's
+// boxed "not implemented" fallback (a few microseconds of a step that takes about ten).
+TORCH_LIBRARY_IMPL(fastres_ext, Autograd, m) {
+  m.impl("stream_forward", torch::CppFunction::makeFallthrough());
+  m.impl("stream_forward_out", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace fastres

@@ -1,0 +1,77 @@
+"""The tcn-vs-rnn suite's streaming rows (fastres/bench/tcn_vs_rnn.py): the candidates do
+what their names say, a quick streaming task times all of them, and the plot draws."""
+import pytest
+import torch
+
+from fastres.bench import runner, tcn_vs_rnn
+from fastres.bench.tcn_vs_rnn import (STREAM_CONFIGS, STREAM_IMPLS, CellStack, build_models,
+                                      stream_ratios)
+from fastres.conventions import rel_err
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quick_settings():
+    return runner.Settings(size="quick", device=CPU, dtypes=[torch.float32],
+                           only=["tcn-vs-rnn"], compile_mode=None)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cell_stacks_step_as_the_rnn(kind):
+    models, _ = build_models(STREAM_CONFIGS["quick"], CPU, torch.float32)
+    seq = models[kind].eval()
+    cells = CellStack(seq.backbone, seq.head)
+    x = torch.randn(3, 5, STREAM_CONFIGS["quick"].features)
+    state_seq = state_cells = None
+    with torch.no_grad():
+        for t in range(5):
+            y_seq, state_seq = seq.step(x[:, t:t + 1], state_seq)
+            y_cells, state_cells = cells.step(x[:, t], state_cells)
+            assert rel_err(y_cells, y_seq[:, 0]) < 1e-6
+
+
+def test_stream_candidates_compute_one_step():
+    """tcn-stream's output for a step equals the full model's last output on the history."""
+    config = STREAM_CONFIGS["quick"]
+    models, _ = build_models(config, CPU, torch.float32)
+    step = tcn_vs_rnn._stream_call(models, "tcn-stream", config, 2, CPU, torch.float32)
+    outs = torch.stack([step() for _ in range(4)], -1)     # the same x_t four times
+    g = torch.Generator().manual_seed(2)
+    x_t = torch.randn(2, config.features, generator=g)
+    with torch.no_grad():
+        want = models["tcn-plain"].eval()(x_t[..., None].expand(-1, -1, 4).contiguous())
+    assert rel_err(outs, want) < 1e-5
+
+
+def test_quick_stream_task_times_every_candidate():
+    settings = quick_settings()
+    tasks = [t for t in tcn_vs_rnn.tasks(settings) if t.case["mode"] == "stream"]
+    assert [t.case["B"] for t in tasks] == [1, 4]
+    rows = runner.run_task(tasks[0], settings)
+    assert [r["impl"] for r in rows] == STREAM_IMPLS
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows), rows
+    summary = tcn_vs_rnn.summarize(rows, settings)
+    latency = summary["stream_latency_s"]
+    assert set(latency) == {f"float32/B1/{impl}" for impl in STREAM_IMPLS}
+    ratios = stream_ratios(latency, "float32/B1/")
+    assert set(ratios) == set(STREAM_IMPLS) - {"tcn-stream"}
+    assert ratios["lstm"] == pytest.approx(latency["float32/B1/lstm"] /
+                                           latency["float32/B1/tcn-stream"])
+    lines = tcn_vs_rnn.summary_lines(summary)
+    assert any(line.startswith("per step, float32/B1: tcn-stream") for line in lines)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(tcn_vs_rnn.PLOT_PANELS, 1)
+    tcn_vs_rnn.plot(list(axes), rows, summary)   # (no L-sweep rows: those panels stay empty)
+    assert len(axes[2].patches) == len(STREAM_IMPLS)    # one bar per candidate
+    plt.close(fig)
