@@ -31,8 +31,8 @@ import contextlib
 import torch
 
 from ... import _alloc
-from ...conventions import (NORM_CODES, NORM_NONE, NORM_TRAIN, saved_dtype, stats_dtype,
-                            triton_interpreting)
+from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, saved_dtype,
+                            stats_dtype, triton_interpreting)
 
 
 def unavailable_reason():
@@ -150,6 +150,10 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     return out, saved, batch_mean, batch_var
 
 
+# Largest C_in * K whose weight gradient runs in float32 in 16-bit training (see _backward).
+FLOAT32_WGRAD_MAX_WEIGHTS = 4
+
+
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
               stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
               need_grad_x=True):
@@ -172,7 +176,17 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     n_tiles = B * n_lblocks
     part = _alloc.empty((n_tiles, 3, C_out), dtype=sdt, device=dev)
     grad_res = _alloc.empty(grad_out.shape, dtype=dtype, device=dev) if has_residual else None
-    grad_y = _alloc.empty(grad_out.shape, dtype=dtype, device=dev)
+    # Training batch norm makes each output channel's weight gradient orthogonal to its
+    # weight. With C_in * K <= FLOAT32_WGRAD_MAX_WEIGHTS that leaves it one or a few
+    # directions, and the rounding of a 16-bit grad_y, which has no such constraint, shows
+    # in it magnified: up to 9x bf16's rounding at C_in * K = 2 (1.7e-2 relative over 1000
+    # draws; 5.8e-3 at 3, 3.8e-3 at 4). There grad_y stays float32 and the weight gradient
+    # runs in float32 (a GEMM with a reduction of C_in * K, cheap in any precision); the
+    # data gradient reads a 16-bit copy.
+    float32_wgrad = dtype in HALF_DTYPES and norm == NORM_CODES[NORM_TRAIN] \
+        and C_in * K <= FLOAT32_WGRAD_MAX_WEIGHTS
+    grad_y = _alloc.empty(grad_out.shape, dtype=torch.float32 if float32_wgrad else dtype,
+                          device=dev)
     grad_gamma = grad_beta = grad_bias = None
     if norm != 0:
         grad_beta = _alloc.empty((C_out,), dtype=beta.dtype, device=dev)
@@ -199,6 +213,10 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
             BLOCK_T=64, BLOCK_C=32)
     if norm == 2:
         elementwise(False, has_residual, False, True)
+
+    grad_y_w, x_w = grad_y, x   # the weight gradient's operands
+    if float32_wgrad:
+        x_w, grad_y = x.float(), grad_y.to(dtype)
 
     # --- conv data gradient (a whole conv: skipped where x needs no gradient).
     tma = operands.descriptor_ok(grad_y, stride) and operands.descriptor_ok(x, stride)
@@ -230,20 +248,24 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
         tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
         n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
         wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=sdt, device=dev)
-        gy_src, x_src = grad_y, x
-        if tma:
-            gy_src = operands.descriptor(grad_y, (1, block_co, block_l))
-            x_src = operands.descriptor(x, (1, block_ci, block_l))
+        gy_src, x_src = grad_y_w, x_w
+        if tma_w:
+            gy_src = operands.descriptor(grad_y_w, (1, block_co, block_l))
+            x_src = operands.descriptor(x_w, (1, block_ci, block_l))
         conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
             gy_src, x_src, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
-            n_lblocks, B * n_lblocks, pairs_per_split, DOT_PRECISION=precision,
-            DOT_UPCAST=upcast, TMA=tma, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            n_lblocks, B * n_lblocks, pairs_per_split, DOT_PRECISION=precision_w,
+            DOT_UPCAST=dot_upcast(w_dtype), TMA=tma_w, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             BLOCK_L=block_l, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return wpart
 
-    cfg = _gemm_config(tiling.wgrad_config(C_in, C_out, L_out, dtype), C_out, C_in,
-                       dtype, tuning.key("wgrad", C_in, C_out, K, L_out, dtype, stride, tma),
-                       wgrad, dev, tma)
+    w_dtype = grad_y_w.dtype
+    # float32_wgrad exists for accuracy: its float32 dot is IEEE, not TF32.
+    precision_w = "ieee" if float32_wgrad else precision
+    tma_w = operands.descriptor_ok(grad_y_w, stride) and operands.descriptor_ok(x_w, stride)
+    cfg = _gemm_config(tiling.wgrad_config(C_in, C_out, L_out, w_dtype), C_out, C_in,
+                       w_dtype, tuning.key("wgrad", C_in, C_out, K, L_out, w_dtype, stride,
+                                           tma_w), wgrad, dev, tma_w)
     wpart = wgrad(cfg)
     grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
     batch_stats.sum_partials(wpart, grad_weight.view(-1))
