@@ -191,9 +191,12 @@ class RecordsConvGeometry:
 
     def record_geometry(self, convs: Optional[Tuple[str, ...]] = None) -> None:
         convs = self.geometry_convs if convs is None else convs
-        self.geometry = tuple((getattr(self, name).kernel_size[0], getattr(self, name).stride[0],
-                               getattr(self, name).dilation[0])
-                              for name in convs)
+        modules = self._modules
+        # A plain attribute: written to __dict__, past nn.Module.__setattr__'s bookkeeping
+        # (plain_forward records it on every call).
+        self.__dict__["geometry"] = tuple(
+            (modules[name].kernel_size[0], modules[name].stride[0], modules[name].dilation[0])
+            for name in convs)
 
 
 class FusedModule:

@@ -80,8 +80,15 @@ def forward_with_policy(module: nn.Module, x: Tensor) -> Tensor:
     policy = policies.get(key)
     if policy is None:
         policy = policies[key] = _measure(module, x, needs_grad)
-    backends.record(module, None, backends.Decision(f"policy: {policy.backend}",
-                                                    policy.reason))
+    if backends.is_recording():
+        backends.record(module, None, backends.Decision(f"policy: {policy.backend}",
+                                                        policy.reason))
+    if policy.backend == "plain":  # the common CPU answer: no backend to force
+        _state.policy = "plain"
+        try:
+            return module.plain_forward(x)
+        finally:
+            _state.policy = None
     with _running(policy.backend):
         return _forward(module, policy.backend, x)
 
