@@ -351,6 +351,26 @@ def test_a_module_is_never_slower_than_its_eager_policy(monkeypatch, fresh_dispa
         pytest.skip("needs the cpp backend")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_16_bit_module_is_judged_against_plain_only_without_gradients(dtype, fresh_dispatch):
+    """Plain 16-bit PyTorch rounds the conv output before batch norm: its outputs stay within
+    the 1e-2 bound, its gradients do not. So a 16-bit forward-only call is timed against the
+    plain twin, and a training call against eager (PyTorch's kernels computing in float32),
+    never against the plain twin."""
+    block = fastres.TemporalBlock(4, 4, 3).to(dtype)
+    x = torch.randn(2, 4, 64).to(dtype)
+    block.eval()
+    with torch.no_grad():
+        block(x)
+    block.train()
+    block(x.requires_grad_()).float().sum().backward()
+    by_grad = {key[-1]: p for key, p in fastres.nn.policy.policies(block).items()}
+    assert "plain" in by_grad[False].times_s and "eager" not in by_grad[False].times_s
+    assert "eager" in by_grad[True].times_s and "plain" not in by_grad[True].times_s
+    assert by_grad[True].backend != "plain"
+
+
 def test_explain_says_why_a_hooked_batchnorm_runs_unfused():
     block = fastres.TemporalBlock(4, 4, 3)
     seen = []
