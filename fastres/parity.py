@@ -3,7 +3,7 @@
 A Case describes one call of the fused op. `parity_errors(case, backend, dtype, device)` runs
 it on a backend (outputs poisoned with NaN first), runs the reference in float64 on the same
 already-rounded inputs, and returns the relative error ||a - b|| / ||b|| of the output, every
-gradient and the running statistics. `check_parity` asserts they are under the SPEC.md bound
+gradient and the running statistics. `check_parity` asserts they are under the docs/spec.md bound
 (the unit tests use it); `run_check` runs a fixed set of cases over every available backend
 and is what `fastres check` prints.
 

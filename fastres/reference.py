@@ -1,6 +1,6 @@
 """The reference: conv -> batch norm -> ReLU (+ residual) in plain PyTorch.
 
-This file is the executable form of SPEC.md. Every backend is tested against it,
+This file is the executable form of docs/spec.md. Every backend is tested against it,
 run in float64. It is written for clarity, not speed, and imports nothing else
 from fastres so that a bug in shared code cannot hide in both sides of a test.
 """
@@ -38,10 +38,10 @@ def output_length(length: int, kernel_size: int, dilation: int, stride: int, pad
 
 
 def conv1d(x, weight, bias, *, stride=1, dilation=1, padding="causal"):
-    """F.conv1d with the causal / same padding of SPEC.md, without a padded copy of x.
+    """F.conv1d with the causal / same padding of docs/spec.md, without a padded copy of x.
 
     Symmetric padding goes to the conv itself. Causal pads (K-1)*d on both sides and drops
-    the trailing outputs that only the right padding produced: SPEC.md's definition (the
+    the trailing outputs that only the right padding produced: docs/spec.md's definition (the
     "chomp" of the seed TemporalBlock), so eager PyTorch runs exactly what users ran.
     """
     kernel_size = weight.shape[-1]

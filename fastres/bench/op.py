@@ -16,7 +16,7 @@ x, weight, bias, gamma, beta and the residual.
 
 Work per call, for the throughput columns (elements of the activation: n = B*C*L_out):
     FLOPs  eval 2*B*C_out*L_out*C_in*K;  train 3x that (forward, grad_input, grad_weight)
-    bytes  the stage's minimum traffic (SPEC.md "Performance model"), in the input dtype:
+    bytes  the stage's minimum traffic (docs/spec.md "Performance model"), in the input dtype:
            eval   read x, read residual, write out
            train  forward: read x, write y, read y + residual, write out;
                   backward: two passes over grad_out, y and the ReLU mask (1 bit/elt) -- one
@@ -138,8 +138,8 @@ def unavailable_reason(settings: Settings) -> Optional[str]:
 
 
 def fastres_backends(device: torch.device, dtype: torch.dtype, full: bool) -> Dict[str, str]:
-    """impl name -> backend name: "fastres" is the default dispatch (backends.use_fused:
-    a fused kernel or eager per call), then each available backend forced on its own.
+    """impl name -> backend name: "fastres" is the default dispatch (backends.choose:
+    a fused kernel or eager per call, measured), then each available backend forced on its own.
 
     Triton is never benchmarked on CPU tensors: there it runs in its interpreter, a test
     tool orders of magnitude slower. The composite backend is listed on its own only in

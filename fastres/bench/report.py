@@ -53,7 +53,7 @@ HOW_TO_READ = """\
 How to read this: every time is the median over interleaved rounds (candidates of one case
 alternate, so machine noise hits them alike); "spread" is the interquartile range over the
 median. "vs eager" > 1 means faster than plain PyTorch (cuDNN on GPU, oneDNN on CPU).
-GB/s counts the stage's minimum memory traffic (SPEC.md performance model), so it is a lower
+GB/s counts the stage's minimum memory traffic (docs/spec.md performance model), so it is a lower
 bound on what the kernel moved; "copy %" sets it against a measured device copy. Compile
 time is excluded from every median and shown on its own. Peak memory is CUDA max allocated
 for one step; CPU runs say n/a (there is no exact allocator counter on CPU)."""
