@@ -34,18 +34,7 @@
 #include <cstring>
 #include <type_traits>
 
-#ifdef FASTRES_BLAS_SYMBOLS
-// libtorch_cpu's Fortran BLAS (MKL); setup.py defines FASTRES_BLAS_SYMBOLS after checking that
-// the installed torch exports them (see conv_bn_relu_cpu.cpp).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc);
-}
-#endif
+#include "blas.h"
 
 namespace fastres {
 namespace {
