@@ -21,10 +21,10 @@ import dataclasses
 from typing import Callable, Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import fastres
 from fastres.bench import timing
+from fastres.bench._modules import step_call
 from fastres.bench.op import OpCase, _Stage
 from fastres.bench.formatting import fmt_seconds, fmt_x
 
@@ -104,23 +104,9 @@ def build_module(work: Workload) -> torch.nn.Module:
 
 def module_call(model: torch.nn.Module, forward: Callable, mode: str,
                 inputs: timing.Rotating) -> Callable[[], object]:
-    """A train step (forward, MSE loss, backward, SGD with momentum) or an eval forward."""
-    if mode == "eval":
-        def infer():
-            x, _ = inputs()
-            with torch.no_grad():
-                return forward(x)
-        return infer
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def train_step():
-        x, target = inputs()
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.mse_loss(forward(x), target)
-        loss.backward()
-        optimizer.step()
-        return loss
-    return train_step
+    """A train step (forward, MSE loss, backward, SGD with momentum) or an eval forward, as
+    the block and model suites run them."""
+    return step_call(model, forward, mode == "train", inputs)
 
 
 def module_inputs(ctx: Context, shape, target_shape, dtype: torch.dtype) -> timing.Rotating:

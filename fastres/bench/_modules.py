@@ -77,7 +77,14 @@ def make_call(build: Callable[[], nn.Module], impl: str, mode: str, shape, targe
     forward = compile_fn(model, settings.model_compile_mode) if impl.endswith("compiled") \
         else model
     inputs = _inputs(shape, target_shape, classes, dtype, device)
-    if mode == "infer":
+    return step_call(model, forward, mode == "train", inputs)
+
+
+def step_call(model: nn.Module, forward: Callable, train: bool,
+              inputs: timing.Rotating) -> Callable[[], object]:
+    """One train step of `model` through `forward` (forward, loss, backward, SGD with
+    momentum), or an inference forward under no_grad; `inputs()` gives (x, target)."""
+    if not train:
         def infer():
             x, _ = inputs()
             with torch.no_grad():
