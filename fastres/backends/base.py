@@ -124,7 +124,13 @@ class KernelBackend(Backend):
             reason = self.module.supports(call)
         return reason
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, num_batches_tracked=None, **kwargs):
+        """The module's forward. A batch counter, when given, is incremented once: by the
+        module's kernels where it says so (COUNTS_BATCHES = True), else here."""
+        if getattr(self.module, "COUNTS_BATCHES", False):
+            return self.module.forward(*args, num_batches_tracked=num_batches_tracked, **kwargs)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         return self.module.forward(*args, **kwargs)
 
     def backward(self, *args, **kwargs):

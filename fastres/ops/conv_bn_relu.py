@@ -1,7 +1,8 @@
 """conv_bn_relu: causal/same dilated Conv1d + BatchNorm1d + ReLU (+ residual), fused.
 
-The public function validates its arguments, applies autocast, counts the batch in
-num_batches_tracked and asks fastres.backends which backend runs the call. The eager backend
+The public function validates its arguments, applies autocast and asks fastres.backends
+which backend runs the call; the backend counts the batch in num_batches_tracked
+(batch_counting). The eager backend
 runs under autograd as PyTorch's own kernels; a fused backend runs inside the registered
 custom ops `fastres::conv_bn_relu` and `fastres::conv_bn_relu_backward`, tied together by
 an autograd.Function; they carry the backend's name, so backward runs on the backend that
@@ -29,25 +30,26 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # --------------------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastres::conv_bn_relu", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("fastres::conv_bn_relu",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def _forward_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
     beta: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-    residual: Optional[Tensor], stride: int, dilation: int, pad_left: int, pad_right: int,
-    norm: str, eps: float, momentum_factor: float, relu_before_add: bool,
-    save_for_backward: bool, backend: str,
+    residual: Optional[Tensor], num_batches_tracked: Optional[Tensor], stride: int,
+    dilation: int, pad_left: int, pad_right: int, norm: str, eps: float,
+    momentum_factor: float, relu_before_add: bool, save_for_backward: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return backends.get(backend).forward(
         x, weight, bias, gamma, beta, running_mean, running_var, residual, stride=stride,
         dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=norm, eps=eps,
         momentum_factor=momentum_factor, relu_before_add=relu_before_add,
-        save_for_backward=save_for_backward)
+        save_for_backward=save_for_backward, num_batches_tracked=num_batches_tracked)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, stride, dilation,
-      pad_left, pad_right, norm, eps, momentum_factor, relu_before_add, save_for_backward,
-      backend):
+def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, num_batches_tracked,
+      stride, dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
+      save_for_backward, backend):
     batch, _, length = x.shape
     c_out, _, k = weight.shape
     shape = (batch, c_out, output_length(length, k, dilation, stride, pad_left, pad_right))
@@ -94,12 +96,12 @@ class _FusedStage(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, residual,
-                stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
-                relu_before_add, save_for_backward, backend):
+                num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
+                momentum_factor, relu_before_add, save_for_backward, backend):
         out, saved, _batch_mean, batch_var = _forward_op(
-            x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
-            dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
-            save_for_backward, backend)
+            x, weight, bias, gamma, beta, running_mean, running_var, residual,
+            num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
+            momentum_factor, relu_before_add, save_for_backward, backend)
         # Backward needs the variance forward normalized with: the batch's, or the running one.
         var = batch_var if norm == NORM_TRAIN else running_var
         ctx.save_for_backward(x, weight, gamma, beta, saved, out, var)
@@ -120,7 +122,7 @@ class _FusedStage(torch.autograd.Function):
         present = (need_grad_x, True, has_bias, gamma is not None, beta is not None,
                    has_residual)
         g_x, g_w, g_b, g_gamma, g_beta, g_res = (g if p else None for g, p in zip(grads, present))
-        return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 10
+        return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 11
 
 
 # --------------------------------------------------------------------------- validation
@@ -219,6 +221,16 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size((batch, c_out, l_out))}")
     return pad_left, pad_right, l_out
+
+
+def batch_counting(momentum: Optional[float], num_batches_tracked: Optional[Tensor]):
+    """(momentum factor, the counter the backend increments) of a training call with
+    running statistics. With a momentum the backend counts the batch (the Triton kernels
+    do it inside their finalize: no launch of its own); momentum=None needs the count on
+    the host for its factor 1/num_batches_tracked, so it is counted here."""
+    if momentum is not None:
+        return float(momentum), num_batches_tracked
+    return count_batch_and_momentum_factor(momentum, num_batches_tracked), None
 
 
 def count_batch_and_momentum_factor(momentum: Optional[float],
@@ -360,20 +372,24 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
 
 
 def execute(stage_plan: Plan, tensors, momentum, num_batches_tracked) -> Tensor:
-    """Run a planned call: count the batch (training with running statistics), then the
-    backend."""
-    factor = 0.0
+    """Run a planned call on its backend (which, in training with running statistics,
+    counts the batch: batch_counting)."""
+    factor, counter = 0.0, None
     if stage_plan.geometry["norm"] == NORM_TRAIN and tensors[5] is not None:
-        factor = count_batch_and_momentum_factor(momentum, num_batches_tracked)
+        factor, counter = batch_counting(momentum, num_batches_tracked)
     return run_backend(stage_plan.backend, *tensors, momentum_factor=factor,
-                       needs_grad=stage_plan.needs_grad, **stage_plan.geometry)
+                       num_batches_tracked=counter, needs_grad=stage_plan.needs_grad,
+                       **stage_plan.geometry)
 
 
 def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 residual, *, stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
-                relu_before_add, needs_grad) -> Tensor:
-    """Run an already validated call on `backend` (eager, or a fused one via the custom op)."""
+                relu_before_add, needs_grad, num_batches_tracked=None) -> Tensor:
+    """Run an already validated call on `backend` (eager, or a fused one via the custom op);
+    num_batches_tracked, when given, is incremented once."""
     if backend == "eager":
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         return backends.get("eager").run(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=norm,
@@ -382,7 +398,7 @@ def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean,
                          residual, stride=stride, dilation=dilation, pad_left=pad_left,
                          pad_right=pad_right, norm=norm, eps=eps,
                          momentum_factor=momentum_factor, relu_before_add=relu_before_add,
-                         needs_grad=needs_grad)
+                         needs_grad=needs_grad, num_batches_tracked=num_batches_tracked)
 
 
 def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracked,
@@ -403,12 +419,12 @@ def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracke
     leaves = [t for t in dict.fromkeys(copies) if t is not None and t.requires_grad]
 
     def run():
-        factor = 0.0
+        factor, count = 0.0, None
         if geometry["norm"] == NORM_TRAIN and copies[5] is not None:
-            factor = count_batch_and_momentum_factor(momentum, counter)
+            factor, count = batch_counting(momentum, counter)
         with torch.enable_grad() if needs_grad else torch.no_grad():
             out = run_backend(backend, *copies, momentum_factor=factor, needs_grad=needs_grad,
-                              **geometry)
+                              num_batches_tracked=count, **geometry)
             if needs_grad:
                 torch.autograd.grad(out, leaves, torch.ones_like(out))
     return run
@@ -416,7 +432,8 @@ def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracke
 
 def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                   residual, *, stride, dilation, pad_left, pad_right, norm, eps,
-                  momentum_factor, relu_before_add, needs_grad) -> Tensor:
+                  momentum_factor, relu_before_add, needs_grad,
+                  num_batches_tracked=None) -> Tensor:
     """Run an already validated call on the fused backend `backend` (through the custom op)."""
     gamma = beta = None
     if norm != NORM_NONE:
@@ -434,8 +451,8 @@ def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mea
     residual = None if residual is None else residual.contiguous()
     out = _FusedStage.apply(
         x.contiguous(), weight.contiguous(), bias, gamma, beta, work[0], work[1], residual,
-        stride, dilation, pad_left, pad_right, norm, float(eps), float(momentum_factor),
-        bool(relu_before_add), needs_grad, backend)
+        num_batches_tracked, stride, dilation, pad_left, pad_right, norm, float(eps),
+        float(momentum_factor), bool(relu_before_add), needs_grad, backend)
     if norm == NORM_TRAIN:
         with torch.no_grad():
             for stat, copy in zip(stats, work):

@@ -26,15 +26,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """16-wide channel tiles, 32-long length tiles, a few wgrad splits, and finalize
-    reductions of more than 4 rows in two levels."""
+    """16-wide channel tiles, 32-long length tiles, a few wgrad splits, and fused
+    finalizes with groups of 2 tiles (several groups, the last one ragged)."""
     from fastres.backends.triton import tiling
     monkeypatch.setattr(tiling, "MAX_BLOCK_CO", 16)
     monkeypatch.setattr(tiling, "MAX_BLOCK_CI", 16)
     monkeypatch.setattr(tiling, "MAX_BLOCK_C", 16)
     monkeypatch.setattr(tiling, "MAX_BLOCK_L", 32)
     monkeypatch.setattr(tiling, "MAX_WGRAD_SPLITS", 2)
-    monkeypatch.setattr(tiling, "FINALIZE_ROWS", 4)  # > 4 tiles: two-level finalize
+    monkeypatch.setattr(tiling, "FINALIZE_GROUP", 2)
     return tiling
 
 
@@ -147,7 +147,7 @@ def test_welford_merge_large_mean(small_tiles):
     bias = (torch.randn(C_out, generator=g) + 1e3).to(DEVICE)  # y's mean ~ 1e3, std ~ 1
     n_tiles = B * small_tiles.cdiv(L, small_tiles.forward_config(C_in, C_out, L,
                                                                  torch.float32).block_n)
-    assert n_tiles > small_tiles.FINALIZE_ROWS  # the two-level merge runs
+    assert n_tiles > 2 * small_tiles.FINALIZE_GROUP  # both merge levels see several rows
     mean, var = _batch_stats(x, weight, bias)
     y64 = torch.nn.functional.conv1d(torch.nn.functional.pad(x.double(), (K - 1, 0)),
                                      weight.double(), bias.double())
@@ -224,7 +224,8 @@ def test_poison_catches_an_unwritten_tile(small_tiles):
         out = _alloc.empty((B, C_out, L), dtype=x.dtype, device=DEVICE)
     grid = (tiling.cdiv(L, block_l) - 1, 1)  # B = 1: axis 0 is the length tile
     conv_forward.conv_forward_kernel[grid](
-        x, taps, x, out, out, out, x, x, x, x, x, x, C_in, C_out, L, L, K, 1, 1, K - 1, 1e-5,
+        x, taps, x, out, out, out, x, x, x, x, x, x, x, x, x, x, x, x, 0.0, x,
+        C_in, C_out, L, L, K, 1, 1, K - 1, 1e-5,
         taps.shape[2], taps.shape[1], MODE=conv_forward.MODE_NONE, HAS_BIAS=False,
         SAVE_Y=False, HAS_RES=False, RELU_BEFORE_ADD=False, DOT_PRECISION="ieee",
         DOT_UPCAST=False, TMA=False, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k,
@@ -304,3 +305,56 @@ def test_int64_indexing_cuda(norm_mode):
     expected = torch.relu(last)
     err = ((out[-1:].float() - expected).norm() / expected.norm()).item()
     assert err < 1e-2, err
+
+
+def _stage_backward(dtype, residual, out_override=None, seed=0):
+    """Triton forward + backward of one training stage; backward may get another `out`."""
+    from fastres.backends import triton as tb
+    g = torch.Generator().manual_seed(seed)
+    B, C, L, K = 2, 16, 40, 3
+    x = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(C, C, K, generator=g) / (C * K) ** 0.5).to(DEVICE, dtype)
+    gamma = (torch.rand(C, generator=g) + 0.5).to(DEVICE)
+    beta = (torch.randn(C, generator=g) * 0.5).to(DEVICE)
+    res = torch.randn(B, C, L, generator=g).to(DEVICE, dtype) if residual else None
+    geometry = dict(stride=1, dilation=1, pad_left=K - 1, pad_right=0, norm="train", eps=1e-5,
+                    relu_before_add=False)
+    out, saved, _, var = tb.forward(x, w, None, gamma, beta, None, None, res,
+                                    momentum_factor=0.0, save_for_backward=True, **geometry)
+    grad_out = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
+    out_seen = out if out_override is None else out_override(out)
+    return tb.backward(grad_out, x, w, gamma, beta, saved, out_seen, var, has_bias=False,
+                       has_residual=residual, **geometry)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_without_residual_takes_the_mask_from_xhat(dtype):
+    """Without a residual, backward recomputes out's sign from the float32 x-hat and never
+    reads out: zeros in its place change nothing. With a residual it must read out
+    (negative control: the same zeros change the gradients)."""
+    def zeros(out):
+        return torch.zeros_like(out)
+    for residual, same in ((False, True), (True, False)):
+        grads = _stage_backward(dtype, residual, seed=3)
+        blind = _stage_backward(dtype, residual, zeros, seed=3)
+        equal = all(torch.equal(a, b) for a, b in zip(grads, blind) if a is not None)
+        assert equal == same, (dtype, residual)
+
+
+def test_mask_from_xhat_rounds_like_the_stored_output():
+    """A positive float32 z that rounds to zero in fp16 (1e-8 < fp16's smallest subnormal)
+    is a zero output, so its gradient is masked, as a read of out would mask it."""
+    from fastres.backends import triton as tb
+    B, C, L, K = 1, 4, 32, 1
+    xhat = torch.tensor([1e-8, 1.0, -1.0, 3e-8]).repeat(B, C, L // 4).reshape(B, C, L)
+    gamma, beta = torch.ones(C), torch.zeros(C)
+    out = torch.relu(xhat * gamma[:, None] + beta[:, None]).half()
+    assert (out[..., 0] == 0).all() and (xhat[..., 0] > 0).all()
+    grad_out = torch.ones(B, C, L, dtype=torch.half)
+    x = torch.zeros(B, C, L, dtype=torch.half)
+    w = torch.zeros(C, C, K, dtype=torch.half)
+    grads = tb.backward(grad_out, x, w, gamma, beta, xhat.float(), out, torch.ones(C),
+                        has_bias=False, has_residual=False, stride=1, dilation=1, pad_left=0,
+                        pad_right=0, norm="train", eps=0.0, relu_before_add=False)
+    grad_beta = grads[4]
+    assert torch.equal(grad_beta, (grad_out.float() * (out > 0)).sum((0, 2)))  # L/4 each

@@ -29,11 +29,12 @@ _SCRIPT = """
             if (dtype, C) != (torch.bfloat16, 64):  # every kernel compiles once, below
                 launches = [x for x in launches if x.name.startswith("conv_")]
             for launch in launches:
-                report = codegen.inspect(codegen.compile_launch(launch), launch.name,
-                                         codegen.describe(launch))
+                compiled = codegen.compile_launch(launch)
+                report = codegen.inspect(compiled, launch.name, codegen.describe(launch))
                 entry = dict(vars(report), dtype=str(dtype), C=C,
                              pipelined=report.pipelined,
-                             narrow=report.narrow_operand_loads)
+                             narrow=report.narrow_operand_loads,
+                             tickets=codegen.tickets(compiled))
                 reports.append(entry)
     # Negative control: rows that are not 16-byte multiples take the masked-pointer path.
     for launch in codegen.training_step_launches(64, torch.bfloat16, L=4100):
@@ -62,11 +63,12 @@ def reports():
 
 
 def test_stage_launches_at_the_real_shape(reports):
-    """B=32, L=4096: 9 Triton launches a stage (every finalize one level), as the
+    """B=32, L=4096: 6 Triton launches a stage (the finalizes inside the kernels), as the
     interpreter count of tests/backends/test_triton_launches.py at its small shape."""
     for entry in (r for r in reports if r["kernel"] == "launches"):
-        assert len(entry["names"]) == 9, entry
-        assert entry["names"].count("conv_forward_kernel") == 2, entry
+        assert entry["names"] == ["conv_forward_kernel", "conv_forward_kernel",
+                                  "relu_bn_backward_kernel", "relu_bn_backward_kernel",
+                                  "conv_dgrad_kernel", "conv_wgrad_kernel"], entry
 
 
 def _gemms(reports):
@@ -80,8 +82,27 @@ def _gemms(reports):
 def test_every_kernel_compiles_for_sm90(reports):
     names = {r["kernel"] for r in reports} - {"unaligned rows", "launches"}
     assert names == {"conv_forward_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel",
-                     "welford_merge_kernel", "relu_bn_backward_kernel",
-                     "bn_grad_finalize_kernel", "sum_partials_kernel"}
+                     "relu_bn_backward_kernel"}
+
+
+def test_finalize_tickets_follow_a_barrier(reports):
+    """Each fused finalize takes its tickets as batch_stats.py says the GPU needs: one
+    thread's acq_rel gpu-scope atomic add, after a bar.sync that orders the block's
+    partial stores before it. Two tickets (group, then all groups) in the statistics pass
+    and backward pass 1, one in wgrad; none in the other passes."""
+    expected = {"stats": 2, "norm": 0, "reduce": 2, "grad_y": 0, "dgrad": 0, "wgrad": 1}
+    seen = set()
+    for r in (r for r in reports if r.get("tickets") is not None):
+        kind = {"conv_dgrad_kernel": "dgrad", "conv_wgrad_kernel": "wgrad"}.get(r["kernel"])
+        if r["kernel"] == "conv_forward_kernel":
+            kind = r["config"].split()[0]
+        if r["kernel"] == "relu_bn_backward_kernel":
+            kind = "reduce" if r["tickets"] else "grad_y"
+        seen.add(kind)
+        assert len(r["tickets"]) == expected[kind], r
+        for ticket in r["tickets"]:
+            assert ticket == dict(acq_rel_gpu=True, one_thread=True, barrier_before=True), r
+    assert seen == set(expected)
 
 
 def test_gemms_use_wgmma(reports):

@@ -68,9 +68,9 @@ def test_tuned_training_call_moves_running_stats_once(tuning, monkeypatch):
     rm, rv = mean0.clone(), var0.clone()
     with fastres.use_backend("triton"):
         out = fastres.conv_bn_relu(x, w, None, rm, rv, training=True, momentum=0.1)
-    # The statistics pass ran once per candidate timing and once for real; the finalize,
-    # which moves the running statistics, once.
-    assert launches["conv_forward_kernel"] > 3 and launches["welford_merge_kernel"] == 1
+    # The statistics pass ran once per candidate timing (without its finalize) and once for
+    # real; the running statistics moved once (checked against the reference below).
+    assert launches["conv_forward_kernel"] > 3
     rm_ref, rv_ref = mean0.double().clone(), var0.double().clone()
     ref = conv_bn_relu_reference(x.double(), w.double(), None, rm_ref, rv_ref, None, None,
                                  training=True, momentum=0.1)

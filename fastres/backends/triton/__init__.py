@@ -5,24 +5,28 @@ sibling module; this file only sizes tiles, allocates (through fastres._alloc) a
 launches. Triton itself is imported on first use, so a machine without it gets a reason
 from unavailable_reason() instead of an ImportError.
 
-Training step of one stage, kernels and HBM traffic over a B*C*L activation of e bytes an
-element (benchmarks/NOTES.md has the byte and launch model of a whole TemporalBlock):
+Training step of one stage: 6 launches, and the HBM traffic over a B*C*L activation of e
+bytes an element (x-hat is float32 in 16-bit training; benchmarks/NOTES.md has the byte
+and launch model of a whole TemporalBlock):
   forward   tap-major weight copy (torch)     once per weight version (operands.py)
-            conv_forward_kernel (MODE_STATS)  read x; per-tile (mean, M2), no y
-            welford_merge_kernel              C-sized: batch mean, biased var, running stats
+            conv_forward_kernel (MODE_STATS)  read x; per-tile (mean, M2), no y; its last
+                                              programs finalize: batch mean and variance,
+                                              running statistics, num_batches_tracked
             conv_forward_kernel (MODE_NORM)   read x (+ residual); write out and x-hat
-  backward  relu_bn_backward_kernel (pass 1)  read grad_out, out, x-hat; write grad_residual
-            bn_grad_finalize_kernel           C-sized: grad_beta, grad_gamma, grad_bias
-            relu_bn_backward_kernel (pass 2)  read grad_residual (or grad_out, out), x-hat;
+  backward  relu_bn_backward_kernel (pass 1)  read grad_out, x-hat (+ out with a residual,
+                                              and write grad_residual); its last programs
+                                              finalize grad_beta, grad_gamma, grad_bias
+            relu_bn_backward_kernel (pass 2)  read grad_out (or grad_residual), x-hat;
                                               write grad_y
             conv_dgrad_kernel                 read grad_y; write grad_x
-            conv_wgrad_kernel + sum_partials  read grad_y, x; (n_splits, C_out*C_in*K) partials
+            conv_wgrad_kernel                 read grad_y, x; split partials, summed by the
+                                              last split of each tile into grad_weight
 The training forward computes the conv twice instead of writing y and reading it back: y
 never travels (4e per element saved) and 16-bit inputs normalize the float32 y. Eval /
 no-norm forward is conv_forward_kernel alone: read x (+ residual), write out (+ x-hat or
 y when backward needs it). Backward in eval / no-norm is one elementwise pass.
-All reductions are per-tile partials merged in a fixed order: no atomics, bitwise
-reproducible run to run.
+All reductions are per-tile partials reduced in a fixed order by the last program to
+finish (batch_stats.py: a ticket, no float atomics): bitwise reproducible run to run.
 """
 from __future__ import annotations
 
@@ -33,6 +37,10 @@ import torch
 from ... import _alloc
 from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, saved_dtype,
                             stats_dtype, triton_interpreting)
+
+
+# The training forward's finalize increments num_batches_tracked (no torch kernel for it).
+COUNTS_BATCHES = True
 
 
 def unavailable_reason():
@@ -82,7 +90,7 @@ def _gemm_config(config, M, N, dtype, tuning_key, run, device, tma):
 
 def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
              dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
-             save_for_backward):
+             save_for_backward, num_batches_tracked=None):
     from . import batch_stats, conv_forward, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast
 
@@ -101,32 +109,48 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     taps = operands.tap_major_weight(weight)
     tma = operands.descriptor_ok(x, stride)
 
-    def conv(cfg, mode, mean, var, part_mean, part_m2, save):
+    def conv(cfg, mode, mean, var, save, finalize=None):
         x_src, w_src = x, taps
         if tma:
             x_src = operands.descriptor(x, (1, cfg.block_k, cfg.block_n))
             w_src = operands.weight_tile_descriptor(taps, cfg.block_m, cfg.block_k)
         grid = (B * cdiv(L_out, cfg.block_n), cdiv(C_out, cfg.block_m))
+        fin = finalize or {}
+        scratch = fin.get("scratch", (None,) * 6)
         conv_forward.conv_forward_kernel[grid](
             x_src, w_src, use(bias), use(saved), out, use(residual), use(mean), use(var),
-            use(gamma), use(beta), use(part_mean), use(part_m2),
+            use(gamma), use(beta), *map(use, scratch), use(running_mean), use(running_var),
+            float(momentum_factor), use(num_batches_tracked),
             C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps), taps.shape[2],
             taps.shape[1], MODE=mode, HAS_BIAS=bias is not None, SAVE_Y=save,
             HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
             DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
             TMA=tma, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k, BLOCK_L=cfg.block_n,
+            FINALIZE=finalize is not None, UPDATE_RUNNING=running_mean is not None,
+            COUNT_BATCH=num_batches_tracked is not None, GROUP=tiling.FINALIZE_GROUP,
+            FIN_BLOCK_T=max(1, 2048 // cfg.block_m),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    def partials(cfg):
+    def stats_scratch(cfg, finalize):
+        """The statistics pass's partials (n_tiles, C_out), and with `finalize` its
+        group rows and ticket counters."""
         n_tiles = B * cdiv(L_out, cfg.block_n)
-        return (_alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device),
-                _alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device))
+        part = [_alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device) for _ in range(2)]
+        if not finalize:
+            return {"scratch": part + [None] * 4}
+        n_groups = cdiv(n_tiles, tiling.FINALIZE_GROUP)
+        groups = [_alloc.empty((n_groups, C_out), dtype=sdt, device=x.device)
+                  for _ in range(3)]
+        tickets = batch_stats.counters(
+            x.device, batch_stats.n_ticket_counters(n_tiles, cdiv(C_out, cfg.block_m)))
+        return {"scratch": part + groups + [tickets]}
 
     mode = {NORM_NONE: conv_forward.MODE_NONE}.get(norm, conv_forward.MODE_NORM)
-    if train:  # tuning times the statistics pass: it has no side effect but its partials
-        run = lambda c: conv(c, conv_forward.MODE_STATS, None, None, *partials(c), False)  # noqa
+    if train:  # tuning times the statistics pass without its finalize: no side effects
+        run = lambda c: conv(c, conv_forward.MODE_STATS, None, None, False,  # noqa: E731
+                             stats_scratch(c, False))
     else:  # (out and saved are written whole by every run)
-        run = lambda c: conv(c, mode, running_mean, running_var, None, None, saves)  # noqa
+        run = lambda c: conv(c, mode, running_mean, running_var, saves)  # noqa: E731
     cfg = _gemm_config(tiling.forward_config(C_in, C_out, L_out, x.dtype), C_out,
                        L_out, x.dtype, tuning.key("fwd" + norm, C_in, C_out, K, L_out, x.dtype,
                                                  stride, tma), run, x.device, tma)
@@ -136,17 +160,13 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
         empty_stats = _alloc.empty((0,), dtype=sdt, device=x.device)
         return out, saved, empty_stats, _alloc.empty((0,), dtype=sdt, device=x.device)
 
-    # Training: statistics pass, finalize (+ running statistics, once), then the conv
-    # again, normalized with the batch statistics (y never stored: see conv_forward.py).
-    part_mean, part_m2 = partials(cfg)
-    conv(cfg, conv_forward.MODE_STATS, None, None, part_mean, part_m2, False)
+    # Training: the statistics pass, whose last programs finalize (batch statistics,
+    # running statistics and the batch counter, once), then the conv again, normalized
+    # with the batch statistics (y never stored: see conv_forward.py).
     batch_mean = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_var = _alloc.empty((C_out,), dtype=sdt, device=x.device)
-    batch_stats.welford_merge(part_mean, part_m2, batch_mean, batch_var,
-                              n_lblocks=cdiv(L_out, cfg.block_n), L_out=L_out,
-                              tile_l=cfg.block_n, running_mean=running_mean,
-                              running_var=running_var, momentum_factor=momentum_factor)
-    conv(cfg, conv_forward.MODE_NORM, batch_mean, batch_var, None, None, saves)
+    conv(cfg, conv_forward.MODE_STATS, batch_mean, batch_var, False, stats_scratch(cfg, True))
+    conv(cfg, conv_forward.MODE_NORM, batch_mean, batch_var, saves)
     return out, saved, batch_mean, batch_var
 
 
@@ -195,22 +215,28 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
         grad_bias = _alloc.empty((C_out,), dtype=dtype, device=dev)
     use = lambda t: grad_y if t is None or t.numel() == 0 else t  # noqa: E731
 
+    reduce = norm != 0 or has_bias
+    n_groups = cdiv(n_tiles, tiling.FINALIZE_GROUP)
+    groups = _alloc.empty((n_groups, 3, C_out), dtype=sdt, device=dev) if reduce else None
+    tickets = batch_stats.counters(dev, batch_stats.n_ticket_counters(n_tiles, grid[1]))
+
+    # Without a residual, out = relu(x-hat * gamma + beta): from a float32 x-hat the kernel
+    # recomputes its sign exactly (bn_backward.py) instead of reading out.
+    mask_from_xhat = norm != 0 and not has_residual and saved.dtype == torch.float32
+
     def elementwise(write_g, read_g, reduce, write_grad_y):
         bn_backward.relu_bn_backward_kernel[grid](
             grad_out, out, use(saved), use(var), use(gamma), use(beta),
-            use(grad_beta), use(grad_gamma), use(grad_res), grad_y, part,
-            C_out, L_out, float(B * L_out), float(eps),
+            use(grad_beta), use(grad_gamma), use(grad_bias), use(grad_res), grad_y, part,
+            use(groups), tickets, C_out, L_out, float(B * L_out), float(eps),
             NORM=norm, RELU_BEFORE_ADD=bool(relu_before_add), WRITE_G=write_g, READ_G=read_g,
-            REDUCE=reduce, WRITE_GRAD_Y=write_grad_y, BLOCK_C=block_c, BLOCK_L=block_l)
+            REDUCE=reduce, WRITE_GRAD_Y=write_grad_y, MASK_FROM_XHAT=mask_from_xhat,
+            HAS_BIAS=has_bias,
+            GROUP=tiling.FINALIZE_GROUP, FIN_BLOCK_T=64, BLOCK_C=block_c, BLOCK_L=block_l)
 
-    reduce = norm != 0 or has_bias
-    # Training: grad_y needs the full sums of g and g * xhat: reduce, finalize, then grad_y.
+    # Training: grad_y needs the full sums of g and g * xhat, which pass 1's last programs
+    # finalize; pass 2 writes grad_y. Eval and no-norm: one pass.
     elementwise(has_residual, False, reduce, norm != 2)
-    if reduce:
-        batch_stats.bn_grad_finalize_kernel[(cdiv(C_out, 32),)](
-            part, use(grad_beta), use(grad_gamma), use(grad_bias), use(var), use(gamma),
-            C_out, n_tiles, float(B * L_out), float(eps), NORM=norm, HAS_BIAS=has_bias,
-            BLOCK_T=64, BLOCK_C=32)
     if norm == 2:
         elementwise(False, has_residual, False, True)
 
@@ -241,24 +267,27 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
                            tma)
         dgrad(cfg)
 
-    # --- conv weight gradient: split the (b, l-block) reduction, then sum the splits.
+    # --- conv weight gradient: split the (b, l-block) reduction; the last split of each
+    # tile sums them (conv_wgrad.py).
     def wgrad(cfg):
         block_co, block_ci, block_l = cfg.block_m, cfg.block_n, cfg.block_k
         n_lblocks = cdiv(L_out, block_l)
         tile_programs = cdiv(C_out, block_co) * cdiv(C_in, block_ci)
         n_splits, pairs_per_split = wgrad_splits(B * n_lblocks, tile_programs * K)
-        wpart = _alloc.empty((n_splits, C_out * C_in * K), dtype=sdt, device=dev)
+        wpart = _alloc.empty((n_splits, K * C_out * C_in), dtype=sdt, device=dev)
         gy_src, x_src = grad_y_w, x_w
         if tma_w:
             gy_src = operands.descriptor(grad_y_w, (1, block_co, block_l))
             x_src = operands.descriptor(x_w, (1, block_ci, block_l))
         conv_wgrad.conv_wgrad_kernel[(tile_programs, K, n_splits)](
-            gy_src, x_src, wpart, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
+            gy_src, x_src, wpart, grad_weight, batch_stats.counters(dev, tile_programs * K),
+            C_in, C_out, L, L_out, K, stride, dilation, pad_left,
             n_lblocks, B * n_lblocks, pairs_per_split, DOT_PRECISION=precision_w,
             DOT_UPCAST=dot_upcast(w_dtype), TMA=tma_w, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-            BLOCK_L=block_l, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return wpart
+            BLOCK_L=block_l, FIN_ROWS=min(block_co, max(1, 2048 // block_ci)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
     w_dtype = grad_y_w.dtype
     # float32_wgrad exists for accuracy: its float32 dot is IEEE, not TF32.
     precision_w = "ieee" if float32_wgrad else precision
@@ -266,9 +295,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     cfg = _gemm_config(tiling.wgrad_config(C_in, C_out, L_out, w_dtype), C_out, C_in,
                        w_dtype, tuning.key("wgrad", C_in, C_out, K, L_out, w_dtype, stride,
                                            tma_w), wgrad, dev, tma_w)
-    wpart = wgrad(cfg)
-    grad_weight = _alloc.empty(weight.shape, dtype=weight.dtype, device=dev)
-    batch_stats.sum_partials(wpart, grad_weight.view(-1))
+    wgrad(cfg)
 
     return grad_x, grad_weight, grad_bias, grad_gamma, grad_beta, grad_res
 

@@ -11,22 +11,29 @@ relu_bn_backward_kernel works on a [BLOCK_C, BLOCK_L] tile of batch row b:
              the finalized sums, grad_beta and grad_gamma: a second launch)
     grad_y = g                                                         (NORM none)
 
+MASK_FROM_XHAT (no residual, x-hat saved in float32): out = relu(x-hat * gamma + beta) is
+recomputed from x-hat with the forward's own float32 expression and rounding, so the mask
+agrees bit for bit and `out` is never read (2 bytes an element saved per pass in bf16).
+
 Training runs it twice: pass 1 (REDUCE, and WRITE_G stores grad_residual) reads grad_out,
 out and x-hat; pass 2 (WRITE_GRAD_Y) reads x-hat and either grad_residual (READ_G: the
 masked gradient pass 1 stored, one tensor instead of grad_out and out) or grad_out and
 out again. Eval and no-norm run one pass doing both. Partials go to part[tile, j, c]
-(float32, tile = b * n_lblocks + lblock; j = 0: g, 1: g * xhat, 2: xhat), finalized by
-batch_stats.bn_grad_finalize_kernel.
+(float32, tile = b * n_lblocks + lblock; j = 0: g, 1: g * xhat, 2: xhat); the last
+programs to finish reduce them into grad_beta, grad_gamma and grad_bias
+(batch_stats.bn_grad_finalize), so pass 2 follows pass 1 with no launch between.
 
 Shapes: grad_out, out, saved, grad_residual, grad_y (B, C, L_out) contiguous; var, gamma,
-beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) float32.
+beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) and grp (cdiv(n_tiles, GROUP),
+3, C) float32; counter: batch_stats.counters.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .rounding import store_rounded
+from .batch_stats import bn_grad_finalize
+from .rounding import as_stored, relu, store_rounded
 from .tiling import elementwise_tile
 
 NORM_NONE, NORM_EVAL, NORM_TRAIN = 0, 1, 2
@@ -35,10 +42,12 @@ NORM_NONE, NORM_EVAL, NORM_TRAIN = 0, 1, 2
 @triton.jit
 def relu_bn_backward_kernel(
     grad_out_ptr, out_ptr, saved_ptr, var_ptr, gamma_ptr, beta_ptr,
-    sum_g_ptr, sum_gxhat_ptr, grad_res_ptr, grad_y_ptr, part_ptr,
-    C, L_out, n_per_channel, eps,
+    sum_g_ptr, sum_gxhat_ptr, grad_bias_ptr, grad_res_ptr, grad_y_ptr, part_ptr, grp_ptr,
+    counter_ptr, C, L_out, n_per_channel, eps,
     NORM: tl.constexpr, RELU_BEFORE_ADD: tl.constexpr, WRITE_G: tl.constexpr,
     READ_G: tl.constexpr, REDUCE: tl.constexpr, WRITE_GRAD_Y: tl.constexpr,
+    MASK_FROM_XHAT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    FIN_BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     offs_c, c_ok, ok, offs = elementwise_tile(C, L_out, BLOCK_C, BLOCK_L)
@@ -46,9 +55,10 @@ def relu_bn_backward_kernel(
     if READ_G:  # grad_residual: grad_out under the final ReLU's mask, as pass 1 stored it
         g = tl.load(grad_res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     else:
-        out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.where(out <= 0, 0.0, g)
+        if not MASK_FROM_XHAT:
+            out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.where(out <= 0, 0.0, g)
     if WRITE_G:  # the residual sees only the final ReLU's mask
         store_rounded(grad_res_ptr + offs, g, ok)
     xhat = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
@@ -57,9 +67,14 @@ def relu_bn_backward_kernel(
         gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
         invstd = tl.rsqrt(var + eps)
         xhat = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if RELU_BEFORE_ADD:  # the forward's float32 expression, so the masks agree bit for bit
+        if MASK_FROM_XHAT or RELU_BEFORE_ADD:
+            # The forward's float32 expression, so the masks agree bit for bit.
             beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-            g = tl.where(xhat * gamma[:, None] + beta[:, None] <= 0, 0.0, g)
+            z = xhat * gamma[:, None] + beta[:, None]
+            if MASK_FROM_XHAT:  # out = relu(z) as forward stored it: no read of out
+                g = tl.where(as_stored(relu(z), out_ptr.dtype.element_ty) <= 0, 0.0, g)
+            if RELU_BEFORE_ADD:
+                g = tl.where(z <= 0, 0.0, g)
         # Masked lanes loaded zeros, so they add nothing to the sums.
         g = tl.where(ok, g, 0.0)
     else:
@@ -72,6 +87,11 @@ def relu_bn_backward_kernel(
         tl.store(part_row + offs_c, tl.sum(g, axis=1), mask=c_ok)
         tl.store(part_row + C + offs_c, tl.sum(g * xhat, axis=1), mask=c_ok)
         tl.store(part_row + 2 * C + offs_c, tl.sum(xhat, axis=1), mask=c_ok)
+        # sum_g and sum_gxhat are grad_beta and grad_gamma, written by the last programs.
+        bn_grad_finalize(part_ptr, grp_ptr, counter_ptr, sum_g_ptr, sum_gxhat_ptr,
+                         grad_bias_ptr, var_ptr, gamma_ptr, tl.program_id(0),
+                         tl.num_programs(0), tl.program_id(1), C, n_per_channel, eps, NORM,
+                         HAS_BIAS, GROUP, FIN_BLOCK_T, BLOCK_C)
     if WRITE_GRAD_Y:
         grad_y = g
         if NORM == 2:

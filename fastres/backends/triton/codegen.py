@@ -239,6 +239,25 @@ def inspect(compiled, kernel: str = "", config: str = "") -> Report:
                   counts["local"], in_loop, before)
 
 
+def tickets(compiled) -> List[Dict[str, bool]]:
+    """The fused finalizes' tickets (batch_stats.last_to_arrive) as the PTX has them: for
+    each atomic, whether it is an acq_rel, gpu-scope add; whether one thread issues it (a
+    predicate); and whether a bar.sync separates it from the partial stores before it
+    (the last of any `st.global` or `bar.sync` before it is the barrier)."""
+    code = [x.strip() for x in compiled.asm["ptx"].splitlines()]
+    code = [x for x in code if x and not x.startswith((".loc", "//", "$L__"))]
+    found = []
+    for i, line in enumerate(code):
+        if "atom." not in line:
+            continue
+        previous = next((x for x in reversed(code[:i]) if "bar.sync" in x or "st.global" in x),
+                        "")
+        found.append(dict(acq_rel_gpu=".gpu" in line and ".acq_rel" in line and ".add" in line,
+                          one_thread=line.startswith("@%p"),
+                          barrier_before="bar.sync" in previous))
+    return found
+
+
 def describe(launch: Launch) -> str:
     """The tile constexprs and options of a launch, for a table's config column."""
     constexprs = _named_constexprs(launch)

@@ -15,9 +15,11 @@ of x exists. BLOCK_CO may cover all of C_out, so that x is read from HBM once.
 
 Epilogue, by MODE:
   MODE_STATS (training, first pass): per output channel, this tile's (mean, M2) over its
-      valid positions, from the float32 accumulator; nothing else is written. The count
-      min(BLOCK_L, L_out - l0) is recomputed by the finalize kernel (batch_stats.py). No
-      atomics: partials land in [n_tiles, C_out] buffers, tile = b * n_lblocks + pid_l.
+      valid positions, from the float32 accumulator, into [n_tiles, C_out] partials (tile
+      = b * n_lblocks + pid_l; the count min(BLOCK_L, L_out - l0) is recomputed, not
+      stored). With FINALIZE the last programs to finish merge them (batch_stats.
+      welford_finalize): batch mean and variance, running statistics, the batch counter.
+      Nothing else is written.
   MODE_NORM: batch norm with the given statistics, per channel: x-hat = (y - mean) *
       rsqrt(var + eps), z = x-hat * gamma + beta, then [relu], + residual, relu, store out.
       Eval passes the running statistics: the eval stage is this one kernel, one read of
@@ -37,6 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .batch_stats import welford_finalize
 from .operands import weight_tile, window
 from .rounding import relu, store_rounded
 
@@ -47,11 +50,14 @@ MODE_NONE, MODE_NORM, MODE_STATS = 0, 1, 2
 def conv_forward_kernel(
     x_src, w_src, bias_ptr, y_ptr, out_ptr, res_ptr,
     mean_ptr, var_ptr, gamma_ptr, beta_ptr,
-    part_mean_ptr, part_m2_ptr,
+    part_mean_ptr, part_m2_ptr, grp_mean_ptr, grp_m2_ptr, grp_count_ptr, counter_ptr,
+    running_mean_ptr, running_var_ptr, momentum_factor, batches_ptr,
     C_in, C_out, L, L_out, K, stride, dilation, pad_left, eps, C_in_p, C_out_p,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Y: tl.constexpr, HAS_RES: tl.constexpr,
     RELU_BEFORE_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     TMA: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
+    FINALIZE: tl.constexpr = False, UPDATE_RUNNING: tl.constexpr = False,
+    COUNT_BATCH: tl.constexpr = False, GROUP: tl.constexpr = 32, FIN_BLOCK_T: tl.constexpr = 8,
 ):
     # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
     n_lblocks = tl.cdiv(L_out, BLOCK_L)
@@ -93,6 +99,13 @@ def conv_forward_kernel(
         tile = tl.program_id(0).to(tl.int64)  # = b * n_lblocks + pid_l
         tl.store(part_mean_ptr + tile * C_out + offs_co, tile_mean, mask=co_ok)
         tl.store(part_m2_ptr + tile * C_out + offs_co, tile_m2, mask=co_ok)
+        if FINALIZE:  # batch mean and variance out (mean_ptr, var_ptr), by the last programs
+            welford_finalize(part_mean_ptr, part_m2_ptr, grp_mean_ptr, grp_m2_ptr,
+                             grp_count_ptr, counter_ptr, mean_ptr, var_ptr, running_mean_ptr,
+                             running_var_ptr, momentum_factor, batches_ptr, tile,
+                             tl.num_programs(0), pid_co, pid_co * BLOCK_CO, C_out, n_lblocks,
+                             L_out, BLOCK_L, UPDATE_RUNNING, COUNT_BATCH, GROUP, FIN_BLOCK_T,
+                             BLOCK_CO)
     else:
         z = acc
         if MODE == 1:  # MODE_NORM: batch norm with the given (running or batch) statistics
@@ -101,6 +114,8 @@ def conv_forward_kernel(
             gamma = tl.load(gamma_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             beta = tl.load(beta_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
             xhat = (acc - mean[:, None]) * tl.rsqrt(var + eps)[:, None]
+            # Backward recomputes out's sign from the stored x-hat with this same float32
+            # expression (bn_backward.py, MASK_FROM_XHAT): keep the two identical.
             z = xhat * gamma[:, None] + beta[:, None]
         if SAVE_Y:  # what backward reads: x-hat (eval), or y (none)
             store_rounded(y_ptr + tile_offs, xhat if MODE == 1 else acc, tile_ok)

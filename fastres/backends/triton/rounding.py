@@ -1,5 +1,5 @@
 """store_rounded: tl.store of a float32 tile into a pointer of any float dtype, rounding
-to nearest even.
+to nearest even (as_stored: the value it would store, without storing).
 
 On the GPU this is a plain cast-and-store (float32 -> fp16/bf16 conversions round to
 nearest even there). Triton's interpreter (3.9) truncates float32 -> bfloat16 instead,
@@ -19,8 +19,7 @@ _INTERPRETING = tl.constexpr(triton_interpreting())
 
 
 @triton.jit
-def store_rounded(ptr, value, mask):
-    dtype = ptr.dtype.element_ty
+def _cast_rounded(value, dtype: tl.constexpr):
     if _INTERPRETING:
         if dtype == tl.bfloat16:
             bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
@@ -30,7 +29,20 @@ def store_rounded(ptr, value, mask):
             # the interpreter's bf16 conversion turns into a nonzero value (a flipped ReLU mask).
             rounded = bits.to(tl.float32, bitcast=True)
             value = tl.where(tl.abs(value) >= 1.1754944e-38, rounded, value)
-    tl.store(ptr, value.to(dtype), mask=mask)
+    return value.to(dtype)
+
+
+@triton.jit
+def store_rounded(ptr, value, mask):
+    tl.store(ptr, _cast_rounded(value, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def as_stored(value, dtype: tl.constexpr):
+    """The float32 value store_rounded would store into a tensor of `dtype`, read back:
+    backward recomputes a stored output's sign with it (a tiny positive float32 that
+    rounds to zero in fp16 is a zero output)."""
+    return _cast_rounded(value, dtype).to(tl.float32)
 
 
 @triton.jit

@@ -177,9 +177,10 @@ def dot_upcast(dtype: torch.dtype) -> bool:
     return triton_interpreting() and dtype == torch.bfloat16
 
 
-# Rows (tiles, splits) one finalize program reduces; more rows than this are reduced in two
-# levels, FINALIZE_ROWS-row chunks in parallel and then the chunks. A power of two.
-FINALIZE_ROWS = 4096
+# Tiles per first-level group of the fused finalizes (batch_stats.py: the last program of
+# each group reduces its rows, the last group the group rows). 32 keeps both levels short
+# at B=32, L=4096 (1024-2048 tiles: 32-64 group rows). Tests lower it to get several groups.
+FINALIZE_GROUP = 32
 
 @triton.jit
 def elementwise_tile(C, L_out, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):

@@ -6,10 +6,11 @@ times the heuristic config and its neighbours (tiling.candidate_configs), interl
 with fastres.bench.timing.measure, and keeps the fastest for the rest of the process.
 FASTRES_TRITON_TUNE_CACHE=path also keeps the winners in a JSON file across processes.
 
-Side effects: only kernels without any are timed: the forward's statistics pass (it
-writes per-tile partials), dgrad and wgrad (they write their outputs and partials
-completely). The running statistics move in welford_merge_kernel, which runs once per
-call after the choice, so tuning a call moves them exactly once.
+Side effects: only kernels without any are timed: the forward's statistics pass without
+its fused finalize (it writes per-tile partials), dgrad and wgrad (they write their
+outputs and partials completely). The running statistics and the batch counter move in
+the statistics pass's finalize, which only the real launch after the choice runs, so
+tuning a call moves them exactly once.
 """
 from __future__ import annotations
 
