@@ -334,8 +334,11 @@ def _bf16_block_errors(backend, seed):
     reference = fastres.unfuse(copy.deepcopy(block)).double()
     before = block.bn1.running_mean.clone()
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 32, generator=g).to(torch.bfloat16)
-    grad = torch.randn(2, 6, 32, generator=g).to(torch.bfloat16)
+    # B*L = 1024 values a channel: at 64 (B=2, L=32) a single flipped ReLU mask moved the
+    # input gradient by up to 0.24 relative, for fused and plain bf16 alike, and the median
+    # rule below failed on 4 of 116 windows of five seeds; here on 0 of 296.
+    x = torch.randn(8, 4, 128, generator=g).to(torch.bfloat16)
+    grad = torch.randn(8, 6, 128, generator=g).to(torch.bfloat16)
     runs = {}
     for name, model, dtype in (("fused", block, torch.bfloat16), ("plain", plain, torch.bfloat16),
                                ("reference", reference, torch.float64)):
@@ -361,10 +364,12 @@ def test_block_moved_to_bfloat16_whole_trains(backend, fresh_seed):
     Against the same block in float64 it is judged as tests/model_parity.py judges blocks:
     within the dtype's bound (1e-2) or twice plain bf16 PyTorch's own error. A whole block
     rounds its inner activation to bf16, which flips a few ReLU masks downstream by luck of
-    the draw, so the median over five draws is judged."""
+    the draw (fused: 3.2 flips a draw on average, plain bf16: 6.9, over 60 draws), and a
+    flip moves a sum such as bn2.bias's gradient by a few percent, so the median over nine
+    draws is judged (over five, about one run in thirty failed)."""
     if backend not in fastres.available_backends():
         pytest.skip(f"backend {backend} unavailable here")
-    draws = [_bf16_block_errors(backend, fresh_seed + i) for i in range(5)]
+    draws = [_bf16_block_errors(backend, fresh_seed + i) for i in range(9)]
     for what in draws[0]:
         err = statistics.median(d[what][0] for d in draws)
         plain_err = statistics.median(d[what][1] for d in draws)
