@@ -29,6 +29,10 @@ OLD_TENSOR_FLOP_PER_US = 989e6 * 0.10
 SMALL_KERNEL_US = 3.0
 LAUNCH_GAP_US = 1.0
 E = 2  # bytes per bf16 element
+XH = 4  # bytes per saved x-hat element: float32 in 16-bit training (conventions.saved_dtype)
+# A fused finalize's serial tail: the last program of a group reduces 32 partial rows, the
+# last group the group rows (<= 64 at these shapes): two short C-sized passes over L2.
+FINALIZE_TAIL_US = 2.0
 
 
 @dataclasses.dataclass
@@ -40,13 +44,14 @@ class Kernel:
     torch: bool = False          # a torch kernel (else Triton / cuDNN)
     old_gemm: bool = False       # operands loaded the old way (see OLD_TENSOR_FLOP_PER_US)
     extra_bytes: float = 0.0     # absolute bytes not proportional to N (partials)
+    tail_us: float = 0.0         # serial time after the body (a fused finalize)
 
     def time_us(self, C: int, N: int, K: int) -> float:
         byte_time = (self.bytes_per_n * N + self.extra_bytes) / HBM_BYTES_PER_US
         flops = self.gemm_taps * 2 * C * K * N
         rate = OLD_TENSOR_FLOP_PER_US if self.old_gemm else TENSOR_FLOP_PER_US
         body = max(byte_time, flops / rate, SMALL_KERNEL_US if not flops else 0.0)
-        return self.count * (body + LAUNCH_GAP_US)
+        return self.count * (body + self.tail_us + LAUNCH_GAP_US)
 
 
 def wgrad_partial_bytes(C: int, K: int, B: int, L: int) -> float:
@@ -60,19 +65,48 @@ def wgrad_partial_bytes(C: int, K: int, B: int, L: int) -> float:
 
 
 def this_branch(C, K, B, L) -> List[Kernel]:
+    """The kernels now: finalizes fused into the kernels that produce their partials (a
+    ticket; the last programs reduce in two short levels: FINALIZE_TAIL_US), the batch
+    counted inside the statistics pass's finalize, stage 1's ReLU mask recomputed from
+    its float32 x-hat (no read of out)."""
+    partials = wgrad_partial_bytes(C, K, B, L)
+    return [
+        Kernel("weight tap-major copy (torch)", torch=True, count=2),
+        Kernel("conv_forward STATS + finalize: read x", E, 1, count=2,
+               tail_us=FINALIZE_TAIL_US),
+        Kernel("conv_forward NORM s1: read x; write out, x-hat fp32", 2 * E + XH, 1),
+        Kernel("conv_forward NORM s2: read x, res; write out, x-hat fp32", 3 * E + XH, 1),
+        Kernel("bn backward pass 1 s1 + finalize: read g_out, x-hat", E + XH,
+               tail_us=FINALIZE_TAIL_US),
+        Kernel("bn backward pass 1 s2 + finalize: read g_out, out, x-hat; write grad_res",
+               3 * E + XH, tail_us=FINALIZE_TAIL_US),
+        Kernel("bn backward pass 2 s1: read g_out, x-hat; write g_y", 2 * E + XH),
+        Kernel("bn backward pass 2 s2: read grad_res, x-hat; write g_y", 2 * E + XH),
+        Kernel("conv_dgrad: read g_y; write g_x", 2 * E, 1, count=2),
+        Kernel("conv_wgrad + split sum: read g_y, x; partials", 2 * E, 1, count=2,
+               extra_bytes=partials, tail_us=FINALIZE_TAIL_US),
+        Kernel("autograd: grad_x + grad_res (torch)", 3 * E, torch=True),
+    ]
+
+
+def session_start(C, K, B, L) -> List[Kernel]:
+    """The kernels at 9091905 (this round's start): separate finalize launches, the batch
+    counted by a torch kernel, every backward pass reading out. (This model's earlier
+    versions counted x-hat at 2 bytes; it has been float32 in 16-bit training since the
+    precision fix of docs/spec.md, "What backward reads".)"""
     partials = wgrad_partial_bytes(C, K, B, L)
     return [
         Kernel("weight tap-major copy (torch)", torch=True, count=2),
         Kernel("num_batches_tracked += 1 (op, torch)", torch=True, count=2),
         Kernel("conv_forward STATS: read x", E, 1, count=2),
         Kernel("welford_merge + running stats", count=2),
-        Kernel("conv_forward NORM s1: read x; write out, x-hat", 3 * E, 1),
-        Kernel("conv_forward NORM s2: read x, res; write out, x-hat", 4 * E, 1),
-        Kernel("bn backward pass 1 s1: read g_out, out, x-hat", 3 * E),
-        Kernel("bn backward pass 1 s2: + write grad_res", 4 * E),
+        Kernel("conv_forward NORM s1: read x; write out, x-hat fp32", 2 * E + XH, 1),
+        Kernel("conv_forward NORM s2: read x, res; write out, x-hat fp32", 3 * E + XH, 1),
+        Kernel("bn backward pass 1 s1: read g_out, out, x-hat", 2 * E + XH),
+        Kernel("bn backward pass 1 s2: + write grad_res", 3 * E + XH),
         Kernel("bn_grad_finalize", count=2),
-        Kernel("bn backward pass 2 s1: read g_out, out, x-hat; write g_y", 4 * E),
-        Kernel("bn backward pass 2 s2: read grad_res, x-hat; write g_y", 3 * E),
+        Kernel("bn backward pass 2 s1: read g_out, out, x-hat; write g_y", 3 * E + XH),
+        Kernel("bn backward pass 2 s2: read grad_res, x-hat; write g_y", 2 * E + XH),
         Kernel("conv_dgrad: read g_y; write g_x", 2 * E, 1, count=2),
         Kernel("conv_wgrad: read g_y, x; write partials", 2 * E, 1, count=2,
                extra_bytes=partials / 2),
@@ -147,7 +181,8 @@ def compiled(C, K, B, L) -> List[Kernel]:
 
 
 DESIGNS = {"eager (cuDNN)": eager, "torch.compile": compiled,
-           "triton before (f49810d)": before, "triton (this branch)": this_branch}
+           "triton before (f49810d)": before, "triton at 9091905": session_start,
+           "triton (now)": this_branch}
 
 
 def summarize(kernels: List[Kernel], C: int, K: int, B: int, L: int):

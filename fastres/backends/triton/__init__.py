@@ -109,14 +109,12 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     taps = operands.tap_major_weight(weight)
     tma = operands.descriptor_ok(x, stride)
 
-    def conv(cfg, mode, mean, var, save, finalize=None):
+    def conv(cfg, mode, mean, var, save, scratch=(None,) * 6, finalize=False):
         x_src, w_src = x, taps
         if tma:
             x_src = operands.descriptor(x, (1, cfg.block_k, cfg.block_n))
             w_src = operands.weight_tile_descriptor(taps, cfg.block_m, cfg.block_k)
         grid = (B * cdiv(L_out, cfg.block_n), cdiv(C_out, cfg.block_m))
-        fin = finalize or {}
-        scratch = fin.get("scratch", (None,) * 6)
         conv_forward.conv_forward_kernel[grid](
             x_src, w_src, use(bias), use(saved), out, use(residual), use(mean), use(var),
             use(gamma), use(beta), *map(use, scratch), use(running_mean), use(running_var),
@@ -126,24 +124,24 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
             DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
             TMA=tma, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k, BLOCK_L=cfg.block_n,
-            FINALIZE=finalize is not None, UPDATE_RUNNING=running_mean is not None,
+            FINALIZE=finalize, UPDATE_RUNNING=running_mean is not None,
             COUNT_BATCH=num_batches_tracked is not None, GROUP=tiling.FINALIZE_GROUP,
             FIN_BLOCK_T=max(1, 2048 // cfg.block_m),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def stats_scratch(cfg, finalize):
-        """The statistics pass's partials (n_tiles, C_out), and with `finalize` its
-        group rows and ticket counters."""
+        """The statistics pass's partials (n_tiles, C_out) (mean, M2), and with `finalize`
+        its group rows (mean, M2, count) and ticket counters."""
         n_tiles = B * cdiv(L_out, cfg.block_n)
         part = [_alloc.empty((n_tiles, C_out), dtype=sdt, device=x.device) for _ in range(2)]
         if not finalize:
-            return {"scratch": part + [None] * 4}
+            return part + [None] * 4
         n_groups = cdiv(n_tiles, tiling.FINALIZE_GROUP)
         groups = [_alloc.empty((n_groups, C_out), dtype=sdt, device=x.device)
                   for _ in range(3)]
         tickets = batch_stats.counters(
             x.device, batch_stats.n_ticket_counters(n_tiles, cdiv(C_out, cfg.block_m)))
-        return {"scratch": part + groups + [tickets]}
+        return part + groups + [tickets]
 
     mode = {NORM_NONE: conv_forward.MODE_NONE}.get(norm, conv_forward.MODE_NORM)
     if train:  # tuning times the statistics pass without its finalize: no side effects
@@ -165,7 +163,8 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     # with the batch statistics (y never stored: see conv_forward.py).
     batch_mean = _alloc.empty((C_out,), dtype=sdt, device=x.device)
     batch_var = _alloc.empty((C_out,), dtype=sdt, device=x.device)
-    conv(cfg, conv_forward.MODE_STATS, batch_mean, batch_var, False, stats_scratch(cfg, True))
+    conv(cfg, conv_forward.MODE_STATS, batch_mean, batch_var, False, stats_scratch(cfg, True),
+         finalize=True)
     conv(cfg, conv_forward.MODE_NORM, batch_mean, batch_var, saves)
     return out, saved, batch_mean, batch_var
 
