@@ -43,7 +43,11 @@ _COUNTERS: Dict[tuple, torch.Tensor] = {}
 def counters(device: torch.device, n: int) -> torch.Tensor:
     """At least n int32 ticket counters, zero between launches (the last program of each
     counter resets it). One buffer per device and stream: kernels on one stream run one
-    after another, so they can share it; kernels on two streams cannot."""
+    after another, so they can share it; kernels on two streams cannot. Under CUDA-graph
+    capture the call gets its own zeroed buffer, never cached: memory allocated during a
+    capture belongs to that graph's pool and must not outlive the graph in this cache."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     buf = _COUNTERS.get(key)
