@@ -321,7 +321,8 @@ def test_explain_and_autotune_report_every_stage_and_restore_state(fresh_dispatc
     assert all(p.grad is None for p in model.parameters())
     again = fastres.explain(model, x)
     assert [d.backend for d in again] == [d.backend for d in report]
-    assert "0.network.1.conv2" in str(again)
+    # (which stages it lists depends on the policies measured: a plain block lists none)
+    assert all(d.module in str(again) for d in report)
     model.eval()
     assert all(d.call.norm == "eval" and not d.call.needs_grad
                for d in fastres.explain(model, x) if d.call is not None)
