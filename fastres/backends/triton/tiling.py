@@ -33,7 +33,11 @@ MAX_STAGES = 4
 USE_TMA = os.environ.get("FASTRES_TRITON_TMA", "1") != "0"
 
 # How many programs wgrad aims for in total; the (b, l) reduction is split to reach it.
-WGRAD_TARGET_PROGRAMS = 512
+# One wave on an H100 SXM (132 SMs): every split writes a float32 partial of its tile and
+# the last one reads them all back, 8 * programs * tile elements bytes a call, so more
+# waves cost HBM traffic (512, four waves, cost 4N of a 62N TemporalBlock step at C=256;
+# 132 costs 1N); at B=32, L=4096 each split still reduces over 180+ (b, l) blocks.
+WGRAD_TARGET_PROGRAMS = 132
 MAX_WGRAD_SPLITS = 64
 
 
