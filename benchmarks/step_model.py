@@ -29,7 +29,9 @@ OLD_TENSOR_FLOP_PER_US = 989e6 * 0.10
 SMALL_KERNEL_US = 3.0
 LAUNCH_GAP_US = 1.0
 E = 2  # bytes per bf16 element
-XH = 4  # bytes per saved x-hat element: float32 in 16-bit training (conventions.saved_dtype)
+XH = 4  # bytes per saved x-hat element at f1e780f and before: float32 in 16-bit training
+XH16 = 2  # ... now: float16 (the Triton backend's saved_dtype)
+BITS = 1 / 8  # a ReLU mask saved one bit an element (mask_bits.py)
 # A fused finalize's serial tail: the last program of a group reduces 32 partial rows, the
 # last group the group rows (<= 64 at these shapes): two short C-sized passes over L2.
 FINALIZE_TAIL_US = 2.0
@@ -65,8 +67,34 @@ def wgrad_partial_bytes(C: int, K: int, B: int, L: int) -> float:
 
 
 def this_branch(C, K, B, L) -> List[Kernel]:
-    """The kernels now: finalizes fused into the kernels that produce their partials (a
-    ticket; the last programs reduce in two short levels: FINALIZE_TAIL_US), the batch
+    """The kernels now: as at f1e780f, plus x-hat saved in float16 (and out computed from
+    it, so stage 1 still recomputes its mask), stage 2's final ReLU mask saved as bits
+    (no read of out), and the block input's two gradients added inside stage 1's dgrad
+    (ops.ResidualGradLink: no autograd add)."""
+    partials = wgrad_partial_bytes(C, K, B, L)
+    return [
+        Kernel("weight tap-major copy (torch)", torch=True, count=2),
+        Kernel("conv_forward STATS + finalize: read x", E, 1, count=2,
+               tail_us=FINALIZE_TAIL_US),
+        Kernel("conv_forward NORM s1: read x; write out, x-hat fp16", 2 * E + XH16, 1),
+        Kernel("conv_forward NORM s2: read x, res; write out, x-hat fp16, mask bits",
+               3 * E + XH16 + BITS, 1),
+        Kernel("bn backward pass 1 s1 + finalize: read g_out, x-hat", E + XH16,
+               tail_us=FINALIZE_TAIL_US),
+        Kernel("bn backward pass 1 s2 + finalize: read g_out, bits, x-hat; write grad_res",
+               2 * E + BITS + XH16, tail_us=FINALIZE_TAIL_US),
+        Kernel("bn backward pass 2 s1: read g_out, x-hat; write g_y", 2 * E + XH16),
+        Kernel("bn backward pass 2 s2: read grad_res, x-hat; write g_y", 2 * E + XH16),
+        Kernel("conv_dgrad s2: read g_y; write g_x", 2 * E, 1),
+        Kernel("conv_dgrad s1: read g_y, grad_res (the shortcut's); write g_x", 3 * E, 1),
+        Kernel("conv_wgrad + split sum: read g_y, x; partials", 2 * E, 1, count=2,
+               extra_bytes=partials, tail_us=FINALIZE_TAIL_US),
+    ]
+
+
+def at_f1e780f(C, K, B, L) -> List[Kernel]:
+    """The kernels at f1e780f: finalizes fused into the kernels that produce their partials
+    (a ticket; the last programs reduce in two short levels: FINALIZE_TAIL_US), the batch
     counted inside the statistics pass's finalize, stage 1's ReLU mask recomputed from
     its float32 x-hat (no read of out)."""
     partials = wgrad_partial_bytes(C, K, B, L)
@@ -182,7 +210,7 @@ def compiled(C, K, B, L) -> List[Kernel]:
 
 DESIGNS = {"eager (cuDNN)": eager, "torch.compile": compiled,
            "triton before (f49810d)": before, "triton at 9091905": session_start,
-           "triton (now)": this_branch}
+           "triton at f1e780f": at_f1e780f, "triton (now)": this_branch}
 
 
 def summarize(kernels: List[Kernel], C: int, K: int, B: int, L: int):

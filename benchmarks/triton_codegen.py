@@ -1,7 +1,8 @@
 """What the Triton backend's kernels compile to for an H100 (sm_90), without a GPU.
 
 Captures the launches of one training step (forward + backward of a stage with a residual,
-B=32, L=4096, K=3) as the backend really issues them, compiles each kernel for sm_90
+B=32, L=4096, K=3, and stage 1's dgrad, which adds the block's shortcut gradient) as the
+backend really issues them, compiles each kernel for sm_90
 with the JIT's own specialization, and prints one table row per kernel: registers, spill
 bytes, shared memory, tensor-core instructions (HGMMA = wgmma; HMMA = the older mma.sync),
 global load widths (all, and inside the GEMM loop: the operand loads), cp.async (LDGSTS)
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
         for C in args.channels:
             launches = codegen.training_step_launches(C, DTYPES[dtype_name], B=args.batch,
                                                       L=args.length)
+            # Stage 1 of an identity block: its dgrad also adds the shortcut's gradient.
+            launches += [launch for launch in codegen.training_step_launches(
+                C, DTYPES[dtype_name], B=args.batch, L=args.length, residual=False,
+                shortcut_grad=True) if launch.name == "conv_dgrad_kernel"]
             if args.candidates:
                 for index in range(1, 12):
                     launches += codegen.training_step_launches(

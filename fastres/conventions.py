@@ -90,6 +90,12 @@ def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.d
     return dtype
 
 
+def mask_bits_shape(batch: int, channels: int, length: int) -> tuple:
+    """Shape of a ReLU mask saved one bit an element (uint8; bit j of byte i is position
+    8 i + j), for backends that save one (docs/spec.md, backend contract)."""
+    return (batch, channels, -(-length // 8))
+
+
 # ----------------------------------------------------------------------------- TF32
 
 

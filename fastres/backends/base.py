@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import conventions
 from ..conventions import output_length
 
 
@@ -125,16 +126,52 @@ class KernelBackend(Backend):
         return reason
 
     def forward(self, *args, num_batches_tracked=None, **kwargs):
-        """The module's forward. A batch counter, when given, is incremented once: by the
-        module's kernels where it says so (COUNTS_BATCHES = True), else here."""
-        if getattr(self.module, "COUNTS_BATCHES", False):
-            return self.module.forward(*args, num_batches_tracked=num_batches_tracked, **kwargs)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return self.module.forward(*args, **kwargs)
+        """The module's forward, as (out, saved, mask_bits, batch_mean, batch_var).
 
-    def backward(self, *args, **kwargs):
-        return self.module.backward(*args, **kwargs)
+        A batch counter, when given, is incremented once: by the module's kernels where it
+        says so (COUNTS_BATCHES = True), else here. mask_bits is empty unless the module
+        saves the final ReLU's mask as bits (SAVES_MASK_BITS = True, saves_mask_bits)."""
+        if getattr(self.module, "COUNTS_BATCHES", False):
+            result = self.module.forward(*args, num_batches_tracked=num_batches_tracked,
+                                         **kwargs)
+        else:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            result = self.module.forward(*args, **kwargs)
+        if getattr(self.module, "SAVES_MASK_BITS", False):
+            return result
+        out, saved, batch_mean, batch_var = result
+        return out, saved, out.new_empty(0, dtype=torch.uint8), batch_mean, batch_var
+
+    def backward(self, *args, grad_x_addend=None, mask_bits=None, **kwargs):
+        """The module's backward. grad_x_addend, when given, is added to grad_x: by the
+        module's data-gradient kernel where it says so (ADDS_GRAD_X = True), else here.
+        mask_bits (what forward saved) goes to modules that save them."""
+        if getattr(self.module, "SAVES_MASK_BITS", False):
+            kwargs["mask_bits"] = mask_bits
+        if getattr(self.module, "ADDS_GRAD_X", False):
+            return self.module.backward(*args, grad_x_addend=grad_x_addend, **kwargs)
+        grads = self.module.backward(*args, **kwargs)
+        if grad_x_addend is not None and grads[0] is not None:
+            grads[0].add_(grad_x_addend)  # grad_x is the backend's own, freshly allocated
+        return grads
+
+    def saved_dtype(self, dtype: torch.dtype, norm: str, relu_before_add: bool,
+                    weights_per_channel: int) -> torch.dtype:
+        """dtype of the tensor forward saves for backward: the module's saved_dtype where it
+        defines its own (Triton: a float16 x-hat in 16-bit training, which also depends
+        on the weights per output channel, C_in * K), else the convention's."""
+        own = getattr(self.module, "saved_dtype", conventions.saved_dtype)
+        if own is conventions.saved_dtype:  # (a module that merely imported it)
+            return own(dtype, norm, relu_before_add)
+        return own(dtype, norm, relu_before_add, weights_per_channel)
+
+    def mask_bits_shape(self, shape, has_residual: bool, save_for_backward: bool) -> tuple:
+        """Shape of the mask bits forward returns for an output of `shape` ((0,): none)."""
+        if getattr(self.module, "SAVES_MASK_BITS", False) \
+                and self.module.saves_mask_bits(has_residual, save_for_backward):
+            return conventions.mask_bits_shape(*shape)
+        return (0,)
 
     def stream_forward(self, *args, **kwargs) -> None:
         """The backend's streaming kernel (fastres.stream), where it has one."""

@@ -30,7 +30,7 @@ from torch.nn.modules import module as _module
 
 from .. import backends
 from ..conventions import HALF_DTYPES, conv_padding
-from ..ops import conv_bn_relu, execute, plan
+from ..ops import ResidualGradLink, conv_bn_relu, execute, plan
 from .policy import forward_with_policy
 from .sync_batchnorm import sync_conv_bn_relu_stage
 
@@ -79,12 +79,16 @@ def _hooked(bn: Optional[nn.Module]) -> bool:
 
 def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d], padding: str,
                        residual: Optional[Tensor] = None,
-                       relu_before_add: bool = False) -> Tensor:
+                       relu_before_add: bool = False,
+                       residual_grad_link: Optional[ResidualGradLink] = None) -> Tensor:
     """relu(bn(conv(x)) [+ residual]) through the fused op, from the modules' tensors.
 
     The conv's own `padding` attribute is ignored: `padding` ("causal" or "same") says how
     the block pads. bn None means no batch norm (weight-normed convs: `conv.weight` is
     the parametrization's normalized weight, so gradients reach g and v).
+    residual_grad_link: one link (`identity_shortcut_link`) given to both stages of a block
+    whose residual is its input: fused stages then add the shortcut's gradient inside
+    stage 1's data-gradient kernel; every other path ignores it.
     """
     if isinstance(bn, nn.SyncBatchNorm):  # statistics over every process's batch
         return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
@@ -137,7 +141,15 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
     a = op_arguments(conv, bn)
     tensors = (x, weight, bias, a["bn_weight"], a["bn_bias"], a["running_mean"],
                a["running_var"], residual)
-    return execute(cached, tensors, a["momentum"], a["num_batches_tracked"])
+    return execute(cached, tensors, a["momentum"], a["num_batches_tracked"],
+                   residual_grad_link)
+
+
+def identity_shortcut_link(x: Tensor, shortcut: Tensor) -> Optional[ResidualGradLink]:
+    """A ResidualGradLink for a block whose shortcut is its input x itself, else None."""
+    if shortcut is not x or not torch.is_grad_enabled() or not x.requires_grad:
+        return None
+    return ResidualGradLink()
 
 
 def op_arguments(conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> dict:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
-                     padded_conv1d)
+                     identity_shortcut_link, padded_conv1d)
 
 __all__ = ["BasicBlock", "ResNet1d", "PlainBasicBlock", "PlainResNet1d"]
 
@@ -105,8 +105,10 @@ class BasicBlock(FusedModule, _BasicBlockLayout):
     def fused_forward(self, x: Tensor) -> Tensor:
         padding = "causal" if self.causal else "same"
         identity = x if self.downsample is None else self.downsample(x)
-        h = conv_bn_relu_stage(x, self.conv1, self.bn1, padding)
-        return conv_bn_relu_stage(h, self.conv2, self.bn2, padding, residual=identity)
+        link = identity_shortcut_link(x, identity)
+        h = conv_bn_relu_stage(x, self.conv1, self.bn1, padding, residual_grad_link=link)
+        return conv_bn_relu_stage(h, self.conv2, self.bn2, padding, residual=identity,
+                                  residual_grad_link=link)
 
 
 class _ResNet1dLayout(nn.Module):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
-                     padded_conv1d)
+                     identity_shortcut_link, padded_conv1d)
 
 __all__ = ["TemporalBlock", "TemporalConvNet", "PlainTemporalBlock",
            "PlainWeightNormTemporalBlock", "Chomp1d", "receptive_field"]
@@ -173,16 +173,21 @@ class TemporalBlock(FusedModule, _TemporalBlockLayout):
 
     def fused_forward(self, x: Tensor) -> Tensor:
         res = x if self.downsample is None else self.downsample(x)
+        link = identity_shortcut_link(x, res)
         if self.norm == "batch":
-            h = self.dropout(conv_bn_relu_stage(x, self.conv1, self.bn1, "causal"))
-            return conv_bn_relu_stage(h, self.conv2, self.bn2, "causal", residual=res)
-        h = self.dropout1(conv_bn_relu_stage(x, self.conv1, None, "causal"))
+            h = self.dropout(conv_bn_relu_stage(x, self.conv1, self.bn1, "causal",
+                                                residual_grad_link=link))
+            return conv_bn_relu_stage(h, self.conv2, self.bn2, "causal", residual=res,
+                                      residual_grad_link=link)
         if self.training and self.dropout2.p > 0:
             # Dropout sits between relu(conv2) and the add: the add cannot be fused here.
+            h = self.dropout1(conv_bn_relu_stage(x, self.conv1, None, "causal"))
             out = self.dropout2(conv_bn_relu_stage(h, self.conv2, None, "causal"))
             return F.relu(out + res)
+        h = self.dropout1(conv_bn_relu_stage(x, self.conv1, None, "causal",
+                                             residual_grad_link=link))
         return conv_bn_relu_stage(h, self.conv2, None, "causal", residual=res,
-                                  relu_before_add=True)
+                                  relu_before_add=True, residual_grad_link=link)
 
 
 class TemporalConvNet(nn.Module):

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from .. import backends
 from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
-                           norm_mode, output_length, saved_dtype, stats_dtype)
+                           norm_mode, output_length, stats_dtype)
 
-__all__ = ["Plan", "conv_bn_relu", "execute", "plan"]
+__all__ = ["Plan", "ResidualGradLink", "conv_bn_relu", "execute", "plan"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -38,7 +38,7 @@ def _forward_op(
     residual: Optional[Tensor], num_batches_tracked: Optional[Tensor], stride: int,
     dilation: int, pad_left: int, pad_right: int, norm: str, eps: float,
     momentum_factor: float, relu_before_add: bool, save_for_backward: bool, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return backends.get(backend).forward(
         x, weight, bias, gamma, beta, running_mean, running_var, residual, stride=stride,
         dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=norm, eps=eps,
@@ -54,31 +54,36 @@ def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, num_bat
     c_out, _, k = weight.shape
     shape = (batch, c_out, output_length(length, k, dilation, stride, pad_left, pad_right))
     saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
-    saved = x.new_empty(shape if saves else (0,), dtype=saved_dtype(x.dtype, norm,
-                                                                     relu_before_add))
+    kernels = backends.get(backend)
+    saved = x.new_empty(shape if saves else (0,), dtype=kernels.saved_dtype(
+        x.dtype, norm, relu_before_add, weight.shape[1] * k))
+    mask_bits = x.new_empty(kernels.mask_bits_shape(shape, residual is not None,
+                                                    save_for_backward), dtype=torch.uint8)
     stats = x.new_empty((c_out if norm == NORM_TRAIN else 0,), dtype=stats_dtype(x.dtype))
-    return x.new_empty(shape), saved, stats, stats.clone()
+    return x.new_empty(shape), saved, mask_bits, stats, stats.clone()
 
 
 @torch.library.custom_op("fastres::conv_bn_relu_backward", mutates_args=())
 def _backward_op(
     grad_out: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor],
-    beta: Optional[Tensor], saved: Tensor, out: Tensor, var: Tensor, has_bias: bool,
-    has_residual: bool, stride: int, dilation: int, pad_left: int, pad_right: int, norm: str,
-    eps: float, relu_before_add: bool, backend: str, need_grad_x: bool,
+    beta: Optional[Tensor], saved: Tensor, out: Tensor, var: Tensor, mask_bits: Tensor,
+    has_bias: bool, has_residual: bool, stride: int, dilation: int, pad_left: int,
+    pad_right: int, norm: str, eps: float, relu_before_add: bool, backend: str,
+    need_grad_x: bool, grad_x_addend: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = backends.get(backend).backward(
         grad_out.contiguous(), x, weight, gamma, beta, saved, out, var, has_bias=has_bias,
         has_residual=has_residual, stride=stride, dilation=dilation, pad_left=pad_left,
         pad_right=pad_right, norm=norm, eps=eps, relu_before_add=relu_before_add,
-        need_grad_x=need_grad_x)
+        need_grad_x=need_grad_x, grad_x_addend=grad_x_addend, mask_bits=mask_bits)
     # Custom ops cannot return None: an absent gradient travels as an empty tensor.
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @_backward_op.register_fake
-def _(grad_out, x, weight, gamma, beta, saved, out, var, has_bias, has_residual, stride,
-      dilation, pad_left, pad_right, norm, eps, relu_before_add, backend, need_grad_x):
+def _(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits, has_bias, has_residual,
+      stride, dilation, pad_left, pad_right, norm, eps, relu_before_add, backend, need_grad_x,
+      grad_x_addend=None):
     empty = x.new_empty(0)
     c_out = weight.shape[0]
     vector = x.new_empty((c_out,))
@@ -89,6 +94,29 @@ def _(grad_out, x, weight, gamma, beta, saved, out, var, has_bias, has_residual,
             torch.empty_like(out) if has_residual else empty)
 
 
+class ResidualGradLink:
+    """Hands a block's identity-shortcut gradient from the stage that adds the shortcut to
+    the stage that reads the block input, whose data-gradient kernel adds it in its
+    epilogue.
+
+    The block input x feeds stage 1 (conv input) and stage 2 (residual); autograd would add
+    its two gradients in a kernel of its own (read two, write one: 6 bytes an element in
+    16 bits). Linked, stage 2 returns no residual gradient and stage 1's backward adds it
+    while writing grad_x (one more read: 2 bytes). A block makes one link per forward and
+    passes it to both stages. It is only a hint: stage 1 arms it only when its input needs
+    a gradient, and stage 2 diverts its residual gradient only when that residual is the
+    very tensor stage 1 armed it with, so anything else (a stage that ran eagerly, a
+    non-contiguous input copied apart) keeps autograd's add. Backward order is guaranteed:
+    stage 1's output feeds stage 2, so stage 2's backward runs first.
+    """
+
+    __slots__ = ("source", "grad")
+
+    def __init__(self):
+        self.source: Optional[Tensor] = None   # stage 1's input, once it is armed
+        self.grad: Optional[Tensor] = None     # stage 2's residual gradient, in backward
+
+
 class _FusedStage(torch.autograd.Function):
     """Autograd around the two custom ops. (A custom op that mutates its inputs, as the
     forward does with the running statistics, cannot carry torch.library's autograd
@@ -97,32 +125,44 @@ class _FusedStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, residual,
                 num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
-                momentum_factor, relu_before_add, save_for_backward, backend):
-        out, saved, _batch_mean, batch_var = _forward_op(
+                momentum_factor, relu_before_add, save_for_backward, backend, link):
+        out, saved, mask_bits, _batch_mean, batch_var = _forward_op(
             x, weight, bias, gamma, beta, running_mean, running_var, residual,
             num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
             momentum_factor, relu_before_add, save_for_backward, backend)
         # Backward needs the variance forward normalized with: the batch's, or the running one.
         var = batch_var if norm == NORM_TRAIN else running_var
-        ctx.save_for_backward(x, weight, gamma, beta, saved, out, var)
+        ctx.save_for_backward(x, weight, gamma, beta, saved, out, var, mask_bits)
         ctx.args = (bias is not None, residual is not None, stride, dilation, pad_left,
                     pad_right, norm, eps, relu_before_add, backend)
+        ctx.link_in = ctx.link_out = None
+        if link is not None:
+            if residual is None and ctx.needs_input_grad[0]:
+                link.source, ctx.link_in = x, link      # stage 1: adds the shortcut's grad
+            elif residual is not None and residual is link.source \
+                    and ctx.needs_input_grad[7]:
+                ctx.link_out = link                     # stage 2: hands it over
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, gamma, beta, saved, out, var = ctx.saved_tensors
+        x, weight, gamma, beta, saved, out, var, mask_bits = ctx.saved_tensors
         if var is None:
             var = x.new_empty(0)
         # The data gradient is a whole conv: skip it where x needs none (a network's input).
         need_grad_x = ctx.needs_input_grad[0]
-        grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, *ctx.args,
-                             need_grad_x)
+        addend = None
+        if ctx.link_in is not None:
+            addend, ctx.link_in.grad = ctx.link_in.grad, None
+        grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits,
+                             *ctx.args, need_grad_x, addend)
         has_bias, has_residual = ctx.args[0], ctx.args[1]
         present = (need_grad_x, True, has_bias, gamma is not None, beta is not None,
                    has_residual)
         g_x, g_w, g_b, g_gamma, g_beta, g_res = (g if p else None for g, p in zip(grads, present))
-        return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 11
+        if ctx.link_out is not None:  # stage 1's data-gradient kernel adds it
+            ctx.link_out.grad, g_res = g_res, None
+        return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 12
 
 
 # --------------------------------------------------------------------------- validation
@@ -371,20 +411,23 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
     return Plan(name, geometry, needs_grad), tensors
 
 
-def execute(stage_plan: Plan, tensors, momentum, num_batches_tracked) -> Tensor:
+def execute(stage_plan: Plan, tensors, momentum, num_batches_tracked,
+            residual_grad_link: Optional[ResidualGradLink] = None) -> Tensor:
     """Run a planned call on its backend (which, in training with running statistics,
-    counts the batch: batch_counting)."""
+    counts the batch: batch_counting). A block passes the same residual_grad_link to its
+    two stages (ResidualGradLink)."""
     factor, counter = 0.0, None
     if stage_plan.geometry["norm"] == NORM_TRAIN and tensors[5] is not None:
         factor, counter = batch_counting(momentum, num_batches_tracked)
     return run_backend(stage_plan.backend, *tensors, momentum_factor=factor,
                        num_batches_tracked=counter, needs_grad=stage_plan.needs_grad,
-                       **stage_plan.geometry)
+                       residual_grad_link=residual_grad_link, **stage_plan.geometry)
 
 
 def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 residual, *, stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
-                relu_before_add, needs_grad, num_batches_tracked=None) -> Tensor:
+                relu_before_add, needs_grad, num_batches_tracked=None,
+                residual_grad_link=None) -> Tensor:
     """Run an already validated call on `backend` (eager, or a fused one via the custom op);
     num_batches_tracked, when given, is incremented once."""
     if backend == "eager":
@@ -398,7 +441,8 @@ def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean,
                          residual, stride=stride, dilation=dilation, pad_left=pad_left,
                          pad_right=pad_right, norm=norm, eps=eps,
                          momentum_factor=momentum_factor, relu_before_add=relu_before_add,
-                         needs_grad=needs_grad, num_batches_tracked=num_batches_tracked)
+                         needs_grad=needs_grad, num_batches_tracked=num_batches_tracked,
+                         residual_grad_link=residual_grad_link)
 
 
 def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracked,
@@ -433,7 +477,7 @@ def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracke
 def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                   residual, *, stride, dilation, pad_left, pad_right, norm, eps,
                   momentum_factor, relu_before_add, needs_grad,
-                  num_batches_tracked=None) -> Tensor:
+                  num_batches_tracked=None, residual_grad_link=None) -> Tensor:
     """Run an already validated call on the fused backend `backend` (through the custom op)."""
     gamma = beta = None
     if norm != NORM_NONE:
@@ -452,7 +496,8 @@ def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mea
     out = _FusedStage.apply(
         x.contiguous(), weight.contiguous(), bias, gamma, beta, work[0], work[1], residual,
         num_batches_tracked, stride, dilation, pad_left, pad_right, norm, float(eps),
-        float(momentum_factor), bool(relu_before_add), needs_grad, backend)
+        float(momentum_factor), bool(relu_before_add), needs_grad, backend,
+        residual_grad_link)
     if norm == NORM_TRAIN:
         with torch.no_grad():
             for stat, copy in zip(stats, work):

@@ -129,7 +129,7 @@ def test_wgrad_last_split_partly_empty(small_tiles, monkeypatch, length):
 def _batch_stats(x, weight, bias):
     from fastres.backends import triton as tb
     K = weight.shape[2]
-    _, _, mean, var = tb.forward(x, weight, bias, torch.ones_like(bias, dtype=torch.float32),
+    _, _, _, mean, var = tb.forward(x, weight, bias, torch.ones_like(bias, dtype=torch.float32),
                                  torch.zeros_like(bias, dtype=torch.float32), None, None, None,
                                  stride=1, dilation=1, pad_left=K - 1, pad_right=0,
                                  norm="train", eps=1e-5, momentum_factor=0.0,
@@ -224,7 +224,7 @@ def test_poison_catches_an_unwritten_tile(small_tiles):
         out = _alloc.empty((B, C_out, L), dtype=x.dtype, device=DEVICE)
     grid = (tiling.cdiv(L, block_l) - 1, 1)  # B = 1: axis 0 is the length tile
     conv_forward.conv_forward_kernel[grid](
-        x, taps, x, out, out, out, x, x, x, x, x, x, x, x, x, x, x, x, 0.0, x,
+        x, taps, x, out, out, out, out, x, x, x, x, x, x, x, x, x, x, x, x, 0.0, x,
         C_in, C_out, L, L, K, 1, 1, K - 1, 1e-5,
         taps.shape[2], taps.shape[1], MODE=conv_forward.MODE_NONE, HAS_BIAS=False,
         SAVE_Y=False, HAS_RES=False, RELU_BEFORE_ADD=False, DOT_PRECISION="ieee",
@@ -293,7 +293,7 @@ def test_int64_indexing_cuda(norm_mode):
     weight = torch.randn(C, C, K, device="cuda", dtype=torch.bfloat16, generator=g) / (C * K) ** 0.5
     gamma = torch.ones(C, device="cuda")
     beta = torch.zeros(C, device="cuda")
-    out, _, mean, var = tb.forward(
+    out, _, _, mean, var = tb.forward(
         x, weight, None, gamma if norm_mode == "train" else None,
         beta if norm_mode == "train" else None, None, None, None, stride=1, dilation=1,
         pad_left=K - 1, pad_right=0, norm=norm_mode, eps=1e-5, momentum_factor=0.0,
@@ -307,8 +307,9 @@ def test_int64_indexing_cuda(norm_mode):
     assert err < 1e-2, err
 
 
-def _stage_backward(dtype, residual, out_override=None, seed=0):
-    """Triton forward + backward of one training stage; backward may get another `out`."""
+def _stage_backward(dtype, residual, out_override=None, seed=0, bits=True):
+    """Triton forward + backward of one training stage; backward may get another `out`,
+    and (bits=False) not the mask bits forward saved."""
     from fastres.backends import triton as tb
     g = torch.Generator().manual_seed(seed)
     B, C, L, K = 2, 16, 40, 3
@@ -319,26 +320,96 @@ def _stage_backward(dtype, residual, out_override=None, seed=0):
     res = torch.randn(B, C, L, generator=g).to(DEVICE, dtype) if residual else None
     geometry = dict(stride=1, dilation=1, pad_left=K - 1, pad_right=0, norm="train", eps=1e-5,
                     relu_before_add=False)
-    out, saved, _, var = tb.forward(x, w, None, gamma, beta, None, None, res,
+    out, saved, mask_bits, _, var = tb.forward(x, w, None, gamma, beta, None, None, res,
                                     momentum_factor=0.0, save_for_backward=True, **geometry)
     grad_out = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
     out_seen = out if out_override is None else out_override(out)
     return tb.backward(grad_out, x, w, gamma, beta, saved, out_seen, var, has_bias=False,
-                       has_residual=residual, **geometry)
+                       has_residual=residual, mask_bits=mask_bits if bits else None,
+                       **geometry)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_without_residual_takes_the_mask_from_xhat(dtype):
-    """Without a residual, backward recomputes out's sign from the float32 x-hat and never
-    reads out: zeros in its place change nothing. With a residual it must read out
-    (negative control: the same zeros change the gradients)."""
+    """Backward never reads out: without a residual it recomputes out's sign from the saved
+    x-hat (float32, or the float16 x-hat 16-bit training normalizes with), with one it
+    reads the mask bits forward saved; zeros in place of out change nothing. Negative
+    control: with a residual and no bits it must read out, and the zeros change the
+    gradients."""
     def zeros(out):
         return torch.zeros_like(out)
-    for residual, same in ((False, True), (True, False)):
-        grads = _stage_backward(dtype, residual, seed=3)
-        blind = _stage_backward(dtype, residual, zeros, seed=3)
+    for residual, bits, same in ((False, True, True), (True, True, True), (True, False, False)):
+        grads = _stage_backward(dtype, residual, seed=3, bits=bits)
+        blind = _stage_backward(dtype, residual, zeros, seed=3, bits=bits)
         equal = all(torch.equal(a, b) for a, b in zip(grads, blind) if a is not None)
-        assert equal == same, (dtype, residual)
+        assert equal == same, (dtype, residual, bits)
+
+
+def unpack_mask_bits(bits, length):
+    """torch twin of mask_bits.load_bits: (B, C, cdiv(L, 8)) uint8 -> (B, C, L) bool."""
+    shifts = torch.arange(8, device=bits.device)
+    unpacked = (bits.long()[..., None] >> shifts) & 1
+    return unpacked.flatten(-2)[..., :length].bool(), unpacked.flatten(-2)[..., length:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["train", "eval", "none"])
+def test_mask_bits_are_the_stored_outputs_sign(dtype, norm):
+    """With a residual, forward saves one bit an element, set exactly where out is not <= 0
+    (NaN included: its gradient passes, as torch.relu's backward passes it); ragged L
+    (45: the last byte half used, zeros past L) and several length tiles."""
+    from fastres.backends import triton as tb
+    g = torch.Generator().manual_seed(5)
+    B, C, L, K = 2, 16, 45, 3
+    x = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
+    x[1, :, 7] = float("nan")  # NaN outputs at positions 7.. of row 1 (causal, K=3)
+    w = (torch.randn(C, C, K, generator=g) / (C * K) ** 0.5).to(DEVICE, dtype)
+    res = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
+    stats = None if norm == "train" else torch.zeros(C, device=DEVICE)
+    params = (None, None) if norm == "none" else (torch.ones(C, device=DEVICE),
+                                                  torch.zeros(C, device=DEVICE))
+    out, _, mask_bits, _, _ = tb.forward(
+        x, w, None, *params, stats, None if stats is None else torch.ones(C, device=DEVICE),
+        res, stride=1, dilation=1, pad_left=K - 1, pad_right=0, norm=norm, eps=1e-5,
+        momentum_factor=0.0, relu_before_add=False, save_for_backward=True)
+    assert mask_bits.dtype == torch.uint8 and mask_bits.shape == (B, C, 6)
+    keep, past_end = unpack_mask_bits(mask_bits, L)
+    assert torch.equal(keep, ~(out <= 0))
+    assert out.isnan().any() and keep[out.isnan()].all()
+    assert (past_end == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relu_before_add", [False, True])
+def test_training_saves_float16_xhat_and_normalizes_with_it(dtype, relu_before_add):
+    """16-bit training saves x-hat in float16 (half the bytes of float32) and computes out
+    from that rounded x-hat, so backward's recomputed masks are the forward's: out equals
+    relu(saved * gamma + beta) (+ the inner ReLU), rounded, bit for bit."""
+    from fastres.backends import triton as tb
+    g = torch.Generator().manual_seed(11)
+    B, C, L, K = 2, 16, 40, 3
+    x = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(C, C, K, generator=g) / (C * K) ** 0.5).to(DEVICE, dtype)
+    gamma = (torch.rand(C, generator=g) + 0.5).to(DEVICE)
+    beta = (torch.randn(C, generator=g) * 0.5).to(DEVICE)
+    out, saved, _, mean, var = tb.forward(
+        x, w, None, gamma, beta, None, None, None, stride=1, dilation=1, pad_left=K - 1,
+        pad_right=0, norm="train", eps=1e-5, momentum_factor=0.0,
+        relu_before_add=relu_before_add, save_for_backward=True)
+    assert saved.dtype == torch.float16 == tb.saved_dtype(dtype, "train", relu_before_add,
+                                                          C * K)
+    # Few weights per channel (a network's first layer) keep float32: grad_weight magnifies
+    # x-hat's rounding there.
+    assert tb.saved_dtype(dtype, "train", relu_before_add, 4) == torch.float32
+    expected = torch.relu(saved.float() * gamma[:, None] + beta[:, None])
+    if relu_before_add:
+        expected = torch.relu(expected)
+    assert torch.equal(out, expected.to(dtype))
+    # ... and x-hat itself is the batch normalization, to float16's rounding.
+    y = torch.nn.functional.conv1d(torch.nn.functional.pad(x.double(), (K - 1, 0)), w.double())
+    ref = (y - y.mean((0, 2), keepdim=True)) / (y.var((0, 2), unbiased=False, keepdim=True)
+                                                 + 1e-5).sqrt()
+    assert ((saved.double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
 def test_mask_from_xhat_rounds_like_the_stored_output():

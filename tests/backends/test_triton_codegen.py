@@ -28,6 +28,9 @@ _SCRIPT = """
             launches = codegen.training_step_launches(C, dtype)
             if (dtype, C) != (torch.bfloat16, 64):  # every kernel compiles once, below
                 launches = [x for x in launches if x.name.startswith("conv_")]
+            # Stage 1 of an identity block: its dgrad adds the shortcut's gradient.
+            launches += [x for x in codegen.training_step_launches(
+                C, dtype, residual=False, shortcut_grad=True) if x.name == "conv_dgrad_kernel"]
             for launch in launches:
                 compiled = codegen.compile_launch(launch)
                 report = codegen.inspect(compiled, launch.name, codegen.describe(launch))
@@ -73,9 +76,9 @@ def test_stage_launches_at_the_real_shape(reports):
 
 def _gemms(reports):
     gemms = [r for r in reports if r["kernel"].startswith("conv_")]  # not the control
-    # forward (statistics and normalizing passes), dgrad and wgrad for each of bf16 / fp32
-    # and C = 64 / 256
-    assert len(gemms) == 16, [(r["kernel"], r["dtype"], r["C"]) for r in gemms]
+    # forward (statistics and normalizing passes), dgrad (also adding the shortcut
+    # gradient) and wgrad for each of bf16 / fp32 and C = 64 / 256
+    assert len(gemms) == 20, [(r["kernel"], r["dtype"], r["C"]) for r in gemms]
     return gemms
 
 
@@ -130,8 +133,10 @@ def test_tiles_differ_with_the_problem(reports):
     """C=64 and C=256 no longer compile to the same code: the output-channel tile covers C."""
     fwd = {(r["C"], r["config"]) for r in _gemms(reports)
            if r["kernel"] == "conv_forward_kernel" and "bfloat16" in r["dtype"]}
-    assert {config.split()[1] for C, config in fwd if C == 64} == {"CO64"}, fwd
-    assert {config.split()[1] for C, config in fwd if C == 256} == {"CO256"}, fwd
+    def co(config):
+        return next(token for token in config.split() if token.startswith("CO"))
+    assert {co(config) for C, config in fwd if C == 64} == {"CO64"}, fwd
+    assert {co(config) for C, config in fwd if C == 256} == {"CO256"}, fwd
 
 
 def test_inspect_flags_an_unpipelined_scalar_kernel(reports):

@@ -6,8 +6,8 @@ launches. Triton itself is imported on first use, so a machine without it gets a
 from unavailable_reason() instead of an ImportError.
 
 Training step of one stage: 6 launches, and the HBM traffic over a B*C*L activation of e
-bytes an element (x-hat is float32 in 16-bit training; benchmarks/NOTES.md has the byte
-and launch model of a whole TemporalBlock):
+bytes an element (x-hat is float16 in 16-bit training: saved_dtype; benchmarks/NOTES.md
+has the byte and launch model of a whole TemporalBlock):
   forward   tap-major weight copy (torch)     once per weight version (operands.py)
             conv_forward_kernel (MODE_STATS)  read x; per-tile (mean, M2), no y; its last
                                               programs finalize: batch mean and variance,
@@ -35,12 +35,40 @@ import contextlib
 import torch
 
 from ... import _alloc
-from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, saved_dtype,
+from ... import conventions
+from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, mask_bits_shape,
                             stats_dtype, triton_interpreting)
 
 
 # The training forward's finalize increments num_batches_tracked (no torch kernel for it).
 COUNTS_BATCHES = True
+# conv_dgrad_kernel adds a block's shortcut gradient in its epilogue (no torch add).
+ADDS_GRAD_X = True
+# A stage with a residual saves its final ReLU mask as bits (mask_bits.py): forward returns
+# them after `saved`, backward reads them instead of out.
+SAVES_MASK_BITS = True
+
+
+def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool,
+                weights_per_channel: int) -> torch.dtype:
+    """What forward saves for backward (docs/spec.md, "What backward reads"): as
+    conventions.saved_dtype, except x-hat in float16 for 16-bit training.
+
+    Half the bytes of the float32 x-hat (written once, read by both backward passes:
+    8 bytes an element of every stage's training step) with eight times bfloat16's
+    precision (11-bit significand); |x-hat| <= sqrt(B * L_out) stays far inside float16's
+    range. The training forward normalizes with the x-hat it stores, rounded
+    (conv_forward.py, ROUND_XHAT), so backward recomputes out's and the inner ReLU's
+    masks from it bit for bit, as from a float32 x-hat. Not where the weight gradient
+    magnifies grad_y's rounding (weights_per_channel = C_in * K <=
+    FLOAT32_WGRAD_MAX_WEIGHTS, see _backward): there a float16 x-hat cost fp16 training
+    4 units of its rounding in grad_weight (benchmarks/saved_precision.py), and such
+    layers (a network's first) are too small for the bytes to matter.
+    """
+    if dtype in HALF_DTYPES and norm == NORM_TRAIN \
+            and weights_per_channel > FLOAT32_WGRAD_MAX_WEIGHTS:
+        return torch.float16
+    return conventions.saved_dtype(dtype, norm, relu_before_add)
 
 
 def unavailable_reason():
@@ -67,6 +95,12 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
 def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
     with _on_device(x):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
+
+
+def saves_mask_bits(has_residual: bool, save_for_backward: bool) -> bool:
+    """Whether forward saves the final ReLU's mask as bits (else backward reads out, or
+    recomputes the mask from x-hat without a residual)."""
+    return has_residual and save_for_backward
 
 
 def stream_forward(*args, **kwargs) -> None:
@@ -100,11 +134,17 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     shape = (B, C_out, L_out)
     sdt = stats_dtype(x.dtype)
     train = norm == NORM_TRAIN
+    # The stored x-hat's rounding, applied before out is computed (saved_dtype).
+    round_xhat = train and saved_dtype(x.dtype, norm, relu_before_add,
+                                       C_in * K) == torch.float16
     saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
 
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
     saved = _alloc.empty(shape if saves else (0,), device=x.device,
-                         dtype=saved_dtype(x.dtype, norm, relu_before_add))
+                         dtype=saved_dtype(x.dtype, norm, relu_before_add, C_in * K))
+    save_mask = saves_mask_bits(residual is not None, save_for_backward)
+    mask_bits = _alloc.empty(mask_bits_shape(*shape) if save_mask else (0,),
+                             dtype=torch.uint8, device=x.device)
     use = lambda t: out if t is None or t.numel() == 0 else t  # noqa: E731  (never read)
     taps = operands.tap_major_weight(weight)
     tma = operands.descriptor_ok(x, stride)
@@ -116,7 +156,8 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             w_src = operands.weight_tile_descriptor(taps, cfg.block_m, cfg.block_k)
         grid = (B * cdiv(L_out, cfg.block_n), cdiv(C_out, cfg.block_m))
         conv_forward.conv_forward_kernel[grid](
-            x_src, w_src, use(bias), use(saved), out, use(residual), use(mean), use(var),
+            x_src, w_src, use(bias), use(saved), out, use(residual), use(mask_bits),
+            use(mean), use(var),
             use(gamma), use(beta), *map(use, scratch), use(running_mean), use(running_var),
             float(momentum_factor), use(num_batches_tracked),
             C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps), taps.shape[2],
@@ -124,6 +165,7 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
             DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
             TMA=tma, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k, BLOCK_L=cfg.block_n,
+            ROUND_XHAT=round_xhat, SAVE_MASK=save_mask and mode != conv_forward.MODE_STATS,
             FINALIZE=finalize, UPDATE_RUNNING=running_mean is not None,
             COUNT_BATCH=num_batches_tracked is not None, GROUP=tiling.FINALIZE_GROUP,
             FIN_BLOCK_T=max(1, 2048 // cfg.block_m),
@@ -156,7 +198,8 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     if not train:
         run(cfg)
         empty_stats = _alloc.empty((0,), dtype=sdt, device=x.device)
-        return out, saved, empty_stats, _alloc.empty((0,), dtype=sdt, device=x.device)
+        return out, saved, mask_bits, empty_stats, _alloc.empty((0,), dtype=sdt,
+                                                                device=x.device)
 
     # Training: the statistics pass, whose last programs finalize (batch statistics,
     # running statistics and the batch counter, once), then the conv again, normalized
@@ -166,7 +209,7 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     conv(cfg, conv_forward.MODE_STATS, batch_mean, batch_var, False, stats_scratch(cfg, True),
          finalize=True)
     conv(cfg, conv_forward.MODE_NORM, batch_mean, batch_var, saves)
-    return out, saved, batch_mean, batch_var
+    return out, saved, mask_bits, batch_mean, batch_var
 
 
 # Largest C_in * K whose weight gradient runs in float32 in 16-bit training (see _backward).
@@ -175,7 +218,7 @@ FLOAT32_WGRAD_MAX_WEIGHTS = 4
 
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
               stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
-              need_grad_x=True):
+              need_grad_x=True, grad_x_addend=None, mask_bits=None):
     from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
 
@@ -219,17 +262,22 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     groups = _alloc.empty((n_groups, 3, C_out), dtype=sdt, device=dev) if reduce else None
     tickets = batch_stats.counters(dev, batch_stats.n_ticket_counters(n_tiles, grid[1]))
 
-    # Without a residual, out = relu(x-hat * gamma + beta): from a float32 x-hat the kernel
-    # recomputes its sign exactly (bn_backward.py) instead of reading out.
-    mask_from_xhat = norm != 0 and not has_residual and saved.dtype == torch.float32
+    # Without a residual, out = relu(x-hat * gamma + beta) from the x-hat forward saved
+    # (float32, or in training the float16 x-hat it normalized with): the kernel recomputes
+    # its sign exactly (bn_backward.py) instead of reading out.
+    mask_from_xhat = norm != 0 and not has_residual and (
+        saved.dtype == torch.float32 or norm == NORM_CODES[NORM_TRAIN])
+    # With a residual, the bits forward saved (saves_mask_bits) instead of out.
+    read_bits = mask_bits is not None and mask_bits.numel() > 0
 
     def elementwise(write_g, read_g, reduce, write_grad_y):
         bn_backward.relu_bn_backward_kernel[grid](
-            grad_out, out, use(saved), use(var), use(gamma), use(beta),
+            grad_out, out, use(mask_bits), use(saved), use(var), use(gamma), use(beta),
             use(grad_beta), use(grad_gamma), use(grad_bias), use(grad_res), grad_y, part,
             use(groups), tickets, C_out, L_out, float(B * L_out), float(eps),
             NORM=norm, RELU_BEFORE_ADD=bool(relu_before_add), WRITE_G=write_g, READ_G=read_g,
             REDUCE=reduce, WRITE_GRAD_Y=write_grad_y, MASK_FROM_XHAT=mask_from_xhat,
+            MASK_BITS=read_bits,
             HAS_BIAS=has_bias,
             GROUP=tiling.FINALIZE_GROUP, FIN_BLOCK_T=64, BLOCK_C=block_c, BLOCK_L=block_l)
 
@@ -249,6 +297,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     if need_grad_x:
         taps = operands.tap_major_weight(weight)
         grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
+        addend = None if grad_x_addend is None else grad_x_addend.contiguous()
 
         def dgrad(cfg):
             gy_src, w_src = grad_y, taps
@@ -256,9 +305,10 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
                 gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
                 w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
             conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
-                gy_src, w_src, grad_x, C_in, C_out, L, L_out, K, stride, dilation, pad_left,
-                taps.shape[2], taps.shape[1], DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma,
-                BLOCK_CI=cfg.block_m, BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n,
+                gy_src, w_src, grad_x, grad_x if addend is None else addend, C_in, C_out, L,
+                L_out, K, stride, dilation, pad_left, taps.shape[2], taps.shape[1],
+                DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma, BLOCK_CI=cfg.block_m,
+                BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n, HAS_ADDEND=addend is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         cfg = _gemm_config(tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,

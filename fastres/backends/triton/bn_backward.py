@@ -11,12 +11,16 @@ relu_bn_backward_kernel works on a [BLOCK_C, BLOCK_L] tile of batch row b:
              the finalized sums, grad_beta and grad_gamma: a second launch)
     grad_y = g                                                         (NORM none)
 
-MASK_FROM_XHAT (no residual, x-hat saved in float32): out = relu(x-hat * gamma + beta) is
-recomputed from x-hat with the forward's own float32 expression and rounding, so the mask
-agrees bit for bit and `out` is never read (2 bytes an element saved per pass in bf16).
+MASK_FROM_XHAT (no residual; x-hat saved in float32, or the float16 x-hat the training
+forward normalized with): out = relu(x-hat * gamma + beta) is recomputed from x-hat with
+the forward's own float32 expression and rounding, so the mask agrees bit for bit and `out`
+is never read (2 bytes an element saved per pass in bf16).
+
+MASK_BITS (a residual, forward saved the final mask as bits: mask_bits.py): the bits
+replace the read of out (1/8 byte an element instead of 2 in 16 bits).
 
 Training runs it twice: pass 1 (REDUCE, and WRITE_G stores grad_residual) reads grad_out,
-out and x-hat; pass 2 (WRITE_GRAD_Y) reads x-hat and either grad_residual (READ_G: the
+out (or its mask bits) and x-hat; pass 2 (WRITE_GRAD_Y) reads x-hat and either grad_residual (READ_G: the
 masked gradient pass 1 stored, one tensor instead of grad_out and out) or grad_out and
 out again. Eval and no-norm run one pass doing both. Partials go to part[tile, j, c]
 (float32, tile = b * n_lblocks + lblock; j = 0: g, 1: g * xhat, 2: xhat); the last
@@ -33,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .batch_stats import bn_grad_finalize
+from .mask_bits import load_bits
 from .rounding import as_stored, relu, store_rounded
 from .tiling import elementwise_tile
 
@@ -41,12 +46,12 @@ NORM_NONE, NORM_EVAL, NORM_TRAIN = 0, 1, 2
 
 @triton.jit
 def relu_bn_backward_kernel(
-    grad_out_ptr, out_ptr, saved_ptr, var_ptr, gamma_ptr, beta_ptr,
+    grad_out_ptr, out_ptr, mask_bits_ptr, saved_ptr, var_ptr, gamma_ptr, beta_ptr,
     sum_g_ptr, sum_gxhat_ptr, grad_bias_ptr, grad_res_ptr, grad_y_ptr, part_ptr, grp_ptr,
     counter_ptr, C, L_out, n_per_channel, eps,
     NORM: tl.constexpr, RELU_BEFORE_ADD: tl.constexpr, WRITE_G: tl.constexpr,
     READ_G: tl.constexpr, REDUCE: tl.constexpr, WRITE_GRAD_Y: tl.constexpr,
-    MASK_FROM_XHAT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    MASK_FROM_XHAT: tl.constexpr, MASK_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     FIN_BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -56,7 +61,13 @@ def relu_bn_backward_kernel(
         g = tl.load(grad_res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if not MASK_FROM_XHAT:
+        if MASK_BITS:  # the bits forward saved (mask_bits.py): 1 where out is not <= 0
+            n_lblocks = tl.cdiv(L_out, BLOCK_L)
+            b = (tl.program_id(0) // n_lblocks).to(tl.int64)
+            offs_l = (tl.program_id(0) % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+            g = tl.where(load_bits(mask_bits_ptr, b, offs_c, offs_l, ok, C, L_out) == 0, 0.0,
+                         g)
+        elif not MASK_FROM_XHAT:
             out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             g = tl.where(out <= 0, 0.0, g)
     if WRITE_G:  # the residual sees only the final ReLU's mask

@@ -265,6 +265,10 @@ def describe(launch: Launch) -> str:
     parts = [f"{k[6:]}{v}" for k, v in tiles.items()]
     if launch.name == "conv_forward_kernel":  # which pass: conv_forward.MODE_*
         parts.insert(0, {0: "none", 1: "norm", 2: "stats"}[constexprs["MODE"]])
+        if constexprs.get("SAVE_MASK"):
+            parts.insert(1, "+bits")
+    if constexprs.get("HAS_ADDEND"):
+        parts.insert(0, "+shortcut")
     parts += [f"w{launch.options.get('num_warps', 4)}", f"s{launch.options.get('num_stages', 3)}"]
     return " ".join(parts)
 
@@ -342,12 +346,14 @@ def _candidate_tiles(index: Optional[int]):
 
 def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: int = 4096,
                            K: int = 3, dilation: int = 1, residual: bool = True,
-                           candidate: Optional[int] = None,
+                           shortcut_grad: bool = False, candidate: Optional[int] = None,
                            distinct: bool = True) -> List[Launch]:
     """The launches of one training forward + backward of a stage at (B, C, L), as the
     backend issues them for real shapes; float32 with tf32 dots if `tf32`; with
     `candidate`, the GEMMs take that tuning candidate's tiles (tiling.candidate_configs);
-    one per distinct compile, or every launch in order (distinct=False)."""
+    one per distinct compile, or every launch in order (distinct=False). A stage with a
+    residual saves mask bits (stage 2 of a block); `shortcut_grad`: its data gradient adds
+    the block's shortcut gradient (stage 1 of an identity block: ops.ResidualGradLink)."""
     import torch
     from . import tiling
     from .. import triton as backend
@@ -365,12 +371,14 @@ def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: 
         tiling.dot_precision = lambda dt, dev: "tf32"
     try:
         def run():
-            out, saved, _, var = backend.forward(
+            out, saved, mask_bits, _, var = backend.forward(
                 x, w, bias, gamma, beta, rm, rv, res, norm="train", eps=1e-5,
                 momentum_factor=0.1, relu_before_add=False, save_for_backward=True, **geometry)
             backend.backward(torch.zeros_like(out), x, w, gamma, beta, saved, out, var,
                              has_bias=True, has_residual=residual, norm="train", eps=1e-5,
-                             relu_before_add=False, **geometry)
+                             relu_before_add=False, mask_bits=mask_bits,
+                             grad_x_addend=torch.zeros_like(x) if shortcut_grad else None,
+                             **geometry)
         with _candidate_tiles(candidate):
             return run_captured(run, distinct=distinct)
     finally:

@@ -12,8 +12,11 @@ contiguous, t + pad_left - k*d, and TMA reads it (zero fill = positions no outpu
 at stride > 1 (or unaligned rows) it is a masked gather of the positions that are
 multiples of the stride. Input positions the conv never read get 0.
 
-Shapes: grad_y (B, C_out, L_out), tap-major weight (K, C_out_p, C_in_p), grad_x (B, C_in,
-L), contiguous, grad_y/w/grad_x in x.dtype with float32 accumulation.
+HAS_ADDEND: grad_x += addend in the epilogue (a block's identity-shortcut gradient, which
+autograd would otherwise add in a kernel of its own: 6 bytes an element become 2).
+
+Shapes: grad_y (B, C_out, L_out), tap-major weight (K, C_out_p, C_in_p), grad_x and
+addend (B, C_in, L), contiguous, grad_y/w/grad_x in x.dtype with float32 accumulation.
 """
 from __future__ import annotations
 
@@ -40,10 +43,11 @@ def _strided_grad_y_window(grad_y_ptr, b, co0, t0, k, C_out, L_out, stride, dila
 
 @triton.jit
 def conv_dgrad_kernel(
-    grad_y_src, w_src, grad_x_ptr,
+    grad_y_src, w_src, grad_x_ptr, addend_ptr,
     C_in, C_out, L, L_out, K, stride, dilation, pad_left, C_in_p, C_out_p,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_ADDEND: tl.constexpr = False,
 ):
     # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
     n_lblocks = tl.cdiv(L, BLOCK_T)
@@ -72,4 +76,7 @@ def conv_dgrad_kernel(
     offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs = b * C_in * L + offs_ci[:, None].to(tl.int64) * L + offs_t[None, :]
-    store_rounded(grad_x_ptr + offs, acc, (offs_ci < C_in)[:, None] & (offs_t < L)[None, :])
+    ok = (offs_ci < C_in)[:, None] & (offs_t < L)[None, :]
+    if HAS_ADDEND:  # the block's shortcut gradient (ops.ResidualGradLink), added unrounded
+        acc += tl.load(addend_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    store_rounded(grad_x_ptr + offs, acc, ok)

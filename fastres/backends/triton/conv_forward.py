@@ -28,6 +28,10 @@ Epilogue, by MODE:
       travels through memory (nor is rounded: 16-bit inputs normalize the float32 y).
   MODE_NONE: as MODE_NORM without the normalization.
   SAVE_Y (NORM/NONE): also store what backward reads: x-hat (NORM) or y (NONE).
+  SAVE_MASK (with a residual, when backward is to run): the final ReLU's mask as bits
+      (mask_bits.py), so backward never reads out.
+  ROUND_XHAT (16-bit training): x-hat is rounded to float16, its saved dtype, before z is
+      computed from it, so backward's mask recomputation from the saved x-hat is exact.
 
 Shapes: x (B, C_in, L) (x_src: its descriptor, box [1, BLOCK_CI, BLOCK_L], or pointer),
 tap-major weight (K, C_out_p, C_in_p) (w_src likewise, box [1, BLOCK_CO, BLOCK_CI]), bias
@@ -40,15 +44,16 @@ import triton
 import triton.language as tl
 
 from .batch_stats import welford_finalize
+from .mask_bits import store_bits
 from .operands import weight_tile, window
-from .rounding import relu, store_rounded
+from .rounding import as_stored, relu, store_rounded
 
 MODE_NONE, MODE_NORM, MODE_STATS = 0, 1, 2
 
 
 @triton.jit
 def conv_forward_kernel(
-    x_src, w_src, bias_ptr, y_ptr, out_ptr, res_ptr,
+    x_src, w_src, bias_ptr, y_ptr, out_ptr, res_ptr, mask_bits_ptr,
     mean_ptr, var_ptr, gamma_ptr, beta_ptr,
     part_mean_ptr, part_m2_ptr, grp_mean_ptr, grp_m2_ptr, grp_count_ptr, counter_ptr,
     running_mean_ptr, running_var_ptr, momentum_factor, batches_ptr,
@@ -56,7 +61,9 @@ def conv_forward_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Y: tl.constexpr, HAS_RES: tl.constexpr,
     RELU_BEFORE_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     TMA: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
-    FINALIZE: tl.constexpr = False, UPDATE_RUNNING: tl.constexpr = False,
+    ROUND_XHAT: tl.constexpr = False, SAVE_MASK: tl.constexpr = False,
+    FINALIZE: tl.constexpr = False,
+    UPDATE_RUNNING: tl.constexpr = False,
     COUNT_BATCH: tl.constexpr = False, GROUP: tl.constexpr = 32, FIN_BLOCK_T: tl.constexpr = 8,
 ):
     # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
@@ -114,6 +121,8 @@ def conv_forward_kernel(
             gamma = tl.load(gamma_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             beta = tl.load(beta_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
             xhat = (acc - mean[:, None]) * tl.rsqrt(var + eps)[:, None]
+            if ROUND_XHAT:  # 16-bit training saves x-hat in float16: normalize with that
+                xhat = xhat.to(tl.float16).to(tl.float32)
             # Backward recomputes out's sign from the stored x-hat with this same float32
             # expression (bn_backward.py, MASK_FROM_XHAT): keep the two identical.
             z = xhat * gamma[:, None] + beta[:, None]
@@ -123,4 +132,11 @@ def conv_forward_kernel(
             z = relu(z)
         if HAS_RES:
             z += tl.load(res_ptr + tile_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        store_rounded(out_ptr + tile_offs, relu(z), tile_ok)
+        if SAVE_MASK:  # the final ReLU's mask as bits, from out as stored (mask_bits.py)
+            stored = as_stored(relu(z), out_ptr.dtype.element_ty)
+            keep = tl.where(tile_ok, tl.where(stored <= 0, 0, 1), 0)
+            store_bits(mask_bits_ptr, keep, b, offs_co, pid_l * BLOCK_L, C_out, L_out,
+                       BLOCK_CO, BLOCK_L)
+            store_rounded(out_ptr + tile_offs, stored, tile_ok)
+        else:
+            store_rounded(out_ptr + tile_offs, relu(z), tile_ok)
