@@ -19,13 +19,14 @@ is never read (2 bytes an element saved per pass in bf16).
 MASK_BITS (a residual, forward saved the final mask as bits: mask_bits.py): the bits
 replace the read of out (1/8 byte an element instead of 2 in 16 bits).
 
-Training runs it twice: pass 1 (REDUCE, and WRITE_G stores grad_residual) reads grad_out,
-out (or its mask bits) and x-hat; pass 2 (WRITE_GRAD_Y) reads x-hat and either grad_residual (READ_G: the
-masked gradient pass 1 stored, one tensor instead of grad_out and out) or grad_out and
-out again. Eval and no-norm run one pass doing both. Partials go to part[tile, j, c]
-(float32, tile = b * n_lblocks + lblock; j = 0: g, 1: g * xhat, 2: xhat); the last
-programs to finish reduce them into grad_beta, grad_gamma and grad_bias
-(batch_stats.bn_grad_finalize), so pass 2 follows pass 1 with no launch between.
+Training runs it twice: pass 1 (REDUCE, and WRITE_G stores grad_residual) reads
+grad_out, the mask's source (out, its bits, or x-hat) and x-hat; pass 2 (WRITE_GRAD_Y)
+reads x-hat and either grad_residual (READ_G: the masked gradient pass 1 stored, one
+tensor instead of grad_out and the mask) or grad_out again. Eval and no-norm run one
+pass doing both. Partials go to part[tile, j, c] (float32, tile = b * n_lblocks +
+lblock; j = 0: g, 1: g * xhat, 2: xhat); the last programs to finish reduce them into
+grad_beta, grad_gamma and grad_bias (batch_stats.bn_grad_finalize), so pass 2 follows
+pass 1 with no launch between.
 
 Shapes: grad_out, out, saved, grad_residual, grad_y (B, C, L_out) contiguous; var, gamma,
 beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) and grp (cdiv(n_tiles, GROUP),
@@ -51,8 +52,8 @@ def relu_bn_backward_kernel(
     counter_ptr, C, L_out, n_per_channel, eps,
     NORM: tl.constexpr, RELU_BEFORE_ADD: tl.constexpr, WRITE_G: tl.constexpr,
     READ_G: tl.constexpr, REDUCE: tl.constexpr, WRITE_GRAD_Y: tl.constexpr,
-    MASK_FROM_XHAT: tl.constexpr, MASK_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
-    FIN_BLOCK_T: tl.constexpr,
+    MASK_FROM_XHAT: tl.constexpr, MASK_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, FIN_BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     offs_c, c_ok, ok, offs = elementwise_tile(C, L_out, BLOCK_C, BLOCK_L)
