@@ -161,9 +161,9 @@ class KernelBackend(Backend):
         """dtype of the tensor forward saves for backward: the module's saved_dtype where it
         defines its own (Triton: a float16 x-hat in 16-bit training, which also depends
         on the weights per output channel, C_in * K), else the convention's."""
-        own = getattr(self.module, "saved_dtype", conventions.saved_dtype)
-        if own is conventions.saved_dtype:  # (a module that merely imported it)
-            return own(dtype, norm, relu_before_add)
+        own = getattr(self.module, "saved_dtype", None)
+        if own is None:
+            return conventions.saved_dtype(dtype, norm, relu_before_add)
         return own(dtype, norm, relu_before_add, weights_per_channel)
 
     def mask_bits_shape(self, shape, has_residual: bool, save_for_backward: bool) -> tuple:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc
-from ..conventions import NORM_NONE, NORM_TRAIN, saved_dtype, stats_dtype
+from .. import _alloc, conventions
+from ..conventions import NORM_NONE, NORM_TRAIN, stats_dtype
 
 
 def unavailable_reason():
@@ -55,7 +55,7 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
         z = z + cast(residual)
     out = _alloc.empty(z.shape, dtype=x.dtype, device=x.device).copy_(_relu(z))
     wanted = save_for_backward and (norm != NORM_NONE or relu_before_add)
-    sdt = saved_dtype(x.dtype, norm, relu_before_add)
+    sdt = conventions.saved_dtype(x.dtype, norm, relu_before_add)
     saved = _alloc.empty(z.shape if wanted else (0,), dtype=sdt, device=x.device)
     if wanted:
         saved.copy_(xhat)
