@@ -146,8 +146,10 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
 
 
 def identity_shortcut_link(x: Tensor, shortcut: Tensor) -> Optional[ResidualGradLink]:
-    """A ResidualGradLink for a block whose shortcut is its input x itself, else None."""
-    if shortcut is not x or not torch.is_grad_enabled() or not x.requires_grad:
+    """A ResidualGradLink for a block whose shortcut is its input x itself, else None
+    (also under torch.compile, whose stages take the op as a whole and ignore links)."""
+    if shortcut is not x or not torch.is_grad_enabled() or not x.requires_grad \
+            or torch.compiler.is_compiling():
         return None
     return ResidualGradLink()
 
