@@ -134,14 +134,13 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     shape = (B, C_out, L_out)
     sdt = stats_dtype(x.dtype)
     train = norm == NORM_TRAIN
-    # The stored x-hat's rounding, applied before out is computed (saved_dtype).
-    round_xhat = train and saved_dtype(x.dtype, norm, relu_before_add,
-                                       C_in * K) == torch.float16
     saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
+    saved_as = saved_dtype(x.dtype, norm, relu_before_add, C_in * K)
+    # The stored x-hat's rounding, applied before out is computed (saved_dtype).
+    round_xhat = train and saved_as == torch.float16
 
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
-    saved = _alloc.empty(shape if saves else (0,), device=x.device,
-                         dtype=saved_dtype(x.dtype, norm, relu_before_add, C_in * K))
+    saved = _alloc.empty(shape if saves else (0,), device=x.device, dtype=saved_as)
     save_mask = saves_mask_bits(residual is not None, save_for_backward)
     mask_bits = _alloc.empty(mask_bits_shape(*shape) if save_mask else (0,),
                              dtype=torch.uint8, device=x.device)

@@ -56,16 +56,13 @@ def relu_bn_backward_kernel(
     GROUP: tl.constexpr, FIN_BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    offs_c, c_ok, ok, offs = elementwise_tile(C, L_out, BLOCK_C, BLOCK_L)
+    offs_c, c_ok, ok, offs, b, offs_l = elementwise_tile(C, L_out, BLOCK_C, BLOCK_L)
 
     if READ_G:  # grad_residual: grad_out under the final ReLU's mask, as pass 1 stored it
         g = tl.load(grad_res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if MASK_BITS:  # the bits forward saved (mask_bits.py): 1 where out is not <= 0
-            n_lblocks = tl.cdiv(L_out, BLOCK_L)
-            b = (tl.program_id(0) // n_lblocks).to(tl.int64)
-            offs_l = (tl.program_id(0) % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
             g = tl.where(load_bits(mask_bits_ptr, b, offs_c, offs_l, ok, C, L_out) == 0, 0.0,
                          g)
         elif not MASK_FROM_XHAT:

@@ -192,7 +192,8 @@ def elementwise_tile(C, L_out, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
 
     Grid axis 0 enumerates (batch row, length tile), because CUDA caps grid axes 1 and 2
     at 65535; axis 1 tiles the channels. The batch offset is int64, so B*C*L_out may pass
-    2**31. Returns (channel offsets, channel mask, tile mask, element offsets).
+    2**31. Returns (channel offsets, channel mask, tile mask, element offsets, batch row,
+    length offsets).
     """
     n_lblocks = tl.cdiv(L_out, BLOCK_L)
     b = (tl.program_id(0) // n_lblocks).to(tl.int64)
@@ -201,4 +202,4 @@ def elementwise_tile(C, L_out, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     c_ok = offs_c < C
     ok = c_ok[:, None] & (offs_l < L_out)[None, :]
     offs = b * C * L_out + offs_c[:, None].to(tl.int64) * L_out + offs_l[None, :]
-    return offs_c, c_ok, ok, offs
+    return offs_c, c_ok, ok, offs, b, offs_l
