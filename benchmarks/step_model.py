@@ -67,8 +67,35 @@ def wgrad_partial_bytes(C: int, K: int, B: int, L: int) -> float:
 
 
 def this_branch(C, K, B, L) -> List[Kernel]:
-    """The kernels now: as at f1e780f, plus x-hat saved in float16 (and out computed from
-    it, so stage 1 still recomputes its mask), stage 2's final ReLU mask saved as bits
+    """The kernels now: as at 8fc22de, with stage 2's residual gradient deferred
+    (defer_grad_residual): pass 1 writes no grad_residual, and pass 2 and stage 1's dgrad
+    read grad_out and the mask bits in its place."""
+    partials = wgrad_partial_bytes(C, K, B, L)
+    return [
+        Kernel("weight tap-major copy (torch)", torch=True, count=2),
+        Kernel("conv_forward STATS + finalize: read x", E, 1, count=2,
+               tail_us=FINALIZE_TAIL_US),
+        Kernel("conv_forward NORM s1: read x; write out, x-hat fp16", 2 * E + XH16, 1),
+        Kernel("conv_forward NORM s2: read x, res; write out, x-hat fp16, mask bits",
+               3 * E + XH16 + BITS, 1),
+        Kernel("bn backward pass 1 s1 + finalize: read g_out, x-hat", E + XH16,
+               tail_us=FINALIZE_TAIL_US),
+        Kernel("bn backward pass 1 s2 + finalize: read g_out, bits, x-hat",
+               E + BITS + XH16, tail_us=FINALIZE_TAIL_US),
+        Kernel("bn backward pass 2 s1: read g_out, x-hat; write g_y", 2 * E + XH16),
+        Kernel("bn backward pass 2 s2: read g_out, bits, x-hat; write g_y",
+               2 * E + BITS + XH16),
+        Kernel("conv_dgrad s2: read g_y; write g_x", 2 * E, 1),
+        Kernel("conv_dgrad s1: read g_y, g_out s2 + bits (the shortcut's); write g_x",
+               3 * E + BITS, 1),
+        Kernel("conv_wgrad + split sum: read g_y, x; partials", 2 * E, 1, count=2,
+               extra_bytes=partials, tail_us=FINALIZE_TAIL_US),
+    ]
+
+
+def at_8fc22de(C, K, B, L) -> List[Kernel]:
+    """The kernels at 8fc22de: as at f1e780f, plus x-hat saved in float16 (and out computed
+    from it, so stage 1 still recomputes its mask), stage 2's final ReLU mask saved as bits
     (no read of out), and the block input's two gradients added inside stage 1's dgrad
     (ops.ResidualGradLink: no autograd add)."""
     partials = wgrad_partial_bytes(C, K, B, L)
@@ -210,7 +237,8 @@ def compiled(C, K, B, L) -> List[Kernel]:
 
 DESIGNS = {"eager (cuDNN)": eager, "torch.compile": compiled,
            "triton before (f49810d)": before, "triton at 9091905": session_start,
-           "triton at f1e780f": at_f1e780f, "triton (now)": this_branch}
+           "triton at f1e780f": at_f1e780f, "triton at 8fc22de": at_8fc22de,
+           "triton (now)": this_branch}
 
 
 def summarize(kernels: List[Kernel], C: int, K: int, B: int, L: int):

@@ -97,6 +97,15 @@ def mask_bits_shape(batch: int, channels: int, length: int) -> tuple:
     return (batch, channels, -(-length // 8))
 
 
+def unpack_mask_bits(bits: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, C, cdiv(length, 8)) uint8 mask bits -> (B, C, length) bool, in torch: for
+    backends that receive a masked gradient (grad_x_addend_bits) but add it outside their
+    kernels."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    unpacked = (bits[..., None] >> shifts) & 1
+    return unpacked.flatten(-2)[..., :length].bool()
+
+
 # ----------------------------------------------------------------------------- TF32
 
 

@@ -143,16 +143,28 @@ class KernelBackend(Backend):
         out, saved, batch_mean, batch_var = result
         return out, saved, out.new_empty(0, dtype=torch.uint8), batch_mean, batch_var
 
-    def backward(self, *args, grad_x_addend=None, mask_bits=None, **kwargs):
-        """The module's backward. grad_x_addend, when given, is added to grad_x: by the
-        module's data-gradient kernel where it says so (ADDS_GRAD_X = True), else here.
-        mask_bits (what forward saved) goes to modules that save them."""
+    def backward(self, *args, grad_x_addend=None, grad_x_addend_bits=None,
+                 defer_grad_residual=False, mask_bits=None, **kwargs):
+        """The module's backward. grad_x_addend, when given, is added to grad_x, zeroed
+        where grad_x_addend_bits (mask bits, when given) are clear: by the module's
+        data-gradient kernel where it says so (ADDS_GRAD_X = True), else here.
+        mask_bits (what forward saved) goes to modules that save them, and so does
+        defer_grad_residual: grad_residual is then not computed (None), its caller adding
+        grad_out under those bits elsewhere (docs/spec.md, backend contract)."""
         if getattr(self.module, "SAVES_MASK_BITS", False):
             kwargs["mask_bits"] = mask_bits
+            kwargs["defer_grad_residual"] = defer_grad_residual
+        elif defer_grad_residual:
+            raise ValueError(f"backend {self.name!r} saves no mask bits, so it cannot defer "
+                             "the residual gradient")
         if getattr(self.module, "ADDS_GRAD_X", False):
-            return self.module.backward(*args, grad_x_addend=grad_x_addend, **kwargs)
+            return self.module.backward(*args, grad_x_addend=grad_x_addend,
+                                        grad_x_addend_bits=grad_x_addend_bits, **kwargs)
         grads = self.module.backward(*args, **kwargs)
         if grad_x_addend is not None and grads[0] is not None:
+            if grad_x_addend_bits is not None:
+                keep = conventions.unpack_mask_bits(grad_x_addend_bits, grad_x_addend.shape[-1])
+                grad_x_addend = torch.where(keep, grad_x_addend, 0)
             grads[0].add_(grad_x_addend)  # grad_x is the backend's own, freshly allocated
         return grads
 

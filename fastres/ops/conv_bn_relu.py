@@ -70,12 +70,15 @@ def _backward_op(
     has_bias: bool, has_residual: bool, stride: int, dilation: int, pad_left: int,
     pad_right: int, norm: str, eps: float, relu_before_add: bool, backend: str,
     need_grad_x: bool, grad_x_addend: Optional[Tensor] = None,
+    grad_x_addend_bits: Optional[Tensor] = None, defer_grad_residual: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = backends.get(backend).backward(
         grad_out.contiguous(), x, weight, gamma, beta, saved, out, var, has_bias=has_bias,
         has_residual=has_residual, stride=stride, dilation=dilation, pad_left=pad_left,
         pad_right=pad_right, norm=norm, eps=eps, relu_before_add=relu_before_add,
-        need_grad_x=need_grad_x, grad_x_addend=grad_x_addend, mask_bits=mask_bits)
+        need_grad_x=need_grad_x, grad_x_addend=grad_x_addend,
+        grad_x_addend_bits=grad_x_addend_bits, defer_grad_residual=defer_grad_residual,
+        mask_bits=mask_bits)
     # Custom ops cannot return None: an absent gradient travels as an empty tensor.
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
@@ -83,7 +86,7 @@ def _backward_op(
 @_backward_op.register_fake
 def _(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits, has_bias, has_residual,
       stride, dilation, pad_left, pad_right, norm, eps, relu_before_add, backend, need_grad_x,
-      grad_x_addend=None):
+      grad_x_addend=None, grad_x_addend_bits=None, defer_grad_residual=False):
     empty = x.new_empty(0)
     c_out = weight.shape[0]
     vector = x.new_empty((c_out,))
@@ -91,7 +94,7 @@ def _(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits, has_bias, ha
     return (torch.empty_like(x) if need_grad_x else empty, torch.empty_like(weight),
             vector if has_bias else empty,
             stats if norm != NORM_NONE else empty, stats.clone() if norm != NORM_NONE else empty,
-            torch.empty_like(out) if has_residual else empty)
+            torch.empty_like(out) if has_residual and not defer_grad_residual else empty)
 
 
 class ResidualGradLink:
@@ -102,7 +105,11 @@ class ResidualGradLink:
     The block input x feeds stage 1 (conv input) and stage 2 (residual); autograd would add
     its two gradients in a kernel of its own (read two, write one: 6 bytes an element in
     16 bits). Linked, stage 2 returns no residual gradient and stage 1's backward adds it
-    while writing grad_x (one more read: 2 bytes). A block makes one link per forward and
+    while writing grad_x (one more read: 2 bytes). Where stage 2 saved its final ReLU's
+    mask as bits, it does not even store that gradient (grad_out under the mask): it hands
+    over grad_out and the bits, reads them in place of grad_residual itself, and stage 1
+    masks while it adds (2 bytes an element never written, two reads of 1/8 byte more).
+    A block makes one link per forward and
     passes it to both stages. It is only a hint: stage 1 arms it only when its input needs
     a gradient, and stage 2 diverts its residual gradient only when that residual is the
     very tensor stage 1 armed it with, so anything else (a stage that ran eagerly, a
@@ -110,11 +117,12 @@ class ResidualGradLink:
     stage 1's output feeds stage 2, so stage 2's backward runs first.
     """
 
-    __slots__ = ("source", "grad")
+    __slots__ = ("source", "grad", "grad_bits")
 
     def __init__(self):
-        self.source: Optional[Tensor] = None   # stage 1's input, once it is armed
-        self.grad: Optional[Tensor] = None     # stage 2's residual gradient, in backward
+        self.source: Optional[Tensor] = None     # stage 1's input, once it is armed
+        self.grad: Optional[Tensor] = None       # stage 2's residual gradient, in backward,
+        self.grad_bits: Optional[Tensor] = None  # or its grad_out and these mask bits
 
 
 class _FusedStage(torch.autograd.Function):
@@ -151,17 +159,24 @@ class _FusedStage(torch.autograd.Function):
             var = x.new_empty(0)
         # The data gradient is a whole conv: skip it where x needs none (a network's input).
         need_grad_x = ctx.needs_input_grad[0]
-        addend = None
+        addend = addend_bits = None
         if ctx.link_in is not None:
-            addend, ctx.link_in.grad = ctx.link_in.grad, None
+            link = ctx.link_in
+            addend, addend_bits, link.grad, link.grad_bits = link.grad, link.grad_bits, None, None
+        # Linked, with the final mask saved as bits: grad_residual is stage 1's to compute.
+        defer = ctx.link_out is not None and mask_bits.numel() > 0
         grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits,
-                             *ctx.args, need_grad_x, addend)
+                             *ctx.args, need_grad_x, addend, addend_bits, defer)
         has_bias, has_residual = ctx.args[0], ctx.args[1]
         present = (need_grad_x, True, has_bias, gamma is not None, beta is not None,
                    has_residual)
         g_x, g_w, g_b, g_gamma, g_beta, g_res = (g if p else None for g, p in zip(grads, present))
         if ctx.link_out is not None:  # stage 1's data-gradient kernel adds it
-            ctx.link_out.grad, g_res = g_res, None
+            if defer:
+                ctx.link_out.grad, ctx.link_out.grad_bits = grad_out, mask_bits
+            else:
+                ctx.link_out.grad = g_res
+            g_res = None
         return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 12
 
 

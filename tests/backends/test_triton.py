@@ -307,12 +307,12 @@ def test_int64_indexing_cuda(norm_mode):
     assert err < 1e-2, err
 
 
-def _stage_backward(dtype, residual, out_override=None, seed=0, bits=True):
+def _stage_backward(dtype, residual, out_override=None, seed=0, bits=True, L=40, **extra):
     """Triton forward + backward of one training stage; backward may get another `out`,
-    and (bits=False) not the mask bits forward saved."""
+    (bits=False) not the mask bits forward saved, and `extra` keywords."""
     from fastres.backends import triton as tb
     g = torch.Generator().manual_seed(seed)
-    B, C, L, K = 2, 16, 40, 3
+    B, C, K = 2, 16, 3
     x = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
     w = (torch.randn(C, C, K, generator=g) / (C * K) ** 0.5).to(DEVICE, dtype)
     gamma = (torch.rand(C, generator=g) + 0.5).to(DEVICE)
@@ -326,7 +326,7 @@ def _stage_backward(dtype, residual, out_override=None, seed=0, bits=True):
     out_seen = out if out_override is None else out_override(out)
     return tb.backward(grad_out, x, w, gamma, beta, saved, out_seen, var, has_bias=False,
                        has_residual=residual, mask_bits=mask_bits if bits else None,
-                       **geometry)
+                       **geometry, **extra)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -377,6 +377,47 @@ def test_mask_bits_are_the_stored_outputs_sign(dtype, norm):
     assert torch.equal(keep, ~(out <= 0))
     assert out.isnan().any() and keep[out.isnan()].all()
     assert (past_end == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_residual_gradient_changes_nothing_else(dtype):
+    """defer_grad_residual (ops.ResidualGradLink, stage 2): no grad_residual, and every
+    other gradient bit for bit the one computed with it (pass 2 reads grad_out under the
+    bits instead of grad_residual: the same values). Without bits or a residual there is
+    nothing to defer from: a clear error."""
+    from fastres.backends import triton as tb
+    for L in (40, 45):
+        kept = _stage_backward(dtype, True, seed=L, L=L)
+        deferred = _stage_backward(dtype, True, seed=L, L=L, defer_grad_residual=True)
+        assert kept[5] is not None and deferred[5] is None
+        for a, b in zip(kept[:5], deferred[:5]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    for residual, bits in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match="defer_grad_residual"):
+            _stage_backward(dtype, residual, bits=bits, defer_grad_residual=True)
+    assert tb.ADDS_GRAD_X
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dgrad_adds_the_addend_under_its_bits(dtype):
+    """grad_x_addend with grad_x_addend_bits: the data-gradient kernel adds the addend
+    where the bits are set and nothing elsewhere (NaN there included), bit for bit as the
+    addend masked beforehand; ragged L (45) and several length tiles."""
+    L = 45
+    g = torch.Generator().manual_seed(17)
+    addend = torch.randn(2, 16, L, generator=g).to(DEVICE, dtype)
+    bits = torch.randint(0, 256, (2, 16, 6), generator=g, dtype=torch.uint8).to(DEVICE)
+    bits[..., -1] &= 0x1F  # nothing past L
+    keep, _ = unpack_mask_bits(bits, L)
+    addend[~keep] = float("nan")
+    masked = torch.where(keep, addend, 0)
+    plain = _stage_backward(dtype, False, seed=4, L=L)[0]
+    with_bits = _stage_backward(dtype, False, seed=4, L=L, grad_x_addend=addend,
+                                grad_x_addend_bits=bits)[0]
+    premasked = _stage_backward(dtype, False, seed=4, L=L, grad_x_addend=masked)[0]
+    assert torch.isfinite(with_bits.float()).all()
+    assert torch.equal(with_bits, premasked)
+    assert not torch.equal(with_bits, plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,6 +2,7 @@
 data-gradient kernel instead of by autograd, and every case where it must not be."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,12 +16,15 @@ FUSED = ["cpp", "triton", "composite"]
 
 @pytest.fixture
 def addends(monkeypatch):
-    """How many backward calls received a grad_x addend, and how many did not."""
-    seen = {"with": 0, "without": 0}
+    """How many backward calls received a grad_x addend, and how many did not; how many
+    of those addends came with mask bits, and how many calls deferred grad_residual."""
+    seen = {"with": 0, "without": 0, "bits": 0, "deferred": 0}
     backward = base.KernelBackend.backward
 
     def spy(self, *args, grad_x_addend=None, **kwargs):
         seen["with" if grad_x_addend is not None else "without"] += 1
+        seen["bits"] += kwargs.get("grad_x_addend_bits") is not None
+        seen["deferred"] += bool(kwargs.get("defer_grad_residual"))
         return backward(self, *args, grad_x_addend=grad_x_addend, **kwargs)
     monkeypatch.setattr(base.KernelBackend, "backward", spy)
     return seen
@@ -45,7 +49,8 @@ def _rel(a, b):
     lambda: fastres.TemporalBlock(8, 8, 3, dilation=2),
     lambda: fastres.TemporalBlock(8, 8, 2, dilation=1, norm="weight", dropout=0.0),
     lambda: fastres.BasicBlock(8, 8, kernel_size=3),
-], ids=["temporal", "temporal-weightnorm", "basic"])
+    lambda: fastres.TemporalBlock(8, 8, 3, dilation=1).eval(),
+], ids=["temporal", "temporal-weightnorm", "basic", "temporal-eval"])
 def test_identity_block_adds_the_shortcut_gradient_in_stage_one(backend, make, addends,
                                                                   fresh_seed):
     """With an identity shortcut, stage 1's backward gets the shortcut gradient as its
@@ -57,7 +62,10 @@ def test_identity_block_adds_the_shortcut_gradient_in_stage_one(backend, make, a
     x = torch.randn(2, 8, 24, dtype=dtype)
     grad_out = torch.randn(2, 8, 24, dtype=dtype)
     out, gx, gp = _grads(block, x, grad_out, backend)
-    assert addends == {"with": 1, "without": 1}
+    # Triton's stage 2 saved its final mask as bits: it hands over grad_out and the bits,
+    # computing no residual gradient; the others hand over the gradient itself.
+    handed = int(backend == "triton")
+    assert addends == {"with": 1, "without": 1, "bits": handed, "deferred": handed}
     plain = copy.deepcopy(block).unfused().double()
     xd = x.double().requires_grad_()
     ref = plain(xd)
@@ -137,3 +145,36 @@ def test_stage_one_eager_keeps_the_shortcut_gradient(addends):
     xp = x.detach().requires_grad_()
     plain(xp).sum().backward()
     assert _rel(x.grad, xp.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpp", "composite"])
+def test_backends_adding_outside_their_kernels_mask_the_addend(backend, fresh_seed):
+    """Stage 1 on a backend whose kernels add no addend, given stage 2's grad_out and mask
+    bits (a Triton stage 2 defers its residual gradient): KernelBackend.backward adds
+    grad_out where the bits are set, nothing elsewhere (NaN there included). A backend
+    that saves no bits refuses to defer: it would lose the gradient."""
+    skip_unless_available(backend)
+    torch.manual_seed(fresh_seed)
+    kernels = backends.get(backend)
+    B, C, L, K = 2, 4, 13, 3
+    x, w = torch.randn(B, C, L, dtype=torch.float64), torch.randn(C, C, K, dtype=torch.float64)
+    gamma, beta = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    geometry = dict(stride=1, dilation=1, pad_left=K - 1, pad_right=0, norm="train",
+                    eps=1e-5, relu_before_add=False)
+    out, saved, mask_bits, _, var = kernels.forward(
+        x, w, None, gamma, beta, None, None, None, momentum_factor=0.0,
+        save_for_backward=True, **geometry)
+    grad_out = torch.randn_like(out)
+
+    def grad_x(**extra):
+        return kernels.backward(grad_out, x, w, gamma, beta, saved, out, var, has_bias=False,
+                                has_residual=False, mask_bits=mask_bits, **geometry, **extra)[0]
+
+    keep = torch.rand(B, C, L) < 0.5
+    bits = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+    addend = torch.randn(B, C, L, dtype=torch.float64)
+    addend[~keep] = float("nan")
+    added = grad_x(grad_x_addend=addend, grad_x_addend_bits=bits) - grad_x()
+    assert torch.allclose(added, torch.where(keep, addend, 0), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="cannot defer"):
+        grad_x(defer_grad_residual=True)

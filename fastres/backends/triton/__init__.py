@@ -13,12 +13,14 @@ has the byte and launch model of a whole TemporalBlock):
                                               programs finalize: batch mean and variance,
                                               running statistics, num_batches_tracked
             conv_forward_kernel (MODE_NORM)   read x (+ residual); write out and x-hat
-  backward  relu_bn_backward_kernel (pass 1)  read grad_out, x-hat (+ out with a residual,
-                                              and write grad_residual); its last programs
-                                              finalize grad_beta, grad_gamma, grad_bias
+  backward  relu_bn_backward_kernel (pass 1)  read grad_out, x-hat (+ mask bits with a
+                                              residual, and write grad_residual unless
+                                              deferred); its last programs finalize
+                                              grad_beta, grad_gamma, grad_bias
             relu_bn_backward_kernel (pass 2)  read grad_out (or grad_residual), x-hat;
                                               write grad_y
-            conv_dgrad_kernel                 read grad_y; write grad_x
+            conv_dgrad_kernel                 read grad_y (+ a block's shortcut gradient,
+                                              or grad_out and bits it masks); write grad_x
             conv_wgrad_kernel                 read grad_y, x; split partials, summed by the
                                               last split of each tile into grad_weight
 The training forward computes the conv twice instead of writing y and reading it back: y
@@ -217,7 +219,8 @@ FLOAT32_WGRAD_MAX_WEIGHTS = 4
 
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
               stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
-              need_grad_x=True, grad_x_addend=None, mask_bits=None):
+              need_grad_x=True, grad_x_addend=None, grad_x_addend_bits=None,
+              defer_grad_residual=False, mask_bits=None):
     from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
 
@@ -236,7 +239,15 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     grid = (B * n_lblocks, cdiv(C_out, block_c))
     n_tiles = B * n_lblocks
     part = _alloc.empty((n_tiles, 3, C_out), dtype=sdt, device=dev)
-    grad_res = _alloc.empty(grad_out.shape, dtype=dtype, device=dev) if has_residual else None
+    # With a residual, the bits forward saved (saves_mask_bits) instead of out.
+    read_bits = mask_bits is not None and mask_bits.numel() > 0
+    # Deferred, grad_residual (grad_out under the final mask) is never written: whoever
+    # adds it (stage 1's dgrad, ops.ResidualGradLink) reads grad_out and the bits instead.
+    if defer_grad_residual and not (has_residual and read_bits):
+        raise ValueError("defer_grad_residual needs a residual and the mask bits forward "
+                         "saved for it")
+    write_res = has_residual and not defer_grad_residual
+    grad_res = _alloc.empty(grad_out.shape, dtype=dtype, device=dev) if write_res else None
     # Training batch norm makes each output channel's weight gradient orthogonal to its
     # weight. With C_in * K <= FLOAT32_WGRAD_MAX_WEIGHTS that leaves it one or a few
     # directions, and the rounding of a 16-bit grad_y, which has no such constraint, shows
@@ -266,8 +277,6 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     # its sign exactly (bn_backward.py) instead of reading out.
     mask_from_xhat = norm != 0 and not has_residual and (
         saved.dtype == torch.float32 or norm == NORM_CODES[NORM_TRAIN])
-    # With a residual, the bits forward saved (saves_mask_bits) instead of out.
-    read_bits = mask_bits is not None and mask_bits.numel() > 0
 
     def elementwise(write_g, read_g, reduce, write_grad_y):
         bn_backward.relu_bn_backward_kernel[grid](
@@ -282,9 +291,9 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
 
     # Training: grad_y needs the full sums of g and g * xhat, which pass 1's last programs
     # finalize; pass 2 writes grad_y. Eval and no-norm: one pass.
-    elementwise(has_residual, False, reduce, norm != 2)
+    elementwise(write_res, False, reduce, norm != 2)
     if norm == 2:
-        elementwise(False, has_residual, False, True)
+        elementwise(False, write_res, False, True)
 
     grad_y_w, x_w = grad_y, x   # the weight gradient's operands
     if float32_wgrad:
@@ -297,6 +306,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
         taps = operands.tap_major_weight(weight)
         grad_x = _alloc.empty(x.shape, dtype=dtype, device=dev)
         addend = None if grad_x_addend is None else grad_x_addend.contiguous()
+        addend_bits = grad_x_addend_bits if addend is not None else None
 
         def dgrad(cfg):
             gy_src, w_src = grad_y, taps
@@ -304,10 +314,12 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
                 gy_src = operands.descriptor(grad_y, (1, cfg.block_k, cfg.block_n))
                 w_src = operands.weight_tile_descriptor(taps, cfg.block_k, cfg.block_m)
             conv_dgrad.conv_dgrad_kernel[(B * cdiv(L, cfg.block_n), cdiv(C_in, cfg.block_m))](
-                gy_src, w_src, grad_x, grad_x if addend is None else addend, C_in, C_out, L,
+                gy_src, w_src, grad_x, grad_x if addend is None else addend,
+                grad_x if addend_bits is None else addend_bits, C_in, C_out, L,
                 L_out, K, stride, dilation, pad_left, taps.shape[2], taps.shape[1],
                 DOT_PRECISION=precision, DOT_UPCAST=upcast, TMA=tma, BLOCK_CI=cfg.block_m,
                 BLOCK_CO=cfg.block_k, BLOCK_T=cfg.block_n, HAS_ADDEND=addend is not None,
+                ADDEND_BITS=addend_bits is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         cfg = _gemm_config(tiling.dgrad_config(C_in, C_out, L, dtype), C_in, L, dtype,

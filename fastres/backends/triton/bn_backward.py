@@ -22,7 +22,9 @@ replace the read of out (1/8 byte an element instead of 2 in 16 bits).
 Training runs it twice: pass 1 (REDUCE, and WRITE_G stores grad_residual) reads
 grad_out, the mask's source (out, its bits, or x-hat) and x-hat; pass 2 (WRITE_GRAD_Y)
 reads x-hat and either grad_residual (READ_G: the masked gradient pass 1 stored, one
-tensor instead of grad_out and the mask) or grad_out again. Eval and no-norm run one
+tensor instead of grad_out and the mask) or grad_out again (and its mask). A deferred
+residual gradient (ops.ResidualGradLink: stage 1's dgrad adds grad_out under the bits)
+is neither stored nor read: pass 2 reads grad_out and the bits. Eval and no-norm run one
 pass doing both. Partials go to part[tile, j, c] (float32, tile = b * n_lblocks +
 lblock; j = 0: g, 1: g * xhat, 2: xhat); the last programs to finish reduce them into
 grad_beta, grad_gamma and grad_bias (batch_stats.bn_grad_finalize), so pass 2 follows

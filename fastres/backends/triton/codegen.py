@@ -353,8 +353,10 @@ def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: 
     `candidate`, the GEMMs take that tuning candidate's tiles (tiling.candidate_configs);
     one per distinct compile, or every launch in order (distinct=False). A stage with a
     residual saves mask bits (stage 2 of a block); `shortcut_grad`: its data gradient adds
-    the block's shortcut gradient (stage 1 of an identity block: ops.ResidualGradLink)."""
+    the block's shortcut gradient, stage 2's grad_out under its mask bits (stage 1 of an
+    identity block: ops.ResidualGradLink)."""
     import torch
+    from ...conventions import mask_bits_shape
     from . import tiling
     from .. import triton as backend
 
@@ -378,7 +380,9 @@ def training_step_launches(C: int, dtype, *, tf32: bool = True, B: int = 32, L: 
                              has_bias=True, has_residual=residual, norm="train", eps=1e-5,
                              relu_before_add=False, mask_bits=mask_bits,
                              grad_x_addend=torch.zeros_like(x) if shortcut_grad else None,
-                             **geometry)
+                             grad_x_addend_bits=torch.zeros(mask_bits_shape(B, C, L),
+                                                            dtype=torch.uint8)
+                             if shortcut_grad else None, **geometry)
         with _candidate_tiles(candidate):
             return run_captured(run, distinct=distinct)
     finally:

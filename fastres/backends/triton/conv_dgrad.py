@@ -14,15 +14,21 @@ multiples of the stride. Input positions the conv never read get 0.
 
 HAS_ADDEND: grad_x += addend in the epilogue (a block's identity-shortcut gradient, which
 autograd would otherwise add in a kernel of its own: 6 bytes an element become 2).
+ADDEND_BITS: the addend is the second stage's grad_out, zeroed here where its final ReLU's
+mask bits (mask_bits.py) are clear: that is grad_residual, which the second stage then
+never writes nor reads back (ops.ResidualGradLink: 4 bytes an element saved in 16 bits
+for 1/8 more read here).
 
 Shapes: grad_y (B, C_out, L_out), tap-major weight (K, C_out_p, C_in_p), grad_x and
-addend (B, C_in, L), contiguous, grad_y/w/grad_x in x.dtype with float32 accumulation.
+addend (B, C_in, L), addend_bits (B, C_in, cdiv(L, 8)) uint8, contiguous; grad_y/w/grad_x
+in x.dtype with float32 accumulation.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .mask_bits import load_bits
 from .operands import weight_tile, window
 from .rounding import store_rounded
 
@@ -43,11 +49,11 @@ def _strided_grad_y_window(grad_y_ptr, b, co0, t0, k, C_out, L_out, stride, dila
 
 @triton.jit
 def conv_dgrad_kernel(
-    grad_y_src, w_src, grad_x_ptr, addend_ptr,
+    grad_y_src, w_src, grad_x_ptr, addend_ptr, addend_bits_ptr,
     C_in, C_out, L, L_out, K, stride, dilation, pad_left, C_in_p, C_out_p,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_ADDEND: tl.constexpr = False,
+    HAS_ADDEND: tl.constexpr = False, ADDEND_BITS: tl.constexpr = False,
 ):
     # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
     n_lblocks = tl.cdiv(L, BLOCK_T)
@@ -78,5 +84,9 @@ def conv_dgrad_kernel(
     offs = b * C_in * L + offs_ci[:, None].to(tl.int64) * L + offs_t[None, :]
     ok = (offs_ci < C_in)[:, None] & (offs_t < L)[None, :]
     if HAS_ADDEND:  # the block's shortcut gradient (ops.ResidualGradLink), added unrounded
-        acc += tl.load(addend_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        addend = tl.load(addend_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if ADDEND_BITS:  # as relu_bn_backward_kernel's MASK_BITS masks it: bit for bit
+            addend = tl.where(load_bits(addend_bits_ptr, b, offs_ci, offs_t, ok, C_in, L) == 0,
+                              0.0, addend)
+        acc += addend
     store_rounded(grad_x_ptr + offs, acc, ok)
