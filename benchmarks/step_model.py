@@ -69,20 +69,24 @@ def wgrad_partial_bytes(C: int, K: int, B: int, L: int) -> float:
 def this_branch(C, K, B, L) -> List[Kernel]:
     """The kernels now: as at 8fc22de, with stage 2's residual gradient deferred
     (defer_grad_residual): pass 1 writes no grad_residual, and pass 2 and stage 1's dgrad
-    read grad_out and the mask bits in its place."""
+    read grad_out and the mask bits in its place; and stage 1's ReLU mask saved as bits
+    too (out comes from the float32 x-hat: a mask recomputed from the float16 x-hat
+    flipped 1e-4 of the elements), read by both its backward passes."""
     partials = wgrad_partial_bytes(C, K, B, L)
     return [
         Kernel("weight tap-major copy (torch)", torch=True, count=2),
         Kernel("conv_forward STATS + finalize: read x", E, 1, count=2,
                tail_us=FINALIZE_TAIL_US),
-        Kernel("conv_forward NORM s1: read x; write out, x-hat fp16", 2 * E + XH16, 1),
+        Kernel("conv_forward NORM s1: read x; write out, x-hat fp16, mask bits",
+               2 * E + XH16 + BITS, 1),
         Kernel("conv_forward NORM s2: read x, res; write out, x-hat fp16, mask bits",
                3 * E + XH16 + BITS, 1),
-        Kernel("bn backward pass 1 s1 + finalize: read g_out, x-hat", E + XH16,
+        Kernel("bn backward pass 1 s1 + finalize: read g_out, bits, x-hat", E + BITS + XH16,
                tail_us=FINALIZE_TAIL_US),
         Kernel("bn backward pass 1 s2 + finalize: read g_out, bits, x-hat",
                E + BITS + XH16, tail_us=FINALIZE_TAIL_US),
-        Kernel("bn backward pass 2 s1: read g_out, x-hat; write g_y", 2 * E + XH16),
+        Kernel("bn backward pass 2 s1: read g_out, bits, x-hat; write g_y",
+               2 * E + BITS + XH16),
         Kernel("bn backward pass 2 s2: read g_out, bits, x-hat; write g_y",
                2 * E + BITS + XH16),
         Kernel("conv_dgrad s2: read g_y; write g_x", 2 * E, 1),

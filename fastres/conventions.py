@@ -84,7 +84,7 @@ def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.d
       gradients several percent; in float32 backward recomputes them bit for bit.
     Eval-mode x-hat (used only for grad_gamma) and y without batch norm (only its sign is
     read) keep the input's dtype. A backend may choose its own (the Triton backend saves
-    a float16 x-hat in training and normalizes with it: its saved_dtype).
+    a float16 x-hat in training, and the masks as bits: its saved_dtype).
     """
     if dtype in HALF_DTYPES and (norm == NORM_TRAIN or (norm != NORM_NONE and relu_before_add)):
         return torch.float32

@@ -178,10 +178,11 @@ class KernelBackend(Backend):
             return conventions.saved_dtype(dtype, norm, relu_before_add)
         return own(dtype, norm, relu_before_add, weights_per_channel)
 
-    def mask_bits_shape(self, shape, has_residual: bool, save_for_backward: bool) -> tuple:
+    def mask_bits_shape(self, shape, has_residual: bool, save_for_backward: bool,
+                        norm: str) -> tuple:
         """Shape of the mask bits forward returns for an output of `shape` ((0,): none)."""
         if getattr(self.module, "SAVES_MASK_BITS", False) \
-                and self.module.saves_mask_bits(has_residual, save_for_backward):
+                and self.module.saves_mask_bits(has_residual, save_for_backward, norm):
             return conventions.mask_bits_shape(*shape)
         return (0,)
 

@@ -13,12 +13,12 @@ has the byte and launch model of a whole TemporalBlock):
                                               programs finalize: batch mean and variance,
                                               running statistics, num_batches_tracked
             conv_forward_kernel (MODE_NORM)   read x (+ residual); write out and x-hat
-  backward  relu_bn_backward_kernel (pass 1)  read grad_out, x-hat (+ mask bits with a
-                                              residual, and write grad_residual unless
+  backward  relu_bn_backward_kernel (pass 1)  read grad_out, mask bits, x-hat (with a
+                                              residual, write grad_residual unless
                                               deferred); its last programs finalize
                                               grad_beta, grad_gamma, grad_bias
-            relu_bn_backward_kernel (pass 2)  read grad_out (or grad_residual), x-hat;
-                                              write grad_y
+            relu_bn_backward_kernel (pass 2)  read grad_out and bits (or grad_residual),
+                                              x-hat; write grad_y
             conv_dgrad_kernel                 read grad_y (+ a block's shortcut gradient,
                                               or grad_out and bits it masks); write grad_x
             conv_wgrad_kernel                 read grad_y, x; split partials, summed by the
@@ -46,8 +46,9 @@ from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, mask
 COUNTS_BATCHES = True
 # conv_dgrad_kernel adds a block's shortcut gradient in its epilogue (no torch add).
 ADDS_GRAD_X = True
-# A stage with a residual saves its final ReLU mask as bits (mask_bits.py): forward returns
-# them after `saved`, backward reads them instead of out.
+# Training stages and stages with a residual save the final ReLU mask as bits
+# (mask_bits.py, saves_mask_bits): forward returns them after `saved`, backward reads them
+# instead of out or a mask recomputed from x-hat.
 SAVES_MASK_BITS = True
 
 
@@ -59,15 +60,19 @@ def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool,
     Half the bytes of the float32 x-hat (written once, read by both backward passes:
     8 bytes an element of every stage's training step) with eight times bfloat16's
     precision (11-bit significand); |x-hat| <= sqrt(B * L_out) stays far inside float16's
-    range. The training forward normalizes with the x-hat it stores, rounded
-    (conv_forward.py, ROUND_XHAT), so backward recomputes out's and the inner ReLU's
-    masks from it bit for bit, as from a float32 x-hat. Not where the weight gradient
-    magnifies grad_y's rounding (weights_per_channel = C_in * K <=
-    FLOAT32_WGRAD_MAX_WEIGHTS, see _backward): there a float16 x-hat cost fp16 training
+    range. Backward reads it only in batch norm's gradient (its sums and the projection
+    of grad_y), where 2**-11 of x-hat is well inside the 1e-2 bound: out is computed from
+    the float32 x-hat, and training saves out's mask as bits (saves_mask_bits), because a
+    mask recomputed from the rounded x-hat flips wherever |z| is below x-hat's rounding:
+    about 1e-4 of the elements, each a whole gradient value, 1e-2 of the gradients
+    (rounding x-hat before computing out flips the same masks against the exact ones).
+    Not with relu_before_add, whose inner mask backward recomputes from x-hat, and not
+    where the weight gradient magnifies grad_y's rounding (weights_per_channel = C_in * K
+    <= FLOAT32_WGRAD_MAX_WEIGHTS, see _backward): there a float16 x-hat cost fp16 training
     4 units of its rounding in grad_weight (benchmarks/saved_precision.py), and such
     layers (a network's first) are too small for the bytes to matter.
     """
-    if dtype in HALF_DTYPES and norm == NORM_TRAIN \
+    if dtype in HALF_DTYPES and norm == NORM_TRAIN and not relu_before_add \
             and weights_per_channel > FLOAT32_WGRAD_MAX_WEIGHTS:
         return torch.float16
     return conventions.saved_dtype(dtype, norm, relu_before_add)
@@ -99,10 +104,12 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
 
 
-def saves_mask_bits(has_residual: bool, save_for_backward: bool) -> bool:
-    """Whether forward saves the final ReLU's mask as bits (else backward reads out, or
-    recomputes the mask from x-hat without a residual)."""
-    return has_residual and save_for_backward
+def saves_mask_bits(has_residual: bool, save_for_backward: bool, norm: str) -> bool:
+    """Whether forward saves the final ReLU's mask as bits: with a residual (else backward
+    would read out) and in training (else it would recompute the mask from x-hat, which
+    is float16 in 16-bit training: saved_dtype). Otherwise backward reads out, or
+    recomputes the mask from a float32 x-hat."""
+    return save_for_backward and (has_residual or norm == NORM_TRAIN)
 
 
 def stream_forward(*args, **kwargs) -> None:
@@ -138,12 +145,10 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     train = norm == NORM_TRAIN
     saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
     saved_as = saved_dtype(x.dtype, norm, relu_before_add, C_in * K)
-    # The stored x-hat's rounding, applied before out is computed (saved_dtype).
-    round_xhat = train and saved_as == torch.float16
 
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
     saved = _alloc.empty(shape if saves else (0,), device=x.device, dtype=saved_as)
-    save_mask = saves_mask_bits(residual is not None, save_for_backward)
+    save_mask = saves_mask_bits(residual is not None, save_for_backward, norm)
     mask_bits = _alloc.empty(mask_bits_shape(*shape) if save_mask else (0,),
                              dtype=torch.uint8, device=x.device)
     use = lambda t: out if t is None or t.numel() == 0 else t  # noqa: E731  (never read)
@@ -166,7 +171,7 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
             DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
             TMA=tma, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k, BLOCK_L=cfg.block_n,
-            ROUND_XHAT=round_xhat, SAVE_MASK=save_mask and mode != conv_forward.MODE_STATS,
+            SAVE_MASK=save_mask and mode != conv_forward.MODE_STATS,
             FINALIZE=finalize, UPDATE_RUNNING=running_mean is not None,
             COUNT_BATCH=num_batches_tracked is not None, GROUP=tiling.FINALIZE_GROUP,
             FIN_BLOCK_T=max(1, 2048 // cfg.block_m),
@@ -239,7 +244,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     grid = (B * n_lblocks, cdiv(C_out, block_c))
     n_tiles = B * n_lblocks
     part = _alloc.empty((n_tiles, 3, C_out), dtype=sdt, device=dev)
-    # With a residual, the bits forward saved (saves_mask_bits) instead of out.
+    # The final mask as forward saved it in bits (saves_mask_bits), rather than out.
     read_bits = mask_bits is not None and mask_bits.numel() > 0
     # Deferred, grad_residual (grad_out under the final mask) is never written: whoever
     # adds it (stage 1's dgrad, ops.ResidualGradLink) reads grad_out and the bits instead.
@@ -272,11 +277,10 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     groups = _alloc.empty((n_groups, 3, C_out), dtype=sdt, device=dev) if reduce else None
     tickets = batch_stats.counters(dev, batch_stats.n_ticket_counters(n_tiles, grid[1]))
 
-    # Without a residual, out = relu(x-hat * gamma + beta) from the x-hat forward saved
-    # (float32, or in training the float16 x-hat it normalized with): the kernel recomputes
-    # its sign exactly (bn_backward.py) instead of reading out.
-    mask_from_xhat = norm != 0 and not has_residual and (
-        saved.dtype == torch.float32 or norm == NORM_CODES[NORM_TRAIN])
+    # Without bits or a residual, out = relu(x-hat * gamma + beta) from a float32 x-hat:
+    # the kernel recomputes its sign exactly (bn_backward.py) instead of reading out.
+    mask_from_xhat = norm != 0 and not has_residual and not read_bits \
+        and saved.dtype == torch.float32
 
     def elementwise(write_g, read_g, reduce, write_grad_y):
         bn_backward.relu_bn_backward_kernel[grid](

@@ -11,13 +11,15 @@ relu_bn_backward_kernel works on a [BLOCK_C, BLOCK_L] tile of batch row b:
              the finalized sums, grad_beta and grad_gamma: a second launch)
     grad_y = g                                                         (NORM none)
 
-MASK_FROM_XHAT (no residual; x-hat saved in float32, or the float16 x-hat the training
-forward normalized with): out = relu(x-hat * gamma + beta) is recomputed from x-hat with
-the forward's own float32 expression and rounding, so the mask agrees bit for bit and `out`
-is never read (2 bytes an element saved per pass in bf16).
+MASK_FROM_XHAT (no residual, no bits: eval with a float32 x-hat): out = relu(x-hat *
+gamma + beta) is recomputed from x-hat with the forward's own float32 expression and
+rounding, so the mask agrees bit for bit and `out` is never read (2 bytes an element
+saved per pass in bf16).
 
-MASK_BITS (a residual, forward saved the final mask as bits: mask_bits.py): the bits
-replace the read of out (1/8 byte an element instead of 2 in 16 bits).
+MASK_BITS (training, or a residual: forward saved the final mask as bits, mask_bits.py):
+the bits replace the read of out (1/8 byte an element instead of 2 in 16 bits) and, in
+16-bit training, a recomputation from the float16 x-hat, whose rounding would flip masks
+(triton.saved_dtype).
 
 Training runs it twice: pass 1 (REDUCE, and WRITE_G stores grad_residual) reads
 grad_out, the mask's source (out, its bits, or x-hat) and x-hat; pass 2 (WRITE_GRAD_Y)

@@ -28,10 +28,9 @@ Epilogue, by MODE:
       travels through memory (nor is rounded: 16-bit inputs normalize the float32 y).
   MODE_NONE: as MODE_NORM without the normalization.
   SAVE_Y (NORM/NONE): also store what backward reads: x-hat (NORM) or y (NONE).
-  SAVE_MASK (with a residual, when backward is to run): the final ReLU's mask as bits
-      (mask_bits.py), so backward never reads out.
-  ROUND_XHAT (16-bit training): x-hat is rounded to float16, its saved dtype, before z is
-      computed from it, so backward's mask recomputation from the saved x-hat is exact.
+  SAVE_MASK (training or a residual, when backward is to run): the final ReLU's mask as
+      bits (mask_bits.py), so backward never reads out nor recomputes the mask from a
+      float16 x-hat, whose rounding would flip it (triton.saved_dtype).
 
 Shapes: x (B, C_in, L) (x_src: its descriptor, box [1, BLOCK_CI, BLOCK_L], or pointer),
 tap-major weight (K, C_out_p, C_in_p) (w_src likewise, box [1, BLOCK_CO, BLOCK_CI]), bias
@@ -61,7 +60,7 @@ def conv_forward_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Y: tl.constexpr, HAS_RES: tl.constexpr,
     RELU_BEFORE_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     TMA: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_L: tl.constexpr,
-    ROUND_XHAT: tl.constexpr = False, SAVE_MASK: tl.constexpr = False,
+    SAVE_MASK: tl.constexpr = False,
     FINALIZE: tl.constexpr = False,
     UPDATE_RUNNING: tl.constexpr = False,
     COUNT_BATCH: tl.constexpr = False, GROUP: tl.constexpr = 32, FIN_BLOCK_T: tl.constexpr = 8,
@@ -121,10 +120,9 @@ def conv_forward_kernel(
             gamma = tl.load(gamma_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             beta = tl.load(beta_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
             xhat = (acc - mean[:, None]) * tl.rsqrt(var + eps)[:, None]
-            if ROUND_XHAT:  # 16-bit training saves x-hat in float16: normalize with that
-                xhat = xhat.to(tl.float16).to(tl.float32)
-            # Backward recomputes out's sign from the stored x-hat with this same float32
-            # expression (bn_backward.py, MASK_FROM_XHAT): keep the two identical.
+            # Backward recomputes the inner ReLU's mask (and out's sign, without SAVE_MASK)
+            # from a float32 x-hat with this same expression (bn_backward.py): keep the two
+            # identical.
             z = xhat * gamma[:, None] + beta[:, None]
         if SAVE_Y:  # what backward reads: x-hat (eval), or y (none)
             store_rounded(y_ptr + tile_offs, xhat if MODE == 1 else acc, tile_ok)
