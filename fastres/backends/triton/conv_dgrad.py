@@ -16,8 +16,8 @@ HAS_ADDEND: grad_x += addend in the epilogue (a block's identity-shortcut gradie
 autograd would otherwise add in a kernel of its own: 6 bytes an element become 2).
 ADDEND_BITS: the addend is the second stage's grad_out, zeroed here where its final ReLU's
 mask bits (mask_bits.py) are clear: that is grad_residual, which the second stage then
-never writes nor reads back (ops.ResidualGradLink: 4 bytes an element saved in 16 bits
-for 1/8 more read here).
+never writes (ops.ResidualGradLink: 2 bytes an element in 16 bits, for 1/8 byte more read
+here and in the second stage's pass 2).
 
 Shapes: grad_y (B, C_out, L_out), tap-major weight (K, C_out_p, C_in_p), grad_x and
 addend (B, C_in, L), addend_bits (B, C_in, cdiv(L, 8)) uint8, contiguous; grad_y/w/grad_x
