@@ -1,5 +1,6 @@
 """fastres: fused Conv1d + BatchNorm + ReLU + residual for TCNs and 1D ResNets."""
-from .backends import available_backends, use_backend
+from .backends import available_backends
+from .dispatch import use_backend
 from .monitor import GradientMonitor
 from .ops import conv_bn_relu
 from .nn import (BasicBlock, ResNet1d, TemporalBlock, TemporalConvNet, convert,

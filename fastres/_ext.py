@@ -8,8 +8,6 @@ can poison them) and let the kernels write into them. The contract is docs/spec.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from . import _alloc
@@ -26,7 +24,7 @@ def _load():
     if not _loaded:
         _loaded = True
         try:
-            importlib.import_module("fastres._C")
+            import fastres._C  # noqa: F401 (registers torch.ops.fastres_ext)
             torch.ops.fastres_ext.forward  # noqa: B018 (raises if the ops did not register)
         except (ImportError, OSError, AttributeError, RuntimeError) as exc:
             _load_error = f"the compiled extension fastres._C does not load ({exc}); build it " \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (default: torch's choice, usually all cores; "
                        "on a shared machine --threads 1 avoids oversubscription)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--reuse-dispatch-cache", action="store_true",
+                       help="start from the dispatch choices stored by earlier processes "
+                       "(default: every choice is measured afresh in this run and none is "
+                       "stored, so a stale cache cannot skew the numbers)")
 
     check = sub.add_parser("check", help="every available backend vs the reference, here",
                            description="Run every available fastres backend against the float64 "
@@ -121,9 +126,15 @@ def _bench(parser, args) -> int:
         torch.set_num_threads(args.threads)
     size = "full" if args.full else "quick" if args.quick else "default"
     settings = runner.make_settings(size, device, args.dtype, args.compile_mode, args.only)
+    from fastres import dispatch
+    if not args.reuse_dispatch_cache:
+        os.environ["FASTRES_DISPATCH_CACHE"] = "0"
+    dispatch.forget()
     results = runner.run(settings, progress=False if args.no_progress else None)
     results["command"] = "fastres " + " ".join(args.argv)
+    results["dispatch"] = _dispatch_summary(dispatch.cache(), args.reuse_dispatch_cache)
     print(report.console_report(results))
+    print(results["dispatch"]["summary"])
     prefix = args.prefix or (f"{environment.device_slug(device)}-"
                              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
                              + ("-quick" if size == "quick" else ""))
@@ -135,6 +146,26 @@ def _bench(parser, args) -> int:
         print(f"{len(failed)} candidate(s) failed to run; see the error cells above",
               file=sys.stderr)
     return 0
+
+
+def _dispatch_summary(store, reused: bool) -> dict:
+    """Where the run's dispatch choices came from, for the console and the JSON."""
+    from fastres.dispatch.choice import CACHED, MEASURED
+    choices = list(store.memory.values())
+    cached = [c for c in choices if c.source == CACHED]
+    measured = [c for c in choices if c.source == MEASURED]
+    if not reused:
+        summary = (f"dispatch: {len(measured)} choices measured in this run, the stored cache "
+                   "neither read nor written (--reuse-dispatch-cache reads it)")
+    else:
+        when = sorted(str(c.provenance.get("measured_utc")) for c in cached)
+        span = f", measured {when[0]} .. {when[-1]}" if when else ""
+        summary = (f"dispatch: {len(cached)} choices came from the cache {store.path}{span}; "
+                   f"{len(measured)} measured in this run")
+    return {"reused_cache": reused, "cache_path": store.path, "from_cache": len(cached),
+            "measured": len(measured), "summary": summary,
+            "cached_measured_utc": sorted(str(c.provenance.get("measured_utc"))
+                                          for c in cached)}
 
 
 def _check(parser, args) -> int:
@@ -175,41 +206,66 @@ def _check(parser, args) -> int:
     return 1 if failures else 0
 
 
+def _describe_key(key: str) -> str:
+    """A stored choice's key in words: 'float32 B8 64->64 L1024 K3 d4 s1 pad 8,0 eval +res
+    grad' for an op call, 'TemporalBlock 8x64x1024 float32 eval' for a module."""
+    parts = key.split("|")
+    if parts[0] == "module" and len(parts) >= 8:
+        return f"{parts[1]} ({parts[2]}) {parts[5]} {parts[4]} {parts[6]}" + \
+            (" +grad" if parts[7] == "grad1" else "")
+    fields = {}
+    for part in parts[1:]:
+        for prefix in ("Cin", "Cout", "B", "L", "K", "s", "d", "p", "bias", "res", "rba", "grad"):
+            if part.startswith(prefix) and part[len(prefix):][:1].isdigit():
+                fields[prefix] = part[len(prefix):]
+                break
+        else:
+            fields.setdefault("words", []).append(part)
+    if not {"B", "Cin", "Cout", "L", "K"} <= set(fields):
+        return key
+    words = fields.get("words", [])
+    return (f"{' '.join(words)} B{fields['B']} {fields['Cin']}->{fields['Cout']} L{fields['L']} "
+            f"K{fields['K']} d{fields.get('d', '?')} s{fields.get('s', '?')} "
+            f"pad {fields.get('p', '?')}" + (" +res" if fields.get("res") == "1" else "")
+            + (" +grad" if fields.get("grad") == "1" else ""))
+
+
 def _dispatch(parser, args) -> int:
-    import glob
-    import json
     import os
 
-    from fastres import backends
-    from fastres.bench.formatting import text_table
+    from fastres import dispatch
+    from fastres.dispatch.cache import read_file
 
     device = str(_device(parser, args.device))
-    current = backends.dispatch_cache()._file(device)
-    if current is None:
+    store = dispatch.cache()
+    if store.path is None:
         print("FASTRES_DISPATCH_CACHE=0: choices are kept in memory only, nothing is stored")
         return 0
-    # One file per device, software versions and thread count; list them all.
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(current),
-                                          f"dispatch-{device.split(':')[0]}-*.json")))
+    current = store.file_for(device)
+    # One file per device, thread count and software versions; list them all.
+    paths = store.files(device.split(":")[0])
     if args.clear:
         for path in paths:
-            os.remove(path)
-        print(f"cleared {len(paths)} file(s) in {os.path.dirname(current)}")
+            for stale in (path, path + ".lock"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        print(f"cleared {len(paths)} file(s) in {store.path}")
         return 0
     if not paths:
-        print(f"no dispatch choices stored for {device} in {os.path.dirname(current)} yet: "
+        print(f"no dispatch choices stored for {device} in {store.path} yet: "
               "calls are measured on first use, or with fastres.autotune")
     for path in paths:
-        with open(path) as f:
-            doc = json.load(f)
-        rows = [[key, entry["backend"], ", ".join(
-            f"{name} {t * 1e6:.0f} us"
-            for name, t in sorted(entry["times_s"].items(), key=lambda kv: kv[1]))]
-            for key, entry in sorted(doc.get("entries", {}).items())]
-        mark = " (this process)" if path == current else ""
-        print(f"{path}{mark}\n  {doc.get('device')}, " + ", ".join(
-            f"{k} {v}" for k, v in doc.get("versions", {}).items()))
-        print(text_table(["call signature", "backend", "measured (per call)"], rows))
+        mark = " (this process's settings)" if path == current else ""
+        header, entries, problem = read_file(path)
+        print(f"{path}{mark}")
+        if problem is not None:
+            print(f"  ignored by fastres: {problem}" if header is None else f"  {problem}")
+            if header is None:
+                continue
+        print(f"  {header.get('device')}, {header.get('threads')} threads, " + ", ".join(
+            f"{k} {v}" for k, v in (header.get("versions") or {}).items()))
+        for key, choice in sorted(entries.items()):
+            print(f"  {_describe_key(key)}\n      runs {choice.name}: {choice.why()}")
     return 0
 
 

@@ -301,12 +301,12 @@ def _check_chain(layers: List[_Layer]) -> None:
 # ----------------------------------------------------------------------------- the plan
 
 
-def _sources(model: nn.Module) -> Tuple[List[Tensor], Tuple[bool, ...]]:
-    """What a folded plan depends on: every parameter and buffer, and every module's
-    train/eval mode (one traversal: this runs on every whole_sequence call)."""
+def _sources(model: nn.Module) -> Tuple[List[Tensor], tuple]:
+    """What a folded plan depends on: every parameter and buffer, every module's train/eval
+    mode and every norm's eps (one traversal: this runs on every whole_sequence call)."""
     tensors, modes = [], []
     for module in model.modules():
-        modes.append(module.training)
+        modes.append((module.training, getattr(module, "eps", None)))
         tensors += [t for t in module._parameters.values() if t is not None]
         tensors += [t for t in module._buffers.values() if t is not None]
     return tensors, tuple(modes)
@@ -858,32 +858,26 @@ def stream(model: nn.Module, *, batch_size: Optional[int] = None,
 # and the first call of each signature pays for timing both paths.
 WHOLE_SEQUENCE_MAX_BATCH = 8
 WHOLE_SEQUENCE_MAX_STEPS = 1 << 16
-# The stacked kernel must measure at least this much faster to be chosen.
-WHOLE_SEQUENCE_MIN_GAIN = 1.1
 _CACHE_ATTR = "_fastres_whole_sequence"
 
 
 class _WholeSequenceCache:
     """What whole_sequence keeps on a TemporalConvNet: the folded plan (None where the model
-    cannot stream) with the snapshot it was folded from, and the measured winner per input
-    signature. Copies and pickles of the module start empty."""
+    cannot stream) with the snapshot it was folded from. Copies and pickles of the module
+    start empty."""
 
     def __init__(self):
         self.snapshot: Optional[_Snapshot] = None
         self.plan: Optional[_Plan] = None
-        self.choices: Dict[Tuple, bool] = {}   # signature -> the stacked kernel is faster
 
     def plan_for(self, model: TemporalConvNet) -> Optional[_Plan]:
         """The plan of the model as it is now (refolded if anything changed)."""
         if self.snapshot is None or not self.snapshot.matches(model):
-            layout = self.plan.layout if self.plan is not None else None
             self.snapshot, self.plan = _Snapshot(model), None
             try:
                 self.plan = _Plan(model)
             except StreamError:
                 pass   # (a BN in training mode, ...): the layered path runs
-            if (self.plan.layout if self.plan is not None else None) != layout:
-                self.choices = {}   # timings hold for the same layers only
         return self.plan
 
     def __deepcopy__(self, memo):
@@ -906,34 +900,25 @@ def _stacked_forward(plan: _Plan, x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-@register_whole_network_path
-def whole_sequence(model: TemporalConvNet, x: Tensor) -> Optional[Tensor]:
-    """TemporalConvNet.forward's fast path: model(x) by the C++ stream kernel, or None where
-    the layered path (model.network(x)) should run.
-
-    The kernel runs where it gives the layered output: an eval-mode network of fused
-    TemporalBlocks on the CPU, no gradient needed, a batch of at most
-    WHOLE_SEQUENCE_MAX_BATCH, the extension built, not under tracing or torch.compile. Its
-    folded weights are checked against the model's current values on every call. The
-    first call of each signature (B, L rounded up to a power of two, dtype, torch's thread
-    count) times both paths, checks included, with a few interleaved calls and keeps the
-    winner on the module: where it has been measured, this never runs the slower path.
-    (Rounding L keeps inputs of varying length from paying for a measurement each.)
+@register_whole_network_path("stack")
+def whole_sequence(model: TemporalConvNet, x: Optional[Tensor]) -> Optional[Tensor]:
+    """TemporalConvNet's whole-stack path, a candidate of the module level
+    (fastres/dispatch/module.py, which times it against the blocks): model(x) by the C++
+    stream kernel from a fresh zero state, or None where it does not give the layered
+    output: an eval-mode network of fused TemporalBlocks on the CPU, no gradient needed, a
+    batch of at most WHOLE_SEQUENCE_MAX_BATCH, the extension built, not under tracing, no
+    hook anywhere in the network (the kernel skips every module). Its folded weights are
+    checked against the model's current values (eps included) on every call.
+    whole_sequence(model, None) is False where it can never run for this model.
     """
+    if x is None:
+        return False if _cpp_unavailable() is not None else True
     if not _may_run_stacked(model, x):
         return None
     cache = model.__dict__.get(_CACHE_ATTR)
     if cache is None:
         cache = model.__dict__[_CACHE_ATTR] = _WholeSequenceCache()
-    signature = (x.shape[0], 1 << (x.shape[2] - 1).bit_length(), x.dtype,
-                 torch.get_num_threads())
-    faster = cache.choices.get(signature)
-    if faster is None:
-        plan = cache.plan_for(model)
-        if not _plan_takes(plan, x):
-            return None
-        faster = cache.choices[signature] = _stacked_is_faster(model, cache, x)
-    return _run_stacked(model, cache, x) if faster else None
+    return _run_stacked(model, cache, x)
 
 
 def _may_run_stacked(model: TemporalConvNet, x: Tensor) -> bool:
@@ -961,15 +946,3 @@ def _run_stacked(model: TemporalConvNet, cache: _WholeSequenceCache,
     plan = cache.plan_for(model)
     return _stacked_forward(plan, x) if _plan_takes(plan, x) else None
 
-
-def _stacked_is_faster(model: TemporalConvNet, cache: _WholeSequenceCache, x: Tensor) -> bool:
-    """A few interleaved timed calls of both paths (fastres.bench.timing.measure)."""
-    from .bench import timing
-    config = timing.TimingConfig(min_rounds=5, max_rounds=5, max_time_s=0.0, min_block_s=0.0,
-                                 warmup_s=0.0, min_warmup_calls=1)
-    with torch.no_grad():
-        stats = timing.measure({"stacked": lambda: _run_stacked(model, cache, x),
-                                "layered": lambda: model.network(x)}, x.device, config)
-    if any(isinstance(s, Exception) for s in stats.values()):
-        return False
-    return stats["stacked"].median_s * WHOLE_SEQUENCE_MIN_GAIN < stats["layered"].median_s

@@ -1,41 +1,45 @@
 """Which backend runs each stage of a model, and why; and measuring them all up front.
 
-    report = fastres.explain(model, x)      # run once (state restored), report per stage
-    print(report)                           # module, call, backend, reason
-    fastres.autotune(model, x)              # the same, measuring every stage now
+    report = fastres.explain(model, x)      # run once (state restored), report the choices
+    print(report)                           # level, module, call, what runs, why
+    fastres.autotune(model, x)              # the same, measuring every choice now
 
-The default dispatch measures each call signature on first use (backends/autotune.py);
-`autotune` makes that happen before the first real step, so the first training step is not
-slower, and `explain` shows the outcome. Both run the model on the given inputs with its
-state restored afterwards: buffers (running statistics, num_batches_tracked), parameter
-gradients and the random number generators end as they began.
+Two levels choose (fastres/dispatch/): the outermost fused module (how its stages run) and
+each op call (which backend). `autotune` makes their measurements happen before the first
+real step, so the first training step is not slower, and `explain` shows the outcome. Both
+run the model on the given inputs with its state restored afterwards: buffers (running
+statistics, num_batches_tracked), parameter gradients and the random number generators end
+as they began.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import List, Optional
 
 import torch
 from torch import nn
 
-from . import backends
-from .backends import autotune as _autotune
+from . import dispatch
+from .backends import Call
 
 
 @dataclasses.dataclass
 class StageDecision:
-    """One stage call: where it is in the model, its signature, the backend and why."""
+    """One choice: where in the model, the call (None for a module-level choice), what runs
+    and why."""
 
-    module: str                    # the stage's conv ("network.0.conv1"); "" for a bare op call
-    call: Optional[backends.Call]  # None where the stage did not reach the op
-    backend: str
+    module: str                    # "network.0.conv1" (a stage), "network" (a module), "" (op)
+    call: Optional[Call]
+    backend: str                   # the backend (op level) or "policy: NAME" (module level)
     reason: str
+    level: str = "op"
 
     def describe_call(self) -> str:
         c = self.call
         if c is None:
-            return "-"
+            return "(whole module)" if self.level == "module" else "-"
         res = "+res" if c.has_residual else ""
         grad = " grad" if c.needs_grad else ""
         return (f"{str(c.dtype).replace('torch.', '')} B{c.batch} {c.c_in}->{c.c_out} "
@@ -43,12 +47,18 @@ class StageDecision:
 
 
 class DispatchReport(List[StageDecision]):
-    """The decisions of one model run, in call order (forward stages; see explain)."""
+    """The choices of one model run, in the order they were made."""
 
     def __str__(self) -> str:
-        from .bench.formatting import text_table
-        rows = [[d.module or "<op>", d.describe_call(), d.backend, d.reason] for d in self]
-        return text_table(["stage", "call", "backend", "why"], rows)
+        rows = [[d.level, d.module or ("(model)" if d.level == "module" else "<op>"),
+                 d.describe_call(), d.backend, d.reason] for d in self]
+        headers = ["level", "where", "call", "runs", "why"]
+        widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(4)]
+        lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers[:4], widths)) + "  why"]
+        for row in rows:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths))
+                         + "  " + row[4])
+        return "\n".join(lines)
 
     def backends_used(self) -> List[str]:
         return sorted({d.backend for d in self})
@@ -86,25 +96,42 @@ def _run_once(model: nn.Module, inputs, backward: Optional[bool]) -> None:
 
 def explain(model: nn.Module, *example_inputs, backward: Optional[bool] = None
             ) -> DispatchReport:
-    """Run `model` once on `example_inputs` and report, for every fused stage and bare op call,
-    which backend ran it and why (forced, measured with the times, cached from an earlier
-    measurement, the static rule, or eager because no fused backend runs it).
+    """Run `model` once on `example_inputs` and report every choice made: per outermost
+    fused module, how its stages run (plain, stages, one backend, the whole-stack kernel)
+    and why; per stage that reached the op, which backend ran it and why (forced, measured
+    with the times and the margin, stored by an earlier process, the static rule, hooks).
 
     backward: also run a backward (default: when the model is training and has parameters
-    that require grad), so the decisions are those of a training step; without, the model
+    that require grad), so the choices are those of a training step; without, the model
     runs under no_grad, as inference does. The model's state is restored afterwards.
     """
     names = {module: name for name, module in model.named_modules()}
-    with _state_restored(model), backends.recording() as log:
+    with _state_restored(model), dispatch.recording() as log:
         _run_once(model, example_inputs, backward)
-    return DispatchReport(StageDecision(names.get(stage, ""), call, d.backend, d.reason)
-                          for stage, call, d in log)
+    report = DispatchReport()
+    for where, call, choice in log:
+        level = choice.level
+        report.append(StageDecision(names.get(where, ""), call,
+                                    f"policy: {choice.name}" if level == "module"
+                                    else choice.name, choice.why(), level))
+    return report
+
+
+@contextlib.contextmanager
+def _measuring():
+    """Measure inside the block even where FASTRES_DISPATCH=static."""
+    previous = os.environ.pop("FASTRES_DISPATCH", None)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            os.environ["FASTRES_DISPATCH"] = previous
 
 
 def autotune(model: nn.Module, *example_inputs, backward: Optional[bool] = None
              ) -> DispatchReport:
-    """Measure every stage of `model` now (what the first call of each signature would do),
-    even where FASTRES_DISPATCH=static; return the report of `explain`. The choices persist
-    (backends/autotune.py) unless FASTRES_DISPATCH_CACHE=0."""
-    with _autotune.measuring():
+    """Measure every choice of `model` now (what the first call of each signature would
+    do), even where FASTRES_DISPATCH=static; return the report of `explain`. Final choices
+    persist (fastres/dispatch/cache.py) unless FASTRES_DISPATCH_CACHE=0."""
+    with _measuring():
         return explain(model, *example_inputs, backward=backward)

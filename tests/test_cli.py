@@ -112,7 +112,9 @@ def test_bench_json_schema_is_stable(quick_op_run):
     _, out = quick_op_run
     doc = json.loads((out / "t.json").read_text())
     assert set(doc) == {"schema_version", "created_utc", "settings", "environment", "suites",
-                        "wall_time_s", "command"}
+                        "wall_time_s", "command", "dispatch"}
+    # every choice measured in this run; the stored cache neither read nor written
+    assert doc["dispatch"]["reused_cache"] is False and doc["dispatch"]["from_cache"] == 0
     assert doc["schema_version"] == 1
     assert doc["command"].startswith("fastres bench --quick --only op")
     assert doc["settings"] == {"size": "quick", "device": "cpu", "dtypes": ["float32"],

@@ -2,9 +2,16 @@
 
 - no import cycle inside fastres (an import inside a function counts: it is a dependency all
   the same, and a cycle through one only waits for the first call to bite);
-- the reference is an independent oracle: only the parity harness and the benchmarks import it;
+- no module reaches another through importlib or __import__ (an import the graph cannot see
+  hides a dependency, and a cycle with it: this test reads those calls too);
+- the reference is an independent oracle: only the parity harness, the dispatcher's
+  correctness probe and the benchmarks import it;
 - backends never import each other (the shared C++ interface fastres._ext is not a backend);
-- the dispatch happens in one place: only fastres.backends (and tests) reach a backend module.
+- what exists is apart from which runs: only fastres.backends (and tests) reach a backend
+  module, the backends never import the dispatcher, and everything that chooses lives in
+  fastres.dispatch;
+- the library never imports the bench package (only the command line's bench verb does);
+- one timer: only fastres/timing.py reads the clock to time candidates.
 """
 import ast
 import pathlib
@@ -23,6 +30,21 @@ def _module_name(path: pathlib.Path) -> str:
 
 def _modules():
     return {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _dynamic_imports(path: pathlib.Path):
+    """(line, text) of every importlib / __import__ use in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            if any(n.split(".")[0] == "importlib" for n in names):
+                found.append((node.lineno, "imports importlib"))
+        elif isinstance(node, ast.Name) and node.id == "__import__":
+            found.append((node.lineno, "calls __import__"))
+        elif isinstance(node, ast.Attribute) and node.attr in ("import_module", "__import__"):
+            found.append((node.lineno, f"calls {node.attr}"))
+    return found
 
 
 def _imports(name: str, path: pathlib.Path, known):
@@ -83,10 +105,39 @@ def test_no_import_cycle_inside_fastres(graph):
     assert not cycles, f"import cycles: {cycles}"
 
 
-def test_only_the_parity_harness_and_benchmarks_import_the_reference(graph):
+def test_no_module_is_reached_through_importlib():
+    found = {f"{_module_name(path)}:{line}: {what}" for name, path in _modules().items()
+             for line, what in _dynamic_imports(path)}
+    assert not found, f"dynamic imports: {sorted(found)}"
+
+
+def test_the_reference_is_imported_only_by_its_users(graph):
     importers = {m for m, deps in graph.items() if "fastres.reference" in deps}
-    allowed = {m for m in importers if m == "fastres.parity" or m.startswith("fastres.bench")}
+    allowed = {m for m in importers if m in ("fastres.parity", "fastres.dispatch.probe")
+               or m.startswith("fastres.bench")}
     assert importers == allowed, f"the reference is imported by {sorted(importers - allowed)}"
+
+
+def test_the_library_never_imports_the_bench_package(graph):
+    for name, deps in graph.items():
+        if name.startswith("fastres.bench") or name == "fastres.cli":
+            continue
+        bench = {d for d in deps if d == "fastres.bench" or d.startswith("fastres.bench.")}
+        assert not bench, f"{name} imports {sorted(bench)}"
+
+
+def test_backends_never_import_the_dispatcher(graph):
+    for name, deps in graph.items():
+        if name.startswith("fastres.backends"):
+            chooser = {d for d in deps if d.startswith("fastres.dispatch")}
+            assert not chooser, f"{name} (what exists) imports {sorted(chooser)} (which runs)"
+
+
+def test_one_timer():
+    clocks = {_module_name(p) for p in ROOT.rglob("*.py")
+              if "perf_counter" in p.read_text() or "statistics.median" in p.read_text()}
+    # runner.py reads the wall clock of whole suites, for the report; it times no candidate.
+    assert clocks <= {"fastres.timing", "fastres.bench.runner"}, sorted(clocks)
 
 
 def test_backends_never_import_each_other(graph):

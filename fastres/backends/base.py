@@ -1,20 +1,23 @@
-"""What a backend is: an object the dispatcher can ask whether it runs a call, and run it.
+"""What a backend is: an object that says whether it runs a call, and runs it.
 
 Two kinds exist:
 
-- a kernel backend (fused=True) runs the whole stage in its own kernels. Its module (for
-  example fastres/backends/cpp.py) defines NAME, DEVICES, DTYPES, unavailable_reason(),
-  optionally supports(call), and forward/backward with the contract docs/spec.md states
-  ("Backend contract"); the op wraps them in one torch.library custom op, so autograd,
-  torch.compile and the saved tensors are wired once for all of them. The module is
-  imported on first use, so a missing compiler or Triton costs nothing until asked for.
+- a kernel backend (fused=True) runs the whole stage in its own kernels, with the contract
+  docs/spec.md states ("Backend contract"); the op wraps its forward/backward in one
+  torch.library custom op, so autograd, torch.compile and the saved tensors are wired once
+  for all of them. Each kernel backend is a subclass of KernelBackend whose class
+  attributes state what it can do (devices, dtypes, and the optional parts of the contract:
+  counts_batches, adds_grad_x, saves_mask_bits, own_saved_dtype, streams), and whose
+  `load()` imports its kernel module with a plain import, on first use: a missing compiler
+  or Triton costs nothing until that backend is asked for.
 - the eager backend (fused=False) is PyTorch's own kernels composed under autograd; the op
   calls its `run` directly and no custom op is involved.
+
+Which backend runs a call is not decided here: fastres/dispatch/ does that.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Optional, Tuple
 
 import torch
@@ -95,23 +98,39 @@ class Backend:
 
 
 class KernelBackend(Backend):
-    """A fused backend whose kernels live in a module, imported on first use."""
+    """A fused backend whose kernels live in a module, imported on first use by `load`.
+
+    The optional parts of the backend contract (docs/spec.md), stated per backend:
+      counts_batches   its forward increments num_batches_tracked itself (else done here)
+      adds_grad_x      its data-gradient kernel adds a block's shortcut gradient
+      saves_mask_bits  forward returns the final ReLU's mask as bits where the module's
+                       saves_mask_bits(has_residual, save_for_backward, norm) says so, and
+                       backward reads them (and can defer the residual gradient)
+      own_saved_dtype  the module's saved_dtype(...) says what forward saves for backward
+      streams          the module has fastres.stream's kernel (stream_forward)
+    """
 
     fused = True
+    counts_batches = False
+    adds_grad_x = False
+    saves_mask_bits = False
+    own_saved_dtype = False
+    streams = False
 
-    def __init__(self, name: str, module: str, devices: Tuple[str, ...],
-                 dtypes: Tuple[torch.dtype, ...], description: str):
-        self.name, self.devices, self.dtypes = name, tuple(devices), tuple(dtypes)
-        self.description = description
-        self._module_path, self._module, self._import_error = module, None, None
+    def __init__(self):
+        self._module, self._import_error = None, None
+
+    def load(self):
+        """Import and return the kernel module (a plain import inside the subclass)."""
+        raise NotImplementedError
 
     @property
     def module(self):
         if self._module is None and self._import_error is None:
             try:
-                self._module = importlib.import_module(self._module_path)
+                self._module = self.load()
             except ImportError as exc:  # a backend whose dependency is missing
-                self._import_error = f"cannot import {self._module_path}: {exc}"
+                self._import_error = f"cannot import {type(self).__name__}'s kernels: {exc}"
         return self._module
 
     def unavailable_reason(self) -> Optional[str]:
@@ -119,26 +138,19 @@ class KernelBackend(Backend):
             return self._import_error
         return self.module.unavailable_reason()
 
-    def supports(self, call: Call) -> Optional[str]:
-        reason = super().supports(call)
-        if reason is None and hasattr(self.module, "supports"):
-            reason = self.module.supports(call)
-        return reason
-
     def forward(self, *args, num_batches_tracked=None, **kwargs):
         """The module's forward, as (out, saved, mask_bits, batch_mean, batch_var).
 
-        A batch counter, when given, is incremented once: by the module's kernels where it
-        says so (COUNTS_BATCHES = True), else here. mask_bits is empty unless the module
-        saves the final ReLU's mask as bits (SAVES_MASK_BITS = True, saves_mask_bits)."""
-        if getattr(self.module, "COUNTS_BATCHES", False):
+        A batch counter, when given, is incremented once: by the kernels where
+        counts_batches, else here. mask_bits is empty unless saves_mask_bits."""
+        if self.counts_batches:
             result = self.module.forward(*args, num_batches_tracked=num_batches_tracked,
                                          **kwargs)
         else:
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             result = self.module.forward(*args, **kwargs)
-        if getattr(self.module, "SAVES_MASK_BITS", False):
+        if self.saves_mask_bits:
             return result
         out, saved, batch_mean, batch_var = result
         return out, saved, out.new_empty(0, dtype=torch.uint8), batch_mean, batch_var
@@ -146,18 +158,18 @@ class KernelBackend(Backend):
     def backward(self, *args, grad_x_addend=None, grad_x_addend_bits=None,
                  defer_grad_residual=False, mask_bits=None, **kwargs):
         """The module's backward. grad_x_addend, when given, is added to grad_x, zeroed
-        where grad_x_addend_bits (mask bits, when given) are clear: by the module's
-        data-gradient kernel where it says so (ADDS_GRAD_X = True), else here.
-        mask_bits (what forward saved) goes to modules that save them, and so does
-        defer_grad_residual: grad_residual is then not computed (None), its caller adding
-        grad_out under those bits elsewhere (docs/spec.md, backend contract)."""
-        if getattr(self.module, "SAVES_MASK_BITS", False):
+        where grad_x_addend_bits (mask bits, when given) are clear: by the data-gradient
+        kernel where adds_grad_x, else here. mask_bits (what forward saved) and
+        defer_grad_residual go to backends that save mask bits: grad_residual is then not
+        computed (None), its caller adding grad_out under those bits elsewhere
+        (docs/spec.md, backend contract)."""
+        if self.saves_mask_bits:
             kwargs["mask_bits"] = mask_bits
             kwargs["defer_grad_residual"] = defer_grad_residual
         elif defer_grad_residual:
             raise ValueError(f"backend {self.name!r} saves no mask bits, so it cannot defer "
                              "the residual gradient")
-        if getattr(self.module, "ADDS_GRAD_X", False):
+        if self.adds_grad_x:
             return self.module.backward(*args, grad_x_addend=grad_x_addend,
                                         grad_x_addend_bits=grad_x_addend_bits, **kwargs)
         grads = self.module.backward(*args, **kwargs)
@@ -170,24 +182,23 @@ class KernelBackend(Backend):
 
     def saved_dtype(self, dtype: torch.dtype, norm: str, relu_before_add: bool,
                     weights_per_channel: int) -> torch.dtype:
-        """dtype of the tensor forward saves for backward: the module's saved_dtype where it
-        defines its own (Triton: a float16 x-hat in 16-bit training, which also depends
+        """dtype of the tensor forward saves for backward: the module's own where
+        own_saved_dtype (Triton: a float16 x-hat in 16-bit training, which also depends
         on the weights per output channel, C_in * K), else the convention's."""
-        own = getattr(self.module, "saved_dtype", None)
-        if own is None:
-            return conventions.saved_dtype(dtype, norm, relu_before_add)
-        return own(dtype, norm, relu_before_add, weights_per_channel)
+        if self.own_saved_dtype:
+            return self.module.saved_dtype(dtype, norm, relu_before_add, weights_per_channel)
+        return conventions.saved_dtype(dtype, norm, relu_before_add)
 
     def mask_bits_shape(self, shape, has_residual: bool, save_for_backward: bool,
                         norm: str) -> tuple:
         """Shape of the mask bits forward returns for an output of `shape` ((0,): none)."""
-        if getattr(self.module, "SAVES_MASK_BITS", False) \
+        if self.saves_mask_bits \
                 and self.module.saves_mask_bits(has_residual, save_for_backward, norm):
             return conventions.mask_bits_shape(*shape)
         return (0,)
 
     def stream_forward(self, *args, **kwargs) -> None:
-        """The backend's streaming kernel (fastres.stream), where it has one."""
-        if not hasattr(self.module, "stream_forward"):
+        """The backend's streaming kernel (fastres.stream), where it streams."""
+        if not self.streams:
             raise NotImplementedError(f"backend {self.name} has no streaming kernel")
         self.module.stream_forward(*args, **kwargs)

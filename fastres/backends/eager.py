@@ -73,9 +73,12 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
                             stat.copy_(copy)
         if relu_before_add:
             z = torch.relu(z)
+        out_dtype = x.dtype
         if residual is not None:
             z = z + up(residual)
-        return torch.relu(z).to(x.dtype)
+            # A skip stream of higher precision (float32 under autocast) keeps the sum so.
+            out_dtype = torch.promote_types(x.dtype, residual.dtype)
+        return torch.relu(z).to(out_dtype)
 
 
 class EagerBackend(Backend):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import fastres
 
 from . import timing
-from .runner import Settings, Task, compile_fn
+from .task import Settings, Task, compile_fn
 
 MODULES = ("TemporalBlock", "TemporalConvNet", "BasicBlock", "ResNet1d", "unfuse")
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 import fastres
 
 from . import _modules
-from .runner import Settings, Task
+from .task import Settings, Task
 
 NAME = "block"
 TITLE = "Residual blocks: TemporalBlock, BasicBlock"

@@ -59,7 +59,7 @@ def device_slug(device: torch.device) -> str:
 
 def environment(device: torch.device) -> Dict[str, object]:
     import fastres
-    from fastres import backends
+    from fastres import backends, dispatch
 
     try:
         import triton
@@ -91,7 +91,7 @@ def environment(device: torch.device) -> Dict[str, object]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
             env["default_backend"][str(dtype).replace("torch.", "")] = \
-                backends.describe_default(device, dtype)
+                dispatch.describe_default(device, dtype)
         except RuntimeError:
             pass
     return env

@@ -14,7 +14,7 @@ from typing import List, Optional
 import fastres
 
 from . import _modules
-from .runner import Settings, Task
+from .task import Settings, Task
 
 NAME = "model"
 TITLE = "Models: TemporalConvNet, ResNet1d"

@@ -39,7 +39,7 @@ from fastres import backends
 from fastres.conventions import conv_padding, output_length
 
 from . import timing
-from .runner import Settings, Task, compile_fn
+from .task import Settings, Task, compile_fn
 
 NAME = "op"
 TITLE = "One conv -> BN -> ReLU (+add) stage"
@@ -138,7 +138,7 @@ def unavailable_reason(settings: Settings) -> Optional[str]:
 
 
 def fastres_backends(device: torch.device, dtype: torch.dtype, full: bool) -> Dict[str, str]:
-    """impl name -> backend name: "fastres" is the default dispatch (backends.choose:
+    """impl name -> backend name: "fastres" is the default dispatch (fastres.dispatch:
     a fused kernel or eager per call, measured), then each available backend forced on its own.
 
     Triton is never benchmarked on CPU tensors: there it runs in its interpreter, a test

@@ -15,22 +15,16 @@ statistics into rows with throughput, speedup and memory next to the time.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
+from . import block, model, op, tcn_vs_rnn, timing
 from . import environment as environment_info
-from . import timing
+from .task import Settings, Task, compile_fn  # noqa: F401 (the suites' shapes)
 
-SUITES: Dict[str, str] = {
-    "op": "fastres.bench.op",
-    "block": "fastres.bench.block",
-    "model": "fastres.bench.model",
-    "tcn-vs-rnn": "fastres.bench.tcn_vs_rnn",
-}
+SUITES = {"op": op, "block": block, "model": model, "tcn-vs-rnn": tcn_vs_rnn}
 
 SIZES = ("quick", "default", "full")
 
@@ -44,41 +38,6 @@ ROW_KEYS = (
     "times_s", "compile_s", "speedup", "gbps", "tflops", "copy_fraction", "items_per_s",
     "peak_mem_bytes", "peak_above_start_bytes",
 )
-
-
-@dataclasses.dataclass
-class Settings:
-    size: str                           # "quick", "default" or "full"
-    device: torch.device
-    dtypes: List[torch.dtype]
-    only: List[str]                     # suite names, in SUITES order
-    compile_mode: Optional[str]         # torch.compile mode of the op suite's compiled stage
-                                        # ("default", "max-autotune"); None: left out
-    model_compile_mode: Optional[str] = None   # the same for whole blocks / models
-
-    def to_json(self) -> Dict[str, object]:
-        return {"size": self.size, "device": str(self.device),
-                "dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
-                "only": list(self.only), "compile_mode": self.compile_mode,
-                "model_compile_mode": self.model_compile_mode}
-
-
-@dataclasses.dataclass
-class Task:
-    """One group of candidates timed together (interleaved) on identical work."""
-
-    suite: str
-    name: str                                   # stable id, unique within the suite
-    case: Dict[str, object]                     # JSON-able description of the work
-    impls: List[str]                            # candidate names, in display order
-    make: Callable[[str], Callable[[], object]]  # impl -> a no-argument call doing the work
-    compiled: Sequence[str] = ()                # impls built with torch.compile
-    baseline: Optional[str] = None              # speedup = baseline median / impl median
-    flops: Optional[float] = None               # per call, for TFLOP/s
-    bytes: Optional[float] = None               # minimum traffic per call, for GB/s
-    items: Optional[int] = None                 # e.g. sequences per call, for items/s
-    memory: bool = False                        # also measure peak memory per impl
-    timing: Optional[timing.TimingConfig] = None  # overrides the size's timing preset
 
 
 DTYPE_ALIASES = {
@@ -131,12 +90,7 @@ def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.d
 def load_suite(name: str):
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
-    return importlib.import_module(SUITES[name])
-
-
-def compile_fn(fn: Callable, mode: Optional[str]) -> Callable:
-    """torch.compile as the benchmarks use it: the whole graph, in `mode`."""
-    return torch.compile(fn, fullgraph=True, mode=None if mode in (None, "default") else mode)
+    return SUITES[name]
 
 
 def _empty_row(task: Task, impl: str) -> Dict[str, object]:

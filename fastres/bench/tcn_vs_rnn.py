@@ -38,7 +38,7 @@ from torch import Tensor
 import fastres
 
 from . import timing
-from .runner import Settings, Task
+from .task import Settings, Task
 
 NAME = "tcn-vs-rnn"
 TITLE = "TCN (fastres, plain) vs LSTM / GRU over sequence length"

@@ -1,25 +1,5 @@
-"""How every suite times things.
-
-`measure` times a group of candidate implementations of the same work together:
-
-- the first call of each candidate is timed on its own (`first_call_s`): for a
-  torch.compile'd candidate it contains the compilation, which is therefore reported
-  separately (`compile_s`) and never mixed into the steady-state numbers;
-- warm-up calls follow, then the number of calls per timed block is calibrated so
-  that a block lasts at least `min_block_s` (clock resolution and launch jitter
-  become negligible);
-- rounds interleave the candidates, rotating their order every round, so a slow
-  drift of the machine (other jobs, clocks, thermals) hits all of them alike
-  instead of whichever ran last (interleaved A/B order);
-- each round contributes one sample (block time / calls); the statistics are the
-  median and the interquartile range of the samples.
-
-Blocks are timed with CUDA events on a GPU and with time.perf_counter (the clock
-torch.utils.benchmark uses) on the CPU. torch.utils.benchmark.Timer and
-triton.testing.do_bench each time one function in isolation, so they cannot interleave
-candidates, and Timer.timeit runs its own warm-up calls before every block (for a
-half-second RNN step that would triple the cost of each sample); the loop here does the
-same clock work with interleaving and a single warm-up.
+"""What the suites need around the one timer (fastres/timing.py): input rotation, cache
+sizes, peak memory and the memory roofline.
 
 Candidates that read inputs cycle through several copies of them when one copy
 fits in the last-level cache (`rotation_count` / `Rotating`), so a benchmark does
@@ -27,144 +7,13 @@ not report cache bandwidth as memory bandwidth.
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import math
-import statistics
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-
-@dataclasses.dataclass
-class TimingConfig:
-    """How hard `measure` tries. The presets below match the bench sizes."""
-
-    min_rounds: int = 5          # samples per candidate, at least
-    max_rounds: int = 30         # ... and at most
-    max_time_s: float = 2.0      # stop adding rounds once the group has run this long
-    min_block_s: float = 0.01    # one timed block lasts at least this long
-    warmup_s: float = 0.05       # warm-up time per candidate after its first call
-    min_warmup_calls: int = 2
-
-
-TIMING = {
-    "quick": TimingConfig(min_rounds=3, max_rounds=3, max_time_s=0.05, min_block_s=0.0,
-                          warmup_s=0.0, min_warmup_calls=1),
-    "default": TimingConfig(min_rounds=5, max_rounds=25, max_time_s=0.6, min_block_s=0.01,
-                            warmup_s=0.02, min_warmup_calls=1),
-    "full": TimingConfig(min_rounds=10, max_rounds=50, max_time_s=3.0, min_block_s=0.002,
-                         warmup_s=0.1),
-}
-
-
-@dataclasses.dataclass
-class Stats:
-    """Per-call seconds of one candidate: one sample per round."""
-
-    times_s: List[float]
-    number: int                  # calls per timed block
-    first_call_s: float          # the very first call (compilation included, if any)
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.times_s)
-
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.times_s)
-        pos = q * (len(ordered) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-    @property
-    def spread(self) -> float:
-        """Interquartile range relative to the median (0.05 = the middle half within 5%)."""
-        return (self.quantile(0.75) - self.quantile(0.25)) / self.median_s
-
-    def to_json(self) -> Dict[str, object]:
-        return {
-            "median_s": self.median_s,
-            "p25_s": self.quantile(0.25),
-            "p75_s": self.quantile(0.75),
-            "min_s": min(self.times_s),
-            "spread": self.spread,
-            "rounds": len(self.times_s),
-            "number": self.number,
-            "first_call_s": self.first_call_s,
-            "times_s": list(self.times_s),
-        }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _BlockTimer:
-    """Seconds per call of `fn` over a block of `number` back-to-back calls."""
-
-    def __init__(self, fn: Callable[[], object], device: torch.device):
-        self.fn, self.device = fn, device
-
-    def __call__(self, number: int) -> float:
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(number):
-                self.fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / number
-        fn = self.fn
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - start) / number
-
-
-def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def measure(candidates: Dict[str, Callable[[], object]], device: torch.device,
-            config: TimingConfig = TimingConfig()) -> Dict[str, object]:
-    """Time every candidate, interleaved; return name -> Stats, or the exception it raised."""
-    results: Dict[str, object] = {}
-    timers: Dict[str, _BlockTimer] = {}
-    numbers: Dict[str, int] = {}
-    for name, fn in candidates.items():
-        try:
-            first = _timed_call(fn, device)
-            warm, calls = [], 0
-            while calls < config.min_warmup_calls or sum(warm) < config.warmup_s:
-                warm.append(_timed_call(fn, device))
-                calls += 1
-            per_call = max(min(warm), 1e-7)
-            numbers[name] = max(1, math.ceil(config.min_block_s / per_call))
-            timers[name] = _BlockTimer(fn, device)
-            results[name] = Stats([], numbers[name], first)
-        except Exception as exc:  # noqa: BLE001 - one broken candidate must not sink the group
-            results[name] = exc
-    names = list(timers)
-    started = time.perf_counter()
-    for round_index in range(config.max_rounds):
-        if round_index >= config.min_rounds and time.perf_counter() - started > config.max_time_s:
-            break
-        shift = round_index % max(1, len(names))
-        for name in names[shift:] + names[:shift]:
-            if isinstance(results[name], Exception):
-                continue
-            try:
-                results[name].times_s.append(timers[name](numbers[name]))
-            except Exception as exc:  # noqa: BLE001
-                results[name] = exc
-    return results
+from ..timing import TIMING, Stats, TimingConfig, measure, synchronize  # noqa: F401 (the suites' timer)
 
 
 # --------------------------------------------------------------------------- inputs and memory

@@ -6,14 +6,14 @@ with those submodules' parameters and buffers. `bn_arguments` reproduces exactly
 nn.BatchNorm1d.forward decides between batch and running statistics, so a fused module
 trains and evaluates as the plain module would.
 
-A stage pays for nothing it does not use: the op's validation and backend choice run once per
-input signature, and the plan is kept per conv module. Where eager PyTorch won the
-measurement the stage runs the plain twin's code itself (float32 and float64; 16-bit inputs
-take the eager backend, which computes in float32 as docs/spec.md asks), so a fused module
-then costs what the plain block costs plus one dictionary lookup. A BatchNorm with forward
-hooks always runs as a module, so its hooks fire; forward hooks on the convs do not (fastres
-blocks and their plain twins both use the conv's parameters, never conv.forward): register
-those on the block.
+A stage pays for nothing it does not use: the op's validation runs once per input
+signature and conv module (the validated plan is kept; its backend is the op level's
+choice, fastres/dispatch/op.py). Where eager PyTorch won, the stage runs the plain twin's
+code itself (float32 and float64; 16-bit inputs take the eager backend, which computes in
+float32 as docs/spec.md asks), so a fused module then costs what the plain block costs plus
+one dictionary lookup. A stage whose conv or norm has hooks runs as modules (the conv's
+forward, then the norm's), so every hook fires once and sees what it would see in a
+plain model; the outermost module then runs stage by stage (fastres/dispatch/module.py).
 
 `padded_conv1d` is the plain-PyTorch side: what the "plain twins" (the modules `unfuse`
 returns) run. It is TorchScript-compatible on purpose.
@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .. import backends
-from ..conventions import HALF_DTYPES, conv_padding
+from .. import dispatch
+from ..conventions import HALF_DTYPES, conv_padding, output_length
 from ..ops import ResidualGradLink, conv_bn_relu, execute, plan
-from .policy import forward_with_policy
 from .sync_batchnorm import sync_conv_bn_relu_stage
 
 
@@ -64,17 +63,18 @@ def bn_arguments(bn: nn.BatchNorm1d) -> dict:
         num_batches_tracked=bn.num_batches_tracked if tracking else None)
 
 
-# Plans per conv module (one stage each) and input signature; weak, so modules die freely.
-# _PLAIN marks a stage where eager won: it runs the plain twin's code.
+# Validated plans per conv module (one stage each) and input signature; weak, so modules die
+# freely. _PLAIN marks a stage where eager won: it runs the plain twin's code.
 _PLAIN = "plain"
 _PLANNED_DEVICES = ("cpu", "cuda")
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, object]]" = weakref.WeakKeyDictionary()
 
 
-def _hooked(bn: Optional[nn.Module]) -> bool:
-    return bn is not None and bool(bn._forward_hooks or bn._forward_pre_hooks
-                                   or _module._global_forward_hooks
-                                   or _module._global_forward_pre_hooks)
+def _hooked(*modules: Optional[nn.Module]) -> bool:
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m is not None and bool(m._forward_hooks or m._forward_pre_hooks)
+               for m in modules)
 
 
 def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d], padding: str,
@@ -93,6 +93,14 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
     if isinstance(bn, nn.SyncBatchNorm):  # statistics over every process's batch
         return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
                                        bn_arguments(bn))
+    recording = dispatch.record.recording_active()
+    if recording:
+        dispatch.record.set_stage(conv)
+    if _hooked(conv, bn):
+        if recording:
+            dispatch.record.record(conv, None, dispatch.Choice(
+                "op", "eager", "its conv or norm has hooks, so the stage runs as modules"))
+        return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add)
     weight = conv.weight
     device_type = x.device.type
     if torch.compiler.is_compiling() or device_type not in _PLANNED_DEVICES \
@@ -102,14 +110,6 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
         return conv_bn_relu(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
                             padding=padding, residual=residual, relu_before_add=relu_before_add,
                             **op_arguments(conv, bn))
-    recording = backends.is_recording()
-    if recording:
-        backends.set_recording_stage(conv)
-    if _hooked(bn):
-        if recording:
-            backends.record(conv, None, backends.Decision(
-                "eager", "its BatchNorm has forward hooks, so it runs as modules"))
-        return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add)
     # The signature of this stage's call (plans are kept per conv module, whose stride and
     # dilation it carries; the padding mode and ReLU placement are the block's, and convert
     # tries one conv in several blocks). needs_grad short-circuits on the parameters, which
@@ -123,11 +123,11 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
     key = (x.shape, x.dtype, x.device, weight.dtype, needs_grad, residual is None, padding,
            relu_before_add,
            None if bn is None else (bn.training, bn.eps, bn.running_mean is None),
-           backends.forced_backend())
+           dispatch.forced_backend(), dispatch.safety.functorch_active())
     plans = _PLANS.get(conv)
     if plans is None:
         plans = _PLANS.setdefault(conv, {})
-    cached = None if recording else plans.get(key)  # recording: choose() logs the decision
+    cached = None if recording else plans.get(key)  # recording: choose() logs the choice
     if cached is None:
         stage_plan, _ = plan(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
                              padding=padding, residual=residual,
@@ -135,7 +135,8 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
         # Eager at full precision runs the plain twin's code; 16-bit keeps the eager backend.
         cached = _PLAIN if stage_plan.backend == "eager" and x.dtype not in HALF_DTYPES \
             else stage_plan
-        plans[key] = cached
+        if dispatch.why_not_measure() is None or cached is _PLAIN:
+            plans[key] = cached  # (a static choice made where measuring was unsafe is not)
     if cached is _PLAIN:
         return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add)
     a = op_arguments(conv, bn)
@@ -143,6 +144,30 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
                a["running_var"], residual)
     return execute(cached, tensors, a["momentum"], a["num_batches_tracked"],
                    residual_grad_link)
+
+
+def _stage_as_modules(x, conv, bn, padding, residual, relu_before_add):
+    """The stage with conv and norm called as modules (their hooks fire), the conv's output
+    cut to the block's causal / same geometry."""
+    k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+    left, right = conv_padding(k, d, s, padding)
+    p = conv.padding[0] if isinstance(conv.padding, tuple) else None
+    if p is None:
+        raise ValueError(f"a hooked stage needs an integer conv padding, got {conv.padding!r}")
+    if left >= p and right >= p:
+        z = conv(F.pad(x, [left - p, right - p]))
+    elif p >= left and p >= right and (p - left) % s == 0:
+        start = (p - left) // s
+        z = conv(x)[..., start:start + output_length(x.shape[-1], k, d, s, left, right)]
+    else:
+        raise ValueError(f"cannot run {conv} as a module for {padding!r} padding")
+    if bn is not None:
+        z = bn(z)
+    if relu_before_add:
+        z = F.relu(z)
+    if residual is not None:
+        z = z + residual
+    return F.relu(z)
 
 
 def identity_shortcut_link(x: Tensor, shortcut: Tensor) -> Optional[ResidualGradLink]:
@@ -243,9 +268,9 @@ class FusedModule:
         return self.PLAIN_TWINS[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        # The outermost fused module of a call picks how its stages run by timing itself
-        # (fastres/nn/policy.py); nested ones follow it.
-        return forward_with_policy(self, x)
+        # The outermost fused module of a call chooses how its stages run
+        # (fastres/dispatch/module.py); nested ones follow it.
+        return dispatch.module.run(self, x)
 
     def fused_forward(self, x: Tensor) -> Tensor:
         """The forward through fastres's stages."""

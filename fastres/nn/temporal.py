@@ -15,13 +15,15 @@ the same attributes and a plain-PyTorch forward; fastres.unfuse swaps to it for 
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import functools
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from .. import dispatch
 from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
                      identity_shortcut_link, padded_conv1d)
 
@@ -219,24 +221,40 @@ class TemporalConvNet(nn.Module):
                        for block in self.network for conv in (block.conv1, block.conv2))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            # Small-batch eval inference: the whole stack in one C++ call where that measured
-            # faster (fastres.stream registers it); None runs the blocks.
-            for fast_path in _WHOLE_NETWORK_PATHS:
-                out = fast_path(self, x)
-                if out is not None:
-                    return out
+        if torch.jit.is_scripting():
+            return self.network(x)
+        return self._dispatched_forward(x)
+
+    @torch.jit.unused
+    def _dispatched_forward(self, x: Tensor) -> Tensor:
+        # How the blocks run is the module level's choice (fastres/dispatch/module.py):
+        # plain, stage by stage, all on one backend, or the whole stack in one call.
+        return dispatch.module.run(self, x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return self.network(x)
 
+    def plain_forward(self, x: Tensor) -> Tensor:
+        # The blocks follow the enclosing policy (plain: each its plain twin).
+        return self.network(x)
 
-# Paths that may run a whole TemporalConvNet forward at once, each returning None where the
-# blocks should run. fastres/stream.py registers its stacked C++ kernel here: it builds on
-# this module, so this module cannot import it.
-_WHOLE_NETWORK_PATHS: List[Callable[[TemporalConvNet, Tensor], Optional[Tensor]]] = []
+    def dispatch_candidates(self, x: Tensor) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
+        """Whole-network paths the module level may time against the blocks: each returns
+        model(x), or None where it cannot run this input or this model as it is now."""
+        return {name: functools.partial(path, self) for name, path in _WHOLE_NETWORK_PATHS.items()
+                if path(self, None) is not False}
 
 
-def register_whole_network_path(path: Callable[[TemporalConvNet, Tensor], Optional[Tensor]]):
-    """Let `path(model, x)` answer TemporalConvNet.forward (None: run the blocks)."""
-    if path not in _WHOLE_NETWORK_PATHS:
-        _WHOLE_NETWORK_PATHS.append(path)
-    return path
+# Paths that may run a whole TemporalConvNet forward at once, by name: path(model, x) returns
+# model(x), or None where it cannot; path(model, None) returns False where it can never
+# run for this model. fastres/stream registers its stacked C++ kernel as "stack": it builds
+# on this module, so this module cannot import it.
+_WHOLE_NETWORK_PATHS: Dict[str, Callable[[TemporalConvNet, Optional[Tensor]], object]] = {}
+
+
+def register_whole_network_path(name: str):
+    """Decorator: let `path(model, x)` be the module level's candidate `name`."""
+    def register(path):
+        _WHOLE_NETWORK_PATHS[name] = path
+        return path
+    return register

@@ -18,7 +18,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import backends, dispatch
+from ..dispatch.measure import bounded_extent
+from ..dispatch.safety import functorch_active
 from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
                            norm_mode, output_length, stats_dtype)
 
@@ -98,6 +100,13 @@ def _(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits, has_bias, ha
             torch.empty_like(out) if has_residual and not defer_grad_residual else empty)
 
 
+NO_DOUBLE_BACKWARD = (
+    "fastres.conv_bn_relu has no double backward (backward with create_graph=True, as "
+    "gradient penalties and torch.autograd.functional.hessian need), on any backend. "
+    "Run the model as plain PyTorch for that: fastres.unfuse(model), or "
+    "fastres.use_backend('eager') around the forward for a bare op call.")
+
+
 class ResidualGradLink:
     """Hands a block's identity-shortcut gradient from the stage that adds the shortcut to
     the stage that reads the block input, whose data-gradient kernel adds it in its
@@ -155,6 +164,8 @@ class _FusedStage(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(NO_DOUBLE_BACKWARD)
         x, weight, gamma, beta, saved, out, var, mask_bits = ctx.saved_tensors
         if var is None:
             var = x.new_empty(0)
@@ -205,7 +216,7 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual,
               training, momentum, eps, stride, dilation, padding, norm,
-              num_batches_tracked) -> Tuple[int, int, int]:
+              num_batches_tracked, mixed_skip=False) -> Tuple[int, int, int]:
     """Check every argument; return (pad_left, pad_right, L_out)."""
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("x and weight must be tensors")
@@ -270,7 +281,7 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
                              f"got {tuple(residual.shape)}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-        if residual.dtype != x.dtype:
+        if residual.dtype != x.dtype and not mixed_skip:
             raise TypeError(f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
     if norm == "batch" and training and batch > 0 and batch * l_out <= 1:
         # The message nn.BatchNorm1d gives, so users see the error they know.
@@ -309,19 +320,23 @@ _UNIT_AFFINE: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 def _unit_affine(c_out: int, device: torch.device, dtype: torch.dtype):
     key = (c_out, device, dtype)
     if key not in _UNIT_AFFINE:
-        _UNIT_AFFINE[key] = (torch.ones(c_out, device=device, dtype=dtype),
-                             torch.zeros(c_out, device=device, dtype=dtype))
+        # Made outside inference mode: an inference tensor kept here would break every later
+        # training call that saves it for backward.
+        with torch.inference_mode(False):
+            _UNIT_AFFINE[key] = (torch.ones(c_out, device=device, dtype=dtype),
+                                 torch.zeros(c_out, device=device, dtype=dtype))
     return _UNIT_AFFINE[key]
 
 
 # --------------------------------------------------------------------------- public function
 
 
-# Under torch.compile the backend is chosen once, when the graph is traced (dynamo runs this
-# function instead of tracing it); the compiled graph calls that backend from then on.
+# Under torch.compile the backend is chosen once per graph, when it is traced (dynamo runs
+# this function instead of tracing it), from arguments that are never symbolic.
 @torch.compiler.assume_constant_result
-def _backend_at_trace_time(*signature) -> str:
-    return backends.choose(backends.Call(*signature)).backend
+def _backend_at_trace_time(device_type: str, dtype: torch.dtype, stride: int,
+                           needs_grad: bool) -> str:
+    return dispatch.trace_time_choice(device_type, dtype, stride, needs_grad)
 
 
 def conv_bn_relu(
@@ -394,6 +409,7 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
          num_batches_tracked=None) -> Tuple[Plan, tuple]:
     """Validate a call (after autocast) and choose its backend; return the plan and the
     call's tensors (x, weight, bias, gamma, beta, running mean, running var, residual)."""
+    mixed_skip = False
     if isinstance(x, Tensor) and x.is_floating_point() \
             and torch.amp.is_autocast_available(x.device.type) \
             and torch.is_autocast_enabled(x.device.type):
@@ -402,10 +418,12 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        residual = None if residual is None else residual.to(dtype)
+        # A skip stream of higher precision stays so, and so does the sum, as PyTorch
+        # keeps them (bn(conv) + x is float32 for a float32 x under autocast).
+        mixed_skip = residual is not None and residual.dtype != dtype
     pad_left, pad_right, _ = _validate(
         x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual, training,
-        momentum, eps, stride, dilation, padding, norm, num_batches_tracked)
+        momentum, eps, stride, dilation, padding, norm, num_batches_tracked, mixed_skip)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, weight, bias, bn_weight, bn_bias, residual))
@@ -416,14 +434,17 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
     tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
     geometry = dict(stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
                     norm=mode, eps=eps, relu_before_add=relu_before_add)
-    if torch.compiler.is_compiling():
-        name = _backend_at_trace_time(*signature)
-    elif x.shape[0] == 0 or x.device.type == "meta":
+    if torch.compiler.is_compiling() and not mixed_skip:
+        name = _backend_at_trace_time(x.device.type, x.dtype, stride, needs_grad)
+    elif x.shape[0] == 0 or x.device.type == "meta" or mixed_skip \
+            or torch.compiler.is_compiling() or functorch_active():
         # An empty batch or meta tensors: PyTorch's own ops give its results and shapes.
+        # Inside torch.func transforms (grad, vmap): PyTorch's ops, which they transform.
+        # A float32 skip stream under autocast: eager, which adds it in float32.
         name = "eager"
     else:
-        name = backends.choose_signature(signature, lambda candidate: _candidate_run(
-            candidate, tensors, geometry, momentum, num_batches_tracked, needs_grad)).backend
+        name = dispatch.op.choose(signature, lambda candidate: _candidate_run(
+            candidate, tensors, geometry, momentum, num_batches_tracked, needs_grad)).name
     return Plan(name, geometry, needs_grad), tensors
 
 
@@ -463,17 +484,30 @@ def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean,
 
 def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracked,
                    needs_grad: bool):
-    """One timed run of `backend` on private copies of the call's inputs, for the dispatcher.
+    """One timed run of `backend` on private copies of (a bounded slice of) the call's
+    inputs, for the dispatcher.
 
     Copies of every tensor (the identity residual stays the input), of the running
     statistics and of the batch counter: measuring changes nothing the user can see, and
     the gradients go to the copies (torch.autograd.grad), never into .grad or the graph.
+    A long input is timed on its first positions only (dispatch.measure.bounded_extent).
     """
-    x = tensors[0]
-    copies = [None if t is None or t is x else
-              t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
-    copies[0] = x.detach().clone().requires_grad_(x.requires_grad)
-    if tensors[7] is x:
+    x, weight, residual = tensors[0], tensors[1], tensors[7]
+    batch, length = bounded_extent(x.shape[0], x.shape[2])
+    l_out = output_length(length, weight.shape[2], geometry["dilation"], geometry["stride"],
+                          geometry["pad_left"], geometry["pad_right"])
+
+    def private(t):
+        if t is None:
+            return None
+        if t is x:
+            t = t[:batch, :, :length]
+        elif t is residual:
+            t = t[:batch, :, :l_out]
+        return t.detach().clone().requires_grad_(t.requires_grad)
+    copies = [None if t is None or t is x else private(t) for t in tensors]
+    copies[0] = private(x)
+    if residual is x:
         copies[7] = copies[0]
     counter = None if num_batches_tracked is None else num_batches_tracked.clone()
     leaves = [t for t in dict.fromkeys(copies) if t is not None and t.requires_grad]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastres
-from fastres import backends
+from fastres import backends, dispatch
 from availability import requires_cuda
 from fastres.parity import Case, check_parity, make_inputs, run_backend
 
@@ -52,7 +52,7 @@ def test_extension_build_did_not_fail_silently():
 def test_available_backends_report_the_extension():
     names = fastres.available_backends()
     assert "cpp" in names
-    assert "cpp" in backends.describe_default(torch.device("cpu"), torch.bfloat16)
+    assert "cpp" in dispatch.describe_default(torch.device("cpu"), torch.bfloat16)
     with_cuda = torch.ops.fastres_ext.compiled_with_cuda()
     assert ("cuda" in names) == (with_cuda and torch.cuda.is_available())
     if not torch.cuda.is_available():

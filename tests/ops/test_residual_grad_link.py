@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastres
-from fastres import backends
+from fastres import backends, dispatch
 from fastres.backends import base
 from availability import skip_unless_available
 
@@ -34,7 +34,7 @@ def _grads(block, x, grad_out, backend):
     """(output, grad_x, parameter grads) of one training step of `block` on `backend`."""
     block.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
-    with backends.use_backend(backend):
+    with dispatch.use_backend(backend):
         out = block(x)
     out.backward(grad_out)
     return out.detach(), x.grad, [p.grad.clone() for p in block.parameters()]
@@ -93,7 +93,7 @@ def test_no_link_where_stage_one_does_not_read_the_shortcut(backend, addends):
     x = torch.randn(2, 16, 8).transpose(1, 2)  # (2, 8, 16), not contiguous
     assert not x.is_contiguous()
     xg = x.detach().requires_grad_()
-    with backends.use_backend(backend):
+    with dispatch.use_backend(backend):
         block(xg).sum().backward()
     assert addends["with"] == 0
     plain = copy.deepcopy(block).unfused()
@@ -102,7 +102,7 @@ def test_no_link_where_stage_one_does_not_read_the_shortcut(backend, addends):
     plain(xp).sum().backward()
     assert _rel(xg.grad, xp.grad) < 1e-5
 
-    with backends.use_backend(backend):
+    with dispatch.use_backend(backend):
         block(torch.randn(2, 8, 16)).sum().backward()
     assert addends["with"] == 0
 
@@ -116,7 +116,7 @@ def test_link_survives_repeated_and_partial_backward(backend):
     torch.manual_seed(1)
     block = fastres.TemporalBlock(8, 8, 3)
     x = torch.randn(2, 8, 16, requires_grad=True)
-    with backends.use_backend(backend):
+    with dispatch.use_backend(backend):
         out = block(x)
     g = torch.randn_like(out)
     (first,) = torch.autograd.grad(out, x, g, retain_graph=True)
@@ -138,7 +138,7 @@ def test_stage_one_eager_keeps_the_shortcut_gradient(addends):
     block = fastres.TemporalBlock(8, 8, 3)
     block.bn1.register_forward_hook(lambda *args: None)
     x = torch.randn(2, 8, 16, requires_grad=True)
-    with backends.use_backend("cpp"):
+    with dispatch.use_backend("cpp"):
         block(x).sum().backward()
     assert addends["with"] == 0
     plain = copy.deepcopy(block).unfused()

@@ -42,14 +42,9 @@ from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, mask
                             stats_dtype, triton_interpreting)
 
 
-# The training forward's finalize increments num_batches_tracked (no torch kernel for it).
-COUNTS_BATCHES = True
-# conv_dgrad_kernel adds a block's shortcut gradient in its epilogue (no torch add).
-ADDS_GRAD_X = True
-# Training stages and stages with a residual save the final ReLU mask as bits
-# (mask_bits.py, saves_mask_bits): forward returns them after `saved`, backward reads them
-# instead of out or a mask recomputed from x-hat.
-SAVES_MASK_BITS = True
+# What this module's kernels do beyond the plain contract (counting batches, adding the
+# shortcut gradient in dgrad, mask bits, float16 x-hat, streaming) is stated once, on
+# TritonBackend in fastres/backends/__init__.py.
 
 
 def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool,

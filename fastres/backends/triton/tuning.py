@@ -3,7 +3,7 @@
 The tiles of tiling.gemm_config are a model of the H100, not a measurement. With tuning
 on, the first call of each (GEMM, C_in, C_out, K, dtype, length bucket, stride, TMA) key
 times the heuristic config and its neighbours (tiling.candidate_configs), interleaved
-with fastres.bench.timing.measure, and keeps the fastest for the rest of the process.
+with fastres.timing.measure (the one timer), and keeps the fastest for the rest of the process.
 FASTRES_TRITON_TUNE_CACHE=path also keeps the winners in a JSON file across processes.
 
 Side effects: only kernels without any are timed: the forward's statistics pass without
@@ -46,7 +46,7 @@ def choose(tuning_key: str, candidates: List[GemmConfig], run: Callable[[GemmCon
     if tuning_key not in _CHOSEN:
         _load()
     if tuning_key not in _CHOSEN:
-        from ...bench.timing import TIMING, measure
+        from ...timing import TIMING, measure
         results = measure({repr(c): (lambda c=c: run(c)) for c in candidates}, device,
                           TIMING["quick"])
         timed = [(results[repr(c)].median_s, i) for i, c in enumerate(candidates)

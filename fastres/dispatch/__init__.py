@@ -1,0 +1,27 @@
+"""Which backend runs: everything that decides, in one package (what exists is
+fastres/backends/).
+
+Two levels decide, and nothing else does:
+- the op level (op.py): which backend runs one call of fastres.conv_bn_relu;
+- the module level (module.py): how the outermost fused module of a call runs its stages
+  (plain, each stage its own choice, all on one backend, or a whole-module path such as
+  TemporalConvNet's stacked kernel).
+Both return a Choice (choice.py), time with the one timer (fastres/timing.py) by one rule
+(measure.py), keep choices in one cache (cache.py), probe candidates for correctness
+before timing them (probe.py), and never measure where that is unsafe (safety.py).
+`fastres.explain` reads what they chose (record.py).
+"""
+from . import module, op, record
+from .cache import cache, forget
+from .choice import Choice
+from .forcing import forced_backend, use_backend
+from .measure import MARGIN_BACKWARD, MARGIN_FORWARD
+from .op import (CPP_MIN_LENGTH, PREFERENCE, candidates, describe_default, static_choice,
+                 trace_time_choice)
+from .record import recording
+from .safety import why_not_measure
+
+__all__ = ["CPP_MIN_LENGTH", "Choice", "MARGIN_BACKWARD", "MARGIN_FORWARD", "PREFERENCE",
+           "cache", "candidates", "describe_default", "forced_backend", "forget", "module",
+           "op", "record", "recording", "static_choice", "trace_time_choice", "use_backend",
+           "why_not_measure"]

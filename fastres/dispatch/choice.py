@@ -1,0 +1,142 @@
+"""The one record of a choice: what runs, why, and how that was found out.
+
+Both levels that choose (an op call, fastres/dispatch/op.py; the outermost fused module,
+fastres/dispatch/module.py) return a Choice; the cache stores Choices; `fastres.explain` and
+`fastres dispatch` print them. A measured Choice carries its provenance (the device, thread
+count, software versions, when, the machine's load) and whether it is final: a choice
+measured on a busy machine, or won by less than the timing noise, is used by this process
+only and measured again by the next one, so a noisy moment cannot decide for good.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Dict, Optional
+
+import torch
+
+from ..conventions import cpu_name
+
+# A machine whose one-minute load average exceeds this many runnable threads per core is busy:
+# a choice timed there is not stored for later processes. The measuring process itself adds
+# up to its thread count (one per core by default), so a quiet machine reads about 1.
+BUSY_LOAD_PER_CORE = 1.5
+
+# Where a choice came from.
+MEASURED, CACHED, STATIC, FORCED, RULE = "measured", "cached", "static", "forced", "rule"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What runs for one call signature (op level) or one module input (module level).
+
+    level: "op" or "module". name: the backend (op level) or policy (module level) that
+    runs. reason: why, in words. times_s: median seconds per call of every candidate timed;
+    spread: the largest interquartile spread of their samples (relative); margin: how much
+    faster than the baseline another candidate had to be; excluded: candidates left out,
+    and why (a failed correctness probe, an error). source: MEASURED, CACHED, STATIC,
+    FORCED or RULE. final: stored for later processes (see the module docstring).
+    """
+
+    level: str
+    name: str
+    reason: str
+    source: str = RULE
+    times_s: Dict[str, float] = dataclasses.field(default_factory=dict)
+    spread: float = 0.0
+    margin: float = 0.0
+    baseline: str = ""
+    excluded: Dict[str, str] = dataclasses.field(default_factory=dict)
+    provenance: Dict[str, object] = dataclasses.field(default_factory=dict)
+    final: bool = True
+
+    def why(self) -> str:
+        """The reason with the times, as `fastres explain` and `fastres dispatch` print it."""
+        if not self.times_s:
+            return self.reason
+        ranked = sorted(self.times_s.items(), key=lambda kv: kv[1])
+        times = ", ".join(f"{name} {_fmt(t)}" for name, t in ranked)
+        base = self.times_s.get(self.baseline)
+        if self.name == self.baseline and ranked[0][0] != self.baseline and base:
+            saving = 1 - ranked[0][1] / base
+            verdict = (f"{ranked[0][0]} took {saving:.0%} less time than {self.baseline}, "
+                       f"short of the {self.margin:.0%} a fused path must save, so "
+                       f"{self.baseline} runs")
+        elif self.name != self.baseline and base:
+            verdict = (f"{self.name} took {1 - self.times_s[self.name] / base:.0%} less time "
+                       f"than {self.baseline} (needed {self.margin:.0%})")
+        else:
+            verdict = f"{self.name} was fastest"
+        tail = []
+        if self.excluded:
+            tail.append("left out: " + "; ".join(f"{k}: {v}" for k, v in self.excluded.items()))
+        if not self.final:
+            tail.append("not stored: " + str(self.provenance.get("not_final", "provisional")))
+        when = self.provenance.get("measured_utc")
+        source = f"{self.source} {when}" if when else self.source
+        return f"{source}: {times}; {verdict}" + "".join(f"; {t}" for t in tail)
+
+    def to_json(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: object) -> "Choice":
+        """A Choice from a stored entry; ValueError for anything of the wrong shape."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"an entry must be an object, not {type(doc).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(doc) - set(fields)
+        if unknown or not {"level", "name", "reason"} <= set(doc):
+            raise ValueError(f"unexpected or missing fields in {sorted(doc)}")
+        for key in ("level", "name", "reason", "source", "baseline"):
+            if key in doc and not isinstance(doc[key], str):
+                raise ValueError(f"{key} must be a string")
+        for key in ("times_s", "excluded", "provenance"):
+            if key in doc and not isinstance(doc[key], dict):
+                raise ValueError(f"{key} must be an object")
+        if not all(isinstance(v, (int, float)) for v in doc.get("times_s", {}).values()):
+            raise ValueError("times_s must map names to seconds")
+        for key in ("spread", "margin"):
+            if key in doc and not isinstance(doc[key], (int, float)):
+                raise ValueError(f"{key} must be a number")
+        return dataclasses.replace(cls(**doc), source=CACHED)
+
+
+def _fmt(seconds: float) -> str:
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def device_name(device: str) -> str:
+    """The device a choice was measured on, in words (GPU name, or CPU model and cores)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_name()} x{os.cpu_count()}"
+
+
+def versions() -> Dict[str, Optional[str]]:
+    from .._version import __version__
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"fastres": __version__, "torch": torch.__version__, "triton": triton_version}
+
+
+def load_per_core() -> Optional[float]:
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
+def provenance(device: str) -> Dict[str, object]:
+    """Where and when a measurement is taken."""
+    load = load_per_core()
+    return {"device": device_name(device), "threads": torch.get_num_threads(),
+            "versions": versions(), "load_per_core": None if load is None else round(load, 2),
+            "measured_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")}

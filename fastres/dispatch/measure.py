@@ -1,0 +1,86 @@
+"""Timing candidates against a baseline: the one rule both levels choose by.
+
+The baseline is what a user would run without fastres (eager PyTorch for an op call, the
+plain twin for a module). Every candidate is timed with the one timer (fastres/timing.py),
+interleaved, on private inputs, and the fastest wins; anything but the baseline must beat
+it by a margin, so timing noise cannot make the default slower than PyTorch. Timed in
+isolation, a stage's cost leaves out part of what it costs inside a model (allocator and
+cache state, the other layers' threads); the margin absorbs that, larger with a backward,
+where it was larger: on a 2-core CPU a BasicBlock stage's C++ train step measured 6% faster
+than eager alone and made the block 15% slower.
+
+What is measured on a large input is a bounded slice of it (`bounded_extent`): a choice
+between kernels does not depend on how many more steps the same call has, and the first
+call on a 2,000,000-step input must not cost several full calls.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .. import timing
+from .choice import BUSY_LOAD_PER_CORE, MEASURED, Choice, load_per_core, provenance
+
+MARGIN_FORWARD = 0.05
+MARGIN_BACKWARD = 0.15
+# Interleaved rounds; each timed block of calls lasts at least 2 ms (clock resolution).
+CONFIG = timing.TimingConfig(min_rounds=5, max_rounds=5, max_time_s=0.0, min_block_s=2e-3,
+                             warmup_s=0.0, min_warmup_calls=1)
+# Measuring times at most this many positions (batch x length) of an input.
+MAX_MEASURED_POSITIONS = 1 << 15
+
+
+def bounded_extent(batch: int, length: int) -> Tuple[int, int]:
+    """(batch, length) of the slice of a (batch, C, length) input that measuring times."""
+    if batch * length <= MAX_MEASURED_POSITIONS:
+        return batch, length
+    length = min(length, MAX_MEASURED_POSITIONS)
+    return max(1, min(batch, MAX_MEASURED_POSITIONS // length)), length
+
+
+def margin(with_backward: bool) -> float:
+    return MARGIN_BACKWARD if with_backward else MARGIN_FORWARD
+
+
+def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, device: str,
+            with_backward: bool, excluded: Optional[Dict[str, str]] = None) -> Choice:
+    """Time `runs` (name -> one call on private inputs; baseline among them) and choose.
+
+    A candidate that raises is left out with the error as its reason (the baseline's error
+    propagates: nothing can run then). The choice is final (stored for later processes)
+    only where the machine was quiet and the decision stands clear of the timing noise.
+    """
+    excluded = dict(excluded or {})
+    results = timing.measure(runs, torch.device(device), CONFIG)
+    stats = {}
+    for name, result in results.items():
+        if isinstance(result, Exception):
+            if name == baseline:
+                raise result
+            excluded[name] = f"raised {type(result).__name__}: {result}"
+        else:
+            stats[name] = result
+    times = {name: s.median_s for name, s in stats.items()}
+    spread = max(s.spread for s in stats.values())
+    need = margin(with_backward)
+    best = min(times, key=times.get)
+    if best != baseline and times[best] > (1 - need) * times[baseline]:
+        best = baseline
+    details = provenance(device)
+    final, why_not = True, None
+    load = load_per_core()
+    if load is not None and load > BUSY_LOAD_PER_CORE:
+        final, why_not = False, f"measured under load ({load:.1f} runnable threads a core)"
+    others = [t for name, t in times.items() if name != baseline]
+    if others:
+        # How far the decisive comparison is from flipping, against the noise of the samples.
+        closeness = abs((1 - need) * times[baseline] / min(others) - 1)
+        if closeness < spread:
+            final = False
+            why_not = why_not or (f"won within the timing noise ({closeness:.0%} from the "
+                                  f"other answer, samples spread {spread:.0%})")
+    if why_not:
+        details["not_final"] = why_not + "; measured again by the next process"
+    return Choice(level, best, "measured", MEASURED, times, spread, need, baseline, excluded,
+                  details, final)

@@ -1,0 +1,223 @@
+"""The module level: how the outermost fused module of a call runs its stages.
+
+Each stage's backend is chosen per call (op.py). Inside a module the stages run next to
+each other, and on a CPU switching between PyTorch's oneDNN convs and the BLAS the C++
+kernels call costs both sides tens of microseconds each time: measured on a 2-core CPU, an
+8-block TemporalConvNet training step at batch 1 ran 1.22x plain PyTorch with every stage
+on the C++ kernels but 1.04x with the stages' separate choices mixed. So the outermost
+fused module of a call (a block on its own, a ResNet1d, a TemporalConvNet) times, on the
+first call of each input signature, its whole forward (and backward, when training) under
+each policy, and keeps the fastest:
+
+    plain       the plain twin's forward on the module itself: exactly what
+                fastres.unfuse(module) runs. For 16-bit inputs that need gradients
+                "eager" instead: every stage on PyTorch's kernels computing in float32,
+                because plain 16-bit PyTorch rounds the conv output before batch norm and
+                its gradients miss the 1e-2 bound; its 16-bit outputs stay within it, so
+                forward-only 16-bit calls keep the plain twin as their baseline.
+    stages      every stage its own op-level choice
+    <backend>   every stage on that fused backend (cpp on CPU; triton, cuda on CUDA)
+    <extra>     what the module offers besides (`dispatch_candidates`): TemporalConvNet's
+                "stack", the whole stack in one C++ call at small batch in eval
+
+Anything but the baseline must beat it by the op level's margin (measure.py), so a module
+is never slower than its plain twin where it measured. Measuring restores the module's
+buffers and the random number generators, times a bounded slice of a long input, and
+takes gradients with torch.autograd.grad, so nothing the user sees changes.
+
+Where a policy would change what the user sees, it is not taken:
+- a module or any submodule with hooks is never measured (the runs would call the hooks)
+  and runs its stages one by one, stages whose conv or norm has hooks as modules, so every
+  hook fires once per call; a path that skips modules ("stack") never runs then;
+- torch.jit tracing (and the legacy ONNX exporter) and torch.func transforms run the plain
+  twin, whose ops they can trace or transform;
+- a forced backend, torch.compile and autocast run the stages, each choosing per call;
+- where measuring is unsafe (safety.py: activation checkpointing, a backward pass), the
+  stored choice runs, or else the stages.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
+
+from .. import backends
+from ..conventions import HALF_DTYPES
+from . import record
+from .cache import cache
+from .choice import RULE, Choice
+from .forcing import forced_backend, use_backend
+from .measure import bounded_extent, measure
+from .safety import functorch_active, why_not_measure
+
+_state = threading.local()  # .policy: the policy of the outermost module being run
+_MEMO = "_fastres_choices"  # module.__dict__ key: input signature -> Choice
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether `module` or a submodule has forward, pre-forward or backward hooks (or any
+    global module hook is registered)."""
+    if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks \
+            or _torch_module._global_backward_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in module.modules())
+
+
+def run(module: nn.Module, x: Tensor) -> Tensor:
+    """module's forward(x) under the policy chosen for this input signature."""
+    inner = getattr(_state, "policy", None)
+    if inner is not None:  # inside an outer fused module: follow its policy
+        return _forward(module, inner, x)
+    if not isinstance(x, Tensor) or x.device.type not in ("cpu", "cuda"):
+        return module.fused_forward(x)
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or functorch_active():
+        with _policy("plain"):
+            return module.plain_forward(x)
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) \
+            or forced_backend() is not None:
+        return module.fused_forward(x)
+    if hooked(module):
+        choice = Choice("module", "stages", "not measured: it has hooks, which measuring "
+                        "would call; every stage keeps its own choice, hooked ones as "
+                        "modules", RULE)
+    else:
+        choice = _choice(module, x)
+    if record.recording_active():
+        record.record(module, None, choice)
+    return _forward_outermost(module, choice.name, x)
+
+
+def _needs_grad(module: nn.Module, x: Tensor) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def _choice(module: nn.Module, x: Tensor) -> Choice:
+    needs_grad = _needs_grad(module, x)
+    key = (tuple(x.shape), x.dtype, x.device, module.training, needs_grad)
+    memo = module.__dict__.get(_MEMO)
+    if memo is None:
+        memo = module.__dict__[_MEMO] = {}
+    choice = memo.get(key)
+    if choice is not None:
+        return choice
+    text_key = _text_key(module, x, needs_grad)
+    stored = cache().stored(text_key, str(x.device))
+    if stored is not None:
+        memo[key] = cache().remember(text_key, stored)
+        return stored
+    why = why_not_measure() or _unmeasurable(module)
+    if why is not None:
+        return Choice("module", "stages", f"not measured: {why}; every stage keeps its own "
+                      "choice", RULE)
+    choice = memo[key] = cache().remember(text_key, _measure(module, x, needs_grad))
+    cache().store(text_key, str(x.device), choice)
+    return choice
+
+
+def _text_key(module: nn.Module, x: Tensor, needs_grad: bool) -> str:
+    """The stored form of a module choice's key: the module's structure (its repr, hashed),
+    the input's shape, dtype and device type, the mode."""
+    structure = hashlib.sha1(repr(module).encode()).hexdigest()[:12]
+    dtype = str(x.dtype).replace("torch.", "")
+    return (f"module|{type(module).__name__}|{structure}|{x.device.type}|{dtype}|"
+            f"{'x'.join(map(str, x.shape))}|{'train' if module.training else 'eval'}|"
+            f"grad{int(needs_grad)}")
+
+
+def _unmeasurable(module: nn.Module) -> Optional[str]:
+    for m in module.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            return "synchronized batch norm runs its own stage"
+    return None
+
+
+def _candidates(module: nn.Module, x: Tensor, needs_grad: bool) -> List[str]:
+    fused = [b.name for b in backends.all_backends()
+             if b.fused and b.name != "composite" and b.unavailable_reason() is None
+             and x.device.type in b.devices and x.dtype in b.dtypes
+             and not (b.name == "triton" and x.device.type != "cuda")]
+    baseline = "eager" if x.dtype in HALF_DTYPES and needs_grad else "plain"
+    extra = list(getattr(module, "dispatch_candidates", lambda x: {})(x))
+    return [baseline, "stages"] + fused + extra
+
+
+def _measure(module: nn.Module, x: Tensor, needs_grad: bool) -> Choice:
+    batch, length = bounded_extent(x.shape[0], x.shape[-1])
+    sample = x.detach()[:batch, ..., :length].clone()
+    params = [p for p in module.parameters() if p.requires_grad] if needs_grad else []
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    devices = [x.device.index or 0] if x.is_cuda else []
+    names = _candidates(module, x, needs_grad)
+
+    def runner(policy: str) -> Callable[[], None]:
+        x_copy = sample.clone().requires_grad_(x.requires_grad and needs_grad)
+        leaves = params + ([x_copy] if x_copy.requires_grad else [])
+
+        def one_run():
+            with torch.set_grad_enabled(needs_grad):
+                out = _forward_outermost(module, policy, x_copy, strict=True)
+            if leaves:
+                torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+        return one_run
+
+    with torch.random.fork_rng(devices=devices), record.paused():
+        try:
+            return measure("module", {name: runner(name) for name in names}, names[0],
+                           str(x.device), needs_grad)
+        finally:
+            with torch.no_grad():
+                for name, b in module.named_buffers():
+                    b.copy_(buffers[name])
+
+
+@contextlib.contextmanager
+def _policy(policy: str):
+    """Nested fused modules follow `policy`; its stages run on it when it is a backend."""
+    _state.policy = policy
+    try:
+        if policy in ("plain", "stages") or policy not in backends.names():
+            yield
+        else:
+            with use_backend(policy, reason=f"the enclosing module measured fastest with "
+                                            f"{policy}"):
+                yield
+    finally:
+        _state.policy = None
+
+
+def _forward(module: nn.Module, policy: str, x: Tensor) -> Tensor:
+    return module.plain_forward(x) if policy == "plain" else module.fused_forward(x)
+
+
+def _forward_outermost(module: nn.Module, policy: str, x: Tensor, strict: bool = False
+                       ) -> Tensor:
+    extra = getattr(module, "dispatch_candidates", None)
+    if extra is not None and policy not in ("plain", "stages") \
+            and policy not in backends.names():
+        out = extra(x).get(policy, lambda x: None)(x)
+        if out is not None:
+            return out
+        if strict:
+            raise RuntimeError(f"{policy} does not run this input")
+        policy = "stages"  # the module changed since (a hook, a mode): run the stages
+    with _policy(policy):
+        return _forward(module, policy, x)
+
+
+def choices(module: nn.Module) -> Dict[tuple, Choice]:
+    """The choices measured for `module` so far, by input signature."""
+    return dict(module.__dict__.get(_MEMO, {}))
+
+
+def forget(module: nn.Module) -> None:
+    """Drop the choices of `module` and its submodules: the next call of each input
+    signature chooses again."""
+    for m in module.modules():
+        m.__dict__.pop(_MEMO, None)

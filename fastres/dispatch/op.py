@@ -1,0 +1,192 @@
+"""The op level: which backend runs one call of fastres.conv_bn_relu.
+
+    1. a backend forced with use_backend(name) (this thread) or FASTRES_BACKEND;
+    2. this process's choice for the call signature (Call's fields), one dict lookup;
+    3. a final choice an earlier process stored (cache.py);
+    4. where measuring is safe (safety.py) and the caller can make runs: each candidate
+       (eager and the fused backends that run the call here) is probed for correctness on
+       this geometry (probe.py), the ones that pass are timed (measure.py), and the winner
+       is kept; eager wins unless a fused backend beats it by the margin;
+    5. otherwise the static rule (static_choice), not remembered, so the signature is
+       measured once a call comes where measuring is safe.
+Under torch.compile the choice is made at trace time from what does not vary between
+compiled calls (trace_time_choice): shapes may be symbolic there.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .. import backends
+from ..backends import Call
+from ..conventions import HALF_DTYPES
+from . import probe, record
+from .cache import cache
+from .choice import CACHED, FORCED, RULE, STATIC, Choice
+from .forcing import forced_backend, forced_reason
+from .measure import measure
+from .safety import why_not_measure
+
+# The fused backends the default tries per device type, most preferred first. "composite"
+# is never a default: it exists to be compared against.
+PREFERENCE: Dict[str, List[str]] = {"cuda": ["triton", "cuda"], "cpu": ["cpp"]}
+# Shortest output length at which the C++ forward beats oneDNN in the static rule.
+CPP_MIN_LENGTH = 512
+
+
+def candidates(call: Call) -> List[str]:
+    """eager, then the fused backends that can run `call` here, in preference order."""
+    return ["eager"] + [name for name in PREFERENCE.get(call.device_type, [])
+                        if backends.get(name).supports(call) is None]
+
+
+def static_choice(call: Call, why: str = "") -> Choice:
+    """The rule used where nothing was measured for `call`.
+
+    CPU: the C++ kernels for forward-only float32 calls at stride 1 on at least
+      CPP_MIN_LENGTH outputs, where they measured faster than oneDNN on every shape tried
+      (benchmarks/results/cpu-2026-11-23-cpp-default.md); for 16-bit inputs always, because
+      plain PyTorch rounds the conv output to 16 bits before batch norm and misses the
+      1e-2 gradient bound, and of the float32-accumulating paths the C++ kernels are the
+      fastest. Everything else runs eager.
+    CUDA: Triton, then the CUDA extension.
+    """
+    suffix = f" ({why})" if why else ""
+    fused = candidates(call)[1:]
+    if not fused:
+        return Choice("op", "eager", "no fused backend runs this call here", RULE)
+    if call.device_type == "cpu" and call.dtype not in HALF_DTYPES:
+        if call.needs_grad or call.stride != 1 or call.length_out < CPP_MIN_LENGTH:
+            return Choice("op", "eager", "static rule: on CPU, float32 training, strided and "
+                          f"short (< {CPP_MIN_LENGTH} outputs) calls run eager" + suffix,
+                          STATIC)
+    return Choice("op", fused[0], "static rule" + suffix, STATIC)
+
+
+def trace_time_choice(device_type: str, dtype: torch.dtype, stride: int,
+                      needs_grad: bool) -> str:
+    """The backend a call runs on inside a torch.compile graph: fixed per graph, chosen from
+    what cannot be symbolic (lengths and batch sizes can be). On CPU eager for float32,
+    whose PyTorch ops inductor then compiles itself, and the C++ kernels for 16 bits
+    (float32 accumulation, docs/spec.md); on CUDA the first fused backend that runs."""
+    fused = [n for n in PREFERENCE.get(device_type, [])
+             if backends.get(n).unavailable_reason() is None
+             and device_type in backends.get(n).devices and dtype in backends.get(n).dtypes]
+    if forced_backend() is not None:
+        return forced_backend()
+    if not fused or (device_type == "cpu" and dtype not in HALF_DTYPES):
+        return "eager"
+    return fused[0]
+
+
+def choose(signature: tuple, make_run: Optional[Callable[[str], Callable[[], object]]] = None
+           ) -> Choice:
+    """The backend that runs the call whose Call fields are `signature` (see the module
+    docstring). make_run(name) returns one run of backend `name` on private copies of a
+    bounded slice of the call's inputs; without it nothing is measured."""
+    forced = forced_backend()
+    if forced is not None:
+        call = Call(*signature)
+        reason = backends.get(forced).supports(call)
+        if reason is not None:
+            raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
+        choice = Choice("op", forced, forced_reason(), FORCED)
+    else:
+        choice = cache().get(signature)
+        if choice is None:
+            choice = _decide(Call(*signature), signature, make_run)
+    if record.recording_active():
+        record.record(None, Call(*signature), choice)
+    return choice
+
+
+def _decide(call: Call, signature: tuple, make_run) -> Choice:
+    store = cache()
+    names = candidates(call)
+    if names == ["eager"]:
+        return store.remember(signature, Choice("op", "eager",
+                                                "no fused backend runs this call here", RULE))
+    stored = store.stored(call.key(), call.device)
+    if stored is not None and stored.name in names:
+        return store.remember(signature, stored)
+    why = why_not_measure()
+    if why is None and make_run is None:
+        why = "nothing to measure with"
+    if why is not None:
+        return static_choice(call, why)
+    excluded = {}
+    for name in names:
+        failure = probe.check(call, name)
+        if failure is not None:
+            excluded[name] = failure
+    trusted = [n for n in names if n not in excluded]
+    if not trusted:
+        # Nothing computes this geometry right: say so loudly, and run PyTorch's kernels.
+        choice = Choice("op", "eager", "every candidate failed its correctness probe: "
+                        + "; ".join(f"{k}: {v}" for k, v in excluded.items()), RULE,
+                        excluded=excluded, final=False)
+        import warnings
+        warnings.warn(f"fastres: {choice.reason} ({call.key()})", RuntimeWarning, stacklevel=4)
+        return store.remember(signature, choice)
+    if len(trusted) == 1:
+        choice = Choice("op", trusted[0], "the only candidate that passed its correctness "
+                        "probe", RULE, excluded=excluded)
+    else:
+        baseline = "eager" if "eager" in trusted else trusted[0]
+        with record.paused():
+            runs = _runs(trusted, make_run, call.device_type)
+            choice = measure("op", runs, baseline, call.device, call.needs_grad, excluded)
+    store.store(call.key(), call.device, choice)
+    return store.remember(signature, choice)
+
+
+def _runs(names: List[str], make_run, device_type: str) -> Dict[str, Callable[[], object]]:
+    """name -> one timed run. On a CPU each run follows a call of eager PyTorch on another
+    copy of the inputs, as a stage in a model follows PyTorch's own layers: switching
+    between oneDNN (PyTorch's convs) and the BLAS the C++ kernels use costs both sides tens
+    of microseconds (measured: a oneDNN conv of 167 us takes 248 us when MKL GEMMs run
+    between its calls), which a candidate timed back to back never shows."""
+    if device_type != "cpu":
+        return {name: make_run(name) for name in names}
+    neighbour = make_run("eager")
+
+    def after_neighbour(run):
+        def pair():
+            neighbour()
+            run()
+        return pair
+    return {name: after_neighbour(make_run(name)) for name in names}
+
+
+def describe_default(device: torch.device, dtype: torch.dtype) -> str:
+    """In words, what the default picks for calls on `device` of `dtype`."""
+    forced = forced_backend()
+    if forced is not None:
+        return f"{forced} (forced)"
+    fused = [n for n in PREFERENCE.get(device.type, [])
+             if backends.get(n).unavailable_reason() is None and dtype in backends.get(n).dtypes]
+    if not fused:
+        return "eager"
+    if why_not_measure() is not None:
+        return "the static rule (" + why_not_measure() + "): " + static_rule_in_words(
+            device, dtype, fused[0])
+    return (f"the faster of eager and {', '.join(fused)}, each probed for correctness and "
+            "measured per call signature on first use")
+
+
+def static_rule_in_words(device: torch.device, dtype: torch.dtype, fused: str) -> str:
+    if device.type == "cpu" and dtype not in HALF_DTYPES:
+        return (f"{fused} for forward-only calls at stride 1 with L_out >= {CPP_MIN_LENGTH}, "
+                "else eager")
+    return fused
+
+
+def cached_choice(call: Call) -> Optional[Choice]:
+    """What this process would run for `call` without measuring (for reports)."""
+    return cache().get(dataclasses.astuple(call)) or cache().stored(call.key(), call.device)
+
+
+__all__ = ["CACHED", "PREFERENCE", "candidates", "choose", "describe_default",
+           "static_choice", "trace_time_choice"]

@@ -1,0 +1,116 @@
+"""The module level: how the outermost fused module runs its stages, and what explain shows."""
+import copy
+
+import pytest
+import torch
+
+import fastres
+from fastres import backends, dispatch
+
+
+def test_explain_and_autotune_report_every_level_and_restore_state(fresh_dispatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(fastres.TemporalConvNet(3, [6, 6], kernel_size=3, dropout=0.1),
+                                torch.nn.Conv1d(6, 1, 1)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32)
+    rng = torch.get_rng_state()
+    report = fastres.autotune(model, x)
+    modules = [d for d in report if d.level == "module"]
+    stages = [d for d in report if d.call is not None]
+    # The outermost fused module (the TemporalConvNet) chose once for all its blocks.
+    assert [d.module for d in modules] == ["0"]
+    assert modules[0].backend.startswith("policy: ") and "measured" in modules[0].reason
+    policy = modules[0].backend.split(": ")[1]
+    if policy in ("plain", "stack"):
+        assert not stages
+    else:
+        assert [d.module for d in stages] == [f"0.network.{b}.conv{i}" for b in (0, 1)
+                                             for i in (1, 2)]
+        assert all(d.call.needs_grad and d.call.norm == "train" for d in stages)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    again = fastres.explain(model, x)
+    assert [d.backend for d in again] == [d.backend for d in report]
+    assert str(again).count("policy:") == 1  # printed once, one row per choice
+    model.eval()
+    assert all(d.call.norm == "eval" and not d.call.needs_grad
+               for d in fastres.explain(model, x) if d.call is not None)
+
+
+def test_a_module_is_never_slower_than_its_plain_policy(monkeypatch, fresh_dispatch):
+    """With the C++ kernels made slow, a block whose stages would each pick them runs plain."""
+    if backends.unavailable_reason("cpp") is not None:
+        pytest.skip("needs the cpp backend")
+    cpp = backends.get("cpp")
+    real = cpp.module.forward
+
+    def slow(*args, **kwargs):
+        import time
+        time.sleep(5e-3)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cpp.module, "forward", slow)
+    block = fastres.TemporalBlock(4, 4, 3).eval()
+    with torch.no_grad():
+        block(torch.randn(2, 4, 64))
+    (choice,) = dispatch.module.choices(block).values()
+    assert choice.name == "plain" and choice.times_s["cpp"] > choice.times_s["plain"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_16_bit_module_is_judged_against_plain_only_without_gradients(dtype, fresh_dispatch):
+    """Plain 16-bit PyTorch rounds the conv output before batch norm: its outputs stay within
+    the 1e-2 bound, its gradients do not. So a 16-bit forward-only call is timed against the
+    plain twin, and a training call against eager (PyTorch's kernels computing in float32),
+    never against the plain twin."""
+    block = fastres.TemporalBlock(4, 4, 3).to(dtype)
+    x = torch.randn(2, 4, 64).to(dtype)
+    block.eval()
+    with torch.no_grad():
+        block(x)
+    block.train()
+    block(x.requires_grad_()).float().sum().backward()
+    by_grad = {key[-1]: c for key, c in dispatch.module.choices(block).items()}
+    assert by_grad[False].baseline == "plain" and "eager" not in by_grad[False].times_s
+    assert by_grad[True].baseline == "eager" and "plain" not in by_grad[True].times_s
+    assert by_grad[True].name != "plain"
+
+
+def test_explain_says_why_a_hooked_batchnorm_runs_as_modules():
+    block = fastres.TemporalBlock(4, 4, 3)
+    seen = []
+    block.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    report = fastres.explain(block, torch.randn(2, 4, 16))
+    stage = next(d for d in report if d.module == "conv1")
+    assert stage.backend == "eager" and "hooks" in stage.reason
+    assert seen == [torch.Size([2, 4, 16])]  # the hook fired, once: nothing was measured
+    assert any("hooks" in d.reason for d in report if d.level == "module")
+
+
+def test_module_choices_persist_and_are_not_reused_for_another_structure(fresh_dispatch):
+    import dataclasses
+    real = dispatch.module.measure
+    dispatch.module.measure = lambda *a, **k: dataclasses.replace(real(*a, **k), final=True)
+    try:
+        block = fastres.TemporalBlock(4, 4, 3).eval()
+        x = torch.randn(2, 4, 64)
+        with torch.no_grad():
+            block(x)
+        dispatch.forget()
+        dispatch.module.measure = lambda *a, **k: pytest.fail("measured again")
+        with torch.no_grad():
+            copy.deepcopy(block).__dict__.pop("_fastres_choices", None)
+            fresh = copy.deepcopy(block)
+            fresh.__dict__.pop("_fastres_choices", None)
+            fresh(x)  # the same structure and input: the stored choice
+        (choice,) = dispatch.module.choices(fresh).values()
+        assert choice.source == "cached"
+        other = fastres.TemporalBlock(4, 4, 5).eval()  # another kernel size: measured
+        dispatch.module.measure = lambda *a, **k: dataclasses.replace(real(*a, **k), final=True)
+        with torch.no_grad():
+            other(x)
+        (choice,) = dispatch.module.choices(other).values()
+        assert choice.source == "measured"
+    finally:
+        dispatch.module.measure = real
