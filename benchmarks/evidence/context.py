@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from fastres import backends
+from fastres import backends, dispatch
 from fastres.conventions import cudnn_conv_tf32_set
 from fastres.bench import timing
 
@@ -170,7 +170,7 @@ def forced(fn: Callable, backend: Optional[str]) -> Callable:
         return fn
 
     def run(*args, **kwargs):
-        with backends.use_backend(backend):
+        with dispatch.use_backend(backend):
             return fn(*args, **kwargs)
     return run
 

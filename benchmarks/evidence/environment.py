@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 import fastres
-from fastres import _ext, backends
+from fastres import _ext, backends, dispatch
 from fastres.bench import environment as environment_info
 from fastres.bench import timing
 from fastres.bench.formatting import fmt_bytes
@@ -124,7 +124,7 @@ def run_environment(ctx: Context, section: Section) -> None:
         "available": backends.available_backends(),
         "unavailable": {n: backends.unavailable_reason(n) for n in backends.names()
                         if backends.unavailable_reason(n) is not None},
-        "default": {str(dt).replace("torch.", ""): backends.describe_default(ctx.device, dt)
+        "default": {str(dt).replace("torch.", ""): dispatch.describe_default(ctx.device, dt)
                     for dt in (torch.float32, torch.bfloat16, torch.float16)},
     }
     if ctx.cuda:
