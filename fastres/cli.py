@@ -223,10 +223,11 @@ def _describe_key(key: str) -> str:
             fields.setdefault("words", []).append(part)
     if not {"B", "Cin", "Cout", "L", "K"} <= set(fields):
         return key
-    words = fields.get("words", [])
-    return (f"{' '.join(words)} B{fields['B']} {fields['Cin']}->{fields['Cout']} L{fields['L']} "
-            f"K{fields['K']} d{fields.get('d', '?')} s{fields.get('s', '?')} "
-            f"pad {fields.get('p', '?')}" + (" +res" if fields.get("res") == "1" else "")
+    words = fields.get("words", [])  # the dtype, then the norm mode
+    return (f"{words[0] if words else ''} B{fields['B']} {fields['Cin']}->{fields['Cout']} "
+            f"L{fields['L']} K{fields['K']} d{fields.get('d', '?')} s{fields.get('s', '?')} "
+            f"pad {fields.get('p', '?')} {' '.join(words[1:])}"
+            + (" +res" if fields.get("res") == "1" else "")
             + (" +grad" if fields.get("grad") == "1" else ""))
 
 
