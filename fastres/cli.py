@@ -127,12 +127,20 @@ def _bench(parser, args) -> int:
     size = "full" if args.full else "quick" if args.quick else "default"
     settings = runner.make_settings(size, device, args.dtype, args.compile_mode, args.only)
     from fastres import dispatch
+    previous = os.environ.get("FASTRES_DISPATCH_CACHE")
     if not args.reuse_dispatch_cache:
         os.environ["FASTRES_DISPATCH_CACHE"] = "0"
     dispatch.forget()
-    results = runner.run(settings, progress=False if args.no_progress else None)
+    try:
+        results = runner.run(settings, progress=False if args.no_progress else None)
+        results["dispatch"] = _dispatch_summary(dispatch.cache(), args.reuse_dispatch_cache)
+    finally:
+        if previous is None:
+            os.environ.pop("FASTRES_DISPATCH_CACHE", None)
+        else:
+            os.environ["FASTRES_DISPATCH_CACHE"] = previous
+        dispatch.forget()
     results["command"] = "fastres " + " ".join(args.argv)
-    results["dispatch"] = _dispatch_summary(dispatch.cache(), args.reuse_dispatch_cache)
     print(report.console_report(results))
     print(results["dispatch"]["summary"])
     prefix = args.prefix or (f"{environment.device_slug(device)}-"

@@ -6,6 +6,8 @@ For a fused fastres module (TemporalBlock, BasicBlock, TemporalConvNet, ResNet1d
     compiled           torch.compile(plain, fullgraph=True) (max-autotune on GPU)
     fastres+compiled   torch.compile(fastres module) (full matrix only; the fused op is a
                        custom op, so the graph around it is compiled and the op is kept)
+    fastres[NAME]      inference only: every stage forced onto fused backend NAME, so a
+                       row shows whether the default reaches the best fused backend
 Modes: "train" = one optimizer step (forward, loss, backward, SGD with momentum);
 "infer" = eval-mode forward under no_grad.
 """
@@ -45,6 +47,14 @@ def impls_for(settings: Settings) -> List[str]:
     return impls
 
 
+def forced_impls(settings: Settings) -> List[str]:
+    """fastres[NAME] for every fused backend that runs here (never Triton's interpreter)."""
+    return [f"fastres[{b.name}]" for b in fastres.backends.all_backends()
+            if b.fused and b.name != "composite" and b.unavailable_reason() is None
+            and settings.device.type in b.devices
+            and not (b.name == "triton" and settings.device.type != "cuda")]
+
+
 def _inputs(shape: Sequence[int], target_shape: Sequence[int], classes: Optional[int],
             dtype: torch.dtype, device: torch.device):
     g = torch.Generator().manual_seed(1)
@@ -76,6 +86,12 @@ def make_call(build: Callable[[], nn.Module], impl: str, mode: str, shape, targe
     model.train(mode == "train")
     forward = compile_fn(model, settings.model_compile_mode) if impl.endswith("compiled") \
         else model
+    if impl.startswith("fastres["):
+        backend = impl[len("fastres["):-1]
+
+        def forward(x, model=model):
+            with fastres.use_backend(backend):
+                return model(x)
     inputs = _inputs(shape, target_shape, classes, dtype, device)
     return step_call(model, forward, mode == "train", inputs)
 
@@ -115,10 +131,12 @@ def model_tasks(suite: str, specs, settings: Settings) -> List[Task]:
                          classes=classes, dtype=dtype):
                     return make_call(build, impl, mode, shape, target_shape, classes, dtype,
                                      settings)
+                mode_impls = impls + (forced_impls(settings) if mode == "infer" else [])
                 result.append(Task(
                     suite=suite, name=f"{name}-{dname}-{mode}",
                     case={"model": name, "input": list(shape), "dtype": dname, "mode": mode},
-                    impls=impls, make=make, compiled=[i for i in impls if i.endswith("compiled")],
+                    impls=mode_impls, make=make,
+                    compiled=[i for i in mode_impls if i.endswith("compiled")],
                     baseline="plain", items=shape[0], memory=True))
     return result
 

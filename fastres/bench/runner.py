@@ -20,11 +20,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import block, model, op, tcn_vs_rnn, timing
+from . import block, first_call, model, op, tcn_vs_rnn, timing
 from . import environment as environment_info
 from .task import Settings, Task, compile_fn  # noqa: F401 (the suites' shapes)
 
-SUITES = {"op": op, "block": block, "model": model, "tcn-vs-rnn": tcn_vs_rnn}
+SUITES = {"op": op, "block": block, "model": model, "tcn-vs-rnn": tcn_vs_rnn,
+          "first-call": first_call}
 
 SIZES = ("quick", "default", "full")
 

@@ -9,9 +9,12 @@ cache state, the other layers' threads); the margin absorbs that, larger with a 
 where it was larger: on a 2-core CPU a BasicBlock stage's C++ train step measured 6% faster
 than eager alone and made the block 15% slower.
 
-What is measured on a large input is a bounded slice of it (`bounded_extent`): a choice
-between kernels does not depend on how many more steps the same call has, and the first
-call on a 2,000,000-step input must not cost several full calls.
+What is measured on a large input is a bounded slice of it (`bounded_extent`): at most
+MAX_MEASURED_POSITIONS positions (batch x length), and at most 1/128 of a long input's, but
+not below MIN_MEASURED_POSITIONS. A choice between kernels does not depend on how many more
+steps the same call has, and the first call on a 2,000,000-step input must cost about one
+plain call, not several: a module's measurement runs each of its few candidates about five
+times, its stages' measurements about fifteen, on the slice.
 """
 from __future__ import annotations
 
@@ -27,16 +30,25 @@ MARGIN_BACKWARD = 0.15
 # Interleaved rounds; each timed block of calls lasts at least 2 ms (clock resolution).
 CONFIG = timing.TimingConfig(min_rounds=5, max_rounds=5, max_time_s=0.0, min_block_s=2e-3,
                              warmup_s=0.0, min_warmup_calls=1)
-# Measuring times at most this many positions (batch x length) of an input.
+# The module level's rounds: a whole module is timed fewer times than one stage.
+MODULE_CONFIG = timing.TimingConfig(min_rounds=3, max_rounds=3, max_time_s=0.0,
+                                    min_block_s=2e-3, warmup_s=0.0, min_warmup_calls=1)
+# Measuring times at most this many positions (batch x length) of an input, and at most
+# 1/LONG_INPUT_FRACTION of a long one's, but not below MIN_MEASURED_POSITIONS.
 MAX_MEASURED_POSITIONS = 1 << 15
+MIN_MEASURED_POSITIONS = 1 << 12
+LONG_INPUT_FRACTION = 128
 
 
 def bounded_extent(batch: int, length: int) -> Tuple[int, int]:
     """(batch, length) of the slice of a (batch, C, length) input that measuring times."""
-    if batch * length <= MAX_MEASURED_POSITIONS:
+    positions = batch * length
+    budget = min(MAX_MEASURED_POSITIONS,
+                 max(MIN_MEASURED_POSITIONS, positions // LONG_INPUT_FRACTION))
+    if positions <= budget:
         return batch, length
-    length = min(length, MAX_MEASURED_POSITIONS)
-    return max(1, min(batch, MAX_MEASURED_POSITIONS // length)), length
+    length = min(length, budget)
+    return max(1, min(batch, budget // length)), length
 
 
 def margin(with_backward: bool) -> float:
@@ -44,7 +56,8 @@ def margin(with_backward: bool) -> float:
 
 
 def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, device: str,
-            with_backward: bool, excluded: Optional[Dict[str, str]] = None) -> Choice:
+            with_backward: bool, excluded: Optional[Dict[str, str]] = None,
+            config: timing.TimingConfig = CONFIG) -> Choice:
     """Time `runs` (name -> one call on private inputs; baseline among them) and choose.
 
     A candidate that raises is left out with the error as its reason (the baseline's error
@@ -52,7 +65,7 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
     only where the machine was quiet and the decision stands clear of the timing noise.
     """
     excluded = dict(excluded or {})
-    results = timing.measure(runs, torch.device(device), CONFIG)
+    results = timing.measure(runs, torch.device(device), config)
     stats = {}
     for name, result in results.items():
         if isinstance(result, Exception):

@@ -52,7 +52,7 @@ from . import record
 from .cache import cache
 from .choice import RULE, Choice
 from .forcing import forced_backend, use_backend
-from .measure import bounded_extent, measure
+from .measure import MODULE_CONFIG, bounded_extent, measure
 from .safety import functorch_active, why_not_measure
 
 _state = threading.local()  # .policy: the policy of the outermost module being run
@@ -167,10 +167,10 @@ def _measure(module: nn.Module, x: Tensor, needs_grad: bool) -> Choice:
                 torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
         return one_run
 
-    with torch.random.fork_rng(devices=devices), record.paused():
+    with torch.random.fork_rng(devices=devices), record.measuring_module():
         try:
             return measure("module", {name: runner(name) for name in names}, names[0],
-                           str(x.device), needs_grad)
+                           str(x.device), needs_grad, config=MODULE_CONFIG)
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():

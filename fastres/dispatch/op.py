@@ -26,7 +26,7 @@ from . import probe, record
 from .cache import cache
 from .choice import CACHED, FORCED, RULE, STATIC, Choice
 from .forcing import forced_backend, forced_reason
-from .measure import measure
+from .measure import bounded_extent, measure
 from .safety import why_not_measure
 
 # The fused backends the default tries per device type, most preferred first. "composite"
@@ -111,6 +111,14 @@ def _decide(call: Call, signature: tuple, make_run) -> Choice:
     stored = store.stored(call.key(), call.device)
     if stored is not None and stored.name in names:
         return store.remember(signature, stored)
+    # A long call is measured on a bounded slice (measure.bounded_extent): a choice already
+    # made for that slice's signature (by a module's measurement, say) answers it.
+    batch, length = bounded_extent(call.batch, call.length)
+    sliced = signature
+    if (batch, length) != (call.batch, call.length):
+        sliced = dataclasses.astuple(dataclasses.replace(call, batch=batch, length=length))
+        if store.get(sliced) is not None:
+            return store.remember(signature, store.get(sliced))
     why = why_not_measure()
     if why is None and make_run is None:
         why = "nothing to measure with"
@@ -136,19 +144,24 @@ def _decide(call: Call, signature: tuple, make_run) -> Choice:
     else:
         baseline = "eager" if "eager" in trusted else trusted[0]
         with record.paused():
-            runs = _runs(trusted, make_run, call.device_type)
+            runs = _runs(trusted, make_run,
+                         call.device_type == "cpu" and not record.module_measuring())
             choice = measure("op", runs, baseline, call.device, call.needs_grad, excluded)
     store.store(call.key(), call.device, choice)
+    store.remember(sliced, choice)
     return store.remember(signature, choice)
 
 
-def _runs(names: List[str], make_run, device_type: str) -> Dict[str, Callable[[], object]]:
+def _runs(names: List[str], make_run, neighbour_first: bool
+          ) -> Dict[str, Callable[[], object]]:
     """name -> one timed run. On a CPU each run follows a call of eager PyTorch on another
     copy of the inputs, as a stage in a model follows PyTorch's own layers: switching
     between oneDNN (PyTorch's convs) and the BLAS the C++ kernels use costs both sides tens
     of microseconds (measured: a oneDNN conv of 167 us takes 248 us when MKL GEMMs run
-    between its calls), which a candidate timed back to back never shows."""
-    if device_type != "cpu":
+    between its calls), which a candidate timed back to back never shows. Not inside a
+    module's measurement, where the stage runs between its module's other layers anyway
+    (and the module level decides on the whole)."""
+    if not neighbour_first:
         return {name: make_run(name) for name in names}
     neighbour = make_run("eager")
 

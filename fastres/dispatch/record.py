@@ -43,6 +43,22 @@ def paused() -> Iterator[None]:
         _log.entries = previous
 
 
+def module_measuring() -> bool:
+    """Whether a module-level measurement is running on this thread."""
+    return getattr(_log, "measuring", False)
+
+
+@contextlib.contextmanager
+def measuring_module() -> Iterator[None]:
+    previous = getattr(_log, "measuring", False)
+    _log.measuring = True
+    try:
+        with paused():
+            yield
+    finally:
+        _log.measuring = previous
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[List]:
     previous = getattr(_log, "entries", None), getattr(_log, "stage", None)

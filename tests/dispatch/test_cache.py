@@ -54,27 +54,30 @@ def test_a_malformed_cache_file_is_ignored_with_one_warning(kind, fresh_dispatch
         assert json.loads(text)["schema"] == SCHEMA
 
 
-@pytest.mark.parametrize("kind", ["not json", "truncated", "entries of the wrong shape"])
-def test_every_cli_verb_handles_a_malformed_cache(kind, fresh_dispatch):
-    _write_malformed(fresh_dispatch, MALFORMED[kind])
-    env = {**os.environ, "FASTRES_DISPATCH_CACHE": str(fresh_dispatch)}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "fastres", *args],  # noqa: E731
-                                       capture_output=True, text=True, env=env, timeout=600)
-    listed = run("dispatch")
-    assert listed.returncode == 0, listed.stderr
-    assert "Traceback" not in listed.stderr
-    if kind != "entries of the wrong shape":
-        assert "ignored by fastres" in listed.stdout
-    else:
-        assert "malformed entries ignored" in listed.stdout
-    checked = run("check", "--backend", "eager", "--seed", "1")
-    assert "Traceback" not in checked.stderr and "passed" in checked.stdout
-    bench = run("bench", "--quick", "--only", "op", "--reuse-dispatch-cache", "--no-progress",
-                "--out", str(fresh_dispatch / "bench"))
-    assert bench.returncode == 0, bench.stderr[-2000:]
-    assert "choices came from the cache" in bench.stdout
-    cleared = run("dispatch", "--clear")
-    assert cleared.returncode == 0 and "cleared 1 file" in cleared.stdout
+def test_every_cli_verb_handles_a_malformed_cache(fresh_dispatch, capsys):
+    from fastres import cli
+
+    def run(*args):
+        code = cli.main(list(args))
+        out = capsys.readouterr()
+        return code, out.out
+    for kind, text in MALFORMED.items():
+        _write_malformed(fresh_dispatch, text)
+        code, out = run("dispatch")
+        assert code == 0, kind
+        assert ("malformed entries ignored" if kind == "entries of the wrong shape"
+                else "ignored by fastres") in out, kind
+    # the slower verbs, once, on a truncated file (check forces every backend: it never
+    # consults the cache, and must not trip over it either)
+    _write_malformed(fresh_dispatch, MALFORMED["truncated"])
+    code, out = run("check", "--backend", "eager", "--seed", "1")
+    assert code == 0 and "passed" in out
+    with pytest.warns(RuntimeWarning, match="dispatch cache"):
+        code, out = run("bench", "--quick", "--only", "block", "--reuse-dispatch-cache",
+                        "--no-progress", "--out", str(fresh_dispatch / "bench"))
+    assert code == 0 and "choices came from the cache" in out
+    code, out = run("dispatch", "--clear")
+    assert code == 0 and "cleared 1 file" in out
     assert not list(fresh_dispatch.glob("dispatch-*.json"))
 
 
