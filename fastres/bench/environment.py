@@ -49,9 +49,11 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    """Short file-name form of the device: "cpu", "cuda-h100", ..."""
+    """Short file-name form of the device: "cpu-intel-xeon", "cpu-amd-epyc", "cuda-h100"..."""
     if device.type != "cuda":
-        return "cpu"
+        words = [w for w in cpu_name().lower().replace("(r)", "").replace("(tm)", "")
+                 .replace("-", " ").split() if w.isalpha() and w not in ("processor", "cpu")]
+        return "-".join(["cpu"] + words[:2])
     words = [w for w in torch.cuda.get_device_name(device).lower().replace("-", " ").split()
              if w not in ("nvidia", "geforce", "tesla", "amd", "radeon")]
     return "cuda-" + ("-".join(words[:2]) if words else "gpu")

@@ -15,6 +15,7 @@ compiled calls (trace_time_choice): shapes may be symbolic there.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -24,7 +25,7 @@ from ..backends import Call
 from ..conventions import HALF_DTYPES
 from . import probe, record
 from .cache import cache
-from .choice import CACHED, FORCED, RULE, STATIC, Choice
+from .choice import FORCED, RULE, STATIC, Choice
 from .forcing import forced_backend, forced_reason
 from .measure import bounded_extent, measure
 from .safety import why_not_measure
@@ -135,7 +136,6 @@ def _decide(call: Call, signature: tuple, make_run) -> Choice:
         choice = Choice("op", "eager", "every candidate failed its correctness probe: "
                         + "; ".join(f"{k}: {v}" for k, v in excluded.items()), RULE,
                         excluded=excluded, final=False)
-        import warnings
         warnings.warn(f"fastres: {choice.reason} ({call.key()})", RuntimeWarning, stacklevel=4)
         return store.remember(signature, choice)
     if len(trusted) == 1:
@@ -182,24 +182,11 @@ def describe_default(device: torch.device, dtype: torch.dtype) -> str:
              if backends.get(n).unavailable_reason() is None and dtype in backends.get(n).dtypes]
     if not fused:
         return "eager"
-    if why_not_measure() is not None:
-        return "the static rule (" + why_not_measure() + "): " + static_rule_in_words(
-            device, dtype, fused[0])
-    return (f"the faster of eager and {', '.join(fused)}, each probed for correctness and "
-            "measured per call signature on first use")
-
-
-def static_rule_in_words(device: torch.device, dtype: torch.dtype, fused: str) -> str:
-    if device.type == "cpu" and dtype not in HALF_DTYPES:
-        return (f"{fused} for forward-only calls at stride 1 with L_out >= {CPP_MIN_LENGTH}, "
-                "else eager")
-    return fused
-
-
-def cached_choice(call: Call) -> Optional[Choice]:
-    """What this process would run for `call` without measuring (for reports)."""
-    return cache().get(dataclasses.astuple(call)) or cache().stored(call.key(), call.device)
-
-
-__all__ = ["CACHED", "PREFERENCE", "candidates", "choose", "describe_default",
-           "static_choice", "trace_time_choice"]
+    why = why_not_measure()
+    if why is None:
+        return (f"the faster of eager and {', '.join(fused)}, each probed for correctness "
+                "and measured per call signature on first use")
+    rule = fused[0] if device.type != "cpu" or dtype in HALF_DTYPES else (
+        f"{fused[0]} for forward-only calls at stride 1 with L_out >= {CPP_MIN_LENGTH}, "
+        "else eager")
+    return f"the static rule ({why}): {rule}"

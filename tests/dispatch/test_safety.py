@@ -203,3 +203,17 @@ def test_measuring_is_refused_exactly_where_unsafe():
     assert "saved-tensor hooks" in seen["non-reentrant"]
     assert "backward pass" in seen["reentrant"]  # its recompute, the last call seen
     assert "torch.func" in seen["grad"] and "torch.func" in seen["vmap"]
+
+
+def test_legacy_onnx_export_of_a_fused_model_runs_its_plain_ops(fresh_seed, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    fused, plain = _pair(lambda: torch.nn.Sequential(
+        fastres.TemporalBlock(4, 8, 3), fastres.BasicBlock(8, 8)), fresh_seed, train=False)
+    x = torch.randn(2, 4, 32)
+    path = str(tmp_path / "fused.onnx")
+    torch.onnx.export(fused, (x,), path, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 2: "length"}})
+    y = torch.randn(3, 4, 48)
+    (got,) = ort.InferenceSession(path).run(None, {"x": y.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(got), plain(y)) < 1e-5
