@@ -39,11 +39,17 @@ __all__ = ["plain_convs_are_routed", "plain_convs_routed", "route_weight_grad",
 # own weight gradient (benchmarks/NOTES.md, "PyTorch's conv1d weight gradient").
 
 
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()
+
+
 def weight_grad_at_risk(x: Tensor, weight: Tensor, stride: int) -> bool:
     """Whether this conv's weight gradient takes the route (see above)."""
-    return (stride >= 2 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.requires_grad and torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    if not (stride >= 2 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.requires_grad and torch.is_grad_enabled() and _ONEDNN_BUILT):
+        return False
+    # torch.compile does not trace the oneDNN switch (a global read at run time): routed
+    # there, which only costs time should a user have turned oneDNN off.
+    return torch.compiler.is_compiling() or torch.backends.mkldnn.enabled
 
 
 def weight_grad_by_columns(grad_y: Tensor, x: Tensor, kernel_size: int, stride: int,
@@ -52,11 +58,11 @@ def weight_grad_by_columns(grad_y: Tensor, x: Tensor, kernel_size: int, stride: 
     matmul over a strided view of x's columns (im2col), no convolution kernel involved.
     Differentiable, so double backward works too."""
     padded = F.pad(x, [pad_left, pad_right]) if pad_left or pad_right else x
-    b_stride, c_stride, l_stride = padded.stride()
-    columns = padded.as_strided(
-        (padded.shape[0], padded.shape[1], kernel_size, grad_y.shape[-1]),
-        (b_stride, c_stride, dilation * l_stride, stride * l_stride), padded.storage_offset())
-    return torch.tensordot(grad_y, columns, dims=([0, 2], [0, 3]))
+    span = (kernel_size - 1) * dilation + 1
+    # (B, C, L_out, K) views: windows of the dilated kernel's span every `stride` steps,
+    # every `dilation`-th element of each (unfold, not as_strided: torch.compile traces it)
+    columns = padded.unfold(2, span, stride)[:, :, :grad_y.shape[-1], ::dilation]
+    return torch.tensordot(grad_y, columns, dims=([0, 2], [0, 2]))
 
 
 class _WeightGradByColumns(torch.autograd.Function):

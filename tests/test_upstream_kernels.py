@@ -177,3 +177,29 @@ def test_the_unfused_twin_stays_plain_pytorch(fresh_seed):
     out = F.relu(y + plain.downsample(x))
     (expected,) = torch.autograd.grad(out, w, torch.ones_like(out))
     assert torch.equal(got, expected)
+
+
+def test_the_eager_backend_takes_the_route_under_torch_compile(fresh_seed):
+    """Compiled, the stage's conv weight gradient would be oneDNN's as well: the route traces
+    (the oneDNN switch is not read there) and its gradients stay right."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    tensors = [torch.randn(2, 3, 64, generator=g, dtype=torch.float64),
+               torch.randn(19, 3, 5, generator=g, dtype=torch.float64) / 4,
+               torch.rand(19, generator=g, dtype=torch.float64) + 0.5,
+               torch.randn(19, generator=g, dtype=torch.float64)]
+    grad_out = torch.randn(2, 19, 32, generator=g, dtype=torch.float64)
+
+    def stage(x, w, gamma, beta):
+        return fastres.conv_bn_relu(x, w, None, None, None, gamma, beta, training=True,
+                                    stride=2, dilation=8, padding="same")
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in tensors]
+        return torch.autograd.grad(fn(*leaves), leaves, grad_out.to(dtype))
+
+    expected = grads(stage, torch.float64)
+    torch._dynamo.reset()
+    with fastres.use_backend("eager"):
+        got = grads(torch.compile(stage, fullgraph=True), torch.float32)
+    for name, a, b in zip(("x", "weight", "bn_weight", "bn_bias"), got, expected):
+        assert rel_err(a, b) < 1e-5, name

@@ -20,6 +20,7 @@ returns) run. It is TorchScript-compatible on purpose.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -166,13 +167,17 @@ def op_arguments(conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> dict:
     return dict(bias=conv.bias, norm="batch", **bn_arguments(bn))
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
     """What the plain twin computes: PyTorch's ops and the BN module itself, except that
     the conv's weight gradient avoids PyTorch's known-wrong CPU kernel
     (fastres/upstream_kernels.py)."""
-    with plain_convs_routed():
-        z = padded_conv1d(x, weight, conv.bias, conv.kernel_size[0], conv.stride[0],
-                          conv.dilation[0], padding == "causal")
+    stride = conv.stride[0]
+    with plain_convs_routed() if weight_grad_at_risk(x, weight, stride) else _NO_CONTEXT:
+        z = padded_conv1d(x, weight, conv.bias, conv.kernel_size[0], stride, conv.dilation[0],
+                          padding == "causal")
     if bn is not None:
         z = bn(z)
     if relu_before_add:
