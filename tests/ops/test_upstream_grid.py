@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from fastres import backends
 from fastres.backends import autotune
-from fastres.parity import (TOLERANCE, Case, _errors_against_reference, make_inputs,
-                            run_backend)
+from fastres.parity import (TOLERANCE, Case, _errors_against_reference, _reference,
+                            make_inputs, run_backend)
 from fastres.conventions import conv_padding, rel_err
 
 GRID = [Case(B=2, C_in=c_in, C_out=c_out, L=length, K=k, dilation=d, stride=s, padding="same")
@@ -25,20 +25,19 @@ GRID = [Case(B=2, C_in=c_in, C_out=c_out, L=length, K=k, dilation=d, stride=s, p
             range(2, 8), (1, 2, 4, 8, 16), (1, 2, 3), (32, 48, 64, 100), ((3, 19), (16, 64)))]
 
 
-def _plain_weight_grad_error(case, inputs):
-    """Relative error of plain PyTorch's float32 conv weight gradient through the same stage."""
-    def stage(dtype):
-        x = inputs["x"].to(dtype)
-        w = inputs["weight"].to(dtype).requires_grad_()
-        left, right = conv_padding(case.K, case.dilation, case.stride, case.padding)
-        if left != right:  # stride 1, odd total: PyTorch's padding="same"
-            x, left = F.pad(x, [left, right]), 0
-        z = F.conv1d(x, w, inputs["bias"].to(dtype), case.stride, left, case.dilation)
-        z = F.batch_norm(z, None, None, inputs["bn_weight"].to(dtype),
-                         inputs["bn_bias"].to(dtype), True)
-        (grad,) = torch.autograd.grad(torch.relu(z), w, inputs["grad_out"].to(dtype))
-        return grad
-    return rel_err(stage(torch.float32), stage(torch.float64))
+def _plain_weight_grad(case, inputs):
+    """Plain PyTorch's float32 conv weight gradient through the same stage (conv1d ->
+    batch_norm with batch statistics -> relu)."""
+    x = inputs["x"].float()
+    w = inputs["weight"].float().requires_grad_()
+    left, right = conv_padding(case.K, case.dilation, case.stride, case.padding)
+    if left != right:  # stride 1, odd total: PyTorch's padding="same"
+        x, left = F.pad(x, [left, right]), 0
+    z = F.conv1d(x, w, inputs["bias"].float(), case.stride, left, case.dilation)
+    z = F.batch_norm(z, None, None, inputs["bn_weight"].float(), inputs["bn_bias"].float(),
+                     True)
+    (grad,) = torch.autograd.grad(torch.relu(z), w, inputs["grad_out"].float())
+    return grad
 
 
 def test_the_720_geometries_are_right_at_the_default_dispatch(fresh_seed, monkeypatch):
@@ -63,15 +62,19 @@ def test_the_720_geometries_are_right_at_the_default_dispatch(fresh_seed, monkey
         with backends.recording() as log:
             got = run_backend(case, inputs, torch.float32, None)
         chosen.update(decision.backend for _, _, decision in log)
-        errors = _errors_against_reference(case, inputs, torch.float32, got)
+        reference = _reference(case, inputs, True)
+        errors = _errors_against_reference(case, inputs, torch.float32, got,
+                                           reference=reference)
         failed = {k: v for k, v in errors.items() if not v < TOLERANCE[torch.float32]}
         if failed:
             wrong.append(f"{case}: {failed}")
-        if not _plain_weight_grad_error(case, inputs) < TOLERANCE[torch.float32]:
+        ref_weight_grad = reference[0][1]["weight"]
+        if not rel_err(_plain_weight_grad(case, inputs), ref_weight_grad) < 1e-5:
             plain_wrong += 1
             # Where PyTorch is wrong, eager is checked whether or not it was chosen.
             errors = _errors_against_reference(case, inputs, torch.float32,
-                                               run_backend(case, inputs, torch.float32, "eager"))
+                                               run_backend(case, inputs, torch.float32, "eager"),
+                                               reference=reference)
             failed = {k: v for k, v in errors.items() if not v < TOLERANCE[torch.float32]}
             if failed:
                 wrong.append(f"eager, {case}: {failed}")
