@@ -4,7 +4,9 @@
     fastres bench --full               the complete matrix (meant for a GPU)
     fastres bench --quick              a few seconds: smoke test of the whole pipeline
     fastres bench --only op,tcn-vs-rnn --dtype bf16 --device cuda --out results/
-    fastres check [--device cuda]      every available backend vs the reference
+    fastres check [--device cuda]      every available backend vs the reference, then
+                                       PyTorch's own conv1d (wrong upstream kernels are
+                                       printed as such; they do not fail the check)
     fastres dispatch [--clear]         the backends measured per call signature on this machine
 """
 from __future__ import annotations
@@ -90,13 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="every available backend vs the reference, here",
                            description="Run every available fastres backend against the float64 "
                            "reference on a fixed set of configurations (forward, gradients, "
-                           "running statistics). Exit status 1 if any case fails.")
+                           "running statistics), then PyTorch's own conv1d over a grid of "
+                           "geometries, printing any upstream kernel that is wrong here. Exit "
+                           "status 1 if any fastres backend fails (a wrong PyTorch kernel "
+                           "alone does not fail it).")
     check.add_argument("--device", choices=["cpu", "cuda"],
                        help="default: cuda when available, else cpu")
     check.add_argument("--backend", metavar="NAMES",
                        help="comma-separated backends to check (default: all available)")
     check.add_argument("--seed", type=int, metavar="N",
                        help="draw the inputs from seed N (default: fresh random inputs)")
+    check.add_argument("--no-upstream", action="store_true",
+                       help="skip checking PyTorch's own conv1d kernels")
 
     dispatch = sub.add_parser(
         "dispatch", help="which backend won each measured call signature here",
@@ -211,6 +218,8 @@ def _check(parser, args) -> int:
         detail = r.error or ", ".join(f"{k}={v:.2e}" for k, v in r.errors.items() if not v < r.tol)
         print(f"FAIL {r.backend} {r.dtype} {r.case}: {detail}")
     print(f"{len(results) - len(failures)}/{len(results)} passed")
+    if not args.no_upstream:
+        _check_upstream(device, args.seed)
     return 1 if failures else 0
 
 
@@ -237,6 +246,28 @@ def _describe_key(key: str) -> str:
             f"pad {fields.get('p', '?')} {' '.join(words[1:])}"
             + (" +res" if fields.get("res") == "1" else "")
             + (" +grad" if fields.get("grad") == "1" else ""))
+
+
+def _check_upstream(device: torch.device, seed: Optional[int]) -> None:
+    """PyTorch's own conv1d kernels: printed apart, never part of the exit status."""
+    from fastres.parity import check_upstream
+
+    results = check_upstream(device.type, seed=seed)
+    wrong = [r for r in results if r.wrong]
+    what = (f"PyTorch's own conv1d on {device.type} (float32 against float64: output, input, "
+            f"weight and bias gradients; {len(results)} geometries, strided and widely "
+            f"dilated among them)")
+    if not wrong:
+        print(f"\n{what}: right on every one")
+        return
+    print(f"\n{what}: wrong on {len(wrong)}")
+    for r in wrong:
+        for line in r.describe():
+            print(line)
+    print(f"These are PyTorch's kernels ({torch.__version__}), not fastres's: they do not "
+          "change this command's exit status, and fastres routes around the ones it knows "
+          "(fastres/upstream_kernels.py; the backends above are checked on such geometries "
+          "too). To report them upstream: python benchmarks/upstream_conv1d_wgrad.py")
 
 
 def _dispatch(parser, args) -> int:

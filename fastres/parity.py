@@ -7,21 +7,35 @@ gradient and the running statistics. `check_parity` asserts they are under the d
 (the unit tests use it); `run_check` runs a fixed set of cases over every available backend
 and is what `fastres check` prints.
 
-This module imports only fastres.reference, the public op and the NaN-poisoning switch, so a
-bug in a backend or in shared op code cannot hide on both sides of a comparison.
+`probe(call, backend)` is the same comparison on a small call of one signature's geometry:
+the dispatcher trusts a backend with a call signature only once its probe passed.
+`check_upstream` judges PyTorch's own conv1d kernels the same way, over a grid of
+geometries (`fastres check` prints those that are wrong here).
+
+This module imports only fastres.reference, the op (its public function, and `run_backend`
+for a probe, which must not ask the dispatcher) and the NaN-poisoning switch, so a bug in a
+backend or in shared op code cannot hide on both sides of a comparison.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import random
+import zlib
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-import fastres
 from fastres import _alloc
-from fastres.conventions import conv_padding, cudnn_conv_tf32_set, rel_err
+from fastres.backends import Call, get as get_backend
+from fastres.dispatch import use_backend
+from fastres.conventions import (NORM_TRAIN, conv_padding, cudnn_conv_tf32,
+                                 cudnn_conv_tf32_set, rel_err)
+from fastres.ops import conv_bn_relu
+from fastres.ops.conv_bn_relu import run_backend as run_validated
 from fastres.reference import conv1d, conv_bn_relu_reference, output_length
 
 TOLERANCE = {
@@ -122,17 +136,26 @@ def _call(fn, case, args):
 
 def run_backend(case: Case, inputs, dtype, backend: Optional[str]):
     args, leaves = _run(case, inputs, dtype, torch.float32 if dtype != torch.float64 else dtype)
-    with _alloc.poisoned(), (fastres.use_backend(backend) if backend else contextlib.nullcontext()):
-        out = _call(fastres.conv_bn_relu, case, args)
+    with _alloc.poisoned(), (use_backend(backend) if backend else contextlib.nullcontext()):
+        out = _call(conv_bn_relu, case, args)
         names = [n for n, t in leaves.items() if t is not None]
         grads = torch.autograd.grad(out, [leaves[n] for n in names],
                                     inputs["grad_out"].to(dtype), allow_unused=True)
     return out, dict(zip(names, grads)), args[3], args[4]
 
 
-def run_reference(case: Case, inputs):
+def _reference(case: Case, inputs, gradients: bool):
+    """run_reference's results, and the scales the per-channel sums are judged against."""
+    return (run_reference(case, inputs, gradients),
+            sum_term_scales(case, inputs) if gradients else {})
+
+
+def run_reference(case: Case, inputs, gradients: bool = True):
     args, leaves = _run(case, inputs, torch.float64, torch.float64)
-    out = _call(conv_bn_relu_reference, case, args)
+    with torch.enable_grad() if gradients else torch.no_grad():
+        out = _call(conv_bn_relu_reference, case, args)
+    if not gradients:
+        return out, {}, args[3], args[4]
     names = [n for n, t in leaves.items() if t is not None]
     grads = torch.autograd.grad(out, [leaves[n] for n in names], inputs["grad_out"],
                                 allow_unused=True)
@@ -214,17 +237,25 @@ def parity_errors(case: Case, backend: Optional[str], dtype: torch.dtype, device
     "running_mean" / "running_var". Raises AssertionError if a shape or dtype is wrong.
     """
     inputs = make_inputs(case, dtype, device, seed)
-    out, grads, rm, rv = run_backend(case, inputs, dtype, backend)
-    ref_out, ref_grads, ref_rm, ref_rv = run_reference(case, inputs)
+    return _errors_against_reference(case, inputs, dtype, run_backend(case, inputs, dtype,
+                                                                      backend))
+
+
+def _errors_against_reference(case: Case, inputs, dtype, got, gradients: bool = True,
+                              reference=None) -> Dict[str, float]:
+    """parity_errors of a run's (out, grads, running mean, running var); `reference`, when
+    given, is _reference(case, inputs, gradients) computed before."""
+    out, grads, rm, rv = got
+    (ref_out, ref_grads, ref_rm, ref_rv), scales = reference or _reference(case, inputs,
+                                                                           gradients)
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref_out.shape, f"output shape {tuple(out.shape)}, expected {tuple(ref_out.shape)}"
     errors = {"out": rel_err(out, ref_out)}
-    scales = sum_term_scales(case, inputs)  # for the per-channel sums (see there)
     for name, ref_grad in ref_grads.items():
-        got = grads[name]
-        assert got is not None, f"no gradient for {name}"
-        assert got.shape == ref_grad.shape, f"grad_{name}: {tuple(got.shape)}"
-        errors["grad_" + name] = rel_err(got, ref_grad, scales.get(name))
+        got_grad = grads[name]
+        assert got_grad is not None, f"no gradient for {name}"
+        assert got_grad.shape == ref_grad.shape, f"grad_{name}: {tuple(got_grad.shape)}"
+        errors["grad_" + name] = rel_err(got_grad, ref_grad, scales.get(name))
     if case.norm == "train":
         errors["running_mean"] = rel_err(rm, ref_rm)
         errors["running_var"] = rel_err(rv, ref_rv)
@@ -258,6 +289,135 @@ def check_parity(case: Case, backend: Optional[str], dtype: torch.dtype, device=
     return errors
 
 
+# --------------------------------------------------------------------------- probes
+
+# A probe keeps what decides a kernel's code path: the geometry (kernel size, dilation,
+# stride, padding, length), the norm mode, bias, residual and ReLU placement, dtype, device
+# and whether gradients are taken. It shrinks only the batch and the channels: SIMD kernels
+# (oneDNN's 16-float blocks, the C++ tiles, Triton's tiles of 16 or more) run whole channel
+# blocks and a remainder, so a probe keeps one whole block and the same remainder.
+PROBE_BATCH = 2
+PROBE_CHANNEL_BLOCK = 16
+
+
+PROBE_MAX_LENGTH = 4096
+
+
+def probe_channels(channels: int) -> int:
+    """The channel count a probe uses for a call's `channels`."""
+    block = PROBE_CHANNEL_BLOCK
+    return channels if channels <= 2 * block else block + channels % block
+
+
+def probe_case(call: Call) -> Case:
+    """The small Case standing for `call`: its geometry, a batch of at most PROBE_BATCH and
+    probe_channels channels; the residual is an independent tensor of the output's shape."""
+    paddings = {mode: conv_padding(call.kernel_size, call.dilation, call.stride, mode)
+                for mode in ("causal", "same")}
+    padding = next((mode for mode, pads in paddings.items()
+                    if pads == (call.pad_left, call.pad_right)), None)
+    if padding is None:
+        raise ValueError(f"padding ({call.pad_left}, {call.pad_right}) is neither causal nor "
+                         f"same for K={call.kernel_size}, dilation={call.dilation}, "
+                         f"stride={call.stride}")
+    # A long call's probe keeps PROBE_MAX_LENGTH steps (more than any kernel's tile, and at
+    # least the padded kernel's span): the first call on a 2M-step input must stay cheap.
+    span = (call.kernel_size - 1) * call.dilation + 1
+    length = min(call.length, max(PROBE_MAX_LENGTH, 2 * span))
+    return Case(B=min(call.batch, PROBE_BATCH), C_in=probe_channels(call.c_in),
+                C_out=probe_channels(call.c_out), L=length, K=call.kernel_size,
+                dilation=call.dilation, stride=call.stride, padding=padding,
+                residual="tensor" if call.has_residual else "none", norm=call.norm,
+                bias=call.has_bias, relu_before_add=call.relu_before_add, momentum=0.1)
+
+
+def probe_bound(call: Call) -> float:
+    """docs/spec.md's bound for the call's dtype (and, for CUDA float32, for the TF32 setting
+    its convs run under now)."""
+    if call.dtype == torch.float32 and call.device_type == "cuda" and cudnn_conv_tf32():
+        return TF32_TOLERANCE
+    return TOLERANCE[call.dtype]
+
+
+def _run_probe(case: Case, inputs, call: Call, backend: str):
+    """(out, grads, running mean, running var) of `backend` on the probe: straight on the
+    backend (ops' run_backend: the call is valid, and nothing asks the dispatcher), outputs
+    poisoned, gradients of every input when the call takes gradients."""
+    dtype = call.dtype
+    args, leaves = _run(case, inputs, dtype, torch.float32 if dtype != torch.float64 else dtype)
+    x, weight, bias, rm, rv, gamma, beta, residual, _ = args
+    with _alloc.poisoned(), torch.set_grad_enabled(call.needs_grad):
+        out = run_validated(
+            backend, x, weight, bias, gamma, beta, rm, rv, residual, stride=call.stride,
+            dilation=call.dilation, pad_left=call.pad_left, pad_right=call.pad_right,
+            norm=call.norm, eps=1e-5, momentum_factor=0.1 if call.norm == NORM_TRAIN else 0.0,
+            relu_before_add=call.relu_before_add, needs_grad=call.needs_grad)
+        grads = {}
+        if call.needs_grad:
+            names = [n for n, t in leaves.items() if t is not None]
+            grads = dict(zip(names, torch.autograd.grad(
+                out, [leaves[n] for n in names], inputs["grad_out"].to(dtype),
+                allow_unused=True)))
+    return out.detach(), grads, rm, rv
+
+
+def probe_errors(call: Call, backend: str, seed: int) -> Dict[str, float]:
+    """parity_errors of `backend` on the probe of `call` (inputs drawn from `seed`)."""
+    case = probe_case(call)
+    inputs, reference = _probe_reference(case, call.dtype, call.device, call.needs_grad, seed)
+    return _errors_against_reference(case, inputs, call.dtype,
+                                     _run_probe(case, inputs, call, backend),
+                                     gradients=call.needs_grad, reference=reference)
+
+
+# The dispatcher probes every candidate of a new signature in turn: they share the inputs
+# and the float64 reference, which cost about as much as a backend's run.
+_PROBE_SEED_BASE = random.randrange(2**31)
+
+
+def probe_seed(call: Call) -> int:
+    """The seed of `call`'s probe inputs: fresh in every process, shared by its candidates."""
+    return (_PROBE_SEED_BASE + zlib.crc32(call.key().encode())) % 2**31
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_reference(case: Case, dtype: torch.dtype, device: str, gradients: bool, seed: int):
+    inputs = make_inputs(case, dtype, device, seed)
+    return inputs, _reference(case, inputs, gradients)
+
+
+def probe(call: Call, backend: str, seed: Optional[int] = None) -> Optional[str]:
+    """None if `backend` computes `call`'s geometry within docs/spec.md's bound, else why not.
+
+    The probe is `call` shrunk to a small batch and few channels (probe_case), on random
+    inputs (from `seed`, else probe_seed: fresh in each process), outputs poisoned, run on
+    `backend` directly; its output, every gradient (when the call takes gradients) and the
+    running statistics (in training) are compared with the float64 reference. A failure is
+    confirmed on a second draw before it is reported, so one draw that lands near a ReLU
+    kink does not exclude a backend; a backend that raises fails with the exception.
+    """
+    unsupported = get_backend(backend).supports(call)  # (which also loads its kernels)
+    if unsupported is not None:
+        return f"cannot run it here: {unsupported}"
+    seed = probe_seed(call) if seed is None else seed
+    bound = probe_bound(call)
+    worst = None
+    for attempt in range(2):
+        try:
+            errors = probe_errors(call, backend, (seed + attempt) % 2**31)
+        except Exception as exc:  # noqa: BLE001 - a backend that raises is not trusted
+            return f"probe raised {type(exc).__name__}: {exc}"
+        failed = {k: v for k, v in errors.items() if not v < bound}
+        if not failed:
+            return None
+        name = max(failed, key=failed.get)
+        if worst is None:
+            worst = (name, failed[name])
+    case = probe_case(call)
+    return (f"{worst[0]} off by {worst[1]:.2g} (bound {bound:.0e}) against float64 on a "
+            f"probe of B={case.B}, C_in={case.C_in}, C_out={case.C_out} (seed {seed})")
+
+
 # --------------------------------------------------------------------------- fastres check
 
 # The fixed configurations `fastres check` runs: every norm mode, both padding modes, both
@@ -276,6 +436,12 @@ CHECK_CASES: Dict[str, Case] = {
     "train+res,big": Case(B=4, C_in=32, C_out=32, L=256, K=3, dilation=8, residual="tensor"),
     # 4 values per channel: batch norm's backward nearly cancels, 16-bit rounding shows.
     "train,4/channel": Case(B=2, C_in=6, C_out=8, L=2, K=2, residual="tensor"),
+    # Strided, widely dilated: where PyTorch's CPU float32 weight gradient is wrong (issue
+    # 26; the eager backend routes around it): its reproducer, and a causal twin.
+    "train,same,s2,d8": Case(B=2, C_in=3, C_out=19, L=64, K=5, dilation=8, stride=2,
+                             padding="same"),
+    "train+res,s2,d8": Case(B=3, C_in=16, C_out=19, L=100, K=3, dilation=8, stride=2,
+                            residual="tensor"),
 }
 
 # Cases run with a NaN planted in x (see nonfinite_errors): it must reach the output where
@@ -362,4 +528,108 @@ def run_check(device: str = "cpu", backend_names: Optional[Sequence[str]] = None
         except Exception as exc:  # noqa: BLE001 - report the failure and go on
             results.append(CheckResult(name, label, case_name, {}, tol, seed=case_seed,
                                        error=f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+# --------------------------------------------------------------------------- PyTorch's kernels
+
+# PyTorch's own conv1d (what the eager backend and plain models run) is judged as the
+# backends are: `fastres check` prints a wrong upstream kernel as such, apart from the
+# backends' pass/fail. The grid holds the geometries where oneDNN's float32 weight gradient
+# was found wrong (stride >= 2 with wide padding: issue 26, benchmarks/upstream_conv1d_wgrad.py)
+# and their neighbours: both paddings users write ("same" and a causal conv's (K-1)*d on
+# both sides, chomped), K 3/5/7, dilation 1-16, stride 1-3, two lengths.
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv1dCase:
+    """One F.conv1d call (symmetric zero padding, as users write it)."""
+
+    B: int
+    C_in: int
+    C_out: int
+    L: int
+    K: int
+    dilation: int
+    stride: int
+    padding: int
+
+    @property
+    def L_out(self) -> int:
+        return (self.L + 2 * self.padding - self.dilation * (self.K - 1) - 1) // self.stride + 1
+
+    def __str__(self) -> str:
+        return (f"F.conv1d(x {self.B}x{self.C_in}x{self.L}, weight {self.C_out}x{self.C_in}x"
+                f"{self.K}, stride={self.stride}, dilation={self.dilation}, "
+                f"padding={self.padding})")
+
+
+UPSTREAM_CASES: List[Conv1dCase] = [
+    Conv1dCase(2, 3, 19, length, k, d, s, pad)
+    for k, d, s, length in itertools.product((3, 5, 7), (1, 4, 8, 16), (1, 2, 3), (64, 100))
+    for pad in dict.fromkeys(((k - 1) * d // 2, (k - 1) * d))
+]
+
+# What each compared quantity is, in the words `fastres check` prints.
+UPSTREAM_QUANTITIES = {"out": "output", "grad_x": "input gradient",
+                       "grad_weight": "weight gradient", "grad_bias": "bias gradient"}
+
+
+@dataclasses.dataclass
+class UpstreamResult:
+    case: Conv1dCase
+    dtype: str
+    errors: Dict[str, float]
+    tol: float
+    seed: int
+
+    @property
+    def wrong(self) -> Dict[str, float]:
+        return {k: v for k, v in self.errors.items() if not v < self.tol}
+
+    def describe(self) -> List[str]:
+        """One line per wrong quantity: "PyTorch's conv1d weight gradient is wrong here: ..."."""
+        return [f"PyTorch's conv1d {UPSTREAM_QUANTITIES[name]} is wrong here: {self.case}, "
+                f"{self.dtype}: relative error {error:.2g} against float64 (bound "
+                f"{self.tol:.0e}, seed {self.seed})" for name, error in self.wrong.items()]
+
+
+def conv1d_errors(case: Conv1dCase, dtype: torch.dtype, device="cpu", seed: int = 0
+                  ) -> Dict[str, float]:
+    """PyTorch's F.conv1d in `dtype` against itself in float64 on the same rounded inputs:
+    relative error of the output and of the input, weight and bias gradients (the bias
+    gradient, a sum over (batch, length), against the size of what it sums)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    masters = [rnd(case.B, case.C_in, case.L), rnd(case.C_out, case.C_in, case.K),
+               rnd(case.C_out), rnd(case.B, case.C_out, case.L_out)]
+    masters = [t.to(dtype).to(torch.float64).to(device) for t in masters]
+
+    def run(run_dtype):
+        x, weight, bias = (t.to(run_dtype).requires_grad_() for t in masters[:3])
+        with torch.enable_grad():
+            out = F.conv1d(x, weight, bias, stride=case.stride, padding=case.padding,
+                           dilation=case.dilation)
+            grads = torch.autograd.grad(out, (x, weight, bias), masters[3].to(run_dtype))
+        return (out.detach(),) + grads
+
+    got, ref = run(dtype), run(torch.float64)
+    scales = {"grad_bias": masters[3].abs().sum((0, 2)).norm().item()}
+    return {name: rel_err(a, b, scales.get(name))
+            for name, a, b in zip(UPSTREAM_QUANTITIES, got, ref)}
+
+
+def check_upstream(device: str = "cpu", cases: Optional[Sequence[Conv1dCase]] = None,
+                   seed: Optional[int] = None) -> List[UpstreamResult]:
+    """PyTorch's float32 conv1d (forward, input, weight and bias gradients; CUDA with TF32
+    off) against float64 over `cases` (UPSTREAM_CASES), fresh inputs unless `seed`."""
+    cases = UPSTREAM_CASES if cases is None else cases
+    base = random.randrange(2**31) if seed is None else seed
+    results = []
+    with cudnn_conv_tf32_set(False):
+        for i, case in enumerate(cases):
+            case_seed = (base + i) % 2**31
+            errors = conv1d_errors(case, torch.float32, device, case_seed)
+            results.append(UpstreamResult(case, "float32", errors, TOLERANCE[torch.float32],
+                                          case_seed))
     return results

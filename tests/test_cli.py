@@ -267,6 +267,39 @@ def test_check_reports_a_crashing_backend(monkeypatch, capsys):
     assert "RuntimeError: backward kernel missing" in capsys.readouterr().out
 
 
+def test_check_prints_a_wrong_pytorch_kernel_apart_and_still_passes(monkeypatch, capsys):
+    """A wrong upstream kernel is printed as PyTorch's, and does not fail the check when
+    every fastres backend passes (here: PyTorch's float32 weight gradient made wrong on one
+    geometry of the grid, whatever this CPU's own does)."""
+    from fastres import parity
+    errors = parity.conv1d_errors
+    bad = parity.Conv1dCase(2, 3, 19, 64, 5, 8, 2, 16)
+
+    def one_wrong(case, *args, **kwargs):
+        result = errors(case, *args, **kwargs)
+        return dict(result, grad_weight=1.2) if case == bad else \
+            {k: 0.0 for k in result}  # the rest right, so the count is this CPU-independent
+
+    monkeypatch.setattr(parity, "conv1d_errors", one_wrong)
+    assert cli.main(["check", "--device", "cpu", "--backend", "composite"]) == 0
+    out = capsys.readouterr().out
+    n = len(parity.UPSTREAM_CASES)
+    assert f"{n} geometries, strided and widely dilated among them): wrong on 1\n" in out
+    assert ("PyTorch's conv1d weight gradient is wrong here: F.conv1d(x 2x3x64, weight "
+            "19x3x5, stride=2, dilation=8, padding=16), float32: relative error 1.2 against "
+            "float64 (bound 1e-05") in out
+    assert "they do not change this command's exit status" in out
+    assert "FAIL" not in out
+
+    monkeypatch.setattr(parity, "conv1d_errors", lambda case, *a, **k: {"out": 0.0})
+    assert cli.main(["check", "--device", "cpu", "--backend", "composite"]) == 0
+    assert f"{n} geometries, strided and widely dilated among them): right on every one" \
+        in capsys.readouterr().out
+    assert cli.main(["check", "--device", "cpu", "--backend", "composite",
+                     "--no-upstream"]) == 0
+    assert "PyTorch's own conv1d" not in capsys.readouterr().out
+
+
 def test_python_dash_m_runs_the_cli():
     env = dict(os.environ, PYTHONPATH=REPO)
     result = subprocess.run([sys.executable, "-m", "fastres", "bench", "--help"], cwd=REPO,

@@ -4,8 +4,8 @@
   the same, and a cycle through one only waits for the first call to bite);
 - no module reaches another through importlib or __import__ (an import the graph cannot see
   hides a dependency, and a cycle with it: this test reads those calls too);
-- the reference is an independent oracle: only the parity harness, the dispatcher's
-  correctness probe and the benchmarks import it;
+- the reference is an independent oracle: only the parity harness (the dispatcher's
+  correctness probe among its users) and the benchmarks import it;
 - backends never import each other (the shared C++ interface fastres._ext is not a backend);
 - what exists is apart from which runs: only fastres.backends (and tests) reach a backend
   module, the backends never import the dispatcher, and everything that chooses lives in
@@ -113,8 +113,7 @@ def test_no_module_is_reached_through_importlib():
 
 def test_the_reference_is_imported_only_by_its_users(graph):
     importers = {m for m, deps in graph.items() if "fastres.reference" in deps}
-    allowed = {m for m in importers if m in ("fastres.parity", "fastres.dispatch.probe")
-               or m.startswith("fastres.bench")}
+    allowed = {m for m in importers if m == "fastres.parity" or m.startswith("fastres.bench")}
     assert importers == allowed, f"the reference is imported by {sorted(importers - allowed)}"
 
 

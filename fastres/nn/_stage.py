@@ -20,6 +20,7 @@ returns) run. It is TorchScript-compatible on purpose.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -31,6 +32,8 @@ from torch.nn.modules import module as _module
 from .. import dispatch
 from ..conventions import HALF_DTYPES, conv_padding, output_length
 from ..ops import ResidualGradLink, conv_bn_relu, execute, plan
+from ..upstream_kernels import (plain_convs_are_routed, plain_convs_routed, route_weight_grad,
+                                weight_grad_at_risk)
 from .sync_batchnorm import sync_conv_bn_relu_stage
 
 
@@ -189,10 +192,17 @@ def op_arguments(conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> dict:
     return dict(bias=conv.bias, norm="batch", **bn_arguments(bn))
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
-    """What the plain twin computes: PyTorch's ops and the BN module itself."""
-    z = padded_conv1d(x, weight, conv.bias, conv.kernel_size[0], conv.stride[0],
-                      conv.dilation[0], padding == "causal")
+    """What the plain twin computes: PyTorch's ops and the BN module itself, except that
+    the conv's weight gradient avoids PyTorch's known-wrong CPU kernel
+    (fastres/upstream_kernels.py)."""
+    stride = conv.stride[0]
+    with plain_convs_routed() if weight_grad_at_risk(x, weight, stride) else _NO_CONTEXT:
+        z = padded_conv1d(x, weight, conv.bias, conv.kernel_size[0], stride, conv.dilation[0],
+                          padding == "causal")
     if bn is not None:
         z = bn(z)
     if relu_before_add:
@@ -209,6 +219,13 @@ def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size
     blocks do, and no slower than padding both sides and dropping outputs on every shape
     timed)."""
     left, right = conv_padding(kernel_size, dilation, stride, "causal" if causal else "same")
+    if not torch.jit.is_scripting():
+        if plain_convs_are_routed() and weight_grad_at_risk(x, weight, stride) \
+                and not torch.jit.is_tracing():
+            # A fused module's plain path (never an unfused twin's): PyTorch's CPU weight
+            # gradient is wrong for some strided convs (fastres/upstream_kernels.py).
+            y = padded_conv1d(x, weight.detach(), bias, kernel_size, stride, dilation, causal)
+            return route_weight_grad(y, x, weight, stride, dilation, left, right)
     if left == right:
         return F.conv1d(x, weight, bias, [stride], [left], [dilation])
     return F.conv1d(F.pad(x, [left, right]), weight, bias, [stride], [0], [dilation])
@@ -281,7 +298,8 @@ class FusedModule:
         twin = self.plain_twin()
         if issubclass(twin, RecordsConvGeometry):
             RecordsConvGeometry.record_geometry(self, twin.geometry_convs)
-        return twin.forward(self, x)
+        with plain_convs_routed():  # (a fused module is never wrong where PyTorch is)
+            return twin.forward(self, x)
 
     def unfused(self) -> nn.Module:
         """This module as its plain twin, sharing submodules and tensors."""
