@@ -21,8 +21,8 @@ How the program runs, and why:
   that has oneDNN (`torch.backends.mkldnn.is_available()`), need no extension build, and
   are what `torch.compile` itself calls for 2D convs. (Inductor packs only 4D/5D convs:
   for conv1d it keeps aten.convolution in NCL and fuses the padding and ReLU around it.)
-- **BatchNorm folded** into the conv weight and bias (computed in float64, cast to the
-  parameters' dtype; the bias stays float32 for 16-bit weights, which oneDNN accepts).
+- **BatchNorm folded** into the conv weight and bias (computed in float64, then cast to the
+  parameters' dtype: the binary post-op wants the bias in the input's dtype).
 - **Where oneDNN cannot fuse, torch elementwise ops**: ReLU *before* the residual add
   (norm="weight" blocks: relu(relu(conv) + res)) is the conv's "relu" post-op followed by an
   in-place add and ReLU; causal and asymmetric "same" padding are a zero-padded NLC copy of
@@ -142,7 +142,7 @@ class _Conv:
                 bias = bias * scale + shift
         # (C_out, C_in, 1, K), as the 2D conv of a (B, C, 1, L) input takes it
         self.weight = weight.to(dtype).unsqueeze(2).contiguous()
-        self.bias = bias.to(torch.float32 if dtype != torch.float32 else dtype).contiguous()
+        self.bias = bias.to(dtype).contiguous()
         self._packs: Dict[Tuple[int, ...], Tensor] = {}
 
     def out_length(self, length: int) -> int:

@@ -30,7 +30,12 @@ SUITES: Dict[str, str] = {
     "block": "fastres.bench.block",
     "model": "fastres.bench.model",
     "tcn-vs-rnn": "fastres.bench.tcn_vs_rnn",
+    "anchors": "fastres.bench.anchors",
 }
+
+# Suites run only when named (--only): the anchors compile every model twice and export it
+# to ONNX, minutes on a CPU, past the default run's one to two.
+OPT_IN = ("anchors",)
 
 SIZES = ("quick", "default", "full")
 
@@ -124,7 +129,7 @@ def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.d
     else:
         compile_mode = model_compile_mode = None if compile_arg == "none" else compile_arg
     return Settings(size=size, device=device, dtypes=list(dtypes),
-                    only=only or list(SUITES), compile_mode=compile_mode,
+                    only=only or [s for s in SUITES if s not in OPT_IN], compile_mode=compile_mode,
                     model_compile_mode=model_compile_mode)
 
 
