@@ -23,6 +23,14 @@ How the program runs, and why:
   for conv1d it keeps aten.convolution in NCL and fuses the padding and ReLU around it.)
 - **BatchNorm folded** into the conv weight and bias (computed in float64, then cast to the
   parameters' dtype: the binary post-op wants the bias in the input's dtype).
+- **NaN and inf as torch.relu treats them.** oneDNN's ReLU post-op (alone, or after the
+  binary add) maps NaN to 0 where torch.relu keeps NaN (docs/spec.md: NaN propagates). So
+  the post-ops run only when no NaN can arise: every call reads max|x| (one pass over the
+  input, torch.aminmax) and compares it with a bound built with the program (per conv, the
+  largest row sum of |folded weight| and |bias|, composed through the blocks): while every
+  conv's sums stay below 1e38 no inf, hence no NaN, can appear. A non-finite input, one
+  large enough to overflow, or non-finite weights take the exact path instead: the same
+  convs without post-ops, then torch's add and ReLU.
 - **Where oneDNN cannot fuse, torch elementwise ops**: ReLU *before* the residual add
   (norm="weight" blocks: relu(relu(conv) + res)) is the conv's "relu" post-op followed by an
   in-place add and ReLU; causal and asymmetric "same" padding are a zero-padded NLC copy of
@@ -55,6 +63,10 @@ from ..conventions import conv_padding, output_length
 
 __all__ = ["Program", "build", "build_or_reason", "run", "unavailable_reason",
            "to_channels_last", "is_channels_last"]
+
+# A conv whose sums of |terms| stay below this cannot overflow float32 (3.4e38), nor
+# bfloat16 after rounding.
+_SAFE_SUM = 1e38
 
 # Packed weights kept per conv for this many input shapes (batch, length); the oldest goes.
 _PACKS_PER_CONV = 4
@@ -143,6 +155,9 @@ class _Conv:
         # (C_out, C_in, 1, K), as the 2D conv of a (B, C, 1, L) input takes it
         self.weight = weight.to(dtype).unsqueeze(2).contiguous()
         self.bias = bias.to(dtype).contiguous()
+        # max|out| <= gain * max|in| + offset (before ReLU), for the overflow bound
+        self.gain = weight.abs().sum(dim=(1, 2)).max().item() if weight.numel() else 0.0
+        self.offset = bias.abs().max().item() if bias.numel() else 0.0
         self._packs: Dict[Tuple[int, ...], Tensor] = {}
 
     def out_length(self, length: int) -> int:
@@ -158,21 +173,30 @@ class _Conv:
             self._packs[shape] = packed
         return packed
 
-    def __call__(self, h: Tensor, relu: bool, add: Optional[Tensor] = None) -> Tensor:
-        """conv(h) [+ add], then ReLU if `relu`: one oneDNN primitive."""
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        """(gain, offset) of the output's max|.| bound, given the input's."""
+        return self.gain * gain, self.gain * offset + self.offset
+
+    def __call__(self, h: Tensor, relu: bool, add: Optional[Tensor] = None,
+                 exact: bool = False) -> Tensor:
+        """conv(h) [+ add], then ReLU if `relu`: one oneDNN primitive, or (exact) the conv
+        and the add in oneDNN and torch's NaN-keeping ReLU after it."""
         if self.pad_copy is not None:
             left, right = self.pad_copy
             b, c, _, n = h.shape
             padded = F.pad(h.permute(0, 2, 3, 1).reshape(b, n, c), (0, 0, left, right))
             h = _as_4d(padded.transpose(1, 2))
         packed = self._packed(tuple(h.shape))
+        post_relu = relu and not exact
         if add is None:
-            return torch.ops.mkldnn._convolution_pointwise(
+            out = torch.ops.mkldnn._convolution_pointwise(
                 h, packed, self.bias, self.pad_op, self.stride_op, self.dilation_op, 1,
-                "relu" if relu else "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            h, add, packed, self.bias, self.pad_op, self.stride_op, self.dilation_op, 1,
-            "add", None, "relu" if relu else None, [], "")
+                "relu" if post_relu else "none", [], "")
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise.binary(
+                h, add, packed, self.bias, self.pad_op, self.stride_op, self.dilation_op, 1,
+                "add", None, "relu" if post_relu else None, [], "")
+        return out.relu_() if relu and exact else out
 
 
 class _Block:
@@ -188,12 +212,17 @@ class _Block:
     def out_length(self, length: int) -> int:
         return self.second.out_length(self.first.out_length(length))
 
-    def __call__(self, h: Tensor) -> Tensor:
-        res = h if self.shortcut is None else self.shortcut(h, relu=False)
-        mid = self.first(h, relu=True)
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        g, o = self.second.bound(*self.first.bound(gain, offset))
+        sg, so = (gain, offset) if self.shortcut is None else self.shortcut.bound(gain, offset)
+        return g + sg, o + so
+
+    def __call__(self, h: Tensor, exact: bool) -> Tensor:
+        res = h if self.shortcut is None else self.shortcut(h, relu=False, exact=exact)
+        mid = self.first(h, relu=True, exact=exact)
         if self.relu_before_add:  # not a oneDNN post-op chain: relu, then add and relu
-            return self.second(mid, relu=True).add_(res).relu_()
-        return self.second(mid, relu=True, add=res)
+            return self.second(mid, relu=True, exact=exact).add_(res).relu_()
+        return self.second(mid, relu=True, add=res, exact=exact)
 
 
 class _Stem:
@@ -222,8 +251,11 @@ class _Stem:
             out -= 1
         return out
 
-    def __call__(self, h: Tensor) -> Tensor:
-        h = self.conv(h, relu=True)
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        return self.conv.bound(gain, offset)  # max pooling keeps the bound
+
+    def __call__(self, h: Tensor, exact: bool) -> Tensor:
+        h = self.conv(h, relu=True, exact=exact)
         if self.pool is None:
             return h
         k, s, p, d, ceil = self.pool
@@ -241,7 +273,10 @@ class _Head:
         self.fc = fc
         self.in_channels = fc.in_features
 
-    def __call__(self, h: Tensor) -> Tensor:
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        return gain, offset  # torch's own ops: NaN and inf as torch makes them
+
+    def __call__(self, h: Tensor, exact: bool) -> Tensor:
         return self.fc(h.mean(dim=(2, 3)))
 
 
@@ -411,6 +446,16 @@ class Program:
         self.layout = getattr(module, "input_layout", "NCL")
         self.classifier = isinstance(steps[-1], _Head)
         self.module_name = type(module).__name__
+        # Inputs with max|x| <= threshold run the post-ops: every conv's sums stay below
+        # _SAFE_SUM, so no inf (and no NaN from inf - inf) can reach a ReLU post-op. Bounds
+        # are (gain, offset) pairs, composed from each step's gain and offset.
+        bounds = [(1.0, 0.0)]
+        for step in steps:
+            bounds.append(step.bound(*bounds[-1]))
+        gain = max(g for g, _ in bounds)
+        offset = max(o for _, o in bounds)
+        limit = (_SAFE_SUM - offset) / gain if gain > 0 else _SAFE_SUM
+        self.threshold = limit if limit == limit and limit > 0 else -1.0  # NaN weights: never
 
     def stale(self, module: nn.Module) -> bool:
         """Whether `module` changed since this program read it (parameters, buffers, BN eps
@@ -438,6 +483,8 @@ class Program:
             return "gradients are needed and this program computes none (eval inference only)"
         if torch.is_autocast_enabled("cpu"):
             return "autocast is on"
+        if x.dim() >= 1 and x.shape[0] == 0:
+            return "empty batch (B = 0): nothing for oneDNN to run"
         return None
 
     def _check(self, x: Tensor) -> None:
@@ -467,12 +514,13 @@ class Program:
         self._check(x)
         ncl = x.transpose(1, 2) if self.layout == "NLC" else x
         keep_nlc = self.layout == "NLC" or is_channels_last(ncl)
-        if ncl.shape[0] == 0:
-            raise ValueError(f"{self.module_name}: empty batch (B = 0)")
         with torch.no_grad():
+            low, high = torch.aminmax(x)
+            largest = max(-low.item(), high.item())  # NaN when x holds one
+            exact = not largest <= self.threshold
             h = _as_4d(to_channels_last(ncl))
             for step in self._steps:
-                h = step(h)
+                h = step(h, exact)
         if self.classifier:
             return h
         b, c, _, n = h.shape

@@ -173,6 +173,9 @@ class _ResNet1dLayout(nn.Module):
                 if isinstance(m, _BasicBlockLayout):
                     nn.init.zeros_(m.bn2.weight)
 
+    def extra_repr(self) -> str:
+        return "" if self.input_layout == "NCL" else f"input_layout={self.input_layout!r}"
+
     def forward(self, x: Tensor) -> Tensor:
         # (B, L, C) in with input_layout="NLC"; the (B, num_classes) output has no layout.
         if self.input_layout == "NLC":
