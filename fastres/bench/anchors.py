@@ -35,6 +35,7 @@ from fastres.backends import onednn
 
 from . import _modules
 from .runner import Settings, Task, compile_fn
+from .timing import TIMING, TimingConfig
 
 NAME = "anchors"
 TITLE = "Anchors: fastres vs torch.compile (+freezing) vs onnxruntime, eval"
@@ -65,6 +66,12 @@ _ROWS = {
          lambda: fastres.ResNet1d((2, 2, 2, 2), 12, 10), (4, 12, 1024)),
     ],
 }
+
+
+# Six candidates of 1-50 ms each, on machines that are often shared: more rounds than the
+# default preset, so that each median rests on at least 15 interleaved samples.
+_TIMING = TimingConfig(min_rounds=15, max_rounds=40, max_time_s=10.0, min_block_s=0.02,
+                       warmup_s=0.2)
 
 
 def unavailable_reason(settings: Settings) -> Optional[str]:
@@ -180,7 +187,8 @@ def tasks(settings: Settings) -> List[Task]:
             result.append(Task(
                 suite=NAME, name=f"{label}-{dname}", impls=list(IMPLS), make=make,
                 case={"model": label, "input": list(shape), "dtype": dname, "mode": "infer"},
-                compiled=list(COMPILED), baseline="plain", flops=flops, items=shape[0]))
+                compiled=list(COMPILED), baseline="plain", flops=flops, items=shape[0],
+                timing=TIMING["quick"] if settings.size == "quick" else _TIMING))
     return result
 
 
