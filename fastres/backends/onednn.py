@@ -310,7 +310,7 @@ def _weight_sources(conv: nn.Conv1d) -> List[Tensor]:
 
 
 class _Reads:
-    """Everything a program read from its module: tensors and scalars, to tell staleness."""
+    """The tensors a program read from its module (whose requires_grad decide if it may run)."""
 
     def __init__(self):
         self.tensors: List[Tensor] = []
@@ -328,10 +328,6 @@ class _Reads:
         self.tensors += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
                          if t is not None]
         self.scalars += [bn.eps, bn.momentum, bn.weight is None, bn.bias is None]
-
-    def signature(self) -> tuple:
-        return tuple(self.scalars), tuple((id(t), t.data_ptr(), t._version)
-                                          for t in self.tensors)
 
 
 def _weight_normed(conv: nn.Module) -> bool:
@@ -439,8 +435,8 @@ class Program:
                  device: torch.device):
         self._steps = steps
         self._reads = reads
-        self._signature = reads.signature()
-        self._training = _training_flags(module)
+        self._root = weakref.ref(module)
+        self._slots, self._values, self._versions = _snapshot(module)
         self.dtype, self.device = dtype, device
         self.in_channels = steps[0].in_channels
         self.layout = getattr(module, "input_layout", "NCL")
@@ -460,15 +456,18 @@ class Program:
     def stale(self, module: nn.Module) -> bool:
         """Whether `module` changed since this program read it (parameters, buffers, BN eps
         or momentum, a submodule's training flag, a tensor replaced)."""
-        fresh = _Reads()
-        kind = _kind(module)
-        if kind is None:
+        if module is not self._root():
             return True
-        try:
-            _record_reads(module, kind, fresh)
-        except (AttributeError, IndexError, TypeError):  # its structure changed
-            return True
-        return fresh.signature() != self._signature or _training_flags(module) != self._training
+        for mapping, key, obj in self._slots:
+            if mapping.get(key, _MISSING) is not obj:
+                return True
+        for mapping, key, value in self._values:
+            if mapping.get(key, _MISSING) != value:
+                return True
+        for t, version, pointer in self._versions:
+            if t._version != version or t.data_ptr() != pointer:
+                return True
+        return False
 
     def unsupported_reason(self, x: Tensor) -> Optional[str]:
         """Why this program cannot compute module(x) exactly, or None."""
@@ -530,42 +529,24 @@ class Program:
         return out if keep_nlc else out.contiguous()
 
 
-def _training_flags(module: nn.Module) -> tuple:
-    return tuple(m.training for m in module.modules())
+_MISSING = object()
 
 
-def _record_reads(module: nn.Module, kind: str, reads: _Reads) -> None:
-    """What _steps reads, in the same order, without folding or packing."""
-    def tcn_block(b):
-        if b.downsample is not None:
-            reads.conv(b.downsample)
-        for conv, bn in ((b.conv1, b.bn1 if b.norm == "batch" else None),
-                         (b.conv2, b.bn2 if b.norm == "batch" else None)):
-            reads.conv(conv)
-            reads.bn(bn)
-
-    def basic(b):
-        if b.downsample is not None:
-            reads.conv(b.downsample[0])
-            reads.bn(b.downsample[1])
-        for conv, bn in ((b.conv1, b.bn1), (b.conv2, b.bn2)):
-            reads.conv(conv)
-            reads.bn(bn)
-
-    if kind == "tcn_block":
-        tcn_block(module)
-    elif kind == "basic":
-        basic(module)
-    elif kind == "tcn":
-        for b in module.network:
-            tcn_block(b)
-    else:
-        reads.conv(module.conv1)
-        reads.bn(module.bn1)
-        for i in range(1, 5):
-            for b in getattr(module, f"layer{i}"):
-                basic(b)
-        reads.tensors += [t for t in (module.fc.weight, module.fc.bias) if t is not None]
+def _snapshot(module: nn.Module):
+    """What stale() compares, read through the modules' own dicts (cheap: no __getattr__):
+    identity slots (every submodule, parameter and buffer entry), value slots (training
+    flags, BN eps and momentum) and (tensor, version counter, data pointer) triples."""
+    slots, values, versions = [], [], []
+    for m in module.modules():
+        values.append((m.__dict__, "training", m.training))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            values += [(m.__dict__, "eps", m.eps), (m.__dict__, "momentum", m.momentum)]
+        for mapping in (m._modules, m._parameters, m._buffers):
+            for key, obj in mapping.items():
+                slots.append((mapping, key, obj))
+                if isinstance(obj, Tensor):
+                    versions.append((obj, obj._version, obj.data_ptr()))
+    return slots, values, versions
 
 
 def build_or_reason(module: nn.Module):
