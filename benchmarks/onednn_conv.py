@@ -17,6 +17,7 @@ last stages as BasicBlocks at the shapes they see), eval mode, float32, times in
     block  the whole block:
         plain           fastres.unfuse(block)
         onednn          fastres.backends.onednn's program (entry and exit conversion included)
+        onednn-nlc-io   the same fed channels-last data (input_layout="NLC"): no conversion
         cpp             the fused block with every stage on the C++ backend
 
 and prints FLOPs and the activation / weight bytes of each, for benchmarks/NOTES.md.
@@ -99,7 +100,9 @@ def _block_candidates(block, x):
     def cpp():
         with fastres.use_backend("cpp"):
             return block(x)
-    return {"plain": lambda: plain(x), "onednn": lambda: program(x), "cpp": cpp}
+    x_nlc = onednn.to_channels_last(x)  # (B, C, L) view of (B, L, C) data: NLC in and out
+    return {"plain": lambda: plain(x), "onednn": lambda: program(x),
+            "onednn-nlc-io": lambda: program(x_nlc), "cpp": cpp}
 
 
 def _work(block, shape):
