@@ -426,9 +426,12 @@ def _steps(module: nn.Module, kind: str, reads: _Reads, dtype: torch.dtype) -> l
 class Program:
     """A fused module's eval forward on oneDNN in channels-last; see the module docstring.
 
-    Call it as the module: (B, C, L) in -> the module's output (a (B, L, C) input and output
-    when the module's input_layout is "NLC"). A (B, C, L) input that is already
-    channels-last strided is read in place, and the output then keeps that layout.
+    `program(x)` computes the module's forward on its (B, C, L) input: what
+    FusedModule.forward hands the dispatch, also for a module with input_layout="NLC"
+    (LayoutIO has transposed by then). A (B, C, L) input that is already channels-last
+    strided (the transpose of (B, L, C) data) is read in place, and the output then keeps that
+    layout. `program(x, layout="NLC")` takes and returns (B, L, C) itself, as `run` does for
+    an NLC module.
     """
 
     def __init__(self, module: nn.Module, steps: list, reads: _Reads, dtype: torch.dtype,
@@ -439,7 +442,6 @@ class Program:
         self._slots, self._values, self._versions = _snapshot(module)
         self.dtype, self.device = dtype, device
         self.in_channels = steps[0].in_channels
-        self.layout = getattr(module, "input_layout", "NCL")
         self.classifier = isinstance(steps[-1], _Head)
         self.module_name = type(module).__name__
         # Inputs with max|x| <= threshold run the post-ops: every conv's sums stay below
@@ -486,33 +488,35 @@ class Program:
             return "empty batch (B = 0): nothing for oneDNN to run"
         return None
 
-    def _check(self, x: Tensor) -> None:
+    def _check(self, x: Tensor, layout: str) -> None:
         reason = self.unsupported_reason(x)
         if reason is not None:
             raise RuntimeError(f"oneDNN program for {self.module_name}: {reason}")
         if x.dim() != 3:
-            shape = "(B, L, C)" if self.layout == "NLC" else "(B, C, L)"
+            shape = "(B, L, C)" if layout == "NLC" else "(B, C, L)"
             raise ValueError(f"{self.module_name} expects a 3D input {shape}, got shape "
                              f"{tuple(x.shape)}")
-        c = x.shape[2] if self.layout == "NLC" else x.shape[1]
+        c = x.shape[2] if layout == "NLC" else x.shape[1]
         if c != self.in_channels:
-            where = "last" if self.layout == "NLC" else "second"
+            where = "last" if layout == "NLC" else "second"
             raise ValueError(f"{self.module_name} expects {self.in_channels} channels in the "
-                             f"{where} dim ({self.layout} input), got shape {tuple(x.shape)}")
-        length = x.shape[1] if self.layout == "NLC" else x.shape[2]
+                             f"{where} dim ({layout} input), got shape {tuple(x.shape)}")
+        length = x.shape[1] if layout == "NLC" else x.shape[2]
         for step in self._steps:
             if isinstance(step, _Head):
                 break
             length = step.out_length(length)
             if length < 1:
                 raise ValueError(f"{self.module_name}: input length "
-                                 f"{x.shape[1] if self.layout == 'NLC' else x.shape[2]} "
+                                 f"{x.shape[1] if layout == 'NLC' else x.shape[2]} "
                                  "is too short (an output length below 1)")
 
-    def __call__(self, x: Tensor) -> Tensor:
-        self._check(x)
-        ncl = x.transpose(1, 2) if self.layout == "NLC" else x
-        keep_nlc = self.layout == "NLC" or is_channels_last(ncl)
+    def __call__(self, x: Tensor, layout: str = "NCL") -> Tensor:
+        if layout not in ("NCL", "NLC"):
+            raise ValueError(f"layout must be 'NCL' or 'NLC', got {layout!r}")
+        self._check(x, layout)
+        ncl = x.transpose(1, 2) if layout == "NLC" else x
+        keep_nlc = layout == "NLC" or is_channels_last(ncl)
         with torch.no_grad():
             low, high = torch.aminmax(x)
             largest = max(-low.item(), high.item())  # NaN when x holds one
@@ -524,7 +528,7 @@ class Program:
             return h
         b, c, _, n = h.shape
         out = h.as_strided((b, c, n), (n * c, 1, c), h.storage_offset())  # (B, C, L), NLC
-        if self.layout == "NLC":
+        if layout == "NLC":
             return out.transpose(1, 2)  # (B, L, C), contiguous
         return out if keep_nlc else out.contiguous()
 
@@ -591,7 +595,8 @@ _PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Program]" = weakref.WeakKeyDict
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x) through its oneDNN program, built on first use and rebuilt when stale.
+    """module(x) through its oneDNN program, built on first use and rebuilt when stale; x in
+    the module's own input_layout.
 
     For tests and benchmarks (the dispatch keeps its own record): raises RuntimeError when
     the module or the call cannot run here.
@@ -602,4 +607,4 @@ def run(module: nn.Module, x: Tensor) -> Tensor:
         if program is None:
             raise RuntimeError(f"no oneDNN program for {type(module).__name__}: {reason}")
         _PROGRAMS[module] = program
-    return program(x)
+    return program(x, getattr(module, "input_layout", "NCL"))

@@ -152,8 +152,13 @@ def test_nlc_module(cls, args, shape, fresh_seed):
     ncl = cls(*args).eval()
     ncl.load_state_dict(nlc.state_dict())
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
-    out = _poisoned_run(onednn.build(nlc), x)
+    program = onednn.build(nlc)
+    out = _poisoned_run(lambda t: program(t, "NLC"), x)
     with torch.no_grad():
+        assert torch.equal(onednn.run(nlc, x), out)  # run takes the module's own layout
+        # what FusedModule.forward hands the dispatch: the (B, C, L) view, read in place
+        view_out = program(x.transpose(1, 2))
+        assert torch.equal(view_out if view_out.dim() == 2 else view_out.transpose(1, 2), out)
         ref = fastres.unfuse(ncl).double()(x.double().transpose(1, 2))
     if ref.dim() == 3:
         ref = ref.transpose(1, 2)
@@ -162,7 +167,7 @@ def test_nlc_module(cls, args, shape, fresh_seed):
     assert rel_err(out, ref) < max(TOL[torch.float32], 2 * rel_err(
         fastres.unfuse(nlc).eval()(x), ref))
     with pytest.raises(ValueError, match="channels in the last dim"), torch.no_grad():
-        onednn.build(nlc)(x.transpose(1, 2).contiguous())
+        onednn.run(nlc, x.transpose(1, 2).contiguous())
 
 
 def test_residual_post_op_is_the_identity_and_the_projection(fresh_seed):
