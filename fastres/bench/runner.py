@@ -20,12 +20,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import block, first_call, model, op, tcn_vs_rnn, timing
+from . import anchors, block, first_call, model, op, tcn_vs_rnn, timing
 from . import environment as environment_info
 from .task import Settings, Task, compile_fn  # noqa: F401 (the suites' shapes)
 
 SUITES = {"op": op, "block": block, "model": model, "tcn-vs-rnn": tcn_vs_rnn,
-          "first-call": first_call}
+          "first-call": first_call, "anchors": anchors}
+
+# Suites run only when named (--only): the anchors compile every model twice and export it
+# to ONNX, minutes on a CPU, past the default run's one to two.
+OPT_IN = ("anchors",)
 
 SIZES = ("quick", "default", "full")
 
@@ -84,7 +88,8 @@ def make_settings(size: str, device: torch.device, dtypes: Optional[List[torch.d
     else:
         compile_mode = model_compile_mode = None if compile_arg == "none" else compile_arg
     return Settings(size=size, device=device, dtypes=list(dtypes),
-                    only=only or list(SUITES), compile_mode=compile_mode,
+                    only=only or [s for s in SUITES if s not in OPT_IN],
+                    compile_mode=compile_mode,
                     model_compile_mode=model_compile_mode)
 
 

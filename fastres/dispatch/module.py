@@ -17,8 +17,10 @@ each policy, and keeps the fastest:
                 forward-only 16-bit calls keep the plain twin as their baseline.
     stages      every stage its own op-level choice
     <backend>   every stage on that fused backend (cpp on CPU; triton, cuda on CUDA)
-    <extra>     what the module offers besides (`dispatch_candidates`): TemporalConvNet's
-                "stack", the whole stack in one C++ call at small batch in eval
+    stack       TemporalConvNet's whole stack in one C++ call, at small batch in eval
+                (the module's `dispatch_candidates`: fastres/stream registers it)
+    onednn      in eval on a CPU, the whole module channels-last on oneDNN with prepacked
+                weights and fused post-ops (fastres/backends/onednn.py)
 
 Anything but the baseline must beat it by the op level's margin (measure.py), so a module
 is never slower than its plain twin where it measured. Measuring restores the module's
@@ -38,8 +40,10 @@ Where a policy would change what the user sees, it is not taken:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -47,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from .. import backends
+from ..backends import onednn
 from ..conventions import HALF_DTYPES
 from . import record
 from .cache import cache
@@ -144,8 +149,38 @@ def _candidates(module: nn.Module, x: Tensor, needs_grad: bool) -> List[str]:
              and x.device.type in b.devices and x.dtype in b.dtypes
              and not (b.name == "triton" and x.device.type != "cuda")]
     baseline = "eager" if x.dtype in HALF_DTYPES and needs_grad else "plain"
-    extra = list(getattr(module, "dispatch_candidates", lambda x: {})(x))
-    return [baseline, "stages"] + fused + extra
+    return [baseline, "stages"] + fused + list(_whole_module_paths(module, x, needs_grad))
+
+
+def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool
+                        ) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
+    """Paths that run the whole module at once, by name; each returns module(x), or None
+    where it cannot run this input (or the module as it is now)."""
+    paths = dict(getattr(module, "dispatch_candidates", lambda x: {})(x))
+    if x.device.type == "cpu" and not needs_grad and not module.training \
+            and _onednn_program(module) is not None:
+        paths["onednn"] = functools.partial(_run_onednn, module)
+    return paths
+
+
+# Each module's oneDNN program (or None where it cannot be built), kept beside the module
+# rather than in it: copies and pickles of a module never carry packed weights.
+_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def _onednn_program(module: nn.Module):
+    """The module's oneDNN program (built, or rebuilt when its weights changed), or None."""
+    program = _PROGRAMS.get(module)
+    if program is None or program.stale(module):
+        program = _PROGRAMS[module] = onednn.build_or_reason(module)[0]
+    return program
+
+
+def _run_onednn(module: nn.Module, x: Tensor) -> Optional[Tensor]:
+    program = _onednn_program(module)
+    if program is None or program.unsupported_reason(x) is not None:
+        return None
+    return program(x)
 
 
 def _measure(module: nn.Module, x: Tensor, needs_grad: bool) -> Choice:
@@ -198,10 +233,9 @@ def _forward(module: nn.Module, policy: str, x: Tensor) -> Tensor:
 
 def _forward_outermost(module: nn.Module, policy: str, x: Tensor, strict: bool = False
                        ) -> Tensor:
-    extra = getattr(module, "dispatch_candidates", None)
-    if extra is not None and policy not in ("plain", "stages") \
-            and policy not in backends.names():
-        out = extra(x).get(policy, lambda x: None)(x)
+    if policy not in ("plain", "stages") and policy not in backends.names():
+        path = _whole_module_paths(module, x, _needs_grad(module, x)).get(policy)
+        out = None if path is None else path(x)
         if out is not None:
             return out
         if strict:

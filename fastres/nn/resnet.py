@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._layout import LayoutIO, check_layout
 from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
                      identity_shortcut_link, padded_conv1d)
 
@@ -33,9 +34,10 @@ class _BasicBlockLayout(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
                  downsample: Union[None, str, nn.Module] = None, *, kernel_size: int = 3,
-                 dilation: int = 1, causal: bool = False):
+                 dilation: int = 1, causal: bool = False, input_layout: str = "NCL"):
         super().__init__()
         check_block_args(kernel_size, dilation, stride=stride)
+        self.input_layout = check_layout(input_layout)
         shape_changes = stride != 1 or in_channels != out_channels
         if isinstance(downsample, str):
             if downsample != "auto":
@@ -68,13 +70,25 @@ class _BasicBlockLayout(nn.Module):
         conv = self.conv1
         return (f"{conv.in_channels}, {conv.out_channels}, stride={conv.stride[0]}, "
                 f"kernel_size={conv.kernel_size[0]}, dilation={conv.dilation[0]}, "
-                f"causal={self.causal}")
+                f"causal={self.causal}"
+                + ("" if self.input_layout == "NCL" else f", input_layout={self.input_layout!r}"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, L, C) in and out with input_layout="NLC"; forward_ncl is the block itself.
+        if self.input_layout == "NLC":
+            if x.dim() != 3:
+                raise ValueError("input_layout='NLC' expects a 3D input (B, L, C)")
+            return self.forward_ncl(x.transpose(1, 2)).transpose(1, 2)
+        return self.forward_ncl(x)
+
+    def forward_ncl(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 class PlainBasicBlock(RecordsConvGeometry, _BasicBlockLayout):
     """BasicBlock in plain PyTorch (what fastres.unfuse returns); scriptable."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_ncl(self, x: Tensor) -> Tensor:
         (k1, s1, d1), (k2, s2, d2) = self.geometry
         h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, k1, s1, d1, self.causal)
         h = F.relu(self.bn1(h))
@@ -85,7 +99,7 @@ class PlainBasicBlock(RecordsConvGeometry, _BasicBlockLayout):
         return F.relu(out + x)
 
 
-class BasicBlock(FusedModule, _BasicBlockLayout):
+class BasicBlock(LayoutIO, FusedModule, _BasicBlockLayout):
     """1D ResNet basic block with both conv -> BN -> ReLU stages fused.
 
     Args (positional order as torchvision's BasicBlock):
@@ -95,6 +109,8 @@ class BasicBlock(FusedModule, _BasicBlockLayout):
             projection when stride != 1 or the channel count changes), or a module.
         kernel_size, dilation: of both convs.
         causal: causal padding instead of "same".
+        input_layout: "NCL" (default) or "NLC": (B, L, in_channels) -> (B, L_out,
+            out_channels), the stages run on the transposed view (fastres/nn/_layout.py).
 
     Input (B, in_channels, L) -> output (B, out_channels, L_out), L_out the length a
     "same"- or causally-padded conv with that stride gives (L for stride 1).
@@ -117,8 +133,10 @@ class _ResNet1dLayout(nn.Module):
     def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), in_channels: int = 1,
                  num_classes: int = 10, *, widths: Sequence[int] = (64, 128, 256, 512),
                  kernel_size: int = 3, stem_kernel_size: int = 7, stem_stride: int = 2,
-                 maxpool: bool = True, causal: bool = False, zero_init_residual: bool = False):
+                 maxpool: bool = True, causal: bool = False, zero_init_residual: bool = False,
+                 input_layout: str = "NCL"):
         super().__init__()
+        self.input_layout = check_layout(input_layout)
         check_block_args(stem_kernel_size, 1, stride=stem_stride)
         if len(layers) != 4 or len(widths) != 4:
             raise ValueError(f"layers {list(layers)} and widths {list(widths)} must have 4 "
@@ -155,6 +173,20 @@ class _ResNet1dLayout(nn.Module):
                 if isinstance(m, _BasicBlockLayout):
                     nn.init.zeros_(m.bn2.weight)
 
+    def extra_repr(self) -> str:
+        return "" if self.input_layout == "NCL" else f"input_layout={self.input_layout!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, L, C) in with input_layout="NLC"; the (B, num_classes) output has no layout.
+        if self.input_layout == "NLC":
+            if x.dim() != 3:
+                raise ValueError("input_layout='NLC' expects a 3D input (B, L, C)")
+            return self.forward_ncl(x.transpose(1, 2))
+        return self.forward_ncl(x)
+
+    def forward_ncl(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def _body(self, x: Tensor) -> Tensor:
         """Max pool, the four stages, pooling and fc: everything after the stem."""
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.maxpool(x)))))
@@ -167,19 +199,21 @@ class PlainResNet1d(RecordsConvGeometry, _ResNet1dLayout):
     _block_cls = PlainBasicBlock
     geometry_convs = ("conv1",)  # the stem; the blocks record their own
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_ncl(self, x: Tensor) -> Tensor:
         (kernel_size, stride, dilation), = self.geometry
         x = F.relu(self.bn1(padded_conv1d(x, self.conv1.weight, self.conv1.bias, kernel_size,
                                           stride, dilation, self.causal)))
         return self._body(x)
 
 
-class ResNet1d(FusedModule, _ResNet1dLayout):
+class ResNet1d(LayoutIO, FusedModule, _ResNet1dLayout):
     """1D ResNet (ResNet-18 with the default layers) for time-series classification.
 
     Stem conv (stem_kernel_size, stride stem_stride) -> BN -> ReLU (fused) -> max pool ->
     stages of fused BasicBlocks with widths 64/128/256/512 (stride 2 from the second
-    stage on) -> global average pooling -> fc. Input (B, in_channels, L) -> (B, num_classes).
+    stage on) -> global average pooling -> fc. Input (B, in_channels, L) -> (B, num_classes);
+    (B, L, in_channels) with input_layout="NLC" (the blocks inside stay NCL: the stages run
+    on the transposed view).
     Same attribute names and state_dict keys as torchvision's resnet18, in 1D.
 
     causal=True pads every conv causally (the max pool stays torchvision's centered one;

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from .. import dispatch
+from ._layout import LayoutIO, check_layout
 from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
                      identity_shortcut_link, padded_conv1d)
 
@@ -68,9 +69,10 @@ class _TemporalBlockLayout(nn.Module):
 
     def __init__(self, n_inputs: int, n_outputs: int, kernel_size: int, dilation: int = 1, *,
                  stride: int = 1, padding: Optional[int] = None, dropout: float = 0.0,
-                 norm: str = "batch"):
+                 norm: str = "batch", input_layout: str = "NCL"):
         super().__init__()
         check_block_args(kernel_size, dilation, dropout, stride)
+        self.input_layout = check_layout(input_layout)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if stride != 1:
@@ -127,14 +129,26 @@ class _TemporalBlockLayout(nn.Module):
 
     def extra_repr(self) -> str:
         conv = self.conv1
+        layout = "" if self.input_layout == "NCL" else f", input_layout={self.input_layout!r}"
         return (f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size[0]}, "
-                f"dilation={conv.dilation[0]}, norm={self.norm!r}")
+                f"dilation={conv.dilation[0]}, norm={self.norm!r}{layout}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, L, C) in and out with input_layout="NLC"; forward_ncl is the block itself.
+        if self.input_layout == "NLC":
+            if x.dim() != 3:
+                raise ValueError("input_layout='NLC' expects a 3D input (B, L, C)")
+            return self.forward_ncl(x.transpose(1, 2)).transpose(1, 2)
+        return self.forward_ncl(x)
+
+    def forward_ncl(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 class PlainTemporalBlock(RecordsConvGeometry, _TemporalBlockLayout):
     """TemporalBlock(norm="batch") in plain PyTorch (what fastres.unfuse returns)."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_ncl(self, x: Tensor) -> Tensor:
         (k1, s1, d1), (k2, s2, d2) = self.geometry
         h = padded_conv1d(x, self.conv1.weight, self.conv1.bias, k1, s1, d1, True)
         h = self.dropout(F.relu(self.bn1(h)))
@@ -147,13 +161,13 @@ class PlainTemporalBlock(RecordsConvGeometry, _TemporalBlockLayout):
 class PlainWeightNormTemporalBlock(_TemporalBlockLayout):
     """TemporalBlock(norm="weight") in plain PyTorch: locuslab/TCN's forward."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_ncl(self, x: Tensor) -> Tensor:
         out = self.net(x)
         res = x if self.downsample is None else self.downsample(x)
         return self.relu(out + res)
 
 
-class TemporalBlock(FusedModule, _TemporalBlockLayout):
+class TemporalBlock(LayoutIO, FusedModule, _TemporalBlockLayout):
     """Causal residual TCN block; both conv -> norm -> ReLU stages fused.
 
     Args:
@@ -164,6 +178,8 @@ class TemporalBlock(FusedModule, _TemporalBlockLayout):
             raises (the block is always causal).
         dropout: after the first stage (norm="batch"); after both stages (norm="weight").
         norm: "batch" (BatchNorm1d after each conv) or "weight" (locuslab/TCN's block).
+        input_layout: "NCL" (default) or "NLC": (B, L, n_inputs) -> (B, L, n_outputs), the
+            stages run on the transposed view (fastres/nn/_layout.py).
 
     Input (B, n_inputs, L) -> output (B, n_outputs, L).
     """

@@ -1,0 +1,610 @@
+"""oneDNN eval executor: a whole fused module's forward in channels-last, as inductor runs convs.
+
+What exists, not what runs: `build(module)` turns a fused module in eval mode (TemporalBlock
+with norm="batch" or "weight", TemporalConvNet, BasicBlock, ResNet1d) into a `Program` that
+computes the module's forward for any input it accepts; the dispatch decides whether it runs.
+
+How the program runs, and why:
+- **Activations channels-last (NLC)** from the module's entry to its exit. A (B, C, L)
+  activation lives as a (B, C, 1, L) tensor with channels_last strides (memory (B, L, C)), so
+  oneDNN's brgemm convolution reads and writes it directly. Eager conv1d makes its input NCL
+  contiguous and runs a 2D conv on (B, C, 1, L); oneDNN then reorders the activation to its
+  blocked layout and the output back on every conv (measured in benchmarks/NOTES.md). Here
+  the input is converted once (no copy at all when it is already NLC-strided, i.e. the
+  transpose of a (B, L, C) tensor) and the output once.
+- **Ops: torch's own oneDNN bindings, as inductor's freezing passes call them**:
+  `torch.ops.mkldnn._reorder_convolution_weight` packs a conv weight once into oneDNN's
+  layout for the input shape it will see; `torch.ops.mkldnn._convolution_pointwise` runs a
+  conv with a fused unary post-op ("relu", or "none"), and its `.binary` overload adds a
+  tensor and applies ReLU in the same primitive (`binary_attr="add", unary_attr="relu"`):
+  the residual add and the last ReLU of a block. They ship with every CPU build of torch
+  that has oneDNN (`torch.backends.mkldnn.is_available()`), need no extension build, and
+  are what `torch.compile` itself calls for 2D convs. (Inductor packs only 4D/5D convs:
+  for conv1d it keeps aten.convolution in NCL and fuses the padding and ReLU around it.)
+- **BatchNorm folded** into the conv weight and bias (computed in float64, then cast to the
+  parameters' dtype: the binary post-op wants the bias in the input's dtype).
+- **NaN and inf as torch.relu treats them.** oneDNN's ReLU post-op (alone, or after the
+  binary add) maps NaN to 0 where torch.relu keeps NaN (docs/spec.md: NaN propagates). So
+  the post-ops run only when no NaN can arise: every call reads max|x| (one pass over the
+  input, torch.aminmax) and compares it with a bound built with the program (per conv, the
+  largest row sum of |folded weight| and |bias|, composed through the blocks): while every
+  conv's sums stay below 1e38 no inf, hence no NaN, can appear. A non-finite input, one
+  large enough to overflow, or non-finite weights take the exact path instead: the same
+  convs without post-ops, then torch's add and ReLU.
+- **Where oneDNN cannot fuse, torch elementwise ops**: ReLU *before* the residual add
+  (norm="weight" blocks: relu(relu(conv) + res)) is the conv's "relu" post-op followed by an
+  in-place add and ReLU; causal and asymmetric "same" padding are a zero-padded NLC copy of
+  the conv input (oneDNN's padding is symmetric); max pool is `F.max_pool2d`, average pool
+  a mean over L and the classifier `F.linear`, all on the channels-last tensor.
+- **Weights follow the module.** A program records the version counter, data pointer and
+  identity of every tensor it read (conv weights or weight-norm g/v, biases, BN affine and
+  running statistics) and BN's eps and momentum; `Program.stale(module)` says when any
+  changed (an optimizer step, load_state_dict, a new Parameter, a new eps), and `run`
+  rebuilds then. Writes through `.data` bypass version counters and are not seen.
+- Inference only: the program computes no gradients, so `unsupported_reason` refuses a call
+  that needs them, as it refuses float64 (oneDNN has no float64 convolution) and 16-bit
+  dtypes oneDNN cannot run on this CPU.
+
+Modules are recognised by their class (defined in fastres.nn), checked by name and module
+path rather than imported: fastres.nn builds on fastres.backends, so importing it here would
+close an import cycle once the dispatch reaches this module.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from ..conventions import conv_padding, output_length
+
+__all__ = ["Program", "build", "build_or_reason", "run", "unavailable_reason",
+           "to_channels_last", "is_channels_last"]
+
+# A conv whose sums of |terms| stay below this cannot overflow float32 (3.4e38), nor
+# bfloat16 after rounding.
+_SAFE_SUM = 1e38
+
+# Packed weights kept per conv for this many input shapes (batch, length); the oldest goes.
+_PACKS_PER_CONV = 4
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why this executor cannot run in this process, or None."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
+    ops = torch.ops.mkldnn
+    for name in ("_convolution_pointwise", "_reorder_convolution_weight"):
+        if not hasattr(ops, name):
+            return f"this torch has no torch.ops.mkldnn.{name}"
+    return None
+
+
+def _dtype_reason(dtype: torch.dtype) -> Optional[str]:
+    if dtype == torch.float32:
+        return None
+    if dtype == torch.bfloat16:
+        return None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else \
+            "this CPU has no oneDNN bfloat16 support"
+    if dtype == torch.float16:
+        return None if torch.ops.mkldnn._is_mkldnn_fp16_supported() else \
+            "this CPU has no oneDNN float16 support"
+    return f"oneDNN convolutions take float32, bfloat16 or float16, not {dtype}"
+
+
+# ----------------------------------------------------------------------------- layout
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether (B, C, L) tensor x is laid out as (B, L, C) in memory (x_nlc.transpose(1, 2))."""
+    b, c, n = x.shape
+    return (c == 1 or x.stride(1) == 1) and (n == 1 or x.stride(2) == c) \
+        and (b == 1 or x.stride(0) == c * n)
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """(B, C, L) -> the same values as a (B, C, L) view of (B, L, C) memory; no copy when x
+    already is one."""
+    if is_channels_last(x):
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _as_4d(x: Tensor) -> Tensor:
+    """(B, C, L) channels-last -> (B, C, 1, L) channels_last: a view, as oneDNN's 2D conv
+    wants it (strides (L*C, 1, L*C, C))."""
+    b, c, n = x.shape
+    return x.as_strided((b, c, 1, n), (n * c, 1, n * c, c), x.storage_offset())
+
+
+# ----------------------------------------------------------------------------- steps
+
+class _Conv:
+    """One conv (BN folded in) with its post-op, on (B, C, 1, L) channels_last tensors."""
+
+    def __init__(self, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d], padding: str,
+                 dtype: torch.dtype):
+        if conv.groups != 1:
+            raise _Refused(f"{conv} has groups={conv.groups}; only groups=1 is built")
+        k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+        self.kernel_size, self.stride, self.dilation = k, s, d
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        left, right = conv_padding(k, d, s, padding)
+        # oneDNN pads symmetrically; anything else is an explicit zero-padded copy.
+        self.pad_copy = (left, right) if left != right else None
+        self.pad_op = [0, 0 if left != right else left]
+        self.pad = (left, right)
+        self.stride_op, self.dilation_op = [1, s], [1, d]
+        with torch.no_grad():
+            weight = conv.weight.detach().to(torch.float64)  # weight-norm: computed from g, v
+            bias = conv.bias.detach().to(torch.float64) if conv.bias is not None \
+                else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+            if bn is not None:
+                scale = bn.running_var.detach().to(torch.float64).add(bn.eps).rsqrt()
+                if bn.weight is not None:
+                    scale = scale * bn.weight.detach().to(torch.float64)
+                shift = -bn.running_mean.detach().to(torch.float64) * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias.detach().to(torch.float64)
+                weight = weight * scale[:, None, None]
+                bias = bias * scale + shift
+        # (C_out, C_in, 1, K), as the 2D conv of a (B, C, 1, L) input takes it
+        self.weight = weight.to(dtype).unsqueeze(2).contiguous()
+        self.bias = bias.to(dtype).contiguous()
+        # max|out| <= gain * max|in| + offset (before ReLU), for the overflow bound
+        self.gain = weight.abs().sum(dim=(1, 2)).max().item() if weight.numel() else 0.0
+        self.offset = bias.abs().max().item() if bias.numel() else 0.0
+        self._packs: Dict[Tuple[int, ...], Tensor] = {}
+
+    def out_length(self, length: int) -> int:
+        return output_length(length, self.kernel_size, self.dilation, self.stride, *self.pad)
+
+    def _packed(self, shape: Tuple[int, ...]) -> Tensor:
+        packed = self._packs.get(shape)
+        if packed is None:
+            if len(self._packs) >= _PACKS_PER_CONV:
+                self._packs.pop(next(iter(self._packs)))
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, self.pad_op, self.stride_op, [1, self.dilation], 1, list(shape))
+            self._packs[shape] = packed
+        return packed
+
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        """(gain, offset) of the output's max|.| bound, given the input's."""
+        return self.gain * gain, self.gain * offset + self.offset
+
+    def __call__(self, h: Tensor, relu: bool, add: Optional[Tensor] = None,
+                 exact: bool = False) -> Tensor:
+        """conv(h) [+ add], then ReLU if `relu`: one oneDNN primitive, or (exact) the conv
+        and the add in oneDNN and torch's NaN-keeping ReLU after it."""
+        if self.pad_copy is not None:
+            left, right = self.pad_copy
+            b, c, _, n = h.shape
+            padded = F.pad(h.permute(0, 2, 3, 1).reshape(b, n, c), (0, 0, left, right))
+            h = _as_4d(padded.transpose(1, 2))
+        packed = self._packed(tuple(h.shape))
+        post_relu = relu and not exact
+        if add is None:
+            out = torch.ops.mkldnn._convolution_pointwise(
+                h, packed, self.bias, self.pad_op, self.stride_op, self.dilation_op, 1,
+                "relu" if post_relu else "none", [], "")
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise.binary(
+                h, add, packed, self.bias, self.pad_op, self.stride_op, self.dilation_op, 1,
+                "add", None, "relu" if post_relu else None, [], "")
+        return out.relu_() if relu and exact else out
+
+
+class _Block:
+    """A residual block: relu(stage2(relu(stage1(x))) + shortcut(x)), ReLU inside stage 2
+    before the add when relu_before_add (locuslab's weight-normed block)."""
+
+    def __init__(self, first: _Conv, second: _Conv, shortcut: Optional[_Conv],
+                 relu_before_add: bool):
+        self.first, self.second, self.shortcut = first, second, shortcut
+        self.relu_before_add = relu_before_add
+        self.in_channels, self.out_channels = first.in_channels, second.out_channels
+
+    def out_length(self, length: int) -> int:
+        return self.second.out_length(self.first.out_length(length))
+
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        g, o = self.second.bound(*self.first.bound(gain, offset))
+        sg, so = (gain, offset) if self.shortcut is None else self.shortcut.bound(gain, offset)
+        return g + sg, o + so
+
+    def __call__(self, h: Tensor, exact: bool) -> Tensor:
+        res = h if self.shortcut is None else self.shortcut(h, relu=False, exact=exact)
+        mid = self.first(h, relu=True, exact=exact)
+        if self.relu_before_add:  # not a oneDNN post-op chain: relu, then add and relu
+            return self.second(mid, relu=True, exact=exact).add_(res).relu_()
+        return self.second(mid, relu=True, add=res, exact=exact)
+
+
+class _Stem:
+    """ResNet1d's stem: conv -> BN -> ReLU (fused), then its max pool (or none)."""
+
+    def __init__(self, conv: _Conv, pool: nn.Module):
+        self.conv = conv
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.pool = None
+        if isinstance(pool, nn.MaxPool1d):
+            k, s, p, d = (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+            one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+            self.pool = (one(k), one(s), one(p), one(d), bool(pool.ceil_mode))
+        elif not isinstance(pool, nn.Identity):
+            raise _Refused(f"ResNet1d.maxpool is a {type(pool).__name__}; MaxPool1d or "
+                           "Identity are built")
+
+    def out_length(self, length: int) -> int:
+        length = self.conv.out_length(length)
+        if self.pool is None:
+            return length
+        k, s, p, d, ceil = self.pool
+        span = length + 2 * p - d * (k - 1) - 1
+        out = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (out - 1) * s >= length + p:
+            out -= 1
+        return out
+
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        return self.conv.bound(gain, offset)  # max pooling keeps the bound
+
+    def __call__(self, h: Tensor, exact: bool) -> Tensor:
+        h = self.conv(h, relu=True, exact=exact)
+        if self.pool is None:
+            return h
+        k, s, p, d, ceil = self.pool
+        return F.max_pool2d(h, (1, k), (1, s), (0, p), (1, d), ceil)
+
+
+class _Head:
+    """ResNet1d's global average pool and fc: (B, C, 1, L) -> (B, num_classes)."""
+
+    def __init__(self, fc: nn.Linear, pool: nn.Module, dtype: torch.dtype):
+        if not isinstance(pool, nn.AdaptiveAvgPool1d) or pool.output_size not in (1, (1,)):
+            raise _Refused("ResNet1d.avgpool is not AdaptiveAvgPool1d(1)")
+        if not isinstance(fc, nn.Linear):
+            raise _Refused(f"ResNet1d.fc is a {type(fc).__name__}, not nn.Linear")
+        self.fc = fc
+        self.in_channels = fc.in_features
+
+    def bound(self, gain: float, offset: float) -> Tuple[float, float]:
+        return gain, offset  # torch's own ops: NaN and inf as torch makes them
+
+    def __call__(self, h: Tensor, exact: bool) -> Tensor:
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class _Refused(Exception):
+    """A module (or part) this executor does not build, with the reason."""
+
+
+# ----------------------------------------------------------------------------- recognition
+
+def _kind(module: nn.Module) -> Optional[str]:
+    cls = type(module)
+    if not cls.__module__.startswith("fastres.nn."):
+        return None
+    return {"TemporalBlock": "tcn_block", "TemporalConvNet": "tcn", "BasicBlock": "basic",
+            "ResNet1d": "resnet"}.get(cls.__name__)
+
+
+def _check_bn(bn: nn.Module, where: str) -> None:
+    if type(bn) is not nn.BatchNorm1d:
+        raise _Refused(f"{where} is a {type(bn).__name__}, not nn.BatchNorm1d")
+    if bn.running_mean is None or bn.running_var is None:
+        raise _Refused(f"{where} tracks no running statistics, so eval normalizes with batch "
+                       "statistics: nothing to fold")
+
+
+def _weight_sources(conv: nn.Conv1d) -> List[Tensor]:
+    """The tensors conv.weight is computed from (g and v under weight_norm)."""
+    if _weight_normed(conv):
+        return list(conv.parametrizations.weight.parameters())
+    return [conv.weight]
+
+
+class _Reads:
+    """The tensors a program read from its module (whose requires_grad decide if it may run)."""
+
+    def __init__(self):
+        self.tensors: List[Tensor] = []
+        self.scalars: List[object] = []
+
+    def conv(self, conv: nn.Conv1d) -> None:
+        self.tensors += _weight_sources(conv)
+        if conv.bias is not None:
+            self.tensors.append(conv.bias)
+        self.scalars.append(conv.bias is None)
+
+    def bn(self, bn: Optional[nn.BatchNorm1d]) -> None:
+        if bn is None:
+            return
+        self.tensors += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                         if t is not None]
+        self.scalars += [bn.eps, bn.momentum, bn.weight is None, bn.bias is None]
+
+
+def _weight_normed(conv: nn.Module) -> bool:
+    return hasattr(conv, "parametrizations") and "weight" in conv.parametrizations
+
+
+def _plain_conv(conv: nn.Module, where: str) -> nn.Conv1d:
+    if not isinstance(conv, nn.Conv1d) or (type(conv) is not nn.Conv1d and not _weight_normed(conv)):
+        raise _Refused(f"{where} is a {type(conv).__name__}, not nn.Conv1d")
+    return conv
+
+
+def _tcn_block(block: nn.Module, reads: _Reads, dtype: torch.dtype) -> _Block:
+    conv1 = _plain_conv(block.conv1, "conv1")
+    conv2 = _plain_conv(block.conv2, "conv2")
+    bn1 = bn2 = None
+    if block.norm == "batch":
+        _check_bn(block.bn1, "bn1")
+        _check_bn(block.bn2, "bn2")
+        bn1, bn2 = block.bn1, block.bn2
+    shortcut = None
+    if block.downsample is not None:
+        down = _plain_conv(block.downsample, "downsample")
+        reads.conv(down)
+        shortcut = _Conv(down, None, "causal", dtype)
+    for conv, bn in ((conv1, bn1), (conv2, bn2)):
+        reads.conv(conv)
+        reads.bn(bn)
+    return _Block(_Conv(conv1, bn1, "causal", dtype), _Conv(conv2, bn2, "causal", dtype),
+                  shortcut, relu_before_add=block.norm == "weight")
+
+
+def _basic_block(block: nn.Module, reads: _Reads, dtype: torch.dtype) -> _Block:
+    padding = "causal" if block.causal else "same"
+    _check_bn(block.bn1, "bn1")
+    _check_bn(block.bn2, "bn2")
+    conv1, conv2 = _plain_conv(block.conv1, "conv1"), _plain_conv(block.conv2, "conv2")
+    shortcut = None
+    down = block.downsample
+    if down is not None:
+        # The "auto" projection: Sequential(1x1 conv with the block's stride, BatchNorm1d).
+        if not (type(down) is nn.Sequential and len(down) == 2
+                and type(down[0]) is nn.Conv1d and down[0].kernel_size == (1,)):
+            raise _Refused("the BasicBlock's downsample is not a 1x1 Conv1d -> BatchNorm1d")
+        _check_bn(down[1], "downsample.1")
+        reads.conv(down[0])
+        reads.bn(down[1])
+        shortcut = _Conv(down[0], down[1], padding, dtype)
+    for conv, bn in ((conv1, block.bn1), (conv2, block.bn2)):
+        reads.conv(conv)
+        reads.bn(bn)
+    return _Block(_Conv(conv1, block.bn1, padding, dtype), _Conv(conv2, block.bn2, padding, dtype),
+                  shortcut, relu_before_add=False)
+
+
+def _hooked(module: nn.Module) -> Optional[str]:
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return "global module hooks are registered (they would not fire)"
+    for name, m in module.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"{name or 'the module'} has forward hooks (they would not fire)"
+    return None
+
+
+def _steps(module: nn.Module, kind: str, reads: _Reads, dtype: torch.dtype) -> list:
+    if kind == "tcn_block":
+        return [_tcn_block(module, reads, dtype)]
+    if kind == "basic":
+        return [_basic_block(module, reads, dtype)]
+    if kind == "tcn":
+        steps = []
+        for i, block in enumerate(module.network):
+            if _kind(block) != "tcn_block":
+                raise _Refused(f"network[{i}] is a {type(block).__name__}, not a TemporalBlock")
+            steps.append(_tcn_block(block, reads, dtype))
+        return steps
+    # ResNet1d
+    _check_bn(module.bn1, "bn1")
+    reads.conv(module.conv1)
+    reads.bn(module.bn1)
+    padding = "causal" if module.causal else "same"
+    steps = [_Stem(_Conv(_plain_conv(module.conv1, "conv1"), module.bn1, padding, dtype),
+                   module.maxpool)]
+    for i in range(1, 5):
+        for j, block in enumerate(getattr(module, f"layer{i}")):
+            if _kind(block) != "basic":
+                raise _Refused(f"layer{i}[{j}] is a {type(block).__name__}, not a BasicBlock")
+            steps.append(_basic_block(block, reads, dtype))
+    steps.append(_Head(module.fc, module.avgpool, dtype))
+    reads.tensors += [t for t in (module.fc.weight, module.fc.bias) if t is not None]
+    return steps
+
+
+# ----------------------------------------------------------------------------- program
+
+class Program:
+    """A fused module's eval forward on oneDNN in channels-last; see the module docstring.
+
+    `program(x)` computes the module's forward on its (B, C, L) input: what
+    FusedModule.forward hands the dispatch, also for a module with input_layout="NLC"
+    (LayoutIO has transposed by then). A (B, C, L) input that is already channels-last
+    strided (the transpose of (B, L, C) data) is read in place, and the output then keeps that
+    layout. `program(x, layout="NLC")` takes and returns (B, L, C) itself, as `run` does for
+    an NLC module.
+    """
+
+    def __init__(self, module: nn.Module, steps: list, reads: _Reads, dtype: torch.dtype,
+                 device: torch.device):
+        self._steps = steps
+        self._reads = reads
+        self._root = weakref.ref(module)
+        self._slots, self._values, self._versions = _snapshot(module)
+        self.dtype, self.device = dtype, device
+        self.in_channels = steps[0].in_channels
+        self.classifier = isinstance(steps[-1], _Head)
+        self.module_name = type(module).__name__
+        # Inputs with max|x| <= threshold run the post-ops: every conv's sums stay below
+        # _SAFE_SUM, so no inf (and no NaN from inf - inf) can reach a ReLU post-op. Bounds
+        # are (gain, offset) pairs, composed from each step's gain and offset.
+        bounds = [(1.0, 0.0)]
+        for step in steps:
+            bounds.append(step.bound(*bounds[-1]))
+        gain = max(g for g, _ in bounds)
+        offset = max(o for _, o in bounds)
+        limit = (_SAFE_SUM - offset) / gain if gain > 0 else _SAFE_SUM
+        self.threshold = limit if limit == limit and limit > 0 else -1.0  # NaN weights: never
+
+    def stale(self, module: nn.Module) -> bool:
+        """Whether `module` changed since this program read it (parameters, buffers, BN eps
+        or momentum, a submodule's training flag, a tensor replaced)."""
+        if module is not self._root():
+            return True
+        for mapping, key, obj in self._slots:
+            if mapping.get(key, _MISSING) is not obj:
+                return True
+        for mapping, key, value in self._values:
+            if mapping.get(key, _MISSING) != value:
+                return True
+        for t, version, pointer in self._versions:
+            if t._version != version or t.data_ptr() != pointer:
+                return True
+        return False
+
+    def unsupported_reason(self, x: Tensor) -> Optional[str]:
+        """Why this program cannot compute module(x) exactly, or None."""
+        if not isinstance(x, Tensor):
+            return f"input is a {type(x).__name__}, not a Tensor"
+        if x.device != self.device:
+            return f"input on {x.device}, weights on {self.device}"
+        if x.dtype != self.dtype:
+            return f"input is {x.dtype}, parameters are {self.dtype}"
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                t.requires_grad for t in self._reads.tensors)):
+            return "gradients are needed and this program computes none (eval inference only)"
+        if torch.is_autocast_enabled("cpu"):
+            return "autocast is on"
+        if x.dim() >= 1 and x.shape[0] == 0:
+            return "empty batch (B = 0): nothing for oneDNN to run"
+        return None
+
+    def _check(self, x: Tensor, layout: str) -> None:
+        reason = self.unsupported_reason(x)
+        if reason is not None:
+            raise RuntimeError(f"oneDNN program for {self.module_name}: {reason}")
+        if x.dim() != 3:
+            shape = "(B, L, C)" if layout == "NLC" else "(B, C, L)"
+            raise ValueError(f"{self.module_name} expects a 3D input {shape}, got shape "
+                             f"{tuple(x.shape)}")
+        c = x.shape[2] if layout == "NLC" else x.shape[1]
+        if c != self.in_channels:
+            where = "last" if layout == "NLC" else "second"
+            raise ValueError(f"{self.module_name} expects {self.in_channels} channels in the "
+                             f"{where} dim ({layout} input), got shape {tuple(x.shape)}")
+        length = x.shape[1] if layout == "NLC" else x.shape[2]
+        for step in self._steps:
+            if isinstance(step, _Head):
+                break
+            length = step.out_length(length)
+            if length < 1:
+                raise ValueError(f"{self.module_name}: input length "
+                                 f"{x.shape[1] if layout == 'NLC' else x.shape[2]} "
+                                 "is too short (an output length below 1)")
+
+    def __call__(self, x: Tensor, layout: str = "NCL") -> Tensor:
+        if layout not in ("NCL", "NLC"):
+            raise ValueError(f"layout must be 'NCL' or 'NLC', got {layout!r}")
+        self._check(x, layout)
+        ncl = x.transpose(1, 2) if layout == "NLC" else x
+        keep_nlc = layout == "NLC" or is_channels_last(ncl)
+        with torch.no_grad():
+            low, high = torch.aminmax(x)
+            largest = max(-low.item(), high.item())  # NaN when x holds one
+            exact = not largest <= self.threshold
+            h = _as_4d(to_channels_last(ncl))
+            for step in self._steps:
+                h = step(h, exact)
+        if self.classifier:
+            return h
+        b, c, _, n = h.shape
+        out = h.as_strided((b, c, n), (n * c, 1, c), h.storage_offset())  # (B, C, L), NLC
+        if layout == "NLC":
+            return out.transpose(1, 2)  # (B, L, C), contiguous
+        return out if keep_nlc else out.contiguous()
+
+
+_MISSING = object()
+
+
+def _snapshot(module: nn.Module):
+    """What stale() compares, read through the modules' own dicts (cheap: no __getattr__):
+    identity slots (every submodule, parameter and buffer entry), value slots (training
+    flags, BN eps and momentum) and (tensor, version counter, data pointer) triples."""
+    slots, values, versions = [], [], []
+    for m in module.modules():
+        values.append((m.__dict__, "training", m.training))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            values += [(m.__dict__, "eps", m.eps), (m.__dict__, "momentum", m.momentum)]
+        for mapping in (m._modules, m._parameters, m._buffers):
+            for key, obj in mapping.items():
+                slots.append((mapping, key, obj))
+                if isinstance(obj, Tensor):
+                    versions.append((obj, obj._version, obj.data_ptr()))
+    return slots, values, versions
+
+
+def build_or_reason(module: nn.Module):
+    """(Program, None), or (None, why this module cannot be built)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return None, reason
+    kind = _kind(module)
+    if kind is None:
+        return None, (f"{type(module).__name__} is not a fastres TemporalBlock, "
+                      "TemporalConvNet, BasicBlock or ResNet1d")
+    if any(m.training for m in module.modules()):
+        return None, "the module (or a submodule) is in training mode; the program is eval only"
+    hooked = _hooked(module)
+    if hooked is not None:
+        return None, hooked
+    params = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+    if not params:
+        return None, "the module has no parameters"
+    dtype, device = params[0].dtype, params[0].device
+    if device.type != "cpu":
+        return None, f"the module is on {device}; oneDNN runs here on CPU"
+    if any(p.dtype != dtype for p in module.parameters()):
+        return None, "the module's parameters have mixed dtypes"
+    reason = _dtype_reason(dtype)
+    if reason is not None:
+        return None, reason
+    reads = _Reads()
+    try:
+        steps = _steps(module, kind, reads, dtype)
+    except _Refused as refused:
+        return None, str(refused)
+    return Program(module, steps, reads, dtype, device), None
+
+
+def build(module: nn.Module) -> Optional[Program]:
+    """A Program for module's eval forward, or None (build_or_reason says why)."""
+    return build_or_reason(module)[0]
+
+
+_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Program]" = weakref.WeakKeyDictionary()
+
+
+def run(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x) through its oneDNN program, built on first use and rebuilt when stale; x in
+    the module's own input_layout.
+
+    For tests and benchmarks (the dispatch keeps its own record): raises RuntimeError when
+    the module or the call cannot run here.
+    """
+    program = _PROGRAMS.get(module)
+    if program is None or program.stale(module):
+        program, reason = build_or_reason(module)
+        if program is None:
+            raise RuntimeError(f"no oneDNN program for {type(module).__name__}: {reason}")
+        _PROGRAMS[module] = program
+    return program(x, getattr(module, "input_layout", "NCL"))

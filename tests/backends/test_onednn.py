@@ -1,0 +1,305 @@
+"""The oneDNN eval executor (fastres/backends/onednn.py) against the float64 plain model.
+
+Every module is drawn fresh (weights, BN running statistics, inputs) and judged as
+tests/model_parity.py judges a fused model: ||out - ref|| / ||ref|| against the unfused
+model in float64, bound 1e-5 in float32 (or twice plain float32's own error, for deep
+models) and 1e-2 in bfloat16. Outputs are poisoned: each program first runs on an input of
+NaNs of the same shape, so memory its intermediates free holds NaN when the real run
+allocates, and an element a step forgets to write cannot pass (NaN never does).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres.backends import onednn
+from fastres.conventions import rel_err
+
+pytestmark = pytest.mark.skipif(onednn.unavailable_reason() is not None,
+                                reason=f"oneDNN executor: {onednn.unavailable_reason()}")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# name -> (constructor, input shape (B, C, L))
+MODULES = {
+    "tcn-block-identity": (lambda: fastres.TemporalBlock(8, 8, 3, dilation=2), (2, 8, 37)),
+    "tcn-block-downsample": (lambda: fastres.TemporalBlock(6, 10, 3, dilation=4), (3, 6, 41)),
+    "tcn-block-weight-norm": (lambda: fastres.TemporalBlock(8, 8, 2, dilation=3, norm="weight"),
+                              (2, 8, 29)),
+    "tcn-block-weight-norm-downsample": (
+        lambda: fastres.TemporalBlock(5, 12, 3, dilation=1, norm="weight"), (2, 5, 33)),
+    "tcn": (lambda: fastres.TemporalConvNet(4, [8, 8, 12], kernel_size=3, dropout=0.1),
+            (2, 4, 70)),
+    "basic-identity": (lambda: fastres.BasicBlock(8, 8), (2, 8, 31)),
+    "basic-stride2": (lambda: fastres.BasicBlock(8, 16, 2, "auto"), (2, 8, 31)),
+    "basic-causal-even-kernel": (lambda: fastres.BasicBlock(8, 8, kernel_size=4, causal=True),
+                                 (2, 8, 30)),
+    "basic-same-even-kernel": (lambda: fastres.BasicBlock(8, 8, kernel_size=4), (2, 8, 30)),
+    "resnet": (lambda: fastres.ResNet1d((2, 1, 1, 1), 3, 5, widths=(8, 16, 24, 32)), (2, 3, 90)),
+    "resnet-causal-no-pool": (lambda: fastres.ResNet1d((1, 1, 1, 1), 3, 4, widths=(8, 8, 16, 16),
+                                                       causal=True, maxpool=False), (2, 3, 64)),
+}
+
+
+def _draw(name, seed, dtype=torch.float32):
+    """A fresh module in eval mode with random BN statistics and affine parameters."""
+    build, shape = MODULES[name]
+    torch.manual_seed(seed)
+    model = build()
+    _randomize_bn(model)
+    return model.eval().to(dtype), shape
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+
+
+def _poisoned_run(program, x):
+    """program(x) after a run on NaNs of x's shape (whose output must be NaN too); as eval
+    inference, under no_grad."""
+    with torch.no_grad():
+        nan_out = program(torch.full_like(x, float("nan")))
+        assert torch.isnan(nan_out).any(), "a NaN input gave no NaN output"
+        del nan_out
+        return program(x)
+
+
+def _run(model, x):
+    with torch.no_grad():
+        return onednn.run(model, x)
+
+
+def _check(model, x, out):
+    """out against unfuse(model) in float64 (and twice plain's own error, in float32)."""
+    plain = fastres.unfuse(model).eval()
+    with torch.no_grad():
+        ref = copy.deepcopy(plain).double()(x.double())
+        own = plain(x)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+    bound = TOL[x.dtype]
+    if x.dtype == torch.float32:
+        bound = max(bound, 2 * rel_err(own, ref))
+    err = rel_err(out, ref)
+    assert err < bound, f"{err:.2e} (bound {bound:.2e})"
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_eval_matches_float64(name, fresh_seed):
+    model, shape = _draw(name, fresh_seed)
+    program, reason = onednn.build_or_reason(model)
+    assert program is not None, reason
+    g = torch.Generator().manual_seed(fresh_seed)
+    for _ in range(2):  # the second call reuses the packed weights
+        x = torch.randn(shape, generator=g)
+        out = _poisoned_run(program, x)
+        _check(model, x, out)
+        assert out.is_contiguous()  # NCL in, NCL out
+
+
+@pytest.mark.parametrize("name", ["tcn-block-downsample", "tcn-block-weight-norm", "resnet",
+                                  "basic-stride2"])
+def test_bfloat16(name, fresh_seed):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bfloat16 (the float32 tests run)")
+    model, shape = _draw(name, fresh_seed, torch.bfloat16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed)).bfloat16()
+    out = _poisoned_run(onednn.build(model), x)
+    _check(model, x, out)  # against the same bf16 weights, in float64
+
+
+@pytest.mark.parametrize("name", ["tcn-block-downsample", "tcn", "basic-stride2", "resnet"])
+def test_channels_last_input_is_read_in_place(name, fresh_seed):
+    model, (b, c, n) = _draw(name, fresh_seed)
+    nlc = torch.randn(b, n, c, generator=torch.Generator().manual_seed(fresh_seed))
+    view = nlc.transpose(1, 2)  # (B, C, L), channels-last strides
+    assert onednn.is_channels_last(view) and not view.is_contiguous()
+    assert onednn.to_channels_last(view).data_ptr() == view.data_ptr()  # no copy
+    program = onednn.build(model)
+    out = _poisoned_run(program, view)
+    _check(model, view.contiguous(), out)
+    if out.dim() == 3:  # the output keeps the input's layout
+        assert onednn.is_channels_last(out)
+
+
+@pytest.mark.parametrize("cls, args, shape", [
+    (fastres.TemporalBlock, (6, 10, 3), (2, 33, 6)),
+    (fastres.BasicBlock, (6, 12, 2, "auto"), (2, 33, 6)),
+    (fastres.ResNet1d, ((1, 1, 1, 1), 6, 3), (2, 64, 6)),
+])
+def test_nlc_module(cls, args, shape, fresh_seed):
+    torch.manual_seed(fresh_seed)
+    nlc = cls(*args, input_layout="NLC")
+    _randomize_bn(nlc)
+    nlc.eval()
+    ncl = cls(*args).eval()
+    ncl.load_state_dict(nlc.state_dict())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    program = onednn.build(nlc)
+    out = _poisoned_run(lambda t: program(t, "NLC"), x)
+    with torch.no_grad():
+        assert torch.equal(onednn.run(nlc, x), out)  # run takes the module's own layout
+        # what FusedModule.forward hands the dispatch: the (B, C, L) view, read in place
+        view_out = program(x.transpose(1, 2))
+        assert torch.equal(view_out if view_out.dim() == 2 else view_out.transpose(1, 2), out)
+        ref = fastres.unfuse(ncl).double()(x.double().transpose(1, 2))
+    if ref.dim() == 3:
+        ref = ref.transpose(1, 2)
+        assert out.is_contiguous()  # (B, L, C) out, no conversion left to the caller
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < max(TOL[torch.float32], 2 * rel_err(
+        fastres.unfuse(nlc).eval()(x), ref))
+    with pytest.raises(ValueError, match="channels in the last dim"), torch.no_grad():
+        onednn.run(nlc, x.transpose(1, 2).contiguous())
+
+
+def test_residual_post_op_is_the_identity_and_the_projection(fresh_seed):
+    """relu(bn2(conv2(h)) + shortcut) through the binary post-op: with conv2's folded weight
+    zeroed the output must be exactly relu(shortcut + folded bias)."""
+    for c_in in (8, 5):
+        torch.manual_seed(fresh_seed)
+        block = fastres.TemporalBlock(c_in, 8, 3, dilation=2).eval()
+        _randomize_bn(block)
+        with torch.no_grad():
+            block.conv2.weight.zero_()
+            block.conv2.bias.zero_()
+        x = torch.randn(2, c_in, 20, generator=torch.Generator().manual_seed(fresh_seed))
+        out = _poisoned_run(onednn.build(block), x)
+        bn = block.bn2
+        shift = bn.bias - bn.running_mean * bn.weight / (bn.running_var + bn.eps).sqrt()
+        with torch.no_grad():
+            res = x if block.downsample is None else block.downsample(x)
+            expected = torch.relu(res + shift[:, None])
+        assert rel_err(out, expected.detach()) < 1e-6
+        _check(block, x, out)
+
+
+def _train_step(model, shape, seed):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    model(x).square().mean().backward()
+    opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("name", ["tcn-block-downsample", "tcn-block-weight-norm", "resnet"])
+def test_repacked_after_an_optimizer_step(name, fresh_seed):
+    model, shape = _draw(name, fresh_seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed + 1))
+    before = _run(model, x).clone()
+    program = onednn._PROGRAMS[model]
+    assert not program.stale(model)
+    _train_step(model, shape, fresh_seed)  # moves weights and running statistics
+    assert program.stale(model)
+    out = _run(model, x)
+    assert onednn._PROGRAMS[model] is not program
+    assert rel_err(out, before) > 1e-3  # the step changed the function
+    _check(model, x, out)
+
+
+@pytest.mark.parametrize("name", ["tcn-block-identity", "basic-stride2", "tcn"])
+def test_repacked_after_load_state_dict(name, fresh_seed):
+    model, shape = _draw(name, fresh_seed)
+    other, _ = _draw(name, fresh_seed + 7)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    _run(model, x)
+    program = onednn._PROGRAMS[model]
+    model.load_state_dict(other.state_dict())
+    assert program.stale(model)
+    out = _run(model, x)
+    _check(other, x, out)
+
+
+def test_repacked_after_bn_eps_or_a_new_parameter(fresh_seed):
+    model, shape = _draw("basic-identity", fresh_seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    _run(model, x)
+    program = onednn._PROGRAMS[model]
+    model.bn2.eps = 0.5  # large, so that folding with the old eps would miss the bound
+    assert program.stale(model)
+    _check(model, x, _run(model, x))
+    program = onednn._PROGRAMS[model]
+    model.conv1.weight = nn.Parameter(torch.randn_like(model.conv1.weight))
+    assert program.stale(model)
+    _check(model, x, _run(model, x))
+
+
+def test_refusals_say_why():
+    block = fastres.TemporalBlock(4, 4, 3)
+    assert onednn.build_or_reason(block.train())[1].startswith("the module (or a submodule) "
+                                                               "is in training mode")
+    block.eval()
+    assert "not a fastres" in onednn.build_or_reason(nn.Conv1d(4, 4, 3))[1]
+    handle = block.bn1.register_forward_hook(lambda *a: None)
+    assert "forward hooks" in onednn.build_or_reason(block)[1]
+    handle.remove()
+    untracked = fastres.BasicBlock(4, 4)
+    untracked.bn1 = nn.BatchNorm1d(4, track_running_stats=False)
+    assert "running statistics" in onednn.build_or_reason(untracked.eval())[1]
+    custom = fastres.BasicBlock(4, 8, downsample=nn.Conv1d(4, 8, 1)).eval()
+    assert "downsample" in onednn.build_or_reason(custom)[1]
+    assert "float64" in onednn.build_or_reason(fastres.TemporalBlock(4, 4, 3).double().eval())[1]
+
+
+def test_bad_calls_raise():
+    block = fastres.TemporalBlock(4, 6, 3, dilation=2).eval()
+    program = onednn.build(block)
+    with pytest.raises(RuntimeError, match="gradients are needed"):
+        program(torch.randn(2, 4, 10))  # the parameters require grad, grad mode is on
+    with pytest.raises(RuntimeError, match="gradients are needed"):
+        program(torch.randn(2, 4, 10, requires_grad=True).detach().requires_grad_())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="3D input"):
+            program(torch.randn(4, 10))
+        with pytest.raises(ValueError, match="expects 4 channels"):
+            program(torch.randn(2, 5, 10))
+        with pytest.raises(RuntimeError, match="parameters are torch.float32"):
+            program(torch.randn(2, 4, 10).bfloat16())
+        with pytest.raises(ValueError, match="too short"):
+            onednn.build(fastres.BasicBlock(4, 8, 2, "auto", kernel_size=3).eval())(
+                torch.randn(1, 4, 0))
+        assert "empty batch" in program.unsupported_reason(torch.randn(0, 4, 10))
+        assert program(torch.randn(2, 4, 10)).shape == (2, 6, 10)
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "huge"])
+def test_nonfinite_propagate_as_torch_relu(poison, fresh_seed):
+    """oneDNN's ReLU post-op maps NaN to 0: inputs that hold or can make NaN take the exact
+    path, whose outputs have NaN exactly where the plain model's do."""
+    model, shape = _draw("tcn-block-downsample", fresh_seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    if poison == "huge":  # finite, but sums overflow to inf inside the convs
+        x[0, :, 5] = 3e38
+        x[0, ::2, 5] = -3e38
+    else:
+        x[0, 1, 5] = float(poison)
+    program = onednn.build(model)
+    with torch.no_grad():
+        out = program(x)
+        ref = fastres.unfuse(model).eval()(x)
+    if poison == "huge":  # inf - inf inside a conv: where NaN or inf lands is order-dependent
+        assert not x.abs().max() <= program.threshold  # so the exact path ran
+    else:
+        assert torch.equal(torch.isnan(out), torch.isnan(ref))
+        assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.isnan(out).any() or poison != "nan"
+    finite = torch.isfinite(ref) & torch.isfinite(out)
+    assert rel_err(out[finite], ref[finite]) < 1e-5

@@ -1,0 +1,61 @@
+"""The anchors suite (fastres/bench/anchors.py): its candidates compute the same function on
+the same weights, each compiled candidate gets a graph of its own, and the suite is opt-in."""
+import pytest
+import torch
+
+from fastres.bench import anchors, runner
+from fastres.conventions import rel_err
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quick_settings(dtypes=(torch.float32,)):
+    return runner.Settings(size="quick", device=CPU, dtypes=list(dtypes), only=["anchors"],
+                           compile_mode=None)
+
+
+def test_listed_but_opt_in():
+    assert runner.SUITES["anchors"] == "fastres.bench.anchors"
+    settings = runner.make_settings("default", CPU, None)
+    assert "anchors" not in settings.only  # minutes of compiling: only when named
+    assert runner.make_settings("default", CPU, None, only=["anchors"]).only == ["anchors"]
+
+
+def test_tasks_name_every_candidate_and_count_flops():
+    tasks = anchors.tasks(quick_settings((torch.float32, torch.bfloat16)))
+    assert len(tasks) == 2 * len(anchors._ROWS["quick"])
+    for task in tasks:
+        assert task.impls == list(anchors.IMPLS) and task.baseline == "plain"
+        assert set(task.compiled) == {"compiled", "compiled-freezing", "onnxruntime"}
+        assert task.flops > 0
+
+
+@pytest.mark.parametrize("impl", ["fastres", "fastres-onednn"])
+def test_candidates_agree_with_plain(impl):
+    task = anchors.tasks(quick_settings())[0]
+    plain, other = task.make("plain"), task.make(impl)
+    # both rotate through the same input sets in the same order
+    for _ in range(2):
+        assert rel_err(other(), plain()) < 1e-5
+
+
+def test_compiled_candidates_do_not_share_a_graph():
+    """torch.compile of two models of one class would share one dynamo cache entry: each
+    candidate compiles behind a code object of its own."""
+    first, second = anchors._entry(torch.nn.Identity()), anchors._entry(torch.nn.Identity())
+    assert first.__code__ is not second.__code__
+    assert first.__code__.co_name != second.__code__.co_name
+
+
+def test_onnxruntime_refuses_bf16_with_a_reason():
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(RuntimeError, match="no torch.bfloat16 convolution"):
+        anchors._onnxruntime_forward(torch.nn.Identity(), torch.zeros(1, 1, 4).bfloat16())
