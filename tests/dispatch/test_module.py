@@ -55,7 +55,9 @@ def test_a_module_is_never_slower_than_its_plain_policy(monkeypatch, fresh_dispa
     with torch.no_grad():
         block(torch.randn(2, 4, 64))
     (choice,) = dispatch.module.choices(block).values()
-    assert choice.name == "plain" and choice.times_s["cpp"] > choice.times_s["plain"]
+    assert choice.name != "cpp" and choice.times_s["cpp"] > choice.times_s["plain"]
+    if choice.name != "plain":  # another path (oneDNN, say) won, by the margin
+        assert choice.times_s[choice.name] <= 0.95 * choice.times_s["plain"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
