@@ -58,7 +58,7 @@ from .conventions import triton_interpreting
 from .nn.resnet import _BasicBlockLayout, _ResNet1dLayout
 from .nn.sequential import ConvBNReLUSequential
 from .nn.temporal import (TemporalBlock, TemporalConvNet, _TemporalBlockLayout,
-                          register_whole_network_path)
+                          register_whole_network_path, stack_only_reason)
 
 __all__ = ["BACKENDS", "Stream", "StreamError", "stream", "whole_sequence"]
 
@@ -252,6 +252,10 @@ def _unknown_hint(module: nn.Module) -> str:
 def _layers(module: nn.Module, path: str = "") -> List[_Layer]:
     """The model as a flat list of streamable layers (StreamError for anything else)."""
     if isinstance(module, TemporalConvNet):
+        extra = stack_only_reason(module)
+        if extra is not None:
+            raise _refuse(path, module, f"{extra}: streaming runs a TemporalConvNet whose "
+                          "forward is its stack of blocks alone")
         return _layers(module.network, f"{path}.network" if path else "network")
     if isinstance(module, _TemporalBlockLayout):
         return [_temporal_block(path, module)]
@@ -945,8 +949,9 @@ def _may_run_stacked(model: TemporalConvNet, x: Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                            for p in model.parameters())):
         return False
-    # Plain twins (fastres.unfuse) stay plain PyTorch.
-    return all(type(block) is TemporalBlock for block in model.network) \
+    # Plain twins (fastres.unfuse) stay plain PyTorch; options beyond the stack of blocks
+    # (skips, output projection, NLC, ...) are not in the stacked kernel.
+    return stack_only_reason(model) is None and all(type(block) is TemporalBlock for block in model.network) \
         and _cpp_unavailable() is None
 
 
