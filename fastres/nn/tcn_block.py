@@ -113,12 +113,12 @@ class _TCNBlockLayout(nn.Module):
         if norm not in TCN_NORMS:
             raise ValueError(f"norm must be one of {TCN_NORMS}, got {norm!r}")
         check_activation(activation, "activation")
-        if causal not in (True, False):
+        if not isinstance(causal, bool):
             raise ValueError(f"causal must be True or False, got {causal!r}")
         if embedding_mode not in EMBEDDING_MODES:
             raise ValueError(f"embedding_mode must be one of {EMBEDDING_MODES}, got "
                              f"{embedding_mode!r}")
-        if gate not in (True, False):
+        if not isinstance(gate, bool):
             raise ValueError(f"gate must be True or False, got {gate!r}")
         self.norm = norm
         self.causal = bool(causal)

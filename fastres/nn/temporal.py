@@ -257,7 +257,8 @@ class TemporalConvNet(nn.Module):
             norm: TemporalBlock computes relu(bn2(conv2) + res), pytorch-tcn
             act(act(norm2(conv2)) + res).
 
-    pytorch-tcn's `lookahead` exists only as 0 there and has no counterpart; its buffered
+    pytorch-tcn's `lookahead` exists only as 0 there: lookahead=0 is accepted, any other
+    value refused. Its buffered
     streaming (forward(..., inference=True)) is fastres.stream(model), for networks whose
     forward is the stack of blocks alone (see stack_only_reason). `block_kw` goes to every
     TemporalBlock (e.g. stride/padding as locuslab passes them).
@@ -278,12 +279,16 @@ class TemporalConvNet(nn.Module):
         super().__init__()
         if len(num_channels) == 0:
             raise ValueError("num_channels must list at least one level")
+        if block_kw.pop("lookahead", 0) != 0:
+            raise ValueError("lookahead: pytorch-tcn accepts only 0 (it is deprecated there); "
+                             "fastres has no lookahead, leave it out")
         if input_layout not in INPUT_LAYOUTS:
             raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got "
                              f"{input_layout!r}")
-        if skip_connections not in (True, False):
-            raise ValueError(f"skip_connections must be True or False, got "
-                             f"{skip_connections!r}")
+        for name, value in (("causal", causal), ("gate", gate),
+                            ("skip_connections", skip_connections)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         if output_activation is not None:
             check_activation(output_activation, "output_activation")
         if output_projection is not None and (isinstance(output_projection, bool) or not
