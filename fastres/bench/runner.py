@@ -30,6 +30,7 @@ SUITES: Dict[str, str] = {
     "block": "fastres.bench.block",
     "model": "fastres.bench.model",
     "tcn-vs-rnn": "fastres.bench.tcn_vs_rnn",
+    "pytorch-tcn": "fastres.bench.pytorch_tcn",
 }
 
 SIZES = ("quick", "default", "full")
