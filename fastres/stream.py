@@ -11,7 +11,9 @@ Feeding x[..., 0], x[..., 1], ... gives at every step the output the full causal
 ring buffer per conv, zero at the start as the causal padding is. A step then costs one
 small matrix-vector product per conv tap instead of a re-run of the receptive field.
 
-What streams: fastres.TemporalConvNet; TemporalBlock (norm="batch" with its batch norms in
+What streams: fastres.TemporalConvNet whose forward is its stack of blocks alone (not with
+skip connections, an output projection or activation, NLC layout or embeddings, nor
+pytorch-tcn's TCNBlocks); TemporalBlock (norm="batch" with its batch norms in
 eval mode, or norm="weight"), also the plain twins fastres.unfuse makes and the blocks
 fastres.convert makes of seed and locuslab/TCN blocks; causal BasicBlocks at stride 1;
 nn.Sequential stacks of these, with 1x1 nn.Conv1d (pointwise heads), nn.ReLU, nn.Identity
