@@ -91,13 +91,17 @@ def conv_bn_relu_reference(
     relu_before_add: bool = False,
     norm: Optional[str] = "batch",
     num_batches_tracked: Optional[torch.Tensor] = None,
+    activation: str = "relu",
 ) -> torch.Tensor:
     """relu(bn(conv1d(x)) + residual), exactly as nn.Conv1d -> nn.BatchNorm1d -> F.relu.
 
     Running statistics are updated in place in training mode, as nn.BatchNorm1d
     does (momentum=None: cumulative average over num_batches_tracked).
     norm=None skips batch norm. relu_before_add computes relu(relu(bn(conv)) + residual).
+    activation replaces every ReLU: "relu", "gelu", "silu", "tanh", "leaky_relu[:slope]",
+    "elu[:alpha]" (PyTorch's F.gelu, F.silu, torch.tanh, F.leaky_relu, F.elu).
     """
+    act = _activation(activation)
     y = conv1d(x, weight, bias, stride=stride, dilation=dilation, padding=padding)
     if norm == "batch":
         factor = running_stats_factor(training, running_mean, momentum, num_batches_tracked)
@@ -105,7 +109,22 @@ def conv_bn_relu_reference(
     elif norm is not None:
         raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
     if relu_before_add:
-        y = F.relu(y)
+        y = act(y)
     if residual is not None:
         y = y + residual
-    return F.relu(y)
+    return act(y)
+
+
+def _activation(text: str):
+    """The activation function `text` names (docs/spec.md, "Activation")."""
+    name, _, param = text.partition(":")
+    simple = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+    if name in simple and not param:
+        return simple[name]
+    if name == "leaky_relu":
+        slope = float(param) if param else 0.01
+        return lambda t: F.leaky_relu(t, slope)
+    if name == "elu":
+        alpha = float(param) if param else 1.0
+        return lambda t: F.elu(t, alpha)
+    raise ValueError(f"unknown activation {text!r}")

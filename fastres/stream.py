@@ -11,7 +11,9 @@ Feeding x[..., 0], x[..., 1], ... gives at every step the output the full causal
 ring buffer per conv, zero at the start as the causal padding is. A step then costs one
 small matrix-vector product per conv tap instead of a re-run of the receptive field.
 
-What streams: fastres.TemporalConvNet; TemporalBlock (norm="batch" with its batch norms in
+What streams: fastres.TemporalConvNet whose forward is its stack of blocks alone (not with
+skip connections, an output projection or activation, NLC layout or embeddings, nor
+pytorch-tcn's TCNBlocks); TemporalBlock (norm="batch" with its batch norms in
 eval mode, or norm="weight"), also the plain twins fastres.unfuse makes and the blocks
 fastres.convert makes of seed and locuslab/TCN blocks; causal BasicBlocks at stride 1;
 nn.Sequential stacks of these, with 1x1 nn.Conv1d (pointwise heads), nn.ReLU, nn.Identity
@@ -58,7 +60,7 @@ from .conventions import triton_interpreting
 from .nn.resnet import _BasicBlockLayout, _ResNet1dLayout
 from .nn.sequential import ConvBNReLUSequential
 from .nn.temporal import (TemporalBlock, TemporalConvNet, _TemporalBlockLayout,
-                          register_whole_network_path)
+                          register_whole_network_path, stack_only_reason)
 
 __all__ = ["BACKENDS", "Stream", "StreamError", "stream", "whole_sequence"]
 
@@ -252,6 +254,10 @@ def _unknown_hint(module: nn.Module) -> str:
 def _layers(module: nn.Module, path: str = "") -> List[_Layer]:
     """The model as a flat list of streamable layers (StreamError for anything else)."""
     if isinstance(module, TemporalConvNet):
+        extra = stack_only_reason(module)
+        if extra is not None:
+            raise _refuse(path, module, f"{extra}: streaming runs a TemporalConvNet whose "
+                          "forward is its stack of blocks alone")
         return _layers(module.network, f"{path}.network" if path else "network")
     if isinstance(module, _TemporalBlockLayout):
         return [_temporal_block(path, module)]
@@ -930,8 +936,9 @@ def _may_run_stacked(model: TemporalConvNet, x: Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                            for p in model.parameters())):
         return False
-    # Plain twins (fastres.unfuse) stay plain PyTorch.
-    return all(type(block) is TemporalBlock for block in model.network) \
+    # Plain twins (fastres.unfuse) stay plain PyTorch; options beyond the stack of blocks
+    # (skips, output projection, NLC, ...) are not in the stacked kernel.
+    return stack_only_reason(model) is None and all(type(block) is TemporalBlock for block in model.network) \
         and _cpp_unavailable() is None
 
 

@@ -13,20 +13,17 @@ import torch.nn.functional as F
 
 from .. import _alloc, conventions
 from ..conventions import NORM_NONE, NORM_TRAIN, stats_dtype
+from ._activation import parse_activation
 
 
 def unavailable_reason():
     return None
 
 
-def _relu(t):
-    # torch.relu keeps NaN (and the kernels must too): max(NaN, 0) would give 0.
-    return torch.relu(t)
-
-
 def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
             dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
-            save_for_backward):
+            save_for_backward, activation="relu"):
+    act = parse_activation(activation)
     ct = stats_dtype(x.dtype)
     cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
     y = F.conv1d(F.pad(cast(x), (pad_left, pad_right)), cast(weight), cast(bias),
@@ -50,11 +47,12 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
     else:
         z = y
     if relu_before_add:
-        z = _relu(z)
+        z = act(z)
     if residual is not None:
         z = z + cast(residual)
-    out = _alloc.empty(z.shape, dtype=x.dtype, device=x.device).copy_(_relu(z))
-    wanted = save_for_backward and (norm != NORM_NONE or relu_before_add)
+    out = _alloc.empty(z.shape, dtype=x.dtype, device=x.device).copy_(act(z))
+    # gelu and silu differentiate at their input, recomputed from x-hat (y without norm).
+    wanted = save_for_backward and (norm != NORM_NONE or relu_before_add or act.needs_input)
     sdt = conventions.saved_dtype(x.dtype, norm, relu_before_add)
     saved = _alloc.empty(z.shape if wanted else (0,), dtype=sdt, device=x.device)
     if wanted:
@@ -64,18 +62,36 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
 
 def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
              stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
-             need_grad_x=True):
-    """The analytic backward (docs/spec.md), in the compute dtype."""
+             need_grad_x=True, activation="relu", residual=None):
+    """The analytic backward (docs/spec.md), in the compute dtype.
+
+    residual: needed only for gelu and silu after a residual add (their derivative is taken
+    at the add's result, recomputed here)."""
+    act = parse_activation(activation)
     ct = stats_dtype(x.dtype)
-    # ReLU passes the gradient where its output is positive or NaN, as torch.relu does.
-    g = torch.where(out <= 0, 0.0, grad_out.to(ct))
+    if act.is_relu:
+        # ReLU passes the gradient where its output is positive or NaN, as torch.relu does.
+        g = torch.where(out <= 0, 0.0, grad_out.to(ct))
+    elif not act.needs_input:
+        g = grad_out.to(ct) * act.grad_from_output(out.to(ct))
+    else:
+        if has_residual and residual is None:
+            raise ValueError(f"the backward of activation {activation!r} after a residual add "
+                             "needs the residual (its derivative is taken at the sum)")
+        z1 = saved.to(ct) if norm == NORM_NONE else \
+            saved.to(ct) * gamma.to(ct)[:, None] + beta.to(ct)[:, None]
+        z2 = act(z1) if relu_before_add else z1
+        if has_residual:
+            z2 = z2 + residual.to(ct)
+        g = grad_out.to(ct) * act.grad_from_input(z2)
     grad_residual = g.to(x.dtype) if has_residual else None
     grad_gamma = grad_beta = None
     if norm != NORM_NONE:
         xhat = saved.to(ct)
         gamma_c = gamma.to(ct)
         if relu_before_add:
-            g = torch.where(xhat * gamma_c[:, None] + beta.to(ct)[:, None] <= 0, 0.0, g)
+            z1 = xhat * gamma_c[:, None] + beta.to(ct)[:, None]
+            g = torch.where(z1 <= 0, 0.0, g) if act.is_relu else g * act.grad_from_input(z1)
         grad_beta = g.sum((0, 2))
         grad_gamma = (g * xhat).sum((0, 2))
         grad_y = g
@@ -86,7 +102,8 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
         grad_gamma, grad_beta = grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
     else:
         if relu_before_add:
-            g = torch.where(saved <= 0, 0.0, g)
+            g = torch.where(saved <= 0, 0.0, g) if act.is_relu \
+                else g * act.grad_from_input(saved.to(ct))
         grad_y = g
     grad_x = None
     if need_grad_x:

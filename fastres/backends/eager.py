@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import upstream_kernels
 from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN, output_length
+from ._activation import parse_activation
 from .base import Backend
 
 _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -63,12 +64,14 @@ def conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilat
 
 def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, residual, *,
                        stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
-                       relu_before_add):
-    """relu([relu](batch_norm(conv1d(x))) + residual) in PyTorch ops, under autograd.
+                       relu_before_add, activation="relu"):
+    """act([act](batch_norm(conv1d(x))) + residual) in PyTorch ops, under autograd; act is
+    ReLU unless `activation` names another (docs/spec.md, "Activation").
 
     Arguments as the backend contract's forward (docs/spec.md), except that gamma/beta may
     be None and the running statistics are updated by F.batch_norm itself.
     """
+    act = parse_activation(activation)
     compute = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
     up = (lambda t: t) if compute == x.dtype else (  # noqa: E731
         lambda t: None if t is None else t.to(compute))
@@ -92,13 +95,13 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
                         if copy is not stat:
                             stat.copy_(copy)
         if relu_before_add:
-            z = torch.relu(z)
+            z = act(z)
         out_dtype = x.dtype
         if residual is not None:
             z = z + up(residual)
             # A skip stream of higher precision (float32 under autocast) keeps the sum so.
             out_dtype = torch.promote_types(x.dtype, residual.dtype)
-        return torch.relu(z).to(out_dtype)
+        return act(z).to(out_dtype)
 
 
 class EagerBackend(Backend):

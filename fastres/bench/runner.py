@@ -20,12 +20,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import anchors, block, first_call, model, op, tcn_vs_rnn, timing
+from . import anchors, block, first_call, model, op, pytorch_tcn, tcn_vs_rnn, timing
 from . import environment as environment_info
 from .task import Settings, Task, compile_fn  # noqa: F401 (the suites' shapes)
 
 SUITES = {"op": op, "block": block, "model": model, "tcn-vs-rnn": tcn_vs_rnn,
-          "first-call": first_call, "anchors": anchors}
+          "pytorch-tcn": pytorch_tcn, "first-call": first_call, "anchors": anchors}
 
 # Suites run only when named (--only): the anchors compile every model twice and export it
 # to ONNX, minutes on a CPU, past the default run's one to two.

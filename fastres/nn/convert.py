@@ -14,6 +14,10 @@ Recognition is by structure (submodule names and types), never by class name alo
 - an nn.Sequential holding Conv1d -> BatchNorm1d -> ReLU runs ("same"-padded conv, or a
   causal zero pad before an unpadded conv) becomes a ConvBNReLUSequential with the same
   children;
+- pytorch-tcn's TCN (read by structure: fastres/nn/pytorch_tcn.py) becomes a
+  TemporalConvNet(block="pytorch-tcn") with its options, loaded from its state_dict less
+  its streaming buffers, and probed with its input layout and its embeddings; one whose
+  options fastres cannot rebuild is left untouched with the option named in the report;
 - the plain twins that fastres.unfuse produces go back to their fused classes.
 
 Every candidate swap is checked before it is made: the original and the fused module
@@ -47,7 +51,8 @@ from ._stage import FusedModule, retyped
 from .resnet import BasicBlock
 from .sequential import ConvBNReLUSequential
 from .sync_batchnorm import BATCH_NORMS
-from .temporal import TemporalBlock
+from . import pytorch_tcn
+from .temporal import TemporalBlock, TemporalConvNet
 
 __all__ = ["ConversionReport", "Swap", "convert", "unfuse"]
 
@@ -55,6 +60,9 @@ logger = logging.getLogger("fastres")
 
 _RESIDUAL_NAMES = ("downsample", "shortcut")
 _SYNC_NOTE = "synchronized batch norm"
+_PYTORCH_TCN_NOTE = ("state_dict keys kept but its streaming buffers *.padder.buffer "
+                     "(fastres.nn.pytorch_tcn maps both ways); its inference=True buffered "
+                     "streaming is not carried over")
 
 
 @dataclasses.dataclass
@@ -121,20 +129,30 @@ class _EvalNoTF32:
 
 
 def _verify(original: nn.Module, fused: nn.Module, in_channels: int,
-            length: int) -> Tuple[Optional[float], str]:
-    """(relative error, "") if `fused` reproduces `original` on a probe, else (None, why)."""
+            length: int, probe_inputs: Optional[Callable] = None
+            ) -> Tuple[Optional[float], str]:
+    """(relative error, "") if `fused` reproduces `original` on a probe, else (None, why).
+
+    probe_inputs(batch, length, generator) -> the inputs to call both with, where the probe
+    is not one (batch, in_channels, length) tensor."""
     ref = _first_tensor(original)
     if ref is None:
         return None, "no parameters to take a device and dtype from"
     g = torch.Generator().manual_seed(0)
-    probe = torch.randn(2, in_channels, length, generator=g).to(ref.device, ref.dtype)
+    if probe_inputs is None:
+        inputs = (torch.randn(2, in_channels, length, generator=g),)
+    else:
+        inputs = probe_inputs(2, length, g)
+    inputs = tuple(t.to(ref.device, ref.dtype) if isinstance(t, Tensor)
+                   else [e.to(ref.device, ref.dtype) for e in t] for t in inputs)
+    probe = inputs[0]
     with _EvalNoTF32(original, fused):
         try:
-            want = original(probe)
+            want = original(*inputs)
         except Exception as exc:  # noqa: BLE001 - a module we cannot run is not swapped
             return None, f"original fails on a probe {tuple(probe.shape)}: {exc}"
         try:
-            got = fused(probe)
+            got = fused(*inputs)
         except Exception as exc:  # noqa: BLE001
             return None, f"fused candidate fails on the probe: {exc}"
     if not isinstance(want, Tensor) or got.shape != want.shape:
@@ -271,8 +289,45 @@ def _locuslab_candidate(m: nn.Module):
     return build, ""
 
 
+def _pytorch_tcn_candidate(m: nn.Module):
+    """The TemporalConvNet(block="pytorch-tcn") for a pytorch-tcn TCN, or (None, why not)."""
+    try:
+        options = pytorch_tcn.tcn_options(m)
+    except ValueError as exc:
+        return None, f"pytorch-tcn TCN with an option fastres does not run: {exc}"
+    ref = _first_tensor(m)
+
+    def build() -> nn.Module:
+        net = _fresh(lambda: TemporalConvNet(**options))
+        net.to(device=ref.device, dtype=ref.dtype)
+        net.load_state_dict(pytorch_tcn.state_dict_from_pytorch_tcn(m.state_dict()),
+                            strict=True)
+        return _with_modes_of(net, m)
+
+    return build, ""
+
+
+def _pytorch_tcn_probe(m: nn.Module) -> Callable:
+    """Probe inputs for a pytorch-tcn TCN: x in its input_shape, and its embeddings."""
+    options = pytorch_tcn.tcn_options(m)
+
+    def inputs(batch: int, length: int, g: torch.Generator):
+        x = torch.randn(batch, options["num_inputs"], length, generator=g)
+        if options["input_layout"] == "NLC":
+            x = x.transpose(1, 2).contiguous()
+        if options["embedding_shapes"] is None:
+            return (x,)
+        return (x, [torch.randn(batch, shape[0], *([length] if len(shape) == 2 else []),
+                                generator=g) for shape in options["embedding_shapes"]])
+    return inputs
+
+
 def _candidates(m: nn.Module) -> Tuple[List[Tuple[str, Callable, str]], str]:
     """The fused modules that may replace `m`, most likely first; ([], "") if m is no block."""
+    if pytorch_tcn.is_pytorch_tcn(m):
+        build, why = _pytorch_tcn_candidate(m)
+        return ([("TemporalConvNet(block='pytorch-tcn')", build, _PYTORCH_TCN_NOTE)]
+                if build else []), why
     fused_cls = FusedModule.fused_class_of(m)
     if fused_cls is not None:  # a plain twin unfuse made: back to its fused class
         return [(fused_cls.__name__, lambda: retyped(m, fused_cls), "")], ""
@@ -298,7 +353,8 @@ def _try_block(m: nn.Module, name: str, report: ConversionReport) -> Optional[nn
         except Exception as exc:  # noqa: BLE001 - an unbuildable candidate is skipped
             reasons.append(f"{label}: {exc}")
             continue
-        err, why = _verify(m, fused, *_probe_shape(m))
+        probe = _pytorch_tcn_probe(m) if pytorch_tcn.is_pytorch_tcn(m) else None
+        err, why = _verify(m, fused, *_probe_shape(m), probe_inputs=probe)
         if err is not None:
             report.swapped.append(Swap(name, type(m).__name__, label, err, note))
             return fused
@@ -398,7 +454,7 @@ def _convert(m: nn.Module, name: str, report: ConversionReport) -> nn.Module:
         return m  # already fused; its children are its own convs and norms
     fused = _try_block(m, name, report)
     if fused is not None:
-        if fused.LEAF:
+        if getattr(fused, "LEAF", True):  # (a TemporalConvNet: its blocks are fused)
             return fused  # its children are the block's own convs and norms
         m = fused  # e.g. a ResNet1d: its blocks are converted below
     for child_name, child in list(m.named_children()):

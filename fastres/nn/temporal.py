@@ -16,6 +16,7 @@ the same attributes and a plain-PyTorch forward; fastres.unfuse swaps to it for 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -27,9 +28,11 @@ from .. import dispatch
 from ._layout import LayoutIO, check_layout
 from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
                      identity_shortcut_link, padded_conv1d)
+from .tcn_block import TCNBlock, activation_module, check_activation, kernel_initializer_call
 
 __all__ = ["TemporalBlock", "TemporalConvNet", "PlainTemporalBlock",
-           "PlainWeightNormTemporalBlock", "Chomp1d", "receptive_field"]
+           "PlainWeightNormTemporalBlock", "Chomp1d", "receptive_field", "dilation_schedule",
+           "stack_only_reason"]
 
 NORMS = ("batch", "weight")
 
@@ -208,27 +211,167 @@ class TemporalBlock(LayoutIO, FusedModule, _TemporalBlockLayout):
                                   relu_before_add=True, residual_grad_link=link)
 
 
-class TemporalConvNet(nn.Module):
-    """locuslab/TCN's TemporalConvNet of fused TemporalBlocks.
+INPUT_LAYOUTS = ("NCL", "NLC")
 
-    Level i is a TemporalBlock with dilation 2**i from num_channels[i-1] (num_inputs for
-    i = 0) to num_channels[i] channels. `block_kw` goes to every block (e.g. norm="weight"
-    for locuslab's weight-normed network, whose state_dicts then load strictly).
+
+def dilation_schedule(levels: int, dilations: Optional[Sequence[int]] = None,
+                      dilation_reset: Optional[int] = None) -> List[int]:
+    """Each level's dilation: `dilations` as given, else 2**i, restarting at 1 after the
+    level whose dilation is `dilation_reset` (pytorch-tcn's rule: 2**(i % log2(2 * reset)),
+    so dilation_reset=4 gives 1, 2, 4, 1, 2, 4, ...)."""
+    if dilations is not None:
+        if dilation_reset is not None:
+            raise ValueError("dilations and dilation_reset: pass one of them (dilations lists "
+                             "every level's dilation already)")
+        dilations = list(dilations)
+        if len(dilations) != levels:
+            raise ValueError(f"dilations lists {len(dilations)} levels, num_channels "
+                             f"{levels}")
+        return dilations
+    if dilation_reset is None:
+        return [2 ** i for i in range(levels)]
+    if isinstance(dilation_reset, bool) or not isinstance(dilation_reset, int) \
+            or dilation_reset < 1:
+        raise ValueError(f"dilation_reset must be an int >= 1, got {dilation_reset!r}")
+    period = int(math.log2(dilation_reset * 2))
+    return [2 ** (i % period) for i in range(levels)]
+
+
+class TemporalConvNet(nn.Module):
+    """A TCN: one residual block per level, fused; locuslab/TCN's and pytorch-tcn's options.
+
+    With the defaults this is locuslab/TCN's TemporalConvNet of fused TemporalBlocks: level
+    i is a TemporalBlock with dilation 2**i from num_channels[i-1] (num_inputs for i = 0)
+    to num_channels[i] channels; `norm="weight"` gives locuslab's weight-normed network,
+    whose state_dicts then load strictly.
+
+    The other arguments are pytorch-tcn's `TCN` options (its name in brackets), which
+    `fastres.convert` maps from a pytorch-tcn model:
+
+        dilations, dilation_reset  [same]: each level's dilation, or 2**i restarting after
+            dilation_reset (dilation_schedule).
+        causal  [causal]: False pads "same" (centred) instead of on the left.
+        norm  [use_norm]: "batch" (default), "weight" (weight-normed convs), "layer"
+            (LayerNorm over channels at each step) or None.
+        activation  [activation]: a name in fastres.nn.tcn_block.ACTIVATIONS or an nn.Module
+            class; used after each conv and after the residual add.
+        kernel_initializer  [kernel_initializer]: None (PyTorch's init) or pytorch-tcn's
+            names, with its gains.
+        skip_connections  [use_skip_connections]: WaveNet-style skips: every level's
+            pre-residual output (1x1-projected to the last width where it differs) summed
+            with the last level's output, then the activation.
+        input_layout  [input_shape]: "NCL" or "NLC" (the input and output are (B, L, C);
+            the blocks take a transposed view, never a copy).
+        embedding_shapes, embedding_mode  [same]: conditioning inputs passed as
+            forward(x, embeddings), each (channels,) or (channels, steps), projected and
+            added ("add") or concatenated ("concat") after every level's first norm.
+        gate  [use_gate]: gated first stage (2n channels, then nn.GLU).
+        output_projection, output_activation  [same]: a final 1x1 conv to that many
+            channels, then that activation.
+        block: which block each level is. None picks TemporalBlock where the options
+            allow it (relu, batch or weight norm, causal, no gate, conditioning, skips or
+            kernel_initializer) and TCNBlock (pytorch-tcn's layout, fastres/nn/tcn_block.py)
+            otherwise; "temporal" or "pytorch-tcn" ask for one. The two differ with batch
+            norm: TemporalBlock computes relu(bn2(conv2) + res), pytorch-tcn
+            act(act(norm2(conv2)) + res).
+
+    pytorch-tcn's `lookahead` exists only as 0 there: lookahead=0 is accepted, any other
+    value refused. Its buffered
+    streaming (forward(..., inference=True)) is fastres.stream(model), for networks whose
+    forward is the stack of blocks alone (see stack_only_reason). `block_kw` goes to every
+    TemporalBlock (e.g. stride/padding as locuslab passes them).
     """
 
-    __jit_unused_properties__ = ["receptive_field"]
+    __jit_unused_properties__ = ["receptive_field", "block_type"]
 
     def __init__(self, num_inputs: int, num_channels: Sequence[int], kernel_size: int = 2,
-                 dropout: float = 0.2, **block_kw):
+                 dropout: float = 0.2, *, norm: Optional[str] = "batch",
+                 dilations: Optional[Sequence[int]] = None,
+                 dilation_reset: Optional[int] = None, causal: bool = True,
+                 activation="relu", kernel_initializer: Optional[str] = None,
+                 skip_connections: bool = False, input_layout: str = "NCL",
+                 embedding_shapes: Optional[Sequence[Sequence[int]]] = None,
+                 embedding_mode: str = "add", gate: bool = False,
+                 output_projection: Optional[int] = None, output_activation=None,
+                 block: Optional[str] = None, **block_kw):
         super().__init__()
         if len(num_channels) == 0:
             raise ValueError("num_channels must list at least one level")
+        if block_kw.pop("lookahead", 0) != 0:
+            raise ValueError("lookahead: pytorch-tcn accepts only 0 (it is deprecated there); "
+                             "fastres has no lookahead, leave it out")
+        if input_layout not in INPUT_LAYOUTS:
+            raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got "
+                             f"{input_layout!r}")
+        for name, value in (("causal", causal), ("gate", gate),
+                            ("skip_connections", skip_connections)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if output_activation is not None:
+            check_activation(output_activation, "output_activation")
+        if output_projection is not None and (isinstance(output_projection, bool) or not
+                                              isinstance(output_projection, int)
+                                              or output_projection < 1):
+            raise ValueError(f"output_projection must be None or an int >= 1, got "
+                             f"{output_projection!r}")
+        dilation_list = dilation_schedule(len(num_channels), dilations, dilation_reset)
+        needs_tcn_block = [name for name, needed in (
+            ("norm=" + repr(norm), norm not in NORMS), ("activation=" + repr(activation),
+                                                        activation != "relu"),
+            ("causal=False", not causal), ("gate=True", gate),
+            ("embedding_shapes", embedding_shapes is not None),
+            ("skip_connections=True", skip_connections),
+            ("kernel_initializer=" + repr(kernel_initializer), kernel_initializer is not None))
+            if needed]
+        if block is None:
+            block = "pytorch-tcn" if needs_tcn_block else "temporal"
+        if block not in ("temporal", "pytorch-tcn"):
+            raise ValueError(f"block must be None, 'temporal' or 'pytorch-tcn', got "
+                             f"{block!r}")
+        if block == "temporal" and needs_tcn_block:
+            raise ValueError(f"block='temporal' (TemporalBlock) cannot take "
+                             f"{', '.join(needs_tcn_block)}: use block='pytorch-tcn' or None")
+        if block == "pytorch-tcn" and block_kw:
+            raise ValueError(f"block='pytorch-tcn' takes no TemporalBlock arguments "
+                             f"({', '.join(sorted(block_kw))})")
+        self.input_layout = input_layout
+        self.skip_connections = bool(skip_connections)
+        self.embedding_shapes = embedding_shapes
+        tcn_kw = dict(dropout=dropout, causal=causal, norm=norm, activation=activation,
+                      kernel_initializer=kernel_initializer,
+                      embedding_shapes=embedding_shapes, embedding_mode=embedding_mode,
+                      gate=gate)
+        # pytorch-tcn creates the skip projections before the blocks: same order, same draws.
+        if skip_connections:
+            self.downsample_skip_connection = nn.ModuleList(
+                nn.Conv1d(c, num_channels[-1], 1) if c != num_channels[-1] else None
+                for c in num_channels)
+            if kernel_initializer is not None:
+                init, kwargs = kernel_initializer_call(kernel_initializer, activation)
+                for conv in self.downsample_skip_connection:
+                    if conv is not None:
+                        init(conv.weight, **kwargs)
+            self.activation_skip_out = activation_module(activation)
+        else:
+            self.downsample_skip_connection = None
         layers: List[nn.Module] = []
         for i, out_channels in enumerate(num_channels):
             in_channels = num_inputs if i == 0 else num_channels[i - 1]
-            layers.append(TemporalBlock(in_channels, out_channels, kernel_size,
-                                        dilation=2 ** i, dropout=dropout, **block_kw))
+            if block == "temporal":
+                layers.append(TemporalBlock(in_channels, out_channels, kernel_size,
+                                            dilation=dilation_list[i], dropout=dropout,
+                                            norm=norm, **block_kw))
+            else:
+                layers.append(TCNBlock(in_channels, out_channels, kernel_size,
+                                       dilation=dilation_list[i], **tcn_kw))
         self.network = nn.Sequential(*layers)
+        self.projection_out = None if output_projection is None else \
+            nn.Conv1d(num_channels[-1], output_projection, 1)
+        self.activation_out = None if output_activation is None else \
+            activation_module(output_activation)
+        # Whether forward is self.network(x) alone: the whole-network paths and
+        # fastres.stream run only such networks.
+        self.stack_only = stack_only_reason(self) is None
 
     @property
     def receptive_field(self) -> int:
@@ -236,9 +379,20 @@ class TemporalConvNet(nn.Module):
         return 1 + sum((conv.kernel_size[0] - 1) * conv.dilation[0]
                        for block in self.network for conv in (block.conv1, block.conv2))
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def block_type(self) -> type:
+        return type(self.network[0])
+
+    def forward(self, x: Tensor, embeddings: Optional[List[Tensor]] = None) -> Tensor:
         if torch.jit.is_scripting():
+            if not self.stack_only:
+                raise RuntimeError("TorchScript runs a TemporalConvNet whose forward is its "
+                                   "stack of blocks alone; trace this one (torch.jit.trace) "
+                                   "instead")
             return self.network(x)
+        if not self.stack_only or embeddings is not None:
+            # Each block is then the outermost fused module of its own choice.
+            return self._forward_with_options(x, embeddings)
         return self._dispatched_forward(x)
 
     @torch.jit.unused
@@ -259,6 +413,46 @@ class TemporalConvNet(nn.Module):
         model(x), or None where it cannot run this input or this model as it is now."""
         return {name: functools.partial(path, self) for name, path in _WHOLE_NETWORK_PATHS.items()
                 if path(self, None) is not False}
+
+    def _forward_with_options(self, x: Tensor, embeddings=None) -> Tensor:
+        if self.input_layout == "NLC":
+            x = x.transpose(1, 2)  # a view: the blocks take channels-strided input
+        if embeddings is not None and self.embedding_shapes is None:
+            raise ValueError("embeddings were passed to a TemporalConvNet built without "
+                             "embedding_shapes")
+        if self.skip_connections:
+            skips = []
+            last = len(self.network) - 1
+            for i, block in enumerate(self.network):
+                x, out = block.forward_with_skip(x, embeddings)
+                projection = self.downsample_skip_connection[i]
+                if i < last:  # the last level contributes its output, not its skip
+                    skips.append(out if projection is None else projection(out))
+            x = self.activation_skip_out(torch.stack(skips + [x]).sum(0))
+        elif embeddings is not None:
+            for block in self.network:
+                x = block(x, embeddings)
+        else:
+            x = self.network(x)
+        if self.projection_out is not None:
+            x = self.projection_out(x)
+        if self.activation_out is not None:
+            x = self.activation_out(x)
+        if self.input_layout == "NLC":
+            x = x.transpose(1, 2)
+        return x
+
+
+def stack_only_reason(model: TemporalConvNet) -> Optional[str]:
+    """None where model's forward is its stack of blocks alone, else which options add to it
+    (what fastres.stream and the whole-network paths refuse)."""
+    extra = [name for name, used in (
+        ("input_layout='NLC'", model.input_layout != "NCL"),
+        ("skip_connections", model.skip_connections),
+        ("embedding_shapes", model.embedding_shapes is not None),
+        ("output_projection", model.projection_out is not None),
+        ("output_activation", model.activation_out is not None)) if used]
+    return ", ".join(extra) + " beyond the stack of blocks" if extra else None
 
 
 # Paths that may run a whole TemporalConvNet forward at once, by name: path(model, x) returns
