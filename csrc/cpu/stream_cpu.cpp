@@ -1,5 +1,5 @@
 // Streaming inference on CPU: one call advances a whole causal stack (TemporalBlocks, 1x1
-// convs, ReLUs) by one step or by a chunk of n steps. fastres/stream.py builds the inputs and
+// convs, ReLUs) by one step or by a chunk of n steps. fastres/stream/ builds the inputs and
 // documents the semantics; this file is its C++ kernel, registered as fastres_ext::stream_forward.
 //
 // What the Python side packs once, when a stream is built:
@@ -8,7 +8,7 @@
 //            its bias. Batch norm is already folded in (W' = W * scale, b' = (b - mean) * scale
 //            + beta), weight norm already applied.
 //   meta     int64: a header and one record per layer (offsets into weights and state); the
-//            layout constants are mirrored in fastres/stream.py (META_*) and checked here.
+//            layout constants are mirrored in fastres/stream/layout.py (META_*) and checked here.
 //   state    every layer's input ring: (K-1)*d + 1 slots of (B, C) values; the input of time t
 //            sits in slot t mod slots. Zero-filled, it is the causal zero padding.
 //   position the number of steps taken so far (int64, advanced by this kernel).
@@ -40,7 +40,7 @@ namespace fastres {
 namespace {
 
 // ----------------------------------------------------------------------------- meta layout
-// Mirrored in fastres/stream.py; a mismatch is caught by the header checks below.
+// Mirrored in fastres/stream/layout.py; a mismatch is caught by the header checks below.
 // Header: n_layers, batch, c_in, c_out, max_c, state size, weights size, layout version.
 constexpr int64_t kHeader = 8;
 constexpr int64_t kFields = 16;  // per layer, see Layer
@@ -585,7 +585,7 @@ at::Tensor stream_forward_cpu(const at::Tensor& x, const at::Tensor& weights,
 }
 
 // Whether every tensor of `now` holds exactly the bytes of the tensor at the same index of
-// `then` (same dtype and shape). What fastres/stream.py checks its folded weights against:
+// `then` (same dtype and shape). What fastres/stream/fold.py (Snapshot) checks its folds against:
 // unlike version counters, it also sees writes through .data. NaNs compare by their bits.
 bool stream_same_values(at::TensorList now, at::TensorList then) {
   if (now.size() != then.size()) return false;
@@ -606,7 +606,7 @@ bool stream_same_values(at::TensorList now, at::TensorList then) {
 
 }  // namespace
 
-// Both advance `state` and `position` in place (see fastres/stream.py).
+// Both advance `state` and `position` in place (see fastres/stream/core.py).
 TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
   m.def("stream_same_values(Tensor[] now, Tensor[] then) -> bool", &stream_same_values);
   m.def(
