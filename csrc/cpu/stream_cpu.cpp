@@ -25,8 +25,12 @@
 // (one parallel region for the whole stack) when there are at least as many items as threads or
 // the chunk is a single step, else by time inside each conv (a region per conv, because the
 // next conv reads earlier rows of this one's output).
+#include <Python.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
@@ -494,19 +498,23 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
   T* op = out.data_ptr<T>();
   const int64_t batch = net.batch, c_in = net.c_in, c_out = net.c_out;
   const T* result = buf[stack.output_buffer()];
-  // (B, C, n) <-> [b][t][c] with rows max_c apart.
+  // (B, C, n) with any strides <-> [b][t][c] with rows max_c apart. x is read in place
+  // wherever it lives (a slice x[:, :, t] of a longer sequence, a transpose, an expanded
+  // tensor): the copy into the workspace is needed anyway, so strides cost nothing here.
   const int64_t ld = net.max_c;
+  const int64_t xb = x.stride(0), xc = x.stride(1), xt = x.dim() == 3 ? x.stride(2) : 0;
+  const int64_t ob = out.stride(0), oc = out.stride(1), ot = out.dim() == 3 ? out.stride(2) : 0;
   auto load_items = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < c_in; ++c)
         for (int64_t t = 0; t < n; ++t)
-          buf[0][(b * n + t) * ld + c] = xp[(b * c_in + c) * n + t];
+          buf[0][(b * n + t) * ld + c] = xp[b * xb + c * xc + t * xt];
   };
   auto store_items = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < c_out; ++c)
         for (int64_t t = 0; t < n; ++t)
-          op[(b * c_out + c) * n + t] = result[(b * n + t) * ld + c];
+          op[b * ob + c * oc + t * ot] = result[(b * n + t) * ld + c];
   };
 
   const int64_t threads = at::get_num_threads();
@@ -525,13 +533,17 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
   if (keep) position.data_ptr<int64_t>()[0] = pos + n;
 }
 
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
-              "fastres_ext.stream_forward: ", name, " must be a contiguous CPU tensor of ",
-              dtype, ", got ", t.scalar_type(), " on ", t.device());
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  bool contiguous = true) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype &&
+                  (!contiguous || t.is_contiguous()),
+              "fastres_ext.stream_forward: ", name, " must be a ",
+              contiguous ? "contiguous " : "", "CPU tensor of ", dtype, ", got ",
+              t.scalar_type(), " on ", t.device());
 }
 
-// x (B, C_in) -> out (B, C_out): one step; x (B, C_in, n) -> out (B, C_out, n): n steps.
+// x (B, C_in) -> out (B, C_out): one step; x (B, C_in, n) -> out (B, C_out, n): n steps. x and
+// out may have any strides (out must not overlap itself or x).
 // state empty: run from a fresh zero state and keep nothing (the full causal forward).
 // workspace: at least 4 * B * n * max_c values, or anything smaller to allocate one here.
 void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
@@ -542,9 +554,13 @@ void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
   const at::ScalarType dtype = weights.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "fastres_ext.stream_forward: computes in float32 or float64, got ", dtype);
-  for (auto [t, name] : {std::pair{&x, "x"}, {&weights, "weights"}, {&out, "out"},
-                         {&workspace, "workspace"}, {&state, "state"}})
+  for (auto [t, name] : {std::pair{&weights, "weights"}, {&workspace, "workspace"},
+                         {&state, "state"}})
     check_tensor(*t, name, dtype);
+  check_tensor(x, "x", dtype, /*contiguous=*/false);  // read in place, any strides
+  check_tensor(out, "out", dtype, /*contiguous=*/false);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "fastres_ext.stream_forward: out must not overlap itself");
   TORCH_CHECK(weights.numel() == net.weights_size,
               "fastres_ext.stream_forward: weights has ", weights.numel(),
               " values, meta expects ", net.weights_size);
@@ -604,7 +620,49 @@ bool stream_same_values(at::TensorList now, at::TensorList then) {
   return true;
 }
 
+// ----------------------------------------------------------------------------- from Python
+
+// fastres._C.stream_step(weights, meta, state, position, workspace, x, out) -> out: the
+// same as stream_forward_out (stream_forward where out is None), called from Python without
+// the dispatcher. A step of one stream is a few microseconds of work; going through
+// torch.ops (argument parsing against the schema, boxing, the dispatch itself) cost as much
+// again. Every check of stream_forward_out still runs, before anything is written.
+PyObject* py_stream_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 7, "fastres._C.stream_step takes 7 arguments, got ", nargs);
+  for (Py_ssize_t i = 0; i < 6; ++i)
+    TORCH_CHECK_TYPE(THPVariable_Check(args[i]), "fastres._C.stream_step: argument ", i,
+                     " must be a tensor");
+  TORCH_CHECK_TYPE(args[6] == Py_None || THPVariable_Check(args[6]),
+                   "fastres._C.stream_step: out must be a tensor or None");
+  const at::Tensor& weights = THPVariable_Unpack(args[0]);
+  const at::Tensor& meta = THPVariable_Unpack(args[1]);
+  const at::Tensor& state = THPVariable_Unpack(args[2]);
+  const at::Tensor& position = THPVariable_Unpack(args[3]);
+  const at::Tensor& workspace = THPVariable_Unpack(args[4]);
+  const at::Tensor& x = THPVariable_Unpack(args[5]);
+  at::Tensor out;
+  if (args[6] == Py_None) {
+    out = stream_forward_cpu(x, weights, meta, state, position, workspace);
+  } else {
+    out = THPVariable_Unpack(args[6]);
+    stream_forward_out_cpu(x, weights, meta, state, position, workspace, out);
+  }
+  return THPVariable_Wrap(out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef kStreamPythonMethods[] = {
+    {"stream_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_step)),
+     METH_FASTCALL,
+     "stream_step(weights, meta, state, position, workspace, x, out) -> out: one streaming "
+     "step or chunk (fastres/stream/core.py), without the dispatcher"},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
+
+// The Python functions csrc/ops.cpp adds to the fastres._C module.
+PyMethodDef* stream_python_methods() { return kStreamPythonMethods; }
 
 // Both advance `state` and `position` in place (see fastres/stream/core.py).
 TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {

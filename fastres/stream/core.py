@@ -39,10 +39,22 @@ BACKENDS = ("cpp", "triton", "torch")
 
 def cpp_unavailable() -> Optional[str]:
     reason = _ext.load_error()
-    if reason is None and not hasattr(torch.ops.fastres_ext, "stream_forward"):
-        reason = "fastres._C was built without the streaming kernel (csrc/cpu/stream_cpu.cpp); " \
-                 "rebuild it"
+    if reason is None and (not hasattr(torch.ops.fastres_ext, "stream_forward")
+                           or not hasattr(_cpp_module(), "stream_step")):
+        reason = "fastres._C was built without the streaming kernel (csrc/cpu/stream_cpu.cpp) " \
+                 "or with an older one; rebuild it"
     return reason
+
+
+def _cpp_module():
+    import fastres._C as extension   # loaded: _ext.load_error() is None
+    return extension
+
+
+def cpp_step_function():
+    """fastres._C.stream_step(weights, meta, state, position, workspace, x, out) -> out: the
+    C++ kernel called without the dispatcher (cpp_unavailable() must be None)."""
+    return _cpp_module().stream_step
 
 
 def unavailable_reason(backend: str, device: torch.device,
@@ -121,12 +133,11 @@ def step(plan: Plan, x: Tensor, state: Tensor, position: Tensor, *,
 
 def step_cpp(plan: Plan, x: Tensor, state: Tensor, position: Tensor, out: Tensor,
              meta: Tensor, workspace: Optional[Tensor] = None) -> None:
-    """The C++ kernel, unchecked: x float32/float64, any strides; out contiguous;
-    `workspace` at least 4 * B * max_c values for a single step (else allocated there)."""
+    """The C++ kernel (its own checks only): x and out float32/float64 with any strides;
+    `workspace` at least 4 * B * n * max_c values (else the kernel allocates one)."""
     if workspace is None:
         workspace = plan.weights[:0]
-    torch.ops.fastres_ext.stream_forward_out.default(x.contiguous(), plan.weights, meta,
-                                                     state, position, workspace, out)
+    cpp_step_function()(plan.weights, meta, state, position, workspace, x, out)
 
 
 def step_triton(plan: Plan, x: Tensor, state: Tensor, position: Tensor, out: Tensor,
@@ -211,10 +222,16 @@ def check_input(plan: Plan, x) -> None:
 
 
 def check_out(plan: Plan, x: Tensor, out) -> None:
+    """StreamError unless out is a (B, C_out[, n]) tensor of the plan's dtype and device
+    whose elements do not overlap (any strides: a slice of a longer output is written in
+    place)."""
     shape = (x.shape[0], plan.c_out) + tuple(x.shape[2:])
     if not isinstance(out, Tensor) or out.shape != shape or out.dtype != plan.dtype \
-            or out.device != plan.device or not out.is_contiguous():
+            or out.device != plan.device:
         got = f"{tuple(out.shape)} {out.dtype} on {out.device}" \
             if isinstance(out, Tensor) else type(out).__name__
-        raise StreamError(f"fastres.stream: out must be a contiguous {shape} {plan.dtype} "
-                          f"tensor on {plan.device}, got {got}")
+        raise StreamError(f"fastres.stream: out must be a {shape} {plan.dtype} tensor on "
+                          f"{plan.device}, got {got}")
+    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        raise StreamError("fastres.stream: out must not overlap itself (an expanded tensor "
+                          "cannot take distinct outputs)")

@@ -6,7 +6,8 @@ x (B, C_in[, n]) of a direct dtype, writing out (contiguous).
 """
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,6 +18,9 @@ from .plan import Plan
 
 class Runner:
     direct_dtypes: Tuple[torch.dtype, ...] = ()   # input dtypes run without a conversion
+    # fast(x, out or None) -> out: the whole step with only the kernel's own checks (raising
+    # before it changes anything where x or out do not fit); None where there is none.
+    fast: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None
 
     def __init__(self, plan: Plan, batch: int, state: Tensor, position: Tensor):
         self.plan, self.batch, self.state, self.position = plan, batch, state, position
@@ -35,11 +39,11 @@ class CppRunner(Runner):
         self.meta = plan.meta(batch)
         # One step's activations; a chunk's are allocated by the kernel.
         self.workspace = torch.empty(4 * batch * plan.max_c, dtype=plan.compute_dtype)
-        self.no_workspace = self.workspace[:0]
+        self.fast = functools.partial(core.cpp_step_function(), plan.weights, self.meta,
+                                      state, position, self.workspace)
 
     def run(self, x: Tensor, out: Tensor) -> None:
-        core.step_cpp(self.plan, x, self.state, self.position, out, self.meta,
-                      self.workspace if x.dim() == 2 else self.no_workspace)
+        self.fast(x, out)
 
 
 class TorchRunner(Runner):
