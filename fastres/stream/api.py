@@ -4,11 +4,13 @@ docstring (fastres/stream/__init__.py) states the semantics.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .. import _alloc
+from . import export
 from .core import check_input, check_out, default_backend, new_output, unavailable_reason
 from .errors import StreamError
 from .fold import Snapshot
@@ -41,6 +43,7 @@ class Stream:
         self._batch: Optional[int] = None
         self._batch_origin = ""   # what fixed the batch size, for the mismatch error
         self._runner: Optional[Runner] = None
+        self._fast = None   # the runner's fast path, where it has one
         if batch_size is not None:
             self.reset(batch_size)
             self._batch_origin = "the constructor"
@@ -83,11 +86,23 @@ class Stream:
     def step(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """Advance every stream: x (B, C_in) -> (B, C_out), or a chunk x (B, C_in, n) ->
         (B, C_out, n), the causal forward's outputs at these steps. x may have any strides
-        (a slice x[:, :, t] of a longer sequence, a transpose, an expanded tensor).
+        (a slice x[:, :, t] of a longer sequence, a transpose, an expanded tensor): it is
+        read in place.
 
-        `out`: a contiguous tensor of the output's shape, dtype and device to write into
-        (then nothing is allocated per step).
+        `out`: a tensor of the output's shape, dtype and device to write into (any strides
+        that do not overlap; then nothing is allocated per step).
         """
+        fast = self._fast
+        if fast is not None and not _alloc._poison:
+            # The C++ kernel checks x and out itself, before it changes anything; where they
+            # do not fit, the checks below say why (or convert a 16-bit x).
+            try:
+                return fast(x, out)
+            except (RuntimeError, TypeError):
+                pass
+        return self._step(x, out)
+
+    def _step(self, x: Tensor, out: Optional[Tensor]) -> Tensor:
         # The checks are ordered so that a well-formed step pays only for comparisons.
         if self._runner is None or not isinstance(x, Tensor) or x.dim() not in (2, 3) \
                 or x.shape[0] != self._batch:
@@ -148,6 +163,7 @@ class Stream:
         position_device = plan.device if self.backend == "triton" else torch.device("cpu")
         position = torch.zeros(1, dtype=torch.int64, device=position_device)
         self._runner = RUNNERS[self.backend](plan, batch, state, position)
+        self._fast = self._runner.fast if plan.dtype in self._runner.direct_dtypes else None
         self._batch = batch
 
     def state(self) -> dict:
@@ -180,6 +196,28 @@ class Stream:
         self._runner.state.copy_(rings)
         self._runner.position.fill_(int(state["position"]))
 
+    def onnx_state(self) -> List[Tensor]:
+        """The current state in export_onnx's layout (fastres/stream/export.py): what to feed
+        the exported step to continue from here (zeros at the zero state)."""
+        batch = self._batch if self._batch is not None else 1
+        if self._runner is None:
+            return [torch.zeros(shape, dtype=self._plan.compute_dtype, device=self.device)
+                    for shape in export.history_shapes(self._plan, batch)]
+        return export.history_state(self._plan, self._runner.state, self.position, batch)
+
+    # --- deployment
+
+    def export_onnx(self, path, chunk: int = 1) -> None:
+        """Write an ONNX model of one step (chunk=1: x (B, C_in) -> y (B, C_out)) or of a
+        chunk of `chunk` steps (x (B, C_in, chunk)), with the state as explicit inputs and
+        outputs: inputs (x, state_0, state_1, ...), outputs (y, new_state_0, ...); feed each
+        new_state_i back as state_i. The state, in the model's order: for every block whose
+        convs look back ((K-1)*d > 0), its input's last (K-1)*d steps (B, C_in, (K-1)*d),
+        then its h = relu(conv1)'s (B, C_out, (K-1)*d), oldest first; all zeros is the zero
+        state, onnx_state() the stream's current one. B is dynamic. The weights are the
+        stream's fold (refold() first if the model changed)."""
+        export.export_onnx(self._plan, path, chunk)
+
     # --- the model behind it
 
     def stale(self) -> bool:
@@ -199,6 +237,8 @@ class Stream:
         if runner is not None:
             self._runner = RUNNERS[self.backend](plan, self._batch, runner.state,
                                                   runner.position)
+            self._fast = self._runner.fast if plan.dtype in self._runner.direct_dtypes \
+                else None
 
     def __repr__(self) -> str:
         return (f"fastres.Stream({self.in_channels} -> {self.out_channels} channels, "
