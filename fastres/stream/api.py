@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import _alloc
 from . import export
-from .core import check_input, check_out, default_backend, new_output, unavailable_reason
+from .core import bf16_unavailable, check_input, check_out, default_backend, new_output, unavailable_reason
 from .errors import StreamError
 from .fold import Snapshot
 from .plan import Plan
@@ -24,12 +24,12 @@ class Stream:
     """
 
     def __init__(self, model: nn.Module, *, batch_size: Optional[int] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, weight_dtype: Optional[torch.dtype] = None):
         if not isinstance(model, nn.Module):
             raise StreamError(f"fastres.stream: expected an nn.Module, got "
                               f"{type(model).__name__}")
         self._model = model
-        self._plan = Plan(model)
+        self._plan = Plan(model, weight_dtype)
         self._snapshot = Snapshot(model)
         device, dtype = self._plan.device, self._plan.dtype
         if backend is None:
@@ -39,6 +39,12 @@ class Stream:
             raise StreamError(f"fastres.stream: backend {backend!r} cannot run a "
                               f"{str(dtype).replace('torch.', '')} model on {device.type}: "
                               f"{reason}")
+        if self._plan.weights16 is not None:
+            reason = "they run on the cpp backend only" if backend != "cpp" \
+                else bf16_unavailable()
+            if reason is not None:
+                raise StreamError(f"fastres.stream: bf16 weights on backend {backend!r}: "
+                                  f"{reason}")
         self.backend = backend
         self._batch: Optional[int] = None
         self._batch_origin = ""   # what fixed the batch size, for the mismatch error
@@ -227,7 +233,7 @@ class Stream:
 
     def refold(self) -> None:
         """Fold the model's current parameters again, keeping the state."""
-        snapshot, plan = Snapshot(self._model), Plan(self._model)
+        snapshot, plan = Snapshot(self._model), Plan(self._model, self._plan.weight_dtype)
         if plan.layout != self._plan.layout or plan.dtype != self._plan.dtype \
                 or plan.device != self._plan.device:
             raise StreamError("fastres.stream: the model's layers, dtype or device changed; "
@@ -247,7 +253,8 @@ class Stream:
 
 
 def stream(model: nn.Module, *, batch_size: Optional[int] = None,
-           backend: Optional[str] = None) -> Stream:
+           backend: Optional[str] = None,
+           weight_dtype: Optional[torch.dtype] = None) -> Stream:
     """A Stream running `model` one step (or chunk) at a time; see this module's docstring.
 
     Args:
@@ -255,6 +262,12 @@ def stream(model: nn.Module, *, batch_size: Optional[int] = None,
         batch_size: how many streams advance together; default: the first step's batch.
         backend: "cpp", "triton" or "torch"; default: the fastest available for the model's
             device (cpp on CPU when the extension is built, triton on CUDA).
+        weight_dtype: torch.bfloat16: single steps of fewer than 16 streams (per thread) on
+            the cpp backend read bfloat16 weights (half the bytes, for models whose weights
+            outgrow the cache a step reads them from) and round their inputs to bf16,
+            summing in float32, on CPUs with a bf16 dot product (AVX512_BF16; StreamError
+            elsewhere). Accuracy: the spec's bf16 bound (1e-2), not float32's. Chunks and
+            larger batches compute with the float32 weights. Default None: float32 weights.
     """
-    return Stream(model, batch_size=batch_size, backend=backend)
+    return Stream(model, batch_size=batch_size, backend=backend, weight_dtype=weight_dtype)
 

@@ -52,9 +52,17 @@ def _cpp_module():
 
 
 def cpp_step_function():
-    """fastres._C.stream_step(weights, meta, state, position, workspace, x, out) -> out: the
-    C++ kernel called without the dispatcher (cpp_unavailable() must be None)."""
+    """fastres._C.stream_step(weights, meta, state, position, workspace, weights16, x, out)
+    -> out: the C++ kernel called without the dispatcher (cpp_unavailable() must be None)."""
     return _cpp_module().stream_step
+
+
+def bf16_unavailable() -> Optional[str]:
+    """None if the cpp kernel's bf16 weights run on this CPU, else why."""
+    reason = cpp_unavailable()
+    if reason is None and not _cpp_module().stream_bf16_dot():
+        reason = "bf16 weights need a CPU with a bf16 dot product (AVX512_BF16)"
+    return reason
 
 
 def unavailable_reason(backend: str, device: torch.device,
@@ -96,6 +104,9 @@ def step(plan: Plan, x: Tensor, state: Tensor, position: Tensor, *,
     if backend is None:
         backend = default_backend(plan.device, plan.dtype)
     reason = unavailable_reason(backend, plan.device, plan.dtype)
+    if reason is None and plan.weights16 is not None:
+        reason = "bf16 weights run on the cpp backend only" if backend != "cpp" \
+            else bf16_unavailable()
     if reason is not None:
         raise StreamError(f"fastres.stream: backend {backend!r} does not run here: {reason}")
     check_input(plan, x)
@@ -137,7 +148,8 @@ def step_cpp(plan: Plan, x: Tensor, state: Tensor, position: Tensor, out: Tensor
     `workspace` at least 4 * B * n * max_c values (else the kernel allocates one)."""
     if workspace is None:
         workspace = plan.weights[:0]
-    cpp_step_function()(plan.weights, meta, state, position, workspace, x, out)
+    cpp_step_function()(plan.weights, meta, state, position, workspace, plan.weights16, x,
+                        out)
 
 
 def step_triton(plan: Plan, x: Tensor, state: Tensor, position: Tensor, out: Tensor,

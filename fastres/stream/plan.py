@@ -25,7 +25,7 @@ class Plan:
     the kernels read (it holds the state offsets, which depend on the batch size).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, weight_dtype: Optional[torch.dtype] = None):
         self.layers = fold(model)
         weights = [p for p in model.parameters() if p.is_floating_point()]
         self.dtype, self.device = weights[0].dtype, weights[0].device
@@ -41,6 +41,16 @@ class Plan:
         self.layout = tuple((layer.kind, layer.c_in, layer.c_out, layer.slots)
                             for layer in self.layers)
         self._pack()
+        # The bf16 weights single steps compute with on the cpp backend (csrc/cpu/
+        # stream_cpu.cpp, "bf16 weights"), or None: float32 weights everywhere.
+        self.weight_dtype = weight_dtype if weight_dtype == torch.bfloat16 else None
+        if weight_dtype not in (None, torch.bfloat16, self.compute_dtype):
+            raise StreamError(f"fastres.stream: weight_dtype must be None or torch.bfloat16, "
+                              f"got {weight_dtype}")
+        if self.weight_dtype is not None and self.compute_dtype != torch.float32:
+            raise StreamError("fastres.stream: bf16 weights serve float32 and 16-bit models "
+                              "only (a float64 model computes in float64)")
+        self.weights16 = self._pack_bf16() if self.weight_dtype is not None else None
         self._metas: Dict[int, Tensor] = {}
         self._cast: Optional[List[Tuple[Optional[FoldedConv], ...]]] = None
         # (state, position) of a run from a fresh zero state that keeps nothing.
@@ -71,6 +81,26 @@ class Plan:
                 "wd": add(taps(layer.downsample)),
                 "bd": add(layer.downsample and layer.downsample.bias)})
         self.weights = torch.cat(chunks).to(device=self.device, dtype=self.compute_dtype)
+
+    def _pack_bf16(self) -> Tensor:
+        """The bf16 weights: each conv's K taps as one (K*C_in, C_out) matrix (rows (k, c_in),
+        as the float32 taps), rows in pairs interleaved per output channel
+        ([rows/2][C_out][2], a zero row added to an odd count), at twice the conv's float32
+        offset: the same byte offset, so as aligned (half the buffer is unused)."""
+        packed = torch.zeros(2 * self.weights.numel(), dtype=torch.bfloat16)
+        for layer, off in zip(self.layers, self.offsets):
+            for conv, key in ((layer.conv1, "w1"), (layer.conv2, "w2"),
+                              (layer.downsample, "wd")):
+                if conv is None or off[key] < 0:
+                    continue
+                c_out, c_in, taps = conv.weight.shape
+                rows = conv.weight.permute(2, 1, 0).reshape(taps * c_in, c_out)
+                if rows.shape[0] % 2:
+                    rows = torch.cat([rows, rows.new_zeros(1, c_out)])
+                pairs = rows.reshape(-1, 2, c_out).permute(0, 2, 1).reshape(-1)
+                start = 2 * off[key]
+                packed[start:start + pairs.numel()] = pairs.to(torch.bfloat16)
+        return packed.to(self.device)
 
     def ring_offsets(self, batch: int) -> Tuple[List[Tuple[int, int]], int]:
         """Per layer (input ring offset, h ring offset or -1) in the state; the state size."""

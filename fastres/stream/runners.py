@@ -40,7 +40,7 @@ class CppRunner(Runner):
         # One step's activations; a chunk's are allocated by the kernel.
         self.workspace = torch.empty(4 * batch * plan.max_c, dtype=plan.compute_dtype)
         self.fast = functools.partial(core.cpp_step_function(), plan.weights, self.meta,
-                                      state, position, self.workspace)
+                                      state, position, self.workspace, plan.weights16)
 
     def run(self, x: Tensor, out: Tensor) -> None:
         self.fast(x, out)

@@ -430,3 +430,48 @@ def test_strided_inputs_give_the_steps_of_contiguous_copies(backend):
         s.step(chunk, out=out[:, :, ::2])
         assert same(out[:, :, ::2], want[..., 1:]), name
         assert out[:, :, 1::2].isnan().all()   # nothing written between
+
+
+# ----------------------------------------------------------------------------- bf16 weights
+
+
+def _bf16_reason():
+    from fastres.stream.core import bf16_unavailable
+    return bf16_unavailable()
+
+
+@pytest.mark.skipif(_bf16_reason() is not None, reason=f"bf16 weights: {_bf16_reason()}")
+@pytest.mark.parametrize("seed", range(3))
+def test_bf16_weights_stay_within_the_bf16_bound(seed):
+    """Single steps with bf16 weights and inputs (float32 sums) against the float64 forward;
+    widths cover the kernel's 64-channel tiles, single vectors and scalar tails, and odd
+    row counts (the padded pair)."""
+    rng = random.Random(f"bf16-weights-{seed}")
+    c_in = rng.choice([1, 3, 8])
+    channels = [rng.choice([5, 16, 64, 80]) for _ in range(rng.randint(1, 3))]
+    torch.manual_seed(rng.randint(0, 1000))
+    model = randomize_bn(fastres.TemporalConvNet(c_in, channels, kernel_size=rng.randint(2, 3)))
+    model = model.eval()
+    x = random_input(rng, c_in, 12, rng.randint(1, 3), torch.float32)
+    s = stream_fn(model, weight_dtype=torch.bfloat16)
+    with _alloc.poisoned():
+        got = run_steps(s, x)
+    want = full_forward(model, x)
+    err = rel_err(got, want)
+    assert err < 1e-2, f"relative error {err:.2e} (bf16 bound 1e-2)"
+    exact = stream_fn(model)
+    assert rel_err(run_steps(exact, x), want) < 1e-5   # the float32 stream, for contrast
+    assert err > 1e-6   # the bf16 path ran (it rounds)
+
+
+def test_bf16_weights_refusals():
+    net = fastres.TemporalConvNet(3, [4], kernel_size=2).eval()
+    with pytest.raises(StreamError, match="bf16 weights on backend 'torch'"):
+        stream_fn(net, backend="torch", weight_dtype=torch.bfloat16)
+    with pytest.raises(StreamError, match="weight_dtype must be None or torch.bfloat16"):
+        stream_fn(net, weight_dtype=torch.float16)
+    with pytest.raises(StreamError, match="float64 model computes in float64"):
+        stream_fn(copy.deepcopy(net).double(), weight_dtype=torch.bfloat16)
+    if _bf16_reason() is not None:
+        with pytest.raises(StreamError, match=re.escape(_bf16_reason())):
+            stream_fn(net, weight_dtype=torch.bfloat16)
