@@ -20,7 +20,8 @@ and, for B = 1 and B = 64 independent streams, independent of L:
               tcn-onnx       the stream's export_onnx step run by onnxruntime, the state fed
                              back (what a deployment outside Python runs)
               pytorch-tcn    pytorch-tcn's TCN of the same shape (8 x 64, K=3, batch norm)
-                             in its buffered inference mode (tcn(x_t, inference=True))
+                             in its buffered inference mode (tcn(x_t, inference=True)); one
+                             stream only (its buffers hold batch size 1)
               tcn-recompute  the TCN re-run on the last receptive_field inputs, keeping the
                              last output (what any TCN can do without a state)
               lstm, gru      nn.LSTM / nn.GRU stepped one step from their carried state
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -253,8 +255,8 @@ def _stream_call(models, impl, config, streams, device, dtype):
         # x[:, :, t] of a (B, F, T) sequence, t advancing (each step reads another column).
         sequence = torch.randn(streams, config.features, 64, generator=g).to(device=device,
                                                                              dtype=dtype)
-        columns = timing.Rotating([sequence[:, :, t] for t in range(sequence.shape[2])])
-        return lambda: step.step(columns())
+        columns = itertools.cycle([sequence[:, :, t] for t in range(sequence.shape[2])])
+        return lambda: step.step(next(columns))
     if impl == "pytorch-tcn":
         return _pytorch_tcn_call(config, x_t, device, dtype)
     if impl == "tcn-recompute":
@@ -323,6 +325,9 @@ def _onnx_call(stream: "fastres.Stream", x_t: Tensor):
 def _pytorch_tcn_call(config, x_t: Tensor, device, dtype):
     """pytorch-tcn's TCN of the stream model's shape in its streaming inference mode."""
     from pytorch_tcn import TCN
+    if x_t.shape[0] != 1:
+        raise RuntimeError("pytorch-tcn's streaming inference takes one stream (its buffers "
+                           "hold batch size 1)")
     torch.manual_seed(4)
     tcn = TCN(config.features, [config.channels] * config.levels,
               kernel_size=config.kernel_size, dilations=[2 ** i for i in range(config.levels)],
