@@ -1,7 +1,7 @@
 """Streaming inference: run a causal TCN one time step, or one chunk, at a time.
 
     s = fastres.stream(model.eval())   # TemporalConvNet, TemporalBlocks, nn.Sequential of them
-    y_t = s.step(x_t)                  # x_t (B, C_in) -> (B, C_out)
+    y_t = s.step(x_t)                  # x_t (B, C_in) -> (B, C_out); any strides, e.g. x[:, :, t]
     y = s.step(chunk)                  # chunk (B, C_in, n) -> (B, C_out, n)
     saved = s.state()                  # a copy; s.load_state(saved) restores it
     s.reset()                          # back to the zero state
@@ -23,15 +23,18 @@ batch or on chance, an unknown module's per-step behaviour cannot be derived.
 The stream is a snapshot. Building it folds batch norm into the conv weights (and takes
 weight norm's normalized weight) once; changing the model afterwards (an optimizer step,
 load_state_dict) does not reach the stream: call `refold()` (keeps the state) or build a new
-stream. `stale()` says whether the model changed since the last fold.
+stream. `stale()` says whether the model changed since the last fold (values, modes, and
+attributes such as a batch norm's eps).
 
 Batch size is fixed by the constructor's `batch_size`, else by the first step; a step with
 another batch size raises. `reset(batch_size=...)` changes it.
 
 Backends (`backend=`, default: the fastest available for the model's device):
-    "cpp"     CPU: the C++ kernel csrc/cpu/stream_cpu.cpp, one op call per step or chunk
-              for the whole stack, weights packed in one buffer, no tensor allocated per
-              step beyond the output (none with step(x, out=...)).
+    "cpp"     CPU: the C++ kernel csrc/cpu/stream_cpu.cpp, one call per step or chunk for
+              the whole stack (fastres._C.stream_step, without the dispatcher), x read in
+              place with its strides, weights packed in one buffer, no tensor allocated per
+              step beyond the output (none with step(x, out=...)). Optional bf16 weights for
+              single steps: stream(..., weight_dtype=torch.bfloat16).
     "triton"  CUDA: one Triton launch per step or chunk for the whole stack
               (fastres/backends/triton/stream_step.py); single steps replay a CUDA graph.
               On CPU only under TRITON_INTERPRET=1, for tests.

@@ -11,11 +11,13 @@ from torch import Tensor, nn
 
 from .. import _alloc
 from . import export
-from .core import bf16_unavailable, check_input, check_out, default_backend, new_output, unavailable_reason
+from .core import (bf16_unavailable, check_input, check_out, default_backend, new_output,
+                   unavailable_reason)
 from .errors import StreamError
 from .fold import Snapshot
 from .plan import Plan
 from .runners import RUNNERS, Runner
+
 
 class Stream:
     """A causal stack run one step, or one chunk, at a time, carrying its state.

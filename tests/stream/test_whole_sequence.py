@@ -115,8 +115,11 @@ def test_whole_sequence_follows_every_change_of_the_model(monkeypatch, stacked_c
     net.network[1].bn2.train()                                # one BN training: layered
     with torch.no_grad():
         out = net(x)
+        # (Under no_grad both: the dispatcher may pick another backend for a call that
+        # needs a gradient, a few ulps away.)
+        layered = net.network(x)
     assert len(stacked_calls) == n + 4
-    assert rel_err(out, net.network(x)) == 0
+    assert rel_err(out, layered) == 0
 
 
 @requires_cpp
