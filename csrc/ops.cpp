@@ -24,6 +24,9 @@ bool compiled_with_cuda() {
 
 }  // namespace
 
+// csrc/cpu/stream_cpu.cpp: fastres._C.stream_step, the streaming step without the dispatcher.
+PyMethodDef* stream_python_methods();
+
 TORCH_LIBRARY(fastres_ext, m) {
   // docs/spec.md, "Backend contract". norm_mode: 0 none, 1 eval (normalize with the running
   // statistics), 2 train (batch statistics written to batch_mean/batch_var; running statistics,
@@ -54,10 +57,11 @@ TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
 }  // namespace fastres
 
 // A plain Python module, so `import fastres._C` loads the library (and runs the registrations
-// above); everything else is reached through torch.ops.fastres_ext.
+// above); everything else is reached through torch.ops.fastres_ext, except the streaming step,
+// whose few microseconds are called from Python directly (fastres._C.stream_step).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "fastres C++/CUDA kernels (see torch.ops.fastres_ext)", -1,
-      nullptr};
+      fastres::stream_python_methods()};
   return PyModule_Create(&module_def);
 }

@@ -19,5 +19,5 @@ __all__ = ["DispatchReport", "GradientMonitor", "autotune", "available_backends"
            # drop-in modules (fastres.nn)
            "BasicBlock", "ResNet1d", "TemporalBlock", "TemporalConvNet", "convert",
            "receptive_field", "unfuse",
-           # streaming inference (fastres/stream.py)
+           # streaming inference (fastres/stream/)
            "Stream", "StreamError", "stream"]

@@ -1,5 +1,5 @@
 // Streaming inference on CPU: one call advances a whole causal stack (TemporalBlocks, 1x1
-// convs, ReLUs) by one step or by a chunk of n steps. fastres/stream.py builds the inputs and
+// convs, ReLUs) by one step or by a chunk of n steps. fastres/stream/ builds the inputs and
 // documents the semantics; this file is its C++ kernel, registered as fastres_ext::stream_forward.
 //
 // What the Python side packs once, when a stream is built:
@@ -8,7 +8,7 @@
 //            its bias. Batch norm is already folded in (W' = W * scale, b' = (b - mean) * scale
 //            + beta), weight norm already applied.
 //   meta     int64: a header and one record per layer (offsets into weights and state); the
-//            layout constants are mirrored in fastres/stream.py (META_*) and checked here.
+//            layout constants are mirrored in fastres/stream/layout.py (META_*) and checked here.
 //   state    every layer's input ring: (K-1)*d + 1 slots of (B, C) values; the input of time t
 //            sits in slot t mod slots. Zero-filled, it is the causal zero padding.
 //   position the number of steps taken so far (int64, advanced by this kernel).
@@ -25,22 +25,32 @@
 // (one parallel region for the whole stack) when there are at least as many items as threads or
 // the chunk is a single step, else by time inside each conv (a region per conv, because the
 // next conv reads earlier rows of this one's output).
+#include <Python.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
 #include "blas.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
 namespace fastres {
 namespace {
 
 // ----------------------------------------------------------------------------- meta layout
-// Mirrored in fastres/stream.py; a mismatch is caught by the header checks below.
+// Mirrored in fastres/stream/layout.py; a mismatch is caught by the header checks below.
 // Header: n_layers, batch, c_in, c_out, max_c, state size, weights size, layout version.
 constexpr int64_t kHeader = 8;
 constexpr int64_t kFields = 16;  // per layer, see Layer
@@ -245,6 +255,111 @@ void gemm_acc(int64_t rows, int64_t n, int64_t kd, const T* a, int64_t lda, cons
   small_gemm(rows, n, kd, a, lda, w, c, ldc);
 }
 
+// ----------------------------------------------------------------------------- bf16 weights
+
+// The optional bfloat16 weights of a single step (fastres.stream(..., weight_dtype=bf16)): a
+// step of one stream reads every weight once and is bound by the cache's bandwidth, so half
+// the bytes is about half the time, on CPUs whose AVX512_BF16 dot product (vdpbf16ps)
+// multiplies bf16 pairs and accumulates in float32. The step's inputs are rounded to bf16
+// too (the instruction takes bf16 on both sides); sums and everything between convs stay
+// float32. Layout (fastres/stream/plan.py packs it): a conv's K taps as one (K*C_in, C_out)
+// matrix, rows in pairs interleaved per output channel, [K*C_in/2][C_out][2], at twice the
+// conv's offset in the float32 buffer (so at the same byte offset, 64-byte aligned as the
+// float32 taps: a vector load never splits a cache line); an odd row count is padded with a
+// zero row. The bf16 buffer holds twice as many values as the float32 one, half of them
+// unused: the bytes a step reads are what halves.
+
+bool cpu_has_bf16_dot() {
+  // Asked once: CPUID traps to the hypervisor in a VM (microseconds, as much as a step).
+  static const bool has = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__builtin_cpu_supports("avx512f") || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx))
+      return false;
+    return ((eax >> 5) & 1) != 0;  // CPUID.(EAX=7,ECX=1):EAX[5] = AVX512_BF16
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite here)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// c[j] += sum_p a[p] . w[p][j] over pairs p, a[p] two bf16 inputs, w[p][j] two bf16 weights.
+// 4 vectors of 16 channels, even and odd pairs in separate accumulators (8 chains in flight).
+__attribute__((target("avx512f,avx512bf16"))) void dot_bf16(int64_t n, int64_t pairs,
+                                                            const uint32_t* a,
+                                                            const uint16_t* w, float* c) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    __m512 e0 = _mm512_loadu_ps(c + j), e1 = _mm512_loadu_ps(c + j + 16),
+           e2 = _mm512_loadu_ps(c + j + 32), e3 = _mm512_loadu_ps(c + j + 48);
+    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    int64_t p = 0;
+    for (; p + 2 <= pairs; p += 2) {
+      const uint16_t* w0 = w + (p * n + j) * 2;
+      const uint16_t* w1 = w0 + 2 * n;
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p]));
+      const __m512bh a1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p + 1]));
+      e0 = _mm512_dpbf16_ps(e0, a0, (__m512bh)_mm512_loadu_si512(w0));
+      e1 = _mm512_dpbf16_ps(e1, a0, (__m512bh)_mm512_loadu_si512(w0 + 32));
+      e2 = _mm512_dpbf16_ps(e2, a0, (__m512bh)_mm512_loadu_si512(w0 + 64));
+      e3 = _mm512_dpbf16_ps(e3, a0, (__m512bh)_mm512_loadu_si512(w0 + 96));
+      o0 = _mm512_dpbf16_ps(o0, a1, (__m512bh)_mm512_loadu_si512(w1));
+      o1 = _mm512_dpbf16_ps(o1, a1, (__m512bh)_mm512_loadu_si512(w1 + 32));
+      o2 = _mm512_dpbf16_ps(o2, a1, (__m512bh)_mm512_loadu_si512(w1 + 64));
+      o3 = _mm512_dpbf16_ps(o3, a1, (__m512bh)_mm512_loadu_si512(w1 + 96));
+    }
+    if (p < pairs) {
+      const uint16_t* w0 = w + (p * n + j) * 2;
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p]));
+      e0 = _mm512_dpbf16_ps(e0, a0, (__m512bh)_mm512_loadu_si512(w0));
+      e1 = _mm512_dpbf16_ps(e1, a0, (__m512bh)_mm512_loadu_si512(w0 + 32));
+      e2 = _mm512_dpbf16_ps(e2, a0, (__m512bh)_mm512_loadu_si512(w0 + 64));
+      e3 = _mm512_dpbf16_ps(e3, a0, (__m512bh)_mm512_loadu_si512(w0 + 96));
+    }
+    _mm512_storeu_ps(c + j, _mm512_add_ps(e0, o0));
+    _mm512_storeu_ps(c + j + 16, _mm512_add_ps(e1, o1));
+    _mm512_storeu_ps(c + j + 32, _mm512_add_ps(e2, o2));
+    _mm512_storeu_ps(c + j + 48, _mm512_add_ps(e3, o3));
+  }
+  for (; j + 16 <= n; j += 16) {
+    __m512 e = _mm512_loadu_ps(c + j);
+    for (int64_t p = 0; p < pairs; ++p)
+      e = _mm512_dpbf16_ps(e, (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p])),
+                           (__m512bh)_mm512_loadu_si512(w + (p * n + j) * 2));
+    _mm512_storeu_ps(c + j, e);
+  }
+  for (; j < n; ++j) {  // the last few channels
+    float e = c[j];
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* wp = w + (p * n + j) * 2;
+      e += from_bf16(static_cast<uint16_t>(a[p])) * from_bf16(wp[0]) +
+           from_bf16(static_cast<uint16_t>(a[p] >> 16)) * from_bf16(wp[1]);
+    }
+    c[j] = e;
+  }
+}
+#else
+void dot_bf16(int64_t, int64_t, const uint32_t*, const uint16_t*, float*) {
+  TORCH_CHECK(false, "fastres_ext.stream_forward: bf16 weights need an x86-64 CPU with "
+              "AVX512_BF16");
+}
+#endif
+
 // ----------------------------------------------------------------------------- the stack
 
 int64_t mod(int64_t a, int64_t m) { return ((a % m) + m) % m; }
@@ -257,6 +372,7 @@ struct Conv {
   const T* w;
   const T* b;
   const T* ring;  // nullptr: no history (a 1x1 conv, or a fresh zero state)
+  const uint16_t* w16;  // the bf16 weights of a single step, or nullptr
 };
 
 // Everything one call shares: the chunk is n steps of B batch items, starting after `pos`
@@ -264,8 +380,10 @@ struct Conv {
 template <typename T>
 class Stack {
  public:
-  Stack(const Net& net, const T* weights, T* state, int64_t pos, int64_t n)
-      : net_(net), weights_(weights), state_(state), pos_(pos), n_(n), ld_(net.max_c) {}
+  Stack(const Net& net, const T* weights, T* state, int64_t pos, int64_t n,
+        const uint16_t* weights16 = nullptr)
+      : net_(net), weights_(weights), weights16_(n == 1 ? weights16 : nullptr), state_(state),
+        pos_(pos), n_(n), ld_(net.max_c) {}
 
   // Runs every layer over batch items [b0, b1) and all n steps, phase after phase, writing the
   // rings as it goes (rows of different batch items never interact).
@@ -333,12 +451,14 @@ class Stack {
     const bool history = state_ != nullptr && l.slots > 1;
     if (which == 1)
       return {l.c_in, l.c_out, l.taps, l.dilation, l.slots, weights_ + l.w1, bias(l.b1),
-              history ? state_ + l.ring_in : nullptr};
+              history ? state_ + l.ring_in : nullptr, half(l.w1)};
     if (which == 2)
       return {l.c_out, l.c_out, l.taps, l.dilation, l.slots, weights_ + l.w2, bias(l.b2),
-              history ? state_ + l.ring_mid : nullptr};
-    return {l.c_in, l.c_out, 1, 1, 1, weights_ + l.wd, bias(l.bd), nullptr};  // downsample
+              history ? state_ + l.ring_mid : nullptr, half(l.w2)};
+    return {l.c_in, l.c_out, 1, 1, 1, weights_ + l.wd, bias(l.bd), nullptr,  // downsample
+            half(l.wd)};
   }
+  const uint16_t* half(int64_t off) const { return weights16_ ? weights16_ + 2 * off : nullptr; }
   const T* bias(int64_t off) const { return off < 0 ? nullptr : weights_ + off; }
 
   // Rows of one phase: batch items [b0, b1), time steps [t0, t1). A block's phase 0 is
@@ -404,6 +524,14 @@ class Stack {
   // (b, t) of the range: from the chunk where t - lag_k >= 0, else from the ring.
   void conv_rows(const Conv<T>& cv, const T* src, T* dst, int64_t b0, int64_t b1, int64_t t0,
                  int64_t t1) const {
+    if constexpr (std::is_same_v<T, float>) {
+      // bf16 rows read the weights once per row: for many rows the float32 GEMM (BLAS),
+      // which reads them once per tile of rows, is faster.
+      if (cv.w16 && b1 - b0 < kBlasMinRows) {
+        conv_rows_bf16(cv, src, dst, b0, b1);
+        return;
+      }
+    }
     const int64_t batch = net_.batch;
     for_each_row(b0, b1, t0, t1, [&](int64_t row) {
       T* d = dst + row * ld_;
@@ -444,6 +572,28 @@ class Stack {
     }
   }
 
+  // conv_rows of a single step with bf16 weights: per batch item, the K taps' inputs rounded
+  // to bf16 side by side (the rows of the conv's (K*C_in, C_out) matrix), then one dot.
+  void conv_rows_bf16(const Conv<T>& cv, const T* src, T* dst, int64_t b0, int64_t b1) const {
+    const int64_t kd = cv.taps * cv.c_in, pairs = (kd + 1) / 2;
+    c10::SmallVector<uint32_t, 1024> packed(pairs);  // on the stack up to 2048 inputs
+    uint16_t* a = reinterpret_cast<uint16_t*>(packed.data());
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t k = 0; k < cv.taps; ++k) {
+        const int64_t lag = (cv.taps - 1 - k) * cv.dilation;
+        const T* in = lag == 0 ? src + b * ld_
+                      : cv.ring ? cv.ring + (mod(pos_ - lag, cv.slots) * net_.batch + b) * cv.c_in
+                                : nullptr;
+        for (int64_t i = 0; i < cv.c_in; ++i) a[k * cv.c_in + i] = in ? to_bf16(in[i]) : 0;
+      }
+      if (kd % 2) a[kd] = 0;
+      T* d = dst + b * ld_;
+      if (cv.b) std::copy(cv.b, cv.b + cv.c_out, d);
+      else std::fill(d, d + cv.c_out, T(0));
+      dot_bf16(cv.c_out, pairs, packed.data(), cv.w16, d);
+    }
+  }
+
   // The chunk's last inputs of every ring of the layer, each into slot (time mod slots).
   void write_rings(const Layer& l, T* const* buf, const Buffers& s, int64_t b0, int64_t b1) const {
     if (state_ == nullptr) return;
@@ -464,6 +614,7 @@ class Stack {
 
   const Net& net_;
   const T* weights_;
+  const uint16_t* weights16_;  // bf16 weights (single steps only), or nullptr
   T* state_;
   const int64_t pos_, n_;
   // Row stride of the workspace buffers: max_c in every layer, so that a batch item's rows are
@@ -478,7 +629,8 @@ constexpr int64_t kParallelMacs = 1 << 19;
 template <typename T>
 void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& weights,
                          const at::Tensor& state, const at::Tensor& position,
-                         const at::Tensor& workspace, const at::Tensor& out, int64_t n) {
+                         const at::Tensor& workspace, const at::Tensor& out, int64_t n,
+                         const uint16_t* weights16) {
   const bool keep = state.numel() > 0;
   const int64_t pos = keep ? position.data_ptr<int64_t>()[0] : 0;
   TORCH_CHECK(pos >= 0, "fastres_ext.stream_forward: negative position ", pos);
@@ -489,24 +641,28 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
   T* const buf[4] = {base, base + buf_size, base + 2 * buf_size, base + 3 * buf_size};
 
   const Stack<T> stack(net, weights.data_ptr<T>(), keep ? state.data_ptr<T>() : nullptr, pos,
-                       n);
+                       n, weights16);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t batch = net.batch, c_in = net.c_in, c_out = net.c_out;
   const T* result = buf[stack.output_buffer()];
-  // (B, C, n) <-> [b][t][c] with rows max_c apart.
+  // (B, C, n) with any strides <-> [b][t][c] with rows max_c apart. x is read in place
+  // wherever it lives (a slice x[:, :, t] of a longer sequence, a transpose, an expanded
+  // tensor): the copy into the workspace is needed anyway, so strides cost nothing here.
   const int64_t ld = net.max_c;
+  const int64_t xb = x.stride(0), xc = x.stride(1), xt = x.dim() == 3 ? x.stride(2) : 0;
+  const int64_t ob = out.stride(0), oc = out.stride(1), ot = out.dim() == 3 ? out.stride(2) : 0;
   auto load_items = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < c_in; ++c)
         for (int64_t t = 0; t < n; ++t)
-          buf[0][(b * n + t) * ld + c] = xp[(b * c_in + c) * n + t];
+          buf[0][(b * n + t) * ld + c] = xp[b * xb + c * xc + t * xt];
   };
   auto store_items = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < c_out; ++c)
         for (int64_t t = 0; t < n; ++t)
-          op[(b * c_out + c) * n + t] = result[(b * n + t) * ld + c];
+          op[b * ob + c * oc + t * ot] = result[(b * n + t) * ld + c];
   };
 
   const int64_t threads = at::get_num_threads();
@@ -525,26 +681,36 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
   if (keep) position.data_ptr<int64_t>()[0] = pos + n;
 }
 
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
-              "fastres_ext.stream_forward: ", name, " must be a contiguous CPU tensor of ",
-              dtype, ", got ", t.scalar_type(), " on ", t.device());
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  bool contiguous = true) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype &&
+                  (!contiguous || t.is_contiguous()),
+              "fastres_ext.stream_forward: ", name, " must be a ",
+              contiguous ? "contiguous " : "", "CPU tensor of ", dtype, ", got ",
+              t.scalar_type(), " on ", t.device());
 }
 
-// x (B, C_in) -> out (B, C_out): one step; x (B, C_in, n) -> out (B, C_out, n): n steps.
+// x (B, C_in) -> out (B, C_out): one step; x (B, C_in, n) -> out (B, C_out, n): n steps. x and
+// out may have any strides (out must not overlap itself or x).
 // state empty: run from a fresh zero state and keep nothing (the full causal forward).
 // workspace: at least 4 * B * n * max_c values, or anything smaller to allocate one here.
+// weights16 (fastres._C.stream_step only): the bf16 weights single steps compute with, or
+// nullptr.
 void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
                             const at::Tensor& meta, const at::Tensor& state,
                             const at::Tensor& position, const at::Tensor& workspace,
-                            const at::Tensor& out) {
+                            const at::Tensor& out, const at::Tensor* weights16 = nullptr) {
   const Net net = parse_meta(meta);
   const at::ScalarType dtype = weights.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "fastres_ext.stream_forward: computes in float32 or float64, got ", dtype);
-  for (auto [t, name] : {std::pair{&x, "x"}, {&weights, "weights"}, {&out, "out"},
-                         {&workspace, "workspace"}, {&state, "state"}})
+  for (auto [t, name] : {std::pair{&weights, "weights"}, {&workspace, "workspace"},
+                         {&state, "state"}})
     check_tensor(*t, name, dtype);
+  check_tensor(x, "x", dtype, /*contiguous=*/false);  // read in place, any strides
+  check_tensor(out, "out", dtype, /*contiguous=*/false);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "fastres_ext.stream_forward: out must not overlap itself");
   TORCH_CHECK(weights.numel() == net.weights_size,
               "fastres_ext.stream_forward: weights has ", weights.numel(),
               " values, meta expects ", net.weights_size);
@@ -564,28 +730,53 @@ void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
                   (x.dim() == 2 || out.size(2) == n),
               "fastres_ext.stream_forward: out has shape ", out.sizes(), ", expected (",
               net.batch, ", ", net.c_out, x.dim() == 3 ? ", n)" : ")");
+  const uint16_t* half = nullptr;
+  if (weights16 != nullptr) {
+    TORCH_CHECK(dtype == at::kFloat && weights16->scalar_type() == at::kBFloat16 &&
+                    weights16->is_contiguous() && weights16->device().is_cpu() &&
+                    weights16->numel() == 2 * net.weights_size,
+                "fastres_ext.stream_forward: bf16 weights must be a contiguous bfloat16 CPU "
+                "tensor of twice the float32 weights' size");
+    TORCH_CHECK(cpu_has_bf16_dot(),
+                "fastres_ext.stream_forward: bf16 weights need a CPU with AVX512_BF16");
+    half = reinterpret_cast<const uint16_t*>(weights16->data_ptr());
+  }
   if (dtype == at::kFloat) {
-    stream_forward_impl<float>(net, x, weights, state, position, workspace, out, n);
+    stream_forward_impl<float>(net, x, weights, state, position, workspace, out, n, half);
   } else {
-    stream_forward_impl<double>(net, x, weights, state, position, workspace, out, n);
+    stream_forward_impl<double>(net, x, weights, state, position, workspace, out, n, nullptr);
   }
 }
 
 // The same into a new output tensor (allocated here: cheaper than from Python per step).
 at::Tensor stream_forward_cpu(const at::Tensor& x, const at::Tensor& weights,
                               const at::Tensor& meta, const at::Tensor& state,
-                              const at::Tensor& position, const at::Tensor& workspace) {
+                              const at::Tensor& position, const at::Tensor& workspace,
+                              const at::Tensor* weights16 = nullptr) {
   TORCH_CHECK(meta.numel() >= kHeader && (x.dim() == 2 || x.dim() == 3),
               "fastres_ext.stream_forward: x must be (B, C) or (B, C, n)");
   const int64_t c_out = meta.data_ptr<int64_t>()[3];
   at::Tensor out = x.dim() == 2 ? at::empty({x.size(0), c_out}, x.options())
                                 : at::empty({x.size(0), c_out, x.size(2)}, x.options());
-  stream_forward_out_cpu(x, weights, meta, state, position, workspace, out);
+  stream_forward_out_cpu(x, weights, meta, state, position, workspace, out, weights16);
   return out;
 }
 
+// The ops' signatures (torch.ops.fastres_ext): float32 or float64 weights only.
+void stream_forward_out_op(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& meta,
+                           const at::Tensor& state, const at::Tensor& position,
+                           const at::Tensor& workspace, const at::Tensor& out) {
+  stream_forward_out_cpu(x, weights, meta, state, position, workspace, out);
+}
+
+at::Tensor stream_forward_op(const at::Tensor& x, const at::Tensor& weights,
+                             const at::Tensor& meta, const at::Tensor& state,
+                             const at::Tensor& position, const at::Tensor& workspace) {
+  return stream_forward_cpu(x, weights, meta, state, position, workspace);
+}
+
 // Whether every tensor of `now` holds exactly the bytes of the tensor at the same index of
-// `then` (same dtype and shape). What fastres/stream.py checks its folded weights against:
+// `then` (same dtype and shape). What fastres/stream/fold.py (Snapshot) checks its folds against:
 // unlike version counters, it also sees writes through .data. NaNs compare by their bits.
 bool stream_same_values(at::TensorList now, at::TensorList then) {
   if (now.size() != then.size()) return false;
@@ -604,9 +795,59 @@ bool stream_same_values(at::TensorList now, at::TensorList then) {
   return true;
 }
 
+// ----------------------------------------------------------------------------- from Python
+
+// fastres._C.stream_step(weights, meta, state, position, workspace, weights16, x, out) -> out:
+// stream_forward_out (stream_forward where out is None) with, optionally, the bf16 weights of
+// single steps (weights16 None: none), called from Python without the dispatcher. A step of
+// one stream is a few microseconds of work; going through torch.ops (argument parsing
+// against the schema, boxing, the dispatch itself) cost as much again. Every check of
+// stream_forward_out still runs, before anything is written.
+PyObject* py_stream_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 8, "fastres._C.stream_step takes 8 arguments, got ", nargs);
+  for (Py_ssize_t i = 0; i < 8; ++i) {
+    const bool optional = i == 5 || i == 7;  // weights16, out
+    TORCH_CHECK_TYPE(THPVariable_Check(args[i]) || (optional && args[i] == Py_None),
+                     "fastres._C.stream_step: argument ", i, " must be a tensor");
+  }
+  const at::Tensor& weights = THPVariable_Unpack(args[0]);
+  const at::Tensor& meta = THPVariable_Unpack(args[1]);
+  const at::Tensor& state = THPVariable_Unpack(args[2]);
+  const at::Tensor& position = THPVariable_Unpack(args[3]);
+  const at::Tensor& workspace = THPVariable_Unpack(args[4]);
+  const at::Tensor* weights16 = args[5] == Py_None ? nullptr : &THPVariable_Unpack(args[5]);
+  const at::Tensor& x = THPVariable_Unpack(args[6]);
+  at::Tensor out;
+  if (args[7] == Py_None) {
+    out = stream_forward_cpu(x, weights, meta, state, position, workspace, weights16);
+  } else {
+    out = THPVariable_Unpack(args[7]);
+    stream_forward_out_cpu(x, weights, meta, state, position, workspace, out, weights16);
+  }
+  return THPVariable_Wrap(out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_stream_bf16_dot(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(cpu_has_bf16_dot());
+}
+
+PyMethodDef kStreamPythonMethods[] = {
+    {"stream_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_step)),
+     METH_FASTCALL,
+     "stream_step(weights, meta, state, position, workspace, weights16, x, out) -> out: one "
+     "streaming step or chunk (fastres/stream/core.py), without the dispatcher"},
+    {"stream_bf16_dot", &py_stream_bf16_dot, METH_NOARGS,
+     "Whether this CPU has the bf16 dot product the stream's bf16 weights need"},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
 
-// Both advance `state` and `position` in place (see fastres/stream.py).
+// The Python functions csrc/ops.cpp adds to the fastres._C module.
+PyMethodDef* stream_python_methods() { return kStreamPythonMethods; }
+
+// Both advance `state` and `position` in place (see fastres/stream/core.py).
 TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
   m.def("stream_same_values(Tensor[] now, Tensor[] then) -> bool", &stream_same_values);
   m.def(
@@ -618,8 +859,8 @@ TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
-  m.impl("stream_forward", &stream_forward_cpu);
-  m.impl("stream_forward_out", &stream_forward_out_cpu);
+  m.impl("stream_forward", &stream_forward_op);
+  m.impl("stream_forward_out", &stream_forward_out_op);
 }
 
 // Nothing here is differentiable: go straight to the CPU kernel instead of through autograd's

@@ -13,11 +13,22 @@ and, for B = 1 and B = 64 independent streams, independent of L:
     stream  latency of producing every stream's output for one new time step, on their own
             model (STREAM_CONFIGS: the issue's 8 blocks of 64 channels, K=3, at the default
             and full sizes), again at matched parameter counts:
-              tcn-stream     fastres.stream: one step from the carried ring buffers
+              tcn-stream     fastres.stream: one step from the carried ring buffers, x_t a
+                             contiguous (B, F) tensor
+              tcn-stream-strided   the same step fed x[:, :, t], a slice of a (B, F, T)
+                             sequence (what a loop over a recorded sequence passes)
+              tcn-onnx       the stream's export_onnx step run by onnxruntime, the state fed
+                             back (what a deployment outside Python runs)
+              pytorch-tcn    pytorch-tcn's TCN of the same shape (8 x 64, K=3, batch norm)
+                             in its buffered inference mode (tcn(x_t, inference=True)); one
+                             stream only (its buffers hold batch size 1)
               tcn-recompute  the TCN re-run on the last receptive_field inputs, keeping the
                              last output (what any TCN can do without a state)
               lstm, gru      nn.LSTM / nn.GRU stepped one step from their carried state
               lstm-cell, gru-cell   the same weights as nn.LSTMCell / nn.GRUCell stacks
+              lstmcell-matched  one nn.LSTMCell (and the read-out) whose hidden size matches
+                             the TCN's parameter count on its own (about the same
+                             multiply-adds per step as the TCN)
 
 The crossover length is where the TCN's time per batch drops below the RNN's and stays
 below up to the longest length measured (interpolated in log-log between the two swept
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -44,7 +56,8 @@ NAME = "tcn-vs-rnn"
 TITLE = "TCN (fastres, plain) vs LSTM / GRU over sequence length"
 PLOT_PANELS = 3
 IMPLS = ["tcn-fastres", "tcn-plain", "lstm", "gru"]
-STREAM_IMPLS = ["tcn-stream", "tcn-recompute", "lstm", "lstm-cell", "gru", "gru-cell"]
+STREAM_IMPLS = ["tcn-stream", "tcn-stream-strided", "tcn-onnx", "pytorch-tcn", "tcn-recompute",
+                "lstm", "lstm-cell", "lstmcell-matched", "gru", "gru-cell"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +245,20 @@ def _stream_call(models, impl, config, streams, device, dtype):
     """One new time step for `streams` independent streams (see the module docstring)."""
     g = torch.Generator().manual_seed(2)
     x_t = torch.randn(streams, config.features, generator=g).to(device=device, dtype=dtype)
-    if impl == "tcn-stream":
+    if impl in ("tcn-stream", "tcn-stream-strided", "tcn-onnx"):
         model = models["tcn-fastres"].eval()
         step = fastres.stream(nn.Sequential(model.backbone, model.head), batch_size=streams)
-        return lambda: step.step(x_t)
+        if impl == "tcn-onnx":
+            return _onnx_call(step, x_t)
+        if impl == "tcn-stream":
+            return lambda: step.step(x_t)
+        # x[:, :, t] of a (B, F, T) sequence, t advancing (each step reads another column).
+        sequence = torch.randn(streams, config.features, 64, generator=g).to(device=device,
+                                                                             dtype=dtype)
+        columns = itertools.cycle([sequence[:, :, t] for t in range(sequence.shape[2])])
+        return lambda: step.step(next(columns))
+    if impl == "pytorch-tcn":
+        return _pytorch_tcn_call(config, x_t, device, dtype)
     if impl == "tcn-recompute":
         model = models["tcn-fastres"].eval()
         window = torch.randn(streams, config.features, config.receptive_field,
@@ -245,12 +268,21 @@ def _stream_call(models, impl, config, streams, device, dtype):
             with torch.no_grad():
                 return model(window)[:, :, -1]
         return recompute
-    rnn = models[impl.replace("-cell", "")].eval()
-    if impl.endswith("-cell"):
-        cells = CellStack(rnn.backbone, rnn.head)
+    if impl == "lstmcell-matched":
+        target = param_count(models["tcn-fastres"])
+        hidden = matched_hidden("lstm", target, config.features, 1)
+        torch.manual_seed(3)
+        rnn = nn.LSTM(config.features, hidden, num_layers=1, batch_first=True)
+        cells = CellStack(rnn, nn.Linear(hidden, config.features)).to(device=device,
+                                                                     dtype=dtype).eval()
         step, x = cells.step, x_t
     else:
-        step, x = rnn.step, x_t[:, None, :]
+        rnn = models[impl.replace("-cell", "")].eval()
+        if impl.endswith("-cell"):
+            cells = CellStack(rnn.backbone, rnn.head)
+            step, x = cells.step, x_t
+        else:
+            step, x = rnn.step, x_t[:, None, :]
     with torch.no_grad():
         _, state = step(x, None)
     carried = [state]
@@ -260,6 +292,54 @@ def _stream_call(models, impl, config, streams, device, dtype):
             y, carried[0] = step(x, carried[0])
         return y
     return rnn_step
+
+
+def _onnx_call(stream: "fastres.Stream", x_t: Tensor):
+    """onnxruntime running the stream's exported step, its state fed back each call."""
+    import os
+    import tempfile
+    import warnings
+
+    import onnxruntime
+    if x_t.device.type != "cpu" or x_t.dtype != torch.float32:
+        raise RuntimeError("the ONNX step is timed on CPU in float32 only")
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = os.path.join(folder, "step.onnx")
+        stream.export_onnx(path, chunk=1)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(path, options,
+                                               providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feed = dict(zip(names, [x_t.numpy()] + [t.numpy() for t in stream.onnx_state()]))
+
+    def onnx_step():
+        outputs = session.run(None, feed)
+        feed.update(zip(names[1:], outputs[1:]))
+        return outputs[0]
+    return onnx_step
+
+
+def _pytorch_tcn_call(config, x_t: Tensor, device, dtype):
+    """pytorch-tcn's TCN of the stream model's shape in its streaming inference mode."""
+    from pytorch_tcn import TCN
+    if x_t.shape[0] != 1:
+        raise RuntimeError("pytorch-tcn's streaming inference takes one stream (its buffers "
+                           "hold batch size 1)")
+    torch.manual_seed(4)
+    tcn = TCN(config.features, [config.channels] * config.levels,
+              kernel_size=config.kernel_size, dilations=[2 ** i for i in range(config.levels)],
+              dropout=0.0, causal=True, use_norm="batch_norm")
+    model = nn.ModuleDict({"tcn": tcn, "head": nn.Conv1d(config.channels, config.features, 1)})
+    model.to(device=device, dtype=dtype).eval()
+    x = x_t[:, :, None]
+
+    def buffered_step():
+        with torch.no_grad():
+            return model["head"](model["tcn"](x, inference=True))[:, :, 0]
+    return buffered_step
 
 
 def tasks(settings: Settings) -> List[Task]:
@@ -355,6 +435,9 @@ def summarize(rows, settings: Settings) -> Dict[str, object]:
                                   torch.float32)
     summary["stream_model"] = {key: stream_info[key] for key in
                                ("params", "rnn_hidden", "receptive_field", "config")}
+    stream_config = STREAM_CONFIGS[settings.size]
+    summary["stream_model"]["lstmcell_matched_hidden"] = matched_hidden(
+        "lstm", stream_info["params"]["tcn-fastres"], stream_config.features, 1)
     summary["stream_latency_s"] = {_stream_key(r): r["median_s"] for r in rows
                                    if r["case"]["mode"] == "stream" and r["status"] == "ok"}
     return summary

@@ -75,3 +75,37 @@ def test_quick_stream_task_times_every_candidate():
     tcn_vs_rnn.plot(list(axes), rows, summary)   # (no L-sweep rows: those panels stay empty)
     assert len(axes[2].patches) == len(STREAM_IMPLS)    # one bar per candidate
     plt.close(fig)
+
+
+def test_stream_variants_compute_the_same_steps():
+    """tcn-stream-strided and tcn-onnx step the same model as tcn-stream: the strided
+    candidate on x[:, :, t] of its sequence, the ONNX one on the same x_t as tcn-stream."""
+    config = STREAM_CONFIGS["quick"]
+    models, _ = build_models(config, CPU, torch.float32)
+    contiguous = tcn_vs_rnn._stream_call(models, "tcn-stream", config, 2, CPU, torch.float32)
+    onnx_step = tcn_vs_rnn._stream_call(models, "tcn-onnx", config, 2, CPU, torch.float32)
+    want = torch.stack([contiguous() for _ in range(3)], -1)
+    got = torch.stack([torch.from_numpy(onnx_step()) for _ in range(3)], -1)
+    assert rel_err(got, want) < 1e-5
+    strided = tcn_vs_rnn._stream_call(models, "tcn-stream-strided", config, 2, CPU,
+                                      torch.float32)
+    g = torch.Generator().manual_seed(2)
+    torch.randn(2, config.features, generator=g)   # (x_t, drawn first)
+    sequence = torch.randn(2, config.features, 64, generator=g)
+    outs = torch.stack([strided() for _ in range(5)], -1)
+    model = models["tcn-plain"].eval()
+    with torch.no_grad():
+        assert rel_err(outs, model(sequence[:, :, :5])) < 1e-5
+
+
+def test_matched_lstm_cell_and_pytorch_tcn_step():
+    config = STREAM_CONFIGS["default"]
+    models, info = build_models(config, CPU, torch.float32)
+    tcn_params = info["params"]["tcn-fastres"]
+    hidden = tcn_vs_rnn.matched_hidden("lstm", tcn_params, config.features, 1)
+    assert abs(tcn_vs_rnn._rnn_params("lstm", config.features, hidden, 1) - tcn_params) \
+        < 0.02 * tcn_params
+    cell = tcn_vs_rnn._stream_call(models, "lstmcell-matched", config, 1, CPU, torch.float32)
+    assert cell().shape == (1, config.features)
+    pytorch_tcn = tcn_vs_rnn._stream_call(models, "pytorch-tcn", config, 1, CPU, torch.float32)
+    assert pytorch_tcn().shape == (1, config.features)

@@ -6,7 +6,7 @@ every conv reads its K taps from its input ring (tap k is `(K-1-k) * d` steps ba
 writes its output into the next layer's ring, the last layer into a scratch row that is
 copied to out. All layouts are those of csrc/cpu/stream_cpu.cpp: the packed weights
 (tap k of a conv is W_k[C_in][C_out], then the bias), the int64 meta table (header, then
-one record per layer; constants in fastres/stream.py) and the state (every layer's ring,
+one record per layer; constants in fastres/stream/layout.py) and the state (every layer's ring,
 slots (K-1)*d + 1, each slot (B, C) float32). So a state moves between the CPU and GPU
 streams.
 
@@ -23,8 +23,6 @@ Everything accumulates in float32; x and out may be float32, float16 or bfloat16
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import triton
 import triton.language as tl
@@ -32,10 +30,10 @@ import triton.language as tl
 from .rounding import store_rounded
 from .tiling import pow2_block
 
-# The module fastres/stream.py (the attribute fastres.stream is the function stream()).
-_layout = importlib.import_module("fastres.stream")
+from ...stream import layout as _layout
 
-# The meta table's layout, from fastres/stream.py (Triton reads globals as constexprs only).
+# The meta table's layout, from fastres/stream/layout.py (Triton reads globals as constexprs
+# only).
 HEADER = tl.constexpr(_layout.META_HEADER)
 FIELDS = tl.constexpr(_layout.META_FIELDS)
 BLOCK = tl.constexpr(_layout.BLOCK)

@@ -1,0 +1,119 @@
+"""fastres.stream's fold: what streams, what is refused (naming the module and why), and
+telling when the model changed since the fold."""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres import stream as stream_fn
+from fastres.stream import StreamError
+from stream_helpers import (CPU_BACKENDS, assert_parity, full_forward, in_channels,
+                            random_input, random_tcn)
+from upstream import SeedTCN, SeedTemporalBlock, warnings_ignored
+
+
+def test_stale_and_refold_keep_the_state():
+    rng = random.Random(14)
+    model = random_tcn(rng, "batch", max_levels=3)
+    x = random_input(rng, in_channels(model), 10, 1, torch.float32)
+    s = stream_fn(model, backend=CPU_BACKENDS[0])
+    s.step(x[..., :4])
+    assert not s.stale()
+    # The last conv's output feeds no ring, so after changing it (through .data: no version
+    # counter moves) and refolding, the kept state continues as the new model's forward.
+    model.network[-1].conv2.weight.data.mul_(1.5)
+    assert s.stale()
+    s.refold()
+    assert not s.stale() and s.position == 4
+    assert_parity(s.step(x[..., 4:]), full_forward(model, x)[..., 4:], torch.float32)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _bn_training():
+    net = fastres.TemporalConvNet(2, [4], kernel_size=2).eval()
+    net.network[0].bn2.train()
+    return net, "network.0.bn2 (BatchNorm1d): batch norm in training mode"
+
+
+def _no_running_stats():
+    net = fastres.TemporalConvNet(2, [4], kernel_size=2).eval()
+    net.network[0].bn1 = nn.BatchNorm1d(4, track_running_stats=False).eval()
+    return net, "without running statistics"
+
+
+def _seed_tcn_root():
+    return fastres.convert(SeedTCN(2, [4, 4])), "if its forward runs .network, stream that"
+
+
+REFUSED = {
+    "same padding (BasicBlock)": lambda: (fastres.BasicBlock(4, 4).eval(), "'same' padding"),
+    "ResNet1d": lambda: (fastres.ResNet1d(in_channels=2).eval(), "ResNet1d"),
+    "stride (causal BasicBlock)": lambda: (
+        fastres.BasicBlock(4, 8, 2, "auto", causal=True).eval(), "stride 2"),
+    "stride (1x1 conv)": lambda: (nn.Conv1d(4, 4, 1, stride=2), "stride 2"),
+    "bare conv with kernel 3": lambda: (nn.Conv1d(4, 4, 3, padding=1), "kernel_size 3"),
+    "training-mode batch norm": lambda: (
+        fastres.TemporalConvNet(2, [4], dropout=0.0).train(),
+        "network.0.bn1 (BatchNorm1d): batch norm in training mode"),
+    "one BN in training mode": _bn_training,
+    "BN without running stats": _no_running_stats,
+    "active dropout": lambda: (
+        fastres.TemporalConvNet(2, [4], dropout=0.2, norm="weight").train(),
+        "dropout (p=0.2) is active in training mode"),
+    "unknown module": lambda: (nn.Sequential(nn.LSTM(4, 4)), "0 (LSTM): unknown module"),
+    "upstream block not converted": lambda: (SeedTemporalBlock(4, 4, 3),
+                                             "fastres.convert(model) first"),
+    "converted model root": _seed_tcn_root,
+    "fused conv runs": lambda: (fastres.convert(nn.Sequential(
+        nn.Conv1d(4, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU())).eval(),
+        "ConvBNReLUSequential"),
+    "channel mismatch": lambda: (nn.Sequential(fastres.TemporalConvNet(2, [4]).eval(),
+                                               nn.Conv1d(5, 3, 1)), "takes 5 channels"),
+    "leading ReLU": lambda: (nn.Sequential(nn.ReLU(), nn.Conv1d(2, 2, 1)),
+                             "cannot start with a ReLU"),
+    "nothing to stream": lambda: (nn.Sequential(nn.Identity()), "no layer to stream"),
+    "grouped conv": lambda: (nn.Conv1d(4, 4, 1, groups=2), "grouped"),
+    "not a module": lambda: ("model", "expected an nn.Module"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refused_models_say_which_module_and_why(case):
+    with warnings_ignored():
+        model, message = REFUSED[case]()
+    with pytest.raises(StreamError) as exc:
+        stream_fn(model, backend="torch")
+    assert message in str(exc.value), str(exc.value)
+    assert isinstance(exc.value, ValueError)
+
+
+def test_train_mode_without_bn_or_active_dropout_streams():
+    # Training mode changes nothing here (weight norm, dropout 0): nothing to refuse.
+    torch.manual_seed(0)
+    net = fastres.TemporalConvNet(2, [4, 4], kernel_size=2, dropout=0.0, norm="weight").train()
+    x = torch.randn(1, 2, 7)
+    assert_parity(stream_fn(net, backend="torch").step(x), full_forward(net, x), torch.float32)
+
+
+
+@pytest.mark.parametrize("change", ["bn eps", "conv dilation"])
+def test_every_attribute_that_changes_the_result_makes_the_fold_stale(change):
+    rng = random.Random(change)
+    model = random_tcn(rng, "batch", max_levels=2)
+    x = random_input(rng, in_channels(model), 12, 2, torch.float32)
+    s = stream_fn(model, backend="torch")
+    assert not s.stale()
+    block = model.network[0]
+    if change == "bn eps":
+        block.bn1.eps = 0.5   # a large eps changes every folded scale
+    else:   # what the fold reads as the block's dilation
+        block.conv1.dilation = block.conv2.dilation = (2,)
+    assert s.stale(), change
+    if change == "bn eps":
+        s.refold()   # the refolded stream computes with the new eps
+        assert not s.stale()
+        assert_parity(s.step(x), full_forward(model, x), torch.float32)

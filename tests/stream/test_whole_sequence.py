@@ -1,0 +1,168 @@
+"""TemporalConvNet.forward's whole-sequence fast path (fastres/stream/whole_sequence.py)."""
+import copy
+import pickle
+import random
+import sys
+
+import pytest
+import torch
+
+import fastres
+from fastres.conventions import rel_err
+from stream_helpers import (TOL, assert_parity, full_forward, in_channels, random_input,
+                            random_tcn, requires_cpp)
+from upstream import randomize_bn, warnings_ignored
+
+# fastres.stream.whole_sequence is the function; its module, to patch:
+whole_sequence_module = sys.modules["fastres.stream.whole_sequence"]
+
+
+# ----------------------------------------------------------------------------- whole sequences
+
+
+@pytest.fixture
+def stacked_calls(monkeypatch):
+    """Counts calls of the stacked kernel by TemporalConvNet.forward."""
+    calls = []
+    original = whole_sequence_module._stacked_forward
+
+    def counting(plan, x):
+        calls.append(tuple(x.shape))
+        return original(plan, x)
+    monkeypatch.setattr(whole_sequence_module, "_stacked_forward", counting)
+    return calls
+
+
+def _always(monkeypatch, faster: bool):
+    monkeypatch.setattr(whole_sequence_module, "_stacked_is_faster", lambda *args: faster)
+
+
+@requires_cpp
+@pytest.mark.parametrize("norm", ["batch", "weight"])
+def test_whole_sequence_path_matches_the_layered_path(monkeypatch, stacked_calls, norm):
+    _always(monkeypatch, True)
+    rng = random.Random(norm)
+    for dtype in (torch.float32, torch.bfloat16):
+        net = random_tcn(rng, norm, dtype, max_levels=4)
+        for batch, length in ((1, rng.randint(1, 80)), (rng.randint(2, 8), rng.randint(1, 80))):
+            x = random_input(rng, in_channels(net), length, batch, dtype)
+            with torch.no_grad():
+                got = net(x)
+                layered = net.network(x)
+            assert stacked_calls and stacked_calls[-1] == (batch, x.shape[1], length)
+            assert got.dtype == dtype and got.shape == layered.shape
+            assert rel_err(got, layered) < TOL[dtype]
+            assert_parity(got, full_forward(net, x), dtype)
+
+
+@requires_cpp
+def test_whole_sequence_keeps_the_measured_winner(monkeypatch, stacked_calls):
+    from fastres.bench import timing
+    net = fastres.TemporalConvNet(3, [8, 8], kernel_size=3).eval()
+    timings = {"stacked": 2.0, "layered": 1.0}   # layered faster first
+    measured = []
+
+    def fake_measure(candidates, device, config):
+        measured.append(sorted(candidates))
+        for fn in candidates.values():
+            fn()
+        return {name: timing.Stats([timings[name]] * 5, 1, 0.0) for name in candidates}
+    monkeypatch.setattr(timing, "measure", fake_measure)
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        for length in (32, 32, 17, 31):                      # L rounds up to 32
+            net(x[..., :length])
+    assert measured == [["layered", "stacked"]]              # once per signature
+    stacked_calls.clear()
+    with torch.no_grad():
+        net(x)
+    assert stacked_calls == []                               # the slower path never runs
+    timings["stacked"] = 0.5
+    with torch.no_grad():
+        net(torch.randn(2, 3, 32))                           # a new signature: measured
+        net(torch.randn(2, 3, 32))
+    assert len(measured) == 2 and stacked_calls[-1] == (2, 3, 32)
+    choices = net.__dict__[whole_sequence_module._CACHE_ATTR].choices
+    assert choices == {(1, 32, torch.float32, 1): False, (2, 32, torch.float32, 1): True}
+    timings["stacked"] = 0.95   # faster, but under the margin: not worth the risk
+    with torch.no_grad():
+        net(torch.randn(3, 3, 32))
+    assert choices[(3, 32, torch.float32, 1)] is False
+
+
+@requires_cpp
+def test_whole_sequence_follows_every_change_of_the_model(monkeypatch, stacked_calls):
+    _always(monkeypatch, True)
+    torch.manual_seed(0)
+    net = randomize_bn(fastres.TemporalConvNet(3, [6, 6], kernel_size=3)).eval()
+    x = torch.randn(1, 3, 20)
+
+    def check():
+        with torch.no_grad():
+            assert rel_err(net(x), net.network(x)) < 1e-5
+    check()
+    n = len(stacked_calls)
+    with torch.no_grad():
+        net.network[0].conv1.weight.mul_(2)                  # in place, tracked
+    check()
+    net.network[1].conv2.bias.data.add_(1)                    # through .data, untracked
+    check()
+    net.network[0].bn1.running_mean.data.add_(0.5)            # a buffer
+    check()
+    net.load_state_dict(copy.deepcopy(net.state_dict()))
+    check()
+    assert len(stacked_calls) == n + 4
+    net.network[1].bn2.train()                                # one BN training: layered
+    with torch.no_grad():
+        out = net(x)
+        # (Under no_grad both: the dispatcher may pick another backend for a call that
+        # needs a gradient, a few ulps away.)
+        layered = net.network(x)
+    assert len(stacked_calls) == n + 4
+    assert rel_err(out, layered) == 0
+
+
+@requires_cpp
+def test_whole_sequence_only_where_the_layered_path_is_plain_inference(monkeypatch,
+                                                                       stacked_calls):
+    _always(monkeypatch, True)
+    torch.manual_seed(0)
+    net = fastres.TemporalConvNet(3, [6, 6], kernel_size=3).eval()
+    x = torch.randn(2, 3, 16)
+    net(x)                                    # grad enabled and parameters require it
+    net(x.requires_grad_())
+    with torch.no_grad():
+        net.train()(x.detach())               # training mode
+        net.eval()
+        net(torch.randn(9, 3, 16))            # batch above WHOLE_SEQUENCE_MAX_BATCH
+        fastres.unfuse(copy.deepcopy(net))(x) # plain twins stay plain
+        traced = torch.jit.trace(net, x.detach(), check_trace=False)   # tracing
+    assert stacked_calls == [] and "stream_forward" not in str(traced.inlined_graph)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net(x.detach())                           # nothing needs a gradient
+    with torch.inference_mode():
+        net(x.detach())
+    assert len(stacked_calls) == 2
+
+
+@requires_cpp
+def test_whole_sequence_cache_is_not_copied(monkeypatch):
+    _always(monkeypatch, True)
+    net = fastres.TemporalConvNet(3, [4], kernel_size=2).eval()
+    with torch.no_grad():
+        net(torch.randn(1, 3, 8))
+    assert net.__dict__[whole_sequence_module._CACHE_ATTR].plan is not None
+    for copied in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        cache = copied.__dict__[whole_sequence_module._CACHE_ATTR]
+        assert cache.plan is None and cache.choices == {}
+
+
+def test_unfused_temporal_conv_net_still_scripts():
+    torch.manual_seed(0)
+    net = randomize_bn(fastres.TemporalConvNet(3, [4, 4], kernel_size=2)).eval()
+    with warnings_ignored():
+        scripted = torch.jit.script(fastres.unfuse(net))
+    x = torch.randn(2, 3, 10)
+    with torch.no_grad():
+        assert rel_err(scripted(x), net.network(x)) < 1e-5
