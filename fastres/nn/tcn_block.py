@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from .. import backends
+from .. import dispatch
 from ._stage import FusedModule, check_block_args, conv_bn_relu_stage, padded_conv1d
 
 __all__ = ["TCNBlock", "PlainTCNBlock", "ACTIVATIONS", "KERNEL_INITIALIZERS", "TCN_NORMS",
@@ -238,8 +238,8 @@ class _TCNBlockLayout(nn.Module):
         if why is None:
             h = conv_bn_relu_stage(x, self.conv1, self.norm1, self.padding_mode)
         else:
-            if fused and backends.is_recording():
-                backends.record(self.conv1, None, backends.Decision("plain", why))
+            if fused and dispatch.record.recording_active():
+                dispatch.record.record(self.conv1, None, dispatch.Choice("op", "plain", why))
             z = self._norm(self.norm1, self._conv(x, self.conv1))
             if embeddings is not None:
                 z = self._embed(z, embeddings)
@@ -252,8 +252,8 @@ class _TCNBlockLayout(nn.Module):
         if why is None:
             out = conv_bn_relu_stage(h, self.conv2, self.norm2, self.padding_mode)
         else:
-            if fused and backends.is_recording():
-                backends.record(self.conv2, None, backends.Decision("plain", why))
+            if fused and dispatch.record.recording_active():
+                dispatch.record.record(self.conv2, None, dispatch.Choice("op", "plain", why))
             out = self.activation2(self._norm(self.norm2, self._conv(h, self.conv2)))
         return self.dropout2(out)
 
@@ -313,7 +313,7 @@ class TCNBlock(FusedModule, _TCNBlockLayout):
 
     def forward(self, x: Tensor, embeddings=None) -> Tensor:
         if embeddings is None:
-            return FusedModule.forward(self, x)  # the module policy, as every fused block
+            return FusedModule.forward(self, x)  # the module level's choice, as every fused block
         return self.compute(x, embeddings)
 
     def forward_with_skip(self, x: Tensor, embeddings=None) -> Tuple[Tensor, Tensor]:
