@@ -1,4 +1,5 @@
-"""TemporalConvNet.forward's whole-sequence fast path (fastres/stream/whole_sequence.py)."""
+"""TemporalConvNet's whole-stack path (fastres/stream/whole_sequence.py), the module level's
+"stack" candidate (fastres/dispatch/module.py)."""
 import copy
 import pickle
 import random
@@ -34,7 +35,10 @@ def stacked_calls(monkeypatch):
 
 
 def _always(monkeypatch, faster: bool):
-    monkeypatch.setattr(whole_sequence_module, "_stacked_is_faster", lambda *args: faster)
+    """The module level chooses the stack (or the blocks) without timing."""
+    from fastres import dispatch
+    monkeypatch.setattr(dispatch.module, "_measure", lambda module, x, grad: dispatch.Choice(
+        "module", "stack" if faster else "plain", "test"))
 
 
 @requires_cpp
@@ -56,38 +60,39 @@ def test_whole_sequence_path_matches_the_layered_path(monkeypatch, stacked_calls
 
 
 @requires_cpp
-def test_whole_sequence_keeps_the_measured_winner(monkeypatch, stacked_calls):
-    from fastres.bench import timing
+def test_the_module_level_times_the_stack_once_per_signature(monkeypatch, stacked_calls):
+    from fastres import dispatch
     net = fastres.TemporalConvNet(3, [8, 8], kernel_size=3).eval()
-    timings = {"stacked": 2.0, "layered": 1.0}   # layered faster first
+    timings = {"stack": 2.0}   # the stack slower than every other path first
     measured = []
 
-    def fake_measure(candidates, device, config):
-        measured.append(sorted(candidates))
-        for fn in candidates.values():
-            fn()
-        return {name: timing.Stats([timings[name]] * 5, 1, 0.0) for name in candidates}
-    monkeypatch.setattr(timing, "measure", fake_measure)
+    def fake_measure(level, runs, baseline, device, with_backward, excluded=None, config=None):
+        measured.append(sorted(runs))
+        for run in runs.values():
+            run()
+        times = {name: timings.get(name, 1.0) for name in runs}
+        best = min(times, key=times.get)
+        return dispatch.Choice(level, best, "measured", "measured", times, baseline=baseline)
+    monkeypatch.setattr(dispatch.module, "measure", fake_measure)
     x = torch.randn(1, 3, 32)
     with torch.no_grad():
-        for length in (32, 32, 17, 31):                      # L rounds up to 32
-            net(x[..., :length])
-    assert measured == [["layered", "stacked"]]              # once per signature
+        net(x)
+        net(x)
+    assert len(measured) == 1 and "stack" in measured[0]        # once per signature
     stacked_calls.clear()
     with torch.no_grad():
         net(x)
-    assert stacked_calls == []                               # the slower path never runs
-    timings["stacked"] = 0.5
+    assert stacked_calls == []                                   # the slower path never runs
+    timings["stack"] = 0.5
     with torch.no_grad():
-        net(torch.randn(2, 3, 32))                           # a new signature: measured
+        net(torch.randn(2, 3, 32))                               # a new signature: measured
         net(torch.randn(2, 3, 32))
     assert len(measured) == 2 and stacked_calls[-1] == (2, 3, 32)
-    choices = net.__dict__[whole_sequence_module._CACHE_ATTR].choices
-    assert choices == {(1, 32, torch.float32, 1): False, (2, 32, torch.float32, 1): True}
-    timings["stacked"] = 0.95   # faster, but under the margin: not worth the risk
+    net.network[0].register_forward_hook(lambda m, i, o: None)   # a hook: never the stack
+    stacked_calls.clear()
     with torch.no_grad():
-        net(torch.randn(3, 3, 32))
-    assert choices[(3, 32, torch.float32, 1)] is False
+        net(torch.randn(2, 3, 32))
+    assert stacked_calls == []
 
 
 @requires_cpp
@@ -155,7 +160,7 @@ def test_whole_sequence_cache_is_not_copied(monkeypatch):
     assert net.__dict__[whole_sequence_module._CACHE_ATTR].plan is not None
     for copied in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
         cache = copied.__dict__[whole_sequence_module._CACHE_ATTR]
-        assert cache.plan is None and cache.choices == {}
+        assert cache.plan is None
 
 
 def test_unfused_temporal_conv_net_still_scripts():
