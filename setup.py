@@ -233,7 +233,10 @@ def _extensions():
             digest = _inputs_digest(extension, torch.__version__)
             if os.path.exists(cached) and _read(stamp) == digest:
                 os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-                shutil.copy2(cached, target)
+                # A new file renamed over the old: a process that has the old one loaded
+                # keeps its mapping (a copy over it in place could crash that process).
+                shutil.copy2(cached, target + ".tmp")
+                os.replace(target + ".tmp", target)
                 _say(f"fastres._C unchanged since its last build: reused {cached}, "
                      "compiled nothing")
                 outcome["reused"] = True
