@@ -69,7 +69,7 @@ SECTIONS = [
     ("parity", "4. Parity at realistic shapes with the default tiles", 90, 15),
     ("timings", "5. Timings against eager PyTorch and torch.compile", 150, 20),
     ("profile", "6. Where the time goes (per-kernel device time)", 15, 5),
-    ("triton", "7. Triton metadata from the device's own compile", 20, 20),
+    ("triton", "7. Triton metadata from the device's own compile", 20, 60),
     ("launch", "8. Launch overhead: CUDA-graph replay against plain launches", 20, 5),
     ("memory", "9. Peak memory of a TemporalConvNet train step", 15, 5),
     ("streaming", "10. Streaming step latency", 15, 5),
@@ -319,6 +319,8 @@ class Worker:
         except (OSError, ValueError, TypeError):
             section = Section(self.key, title, gpu_s, budget_s=self.budget)
         code, elapsed = self.process.returncode, time.time() - self.started
+        if code is None and not self.timed_out:
+            return section   # still running: what it has flushed so far
         if self.timed_out:
             kind, message = "Timeout", (
                 f"killed after {elapsed:.0f} s, its hard timeout (budget {self.budget:.0f} s "
@@ -371,7 +373,7 @@ def run_isolated(args, section, budget: float, deadline: float, jobs: int, write
             setattr(section, field, getattr(merged, field))
 
     started = time.time()
-    if section.key in WARMED and jobs > 1 and not args.smoke:
+    if section.key in WARMED and jobs > 1:
         warm_budget = budget * WARM_SHARE
         workers = [Worker(args, section.key, warm_budget, deadline, timeout(warm_budget),
                           (i, jobs), warm=True) for i in range(jobs)]
@@ -382,7 +384,9 @@ def run_isolated(args, section, budget: float, deadline: float, jobs: int, write
                        "status": warm.status, "calls": len(warmed),
                        "errors": [w for w in warmed if w.get("error")],
                        "error": warm.error, "skipped": warm.skipped}
-        budget = max(0.0, budget - (time.time() - started))
+        # The timed run keeps at least the rest of its share, even where the warm-up's
+        # processes were slow to start (later sections then share what is left).
+        budget = max(budget * (1 - WARM_SHARE), budget - (time.time() - started))
     else:
         warm_record = None
     shards = jobs if section.key in SHARDED and jobs > 1 else 1

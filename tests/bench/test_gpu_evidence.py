@@ -99,7 +99,10 @@ def test_smoke_correctness_sections_judge_real_runs(smoke):
 
 
 def test_smoke_timings_have_device_and_host_times(smoke):
-    rows = smoke[3]["sections"]["timings"]["data"]["rows"]
+    data = smoke[3]["sections"]["timings"]["data"]
+    warm = data["warm_up"]   # every candidate called once by parallel processes first
+    assert warm["processes"] == 2 and warm["calls"] > 0 and not warm["errors"], warm
+    rows = data["rows"]
     impls = {r["impl"] for r in rows}
     assert {"eager", "compile", "fastres"} <= impls
     for row in rows:
@@ -113,8 +116,11 @@ def test_smoke_triton_section_reads_sm90_cubins(smoke):
     section = smoke[3]["sections"]["triton"]
     if section["status"] == "skipped":
         pytest.skip(section["reason"])
-    kernels = section["data"]["kernels"]
-    assert kernels
+    # A busy machine may spend the section's budget before every kernel compiled: those
+    # are listed as not compiled, for that reason only; what compiled is read in full.
+    kernels = [k for k in section["data"]["kernels"]
+               if k.get("error") != "not compiled: " + context.SPENT]
+    assert kernels, section["data"]["kernels"]
     for k in kernels:
         assert "error" not in k, k
         assert k["num_warps"] and k["registers"]
