@@ -5,20 +5,32 @@
 What gets built (a summary is printed at the end of the build):
 - CPU kernels (csrc/cpu, csrc/ops.cpp) whenever torch is importable at build time and a C++
   compiler works.
-- CUDA kernels (csrc/cuda) too when torch was built with CUDA and nvcc is found (CUDA_HOME or
-  nvcc on PATH). No GPU is needed: TORCH_CUDA_ARCH_LIST is respected and defaults to "8.0;9.0"
-  when no GPU is visible. The CUDA headers and runtime of the pip wheels
-  (site-packages/nvidia/cu13/{include,lib}) are added when present.
+- CUDA kernels (csrc/cuda) too when a GPU is visible, torch was built with CUDA and nvcc is
+  found (CUDA_HOME or nvcc on PATH). Without a GPU nothing built from them could run here, so
+  by default they are not built, and the summary says so; FASTRES_BUILD_CUDA=1 builds them
+  anyway (CI does, to keep the CUDA sources compiling; a wheel built for GPU machines
+  elsewhere). TORCH_CUDA_ARCH_LIST is respected and defaults to "8.0;9.0" when no GPU is
+  visible. The CUDA headers and runtime of the pip wheels (site-packages/nvidia/cu13/
+  {include,lib}) are added when present.
 - Nothing when FASTRES_NO_EXT=1, when torch is missing, or when the build fails: fastres then
   installs as pure Python and runs on its reference (and Triton) backends.
-FASTRES_NO_CUDA=1 builds the CPU kernels only.
+FASTRES_NO_CUDA=1 builds the CPU kernels only, GPU or not.
+
+Rebuilds. pip's editable install compiles in a fresh temporary directory each time, so every
+reinstall used to recompile everything. The build directory is kept in the tree instead
+(build/fastres-ext/<python, torch, CPU or CUDA>/, or FASTRES_BUILD_DIR), and a build whose
+inputs (every file under csrc/, the compiler flags, the torch and Python versions) hash the
+same as the last one reuses its fastres._C without compiling; otherwise ninja (when
+installed) recompiles only what changed.
 """
 import ctypes
 import glob
+import hashlib
 import os
 import shutil
 import sys
 import sysconfig
+import time
 
 from setuptools import setup
 
@@ -110,6 +122,31 @@ def _record_build(**outcome):
         json.dump(outcome, f)
 
 
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _inputs_digest(extension, torch_version):
+    """What the compiled extension depends on: every file under csrc/ (sources and headers),
+    the extension's flags and macros, and the torch, Python and toolchain settings."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(HERE, "csrc", "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            digest.update(os.path.relpath(path, HERE).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    settings = [torch_version, sys.version, extension.sources, extension.extra_compile_args,
+                extension.define_macros, extension.include_dirs, extension.library_dirs,
+                extension.extra_link_args, os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                os.environ.get("CUDA_HOME"), os.environ.get("CXX"), os.environ.get("CC")]
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
+
+
 def _extensions():
     """The extension list and the build_ext command class, or ([], {}) for pure Python."""
     if os.environ.get("FASTRES_NO_EXT", "") == "1":
@@ -134,21 +171,26 @@ def _extensions():
     if _torch_exports_blas():
         define_macros.append(("FASTRES_BLAS_SYMBOLS", None))
 
-    nvcc = None
+    nvcc, no_cuda_reason = None, None
     if os.environ.get("FASTRES_NO_CUDA", "") == "1":
-        _say("FASTRES_NO_CUDA=1: CUDA kernels not requested")
+        no_cuda_reason = "FASTRES_NO_CUDA=1"
     elif torch.version.cuda is None:
-        _say(f"torch {torch.__version__} has no CUDA: building CPU kernels only")
+        no_cuda_reason = f"torch {torch.__version__} has no CUDA"
+    elif not torch.cuda.is_available() and os.environ.get("FASTRES_BUILD_CUDA", "") != "1":
+        no_cuda_reason = ("no GPU is visible, so nothing built from them could run here "
+                          "(FASTRES_BUILD_CUDA=1 builds them anyway)")
     else:
         nvcc = _find_nvcc()
         if nvcc is None:
-            _say("nvcc not found (set CUDA_HOME or put nvcc on PATH): building CPU kernels only")
+            no_cuda_reason = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if no_cuda_reason:
+        _say(f"building NO CUDA kernels: {no_cuda_reason}")
 
     if nvcc is None:
         ext = cpp_extension.CppExtension(
             EXT_NAME, sources, extra_compile_args={"cxx": cxx_flags},
             define_macros=define_macros, extra_link_args=link_args)
-        _say("building fastres._C with CPU kernels")
+        _say("building fastres._C with CPU kernels only")
     else:
         cuda_home = _toolkit_root(nvcc)
         # torch.utils.cpp_extension resolved CUDA_HOME when imported; point it (and the nvcc it
@@ -169,20 +211,55 @@ def _extensions():
              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    flavour = "cuda" if nvcc is not None else "cpu"
+    build_dir = os.path.join(os.environ.get("FASTRES_BUILD_DIR")
+                             or os.path.join(HERE, "build", "fastres-ext"),
+                             f"py{sys.version_info[0]}{sys.version_info[1]}-torch"
+                             f"{torch.__version__}-{flavour}")
+    outcome = dict(cuda=nvcc is not None, cuda_reason=no_cuda_reason, build_dir=build_dir)
 
     class OptionalBuildExtension(base):
-        """Builds fastres._C if it can; a failed build leaves a working pure-Python install."""
+        """Builds fastres._C if it can; a failed build leaves a working pure-Python install.
+        Compiles in the persistent build_dir and skips compiling where nothing changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(build_dir, "objects")
+
+        def build_extension(self, extension):
+            target = self.get_ext_fullpath(extension.name)
+            cached = os.path.join(build_dir, os.path.basename(target))
+            stamp = os.path.join(build_dir, "inputs.sha256")
+            digest = _inputs_digest(extension, torch.__version__)
+            if os.path.exists(cached) and _read(stamp) == digest:
+                os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+                # A new file renamed over the old: a process that has the old one loaded
+                # keeps its mapping (a copy over it in place could crash that process).
+                shutil.copy2(cached, target + ".tmp")
+                os.replace(target + ".tmp", target)
+                _say(f"fastres._C unchanged since its last build: reused {cached}, "
+                     "compiled nothing")
+                outcome["reused"] = True
+                return
+            started = time.time()
+            super().build_extension(extension)
+            os.makedirs(build_dir, exist_ok=True)
+            shutil.copy2(target, cached)
+            with open(stamp, "w") as f:
+                f.write(digest)
+            _say(f"compiled fastres._C in {time.time() - started:.0f} s")
+            outcome["reused"] = False
 
         def run(self):
             try:
                 super().run()
-                _say("built fastres._C")
-                _record_build(built=True, cuda=nvcc is not None)
+                _say("built fastres._C" + (" with CPU and CUDA kernels" if nvcc is not None
+                                           else " with CPU kernels only, no CUDA kernels"))
+                _record_build(built=True, **outcome)
             except Exception as exc:  # compiler missing or compile error: degrade, loudly
                 _say(f"FAILED to build fastres._C ({type(exc).__name__}: {exc}); installing "
                      "without it (reference/Triton backends only)")
-                _record_build(built=False, cuda=nvcc is not None,
-                              error=f"{type(exc).__name__}: {exc}")
+                _record_build(built=False, error=f"{type(exc).__name__}: {exc}", **outcome)
 
     return [ext], {"build_ext": OptionalBuildExtension}
 

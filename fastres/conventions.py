@@ -174,6 +174,63 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# ----------------------------------------------------------------------------- autocast
+
+def _autocast_device_types() -> frozenset:
+    names = {"cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu",
+             torch._C._get_privateuse1_backend_name()}
+    available = set()
+    for name in names:
+        try:
+            if torch.amp.is_autocast_available(name):
+                available.add(name)
+        except (RuntimeError, ValueError):
+            pass
+    return frozenset(available)
+
+
+# The device types autocast exists for, asked once at import: Dynamo (torch 2.11) cannot
+# trace torch.amp.is_autocast_available, and it reads a frozenset of names as a constant.
+AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on `device_type`, or None where autocast is off there
+    (or does not exist, as on meta). Traceable by torch.compile(fullgraph=True)."""
+    if device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+# ----------------------------------------------------------------------------- batch norm eps
+
+def _batch_norm_takes_zero_eps_in_eval() -> bool:
+    import torch.nn.functional as F
+    try:
+        F.batch_norm(torch.ones(1, 1, 2), torch.zeros(1), torch.ones(1), training=False,
+                     eps=0.0)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+# Whether the installed torch's F.batch_norm takes eps = 0 with running statistics: torch
+# 2.11 refuses eps <= 0 in both modes, later releases allow eps = 0 in eval. Asked once at
+# import, so that fastres accepts exactly what nn.BatchNorm1d accepts next to it.
+BATCH_NORM_ZERO_EPS_IN_EVAL = _batch_norm_takes_zero_eps_in_eval()
+
+
+def batch_norm_eps_error(eps: float, training: bool) -> Optional[str]:
+    """F.batch_norm's message for an eps it refuses (installed torch's rule), else None."""
+    if not BATCH_NORM_ZERO_EPS_IN_EVAL:
+        return None if eps > 0 else f"batch_norm eps must be positive, but got {eps}"
+    if training and not eps > 0:
+        return f"batch_norm eps must be positive during training, but got {eps}"
+    if not eps >= 0:
+        return f"batch_norm eps must be non-negative, but got {eps}"
+    return None
+
+
 # ----------------------------------------------------------------------------- error measure
 
 

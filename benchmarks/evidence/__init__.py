@@ -14,5 +14,8 @@
 
 Every section is one function `run(ctx, section)` that fills its Section record (results.py)
 and may raise SectionSkipped / SectionUnavailable; gpu_evidence.py runs them in order, each
-under a time budget, and records any other exception in the JSON instead of stopping.
+in processes of its own under a time budget and a hard timeout, and records any other
+exception, a crash or a hang in the JSON instead of stopping. Sections that only judge
+correctness (check, parity) take `ctx.shard` and run every n-th item, so that several
+processes share them; their totals come from correctness.SUMMARIZE once the shards merge.
 """

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -70,6 +70,18 @@ class Context:
     max_autotune: bool = False             # also time torch.compile(mode="max-autotune")
     budget: Optional[Budget] = None        # the running section's budget
     flush: Callable[[], None] = lambda: None   # write the results so far (throttled)
+    # (index, count): this process runs every count-th item of a sharded section, starting
+    # at index; the parent merges the shards and then summarizes (correctness.SUMMARIZE).
+    shard: Tuple[int, int] = (0, 1)
+
+    def mine(self, index: int) -> bool:
+        """Whether item `index` of a sharded section belongs to this process."""
+        return index % self.shard[1] == self.shard[0]
+
+    @property
+    def whole(self) -> bool:
+        """True when this process runs the whole section (not one shard of it)."""
+        return self.shard[1] == 1
 
     @property
     def cuda(self) -> bool:

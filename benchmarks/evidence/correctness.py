@@ -154,7 +154,9 @@ def _dtype_labels(ctx: Context, section: Section) -> List[str]:
 
 def run_check(ctx: Context, section: Section) -> None:
     """fastres.parity.run_check on this device, one (backend, case) at a time so that the
-    budget can stop it between cases."""
+    budget can stop it between cases. Cases go in the outer loop and backends in the inner
+    one, so a run cut short by its budget still has rows of every backend; a sharded run
+    (ctx.shard) takes every n-th (case, backend) pair."""
     device = ctx.device.type
     names = [n for n in backends.available_backends() if device in backends.get(n).devices]
     every = {**CHECK_CASES, **NONFINITE_CASES}
@@ -163,24 +165,40 @@ def run_check(ctx: Context, section: Section) -> None:
                         results=[])
     table = section.table("", ["backend", "dtype", "case", "max rel err", "worst", "tol",
                                "result"])
-    for name in names:
-        for case_name, case in cases.items():
-            if ctx.budget.spent():
-                section.skip(f"{name} {case_name}", SPENT)
-                continue
-            for r in parity.run_check(device, [name], {case_name: case}):
-                section.data["results"].append(
-                    {"backend": r.backend, "dtype": r.dtype, "case": r.case, "errors": r.errors,
-                     "max_error": r.max_error if r.errors else None, "worst": r.worst,
-                     "tol": r.tol, "passed": r.passed, "error": r.error})
-                table.add(r.backend, r.dtype, r.case,
-                          f"{r.max_error:.2e}" if r.errors else "-", r.worst or r.error or "-",
-                          f"{r.tol:.0e}", "ok" if r.passed else "FAIL")
-            ctx.flush()
-    results = section.data["results"]
+    items = [(name, case_name) for case_name in cases for name in names]
+    for index, (name, case_name) in enumerate(items):
+        if not ctx.mine(index):
+            continue
+        if ctx.budget.spent():
+            section.skip(f"{name} {case_name}", SPENT)
+            continue
+        for r in parity.run_check(device, [name], {case_name: cases[case_name]}):
+            section.data["results"].append(
+                {"backend": r.backend, "dtype": r.dtype, "case": r.case, "errors": r.errors,
+                 "max_error": r.max_error if r.errors else None, "worst": r.worst,
+                 "tol": r.tol, "passed": r.passed, "error": r.error})
+            table.add(r.backend, r.dtype, r.case,
+                      f"{r.max_error:.2e}" if r.errors else "-", r.worst or r.error or "-",
+                      f"{r.tol:.0e}", "ok" if r.passed else "FAIL")
+        ctx.flush()
+    if ctx.whole:
+        summarize_check(section)
+
+
+def summarize_check(section: Section) -> None:
+    """Totals and failures of the check section (after its shards are merged)."""
+    results = section.data.get("results", [])
     passed = sum(r["passed"] for r in results)
     section.data.update(passed=passed, total=len(results))
-    section.notes.append(f"{passed}/{len(results)} passed")
+    per_backend = {}
+    for r in results:
+        ok, total = per_backend.get(r["backend"], (0, 0))
+        per_backend[r["backend"]] = (ok + r["passed"], total + 1)
+    section.notes.insert(0, f"{passed}/{len(results)} passed (" + ", ".join(
+        f"{name} {ok}/{total}" for name, (ok, total) in per_backend.items()) + ")")
+    missing = [n for n in section.data.get("backends", []) if n not in per_backend]
+    if missing:
+        section.notes.append("NO rows for backend(s) " + ", ".join(missing))
     for r in results:
         if not r["passed"]:
             section.notes.append(f"FAIL {r['backend']} {r['dtype']} {r['case']}: "
@@ -282,7 +300,8 @@ def run_parity(ctx: Context, section: Section) -> None:
     section.notes.append(f"backends {', '.join(kernels)}; Triton's default tiles "
                          + ", ".join(f"{k}={v}" for k, v in section.data["tiles"].items()))
 
-    _bitwise_repeat(ctx, section, kernels, fixed)
+    if ctx.shard[0] == 0:
+        _bitwise_repeat(ctx, section, kernels, fixed)
 
     table = section.table("Parity against the float64 reference (worst quantity per run)",
                           ["case", "configuration", "backend", "dtype", "seed", "worst",
@@ -294,6 +313,8 @@ def run_parity(ctx: Context, section: Section) -> None:
         case = random_case(rng)
         plan.append((f"random {i + 1}", case if ctx.cuda else shrink(case)))
     for index, (label, case) in enumerate(ctx.progress(plan, "parity")):
+        if not ctx.mine(index):
+            continue
         # Start a case only if a case like the ones so far still fits in the budget.
         typical = sorted(durations)[len(durations) // 2] if durations else 0.0
         if ctx.budget.spent(typical):
@@ -305,16 +326,46 @@ def run_parity(ctx: Context, section: Section) -> None:
         durations.append(time.perf_counter() - started)
         ctx.flush()
 
-    rows = section.data["cases"]
+    section.data["configurations"] = [len(durations)]   # a list: shards' counts add up
+    if ctx.whole:
+        summarize_parity(section)
+
+
+def summarize_parity(section: Section) -> None:
+    """Totals and failures of the parity section (after its shards are merged)."""
+    rows = section.data.get("cases", [])
     passed = sum(r["passed"] for r in rows)
-    repeats = section.data["bitwise_repeat"]
+    repeats = section.data.get("bitwise_repeat", [])
     identical = sum(r["identical"] for r in repeats)
+    configurations = section.data.get("configurations", 0)
+    if isinstance(configurations, list):
+        configurations = sum(configurations)
     section.data.update(passed=passed, total=len(rows), repeat_identical=identical,
-                        repeat_total=len(repeats))
-    section.notes.append(f"parity {passed}/{len(rows)} runs within bounds over "
-                         f"{len(durations)} configurations; bitwise repeat {identical}/"
-                         f"{len(repeats)} identical")
+                        repeat_total=len(repeats), configurations=configurations)
+    per_backend = {}
+    for r in rows:
+        ok, total = per_backend.get(r["backend"], (0, 0))
+        per_backend[r["backend"]] = (ok + r["passed"], total + 1)
+    section.notes.insert(0, f"parity {passed}/{len(rows)} runs within bounds over "
+                         f"{configurations} configurations (" + ", ".join(
+                             f"{name} {ok}/{total}" for name, (ok, total) in per_backend.items())
+                         + f"); bitwise repeat {identical}/{len(repeats)} identical")
     for r in rows:
         if not r["passed"]:
             section.notes.append(f"FAIL {r['case']} {r['backend']} {r['dtype']}: "
                                  f"{r.get('error') or r['errors']}")
+    for r in repeats:
+        if not r["identical"]:
+            section.notes.append(f"NOT REPEATABLE {r['case']} {r['backend']} {r['dtype']}: "
+                                 f"{r['result']}")
+
+
+# What the parent process runs on a sharded section once its shards are merged.
+SUMMARIZE = {"check": summarize_check, "parity": summarize_parity}
+
+
+def failures(section: Section) -> int:
+    """How many checked rows failed (check, parity and its bitwise repeat)."""
+    data = section.data
+    failed = data.get("total", 0) - data.get("passed", 0)
+    return failed + data.get("repeat_total", 0) - data.get("repeat_identical", 0)

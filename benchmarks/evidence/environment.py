@@ -58,8 +58,9 @@ def tf32_settings() -> Dict[str, object]:
 
 
 def commit() -> str:
-    """git rev-parse HEAD where the tree is a checkout, else $FASTRES_COMMIT, else unknown."""
-    return environment_info.git_commit() or os.environ.get("FASTRES_COMMIT") or "unknown"
+    """$FASTRES_COMMIT (the commit passed in, for a tree copied without .git), else git
+    rev-parse HEAD where the tree is a checkout, else unknown."""
+    return os.environ.get("FASTRES_COMMIT") or environment_info.git_commit() or "unknown"
 
 
 def versions() -> Dict[str, Optional[str]]:

@@ -28,10 +28,14 @@ from fastres.bench.formatting import markdown_table
 
 SCHEMA = "fastres-gpu-evidence/1"
 
-# What a section's status can be, in the JSON and the markdown.
-PENDING, RUNNING, OK, PARTIAL, SKIPPED, UNAVAILABLE, ERROR = (
-    "pending", "running", "ok", "partial", "skipped", "unavailable", "error")
-FINAL_STATUSES = (OK, PARTIAL, SKIPPED, UNAVAILABLE, ERROR)
+# What a section's status can be, in the JSON and the markdown. "failed": the section ran,
+# and what it checks failed (a parity row over its bound, a timing that raised); "error":
+# the section itself broke (an exception, its process killed by a fault or its timeout).
+PENDING, RUNNING, OK, PARTIAL, SKIPPED, UNAVAILABLE, FAILED, ERROR = (
+    "pending", "running", "ok", "partial", "skipped", "unavailable", "failed", "error")
+FINAL_STATUSES = (OK, PARTIAL, SKIPPED, UNAVAILABLE, FAILED, ERROR)
+# Worst first: the status of a section run as several processes (shards) is their worst.
+SEVERITY = (ERROR, FAILED, PARTIAL, UNAVAILABLE, SKIPPED, OK, RUNNING, PENDING)
 
 
 class SectionSkipped(Exception):
@@ -88,6 +92,45 @@ class Section:
 
     def to_json(self) -> Dict[str, object]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: Dict[str, object]) -> "Section":
+        """The inverse of to_json (a section's record written by its own process)."""
+        fields = dict(record)
+        fields["tables"] = [Table(**t) for t in fields.get("tables", [])]
+        return cls(**fields)
+
+
+def merge_sections(parts: List[Section]) -> Section:
+    """One section from the records of its shards (processes that each ran a share of its
+    items): lists in `data` and table rows concatenated in shard order, other data values
+    from the first shard that has them, the worst status, the first error."""
+    first = parts[0]
+    merged = Section(first.key, first.title, first.nominal_s, budget_s=first.budget_s)
+    tables: Dict[str, Table] = {}
+    for part in parts:
+        for key, value in part.data.items():
+            if isinstance(value, list):
+                merged.data.setdefault(key, []).extend(value)
+            else:
+                merged.data.setdefault(key, value)
+        for table in part.tables:
+            if table.title not in tables:
+                tables[table.title] = merged.table(table.title, table.headers)
+            tables[table.title].rows.extend(table.rows)
+        merged.notes += [n for n in part.notes if n not in merged.notes]
+        merged.skipped += part.skipped
+        if part.error and merged.error is None:
+            merged.error = part.error
+    merged.status = min((p.status for p in parts), key=SEVERITY.index)
+    if merged.status == PARTIAL:
+        merged.reason = f"{len(merged.skipped)} item(s) not run, listed below"
+    else:
+        reasons = [p.reason for p in parts if p.reason and p.status == merged.status]
+        merged.reason = "; ".join(dict.fromkeys(reasons)) or None
+    walls = [p.wall_s for p in parts if p.wall_s is not None]
+    merged.wall_s = max(walls) if walls else None
+    return merged
 
 
 def error_text(exc: BaseException, limit: int = 300) -> str:

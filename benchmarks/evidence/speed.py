@@ -206,11 +206,44 @@ def run_timings(ctx: Context, section: Section) -> None:
         if ctx.cuda:
             torch.cuda.empty_cache()
         ctx.flush()
+    failed = [f"{r['workload']} {r['impl']}" for r in rows if r["status"] != "ok"]
+    if failed:
+        section.notes.append(f"{len(failed)} timing row(s) FAILED: " + "; ".join(failed))
     if not ctx.max_autotune:
         section.skip("torch.compile mode max-autotune",
                      "not requested: its compile alone takes minutes per workload, more than "
                      "this run's 9 minutes allow next to everything else; run "
                      "`gpu_evidence.py --only timings --max-autotune` for it")
+
+
+def warm_timings(ctx: Context, section: Section) -> None:
+    """Pay the compiles of section 5 up front, in parallel: each shard calls every
+    candidate of its share of the workloads once (fastres's Triton kernels, torch.compile's
+    graphs), which leaves them in Triton's and inductor's on-disk caches, so that the timed
+    run, one process alone on the device, compiles nothing. Nothing here is timed."""
+    warmed = section.data["warmed"] = []
+    for index, work in enumerate(plan(ctx)):
+        if not ctx.mine(index):
+            continue
+        if ctx.budget.spent():
+            section.skip(f"warm {work.label}", SPENT)
+            continue
+        torch._dynamo.reset()
+        try:
+            calls = candidates(ctx, work)
+        except Exception as exc:  # noqa: BLE001 - the timed run records it as a row
+            warmed.append({"workload": work.label, "impl": "all", "error": error_text(exc)})
+            continue
+        for impl, call in calls.items():
+            if impl == "eager":
+                continue
+            try:
+                call()
+                ctx.synchronize()
+                warmed.append({"workload": work.label, "impl": impl, "error": None})
+            except Exception as exc:  # noqa: BLE001 - the timed run records it as a row
+                warmed.append({"workload": work.label, "impl": impl, "error": error_text(exc)})
+        ctx.flush()
 
 
 # --------------------------------------------------------------------------- section 8

@@ -2,9 +2,23 @@
 
 Calls fastres._ext, the extension's Python interface (docs/spec.md, "Backend contract").
 """
+import json
+import os
+
 import torch
 
 from .._ext import backward, compiled_with_cuda, forward, load_error  # noqa: F401
+
+
+def _why_no_cuda_kernels() -> str:
+    """What setup.py recorded (fastres/_build_info.json) about leaving the CUDA kernels out."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            reason = json.load(f).get("cuda_reason")
+    except (OSError, ValueError):
+        reason = None
+    return reason or "no GPU, no nvcc or no CUDA torch at build time"
 
 
 def unavailable_reason():
@@ -12,7 +26,7 @@ def unavailable_reason():
     if reason is not None:
         return reason
     if not compiled_with_cuda():
-        return "fastres._C was built without CUDA kernels (no nvcc or no CUDA torch at build time)"
+        return f"fastres._C was built without CUDA kernels ({_why_no_cuda_kernels()})"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible"
     return None

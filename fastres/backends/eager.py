@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import upstream_kernels
-from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN, output_length
+from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN, autocast_dtype, output_length
 from ._activation import parse_activation
 from .base import Backend
 
@@ -78,8 +78,7 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
     # (entering torch.autocast costs microseconds: only where autocast is on)
     device_type = x.device.type
     no_autocast = torch.autocast(device_type, enabled=False) \
-        if torch.amp.is_autocast_available(device_type) \
-        and torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+        if autocast_dtype(device_type) is not None else contextlib.nullcontext()
     with no_autocast:
         z = conv1d(up(x), up(weight), up(bias), stride, dilation, pad_left, pad_right)
         if norm != NORM_NONE:

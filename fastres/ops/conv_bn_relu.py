@@ -23,6 +23,7 @@ from ..dispatch.measure import bounded_extent
 from ..dispatch.safety import functorch_active
 from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
                            norm_mode, output_length, stats_dtype)
+from ..conventions import autocast_dtype, batch_norm_eps_error
 
 __all__ = ["Plan", "ResidualGradLink", "conv_bn_relu", "execute", "plan"]
 
@@ -258,12 +259,10 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
         if not training and running_mean is None:
             raise ValueError("eval-mode batch norm needs running_mean and running_var "
                              "(pass training=True to use batch statistics, or norm=None)")
-        # PyTorch's rules (F.batch_norm): eps > 0 to normalize batch statistics, eps >= 0
-        # with running ones.
-        if training and not eps > 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        if not eps >= 0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        # PyTorch's rules, as the installed torch's F.batch_norm has them.
+        eps_error = batch_norm_eps_error(eps, training)
+        if eps_error:
+            raise ValueError(eps_error)
         if training and running_mean is not None and momentum is None \
                 and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
@@ -410,12 +409,11 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
     """Validate a call (after autocast) and choose its backend; return the plan and the
     call's tensors (x, weight, bias, gamma, beta, running mean, running var, residual)."""
     mixed_skip = False
-    if isinstance(x, Tensor) and x.is_floating_point() \
-            and torch.amp.is_autocast_available(x.device.type) \
-            and torch.is_autocast_enabled(x.device.type):
+    dtype = autocast_dtype(x.device.type) \
+        if isinstance(x, Tensor) and x.is_floating_point() else None
+    if dtype is not None:
         # Conv operands take the autocast dtype (as nn.Conv1d under autocast); batch-norm
         # parameters and running statistics stay float32, as PyTorch keeps them.
-        dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         # A skip stream of higher precision stays so, and so does the sum, as PyTorch

@@ -48,6 +48,24 @@ def test_extension_build_did_not_fail_silently():
             "fastres._C was built without its CUDA kernels although nvcc exists"
 
 
+def test_a_build_without_cuda_kernels_says_why():
+    """A build without the CUDA kernels (the default where no GPU is visible) records why,
+    the cuda backend repeats it, and where a GPU is visible only FASTRES_NO_CUDA=1 may have
+    left them out (else the CUDA tests would skip on a machine that could run them)."""
+    if not os.path.exists(BUILD_INFO):
+        pytest.skip("fastres was not built by setup.py here (test_extension_build_did_not_"
+                    "fail_silently says whether that is allowed)")
+    with open(BUILD_INFO) as f:
+        info = json.load(f)
+    if not info["built"] or info["cuda"]:
+        return  # a failed build, or one with CUDA kernels: the test above judges those
+    reason = info.get("cuda_reason")
+    assert reason, f"fastres._C was built without CUDA kernels and no reason was recorded: {info}"
+    assert reason in backends.unavailable_reason("cuda")
+    if torch.cuda.is_available() and torch.version.cuda and "FASTRES_NO_CUDA" not in reason:
+        pytest.fail(f"a GPU is visible but fastres._C has no CUDA kernels: {reason}")
+
+
 @requires_cpp
 def test_available_backends_report_the_extension():
     names = fastres.available_backends()

@@ -1,9 +1,11 @@
 """benchmarks/gpu_evidence.py: the smoke run end to end, and the pieces it is built from.
 
-The smoke run (CPU, tiny shapes, Triton interpreted) goes through every section in a
-subprocess, so the GPU script cannot rot between the rare GPU runs; the unit tests pin the
-parts whose GPU behaviour the smoke run cannot show (budgets, SASS parsing, goal judging,
-error recording).
+The smoke run (`gpu_evidence.sh --smoke`: CPU, CUDA hidden even where a GPU exists, tiny
+shapes, Triton interpreted) goes through every section, each in its own processes, so the
+GPU script cannot rot between the rare GPU runs; it runs on both of CI's stacks. A second run
+injects a crash, an exception and a hang into three sections and shows that the others
+complete. The unit tests pin the parts whose GPU behaviour the smoke run cannot show
+(budgets, SASS parsing, goal judging, shard merging).
 """
 import glob
 import json
@@ -16,6 +18,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
+SCRIPT = os.path.join(BENCHMARKS, "gpu_evidence.sh")
 if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 
@@ -25,20 +28,24 @@ SECTION_KEYS = ["environment", "ceilings", "check", "parity", "timings", "profil
                 "launch", "memory", "streaming"]
 
 
-# --------------------------------------------------------------------------- the smoke run
+def run_wrapper(out, *options, env=None, timeout=900):
+    """bash gpu_evidence.sh --smoke OUT ...: the wrapper CI and people run, with this
+    test's Python (FASTRES_PYTHON) and no commit of a checkout (the tree may be a copy)."""
+    env = dict(os.environ if env is None else env, FASTRES_PYTHON=sys.executable,
+               FASTRES_COMMIT="test-commit-0123")
+    env.pop("TRITON_INTERPRET", None)     # the wrapper sets what the smoke run needs
+    done = subprocess.run(["bash", SCRIPT, "--smoke", str(out), *options], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    [json_path] = glob.glob(str(out / "*-evidence-smoke.json"))
+    with open(json_path) as f:
+        doc = json.load(f)
+    return done, json_path, doc
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("evidence")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "gpu_evidence.py"),
-                           "--smoke", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    [json_path] = glob.glob(str(out / "*-evidence-smoke.json"))
-    with open(json_path) as f:
-        doc = json.load(f)
+    done, json_path, doc = run_wrapper(out)
     return done, out, json_path, doc
 
 
@@ -74,7 +81,7 @@ def test_every_section_has_a_final_status(smoke):
         assert section["wall_s"] is not None, key
         if section["status"] != "ok":
             assert section["reason"], key
-    assert doc["commit"] and doc["versions"]["torch"] == torch.__version__
+    assert doc["commit"] == "test-commit-0123" and doc["versions"]["torch"] == torch.__version__
     # What only a GPU has is skipped with a reason, not crashed on.
     assert {"what": "CUDA-graph replay", "why": "skipped: no GPU"} in \
         doc["sections"]["launch"]["skipped"]
@@ -92,7 +99,10 @@ def test_smoke_correctness_sections_judge_real_runs(smoke):
 
 
 def test_smoke_timings_have_device_and_host_times(smoke):
-    rows = smoke[3]["sections"]["timings"]["data"]["rows"]
+    data = smoke[3]["sections"]["timings"]["data"]
+    warm = data["warm_up"]   # every candidate called once by parallel processes first
+    assert warm["processes"] == 2 and warm["calls"] > 0 and not warm["errors"], warm
+    rows = data["rows"]
     impls = {r["impl"] for r in rows}
     assert {"eager", "compile", "fastres"} <= impls
     for row in rows:
@@ -106,8 +116,11 @@ def test_smoke_triton_section_reads_sm90_cubins(smoke):
     section = smoke[3]["sections"]["triton"]
     if section["status"] == "skipped":
         pytest.skip(section["reason"])
-    kernels = section["data"]["kernels"]
-    assert kernels
+    # A busy machine may spend the section's budget before every kernel compiled: those
+    # are listed as not compiled, for that reason only; what compiled is read in full.
+    kernels = [k for k in section["data"]["kernels"]
+               if k.get("error") != "not compiled: " + context.SPENT]
+    assert kernels, section["data"]["kernels"]
     for k in kernels:
         assert "error" not in k, k
         assert k["num_warps"] and k["registers"]
@@ -128,34 +141,68 @@ def test_smoke_summary_judges_every_goal(smoke):
 # --------------------------------------------------------------------------- errors are recorded
 
 
-def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+def test_a_crash_an_exception_and_a_hang_cost_one_section_each(tmp_path):
+    """Each section runs in processes of its own with a hard timeout: a process that dies
+    (os.abort, as a CUDA fault kills one), raises or hangs is recorded as that section's
+    error, with what it wrote before, and the other sections complete."""
+    env = dict(os.environ, FASTRES_EVIDENCE_INJECT="ceilings:raise,profile:abort,launch:hang")
+    done, _, doc = run_wrapper(tmp_path, "--only", "environment,ceilings,profile,launch,memory",
+                               "--section-timeout", "60", env=env)
+    sections = doc["sections"]
+    assert done.returncode == 1, done.stdout[-3000:]
+    for key in ("ceilings", "profile", "launch"):
+        assert sections[key]["status"] == "error", (key, sections[key])
+        assert sections[key]["data"]["before_the_fault"] is True, key  # partial results kept
+        assert "ERROR" in done.stdout and sections[key]["title"] in done.stdout
+    raised = sections["ceilings"]["error"]
+    assert raised["type"] == "RuntimeError" and "injected failure in ceilings" in \
+        raised["message"] and "fail" in raised["traceback_tail"]
+    died = sections["profile"]["error"]
+    assert died["type"] == "ProcessDied" and "SIGABRT" in died["message"]
+    hung = sections["launch"]["error"]
+    assert hung["type"] == "Timeout" and "killed after" in hung["message"]
+    assert sections["launch"]["wall_s"] < 200
+    for key in ("environment", "memory"):   # before and after the failures
+        assert sections[key]["status"] in ("ok", "partial"), (key, sections[key])
+    assert sections["timings"]["status"] == "skipped"
+    assert sections["timings"]["reason"] == "not selected (--only)"
+    assert doc["commit"] == "test-commit-0123"
+    assert "NOT ALL WELL" in done.stdout
+
+
+def test_a_failed_check_is_failed_not_ok():
     import gpu_evidence
-    from evidence import environment
+    section = results.Section("check", "3. check", 10, status="ok")
+    section.data.update(results=[{"backend": "triton", "dtype": "float32", "case": "a",
+                                  "errors": {"out": 1.0}, "passed": False, "error": None},
+                                 {"backend": "cuda", "dtype": "float32", "case": "a",
+                                  "errors": {"out": 0.0}, "passed": True, "error": None}])
+    correctness.summarize_check(section)
+    gpu_evidence.judge(section)
+    assert section.status == "failed" and "1 checked row(s) failed" in section.reason
+    assert section.notes[0] == "1/2 passed (triton 0/1, cuda 1/1)"
 
-    def broken(ctx, section):
-        section.data["before"] = 1
-        raise ValueError("ceiling exploded")
 
-    monkeypatch.setattr(environment, "run_ceilings", broken)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    threads = torch.get_num_threads()
-    try:
-        status = gpu_evidence.main(["--smoke", "--only", "environment,ceilings",
-                                    "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
-    assert status == 1
-    [path] = glob.glob(str(tmp_path / "*-evidence-smoke.json"))
-    with open(path) as f:
-        sections = json.load(f)["sections"]
-    failed = sections["ceilings"]
-    assert failed["status"] == "error" and failed["data"] == {"before": 1}
-    assert failed["error"]["type"] == "ValueError"
-    assert failed["error"]["message"] == "ceiling exploded"
-    assert "broken" in failed["error"]["traceback_tail"]
-    assert sections["environment"]["status"] in ("ok", "partial")
-    assert sections["timings"] == dict(sections["timings"], status="skipped",
-                                       reason="not selected (--only)")
+def test_shards_merge_into_one_section():
+    a = results.Section("parity", "4. parity", 10, status="ok", wall_s=3.0)
+    a.data.update(cases=[{"backend": "triton", "passed": True}], configurations=[2],
+                  bitwise_repeat=[{"identical": True, "case": "x", "backend": "triton",
+                                   "dtype": "bf16", "result": "identical"}])
+    a.table("t", ["h"]).add("row a")
+    b = results.Section("parity", "4. parity", 10, status="partial", wall_s=4.0)
+    b.data.update(cases=[{"backend": "cuda", "passed": False, "case": "c", "dtype": "bf16",
+                          "errors": {"out": 1}}], configurations=[1])
+    b.table("t", ["h"]).add("row b")
+    b.skip("random 3", "budget")
+    merged = results.merge_sections([results.Section.from_json(a.to_json()),
+                                     results.Section.from_json(b.to_json())])
+    assert merged.status == "partial" and merged.wall_s == 4.0
+    assert [t.rows for t in merged.tables] == [[["row a"], ["row b"]]]
+    assert merged.skipped == [{"what": "random 3", "why": "budget"}]
+    correctness.summarize_parity(merged)
+    assert (merged.data["passed"], merged.data["total"], merged.data["configurations"]) == \
+        (1, 2, 3)
+    assert correctness.failures(merged) == 1
 
 
 # --------------------------------------------------------------------------- streaming
@@ -184,7 +231,7 @@ def test_streaming_section_runs_against_the_stream_api(monkeypatch):
     monkeypatch.setattr(fastres, "stream", RerunStream, raising=False)
     ctx = context.Context(device=torch.device("cpu"), smoke=True,
                           timing=context.SMOKE_TIMING, host_calls=2,
-                          budget=context.Budget(60, 1e18))
+                          budget=context.Budget(900, 1e18))  # the API, not time
     section = results.Section("streaming", "10. Streaming", 5)
     memory_stream.run_streaming(ctx, section)
     rows = section.data["rows"]

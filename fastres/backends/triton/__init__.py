@@ -110,7 +110,8 @@ def saves_mask_bits(has_residual: bool, save_for_backward: bool, norm: str) -> b
 def stream_forward(*args, **kwargs) -> None:
     """fastres.stream's kernel: one launch advances a whole causal stack by a step or a
     chunk (stream_step.py states its arguments)."""
-    from . import stream_step
+    from . import operands, stream_step  # operands: the interpreter's fixes (patch_interpreter)
+    operands.patch_interpreter()
     stream_step.stream_forward(*args, **kwargs)
 
 

@@ -40,7 +40,7 @@ def descriptor_ok(t: torch.Tensor, conv_stride: int = 1) -> bool:
 def descriptor(t: torch.Tensor, block_shape):
     """A host-side TMA descriptor of `t` whose box is `block_shape`; zero fill outside."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    _allow_unaligned_interpreter_offsets()
+    patch_interpreter()
     # Row-major strides from the shape: a contiguous tensor may carry any stride on a
     # size-1 dimension (K=1 weights, B=1 batches), which TMA would reject; it is never used.
     strides = [1]
@@ -119,27 +119,54 @@ def weight_tile(w, k, r0, c0, R, Cc, TMA: tl.constexpr,
 _PATCHED = False
 
 
-def _allow_unaligned_interpreter_offsets():
-    """Let Triton's interpreter take descriptor boxes at any column, as TMA does.
+def patch_interpreter():
+    """Make Triton's CPU interpreter run fastres as the GPU does (TRITON_INTERPRET=1 only).
 
-    The interpreter (triton 3.9) asserts that a descriptor load's innermost offset is a
-    multiple of 16 bytes. TMA's tensor coordinates are plain int32 with zero fill outside
-    the tensor, so the GPU needs no such alignment, and the conv windows here are shifted
-    by k * dilation - pad_left. Under TRITON_INTERPRET=1 only, the check is dropped; the
-    pointer arithmetic and masks the interpreter builds are the same either way.
+    Two fixes, each chosen by what the installed Triton has, never by its version number:
+    - Descriptor boxes at any column (`TensorDescHandle.materialize_pointers`). The
+      interpreter asserts that a descriptor load's innermost offset is a multiple of 16
+      bytes. TMA's tensor coordinates are plain int32 with zero fill outside the tensor, so
+      the GPU needs no such alignment, and the conv windows here are shifted by
+      k * dilation - pad_left. The check is dropped; the pointer arithmetic and masks the
+      interpreter builds are the same either way. The class is found by its name: Triton
+      3.6 also has a `BlockPointerHandle.materialize_pointers` (block pointers, which
+      fastres does not use), so "the class with that method" picked the wrong one there.
+    - Kernel scalars as Python ints (`tl.tensor.__index__`, e.g. `range(n)` over a kernel
+      argument). Triton 3.6's interpreter converts with `int(array)` of a 1-element array
+      with one dimension, which numpy >= 2.5 refuses; `.item()` reads the value on every
+      numpy and Triton version.
     """
     global _PATCHED
     if _PATCHED or not triton_interpreting():
         return
-    import numpy as np
     from triton.runtime import interpreter
-    cls = next((c for c in vars(interpreter).values() if isinstance(c, type)
-                and hasattr(c, "materialize_pointers")), None)
-    if cls is None:
+    _patch_scalar_index(interpreter)
+    _patch_descriptor_offsets(interpreter)
+    _PATCHED = True
+
+
+def _patch_scalar_index(interpreter):
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_fastres", False):
+        return
+
+    def patch_lang_tensor(tensor, scope, *args, **kwargs):
+        patch_tensor(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor._fastres = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def _patch_descriptor_offsets(interpreter):
+    import numpy as np
+    cls = getattr(interpreter, "TensorDescHandle", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    if cls is None or handle is None or not hasattr(cls, "materialize_pointers"):
         return
 
     def materialize_pointers(self, offsets):
-        # The interpreter's own body (triton 3.9) without the alignment assertion.
+        # The interpreter's own body (triton 3.6 to 3.9) without the alignment assertion.
         itemsize = self.base.dtype.element_ty.primitive_bitwidth // 8
         ptrs = np.broadcast_to(self.base.data, self.block_shape)
         masks = np.ones(self.block_shape, dtype=bool)
@@ -149,8 +176,10 @@ def _allow_unaligned_interpreter_offsets():
             off = (offsets[dim].data + np.arange(size)).reshape(shape)
             ptrs = ptrs + (itemsize * off * self.strides[dim].data).astype(np.uint64)
             masks = masks & (0 <= off) & (off < self.shape[dim].data)
-        handle = type(offsets[0])
         return (handle(ptrs, self.base.dtype.scalar), handle(masks, tl.int1))
 
     cls.materialize_pointers = materialize_pointers
-    _PATCHED = True
+
+
+# Interpreted kernels can launch as soon as this module is imported.
+patch_interpreter()
