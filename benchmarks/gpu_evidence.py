@@ -58,7 +58,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 # (key, title, nominal seconds on a GPU, in the smoke run). Sum on a GPU: 395 s, which with
 # the build (about 1-1.5 min), the processes' start-up and the reserve fits the 9 minutes.

@@ -23,7 +23,7 @@ def quick_settings(dtypes=(torch.float32,)):
 
 
 def test_listed_but_opt_in():
-    assert runner.SUITES["anchors"] == "fastres.bench.anchors"
+    assert runner.SUITES["anchors"] is anchors
     settings = runner.make_settings("default", CPU, None)
     assert "anchors" not in settings.only  # minutes of compiling: only when named
     assert runner.make_settings("default", CPU, None, only=["anchors"]).only == ["anchors"]
