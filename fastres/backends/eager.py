@@ -71,7 +71,9 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
     Arguments as the backend contract's forward (docs/spec.md), except that gamma/beta may
     be None and the running statistics are updated by F.batch_norm itself.
     """
-    act = parse_activation(activation)
+    # ReLU without the parser: torch.compile traces this function, and older dynamo (torch
+    # 2.11) cannot trace the cached parser's frozen dataclass.
+    act = torch.relu if activation == "relu" else parse_activation(activation)
     compute = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
     up = (lambda t: t) if compute == x.dtype else (  # noqa: E731
         lambda t: None if t is None else t.to(compute))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..upstream_kernels import plain_convs_routed
 from ._stage import RecordsConvGeometry
 
 LAYOUTS = ("NCL", "NLC")
@@ -53,5 +54,6 @@ class LayoutIO:
         twin = self.plain_twin()
         if issubclass(twin, RecordsConvGeometry):
             RecordsConvGeometry.record_geometry(self, twin.geometry_convs)
-        return twin.forward_ncl(self, x)
+        with plain_convs_routed():  # (a fused module is never wrong where PyTorch is)
+            return twin.forward_ncl(self, x)
 
