@@ -164,13 +164,7 @@ def _stage_as_modules(x, conv, bn, padding, residual, relu_before_add):
         z = conv(x)[..., start:start + output_length(x.shape[-1], k, d, s, left, right)]
     else:
         raise ValueError(f"cannot run {conv} as a module for {padding!r} padding")
-    if bn is not None:
-        z = bn(z)
-    if relu_before_add:
-        z = F.relu(z)
-    if residual is not None:
-        z = z + residual
-    return F.relu(z)
+    return _norm_relu_add(z, bn, residual, relu_before_add)
 
 
 def identity_shortcut_link(x: Tensor, shortcut: Tensor) -> Optional[ResidualGradLink]:
@@ -203,6 +197,11 @@ def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
     with plain_convs_routed() if weight_grad_at_risk(x, weight, stride) else _NO_CONTEXT:
         z = padded_conv1d(x, weight, conv.bias, conv.kernel_size[0], stride, conv.dilation[0],
                           padding == "causal")
+    return _norm_relu_add(z, bn, residual, relu_before_add)
+
+
+def _norm_relu_add(z, bn, residual, relu_before_add):
+    """relu([relu](bn(z)) + residual) with the norm called as its module (hooks fire)."""
     if bn is not None:
         z = bn(z)
     if relu_before_add:
