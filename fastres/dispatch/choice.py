@@ -127,10 +127,21 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def load_per_core() -> Optional[float]:
+    """Runnable threads a core: the larger of the one-minute load average and the threads
+    runnable right now (/proc/loadavg's fourth field, less this process's own torch threads),
+    since the average lags a load that has just started by a minute."""
+    cores = os.cpu_count() or 1
     try:
-        return os.getloadavg()[0] / (os.cpu_count() or 1)
+        average = os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        average = max(average, running - torch.get_num_threads() + 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return average / cores
 
 
 def provenance(device: str) -> Dict[str, object]:
