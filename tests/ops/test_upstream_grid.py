@@ -58,26 +58,38 @@ def test_the_720_geometries_are_right_at_the_default_dispatch(fresh_seed, monkey
         if case.L_out < 1 or case.B * case.L_out <= 1:
             continue  # not a valid training geometry
         valid += 1
-        inputs = make_inputs(case, torch.float32, seed=(fresh_seed + i) % 2**31)
-        with dispatch.recording() as log:
-            got = run_backend(case, inputs, torch.float32, None)
-        chosen.update(choice.name for _, _, choice in log)
-        reference = _reference(case, inputs, True)
-        errors = _errors_against_reference(case, inputs, torch.float32, got,
-                                           reference=reference)
-        failed = {k: v for k, v in errors.items() if not v < TOLERANCE[torch.float32]}
-        if failed:
-            wrong.append(f"{case}: {failed}")
-        ref_weight_grad = reference[0][1]["weight"]
-        if not rel_err(_plain_weight_grad(case, inputs), ref_weight_grad) < 1e-5:
-            plain_wrong += 1
-            # Where PyTorch is wrong, eager is checked whether or not it was chosen.
-            errors = _errors_against_reference(case, inputs, torch.float32,
-                                               run_backend(case, inputs, torch.float32, "eager"),
+        # A failure must hold on a second draw: one fresh draw can put a pre-ReLU value
+        # within float32's rounding of 0, whose flipped mask moves every gradient ~1e-3 on
+        # these small shapes; a wrong kernel fails every draw.
+        seeds = [(fresh_seed + i) % 2**31, (fresh_seed + i + 7919) % 2**31]
+        failures, plain_failures, eager_failures, draws = [], 0, [], 0
+        for seed in seeds:
+            draws += 1
+            inputs = make_inputs(case, torch.float32, seed=seed)
+            with dispatch.recording() as log:
+                got = run_backend(case, inputs, torch.float32, None)
+            chosen.update(choice.name for _, _, choice in log)
+            reference = _reference(case, inputs, True)
+            errors = _errors_against_reference(case, inputs, torch.float32, got,
                                                reference=reference)
-            failed = {k: v for k, v in errors.items() if not v < TOLERANCE[torch.float32]}
-            if failed:
-                wrong.append(f"eager, {case}: {failed}")
+            failures.append({k: v for k, v in errors.items()
+                             if not v < TOLERANCE[torch.float32]})
+            ref_weight_grad = reference[0][1]["weight"]
+            if not rel_err(_plain_weight_grad(case, inputs), ref_weight_grad) < 1e-5:
+                plain_failures += 1
+                # Where PyTorch is wrong, eager is checked whether or not it was chosen.
+                errors = _errors_against_reference(
+                    case, inputs, torch.float32,
+                    run_backend(case, inputs, torch.float32, "eager"), reference=reference)
+                eager_failures.append({k: v for k, v in errors.items()
+                                       if not v < TOLERANCE[torch.float32]})
+            if not failures[-1] and not (eager_failures and eager_failures[-1]):
+                break  # right on this draw: nothing to confirm
+        if len(failures) == 2 and all(failures):
+            wrong.append(f"{case}: {failures[0]}")
+        if len(eager_failures) == 2 and all(eager_failures):
+            wrong.append(f"eager, {case}: {eager_failures[0]}")
+        plain_wrong += plain_failures == draws  # (counted, not asserted: a kink may add one)
     print(f"\n{valid} valid geometries: fastres wrong on {len(wrong)}, plain PyTorch's weight "
           f"gradient wrong on {plain_wrong}; chosen {dict(chosen)} "
           f"({time.perf_counter() - start:.1f} s)")
