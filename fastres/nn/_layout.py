@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..upstream_kernels import plain_convs_routed
-from ._stage import RecordsConvGeometry
 
 LAYOUTS = ("NCL", "NLC")
 
@@ -42,18 +40,11 @@ class LayoutIO:
     """Mixin, before FusedModule: converts NLC input and output around the fused forward."""
 
     input_layout = "NCL"  # modules pickled before the option existed
+    # FusedModule.plain_forward runs the twin's (B, C, L) body: forward has converted already.
+    PLAIN_BODY = "forward_ncl"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_layout == "NCL":
             return super().forward(x)
         out = super().forward(ncl_view(type(self).__name__, x, self.conv1.in_channels))
         return out.transpose(1, 2) if out.dim() == 3 else out
-
-    def plain_forward(self, x: Tensor) -> Tensor:
-        """The plain twin's (B, C, L) body: forward has converted the layout already."""
-        twin = self.plain_twin()
-        if issubclass(twin, RecordsConvGeometry):
-            RecordsConvGeometry.record_geometry(self, twin.geometry_convs)
-        with plain_convs_routed():  # (a fused module is never wrong where PyTorch is)
-            return twin.forward_ncl(self, x)
-

@@ -267,6 +267,9 @@ class FusedModule:
 
     PLAIN_TWINS: Tuple[type, ...] = ()
     LEAF = True
+    # The plain twin's method plain_forward runs: its forward, or its (B, C, L) body where
+    # the module converts the layout around it (LayoutIO).
+    PLAIN_BODY = "forward"
     _fused_class_of_twin: Dict[type, type] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -298,7 +301,7 @@ class FusedModule:
         if issubclass(twin, RecordsConvGeometry):
             RecordsConvGeometry.record_geometry(self, twin.geometry_convs)
         with plain_convs_routed():  # (a fused module is never wrong where PyTorch is)
-            return twin.forward(self, x)
+            return getattr(twin, self.PLAIN_BODY)(self, x)
 
     def unfused(self) -> nn.Module:
         """This module as its plain twin, sharing submodules and tensors."""
