@@ -297,6 +297,8 @@ def check_parity(case: Case, backend: Optional[str], dtype: torch.dtype, device=
 # (oneDNN's 16-float blocks, the C++ tiles, Triton's tiles of 16 or more) run whole channel
 # blocks and a remainder, so a probe keeps one whole block and the same remainder.
 PROBE_BATCH = 2
+# The fewest values a channel's batch statistics are taken over in a training probe.
+PROBE_MIN_NORM_COUNT = 8
 PROBE_CHANNEL_BLOCK = 16
 
 
@@ -310,8 +312,8 @@ def probe_channels(channels: int) -> int:
 
 
 def probe_case(call: Call) -> Case:
-    """The small Case standing for `call`: its geometry, a batch of at most PROBE_BATCH and
-    probe_channels channels; the residual is an independent tensor of the output's shape."""
+    """The small Case standing for `call`: its geometry, a batch of at most PROBE_BATCH (in
+    training, enough for PROBE_MIN_NORM_COUNT values a channel) and probe_channels channels; the residual is an independent tensor of the output's shape."""
     paddings = {mode: conv_padding(call.kernel_size, call.dilation, call.stride, mode)
                 for mode in ("causal", "same")}
     padding = next((mode for mode, pads in paddings.items()
@@ -324,7 +326,15 @@ def probe_case(call: Call) -> Case:
     # least the padded kernel's span): the first call on a 2M-step input must stay cheap.
     span = (call.kernel_size - 1) * call.dilation + 1
     length = min(call.length, max(PROBE_MAX_LENGTH, 2 * span))
-    return Case(B=min(call.batch, PROBE_BATCH), C_in=probe_channels(call.c_in),
+    batch = min(call.batch, PROBE_BATCH)
+    if call.norm == NORM_TRAIN:
+        # Batch statistics over a handful of values are ill-conditioned: over 2 values a
+        # channel normalizes to +-1 whatever the input, its input gradient is ~eps/var, and
+        # every float32 kernel is 1e-3 off float64 there. The batch is not geometry (no
+        # kernel cuts work by it differently), so a probe takes enough samples to hold
+        # PROBE_MIN_NORM_COUNT values a channel.
+        batch = max(batch, -(-PROBE_MIN_NORM_COUNT // max(1, call.length_out)))
+    return Case(B=batch, C_in=probe_channels(call.c_in),
                 C_out=probe_channels(call.c_out), L=length, K=call.kernel_size,
                 dilation=call.dilation, stride=call.stride, padding=padding,
                 residual="tensor" if call.has_residual else "none", norm=call.norm,

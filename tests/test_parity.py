@@ -28,6 +28,10 @@ CALLS = [
          False),
     Call("cpu", torch.bfloat16, 3, 8, 8, 50, 3, 1, 2, 2, 2, "train", True, False, False, True),
     Call("cpu", torch.float64, 2, 4, 6, 30, 2, 3, 1, 0, 0, "none", True, False, True, True),
+    # a ResNet1d's last stage at a short input: batch statistics over 2 values a channel,
+    # where every float32 kernel's input gradient is 1e-3 off float64 (the probe takes more
+    # samples; the batch is not geometry)
+    Call("cpu", torch.float32, 1, 8, 8, 4, 3, 2, 1, 1, 1, "train", False, False, False, True),
 ]
 RUNNABLE = [name for name in ("eager", "composite", "cpp")
             if backends.unavailable_reason(name) is None]
@@ -39,6 +43,11 @@ def test_a_right_backend_passes_its_probe(call, backend, fresh_seed):
     if backends.get(backend).supports(call) is not None:
         pytest.skip(f"{backend} does not run {call.dtype}")
     assert probe(call, backend, seed=fresh_seed) is None
+
+
+def test_a_training_probe_takes_enough_values_a_channel():
+    case = probe_case(CALLS[-1])  # 2 outputs a sample
+    assert case.B * 2 >= parity.PROBE_MIN_NORM_COUNT and case.L == 4 and case.stride == 2
 
 
 def _scaled_weight_gradient(monkeypatch, factor):
