@@ -70,8 +70,14 @@ def hooked(module: nn.Module) -> bool:
     if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks \
             or _torch_module._global_backward_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-               or m._backward_pre_hooks for m in module.modules())
+    pending = [module]
+    while pending:  # (a plain walk: named_modules' prefixes and memo cost 3x as much)
+        state = pending.pop().__dict__
+        if state["_forward_hooks"] or state["_forward_pre_hooks"] \
+                or state["_backward_hooks"] or state["_backward_pre_hooks"]:
+            return True
+        pending.extend(m for m in state["_modules"].values() if m is not None)
+    return False
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:
@@ -87,12 +93,7 @@ def run(module: nn.Module, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) \
             or forced_backend() is not None:
         return module.fused_forward(x)
-    if hooked(module):
-        choice = Choice("module", "stages", "not measured: it has hooks, which measuring "
-                        "would call; every stage keeps its own choice, hooked ones as "
-                        "modules", RULE)
-    else:
-        choice = _choice(module, x)
+    choice = _choice(module, x)
     if record.recording_active():
         record.record(module, None, choice)
     return _forward_outermost(module, choice.name, x)
@@ -109,6 +110,11 @@ def _choice(module: nn.Module, x: Tensor) -> Choice:
     memo = module.__dict__.get(_MEMO)
     if memo is None:
         memo = module.__dict__[_MEMO] = {}
+    # Looked for on every call, whatever was chosen before: hooks come and go, and the
+    # plain twin calls its convs functionally (their hooks fire only in stages run as
+    # modules), as the whole-module paths skip every submodule.
+    if hooked(module):
+        return _HOOKED
     choice = memo.get(key)
     if choice is not None:
         return choice
@@ -124,6 +130,11 @@ def _choice(module: nn.Module, x: Tensor) -> Choice:
     choice = memo[key] = cache().remember(text_key, _measure(module, x, needs_grad))
     cache().store(text_key, str(x.device), choice)
     return choice
+
+
+_HOOKED = Choice("module", "stages", "not measured: it has hooks, which measuring (or a path "
+                 "that skips modules) would call; every stage keeps its own choice, hooked "
+                 "ones as modules", RULE)
 
 
 def _text_key(module: nn.Module, x: Tensor, needs_grad: bool) -> str:

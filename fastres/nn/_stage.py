@@ -74,9 +74,11 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, object]]" = weakref.We
 
 
 def _hooked(*modules: Optional[nn.Module]) -> bool:
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks \
+            or _module._global_backward_hooks:
         return True
-    return any(m is not None and bool(m._forward_hooks or m._forward_pre_hooks)
+    return any(m is not None and bool(m._forward_hooks or m._forward_pre_hooks
+                                      or m._backward_hooks or m._backward_pre_hooks)
                for m in modules)
 
 

@@ -1,6 +1,7 @@
 """Choosing is safe inside everything users do: checkpointing, torch.compile, torch.func,
 hooks, autocast, inference mode, jit tracing. Each fused module is compared with its plain
 twin (fastres.unfuse) under the same mode, on fresh inputs."""
+import contextlib
 import copy
 
 import pytest
@@ -112,6 +113,27 @@ def test_hooks_on_blocks_convs_and_norms_of_a_small_batch_eval_tcn(fresh_dispatc
         for block in fastres.unfuse(copy.deepcopy(fused)).network[1:]:
             h = block(h)
     assert rel_err(zeroed, h) < 1e-5
+
+
+@pytest.mark.parametrize("backend", [None, "cpp"], ids=["default", "cpp"])
+def test_backward_hooks_on_a_conv_and_a_block_fire_once(backend, fresh_dispatch, fresh_seed):
+    """A full backward hook sees a gradient only where its module is called as a module:
+    the stage of a hooked conv runs as modules, whatever backend the others run on, and
+    the gradients stay those of the plain model."""
+    fused, plain = _pair(lambda: fastres.TemporalBlock(4, 6, 3, dilation=2), fresh_seed)
+    x = torch.randn(2, 4, 40, requires_grad=True)
+    fused(x).sum().backward()  # the first call measures, hook-free
+    conv_grads, block_grads = [], {"fused": [], "plain": []}
+    fused.conv2.register_full_backward_hook(lambda m, gi, go: conv_grads.append(go[0]))
+    for name, model in (("fused", fused), ("plain", plain)):
+        model.register_full_backward_pre_hook(
+            lambda m, go, out=block_grads[name]: out.append(go[0].clone()))
+    with fastres.use_backend(backend) if backend else contextlib.nullcontext():
+        got = _grads(fused, fused(x), x)
+    _close_grads(got, _grads(plain, plain(x), x))
+    assert len(conv_grads) == 1 and conv_grads[0].shape[:2] == (2, 6)
+    assert len(block_grads["fused"]) == len(block_grads["plain"]) == 1
+    assert rel_err(block_grads["fused"][0], block_grads["plain"][0]) < 1e-5
 
 
 def test_an_eps_changed_after_the_first_call_is_used(fresh_dispatch, fresh_seed):
