@@ -82,3 +82,17 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
     return (grad_x if need_grad_x else None, grad_weight, grad_bias if has_bias else None,
             grad_gamma if with_norm else None, grad_beta if with_norm else None,
             grad_residual if has_residual else None)
+
+
+def same_values(now, then) -> bool:
+    """Whether every tensor of `now` holds exactly the bytes of the tensor at the same index
+    of `then` (same dtype, shape and device). What a copy of a module's weights (a folded
+    stream, a packed oneDNN program) is checked against before it runs: unlike version
+    counters, values also see writes through `.data`, which leave the counter alone. One
+    C++ call (memcmp) where the extension is built; NaNs compare by their bits there and
+    never equal in the fallback (which then only rebuilds the copy)."""
+    if load_error() is None and hasattr(torch.ops.fastres_ext, "stream_same_values"):
+        return torch.ops.fastres_ext.stream_same_values.default(list(now), list(then))
+    return len(now) == len(then) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+        and torch.equal(a.detach(), b) for a, b in zip(now, then))

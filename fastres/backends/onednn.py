@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .. import _ext
 from ..conventions import conv_padding, output_length
 
 __all__ = ["Program", "build", "build_or_reason", "run", "unavailable_reason",
@@ -440,6 +441,8 @@ class Program:
         self._reads = reads
         self._root = weakref.ref(module)
         self._slots, self._values, self._versions = _snapshot(module)
+        with torch.no_grad():
+            self._copies = [t.detach().clone() for t, _, _ in self._versions]
         self.dtype, self.device = dtype, device
         self.in_channels = steps[0].in_channels
         self.classifier = isinstance(steps[-1], _Head)
@@ -457,7 +460,7 @@ class Program:
 
     def stale(self, module: nn.Module) -> bool:
         """Whether `module` changed since this program read it (parameters, buffers, BN eps
-        or momentum, a submodule's training flag, a tensor replaced)."""
+        or momentum, a submodule's training flag, a tensor replaced, a value written)."""
         if module is not self._root():
             return True
         for mapping, key, obj in self._slots:
@@ -469,7 +472,8 @@ class Program:
         for t, version, pointer in self._versions:
             if t._version != version or t.data_ptr() != pointer:
                 return True
-        return False
+        # A write through .data leaves the version counter alone: the values decide.
+        return not _ext.same_values([t for t, _, _ in self._versions], self._copies)
 
     def unsupported_reason(self, x: Tensor) -> Optional[str]:
         """Why this program cannot compute module(x) exactly, or None."""

@@ -163,14 +163,20 @@ def _candidates(module: nn.Module, x: Tensor, needs_grad: bool) -> List[str]:
     return [baseline, "stages"] + fused + list(_whole_module_paths(module, x, needs_grad))
 
 
-def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool
+def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool,
+                        only: Optional[str] = None
                         ) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
-    """Paths that run the whole module at once, by name; each returns module(x), or None
-    where it cannot run this input (or the module as it is now)."""
-    paths = dict(getattr(module, "dispatch_candidates", lambda x: {})(x))
-    if x.device.type == "cpu" and not needs_grad and not module.training \
-            and _onednn_program(module) is not None:
-        paths["onednn"] = functools.partial(_run_onednn, module)
+    """Paths that run the whole module at once, by name (`only`: that one alone, so a call
+    checks no other path's weights); each returns module(x), or None where it cannot run
+    this input."""
+    paths = {}
+    if only in (None, "onednn") and x.device.type == "cpu" and not needs_grad \
+            and not module.training:
+        program = _onednn_program(module)
+        if program is not None:
+            paths["onednn"] = functools.partial(_run_program, program)
+    if only != "onednn":
+        paths.update(getattr(module, "dispatch_candidates", lambda x: {})(x))
     return paths
 
 
@@ -187,11 +193,8 @@ def _onednn_program(module: nn.Module):
     return program
 
 
-def _run_onednn(module: nn.Module, x: Tensor) -> Optional[Tensor]:
-    program = _onednn_program(module)
-    if program is None or program.unsupported_reason(x) is not None:
-        return None
-    return program(x)
+def _run_program(program, x: Tensor) -> Optional[Tensor]:
+    return None if program.unsupported_reason(x) is not None else program(x)
 
 
 def _measure(module: nn.Module, x: Tensor, needs_grad: bool) -> Choice:
@@ -245,7 +248,7 @@ def _forward(module: nn.Module, policy: str, x: Tensor) -> Tensor:
 def _forward_outermost(module: nn.Module, policy: str, x: Tensor, strict: bool = False
                        ) -> Tensor:
     if policy not in ("plain", "stages") and policy not in backends.names():
-        path = _whole_module_paths(module, x, _needs_grad(module, x)).get(policy)
+        path = _whole_module_paths(module, x, _needs_grad(module, x), policy).get(policy)
         out = None if path is None else path(x)
         if out is not None:
             return out

@@ -235,6 +235,28 @@ def test_repacked_after_load_state_dict(name, fresh_seed):
     _check(other, x, out)
 
 
+@pytest.mark.parametrize("name,write", [
+    ("tcn-block-downsample", lambda m: m.conv1.weight.data.mul_(1.5)),
+    ("tcn-block-weight-norm", lambda m: m.conv2.parametrizations.weight.original0.data.mul_(2)),
+    ("basic-stride2", lambda m: m.bn1.running_var.data.mul_(3)),
+    ("resnet", lambda m: m.fc.bias.data.add_(1)),
+])
+def test_repacked_after_a_write_through_data(name, write, fresh_seed):
+    """.data writes (hand-written EMA updates, re-initialisation) leave version counters
+    alone: the program compares values, or its packed weights would be silently stale."""
+    model, shape = _draw(name, fresh_seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    before = _run(model, x).clone()
+    program = onednn._PROGRAMS[model]
+    versions = [t._version for t in model.state_dict(keep_vars=True).values()]
+    write(model)
+    assert versions == [t._version for t in model.state_dict(keep_vars=True).values()]
+    assert program.stale(model)
+    out = _run(model, x)
+    assert rel_err(out, before) > 1e-3
+    _check(model, x, out)
+
+
 def test_repacked_after_bn_eps_or_a_new_parameter(fresh_seed):
     model, shape = _draw("basic-identity", fresh_seed)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
