@@ -62,7 +62,7 @@ from torch.nn.modules import module as _module
 from .. import _ext
 from ..conventions import conv_padding, output_length
 
-__all__ = ["Program", "build", "build_or_reason", "run", "unavailable_reason",
+__all__ = ["Program", "build", "build_or_reason", "program_for", "run", "unavailable_reason",
            "to_channels_last", "is_channels_last"]
 
 # A conv whose sums of |terms| stay below this cannot overflow float32 (3.4e38), nor
@@ -595,20 +595,29 @@ def build(module: nn.Module) -> Optional[Program]:
     return build_or_reason(module)[0]
 
 
-_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Program]" = weakref.WeakKeyDictionary()
+# Each module's program (None where it cannot be built), kept beside the module rather than
+# in it: copies and pickles of a module never carry packed weights.
+_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Optional[Program]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def program_for(module: nn.Module) -> Optional[Program]:
+    """The module's program as the module is now (built on first use, rebuilt when stale),
+    or None where none can be built (build_or_reason says why)."""
+    program = _PROGRAMS.get(module)
+    if program is None or program.stale(module):
+        program = _PROGRAMS[module] = build_or_reason(module)[0]
+    return program
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x) through its oneDNN program, built on first use and rebuilt when stale; x in
-    the module's own input_layout.
+    """module(x) through its oneDNN program; x in the module's own input_layout.
 
-    For tests and benchmarks (the dispatch keeps its own record): raises RuntimeError when
-    the module or the call cannot run here.
+    For tests and benchmarks (the dispatch decides when the program runs): raises
+    RuntimeError when the module or the call cannot run here.
     """
-    program = _PROGRAMS.get(module)
-    if program is None or program.stale(module):
-        program, reason = build_or_reason(module)
-        if program is None:
-            raise RuntimeError(f"no oneDNN program for {type(module).__name__}: {reason}")
-        _PROGRAMS[module] = program
+    program = program_for(module)
+    if program is None:
+        raise RuntimeError(f"no oneDNN program for {type(module).__name__}: "
+                           f"{build_or_reason(module)[1]}")
     return program(x, getattr(module, "input_layout", "NCL"))

@@ -43,7 +43,6 @@ import contextlib
 import functools
 import hashlib
 import threading
-import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -172,25 +171,12 @@ def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool,
     paths = {}
     if only in (None, "onednn") and x.device.type == "cpu" and not needs_grad \
             and not module.training:
-        program = _onednn_program(module)
+        program = onednn.program_for(module)
         if program is not None:
             paths["onednn"] = functools.partial(_run_program, program)
     if only != "onednn":
         paths.update(getattr(module, "dispatch_candidates", lambda x: {})(x))
     return paths
-
-
-# Each module's oneDNN program (or None where it cannot be built), kept beside the module
-# rather than in it: copies and pickles of a module never carry packed weights.
-_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
-
-
-def _onednn_program(module: nn.Module):
-    """The module's oneDNN program (built, or rebuilt when its weights changed), or None."""
-    program = _PROGRAMS.get(module)
-    if program is None or program.stale(module):
-        program = _PROGRAMS[module] = onednn.build_or_reason(module)[0]
-    return program
 
 
 def _run_program(program, x: Tensor) -> Optional[Tensor]:
