@@ -313,7 +313,8 @@ def probe_channels(channels: int) -> int:
 
 def probe_case(call: Call) -> Case:
     """The small Case standing for `call`: its geometry, a batch of at most PROBE_BATCH (in
-    training, enough for PROBE_MIN_NORM_COUNT values a channel) and probe_channels channels; the residual is an independent tensor of the output's shape."""
+    training, enough for PROBE_MIN_NORM_COUNT values a channel) and probe_channels
+    channels; the residual is an independent tensor of the output's shape."""
     paddings = {mode: conv_padding(call.kernel_size, call.dilation, call.stride, mode)
                 for mode in ("causal", "same")}
     padding = next((mode for mode, pads in paddings.items()
