@@ -1195,7 +1195,21 @@ PyObject* bound_step_time(PyObject* self, PyObject* const* args, Py_ssize_t narg
   END_HANDLE_TH_ERRORS
 }
 
+// (StreamStep, its six tensors): copy.deepcopy and pickle make a step bound to the copies of
+// the tensors (the copied stream's own, by deepcopy's memo).
+PyObject* bound_step_reduce(PyObject* self, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  const BoundStep::Held& h = *reinterpret_cast<BoundStep*>(self)->held;
+  PyObject* w16 = h.weights16.defined() ? THPVariable_Wrap(h.weights16) : Py_NewRef(Py_None);
+  return Py_BuildValue("(O(NNNNNN))", reinterpret_cast<PyObject*>(Py_TYPE(self)),
+                       THPVariable_Wrap(h.weights), THPVariable_Wrap(h.meta),
+                       THPVariable_Wrap(h.state), THPVariable_Wrap(h.position),
+                       THPVariable_Wrap(h.workspace), w16);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kBoundStepMethods[] = {
+    {"__reduce__", &bound_step_reduce, METH_NOARGS, "(StreamStep, its six tensors)"},
     {"_time", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&bound_step_time)),
      METH_FASTCALL, "_time(x, out, steps) -> (kernel seconds a step, weight read seconds)"},
     {nullptr, nullptr, 0, nullptr}};
