@@ -26,6 +26,7 @@ bool compiled_with_cuda() {
 
 // csrc/cpu/stream_cpu.cpp: fastres._C.stream_step, the streaming step without the dispatcher.
 PyMethodDef* stream_python_methods();
+PyTypeObject* stream_step_type();  // fastres._C.StreamStep, a stream's step bound to its tensors
 
 TORCH_LIBRARY(fastres_ext, m) {
   // docs/spec.md, "Backend contract". norm_mode: 0 none, 1 eval (normalize with the running
@@ -63,5 +64,12 @@ extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "fastres C++/CUDA kernels (see torch.ops.fastres_ext)", -1,
       fastres::stream_python_methods()};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  PyTypeObject* step_type = module ? fastres::stream_step_type() : nullptr;
+  if (step_type == nullptr || PyModule_AddObjectRef(module, "StreamStep",
+                                                    reinterpret_cast<PyObject*>(step_type)) < 0) {
+    Py_XDECREF(module);
+    return nullptr;
+  }
+  return module;
 }

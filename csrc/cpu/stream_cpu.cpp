@@ -27,6 +27,7 @@
 // next conv reads earlier rows of this one's output).
 #include <Python.h>
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/Exceptions.h>
@@ -37,6 +38,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
+#include <memory>
 #include <type_traits>
 
 #include "blas.h"
@@ -71,6 +74,7 @@ struct Layer {
 struct Net {
   c10::SmallVector<Layer, 32> layers;  // on the stack up to 32 layers: no allocation per step
   int64_t batch, c_in, c_out, max_c, state_size, weights_size;
+  int64_t max_taps = 1;  // the most taps of any conv
 };
 
 Net parse_meta(const at::Tensor& meta) {
@@ -116,6 +120,7 @@ Net parse_meta(const at::Tensor& meta) {
     TORCH_CHECK(ok, "fastres_ext.stream_forward: meta record of layer ", i,
                 " is inconsistent (channels, ring or weight offsets): rebuild the stream");
     channels = l.c_out;
+    net.max_taps = std::max(net.max_taps, taps);
     net.layers.push_back(l);
   }
   TORCH_CHECK(channels == net.c_out, "fastres_ext.stream_forward: meta channel counts disagree");
@@ -228,6 +233,112 @@ FASTRES_CLONES void small_gemm(int64_t rows, int64_t n, int64_t kd, const float*
 FASTRES_CLONES void small_gemm(int64_t rows, int64_t n, int64_t kd, const double* a,
                                int64_t lda, const double* w, double* c, int64_t ldc) {
   rows_times_packed<double>(rows, n, kd, a, lda, w, c, ldc);
+}
+
+// One row of a single step: c[:n] = bias + sum_k a[k][:kd] @ w_k over the conv's taps k, where
+// w_k = w + k * kd * n is tap k's (kd, n) row-major matrix (so the K taps are one (K*kd, n)
+// matrix, read once from start to end) and a[k] tap k's input row (nullptr: zero, skipped: the
+// causal padding of a fresh state); then c = max(c, 0) where `relu`. The bias, the sums of every
+// tap and the ReLU stay in registers: one pass over the outputs per conv instead of a bias copy
+// and a load and store of the outputs per tap. The same 8 multiply-add chains as above.
+template <typename T>
+inline __attribute__((always_inline)) void row_times_taps(int64_t n, int64_t kd, int64_t taps,
+                                                          const T* const* a, const T* w,
+                                                          const T* bias, T* c, bool relu) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t kV = 64 / sizeof(T);
+  const V zero = {};
+  int64_t j = 0;
+  for (; j + 4 * kV <= n; j += 4 * kV) {
+    V e0 = zero, e1 = zero, e2 = zero, e3 = zero;
+    if (bias) {
+      e0 = load<V>(bias + j);
+      e1 = load<V>(bias + j + kV);
+      e2 = load<V>(bias + j + 2 * kV);
+      e3 = load<V>(bias + j + 3 * kV);
+    }
+    V o0 = zero, o1 = zero, o2 = zero, o3 = zero;
+    for (int64_t k = 0; k < taps; ++k) {
+      const T* ar = a[k];
+      if (ar == nullptr) continue;
+      const T* wk = w + k * kd * n + j;
+      int64_t q = 0;
+      for (; q + 2 <= kd; q += 2) {
+        const T* w0 = wk + q * n;
+        const T* w1 = w0 + n;
+        const T a0 = ar[q], a1 = ar[q + 1];
+        e0 += a0 * load<V>(w0);
+        e1 += a0 * load<V>(w0 + kV);
+        e2 += a0 * load<V>(w0 + 2 * kV);
+        e3 += a0 * load<V>(w0 + 3 * kV);
+        o0 += a1 * load<V>(w1);
+        o1 += a1 * load<V>(w1 + kV);
+        o2 += a1 * load<V>(w1 + 2 * kV);
+        o3 += a1 * load<V>(w1 + 3 * kV);
+      }
+      if (q < kd) {
+        const T* w0 = wk + q * n;
+        const T a0 = ar[q];
+        e0 += a0 * load<V>(w0);
+        e1 += a0 * load<V>(w0 + kV);
+        e2 += a0 * load<V>(w0 + 2 * kV);
+        e3 += a0 * load<V>(w0 + 3 * kV);
+      }
+    }
+    V r0 = e0 + o0, r1 = e1 + o1, r2 = e2 + o2, r3 = e3 + o3;
+    if (relu) {
+      r0 = r0 > zero ? r0 : zero;
+      r1 = r1 > zero ? r1 : zero;
+      r2 = r2 > zero ? r2 : zero;
+      r3 = r3 > zero ? r3 : zero;
+    }
+    store(c + j, r0);
+    store(c + j + kV, r1);
+    store(c + j + 2 * kV, r2);
+    store(c + j + 3 * kV, r3);
+  }
+  for (; j + kV <= n; j += kV) {  // single vectors of channels: 4 chains over the inputs
+    V e0 = bias ? load<V>(bias + j) : zero, e1 = zero, e2 = zero, e3 = zero;
+    for (int64_t k = 0; k < taps; ++k) {
+      const T* ar = a[k];
+      if (ar == nullptr) continue;
+      const T* wk = w + k * kd * n + j;
+      int64_t q = 0;
+      for (; q + 4 <= kd; q += 4) {
+        e0 += ar[q] * load<V>(wk + q * n);
+        e1 += ar[q + 1] * load<V>(wk + (q + 1) * n);
+        e2 += ar[q + 2] * load<V>(wk + (q + 2) * n);
+        e3 += ar[q + 3] * load<V>(wk + (q + 3) * n);
+      }
+      for (; q < kd; ++q) e0 += ar[q] * load<V>(wk + q * n);
+    }
+    V e = (e0 + e1) + (e2 + e3);
+    if (relu) e = e > zero ? e : zero;
+    store(c + j, e);
+  }
+  if (j < n) {  // the last few channels: inputs outside, channels inside (rows of w in order)
+    T acc[kV];
+    const int64_t rest = n - j;
+    for (int64_t i = 0; i < rest; ++i) acc[i] = bias ? bias[j + i] : T(0);
+    for (int64_t k = 0; k < taps; ++k) {
+      const T* ar = a[k];
+      if (ar == nullptr) continue;
+      const T* wk = w + k * kd * n + j;
+      for (int64_t q = 0; q < kd; ++q)
+        for (int64_t i = 0; i < rest; ++i) acc[i] += ar[q] * wk[q * n + i];
+    }
+    for (int64_t i = 0; i < rest; ++i) c[j + i] = relu && !(acc[i] > T(0)) ? T(0) : acc[i];
+  }
+}
+
+FASTRES_CLONES void step_row(int64_t n, int64_t kd, int64_t taps, const float* const* a,
+                             const float* w, const float* bias, float* c, bool relu) {
+  row_times_taps<float>(n, kd, taps, a, w, bias, c, relu);
+}
+
+FASTRES_CLONES void step_row(int64_t n, int64_t kd, int64_t taps, const double* const* a,
+                             const double* w, const double* bias, double* c, bool relu) {
+  row_times_taps<double>(n, kd, taps, a, w, bias, c, relu);
 }
 
 // Below this many rows the loop above beats a BLAS call (whose fixed cost is a few us).
@@ -362,6 +473,13 @@ void dot_bf16(int64_t, int64_t, const uint32_t*, const uint16_t*, float*) {
 
 // ----------------------------------------------------------------------------- the stack
 
+// Up to this many rows (batch items of a thread) a single step runs row by row
+// (Stack::run_step_rows), each row reading a conv's weights once; more rows read them once a
+// tap per row (Stack::run_items), which keeps a tap in L1 across rows. Measured on the 8 x 64
+// model: row by row is about 10% faster for one row, 20-50% slower for 2-8 (benchmarks/NOTES.md).
+constexpr int64_t kStepRowsMax = 1;
+constexpr int64_t kStepRowsMaxTaps = 16;  // its tap pointers live on the stack
+
 int64_t mod(int64_t a, int64_t m) { return ((a % m) + m) % m; }
 
 // One conv as the kernel sees it: K taps of W_k[c_in][c_out] at `w`, bias at `b` (or none),
@@ -412,6 +530,69 @@ class Stack {
         }
       }
       write_rings(l, buf, s, 0, net_.batch);
+      in = s.out;
+    }
+  }
+
+  // One step (n == 1) of batch items [b0, b1) row by row: per layer, each conv's K taps in one
+  // pass over its weights (step_row), the weights read in the order they are packed (conv1,
+  // conv2, downsample), the residual and ReLU on the row, the rings written with one copy per
+  // row. What the few rows of a single step are bound by is reading the weights (from L2 for
+  // a model of a few hundred KB): this does that and little else (benchmarks/NOTES.md).
+  void run_step_rows(T* const* buf, int64_t b0, int64_t b1) const {
+    int in = 0;
+    const int64_t batch = net_.batch;
+    for (const Layer& l : net_.layers) {
+      const Buffers s = buffers(in);
+      const int64_t slot = pos_ % l.slots;  // this step's slot; pos_ >= 0
+      // Tap k's input row of batch item b from the ring `ring` (c channels) or, for lag 0, the
+      // row itself; nullptr where there is no history (a fresh state kept nowhere).
+      auto tap_rows = [&](const T** rows, const T* ring, int64_t c, const T* current,
+                          int64_t b) {
+        for (int64_t k = 0; k < l.taps; ++k) {
+          const int64_t lag = (l.taps - 1 - k) * l.dilation;
+          if (lag == 0) {
+            rows[k] = current;
+          } else if (state_ == nullptr) {
+            rows[k] = nullptr;
+          } else {
+            const int64_t back = slot >= lag ? slot - lag : slot - lag + l.slots;
+            rows[k] = ring + (back * batch + b) * c;
+          }
+        }
+      };
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* x = buf[s.in] + b * ld_;
+        T* out = buf[s.out] + b * ld_;
+        if (l.kind == kRelu) {
+          relu_row(x, out, l.c_out);
+        } else if (l.kind == kPointwise) {
+          step_row(l.c_out, l.c_in, 1, &x, weights_ + l.w1, bias(l.b1), out, false);
+        } else {
+          const T* rows[kStepRowsMaxTaps];
+          T* h = buf[s.mid] + b * ld_;
+          tap_rows(rows, state_ ? state_ + l.ring_in : nullptr, l.c_in, x, b);
+          step_row(l.c_out, l.c_in, l.taps, rows, weights_ + l.w1, bias(l.b1), h, true);
+          tap_rows(rows, state_ ? state_ + l.ring_mid : nullptr, l.c_out, h, b);
+          step_row(l.c_out, l.c_out, l.taps, rows, weights_ + l.w2, bias(l.b2), out,
+                   l.relu_before_add);
+          const T* res = x;
+          if (l.wd >= 0) {
+            T* r = buf[s.res] + b * ld_;
+            step_row(l.c_out, l.c_in, 1, &x, weights_ + l.wd, bias(l.bd), r, false);
+            res = r;
+          }
+          for (int64_t i = 0; i < l.c_out; ++i) {
+            const T z = out[i] + res[i];
+            out[i] = z > T(0) ? z : T(0);
+          }
+          if (state_ != nullptr)
+            std::memcpy(state_ + l.ring_mid + (slot * batch + b) * l.c_out, h,
+                        l.c_out * sizeof(T));
+        }
+        if (state_ != nullptr)
+          std::memcpy(state_ + l.ring_in + (slot * batch + b) * l.c_in, x, l.c_in * sizeof(T));
+      }
       in = s.out;
     }
   }
@@ -623,6 +804,7 @@ class Stack {
   const int64_t ld_;
 };
 
+
 // Below about this many multiply-adds a parallel region costs more than it saves.
 constexpr int64_t kParallelMacs = 1 << 19;
 
@@ -670,7 +852,12 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
     const int64_t grain = std::max<int64_t>(1, kParallelMacs / (stack.row_macs() * n));
     at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
       load_items(b0, b1);
-      stack.run_items(buf, b0, b1);
+      // A single step of few rows (below a BLAS call's worth), unless bf16 weights run it.
+      if (n == 1 && b1 - b0 <= kStepRowsMax && weights16 == nullptr &&
+          net.max_taps <= kStepRowsMaxTaps)
+        stack.run_step_rows(buf, b0, b1);
+      else
+        stack.run_items(buf, b0, b1);
       store_items(b0, b1);
     });
   } else {
@@ -690,27 +877,19 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
               t.scalar_type(), " on ", t.device());
 }
 
-// x (B, C_in) -> out (B, C_out): one step; x (B, C_in, n) -> out (B, C_out, n): n steps. x and
-// out may have any strides (out must not overlap itself or x).
-// state empty: run from a fresh zero state and keep nothing (the full causal forward).
-// workspace: at least 4 * B * n * max_c values, or anything smaller to allocate one here.
-// weights16 (fastres._C.stream_step only): the bf16 weights single steps compute with, or
-// nullptr.
-void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
-                            const at::Tensor& meta, const at::Tensor& state,
-                            const at::Tensor& position, const at::Tensor& workspace,
-                            const at::Tensor& out, const at::Tensor* weights16 = nullptr) {
-  const Net net = parse_meta(meta);
+// The checks of what a stream binds once (weights, meta, state, position, workspace and the
+// optional bf16 weights): everything stream_forward_out checks but x and out. Returns the
+// parsed meta and the bf16 weights' data (nullptr: none).
+Net check_bound(const at::Tensor& weights, const at::Tensor& meta, const at::Tensor& state,
+                const at::Tensor& position, const at::Tensor& workspace,
+                const at::Tensor* weights16, const uint16_t** half) {
+  Net net = parse_meta(meta);
   const at::ScalarType dtype = weights.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "fastres_ext.stream_forward: computes in float32 or float64, got ", dtype);
   for (auto [t, name] : {std::pair{&weights, "weights"}, {&workspace, "workspace"},
                          {&state, "state"}})
     check_tensor(*t, name, dtype);
-  check_tensor(x, "x", dtype, /*contiguous=*/false);  // read in place, any strides
-  check_tensor(out, "out", dtype, /*contiguous=*/false);
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-              "fastres_ext.stream_forward: out must not overlap itself");
   TORCH_CHECK(weights.numel() == net.weights_size,
               "fastres_ext.stream_forward: weights has ", weights.numel(),
               " values, meta expects ", net.weights_size);
@@ -720,6 +899,27 @@ void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
   TORCH_CHECK(state.numel() == 0 || (position.scalar_type() == at::kLong &&
                                      position.device().is_cpu() && position.numel() == 1),
               "fastres_ext.stream_forward: position must be a one-element int64 CPU tensor");
+  *half = nullptr;
+  if (weights16 != nullptr) {
+    TORCH_CHECK(dtype == at::kFloat && weights16->scalar_type() == at::kBFloat16 &&
+                    weights16->is_contiguous() && weights16->device().is_cpu() &&
+                    weights16->numel() == 2 * net.weights_size,
+                "fastres_ext.stream_forward: bf16 weights must be a contiguous bfloat16 CPU "
+                "tensor of twice the float32 weights' size");
+    TORCH_CHECK(cpu_has_bf16_dot(),
+                "fastres_ext.stream_forward: bf16 weights need a CPU with AVX512_BF16");
+    *half = reinterpret_cast<const uint16_t*>(weights16->data_ptr());
+  }
+  return net;
+}
+
+// The checks of one call's x and out against the stream; returns the chunk length n.
+int64_t check_io(const Net& net, at::ScalarType dtype, const at::Tensor& x,
+                 const at::Tensor& out) {
+  check_tensor(x, "x", dtype, /*contiguous=*/false);  // read in place, any strides
+  check_tensor(out, "out", dtype, /*contiguous=*/false);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "fastres_ext.stream_forward: out must not overlap itself");
   TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && out.dim() == x.dim(),
               "fastres_ext.stream_forward: x and out must both be (B, C) or (B, C, n)");
   const int64_t n = x.dim() == 3 ? x.size(2) : 1;
@@ -730,22 +930,42 @@ void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
                   (x.dim() == 2 || out.size(2) == n),
               "fastres_ext.stream_forward: out has shape ", out.sizes(), ", expected (",
               net.batch, ", ", net.c_out, x.dim() == 3 ? ", n)" : ")");
-  const uint16_t* half = nullptr;
-  if (weights16 != nullptr) {
-    TORCH_CHECK(dtype == at::kFloat && weights16->scalar_type() == at::kBFloat16 &&
-                    weights16->is_contiguous() && weights16->device().is_cpu() &&
-                    weights16->numel() == 2 * net.weights_size,
-                "fastres_ext.stream_forward: bf16 weights must be a contiguous bfloat16 CPU "
-                "tensor of twice the float32 weights' size");
-    TORCH_CHECK(cpu_has_bf16_dot(),
-                "fastres_ext.stream_forward: bf16 weights need a CPU with AVX512_BF16");
-    half = reinterpret_cast<const uint16_t*>(weights16->data_ptr());
-  }
-  if (dtype == at::kFloat) {
+  return n;
+}
+
+void run_checked(const Net& net, const at::Tensor& x, const at::Tensor& weights,
+                 const at::Tensor& state, const at::Tensor& position,
+                 const at::Tensor& workspace, const at::Tensor& out, int64_t n,
+                 const uint16_t* half) {
+  if (weights.scalar_type() == at::kFloat) {
     stream_forward_impl<float>(net, x, weights, state, position, workspace, out, n, half);
   } else {
     stream_forward_impl<double>(net, x, weights, state, position, workspace, out, n, nullptr);
   }
+}
+
+// x (B, C_in) -> out (B, C_out): one step; x (B, C_in, n) -> out (B, C_out, n): n steps. x and
+// out may have any strides (out must not overlap itself or x).
+// state empty: run from a fresh zero state and keep nothing (the full causal forward).
+// workspace: at least 4 * B * n * max_c values, or anything smaller to allocate one here.
+// weights16 (fastres._C.stream_step only): the bf16 weights single steps compute with, or
+// nullptr.
+void stream_forward_out_cpu(const at::Tensor& x, const at::Tensor& weights,
+                            const at::Tensor& meta, const at::Tensor& state,
+                            const at::Tensor& position, const at::Tensor& workspace,
+                            const at::Tensor& out, const at::Tensor* weights16 = nullptr) {
+  const uint16_t* half = nullptr;
+  const Net net = check_bound(weights, meta, state, position, workspace, weights16, &half);
+  const int64_t n = check_io(net, weights.scalar_type(), x, out);
+  run_checked(net, x, weights, state, position, workspace, out, n, half);
+}
+
+// A new output for x: (B, C_out[, n]), contiguous, made without the dispatcher (at::empty
+// through it costs a few hundred nanoseconds of a step that is a few microseconds).
+at::Tensor new_output(const at::Tensor& x, int64_t c_out) {
+  const at::TensorOptions options = x.options();
+  return x.dim() == 2 ? at::Tensor(at::detail::empty_cpu({x.size(0), c_out}, options))
+                      : at::Tensor(at::detail::empty_cpu({x.size(0), c_out, x.size(2)}, options));
 }
 
 // The same into a new output tensor (allocated here: cheaper than from Python per step).
@@ -753,11 +973,9 @@ at::Tensor stream_forward_cpu(const at::Tensor& x, const at::Tensor& weights,
                               const at::Tensor& meta, const at::Tensor& state,
                               const at::Tensor& position, const at::Tensor& workspace,
                               const at::Tensor* weights16 = nullptr) {
-  TORCH_CHECK(meta.numel() >= kHeader && (x.dim() == 2 || x.dim() == 3),
-              "fastres_ext.stream_forward: x must be (B, C) or (B, C, n)");
-  const int64_t c_out = meta.data_ptr<int64_t>()[3];
-  at::Tensor out = x.dim() == 2 ? at::empty({x.size(0), c_out}, x.options())
-                                : at::empty({x.size(0), c_out, x.size(2)}, x.options());
+  TORCH_CHECK(meta.numel() >= kHeader && (x.dim() == 2 || x.dim() == 3) && x.device().is_cpu(),
+              "fastres_ext.stream_forward: x must be a (B, C) or (B, C, n) CPU tensor");
+  at::Tensor out = new_output(x, meta.data_ptr<int64_t>()[3]);
   stream_forward_out_cpu(x, weights, meta, state, position, workspace, out, weights16);
   return out;
 }
@@ -829,6 +1047,191 @@ PyObject* py_stream_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+// fastres._C.StreamStep(weights, meta, state, position, workspace, weights16): a stream's step
+// bound to the tensors it keeps (what fastres/stream/runners.py's CppRunner holds), checked
+// and parsed once; calling it, step(x, out=None) -> out, checks only x and out. Everything
+// between Python and the kernel that does not depend on x is done here once: the meta table
+// is parsed and checked when the object is made (as often as the stream's batch size or fold
+// changes), not per step. The tensors are held, so they live as long as the step; their data
+// pointers are read per call (in place changes of the state, reset and load_state, are seen).
+struct BoundStep {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  // Members with constructors, made and destroyed by hand (the object is C-allocated).
+  struct Held {
+    Net net;
+    at::Tensor weights, meta, state, position, workspace, weights16;
+    const uint16_t* half;
+    at::ScalarType dtype;
+  }* held;
+};
+
+PyObject* bound_step_call(PyObject* self, PyObject* const* args, size_t nargsf,
+                          PyObject* kwnames) {
+  HANDLE_TH_ERRORS
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  TORCH_CHECK_TYPE(kwnames == nullptr && (nargs == 1 || nargs == 2),
+                   "fastres._C.StreamStep takes (x, out=None) positionally");
+  PyObject* out_arg = nargs == 2 ? args[1] : Py_None;
+  TORCH_CHECK_TYPE(THPVariable_Check(args[0]) && (out_arg == Py_None || THPVariable_Check(out_arg)),
+                   "fastres._C.StreamStep: x and out must be tensors");
+  const BoundStep::Held& h = *reinterpret_cast<BoundStep*>(self)->held;
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  at::Tensor out;
+  if (out_arg == Py_None) {
+    TORCH_CHECK(x.device().is_cpu() && (x.dim() == 2 || x.dim() == 3),
+                "fastres._C.StreamStep: x must be a (B, C) or (B, C, n) CPU tensor");
+    out = new_output(x, h.net.c_out);
+  } else {
+    out = THPVariable_Unpack(out_arg);
+  }
+  const int64_t n = check_io(h.net, h.dtype, x, out);
+  run_checked(h.net, x, h.weights, h.state, h.position, h.workspace, out, n, h.half);
+  return out_arg == Py_None ? THPVariable_Wrap(std::move(out)) : Py_NewRef(out_arg);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* bound_step_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
+  PyObject* a[6];
+  TORCH_CHECK_TYPE(kwargs == nullptr || PyDict_Size(kwargs) == 0,
+                   "fastres._C.StreamStep takes positional arguments only");
+  if (!PyArg_UnpackTuple(args, "StreamStep", 6, 6, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5]))
+    return nullptr;
+  for (int i = 0; i < 6; ++i)
+    TORCH_CHECK_TYPE(THPVariable_Check(a[i]) || (i == 5 && a[i] == Py_None),
+                     "fastres._C.StreamStep: argument ", i, " must be a tensor");
+  auto held = std::make_unique<BoundStep::Held>();
+  held->weights = THPVariable_Unpack(a[0]);
+  held->meta = THPVariable_Unpack(a[1]);
+  held->state = THPVariable_Unpack(a[2]);
+  held->position = THPVariable_Unpack(a[3]);
+  held->workspace = THPVariable_Unpack(a[4]);
+  if (a[5] != Py_None) held->weights16 = THPVariable_Unpack(a[5]);
+  TORCH_CHECK(held->state.numel() > 0,
+              "fastres._C.StreamStep: a bound step keeps its state (an empty state is for "
+              "stream_step's single runs)");
+  held->net = check_bound(held->weights, held->meta, held->state, held->position,
+                          held->workspace, a[5] == Py_None ? nullptr : &held->weights16,
+                          &held->half);
+  // The kernel reads `workspace` only when it holds a whole call's activations; one step's.
+  TORCH_CHECK(held->workspace.numel() >= 4 * held->net.batch * held->net.max_c,
+              "fastres._C.StreamStep: the workspace must hold one step's activations");
+  held->dtype = held->weights.scalar_type();
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self == nullptr) return nullptr;
+  reinterpret_cast<BoundStep*>(self)->vectorcall = bound_step_call;
+  reinterpret_cast<BoundStep*>(self)->held = held.release();
+  return self;
+  END_HANDLE_TH_ERRORS
+}
+
+void bound_step_dealloc(PyObject* self) {
+  delete reinterpret_cast<BoundStep*>(self)->held;
+  Py_TYPE(self)->tp_free(self);
+}
+
+struct NoGil {  // the GIL released for a scope (exceptions included)
+  PyThreadState* saved = PyEval_SaveThread();
+  ~NoGil() { PyEval_RestoreThread(saved); }
+};
+
+double thread_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// The sum of every float32 weight (what a step must at least read), vectorized as the GEMM.
+FASTRES_CLONES float sum_weights(const float* w, int64_t size) {
+  f32x64b a = {}, b = {}, c = {}, d = {};
+  int64_t i = 0;
+  for (; i + 64 <= size; i += 64) {
+    a += load<f32x64b>(w + i);
+    b += load<f32x64b>(w + i + 16);
+    c += load<f32x64b>(w + i + 32);
+    d += load<f32x64b>(w + i + 48);
+  }
+  float total = 0;
+  for (; i < size; ++i) total += w[i];
+  const f32x64b sum = a + b + c + d;
+  for (int j = 0; j < 16; ++j) total += sum[j];
+  return total;
+}
+
+// step._time(x, out, steps) -> (kernel s/step, weight read s): for benchmarks/NOTES.md's split
+// of a step. The first is `steps` steps of the kernel alone, in a loop here (no Python, no
+// checks), advancing the stream; the second `steps` reads of the float32 weights (their sum),
+// what a step cannot go below; both the mean of their loop. Thread CPU time: on a shared machine it
+// leaves out the time other jobs held the core.
+PyObject* bound_step_time(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3 && THPVariable_Check(args[0]) && THPVariable_Check(args[1]) &&
+                       PyLong_Check(args[2]),
+                   "StreamStep._time(x, out, steps)");
+  const BoundStep::Held& h = *reinterpret_cast<BoundStep*>(self)->held;
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& out = THPVariable_Unpack(args[1]);
+  const int64_t steps = PyLong_AsLongLong(args[2]);
+  TORCH_CHECK(steps >= 1, "StreamStep._time: steps >= 1");
+  const int64_t n = check_io(h.net, h.dtype, x, out);
+  double kernel = 0, read = 0;
+  {
+    const NoGil no_gil;
+    const double t0 = thread_seconds();
+    for (int64_t i = 0; i < steps; ++i)
+      run_checked(h.net, x, h.weights, h.state, h.position, h.workspace, out, n, h.half);
+    kernel = (thread_seconds() - t0) / static_cast<double>(steps);
+    if (h.dtype == at::kFloat) {
+      volatile float sink = 0;
+      const double r0 = thread_seconds();
+      for (int64_t i = 0; i < steps; ++i)
+        sink = sum_weights(h.weights.data_ptr<float>(), h.weights.numel());
+      read = (thread_seconds() - r0) / static_cast<double>(steps);
+      (void)sink;
+    }
+  }
+  return Py_BuildValue("(dd)", kernel, read);
+  END_HANDLE_TH_ERRORS
+}
+
+// (StreamStep, its six tensors): copy.deepcopy and pickle make a step bound to the copies of
+// the tensors (the copied stream's own, by deepcopy's memo).
+PyObject* bound_step_reduce(PyObject* self, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  const BoundStep::Held& h = *reinterpret_cast<BoundStep*>(self)->held;
+  PyObject* w16 = h.weights16.defined() ? THPVariable_Wrap(h.weights16) : Py_NewRef(Py_None);
+  return Py_BuildValue("(O(NNNNNN))", reinterpret_cast<PyObject*>(Py_TYPE(self)),
+                       THPVariable_Wrap(h.weights), THPVariable_Wrap(h.meta),
+                       THPVariable_Wrap(h.state), THPVariable_Wrap(h.position),
+                       THPVariable_Wrap(h.workspace), w16);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef kBoundStepMethods[] = {
+    {"__reduce__", &bound_step_reduce, METH_NOARGS, "(StreamStep, its six tensors)"},
+    {"_time", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&bound_step_time)),
+     METH_FASTCALL, "_time(x, out, steps) -> (kernel seconds a step, weight read seconds)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyTypeObject* bound_step_type() {
+  static PyTypeObject type = [] {
+    PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
+    t.tp_name = "fastres._C.StreamStep";
+    t.tp_basicsize = sizeof(BoundStep);
+    t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+    t.tp_doc = "StreamStep(weights, meta, state, position, workspace, weights16): a stream's "
+               "step bound to its tensors; step(x, out=None) -> out";
+    t.tp_new = bound_step_new;
+    t.tp_dealloc = bound_step_dealloc;
+    t.tp_vectorcall_offset = offsetof(BoundStep, vectorcall);
+    t.tp_call = PyVectorcall_Call;
+    t.tp_methods = kBoundStepMethods;
+    return t;
+  }();
+  return &type;
+}
+
 PyObject* py_stream_bf16_dot(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyBool_FromLong(cpu_has_bf16_dot());
 }
@@ -846,6 +1249,12 @@ PyMethodDef kStreamPythonMethods[] = {
 
 // The Python functions csrc/ops.cpp adds to the fastres._C module.
 PyMethodDef* stream_python_methods() { return kStreamPythonMethods; }
+
+// The StreamStep type csrc/ops.cpp adds to the fastres._C module (nullptr: an error is set).
+PyTypeObject* stream_step_type() {
+  PyTypeObject* type = bound_step_type();
+  return PyType_Ready(type) == 0 ? type : nullptr;
+}
 
 // Both advance `state` and `position` in place (see fastres/stream/core.py).
 TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {

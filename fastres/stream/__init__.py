@@ -31,10 +31,11 @@ another batch size raises. `reset(batch_size=...)` changes it.
 
 Backends (`backend=`, default: the fastest available for the model's device):
     "cpp"     CPU: the C++ kernel csrc/cpu/stream_cpu.cpp, one call per step or chunk for
-              the whole stack (fastres._C.stream_step, without the dispatcher), x read in
-              place with its strides, weights packed in one buffer, no tensor allocated per
-              step beyond the output (none with step(x, out=...)). Optional bf16 weights for
-              single steps: stream(..., weight_dtype=torch.bfloat16).
+              the whole stack (fastres._C.StreamStep: the stream's tensors bound and checked
+              once, a step checks only x and out; no dispatcher), x read in place with its
+              strides, weights packed in one buffer, no tensor allocated per step beyond the
+              output (none with step(x, out=...)). Optional bf16 weights for single steps:
+              stream(..., weight_dtype=torch.bfloat16).
     "triton"  CUDA: one Triton launch per step or chunk for the whole stack
               (fastres/backends/triton/stream_step.py); single steps replay a CUDA graph.
               On CPU only under TRITON_INTERPRET=1, for tests.

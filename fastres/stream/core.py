@@ -40,7 +40,8 @@ BACKENDS = ("cpp", "triton", "torch")
 def cpp_unavailable() -> Optional[str]:
     reason = _ext.load_error()
     if reason is None and (not hasattr(torch.ops.fastres_ext, "stream_forward")
-                           or not hasattr(_cpp_module(), "stream_step")):
+                           or not hasattr(_cpp_module(), "stream_step")
+                           or not hasattr(_cpp_module(), "StreamStep")):
         reason = "fastres._C was built without the streaming kernel (csrc/cpu/stream_cpu.cpp) " \
                  "or with an older one; rebuild it"
     return reason
@@ -55,6 +56,15 @@ def cpp_step_function():
     """fastres._C.stream_step(weights, meta, state, position, workspace, weights16, x, out)
     -> out: the C++ kernel called without the dispatcher (cpp_unavailable() must be None)."""
     return _cpp_module().stream_step
+
+
+def cpp_bound_step(plan: Plan, meta: Tensor, state: Tensor, position: Tensor,
+                   workspace: Tensor):
+    """fastres._C.StreamStep: the C++ step bound to a stream's tensors, checked once;
+    calling it, bound(x, out=None) -> out, checks only x and out (cpp_unavailable() must be
+    None). `workspace`: at least 4 * B * max_c values (one step's activations)."""
+    return _cpp_module().StreamStep(plan.weights, meta, state, position, workspace,
+                                    plan.weights16)
 
 
 def bf16_unavailable() -> Optional[str]:

@@ -475,3 +475,19 @@ def test_bf16_weights_refusals():
     if _bf16_reason() is not None:
         with pytest.raises(StreamError, match=re.escape(_bf16_reason())):
             stream_fn(net, weight_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_copied_stream_continues_on_its_own(backend):
+    """copy.deepcopy of a stepped stream (its C++ step object included) continues from the
+    same state, independently of the original."""
+    rng = random.Random(f"copy-{backend}")
+    model = random_tcn(rng, "batch")
+    x = random_input(rng, in_channels(model), 8, 2, torch.float32)
+    s = stream_fn(model, backend=backend)
+    run_steps(s, x[..., :4])
+    twin = copy.deepcopy(s)
+    assert twin.position == 4
+    want = run_steps(s, x[..., 4:])
+    assert s.position == 8 and twin.position == 4
+    assert torch.equal(run_steps(twin, x[..., 4:]), want)

@@ -5,10 +5,14 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
+import fastres
 from fastres.stream import Plan, StreamError, step, step_ref
+from fastres.stream.core import step_cpp
 from stream_helpers import (CPU_BACKENDS, assert_parity, full_forward, in_channels,
-                            random_input, random_tcn)
+                            random_input, random_tcn, requires_cpp)
+from upstream import randomize_bn
 
 
 def fresh_state(plan, batch):
@@ -56,3 +60,38 @@ def test_step_checks_what_the_caller_owns():
     with pytest.raises(StreamError, match="unknown backend"):
         step(plan, x, state, position, backend="numpy")
     assert int(position) == 0 and not state.any()   # nothing above advanced anything
+
+
+@requires_cpp
+def test_single_stream_steps_match_the_reference_on_fresh_draws(fresh_seed):
+    """The C++ step of one stream (csrc/cpu/stream_cpu.cpp, Stack::run_step_rows: all taps of
+    a conv in one pass, ReLU and residual on the row) against step_ref and the full forward,
+    on a fresh draw: widths hit the 64-channel tiles, single vectors and scalar tails, kernel
+    sizes 1-4 (1: no history), a 1x1 head; a slice x[:, :, t] read in place; then the same
+    sequence from a fresh zero state kept nowhere (the whole-sequence kernel at length 1)."""
+    rng = random.Random(fresh_seed)
+    c_in = rng.choice([1, 3, 8, 17])
+    channels = [rng.choice([5, 16, 20, 64, 80]) for _ in range(rng.randint(1, 3))]
+    torch.manual_seed(rng.randint(0, 2**31))
+    net = fastres.TemporalConvNet(c_in, channels, kernel_size=rng.randint(1, 4),
+                                  norm=rng.choice(["batch", "weight"]))
+    model = nn.Sequential(randomize_bn(net, seed=rng.randint(0, 2**31)),
+                          nn.Conv1d(channels[-1], rng.choice([1, 8, 33]), 1)).eval()
+    length = 24
+    x = random_input(rng, c_in, length, 1, torch.float32)
+    plan = Plan(model)
+    state, position = fresh_state(plan, 1)
+    ref_state, ref_position = fresh_state(plan, 1)
+    got = torch.full((1, plan.c_out, length), float("nan"))
+    want = []
+    for t in range(length):
+        step(plan, x[:, :, t], state, position, out=got[:, :, t], backend="cpp")
+        want.append(step_ref(plan, x[:, :, t], ref_state, ref_position))
+    want = torch.stack(want, -1)
+    assert_parity(got, want.double(), torch.float32, "cpp single steps vs step_ref")
+    assert torch.allclose(state, ref_state, rtol=1e-5, atol=1e-5)
+    full = full_forward(model, x)
+    assert_parity(got, full, torch.float32, "cpp single steps vs the forward")
+    first = torch.full((1, plan.c_out), float("nan"))
+    step_cpp(plan, x[:, :, 0], plan.empty_state[0], plan.empty_state[1], first, plan.meta(1))
+    assert_parity(first, full[..., 0], torch.float32, "a step from a state kept nowhere")
