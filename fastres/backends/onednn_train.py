@@ -93,7 +93,10 @@ class _StageFunction(torch.autograd.Function):
         k = weight.shape[2]
         pad = (k - 1) * dilation
         w4 = weight.unsqueeze(2)
-        y4 = _aten.convolution(h4, w4, bias, [1, 1], [0, pad], [1, dilation], False, [0, 0], 1)
+        # oneDNN's own entry, not aten.convolution: ATen sends small batch-1 dilated convs to
+        # its im2col path (slow_conv_dilated2d), which measured slower here at B1 L256
+        y4 = torch.ops.mkldnn._convolution_pointwise(
+            h4, w4, bias, [0, pad], [1, 1], [1, dilation], 1, "none", [], "")
         y = _rows(y4)
         if not y.is_contiguous():  # oneDNN answered in another layout: one copy
             y = y.contiguous()
