@@ -26,6 +26,9 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
   is one pass of sums and one that writes the conv's output gradient and the residual's.
   PyTorch's own channels-last CPU batch norm is not used: its backward lost about three
   digits against the float64 reference at 16384 values a channel (NOTES, issue 22).
+- Determinism: the batch-norm reductions merge per-tile partials in a fixed order, so they
+  do not depend on the thread count; the conv weight gradient is oneDNN's, whose last bits
+  do (1e-6 relative between 1 and 2 threads, measured).
 - Only the conv output is saved per stage (oneDNN's weight gradient reads the conv input,
   which is the previous stage's output, saved anyway); x-hat is recomputed from it.
 
