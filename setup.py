@@ -162,7 +162,9 @@ def _extensions():
 
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "checks.cpp"),
                os.path.join("csrc", "cpu", "conv_bn_relu_cpu.cpp"),
-               os.path.join("csrc", "cpu", "stream_cpu.cpp")]  # the last: fastres.stream's kernel
+               os.path.join("csrc", "cpu", "stream_cpu.cpp"),  # fastres.stream's kernel
+               # the channels-last training stage's batch norm (fastres/backends/onednn_train.py)
+               os.path.join("csrc", "cpu", "nlc_bn_train_cpu.cpp")]
     # As torch builds itself: -fno-math-errno/-fno-trapping-math let masked (select) loops
     # vectorize. The C++ standard is whatever torch requires (cpp_extension adds it).
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]

@@ -1,4 +1,4 @@
-"""anchors suite: fastres against the other tools a CPU user has, eval inference.
+"""anchors suite: fastres against the other tools a CPU user has, eval inference and training.
 
 Per row (a module at one input shape, eval mode, under no_grad), on identical inputs and the
 same weights, timed interleaved in one process:
@@ -14,6 +14,14 @@ same weights, timed interleaved in one process:
     onnxruntime        the plain model exported with torch.onnx (dynamo) and run by an ONNX
                        Runtime CPU session with torch's thread count (float32 only: ONNX
                        Runtime's CPU provider has no bfloat16 convolution)
+
+Training rows (float32: the same modules in training mode, one SGD step each: forward, MSE
+loss, backward, step) time plain, fastres, compiled and
+
+    fastres-onednn-train  the fused model's train step through its oneDNN training program
+                          (fastres/backends/onednn_train.py: channels-last convs, BN,
+                          residual and ReLU fused in C++); TemporalBlock and TemporalConvNet
+                          only, an error cell elsewhere
 
 Compilation and export happen on each candidate's first call and are reported apart
 ("compile" column: first call minus the median). Rows are the ones issue 22 quotes: a
@@ -31,17 +39,19 @@ import torch
 from torch import nn
 
 import fastres
-from fastres.backends import onednn
+from fastres.backends import onednn, onednn_train
 
 from . import _modules
 from .task import Settings, Task, compile_fn
 from .timing import TIMING, TimingConfig
 
 NAME = "anchors"
-TITLE = "Anchors: fastres vs torch.compile (+freezing) vs onnxruntime, eval"
+TITLE = "Anchors: fastres vs torch.compile (+freezing) vs onnxruntime, eval and train"
 
 IMPLS = ("plain", "fastres", "fastres-onednn", "compiled", "compiled-freezing", "onnxruntime")
 COMPILED = ("compiled", "compiled-freezing", "onnxruntime")
+TRAIN_IMPLS = ("plain", "fastres", "fastres-onednn-train", "compiled")
+TRAIN_DTYPES = (torch.float32,)  # the training program is built for float32
 
 # (label, constructor, (B, C_in, L)) per size.
 _ROWS = {
@@ -148,6 +158,36 @@ def _frozen_compile(plain: nn.Module) -> Callable:
     return _lazy(first_call)
 
 
+def make_train_call(build: Callable[[], nn.Module], impl: str, shape, dtype: torch.dtype,
+                    settings: Settings):
+    """One SGD train step of the row's model through `impl` (the suite's training rows)."""
+    torch.manual_seed(0)
+    model = build().to(dtype=dtype).train()
+    if impl == "plain":
+        model = fastres.unfuse(model).train()
+        forward = model
+    elif impl == "fastres":
+        forward = model
+    elif impl == "fastres-onednn-train":
+        _, reason = onednn_train.build_or_reason(model)
+        if reason is not None:
+            raise RuntimeError(reason)
+        forward = lambda x: onednn_train.run(model, x)  # noqa: E731
+    elif impl == "compiled":
+        model = fastres.unfuse(model).train()
+        forward = compile_fn(_entry(model), "default")
+    else:
+        raise ValueError(f"unknown training impl {impl!r}")
+    inputs = _modules._inputs(shape, _out_shape(model, shape), None, dtype, settings.device)
+    return _modules.step_call(model, forward, True, inputs)
+
+
+def _out_shape(model: nn.Module, shape):
+    with torch.no_grad():
+        return tuple(fastres.unfuse(copy.deepcopy(model)).eval()(
+            torch.zeros(shape, dtype=next(model.parameters()).dtype)).shape)
+
+
 def make_call(build: Callable[[], nn.Module], impl: str, shape, dtype: torch.dtype,
               settings: Settings):
     torch.manual_seed(0)
@@ -189,22 +229,34 @@ def tasks(settings: Settings) -> List[Task]:
                 case={"model": label, "input": list(shape), "dtype": dname, "mode": "infer"},
                 compiled=list(COMPILED), baseline="plain", flops=flops, items=shape[0],
                 timing=TIMING["quick"] if settings.size == "quick" else _TIMING))
+            if dtype not in TRAIN_DTYPES:
+                continue
+
+            def make_train(impl, build=build, shape=shape, dtype=dtype):
+                return make_train_call(build, impl, shape, dtype, settings)
+            result.append(Task(
+                suite=NAME, name=f"{label}-{dname}-train", impls=list(TRAIN_IMPLS),
+                make=make_train,
+                case={"model": label, "input": list(shape), "dtype": dname, "mode": "train"},
+                compiled=["compiled"], baseline="plain", flops=3 * flops,  # + dgrad, wgrad items=shape[0],
+                timing=TIMING["quick"] if settings.size == "quick" else _TIMING))
     return result
 
 
 def summarize(rows, settings: Settings):
-    """Per dtype: each impl's geometric-mean speedup over plain across the rows, and fastres's
-    (default and oneDNN) ratio to the best peer per row."""
+    """Per dtype and mode: each impl's geometric-mean speedup over plain across the rows."""
     import math
     summary = {}
-    for dname in sorted({r["case"]["dtype"] for r in rows}):
-        mine = [r for r in rows if r["case"]["dtype"] == dname]
+    groups = sorted({(r["case"]["dtype"], r["case"].get("mode", "infer")) for r in rows})
+    for dname, mode in groups:
+        mine = [r for r in rows if r["case"]["dtype"] == dname
+                and r["case"].get("mode", "infer") == mode]
         geo = {}
-        for impl in IMPLS:
+        for impl in IMPLS if mode == "infer" else TRAIN_IMPLS:
             ups = [r["speedup"] for r in mine if r["impl"] == impl and r["speedup"]]
             if ups:
                 geo[impl] = math.exp(sum(map(math.log, ups)) / len(ups))
-        summary[dname] = {"geomean_speedup": geo}
+        summary[dname if mode == "infer" else f"{dname} train"] = {"geomean_speedup": geo}
     return summary
 
 
@@ -233,4 +285,4 @@ def table(rows, summary):
 
 
 def plot(ax, rows, summary):
-    _modules.plot(ax, rows, "anchors: speedup over plain PyTorch, eval (higher is better)")
+    _modules.plot(ax, rows, "anchors: speedup over plain PyTorch, eval and train (higher is better)")

@@ -31,11 +31,17 @@ def test_listed_but_opt_in():
 
 def test_tasks_name_every_candidate_and_count_flops():
     tasks = anchors.tasks(quick_settings((torch.float32, torch.bfloat16)))
-    assert len(tasks) == 2 * len(anchors._ROWS["quick"])
-    for task in tasks:
+    rows = len(anchors._ROWS["quick"])
+    infer = [t for t in tasks if t.case["mode"] == "infer"]
+    train = [t for t in tasks if t.case["mode"] == "train"]
+    assert len(infer) == 2 * rows and len(train) == rows  # training rows: float32 only
+    for task in infer:
         assert task.impls == list(anchors.IMPLS) and task.baseline == "plain"
         assert set(task.compiled) == {"compiled", "compiled-freezing", "onnxruntime"}
         assert task.flops > 0
+    for task in train:
+        assert task.impls == list(anchors.TRAIN_IMPLS) and task.baseline == "plain"
+        assert task.compiled == ["compiled"] and task.case["dtype"] == "float32"
 
 
 @pytest.mark.parametrize("impl", ["fastres", "fastres-onednn"])
@@ -45,6 +51,24 @@ def test_candidates_agree_with_plain(impl):
     # both rotate through the same input sets in the same order
     for _ in range(2):
         assert rel_err(other(), plain()) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["fastres", "fastres-onednn-train"])
+def test_train_candidates_agree_with_plain(impl):
+    """Two SGD steps from the same weights on the same inputs: the same losses (the second
+    after each candidate's own update)."""
+    task = next(t for t in anchors.tasks(quick_settings()) if t.case["mode"] == "train")
+    assert task.case["model"].startswith("TemporalBlock")
+    plain, other = task.make("plain"), task.make(impl)
+    for _ in range(2):
+        assert rel_err(other().detach(), plain().detach()) < 1e-5
+
+
+def test_onednn_train_refuses_resnet_with_a_reason():
+    task = next(t for t in anchors.tasks(quick_settings()) if t.case["mode"] == "train"
+                and t.case["model"].startswith("ResNet1d"))
+    with pytest.raises(RuntimeError, match="not a fastres TemporalBlock or TemporalConvNet"):
+        task.make("fastres-onednn-train")
 
 
 def test_compiled_candidates_do_not_share_a_graph():

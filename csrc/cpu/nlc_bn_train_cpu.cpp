@@ -1,0 +1,331 @@
+// CPU kernels of a channels-last (NLC) training stage's batch norm: the batch statistics, the
+// normalize -> (+ residual) -> ReLU epilogue, and its backward, around a conv run elsewhere
+// (oneDNN through ATen: fastres/backends/onednn_train.py runs the conv, its data gradient and
+// its weight gradient).
+//
+// Layout: y (B, Ly, C) is the conv output as oneDNN writes it channels-last (rows of C
+// contiguous values, row stride C); only its first `length` rows per batch item are the stage's
+// output (a causal conv run with symmetric padding writes (K-1)*d rows more at the end, which
+// are never read). out, residual and grad_out are (B, length, C), contiguous. float32 only:
+// every value is float32, the reductions merge in float64.
+//
+// How the work is cut: rows are split into (batch item, tile of kTileRows rows) work items, run
+// by at::parallel_for. Each item computes per-channel partials of its tile while the tile is in
+// L1 (the loops run along the channels, the contiguous dimension, so they vectorize across C):
+//   forward : the tile's mean, then its M2 (a second read of the tile, from cache);
+//   backward: sums of g and g * x-hat, g = grad_out masked where out <= 0.
+// The partials are merged per channel in item order, in float64 (forward: Chan's (count, mean,
+// M2) merge, never sum and sum of squares): deterministic, independent of the thread count.
+// Then one more pass writes the result:
+//   forward : out = relu((y - mean) * invstd * gamma + beta (+ residual))
+//   backward: grad_y = gamma * invstd * (g - sum_g / N - x-hat * sum_gx / N), grad_residual = g,
+//             and zeros in grad_y's extra rows (so the conv's backward sees the causal output's
+//             gradient, padding rows included).
+// x-hat is recomputed in backward from y, mean and invstd by the forward's own float
+// expression, so nothing but the conv output (which the conv's weight gradient needs anyway)
+// is saved. ReLU is torch.relu's: `z < 0 ? 0 : z` keeps NaN, and its backward passes the
+// gradient where out is NaN (threshold_backward's `out <= 0 ? 0 : g`). Both operands of that
+// select are loaded before it: `o <= 0 ? 0 : go[i]` is a conditional load, which GCC does not
+// vectorize, and its branch on random signs ran the backward 10x slower.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace fastres {
+namespace {
+
+// Rows per tile: the tile's C floats times the rows stay well inside L1 (a second read of the
+// tile for M2 comes from cache), and B * L / kTileRows items keep two cores busy. Depends on C
+// only, so the merge order does not depend on the thread count.
+int64_t tile_rows(int64_t channels) {
+  return std::max<int64_t>(8, std::min<int64_t>(256, 4096 / std::max<int64_t>(channels, 1)));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_rows(const at::Tensor& t, const char* name, int64_t batch, int64_t rows,
+                int64_t channels) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "fastres_ext: ", name,
+              " must be a float32 CPU tensor");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == batch && t.size(1) == rows && t.size(2) == channels,
+              "fastres_ext: ", name, " must have shape (", batch, ", ", rows, ", ", channels,
+              "), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "fastres_ext: ", name, " must be contiguous (B, L, C)");
+}
+
+void check_channels(const at::Tensor& t, const char* name, int64_t channels) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                  t.numel() == channels,
+              "fastres_ext: ", name, " must be a contiguous float32 CPU tensor of ", channels,
+              " values");
+}
+
+const float* optional_ptr(const c10::optional<at::Tensor>& t, const char* name,
+                          int64_t channels) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  check_channels(*t, name, channels);
+  return t->data_ptr<float>();
+}
+
+// The work items: (batch item, tile) -> rows [t0, t0 + nt) of batch item b.
+struct Tiles {
+  int64_t batch, length, rows, per_item;
+  Tiles(int64_t batch_, int64_t length_, int64_t channels)
+      : batch(batch_), length(length_), rows(tile_rows(channels)),
+        per_item(ceil_div(length_, tile_rows(channels))) {}
+  int64_t items() const { return batch * per_item; }
+  int64_t b(int64_t item) const { return item / per_item; }
+  int64_t t0(int64_t item) const { return (item % per_item) * rows; }
+  int64_t nt(int64_t item) const { return std::min(rows, length - t0(item)); }
+};
+
+}  // namespace
+
+// Batch statistics of y's first `length` rows per batch item, the running statistics update
+// (momentum_factor, unbiased variance, as nn.BatchNorm1d), and
+//   out = relu((y - mean) * invstd * gamma + beta (+ residual)).
+// mean and invstd (float32, per channel) are written for the backward.
+void nlc_bn_train_forward_cpu(const at::Tensor& y, int64_t length,
+                              const c10::optional<at::Tensor>& gamma,
+                              const c10::optional<at::Tensor>& beta,
+                              const c10::optional<at::Tensor>& running_mean,
+                              const c10::optional<at::Tensor>& running_var, double eps,
+                              double momentum_factor, const c10::optional<at::Tensor>& residual,
+                              const at::Tensor& out, const at::Tensor& mean_out,
+                              const at::Tensor& invstd_out) {
+  TORCH_CHECK(y.dim() == 3, "fastres_ext: y must be (B, Ly, C)");
+  const int64_t batch = y.size(0), y_rows = y.size(1), c = y.size(2);
+  TORCH_CHECK(length >= 1 && length <= y_rows, "fastres_ext: length ", length,
+              " outside [1, ", y_rows, "]");
+  TORCH_CHECK(batch * length > 1, "fastres_ext: batch statistics need more than one value per "
+              "channel");
+  check_rows(y, "y", batch, y_rows, c);
+  check_rows(out, "out", batch, length, c);
+  check_channels(mean_out, "mean", c);
+  check_channels(invstd_out, "invstd", c);
+  const float* g = optional_ptr(gamma, "gamma", c);
+  const float* bt = optional_ptr(beta, "beta", c);
+  const float* res = nullptr;
+  if (residual.has_value() && residual->defined()) {
+    check_rows(*residual, "residual", batch, length, c);
+    res = residual->data_ptr<float>();
+  }
+  const float* yp = y.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+
+  const Tiles tiles(batch, length, c);
+  std::vector<float> part_mean(tiles.items() * c), part_m2(tiles.items() * c);
+  at::parallel_for(0, tiles.items(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const float* tile = yp + (tiles.b(item) * y_rows + tiles.t0(item)) * c;
+      const int64_t nt = tiles.nt(item);
+      float* m = part_mean.data() + item * c;
+      float* m2 = part_m2.data() + item * c;
+      std::fill(m, m + c, 0.f);
+      std::fill(m2, m2 + c, 0.f);
+      for (int64_t r = 0; r < nt; ++r)
+        for (int64_t ch = 0; ch < c; ++ch) m[ch] += tile[r * c + ch];
+      const float inv_nt = 1.f / static_cast<float>(nt);
+      for (int64_t ch = 0; ch < c; ++ch) m[ch] *= inv_nt;
+      for (int64_t r = 0; r < nt; ++r)
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float d = tile[r * c + ch] - m[ch];
+          m2[ch] += d * d;
+        }
+    }
+  });
+
+  // Chan's merge in item order, in float64.
+  std::vector<double> n(c, 0.0), mean(c, 0.0), m2(c, 0.0);
+  for (int64_t item = 0; item < tiles.items(); ++item) {
+    const double nb = static_cast<double>(tiles.nt(item));
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double mb = part_mean[item * c + ch], delta = mb - mean[ch], total = n[ch] + nb;
+      mean[ch] += delta * (nb / total);
+      m2[ch] += part_m2[item * c + ch] + delta * delta * (n[ch] * nb / total);
+      n[ch] = total;
+    }
+  }
+  const double count = static_cast<double>(batch * length);
+  std::vector<float> mean_f(c), invstd_f(c), gamma_f(c), beta_f(c);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double var = m2[ch] / count;
+    mean_f[ch] = static_cast<float>(mean[ch]);
+    invstd_f[ch] = static_cast<float>(1.0 / std::sqrt(var + eps));
+    gamma_f[ch] = g ? g[ch] : 1.f;
+    beta_f[ch] = bt ? bt[ch] : 0.f;
+  }
+  std::copy(mean_f.begin(), mean_f.end(), mean_out.data_ptr<float>());
+  std::copy(invstd_f.begin(), invstd_f.end(), invstd_out.data_ptr<float>());
+  if (running_mean.has_value() && running_mean->defined()) {
+    check_channels(*running_mean, "running_mean", c);
+    TORCH_CHECK(running_var.has_value() && running_var->defined(),
+                "fastres_ext: running_var is missing");
+    check_channels(*running_var, "running_var", c);
+    float* rm = running_mean->data_ptr<float>();
+    float* rv = running_var->data_ptr<float>();
+    const double unbiased = count / (count - 1.0);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      rm[ch] = static_cast<float>((1 - momentum_factor) * rm[ch] + momentum_factor * mean[ch]);
+      rv[ch] = static_cast<float>((1 - momentum_factor) * rv[ch] +
+                                  momentum_factor * (m2[ch] / count) * unbiased);
+    }
+  }
+
+  // The epilogue, rows of (batch item, position).
+  const float* mf = mean_f.data();
+  const float* sf = invstd_f.data();
+  const float* gf = gamma_f.data();
+  const float* bf = beta_f.data();
+  at::parallel_for(0, batch * length, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / length, t = row % length;
+      const float* src = yp + (b * y_rows + t) * c;
+      float* dst = op + row * c;
+      if (res) {
+        const float* rr = res + row * c;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float z = (src[ch] - mf[ch]) * sf[ch] * gf[ch] + bf[ch] + rr[ch];
+          dst[ch] = z < 0.f ? 0.f : z;
+        }
+      } else {
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float z = (src[ch] - mf[ch]) * sf[ch] * gf[ch] + bf[ch];
+          dst[ch] = z < 0.f ? 0.f : z;
+        }
+      }
+    }
+  });
+}
+
+// Backward of nlc_bn_train_forward_cpu: grad_y (B, Ly, C) for the conv's backward (zeros in
+// rows >= length), grad_gamma and grad_beta (per channel), and grad_residual = g when given.
+void nlc_bn_train_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out,
+                               const at::Tensor& y, const at::Tensor& mean,
+                               const at::Tensor& invstd, const c10::optional<at::Tensor>& gamma,
+                               const at::Tensor& grad_y, const at::Tensor& grad_gamma,
+                               const at::Tensor& grad_beta,
+                               const c10::optional<at::Tensor>& grad_residual) {
+  TORCH_CHECK(y.dim() == 3 && out.dim() == 3, "fastres_ext: y and out must be 3D");
+  const int64_t batch = y.size(0), y_rows = y.size(1), c = y.size(2), length = out.size(1);
+  TORCH_CHECK(length >= 1 && length <= y_rows, "fastres_ext: out has ", length,
+              " rows, y has ", y_rows);
+  check_rows(y, "y", batch, y_rows, c);
+  check_rows(out, "out", batch, length, c);
+  check_rows(grad_out, "grad_out", batch, length, c);
+  check_rows(grad_y, "grad_y", batch, y_rows, c);
+  check_channels(mean, "mean", c);
+  check_channels(invstd, "invstd", c);
+  check_channels(grad_gamma, "grad_gamma", c);
+  check_channels(grad_beta, "grad_beta", c);
+  const float* g = optional_ptr(gamma, "gamma", c);
+  float* gres = nullptr;
+  if (grad_residual.has_value() && grad_residual->defined()) {
+    check_rows(*grad_residual, "grad_residual", batch, length, c);
+    gres = grad_residual->data_ptr<float>();
+  }
+  const float* gop = grad_out.data_ptr<float>();
+  const float* outp = out.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const float* mf = mean.data_ptr<float>();
+  const float* sf = invstd.data_ptr<float>();
+  float* gyp = grad_y.data_ptr<float>();
+
+  // Pass 1: per-tile sums of g and g * x-hat.
+  const Tiles tiles(batch, length, c);
+  std::vector<float> part_g(tiles.items() * c), part_gx(tiles.items() * c);
+  at::parallel_for(0, tiles.items(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = tiles.b(item), t0 = tiles.t0(item), nt = tiles.nt(item);
+      const float* go = gop + (b * length + t0) * c;
+      const float* o = outp + (b * length + t0) * c;
+      const float* yy = yp + (b * y_rows + t0) * c;
+      float* sg = part_g.data() + item * c;
+      float* sgx = part_gx.data() + item * c;
+      std::fill(sg, sg + c, 0.f);
+      std::fill(sgx, sgx + c, 0.f);
+      for (int64_t r = 0; r < nt; ++r)
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const int64_t i = r * c + ch;
+          const float gv = go[i], ov = o[i];  // both loaded: a select, no branch
+          const float gi = ov <= 0.f ? 0.f : gv;
+          sg[ch] += gi;
+          sgx[ch] += gi * ((yy[i] - mf[ch]) * sf[ch]);
+        }
+    }
+  });
+  std::vector<double> sum_g(c, 0.0), sum_gx(c, 0.0);
+  for (int64_t item = 0; item < tiles.items(); ++item)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      sum_g[ch] += part_g[item * c + ch];
+      sum_gx[ch] += part_gx[item * c + ch];
+    }
+  const double count = static_cast<double>(batch * length);
+  std::vector<float> k1(c), mean_g(c), mean_gx(c);
+  float* ggp = grad_gamma.data_ptr<float>();
+  float* gbp = grad_beta.data_ptr<float>();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    ggp[ch] = static_cast<float>(sum_gx[ch]);
+    gbp[ch] = static_cast<float>(sum_g[ch]);
+    k1[ch] = (g ? g[ch] : 1.f) * sf[ch];
+    mean_g[ch] = static_cast<float>(sum_g[ch] / count);
+    mean_gx[ch] = static_cast<float>(sum_gx[ch] / count);
+  }
+
+  // Pass 2: grad_y (and grad_residual); rows of (batch item, position of y).
+  const float* k1p = k1.data();
+  const float* mgp = mean_g.data();
+  const float* mgxp = mean_gx.data();
+  at::parallel_for(0, batch * y_rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / y_rows, t = row % y_rows;
+      float* dst = gyp + row * c;
+      if (t >= length) {
+        std::fill(dst, dst + c, 0.f);
+        continue;
+      }
+      const int64_t i0 = (b * length + t) * c;
+      const float* go = gop + i0;
+      const float* o = outp + i0;
+      const float* yy = yp + row * c;
+      if (gres) {
+        float* gr = gres + i0;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float gv = go[ch], ov = o[ch];
+          const float gi = ov <= 0.f ? 0.f : gv;
+          gr[ch] = gi;
+          dst[ch] = k1p[ch] * (gi - mgp[ch] - ((yy[ch] - mf[ch]) * sf[ch]) * mgxp[ch]);
+        }
+      } else {
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float gv = go[ch], ov = o[ch];
+          const float gi = ov <= 0.f ? 0.f : gv;
+          dst[ch] = k1p[ch] * (gi - mgp[ch] - ((yy[ch] - mf[ch]) * sf[ch]) * mgxp[ch]);
+        }
+      }
+    }
+  });
+}
+
+// Registered beside the fused op's kernels (csrc/ops.cpp) under the same namespace.
+TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
+  m.def(
+      "nlc_bn_train_forward(Tensor y, int length, Tensor? gamma, Tensor? beta, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float eps, float momentum_factor, "
+      "Tensor? residual, Tensor(c!) out, Tensor(d!) mean, Tensor(e!) invstd) -> ()");
+  m.def(
+      "nlc_bn_train_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, "
+      "Tensor invstd, Tensor? gamma, Tensor(a!) grad_y, Tensor(b!) grad_gamma, "
+      "Tensor(c!) grad_beta, Tensor(d!)? grad_residual) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
+  m.impl("nlc_bn_train_forward", &nlc_bn_train_forward_cpu);
+  m.impl("nlc_bn_train_backward", &nlc_bn_train_backward_cpu);
+}
+
+}  // namespace fastres

@@ -1,0 +1,227 @@
+"""The channels-last training program (fastres/backends/onednn_train.py) against the float64
+plain model.
+
+Every module is drawn fresh (weights, BN affine and running statistics, inputs) and judged as
+tests/model_parity.py judges a fused model: every number (output, input gradient, every
+parameter gradient, running statistics, num_batches_tracked) against the unfused model run in
+float64, ||a - ref|| / ||ref|| below 1e-5, or below twice plain float32 PyTorch's own error
+where that is larger (a pre-ReLU value within float32's rounding of 0 flips a ReLU mask, in
+plain PyTorch as anywhere). Each model trains two SGD steps, so the second call reads the
+weights and running statistics the first step changed. Kernel outputs are poisoned (filled
+with NaN before the kernels write them): an element a kernel forgets to write cannot pass.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres import _alloc
+from fastres.backends import onednn_train
+from fastres.conventions import rel_err
+from model_parity import TOL, grad_scale
+
+pytestmark = pytest.mark.skipif(onednn_train.unavailable_reason() is not None,
+                                reason=f"oneDNN training program: "
+                                       f"{onednn_train.unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# name -> (constructor, input shape (B, C, L))
+MODULES = {
+    "block-identity": (lambda: fastres.TemporalBlock(8, 8, 3, dilation=2, dropout=0.0),
+                       (2, 8, 37)),
+    "block-downsample": (lambda: fastres.TemporalBlock(6, 10, 3, dilation=4, dropout=0.0),
+                         (3, 6, 41)),
+    "block-k2-momentum-none": (lambda: _momentum_none(
+        fastres.TemporalBlock(8, 8, 2, dilation=5, dropout=0.0)), (2, 8, 30)),
+    "tcn": (lambda: fastres.TemporalConvNet(4, [8, 8, 12], kernel_size=3, dropout=0.0),
+            (2, 4, 70)),
+}
+
+
+def _momentum_none(module):
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.momentum = None
+    return module
+
+
+def _draw(name, seed):
+    build, shape = MODULES[name]
+    torch.manual_seed(seed)
+    model = build()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    return model.train(), shape
+
+
+def _check(what, got, plain, ref, scale=None):
+    assert got.shape == ref.shape, what
+    bound = max(TOL, 2 * rel_err(plain, ref, scale))
+    err = rel_err(got, ref, scale)
+    assert err < bound, f"{what}: {err:.2e} (bound {bound:.2e})"
+
+
+def _train_and_compare(model, shape, seed, layout="NCL", steps=2):
+    """`steps` SGD steps of the program (through onednn_train.run), of plain float32 and of
+    plain float64 on the same draws; every number compared after each step."""
+    plain = fastres.unfuse(copy.deepcopy(model)).train()
+    plain.input_layout = "NCL"
+    ref = copy.deepcopy(plain).double()
+    models = {"program": model, "plain": plain, "ref": ref}
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+                  for k, m in models.items()}
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        grad = None
+        results = {}
+        for name, m in models.items():
+            dtype = torch.float64 if name == "ref" else torch.float32
+            xm = x.to(dtype)
+            if name == "program" and layout == "NLC":
+                xm = xm.transpose(1, 2).contiguous()  # (B, L, C) data
+            xm.requires_grad_()
+            if name == "program":
+                with _alloc.poisoned(True):
+                    out = onednn_train.run(m, xm)
+                if layout == "NLC":
+                    assert out.is_contiguous()  # (B, L, C) out: no conversion left
+                    out = out.transpose(1, 2)
+            else:
+                out = m(xm)
+            if grad is None:
+                grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+            params = dict(m.named_parameters())
+            grads = list(torch.autograd.grad(out, [xm] + list(params.values()), grad.to(dtype)))
+            if name == "program" and layout == "NLC":
+                grads[0] = grads[0].transpose(1, 2)
+            results[name] = (out, grads[0], dict(zip(params, grads[1:])))
+            with torch.no_grad():  # the step the next call must see
+                for p, gp in zip(params.values(), grads[1:]):
+                    p.grad = gp
+            optimizers[name].step()
+        (out_f, gx_f, gp_f), (out_p, gx_p, gp_p), (out_r, gx_r, gp_r) = results.values()
+        assert torch.isfinite(out_f).all()
+        _check(f"step {step} output", out_f, out_p, out_r)
+        _check(f"step {step} input gradient", gx_f, gx_p, gx_r)
+        assert gp_f.keys() == gp_r.keys()
+        for name in gp_r:
+            _check(f"step {step} gradient of {name}", gp_f[name], gp_p[name], gp_r[name],
+                   grad_scale(name, gp_r))
+        buffers = [dict(m.named_buffers()) for m in models.values()]
+        for name, buf in buffers[0].items():
+            if name.endswith("num_batches_tracked"):
+                assert buf.item() == buffers[2][name].item() == step + 1, name
+            else:
+                _check(f"step {step} buffer {name}", buf, buffers[1][name], buffers[2][name])
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_train_steps_match_float64(name, fresh_seed):
+    model, shape = _draw(name, fresh_seed)
+    _train_and_compare(model, shape, fresh_seed)
+
+
+@pytest.mark.parametrize("name", ["block-downsample", "tcn"])
+def test_nlc_input(name, fresh_seed):
+    """(B, L, C) data in and out (input_layout="NLC"): no conversion at entry or exit."""
+    model, shape = _draw(name, fresh_seed)
+    model.input_layout = "NLC"
+    _train_and_compare(model, shape, fresh_seed, layout="NLC")
+
+
+def test_channels_last_view_keeps_its_layout(fresh_seed):
+    """What FusedModule.forward hands the dispatch for an NLC module: the (B, C, L) view of
+    (B, L, C) data, read in place; the output keeps that layout."""
+    model, (b, c, n) = _draw("block-identity", fresh_seed)
+    program, reason = onednn_train.build_or_reason(model)
+    assert program is not None, reason
+    view = torch.randn(b, n, c, generator=torch.Generator().manual_seed(fresh_seed)
+                       ).transpose(1, 2)
+    out = program(view)
+    assert out.shape == (b, c, n) and out.stride(1) == 1  # channels-last strides
+    ref_model = fastres.unfuse(copy.deepcopy(model)).double()
+    with torch.no_grad():
+        ref = ref_model(view.double())
+    assert rel_err(out.detach(), ref) < max(TOL, 2 * rel_err(
+        fastres.unfuse(copy.deepcopy(model))(view).detach(), ref))
+
+
+def test_nan_propagates_as_in_plain(fresh_seed):
+    """A NaN input poisons its channel's batch statistics: the same outputs are NaN as in
+    plain PyTorch, and the gradients are NaN where plain's are."""
+    model, shape = _draw("block-downsample", fresh_seed)
+    plain = fastres.unfuse(copy.deepcopy(model))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    x[1, 2, 7] = float("nan")
+    outs = []
+    for m, run in ((model, onednn_train.run), (plain, lambda m, t: m(t))):
+        xm = x.clone().requires_grad_()
+        out = run(m, xm)
+        (gx,) = torch.autograd.grad(out.sum(), [xm])
+        outs.append((out.detach(), gx))
+    assert torch.equal(outs[0][0].isnan(), outs[1][0].isnan())
+    assert torch.equal(outs[0][1].isnan(), outs[1][1].isnan())
+
+
+@pytest.mark.parametrize("build, mode, reason", [
+    (lambda: fastres.TemporalBlock(8, 8, 3), "eval", "eval mode"),
+    (lambda: fastres.TemporalBlock(8, 8, 3, norm="weight"), "train", "norm='weight'"),
+    (lambda: fastres.BasicBlock(8, 8), "train", "not a fastres TemporalBlock"),
+    (lambda: fastres.TemporalBlock(8, 8, 3).double(), "train", "float32"),
+    (lambda: fastres.TemporalConvNet(4, [8], skip_connections=True, dropout=0.0), "train",
+     "skip_connections"),
+])
+def test_refused_modules_say_why(build, mode, reason):
+    model = build()
+    model.train(mode == "train")
+    program, why = onednn_train.build_or_reason(model)
+    assert program is None and reason in why
+    with pytest.raises(RuntimeError, match="no oneDNN training program"):
+        onednn_train.run(model, torch.randn(2, 8, 16))
+
+
+def test_refused_calls_say_why():
+    model = fastres.TemporalBlock(8, 8, 3, dropout=0.2).train()
+    program, reason = onednn_train.build_or_reason(model)
+    assert program is not None, reason
+    assert "dropout" in program.unsupported_reason(torch.randn(2, 8, 16))
+    model.dropout.p = 0.0
+    assert program.unsupported_reason(torch.randn(2, 8, 16)) is None
+    assert "float32" in program.unsupported_reason(torch.randn(2, 8, 16).double())
+    assert "one value per channel" in program.unsupported_reason(torch.randn(1, 8, 1))
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        program(torch.randn(1, 8, 1))
+    with pytest.raises(ValueError, match="expects 8 channels"):
+        program(torch.randn(2, 7, 16))
+
+
+def test_stale_follows_structure_not_values():
+    model = fastres.TemporalBlock(8, 8, 3, dropout=0.0).train()
+    program, _ = onednn_train.build_or_reason(model)
+    with torch.no_grad():
+        model.conv1.weight.add_(1.0)  # values are read at every call
+    assert not program.stale(model)
+    model.conv1.weight = nn.Parameter(model.conv1.weight.detach().clone())
+    assert program.stale(model)
+    program, _ = onednn_train.build_or_reason(model)
+    model.bn1.eps = 1e-3
+    assert program.stale(model)
+    program, _ = onednn_train.build_or_reason(model)
+    model.eval()
+    assert program.stale(model)
