@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .. import _alloc, _ext
 from . import onednn
 
-__all__ = ["TrainProgram", "build_or_reason", "run", "unavailable_reason"]
+__all__ = ["TrainProgram", "build_or_reason", "program_for", "run", "unavailable_reason"]
 
 _aten = torch.ops.aten
 
@@ -357,21 +357,28 @@ def build_or_reason(module: nn.Module):
     return TrainProgram(module, blocks), None
 
 
-_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, TrainProgram]" = weakref.WeakKeyDictionary()
+# Each module's program (None where it cannot be built), kept beside the module.
+_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Optional[TrainProgram]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def program_for(module: nn.Module) -> Optional[TrainProgram]:
+    """The module's program as the module is now (built on first use, rebuilt when its
+    structure changed), or None where none can be built (build_or_reason says why)."""
+    program = _PROGRAMS.get(module)
+    if program is None or program.stale(module):
+        program = _PROGRAMS[module] = build_or_reason(module)[0]
+    return program
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x) in training through its program, built on first use and rebuilt when its
-    structure changed; x in the module's own input_layout.
+    """module(x) in training through its program; x in the module's own input_layout.
 
-    For tests and benchmarks (the dispatch keeps its own record): raises RuntimeError when
-    the module or the call cannot run here.
+    For tests and benchmarks (the dispatch decides when the program runs): raises
+    RuntimeError when the module or the call cannot run here.
     """
-    program = _PROGRAMS.get(module)
-    if program is None or program.stale(module):
-        program, reason = build_or_reason(module)
-        if program is None:
-            raise RuntimeError(f"no oneDNN training program for {type(module).__name__}: "
-                               f"{reason}")
-        _PROGRAMS[module] = program
+    program = program_for(module)
+    if program is None:
+        raise RuntimeError(f"no oneDNN training program for {type(module).__name__}: "
+                           f"{build_or_reason(module)[1]}")
     return program(x, getattr(module, "input_layout", "NCL"))

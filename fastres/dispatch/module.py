@@ -21,6 +21,9 @@ each policy, and keeps the fastest:
                 (the module's `dispatch_candidates`: fastres/stream registers it)
     onednn      in eval on a CPU, the whole module channels-last on oneDNN with prepacked
                 weights and fused post-ops (fastres/backends/onednn.py)
+    onednn-train
+                in training on a CPU, the whole module channels-last on oneDNN's convs,
+                batch norm, residual and ReLU in C++ (fastres/backends/onednn_train.py)
 
 Anything but the baseline must beat it by the op level's margin (measure.py), so a module
 is never slower than its plain twin where it measured. Measuring restores the module's
@@ -50,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from .. import backends
-from ..backends import onednn
+from ..backends import onednn, onednn_train
 from ..conventions import HALF_DTYPES
 from . import record
 from .cache import cache
@@ -169,12 +172,15 @@ def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool,
     checks no other path's weights); each returns module(x), or None where it cannot run
     this input."""
     paths = {}
-    if only in (None, "onednn") and x.device.type == "cpu" and not needs_grad \
-            and not module.training:
-        program = onednn.program_for(module)
-        if program is not None:
-            paths["onednn"] = functools.partial(_run_program, program)
-    if only != "onednn":
+    if x.device.type == "cpu":
+        # The oneDNN programs: eval (packed weights, post-ops) and training (channels-last
+        # convs, batch norm in C++), each where it was built for this mode.
+        name, backend = ("onednn-train", onednn_train) if needs_grad else ("onednn", onednn)
+        if only in (None, name) and module.training == needs_grad:
+            program = backend.program_for(module)
+            if program is not None:
+                paths[name] = functools.partial(_run_program, program)
+    if only is None or not only.startswith("onednn"):
         paths.update(getattr(module, "dispatch_candidates", lambda x: {})(x))
     return paths
 

@@ -1,11 +1,13 @@
 """The module level: how the outermost fused module runs its stages, and what explain shows."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import fastres
 from fastres import backends, dispatch
+from fastres.conventions import rel_err
 
 
 def test_explain_and_autotune_report_every_level_and_restore_state(fresh_dispatch):
@@ -116,3 +118,44 @@ def test_module_choices_persist_and_are_not_reused_for_another_structure(fresh_d
         assert choice.source == "measured"
     finally:
         dispatch.module.measure = real
+
+
+def test_the_onednn_training_program_is_a_candidate_that_trains_as_plain(monkeypatch,
+                                                                         fresh_dispatch,
+                                                                         fresh_seed):
+    """In training on a CPU the module level also times the oneDNN training program
+    (fastres/backends/onednn_train.py); where it wins, two SGD steps of the fused model
+    match the plain twin's (outputs, every gradient, running statistics)."""
+    from fastres.backends import onednn_train
+    if onednn_train.unavailable_reason() is not None:
+        pytest.skip(f"oneDNN training program: {onednn_train.unavailable_reason()}")
+    real = dispatch.module.measure
+    timed = []
+
+    def measure_then_take_the_program(level, runs, *args, **kwargs):
+        choice = real(level, runs, *args, **kwargs)
+        timed.append(sorted(runs))
+        return dataclasses.replace(choice, name="onednn-train", final=False)
+    monkeypatch.setattr(dispatch.module, "measure", measure_then_take_the_program)
+    torch.manual_seed(fresh_seed)
+    fused = fastres.TemporalConvNet(4, [8, 8], kernel_size=3, dropout=0.0).train()
+    plain = fastres.unfuse(copy.deepcopy(fused))
+    models = {"fused": fused, "plain": plain}
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
+    g = torch.Generator().manual_seed(fresh_seed)
+    for step in range(2):
+        x = torch.randn(3, 4, 50, generator=g)
+        outs = {}
+        for name, model in models.items():
+            optimizers[name].zero_grad()
+            outs[name] = model(x)
+            outs[name].square().mean().backward()
+            optimizers[name].step()
+        assert rel_err(outs["fused"], outs["plain"]) < 1e-5
+        for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
+            assert rel_err(p, q) < 1e-5, n
+        for b, c in zip(fused.buffers(), plain.buffers()):
+            assert rel_err(b.double(), c.double()) < 1e-5
+    assert timed and "onednn-train" in timed[0]
+    (choice,) = dispatch.module.choices(fused).values()
+    assert choice.name == "onednn-train"
