@@ -70,7 +70,18 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.dtype:
+def saves_for_backward(save_for_backward: bool, norm: str, relu_before_add: bool,
+                       activation: str = "relu") -> bool:
+    """Whether forward saves a tensor for backward (docs/spec.md, "Backend contract"):
+    x-hat with batch norm; y without, where backward reads it (the inner mask of
+    relu_before_add, or an activation other than ReLU, whose derivative backward takes at
+    its input, recomputed from what was saved)."""
+    return save_for_backward and (norm != NORM_NONE or relu_before_add
+                                  or activation != "relu")
+
+
+def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool,
+                activation: str = "relu") -> torch.dtype:
     """dtype of the tensor forward saves for backward (docs/spec.md, "What backward reads").
 
     16-bit inputs save x-hat in float32 in training, and whenever backward recomputes the
@@ -85,8 +96,12 @@ def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.d
     Eval-mode x-hat (used only for grad_gamma) and y without batch norm (only its sign is
     read) keep the input's dtype. A backend may choose its own (the Triton backend saves
     a float16 x-hat in training, and the masks as bits: its saved_dtype).
+    An activation other than ReLU saves float32 for 16-bit inputs in every mode: backward
+    recomputes the activation's input from it, and a 16-bit copy would flip leaky_relu's
+    and elu's branch wherever |z| is below its rounding, as it would flip ReLU's masks.
     """
-    if dtype in HALF_DTYPES and (norm == NORM_TRAIN or (norm != NORM_NONE and relu_before_add)):
+    if dtype in HALF_DTYPES and (norm == NORM_TRAIN or (norm != NORM_NONE and relu_before_add)
+                                 or activation != "relu"):
         return torch.float32
     return dtype
 

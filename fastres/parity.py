@@ -36,7 +36,8 @@ from fastres.conventions import (NORM_TRAIN, conv_padding, cudnn_conv_tf32,
                                  cudnn_conv_tf32_set, rel_err)
 from fastres.ops import conv_bn_relu
 from fastres.ops.conv_bn_relu import run_backend as run_validated
-from fastres.reference import conv1d, conv_bn_relu_reference, output_length
+from fastres.reference import (activation_function, conv1d, conv_bn_relu_reference,
+                               output_length)
 
 TOLERANCE = {
     torch.float64: 1e-10,
@@ -64,13 +65,16 @@ class Case:
     affine: bool = True
     relu_before_add: bool = False
     momentum: Optional[float] = 0.1
+    activation: str = "relu"      # docs/spec.md, "Activation"
 
     @property
     def L_out(self) -> int:
         return output_length(self.L, self.K, self.dilation, self.stride, self.padding)
 
     def __str__(self) -> str:
-        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        # (ReLU, the default, is left out: test ids stay as they were before activations)
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                        if f.name != "activation" or self.activation != "relu")
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -131,7 +135,8 @@ def _call(fn, case, args):
               momentum=case.momentum, stride=case.stride, dilation=case.dilation,
               padding=case.padding, residual=residual, relu_before_add=case.relu_before_add,
               norm=None if case.norm == "none" else "batch",
-              num_batches_tracked=num_batches_tracked)
+              num_batches_tracked=num_batches_tracked,
+              **({} if case.activation == "relu" else {"activation": case.activation}))
 
 
 def run_backend(case: Case, inputs, dtype, backend: Optional[str]):
@@ -186,11 +191,12 @@ def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
         xhat = (y - mean[:, None]) * invstd[:, None]
         gamma = f64.get("bn_weight", torch.ones_like(mean))
         z = xhat * gamma[:, None] + f64.get("bn_bias", torch.zeros_like(mean))[:, None]
-    h = torch.relu(z) if case.relu_before_add else z
+    act = activation_function(case.activation)
+    h = act(z) if case.relu_before_add else z
     residual = {"none": 0.0, "identity": f64["x"], "tensor": f64.get("residual")}[case.residual]
-    g = f64["grad_out"] * (h + residual > 0)
+    g = f64["grad_out"] * _derivative(act, h + residual)
     if case.relu_before_add:
-        g = g * (z > 0)
+        g = g * _derivative(act, z)
     scales = {}
     grad_y = g
     if case.norm != "none":
@@ -216,6 +222,14 @@ def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
             (terms,) = torch.autograd.grad(y_abs, probe, grad_y.abs())
         scales["weight"] = terms.norm().item()
     return scales
+
+
+def _derivative(act, z: torch.Tensor) -> torch.Tensor:
+    """d act / dz elementwise at z (float64), by autograd through the reference's act."""
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(act(leaf).sum(), leaf)
+    return grad
 
 
 def weights_touching_data(case: Case) -> int:
@@ -328,7 +342,8 @@ def probe_case(call: Call) -> Case:
                 C_out=probe_channels(call.c_out), L=length, K=call.kernel_size,
                 dilation=call.dilation, stride=call.stride, padding=padding,
                 residual="tensor" if call.has_residual else "none", norm=call.norm,
-                bias=call.has_bias, relu_before_add=call.relu_before_add, momentum=0.1)
+                bias=call.has_bias, relu_before_add=call.relu_before_add, momentum=0.1,
+                activation=call.activation)
 
 
 def probe_bound(call: Call) -> float:
@@ -351,7 +366,8 @@ def _run_probe(case: Case, inputs, call: Call, backend: str):
             backend, x, weight, bias, gamma, beta, rm, rv, residual, stride=call.stride,
             dilation=call.dilation, pad_left=call.pad_left, pad_right=call.pad_right,
             norm=call.norm, eps=1e-5, momentum_factor=0.1 if call.norm == NORM_TRAIN else 0.0,
-            relu_before_add=call.relu_before_add, needs_grad=call.needs_grad)
+            relu_before_add=call.relu_before_add, needs_grad=call.needs_grad,
+            activation=call.activation)
         grads = {}
         if call.needs_grad:
             names = [n for n, t in leaves.items() if t is not None]

@@ -815,10 +815,13 @@ void conv_bn_relu_forward_cuda(
     const OptTensor& beta, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& residual, int64_t stride, int64_t dilation, int64_t pad_left,
     int64_t pad_right, int64_t norm_mode, double eps, double momentum_factor,
-    bool relu_before_add, const at::Tensor& out, const at::Tensor& saved,
-    const at::Tensor& batch_mean, const at::Tensor& batch_var) {
+    bool relu_before_add, int64_t activation, double activation_param, const at::Tensor& out,
+    const at::Tensor& saved, const at::Tensor& batch_mean, const at::Tensor& batch_var) {
   const ConvGeometry g = check_forward_args(x, weight, stride, dilation, pad_left, pad_right,
                                             norm_mode, out, saved, batch_mean, batch_var);
+  check_activation(activation, activation_param);
+  // (the cuda backend's `activations` says so to the dispatcher first)
+  TORCH_CHECK(activation == kActRelu, "fastres_ext: the CUDA kernels' epilogue is ReLU only");
   TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
   check_dtype(x);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"},
@@ -890,14 +893,16 @@ void conv_bn_relu_forward_cuda(
 void conv_bn_relu_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& gamma, const OptTensor& beta, const at::Tensor& saved_in,
-    const at::Tensor& out_in, const at::Tensor& var, bool has_residual, int64_t stride,
-    int64_t dilation, int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps,
-    bool relu_before_add, const at::Tensor& grad_x, const at::Tensor& grad_weight,
+    const at::Tensor& out_in, const at::Tensor& var, const OptTensor& residual,
+    bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left, int64_t pad_right,
+    int64_t norm_mode, double eps, bool relu_before_add, int64_t activation,
+    double activation_param, const at::Tensor& grad_x, const at::Tensor& grad_weight,
     const at::Tensor& grad_bias, const at::Tensor& grad_gamma, const at::Tensor& grad_beta,
     const at::Tensor& grad_residual) {
   const ConvGeometry g =
       check_backward_args(x, weight, stride, dilation, pad_left, pad_right, norm_mode,
-                          relu_before_add, out_in, saved_in, grad_x, grad_weight);
+                          relu_before_add, activation, out_in, saved_in, grad_x, grad_weight);
+  TORCH_CHECK(activation == kActRelu, "fastres_ext: the CUDA kernels' epilogue is ReLU only");
   TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
   check_dtype(x);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"},

@@ -26,6 +26,7 @@ class CompositeBackend(KernelBackend):
     dtypes = _FLOATS + (torch.float64,)
     description = ("PyTorch ops inside the custom op, with the analytic backward every fused "
                    "backend reproduces")
+    activations = "all"
 
     def load(self):
         from . import composite
@@ -57,6 +58,7 @@ class CppBackend(KernelBackend):
     devices = ("cpu",)
     dtypes = _FLOATS + (torch.float64,)
     description = "C++ CPU kernels (csrc/cpu): BLAS conv tiles with fused epilogues"
+    activations = "all"
 
     def load(self):
         from . import cpp

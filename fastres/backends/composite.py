@@ -51,9 +51,11 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
     if residual is not None:
         z = z + cast(residual)
     out = _alloc.empty(z.shape, dtype=x.dtype, device=x.device).copy_(act(z))
-    # gelu and silu differentiate at their input, recomputed from x-hat (y without norm).
-    wanted = save_for_backward and (norm != NORM_NONE or relu_before_add or act.needs_input)
-    sdt = conventions.saved_dtype(x.dtype, norm, relu_before_add)
+    # Another activation than ReLU differentiates at its input, recomputed from x-hat (y
+    # without norm): what every kernel backend saves (conventions.saves_for_backward).
+    wanted = conventions.saves_for_backward(save_for_backward, norm, relu_before_add,
+                                            activation)
+    sdt = conventions.saved_dtype(x.dtype, norm, relu_before_add, activation)
     saved = _alloc.empty(z.shape if wanted else (0,), dtype=sdt, device=x.device)
     if wanted:
         saved.copy_(xhat)
@@ -65,8 +67,8 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
              need_grad_x=True, activation="relu", residual=None):
     """The analytic backward (docs/spec.md), in the compute dtype.
 
-    residual: needed only for gelu and silu after a residual add (their derivative is taken
-    at the add's result, recomputed here)."""
+    residual: needed for gelu, gelu_tanh and silu after a residual add (their derivative is
+    taken at the add's result, recomputed here)."""
     act = parse_activation(activation)
     ct = stats_dtype(x.dtype)
     if act.is_relu:

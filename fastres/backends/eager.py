@@ -110,6 +110,7 @@ class EagerBackend(Backend):
     devices = ("cpu", "cuda", "meta")
     dtypes = _ALL_FLOATS
     fused = False
+    activations = "all"
     description = "PyTorch's own kernels (oneDNN / cuDNN) under autograd: no fused kernel"
 
     @staticmethod
