@@ -42,6 +42,7 @@ class TritonBackend(KernelBackend):
     saves_mask_bits = True    # training and residual stages save the final mask as bits
     own_saved_dtype = True    # float16 x-hat in 16-bit training
     streams = True            # fastres/backends/triton/stream_step.py
+    activations = "all"       # triton/activation.py
 
     @property
     def devices(self):

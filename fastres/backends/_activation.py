@@ -2,9 +2,11 @@
 PyTorch ops (eager, composite): its name parsed once, applied, and differentiated.
 
 `activation` is a string: "relu" (the default), "gelu" (the exact, erf form), "gelu_tanh"
-(its tanh approximation, F.gelu(approximate="tanh")), "silu", "tanh", "leaky_relu" with its slope a >= 0 ("leaky_relu" is a = 0.01, "leaky_relu:0.2"),
-or "elu" with its alpha > 0 ("elu" is alpha = 1, "elu:0.5"). Every ReLU of the stage (the
-final one, and the inner one of relu_before_add) becomes this activation.
+(its tanh approximation, F.gelu(approximate="tanh")), "silu", "tanh", "leaky_relu" with its
+slope a >= 0 ("leaky_relu" is a = 0.01, "leaky_relu:0.2"), or "elu" with its alpha > 0
+("elu" is alpha = 1, "elu:0.5"). Every ReLU of the stage (the final one, and the inner one
+of relu_before_add) becomes this activation. The kernel backends (cpp, triton) run them
+too; the CUDA extension ReLU only (its `activations`).
 
 The derivative of relu, leaky_relu, elu and tanh is a function of the activation's output;
 gelu's and silu's need its input, so their backward recomputes it (from x-hat and, after

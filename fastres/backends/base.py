@@ -212,10 +212,11 @@ class KernelBackend(Backend):
         return conventions.saved_dtype(dtype, norm, relu_before_add, activation)
 
     def mask_bits_shape(self, shape, has_residual: bool, save_for_backward: bool,
-                        norm: str) -> tuple:
+                        norm: str, activation: str = "relu") -> tuple:
         """Shape of the mask bits forward returns for an output of `shape` ((0,): none)."""
-        if self.saves_mask_bits \
-                and self.module.saves_mask_bits(has_residual, save_for_backward, norm):
+        if self.saves_mask_bits and self.module.saves_mask_bits(
+                has_residual, save_for_backward, norm,
+                **({} if activation == "relu" else {"activation": activation})):
             return conventions.mask_bits_shape(*shape)
         return (0,)
 

@@ -64,7 +64,7 @@ def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, num_bat
     saved = x.new_empty(shape if saves else (0,), dtype=kernels.saved_dtype(
         x.dtype, norm, relu_before_add, weight.shape[1] * k, activation))
     mask_bits = x.new_empty(kernels.mask_bits_shape(shape, residual is not None,
-                                                    save_for_backward, norm),
+                                                    save_for_backward, norm, activation),
                             dtype=torch.uint8)
     stats = x.new_empty((c_out if norm == NORM_TRAIN else 0,), dtype=stats_dtype(x.dtype))
     return x.new_empty(shape), saved, mask_bits, stats, stats.clone()
