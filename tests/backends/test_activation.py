@@ -235,25 +235,29 @@ def _call(activation, device="cpu", dtype=torch.float32):
 
 
 def test_backend_without_an_activation_says_why():
-    """A kernel backend that lacks an activation is no candidate for it, with its reason;
-    ReLU calls are unchanged; the ones that run every activation are candidates."""
+    """A kernel backend that lacks an activation is no candidate for it, with its reason,
+    and forcing it raises that reason; its ReLU calls are unchanged."""
     class ReluOnly(backends.KernelBackend):
         name, devices, dtypes = "relu_only_test", ("cpu",), (torch.float32,)
+
+        def load(self):
+            return composite
     relu_only = ReluOnly()
-    relu_only._module = composite  # (loaded: its kernels are the composite ones)
     assert relu_only.supports(_call("relu")) is None
     reason = relu_only.supports(_call("gelu"))
     assert reason is not None and "gelu" in reason and "relu" in reason
     assert "elu" in relu_only.supports(_call("elu:0.5"))
-    if backends.get("cpp").unavailable_reason() is None:
-        assert candidates(_call("silu")) == ["eager", "cpp"]
-    forced = [n for n in backends.names() if backends.get(n).unavailable_reason() is None
-              and backends.get(n).supports(_call("tanh")) is not None
-              and "cpu" in backends.get(n).devices]
     x, w = torch.randn(2, 4, 16), torch.randn(4, 4, 3)
-    for name in forced:
-        with fastres.use_backend(name), pytest.raises(RuntimeError, match="tanh"):
-            fastres.conv_bn_relu(x, w, training=True, activation="tanh")
+    backends.register(relu_only)
+    try:
+        with fastres.use_backend("relu_only_test"):
+            with pytest.raises(RuntimeError, match="cannot run this call: .*no tanh"):
+                fastres.conv_bn_relu(x, w, training=True, activation="tanh")
+            fastres.conv_bn_relu(x, w, training=True)  # ReLU runs
+    finally:
+        backends._REGISTRY.pop("relu_only_test")
+    for name in ("cpp", "triton", "cuda", "composite", "eager"):
+        assert backends.get(name).activations == "all"
 
 
 def test_activation_is_part_of_the_dispatch_signature():
