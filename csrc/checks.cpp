@@ -42,9 +42,15 @@ ConvGeometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, i
                                 const at::Tensor& batch_var) {
   const ConvGeometry g = geometry(x, weight, stride, dilation, pad_left, pad_right, out);
   check_saved(saved, out, "forward");
+  TORCH_CHECK(norm_mode >= kNormNone && norm_mode <= kNormLayer, "fastres_ext: bad norm_mode ",
+              norm_mode);
   if (norm_mode == kNormTrain)
     TORCH_CHECK(batch_mean.numel() == g.c_out && batch_var.numel() == g.c_out,
                 "fastres_ext: training needs batch_mean/batch_var of C_out values");
+  if (norm_mode == kNormLayer)
+    TORCH_CHECK(batch_mean.numel() == g.batch * g.l_out && batch_var.numel() == g.batch * g.l_out &&
+                    batch_mean.is_contiguous() && batch_var.is_contiguous(),
+                "fastres_ext: layer norm needs batch_mean/batch_var of B * L_out values");
   return g;
 }
 

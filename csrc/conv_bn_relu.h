@@ -14,9 +14,11 @@
 
 namespace fastres {
 
-// What the op does with the conv output: no batch norm, the running statistics, or batch ones.
-// The codes are fastres.conventions.NORM_CODES.
-enum NormMode : int64_t { kNormNone = 0, kNormEval = 1, kNormTrain = 2 };
+// What the op does with the conv output: no batch norm, the running statistics, batch ones, or
+// layer norm over the channels of each position (statistics per (batch item, position), written
+// to batch_mean / batch_var of shape (B, L_out); backward's var is that). The codes are
+// fastres.conventions.NORM_CODES.
+enum NormMode : int64_t { kNormNone = 0, kNormEval = 1, kNormTrain = 2, kNormLayer = 3 };
 
 // The epilogue's activation, which replaces every ReLU of the stage (docs/spec.md,
 // "Activation"). The codes are fastres/backends/_activation.py's ACT_*; leaky_relu's slope and

@@ -12,8 +12,8 @@ import torch
 
 from . import _alloc
 from .backends._activation import parse_activation
-from .conventions import (NORM_CODES, NORM_NONE, NORM_TRAIN, output_length, saved_dtype,
-                          saves_for_backward, stats_dtype)
+from .conventions import (NORM_CODES, NORM_NONE, NORM_TRAIN, normalizes_per_position,
+                          output_length, saved_dtype, saves_for_backward, stats_dtype)
 
 _load_error = None
 _loaded = False
@@ -53,9 +53,11 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
     saved = _alloc.empty(shape if saves else (0,), device=x.device,
                          dtype=saved_dtype(x.dtype, norm, relu_before_add, activation))
     act = parse_activation(activation)
-    n_stats = c_out if norm == NORM_TRAIN else 0
-    batch_mean = _alloc.empty((n_stats,), dtype=stats_dtype(x.dtype), device=x.device)
-    batch_var = _alloc.empty((n_stats,), dtype=stats_dtype(x.dtype), device=x.device)
+    n_stats = (c_out,) if norm == NORM_TRAIN else (0,)
+    if normalizes_per_position(norm):  # layer norm: per (batch item, position)
+        n_stats = (batch, l_out)
+    batch_mean = _alloc.empty(n_stats, dtype=stats_dtype(x.dtype), device=x.device)
+    batch_var = _alloc.empty(n_stats, dtype=stats_dtype(x.dtype), device=x.device)
     torch.ops.fastres_ext.forward(
         x, weight, bias, gamma, beta, running_mean, running_var, residual, stride, dilation,
         pad_left, pad_right, NORM_CODES[norm], eps, momentum_factor, relu_before_add,

@@ -60,7 +60,7 @@ class Case:
     padding: str = "causal"
     residual: str = "none"        # "none", "identity" (x itself; needs C_in == C_out, stride 1),
                                   # or "tensor" (an independent tensor, e.g. a projection's output)
-    norm: str = "train"           # "train", "eval" or "none"
+    norm: str = "train"           # "train", "eval", "none", or "layer" (over channels)
     bias: bool = True
     affine: bool = True
     relu_before_add: bool = False
@@ -112,8 +112,9 @@ def _run(case: Case, inputs, dtype, param_dtype):
     leaves = {"x": x, "weight": weight, "bias": bias}
     rm = rv = gamma = beta = None
     if case.norm != "none":
-        rm = inputs["running_mean"].to(param_dtype).clone()
-        rv = inputs["running_var"].to(param_dtype).clone()
+        if case.norm != "layer":  # (layer norm keeps no running statistics)
+            rm = inputs["running_mean"].to(param_dtype).clone()
+            rv = inputs["running_var"].to(param_dtype).clone()
         if case.affine:
             gamma = inputs["bn_weight"].to(param_dtype).detach().requires_grad_(True)
             beta = inputs["bn_bias"].to(param_dtype).detach().requires_grad_(True)
@@ -134,7 +135,7 @@ def _call(fn, case, args):
     return fn(x, weight, bias, rm, rv, gamma, beta, training=case.norm == "train",
               momentum=case.momentum, stride=case.stride, dilation=case.dilation,
               padding=case.padding, residual=residual, relu_before_add=case.relu_before_add,
-              norm=None if case.norm == "none" else "batch",
+              norm={"none": None, "layer": "layer"}.get(case.norm, "batch"),
               num_batches_tracked=num_batches_tracked,
               **({} if case.activation == "relu" else {"activation": case.activation}))
 
@@ -182,7 +183,13 @@ def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
     y = conv1d(f64["x"], f64["weight"], f64.get("bias"), stride=case.stride,
                dilation=case.dilation, padding=case.padding)
     z = y
-    if case.norm != "none":
+    if case.norm == "layer":  # over the channels of each position
+        var, mean = torch.var_mean(y, dim=1, unbiased=False)
+        invstd = torch.rsqrt(var + 1e-5)
+        xhat = (y - mean[:, None]) * invstd[:, None]
+        gamma = f64.get("bn_weight", torch.ones(y.shape[1], dtype=y.dtype, device=y.device))
+        z = xhat * gamma[:, None] + f64.get("bn_bias", torch.zeros_like(gamma))[:, None]
+    elif case.norm != "none":
         if case.norm == "train":
             var, mean = torch.var_mean(y, dim=(0, 2), unbiased=False)
         else:
@@ -202,7 +209,12 @@ def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
     if case.norm != "none":
         scales["bn_weight"] = (g * xhat).abs().sum((0, 2)).norm().item()
         scales["bn_bias"] = g.abs().sum((0, 2)).norm().item()
-        grad_y = g * (gamma * invstd)[:, None]
+        if case.norm == "layer":
+            gg = g * gamma[:, None]
+            grad_y = (gg - gg.mean(1, keepdim=True)
+                      - xhat * (gg * xhat).mean(1, keepdim=True)) * invstd[:, None]
+        else:
+            grad_y = g * (gamma * invstd)[:, None]
         if case.norm == "train":
             n = g.shape[0] * g.shape[2]
             grad_y = (g - g.mean((0, 2))[:, None]

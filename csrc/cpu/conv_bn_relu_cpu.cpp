@@ -16,6 +16,10 @@
 //   none  : out = relu(relu?(acc) + residual)
 //   train : per-tile (count, mean, M2) of every channel, merged in a fixed order (Chan), then a
 //           second pass out = relu(relu?(y * scale + shift) + residual) over y.
+//   layer : layer norm over the channels of each position: the tile holds every channel of
+//           its positions, so their mean and variance (two passes over the channels, in order)
+//           and the epilogue run on it in cache; backward's projection over the channels of a
+//           position is a pass per batch item.
 // Another activation (gelu, gelu_tanh, silu, tanh, leaky_relu, elu) replaces both ReLUs in the
 // same places; the activation is a template parameter of the epilogue and of backward's first
 // pass, so ReLU's loops are the ones they were. Its derivative is taken at its input, which
@@ -318,6 +322,46 @@ void epilogue(const acc_t* v, int64_t n, bool normalize, const ChannelAffine<acc
   normalize ? with_rba(T{}) : with_rba(F{});
 }
 
+// Layer norm's forward on one tile acc[C_out, nt] (row stride nt) that holds every channel of
+// its positions: per position, the mean and biased variance over the channels (two passes, the
+// channels in order, vectorized over positions) into pos_mean / pos_var, then each channel row's
+// x-hat = (y - mean) * invstd and the epilogue on it (x-hat with mean 0 and invstd 1, which
+// leave it exact, so backward's recomputation x-hat * gamma + beta is forward's). Rows of
+// out / residual / saved start at base + co * row_stride.
+template <int64_t kAct, typename scalar_t, typename acc_t, typename saved_t>
+void layer_norm_tile(const acc_t* acc, int64_t nt, int64_t c_out, acc_t eps,
+                     const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta,
+                     bool relu_before_add, acc_t act_param, acc_t* mean, acc_t* invstd,
+                     acc_t* xhat, acc_t* pos_mean, acc_t* pos_var, const scalar_t* res,
+                     scalar_t* out, saved_t* saved, int64_t base, int64_t row_stride) {
+  std::fill(mean, mean + nt, acc_t(0));
+  std::fill(invstd, invstd + nt, acc_t(0));
+  for (int64_t co = 0; co < c_out; ++co) {
+    const acc_t* row = acc + co * nt;
+    for (int64_t i = 0; i < nt; ++i) mean[i] += row[i];
+  }
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(c_out);
+  for (int64_t i = 0; i < nt; ++i) mean[i] *= inv_c;
+  for (int64_t co = 0; co < c_out; ++co) {
+    const acc_t* row = acc + co * nt;
+    for (int64_t i = 0; i < nt; ++i) invstd[i] += (row[i] - mean[i]) * (row[i] - mean[i]);
+  }
+  for (int64_t i = 0; i < nt; ++i) {
+    const acc_t var = invstd[i] * inv_c;
+    pos_mean[i] = mean[i];
+    pos_var[i] = var;
+    invstd[i] = acc_t(1) / std::sqrt(var + eps);
+  }
+  for (int64_t co = 0; co < c_out; ++co) {
+    const acc_t* row = acc + co * nt;
+    for (int64_t i = 0; i < nt; ++i) xhat[i] = (row[i] - mean[i]) * invstd[i];
+    const int64_t at = base + co * row_stride;
+    epilogue<kAct>(xhat, nt, true, ChannelAffine<acc_t>{0, 1, gamma[co], beta[co]},
+                   relu_before_add, act_param, res ? res + at : nullptr, out + at,
+                   saved ? saved + at : saved);
+  }
+}
+
 // Calls f with the typed pointer of `saved`: scalar_t*, acc_t* (float32 x-hat for 16-bit
 // inputs, conventions.saved_dtype), or a null scalar_t* when nothing is saved.
 template <typename scalar_t, typename acc_t, typename F>
@@ -350,6 +394,9 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
   const scalar_t* res = res_c.defined() ? res_c.data_ptr<scalar_t>() : nullptr;
   scalar_t* outp = out.data_ptr<scalar_t>();
   const bool train = norm_mode == kNormTrain, eval = norm_mode == kNormEval;
+  const bool layer = norm_mode == kNormLayer;
+  acc_t* pos_mean = layer ? batch_mean.data_ptr<acc_t>() : nullptr;  // (B, L_out)
+  acc_t* pos_var = layer ? batch_var.data_ptr<acc_t>() : nullptr;
 
   // Per channel: the conv bias and the epilogue's normalization.
   std::vector<acc_t> conv_bias = to_vector<acc_t>(bias, c_out, 0);
@@ -400,11 +447,21 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(c_out * tile);
       std::vector<acc_t> gather(g.stride > 1 ? g.c_in * tile : 0);
+      std::vector<acc_t> col_mean(layer ? tile : 0), col_invstd(layer ? tile : 0);
+      std::vector<acc_t> xhat_row(layer ? tile : 0);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles_per_item, t0 = (item % tiles_per_item) * tile;
         const int64_t nt = std::min(tile, l_out - t0);
         conv_tile<acc_t>(g, xp + b * g.c_in * g.length, taps.data(), conv_bias.data(), t0, nt,
                          acc.data(), gather.data());
+        if (layer) {
+          layer_norm_tile<kAct>(acc.data(), nt, c_out, static_cast<acc_t>(eps), gamma, beta,
+                                relu_before_add, act_param, col_mean.data(), col_invstd.data(),
+                                xhat_row.data(), pos_mean + b * l_out + t0,
+                                pos_var + b * l_out + t0, res, outp, savedp,
+                                b * c_out * l_out + t0, l_out);
+          continue;
+        }
         for (int64_t co = 0; co < c_out; ++co) {
           const acc_t* row = acc.data() + co * nt;
           const int64_t base = (b * c_out + co) * l_out + t0;
@@ -556,11 +613,12 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   const scalar_t* resp = res_c.defined() ? res_c.data_ptr<scalar_t>() : nullptr;
   const acc_t act_param = static_cast<acc_t>(activation_param);
   const bool norm = norm_mode != kNormNone, train = norm_mode == kNormTrain;
+  const bool layer = norm_mode == kNormLayer;
 
   std::vector<acc_t> invstd(c_out, 1);
   const std::vector<acc_t> gamma = to_vector<acc_t>(bn_weight, c_out, 1);
   const std::vector<acc_t> beta = to_vector<acc_t>(bn_bias, c_out, 0);
-  if (norm) {
+  if (norm && !layer) {
     const std::vector<acc_t> v = to_vector<acc_t>(var, c_out, 1);
     for (int64_t c = 0; c < c_out; ++c)
       invstd[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
@@ -611,7 +669,7 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
     relu_before_add ? with_res(norm_c, train_c, T{}) : with_res(norm_c, train_c, F{});
   };
   if (!norm) with_rba(F{}, F{});
-  else if (train) with_rba(T{}, T{});
+  else if (train || layer) with_rba(T{}, T{});  // (kTrain: grad_y = g, finished below)
   else with_rba(T{}, F{});
   for (int64_t r = 0; r < rows; ++r) {
     grad_beta[r % c_out] += row_g[r];
@@ -633,6 +691,46 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
           gy_row[i] = gy;
           return gy;
         });
+      }
+    });
+  }
+  if (layer) {
+    // Pass 2, per batch item: at each position, over its channels,
+    //   grad_y = invstd (gamma g - mean_c(gamma g) - xhat mean_c(gamma g xhat)),
+    // the channels summed in order (vectorized over positions); var is (B, L_out).
+    const at::Tensor var_c = as_acc<acc_t>(var);
+    const acc_t* varp = var_c.data_ptr<acc_t>();
+    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(c_out);
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s1(l_out), s2(l_out), inv(l_out);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(s1.begin(), s1.end(), acc_t(0));
+        std::fill(s2.begin(), s2.end(), acc_t(0));
+        for (int64_t c = 0; c < c_out; ++c) {
+          const acc_t* gy_row = gyp + (b * c_out + c) * l_out;
+          const auto* xhat_row = savedp + (b * c_out + c) * l_out;
+          for (int64_t i = 0; i < l_out; ++i) {
+            const acc_t gg = gamma[c] * gy_row[i];
+            s1[i] += gg;
+            s2[i] += gg * static_cast<acc_t>(xhat_row[i]);
+          }
+        }
+        for (int64_t i = 0; i < l_out; ++i) {
+          inv[i] = acc_t(1) / std::sqrt(varp[b * l_out + i] + static_cast<acc_t>(eps));
+          s1[i] *= inv_c;
+          s2[i] *= inv_c;
+        }
+        for (int64_t c = 0; c < c_out; ++c) {
+          const int64_t r = b * c_out + c;
+          acc_t* gy_row = gyp + r * l_out;
+          const auto* xhat_row = savedp + r * l_out;
+          row_gy[r] = lane_sum<acc_t>(l_out, [&](int64_t i) {
+            const acc_t gy =
+                inv[i] * (gamma[c] * gy_row[i] - s1[i] - static_cast<acc_t>(xhat_row[i]) * s2[i]);
+            gy_row[i] = gy;
+            return gy;
+          });
+        }
       }
     });
   }

@@ -27,6 +27,7 @@ class CompositeBackend(KernelBackend):
     description = ("PyTorch ops inside the custom op, with the analytic backward every fused "
                    "backend reproduces")
     activations = "all"
+    layer_norm = True
 
     def load(self):
         from . import composite
@@ -60,6 +61,7 @@ class CppBackend(KernelBackend):
     dtypes = _FLOATS + (torch.float64,)
     description = "C++ CPU kernels (csrc/cpu): BLAS conv tiles with fused epilogues"
     activations = "all"
+    layer_norm = True
 
     def load(self):
         from . import cpp
@@ -71,6 +73,7 @@ class CudaBackend(KernelBackend):
     devices = ("cuda",)
     dtypes = _FLOATS
     description = "CUDA C++ kernels (csrc/cuda)"
+    activations = "all"
 
     def load(self):
         from . import cuda

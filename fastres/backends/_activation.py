@@ -5,8 +5,7 @@ PyTorch ops (eager, composite): its name parsed once, applied, and differentiate
 (its tanh approximation, F.gelu(approximate="tanh")), "silu", "tanh", "leaky_relu" with its
 slope a >= 0 ("leaky_relu" is a = 0.01, "leaky_relu:0.2"), or "elu" with its alpha > 0
 ("elu" is alpha = 1, "elu:0.5"). Every ReLU of the stage (the final one, and the inner one
-of relu_before_add) becomes this activation. The kernel backends (cpp, triton) run them
-too; the CUDA extension ReLU only (its `activations`).
+of relu_before_add) becomes this activation. Every kernel backend runs them too.
 
 The derivative of relu, leaky_relu, elu and tanh is a function of the activation's output;
 gelu's and silu's need its input, so their backward recomputes it (from x-hat and, after

@@ -83,6 +83,9 @@ class Backend:
     # The epilogue activations it runs (docs/spec.md, "Activation"; names as
     # _activation.ACTIVATION_NAMES); "all" for every one.
     activations = ("relu",)
+    # Whether it runs layer norm over channels (conventions.NORM_LAYER): a kernel whose
+    # tile holds every channel of a position can fuse it.
+    layer_norm = False
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the backend can run on this machine, else why not."""
@@ -97,6 +100,9 @@ class Backend:
             return f"runs on {', '.join(self.devices)} tensors, not {call.device_type}"
         if call.dtype not in self.dtypes:
             return f"does not take {str(call.dtype).replace('torch.', '')}"
+        if call.norm == conventions.NORM_LAYER and not self.layer_norm:
+            return ("has no layer-norm mode (its tiles do not hold every channel of a "
+                    "position)")
         name = call.activation.partition(":")[0]
         if self.activations != "all" and name not in self.activations:
             return (f"its epilogue has no {name} activation (it runs "

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import upstream_kernels
-from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN, autocast_dtype, output_length
+from ..conventions import (HALF_DTYPES, NORM_LAYER, NORM_NONE, NORM_TRAIN, autocast_dtype,
+                           output_length)
 from ._activation import parse_activation
 from .base import Backend
 
@@ -83,7 +84,10 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
         if autocast_dtype(device_type) is not None else contextlib.nullcontext()
     with no_autocast:
         z = conv1d(up(x), up(weight), up(bias), stride, dilation, pad_left, pad_right)
-        if norm != NORM_NONE:
+        if norm == NORM_LAYER:  # over the channels at each position
+            z = F.layer_norm(z.transpose(1, 2), (z.shape[1],), up(gamma), up(beta),
+                             eps).transpose(1, 2)
+        elif norm != NORM_NONE:
             stats = [running_mean, running_var]
             # Running statistics of another dtype (a model moved to 16 bits whole) are
             # updated through compute-dtype copies, written back below.
@@ -111,6 +115,7 @@ class EagerBackend(Backend):
     dtypes = _ALL_FLOATS
     fused = False
     activations = "all"
+    layer_norm = True
     description = "PyTorch's own kernels (oneDNN / cuDNN) under autograd: no fused kernel"
 
     @staticmethod

@@ -21,8 +21,8 @@ as pytorch-tcn does, so one seed gives one model in both.
 
 What runs fused: a stage whose activation the op's epilogue computes (op_activation: ReLU,
 and once the stage passes it on, STAGE_TAKES_ACTIVATION, GELU in both forms, SiLU, Tanh,
-LeakyReLU, ELU) and whose norm is batch norm, weight norm or none runs through
-conv_bn_relu_stage; the second stage also takes the residual add and the final activation
+LeakyReLU, ELU) and whose norm is batch norm, weight norm or none (and layer norm once the
+stage passes it on, STAGE_TAKES_LAYER_NORM) runs through conv_bn_relu_stage; the second stage also takes the residual add and the final activation
 when dropout2 is inactive and the skip output is not needed. Everything else (another
 activation, gating, conditioning, layer norm) runs as plain PyTorch inside the block, each
 such stage recorded with its reason for fastres.explain.
@@ -99,9 +99,11 @@ def kernel_initializer_call(name: str, activation: ActivationArg):
     return KERNEL_INITIALIZERS[name], {}
 
 
-# Whether conv_bn_relu_stage (fastres/nn/_stage.py) takes `activation` and hands it to the op.
-# Until it does, a stage whose activation is not ReLU runs as plain PyTorch, saying why.
+# Whether conv_bn_relu_stage (fastres/nn/_stage.py) takes `activation` and hands it to the op,
+# and whether it takes an nn.LayerNorm as its norm (the op's norm="layer", over channels).
+# Until it does, such a stage runs as plain PyTorch, saying why.
 STAGE_TAKES_ACTIVATION = False
+STAGE_TAKES_LAYER_NORM = False
 
 
 def op_activation(module: nn.Module) -> Optional[str]:
@@ -247,9 +249,9 @@ class _TCNBlockLayout(nn.Module):
     def _plain_reason(self, stage: int, embeddings) -> Optional[str]:
         """Why stage 1 or 2 runs as plain PyTorch, or None where it runs fused."""
         reasons = []
-        if self.norm == "layer":
-            reasons.append("layer norm over channels: the fused op has no layer-norm mode "
-                           "yet")
+        if self.norm == "layer" and not STAGE_TAKES_LAYER_NORM:
+            reasons.append("layer norm over channels: the fused stage (conv_bn_relu_stage) "
+                           "does not pass it to the op's norm='layer' yet")
         if stage == 1 and self.gate:
             reasons.append("gating (GLU over conv1's 2n channels) is not in the fused op")
         if stage == 1 and embeddings is not None:

@@ -23,7 +23,8 @@ from ..backends._activation import canonical_activation
 from ..dispatch.measure import bounded_extent
 from ..dispatch.safety import functorch_active
 from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
-                           norm_mode, output_length, saves_for_backward, stats_dtype)
+                           normalizes_per_position, norm_mode, output_length,
+                           saves_for_backward, stats_dtype)
 from ..conventions import autocast_dtype, batch_norm_eps_error
 
 __all__ = ["Plan", "ResidualGradLink", "conv_bn_relu", "execute", "plan"]
@@ -66,7 +67,10 @@ def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, num_bat
     mask_bits = x.new_empty(kernels.mask_bits_shape(shape, residual is not None,
                                                     save_for_backward, norm, activation),
                             dtype=torch.uint8)
-    stats = x.new_empty((c_out if norm == NORM_TRAIN else 0,), dtype=stats_dtype(x.dtype))
+    n_stats = (c_out,) if norm == NORM_TRAIN else (0,)
+    if normalizes_per_position(norm):
+        n_stats = (batch, shape[2])
+    stats = x.new_empty(n_stats, dtype=stats_dtype(x.dtype))
     return x.new_empty(shape), saved, mask_bits, stats, stats.clone()
 
 
@@ -155,8 +159,10 @@ class _FusedStage(torch.autograd.Function):
             x, weight, bias, gamma, beta, running_mean, running_var, residual,
             num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
             momentum_factor, relu_before_add, save_for_backward, backend, activation)
-        # Backward needs the variance forward normalized with: the batch's, or the running one.
-        var = batch_var if norm == NORM_TRAIN else running_var
+        # Backward needs the variance forward normalized with: the batch's (layer norm's per
+        # position), or the running one.
+        var = batch_var if norm == NORM_TRAIN or normalizes_per_position(norm) \
+            else running_var
         # Another activation than ReLU differentiates at its input, which backward recomputes
         # from saved and the residual.
         kept_residual = None if activation == "relu" else residual
@@ -257,8 +263,8 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
     _check_int("dilation", dilation, 1)
     if padding not in PADDING_MODES:
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
-    if norm not in ("batch", None):
-        raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
+    if norm not in ("batch", "layer", None):
+        raise ValueError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
     canonical_activation(activation)  # ValueError naming the argument
     _check_vector("bias", bias, c_out, x)
     if bias is not None and bias.dtype != x.dtype:
@@ -279,6 +285,14 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
         if training and running_mean is not None and momentum is None \
                 and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if norm == "layer":
+        for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+            _check_vector(name, t, c_out, x)
+        if running_mean is not None or running_var is not None:
+            raise ValueError("layer norm keeps no running statistics: pass "
+                             "running_mean=None and running_var=None with norm='layer'")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"layer norm's eps must be >= 0, got {eps!r}")
     pad_left, pad_right = conv_padding(k, dilation, stride, padding)
     l_out = output_length(length, k, dilation, stride, pad_left, pad_right)
     if l_out < 1:
@@ -347,11 +361,15 @@ def _unit_affine(c_out: int, device: torch.device, dtype: torch.dtype):
 # this function instead of tracing it), from arguments that are never symbolic.
 @torch.compiler.assume_constant_result
 def _backend_at_trace_time(device_type: str, dtype: torch.dtype, stride: int,
-                           needs_grad: bool, activation: str = "relu") -> str:
+                           needs_grad: bool, activation: str = "relu",
+                           layer_norm: bool = False) -> str:
     name = dispatch.trace_time_choice(device_type, dtype, stride, needs_grad)
-    runs = backends.get(name).activations
+    kernels = backends.get(name)
+    runs = kernels.activations
     if activation != "relu" and runs != "all" and activation.partition(":")[0] not in runs:
         return "eager"  # (a forced backend that cannot run it fails in the op below)
+    if layer_norm and not kernels.layer_norm:
+        return "eager"
     return name
 
 
@@ -396,7 +414,10 @@ def conv_bn_relu(
         residual: None or a tensor of the output's shape added before the final ReLU.
         relu_before_add: compute relu(relu(bn(conv(x))) + residual) (locuslab/TCN).
         norm: "batch", or None to skip batch norm (weight-normed blocks: normalize the conv
-            weight before the call; gradients flow back through it).
+            weight before the call; gradients flow back through it), or "layer": layer
+            norm over the channels at each position (nn.LayerNorm(C_out) applied to the
+            (B, L, C) view, as pytorch-tcn does), bn_weight / bn_bias its weight and bias,
+            no running statistics, the same in training and eval.
         activation: replaces every ReLU of the stage: "relu", "gelu", "gelu_tanh", "silu",
             "tanh", "leaky_relu[:slope]" or "elu[:alpha]" (docs/spec.md, "Activation").
             A backend whose kernels lack it is not a candidate (fastres.explain says so).
@@ -457,7 +478,8 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
     geometry = dict(stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
                     norm=mode, eps=eps, relu_before_add=relu_before_add, activation=activation)
     if torch.compiler.is_compiling() and not mixed_skip:
-        name = _backend_at_trace_time(x.device.type, x.dtype, stride, needs_grad, activation)
+        name = _backend_at_trace_time(x.device.type, x.dtype, stride, needs_grad, activation,
+                                      normalizes_per_position(mode))
     elif x.shape[0] == 0 or x.device.type == "meta" or mixed_skip \
             or torch.compiler.is_compiling() or functorch_active():
         # An empty batch or meta tensors: PyTorch's own ops give its results and shapes.

@@ -405,16 +405,18 @@ def test_pytorch_tcn_dilation_schedule():
 
 ACTIVATION_CONFIGS = [{**DEFAULTS, "activation": a, "use_norm": n}
                       for a, n in [("gelu", "batch_norm"), ("tanh", None),
-                                   ("leaky_relu", "weight_norm"), ("elu", "batch_norm")]]
+                                   ("leaky_relu", "weight_norm"), ("elu", "batch_norm"),
+                                   ("relu", "layer_norm"), ("gelu", "layer_norm")]]
 
 
 @pytest.mark.parametrize("config", ACTIVATION_CONFIGS, ids=_config_id)
 def test_activations_run_fused_once_the_stage_passes_them(config, monkeypatch):
-    """TCNBlock's side of the fused activations: with a stage that hands `activation` to
-    the op (what STAGE_TAKES_ACTIVATION waits for in fastres/nn/_stage.py; here a stand-in
-    calling the op with the stage's modules), every stage of a gelu / tanh / leaky_relu /
-    elu TCN runs through the op with its activation on the C++ kernels, and the model
-    matches pytorch-tcn (train steps, gradients, running statistics, eval)."""
+    """TCNBlock's side of the fused activations and layer norm: with a stage that hands
+    `activation` and an nn.LayerNorm to the op (what STAGE_TAKES_ACTIVATION and
+    STAGE_TAKES_LAYER_NORM wait for in fastres/nn/_stage.py; here a stand-in calling the op
+    with the stage's modules), every stage of a gelu / tanh / leaky_relu / elu / layer-norm
+    TCN runs through the op on the C++ kernels, and the model matches pytorch-tcn (train
+    steps, gradients, running statistics, eval)."""
     if "cpp" not in cpu_backends():
         pytest.skip("backend cpp unavailable here")
     from fastres.nn import _stage, tcn_block
@@ -423,16 +425,23 @@ def test_activations_run_fused_once_the_stage_passes_them(config, monkeypatch):
     def stage(x, conv, norm, padding, residual=None, relu_before_add=False,
               residual_grad_link=None, activation="relu"):
         activations.append(activation)
+        if isinstance(norm, torch.nn.LayerNorm):
+            arguments = dict(bias=conv.bias, norm="layer", bn_weight=norm.weight,
+                             bn_bias=norm.bias, eps=norm.eps)
+        else:
+            arguments = _stage.op_arguments(conv, norm)
         return fastres.conv_bn_relu(x, conv.weight, stride=conv.stride[0],
                                     dilation=conv.dilation[0], padding=padding,
                                     residual=residual, relu_before_add=relu_before_add,
-                                    activation=activation, **_stage.op_arguments(conv, norm))
+                                    activation=activation, **arguments)
     monkeypatch.setattr(tcn_block, "STAGE_TAKES_ACTIVATION", True)
+    monkeypatch.setattr(tcn_block, "STAGE_TAKES_LAYER_NORM", True)
     monkeypatch.setattr(tcn_block, "conv_bn_relu_stage", stage)
     plain = _pytorch_tcn(config)
     fused = _convert(plain)
     _assert_matches(fused, plain, config=config, backend="cpp")
-    want = {"gelu": "gelu", "tanh": "tanh", "leaky_relu": "leaky_relu", "elu": "elu"}
+    want = {"gelu": "gelu", "tanh": "tanh", "leaky_relu": "leaky_relu", "elu": "elu",
+            "relu": "relu"}
     assert activations and set(activations) == {want[config["activation"]]}
 
 
