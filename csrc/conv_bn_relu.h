@@ -87,8 +87,9 @@ void check_activation(int64_t activation, double activation_param);
       const at::Tensor &out, const at::Tensor &var, const OptTensor &residual,               \
       bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left,                  \
       int64_t pad_right, int64_t norm_mode, double eps, bool relu_before_add,                 \
-      int64_t activation, double activation_param, const at::Tensor &grad_x, const at::Tensor &grad_weight,         \
-      const at::Tensor &grad_bias, const at::Tensor &grad_gamma, const at::Tensor &grad_beta, \
+      int64_t activation, double activation_param, const at::Tensor &grad_x,                \
+      const at::Tensor &grad_weight, const at::Tensor &grad_bias,                             \
+      const at::Tensor &grad_gamma, const at::Tensor &grad_beta,                              \
       const at::Tensor &grad_residual
 
 void conv_bn_relu_forward_cpu(FASTRES_FORWARD_ARGS);

@@ -47,7 +47,8 @@ TORCH_LIBRARY(fastres_ext, m) {
       "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? gamma, Tensor? beta, "
       "Tensor saved, Tensor out, Tensor var, Tensor? residual, bool has_residual, int stride, "
       "int dilation, int pad_left, int pad_right, int norm_mode, float eps, "
-      "bool relu_before_add, int activation, float activation_param, Tensor(a!) grad_x, Tensor(b!) grad_weight, Tensor(c!) grad_bias, Tensor(d!) grad_gamma, "
+      "bool relu_before_add, int activation, float activation_param, Tensor(a!) grad_x, "
+      "Tensor(b!) grad_weight, Tensor(c!) grad_bias, Tensor(d!) grad_gamma, "
       "Tensor(e!) grad_beta, Tensor(f!) grad_residual) -> ()");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
 }

@@ -383,7 +383,8 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
                     const OptTensor& running_mean, const OptTensor& running_var,
                     const OptTensor& residual, const ConvGeometry& g, int64_t norm_mode,
                     double eps, double momentum_factor, bool relu_before_add,
-                    int64_t activation, double activation_param, const at::Tensor& out, const at::Tensor& saved, const at::Tensor& batch_mean,
+                    int64_t activation, double activation_param, const at::Tensor& out,
+                    const at::Tensor& saved, const at::Tensor& batch_mean,
                     const at::Tensor& batch_var) {
   using acc_t = typename AccType<scalar_t>::type;
   const bool save = saved.numel() > 0;
@@ -598,9 +599,10 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                      const at::Tensor& out_in, const at::Tensor& var,
                      const OptTensor& residual, bool has_residual, const ConvGeometry& g,
                      int64_t norm_mode, double eps, bool relu_before_add, int64_t activation,
-                     double activation_param, const at::Tensor& grad_x, const at::Tensor& grad_weight,
-                     const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
-                     const at::Tensor& grad_bn_bias, const at::Tensor& grad_residual) {
+                     double activation_param, const at::Tensor& grad_x,
+                     const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                     const at::Tensor& grad_bn_weight, const at::Tensor& grad_bn_bias,
+                     const at::Tensor& grad_residual) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t c_out = g.c_out, c_in = g.c_in, l_out = g.l_out, rows = g.batch * c_out;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();

@@ -22,8 +22,9 @@ as pytorch-tcn does, so one seed gives one model in both.
 What runs fused: a stage whose activation the op's epilogue computes (op_activation: ReLU,
 and once the stage passes it on, STAGE_TAKES_ACTIVATION, GELU in both forms, SiLU, Tanh,
 LeakyReLU, ELU) and whose norm is batch norm, weight norm or none (and layer norm once the
-stage passes it on, STAGE_TAKES_LAYER_NORM) runs through conv_bn_relu_stage; the second stage also takes the residual add and the final activation
-when dropout2 is inactive and the skip output is not needed. Everything else (another
+stage passes it on, STAGE_TAKES_LAYER_NORM) runs through conv_bn_relu_stage; the second
+stage also takes the residual add and the final activation when dropout2 is inactive and
+the skip output is not needed. Everything else (another
 activation, gating, conditioning, layer norm) runs as plain PyTorch inside the block, each
 such stage recorded with its reason for fastres.explain.
 """
