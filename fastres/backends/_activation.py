@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATION_NAMES", "Activation", "canonical_activation", "parse_activation"]
+__all__ = ["ACTIVATION_NAMES", "Activation", "activation_function", "canonical_activation",
+           "parse_activation"]
 
 ACTIVATION_NAMES = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "leaky_relu", "elu")
 _DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
@@ -112,15 +113,48 @@ class Activation:
         return self.grad_from_output(self(z))
 
 
+# The op's public path (validation, the eager backend) runs under torch.compile, whose
+# dynamo in torch 2.11 cannot trace the cached parser's frozen dataclass: these two are plain
+# functions of the text.
+
+
 def canonical_activation(text: str) -> str:
-    """`text` validated and in its canonical spelling (Activation.text); "relu" is returned
-    without parsing (the op's hot path, and what torch 2.11's dynamo traces)."""
-    return "relu" if text == "relu" else parse_activation(text).text
+    """`text` validated and in its canonical spelling (Activation.text)."""
+    if text == "relu":
+        return text
+    name, param = _split(text)
+    if param is None or param == _DEFAULT_PARAM[name]:
+        return name
+    return f"{name}:{param!r}"
+
+
+def activation_function(text: str):
+    """The activation `text` names, as a function of a tensor (torch.relu, F.gelu, ...)."""
+    name, param = _split(text)
+    if name == "relu":
+        return torch.relu
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return functools.partial(F.gelu, approximate="tanh")
+    if name == "silu":
+        return F.silu
+    if name == "tanh":
+        return torch.tanh
+    if name == "leaky_relu":
+        return functools.partial(F.leaky_relu, negative_slope=param)
+    return functools.partial(F.elu, alpha=param)
 
 
 @functools.lru_cache(maxsize=None)
 def parse_activation(text: str) -> Activation:
     """Activation of "name" or "name:param" (ValueError naming the argument otherwise)."""
+    return Activation(*_split(text))
+
+
+def _split(text: str):
+    """(name, param) of "name" or "name:param", param None for activations without one
+    (ValueError naming the argument for anything else)."""
     if not isinstance(text, str):
         raise ValueError(f"activation must be a string, got {text!r}")
     name, _, param_text = text.partition(":")
@@ -130,7 +164,7 @@ def parse_activation(text: str) -> Activation:
     if name not in _DEFAULT_PARAM:
         if param_text:
             raise ValueError(f"activation {name!r} takes no parameter, got {text!r}")
-        return Activation(name)
+        return name, None
     try:
         param = float(param_text) if param_text else _DEFAULT_PARAM[name]
     except ValueError:
@@ -139,4 +173,4 @@ def parse_activation(text: str) -> Activation:
             or (name == "elu" and param <= 0):
         raise ValueError(f"activation {text!r}: leaky_relu's slope must be >= 0 and elu's "
                          "alpha > 0")
-    return Activation(name, param)
+    return name, param

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import upstream_kernels
 from ..conventions import (HALF_DTYPES, NORM_LAYER, NORM_NONE, NORM_TRAIN, autocast_dtype,
                            output_length)
-from ._activation import parse_activation
+from ._activation import activation_function
 from .base import Backend
 
 _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -72,9 +72,9 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
     Arguments as the backend contract's forward (docs/spec.md), except that gamma/beta may
     be None and the running statistics are updated by F.batch_norm itself.
     """
-    # ReLU without the parser: torch.compile traces this function, and older dynamo (torch
+    # No parser's dataclass: torch.compile traces this function, and older dynamo (torch
     # 2.11) cannot trace the cached parser's frozen dataclass.
-    act = torch.relu if activation == "relu" else parse_activation(activation)
+    act = torch.relu if activation == "relu" else activation_function(activation)
     compute = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
     up = (lambda t: t) if compute == x.dtype else (  # noqa: E731
         lambda t: None if t is None else t.to(compute))

@@ -314,3 +314,24 @@ def test_gradcheck_float64_cpp(activation):
                                         residual=res, relu_before_add=True,
                                         activation=activation)
     assert torch.autograd.gradcheck(fn, (x, w, b, gamma, beta, res), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation, norm", [("gelu", "batch"), ("leaky_relu:0.2", "layer")])
+def test_the_op_compiles_with_an_activation(activation, norm, fresh_seed):
+    """torch.compile(fullgraph=True) traces the op with an activation and layer norm (torch
+    2.11's dynamo cannot trace the parser's dataclass: the traced path avoids it)."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    x = torch.randn(2, 4, 16, generator=g, requires_grad=True)
+    w = torch.randn(6, 4, 3, generator=g, requires_grad=True)
+    gamma, beta = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+
+    def stage(x, w):
+        return fastres.conv_bn_relu(x, w, None, None, None, gamma, beta, training=True,
+                                    dilation=2, norm=norm, activation=activation)
+    compiled = torch.compile(stage, fullgraph=True)
+    out, want = compiled(x, w), stage(x, w)
+    assert rel_err(out, want) < 1e-5
+    grads = torch.autograd.grad(out, [x, w], torch.ones_like(out))
+    want_grads = torch.autograd.grad(want, [x, w], torch.ones_like(want))
+    for a, b in zip(grads, want_grads):
+        assert rel_err(a, b) < 1e-5
