@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace fastres {
 namespace {
 
@@ -40,20 +42,35 @@ ConvGeometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, i
                                 const at::Tensor& batch_var) {
   const ConvGeometry g = geometry(x, weight, stride, dilation, pad_left, pad_right, out);
   check_saved(saved, out, "forward");
+  TORCH_CHECK(norm_mode >= kNormNone && norm_mode <= kNormLayer, "fastres_ext: bad norm_mode ",
+              norm_mode);
   if (norm_mode == kNormTrain)
     TORCH_CHECK(batch_mean.numel() == g.c_out && batch_var.numel() == g.c_out,
                 "fastres_ext: training needs batch_mean/batch_var of C_out values");
+  if (norm_mode == kNormLayer)
+    TORCH_CHECK(batch_mean.numel() == g.batch * g.l_out && batch_var.numel() == g.batch * g.l_out &&
+                    batch_mean.is_contiguous() && batch_var.is_contiguous(),
+                "fastres_ext: layer norm needs batch_mean/batch_var of B * L_out values");
   return g;
+}
+
+void check_activation(int64_t activation, double activation_param) {
+  TORCH_CHECK(activation >= 0 && activation < kActivationCount,
+              "fastres_ext: unknown activation code ", activation);
+  TORCH_CHECK(std::isfinite(activation_param) && activation_param >= 0 &&
+                  (activation != kActElu || activation_param > 0),
+              "fastres_ext: bad activation parameter ", activation_param);
 }
 
 ConvGeometry check_backward_args(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                                  int64_t dilation, int64_t pad_left, int64_t pad_right,
-                                 int64_t norm_mode, bool relu_before_add, const at::Tensor& out,
-                                 const at::Tensor& saved, const at::Tensor& grad_x,
-                                 const at::Tensor& grad_weight) {
+                                 int64_t norm_mode, bool relu_before_add, int64_t activation,
+                                 const at::Tensor& out, const at::Tensor& saved,
+                                 const at::Tensor& grad_x, const at::Tensor& grad_weight) {
   const ConvGeometry g = geometry(x, weight, stride, dilation, pad_left, pad_right, out);
   check_saved(saved, out, "backward");
-  TORCH_CHECK((norm_mode == kNormNone && !relu_before_add) || saved.numel() == out.numel(),
+  TORCH_CHECK((norm_mode == kNormNone && !relu_before_add && activation == kActRelu) ||
+                  saved.numel() == out.numel(),
               "fastres_ext: backward needs the saved x-hat (or y without batch norm)");
   TORCH_CHECK(grad_x.is_contiguous() && grad_weight.is_contiguous(),
               "fastres_ext: gradients must be contiguous");

@@ -37,15 +37,19 @@ TORCH_LIBRARY(fastres_ext, m) {
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor? gamma, Tensor? beta, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, int stride, "
       "int dilation, int pad_left, int pad_right, int norm_mode, float eps, "
-      "float momentum_factor, bool relu_before_add, Tensor(c!) out, Tensor(d!) saved, "
-      "Tensor(e!) batch_mean, Tensor(f!) batch_var) -> ()");
-  // var: the variance forward normalized with. Gradients of absent inputs (bias, residual,
-  // batch-norm affine) are empty tensors.
+      "float momentum_factor, bool relu_before_add, int activation, float activation_param, "
+      "Tensor(c!) out, Tensor(d!) saved, Tensor(e!) batch_mean, Tensor(f!) batch_var) -> ()");
+  // activation: conv_bn_relu.h's ActivationCode (0: ReLU), with leaky_relu's slope or elu's
+  // alpha as activation_param; it replaces every ReLU, and saved is then always written.
+  // var: the variance forward normalized with. residual: the forward's, where an activation
+  // other than ReLU follows the add. Gradients of absent inputs (bias, residual, batch-norm
+  // affine) are empty tensors.
   m.def(
       "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? gamma, Tensor? beta, "
-      "Tensor saved, Tensor out, Tensor var, bool has_residual, int stride, int dilation, "
-      "int pad_left, int pad_right, int norm_mode, float eps, bool relu_before_add, "
-      "Tensor(a!) grad_x, Tensor(b!) grad_weight, Tensor(c!) grad_bias, Tensor(d!) grad_gamma, "
+      "Tensor saved, Tensor out, Tensor var, Tensor? residual, bool has_residual, int stride, "
+      "int dilation, int pad_left, int pad_right, int norm_mode, float eps, "
+      "bool relu_before_add, int activation, float activation_param, Tensor(a!) grad_x, "
+      "Tensor(b!) grad_weight, Tensor(c!) grad_bias, Tensor(d!) grad_gamma, "
       "Tensor(e!) grad_beta, Tensor(f!) grad_residual) -> ()");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
 }

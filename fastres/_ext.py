@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from . import _alloc
-from .conventions import (NORM_CODES, NORM_NONE, NORM_TRAIN, output_length, saved_dtype,
-                          stats_dtype)
+from .backends._activation import parse_activation
+from .conventions import (NORM_CODES, NORM_NONE, NORM_TRAIN, normalizes_per_position,
+                          output_length, saved_dtype, saves_for_backward, stats_dtype)
 
 _load_error = None
 _loaded = False
@@ -43,27 +44,36 @@ def compiled_with_cuda() -> bool:
 
 def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
             dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
-            save_for_backward):
+            save_for_backward, activation="relu"):
     batch, c_out, k = x.shape[0], weight.shape[0], weight.shape[2]
     l_out = output_length(x.shape[2], k, dilation, stride, pad_left, pad_right)
     shape = (batch, c_out, l_out)
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
-    saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
+    saves = saves_for_backward(save_for_backward, norm, relu_before_add, activation)
     saved = _alloc.empty(shape if saves else (0,), device=x.device,
-                         dtype=saved_dtype(x.dtype, norm, relu_before_add))
-    n_stats = c_out if norm == NORM_TRAIN else 0
-    batch_mean = _alloc.empty((n_stats,), dtype=stats_dtype(x.dtype), device=x.device)
-    batch_var = _alloc.empty((n_stats,), dtype=stats_dtype(x.dtype), device=x.device)
+                         dtype=saved_dtype(x.dtype, norm, relu_before_add, activation))
+    act = parse_activation(activation)
+    n_stats = (c_out,) if norm == NORM_TRAIN else (0,)
+    if normalizes_per_position(norm):  # layer norm: per (batch item, position)
+        n_stats = (batch, l_out)
+    batch_mean = _alloc.empty(n_stats, dtype=stats_dtype(x.dtype), device=x.device)
+    batch_var = _alloc.empty(n_stats, dtype=stats_dtype(x.dtype), device=x.device)
     torch.ops.fastres_ext.forward(
         x, weight, bias, gamma, beta, running_mean, running_var, residual, stride, dilation,
-        pad_left, pad_right, NORM_CODES[norm], eps, momentum_factor, relu_before_add, out,
-        saved, batch_mean, batch_var)
+        pad_left, pad_right, NORM_CODES[norm], eps, momentum_factor, relu_before_add,
+        act.code, act.kernel_param, out, saved, batch_mean, batch_var)
     return out, saved, batch_mean, batch_var
 
 
 def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
              stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
-             need_grad_x=True):
+             need_grad_x=True, activation="relu", residual=None):
+    """residual: the forward's, where an activation other than ReLU follows its add (the
+    kernels recompute the activation's input from it and saved)."""
+    act = parse_activation(activation)
+    if has_residual and not act.is_relu and residual is None:
+        raise ValueError(f"the backward of activation {activation!r} after a residual add "
+                         "needs the residual (its derivative is taken at the sum)")
     def like(t, dtype=None):
         return _alloc.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
 
@@ -76,9 +86,11 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
     grad_beta = like(beta) if with_norm else empty
     grad_residual = like(out) if has_residual else empty
     torch.ops.fastres_ext.backward(
-        grad_out, x, weight, gamma, beta, saved, out, var, has_residual, stride, dilation,
-        pad_left, pad_right, NORM_CODES[norm], eps, relu_before_add, grad_x, grad_weight,
-        grad_bias, grad_gamma, grad_beta, grad_residual)
+        grad_out, x, weight, gamma, beta, saved, out, var,
+        residual if has_residual and not act.is_relu else None, has_residual, stride,
+        dilation, pad_left, pad_right, NORM_CODES[norm], eps, relu_before_add, act.code,
+        act.kernel_param, grad_x, grad_weight, grad_bias, grad_gamma, grad_beta,
+        grad_residual)
     return (grad_x if need_grad_x else None, grad_weight, grad_bias if has_bias else None,
             grad_gamma if with_norm else None, grad_beta if with_norm else None,
             grad_residual if has_residual else None)

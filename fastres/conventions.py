@@ -49,15 +49,25 @@ def output_length(length: int, kernel_size: int, dilation: int, stride: int, pad
 
 # What a stage does with the conv output. The kernels (Triton constexprs, the C++ enum
 # NormMode in csrc/conv_bn_relu.h) take the integer codes.
-NORM_NONE, NORM_EVAL, NORM_TRAIN = "none", "eval", "train"
-NORM_CODES = {NORM_NONE: 0, NORM_EVAL: 1, NORM_TRAIN: 2}
+# NORM_LAYER: layer norm over the channels at each position (docs/spec.md, "Layer norm"),
+# the same in training and eval; its statistics are per (batch item, position).
+NORM_NONE, NORM_EVAL, NORM_TRAIN, NORM_LAYER = "none", "eval", "train", "layer"
+NORM_CODES = {NORM_NONE: 0, NORM_EVAL: 1, NORM_TRAIN: 2, NORM_LAYER: 3}
 
 
 def norm_mode(norm: Optional[str], training: bool) -> str:
-    """The kernel-level mode of a call: no batch norm, running statistics, or batch ones."""
+    """The kernel-level mode of a call: no norm, batch norm with running statistics or
+    batch ones, or layer norm over channels."""
     if norm is None:
         return NORM_NONE
+    if norm == "layer":
+        return NORM_LAYER
     return NORM_TRAIN if training else NORM_EVAL
+
+
+def normalizes_per_position(norm: str) -> bool:
+    """Whether forward's statistics are per (batch item, position), (B, L_out): layer norm."""
+    return norm == NORM_LAYER
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -70,7 +80,18 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.dtype:
+def saves_for_backward(save_for_backward: bool, norm: str, relu_before_add: bool,
+                       activation: str = "relu") -> bool:
+    """Whether forward saves a tensor for backward (docs/spec.md, "Backend contract"):
+    x-hat with batch norm; y without, where backward reads it (the inner mask of
+    relu_before_add, or an activation other than ReLU, whose derivative backward takes at
+    its input, recomputed from what was saved)."""
+    return save_for_backward and (norm != NORM_NONE or relu_before_add
+                                  or activation != "relu")
+
+
+def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool,
+                activation: str = "relu") -> torch.dtype:
     """dtype of the tensor forward saves for backward (docs/spec.md, "What backward reads").
 
     16-bit inputs save x-hat in float32 in training, and whenever backward recomputes the
@@ -85,8 +106,15 @@ def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool) -> torch.d
     Eval-mode x-hat (used only for grad_gamma) and y without batch norm (only its sign is
     read) keep the input's dtype. A backend may choose its own (the Triton backend saves
     a float16 x-hat in training, and the masks as bits: its saved_dtype).
+    An activation other than ReLU saves float32 for 16-bit inputs in every mode: backward
+    recomputes the activation's input from it, and a 16-bit copy would flip leaky_relu's
+    and elu's branch wherever |z| is below its rounding, as it would flip ReLU's masks.
+    Layer norm saves float32 as training batch norm does: its backward projects x-hat's
+    direction out of the gradient too (over the channels of a position).
     """
-    if dtype in HALF_DTYPES and (norm == NORM_TRAIN or (norm != NORM_NONE and relu_before_add)):
+    if dtype in HALF_DTYPES and (norm in (NORM_TRAIN, NORM_LAYER)
+                                 or (norm != NORM_NONE and relu_before_add)
+                                 or activation != "relu"):
         return torch.float32
     return dtype
 

@@ -36,7 +36,8 @@ from fastres.conventions import (NORM_TRAIN, conv_padding, cudnn_conv_tf32,
                                  cudnn_conv_tf32_set, rel_err)
 from fastres.ops import conv_bn_relu
 from fastres.ops.conv_bn_relu import run_backend as run_validated
-from fastres.reference import conv1d, conv_bn_relu_reference, output_length
+from fastres.reference import (activation_function, conv1d, conv_bn_relu_reference,
+                               output_length)
 
 TOLERANCE = {
     torch.float64: 1e-10,
@@ -59,18 +60,21 @@ class Case:
     padding: str = "causal"
     residual: str = "none"        # "none", "identity" (x itself; needs C_in == C_out, stride 1),
                                   # or "tensor" (an independent tensor, e.g. a projection's output)
-    norm: str = "train"           # "train", "eval" or "none"
+    norm: str = "train"           # "train", "eval", "none", or "layer" (over channels)
     bias: bool = True
     affine: bool = True
     relu_before_add: bool = False
     momentum: Optional[float] = 0.1
+    activation: str = "relu"      # docs/spec.md, "Activation"
 
     @property
     def L_out(self) -> int:
         return output_length(self.L, self.K, self.dilation, self.stride, self.padding)
 
     def __str__(self) -> str:
-        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        # (ReLU, the default, is left out: test ids stay as they were before activations)
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                        if f.name != "activation" or self.activation != "relu")
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -108,8 +112,9 @@ def _run(case: Case, inputs, dtype, param_dtype):
     leaves = {"x": x, "weight": weight, "bias": bias}
     rm = rv = gamma = beta = None
     if case.norm != "none":
-        rm = inputs["running_mean"].to(param_dtype).clone()
-        rv = inputs["running_var"].to(param_dtype).clone()
+        if case.norm != "layer":  # (layer norm keeps no running statistics)
+            rm = inputs["running_mean"].to(param_dtype).clone()
+            rv = inputs["running_var"].to(param_dtype).clone()
         if case.affine:
             gamma = inputs["bn_weight"].to(param_dtype).detach().requires_grad_(True)
             beta = inputs["bn_bias"].to(param_dtype).detach().requires_grad_(True)
@@ -130,8 +135,9 @@ def _call(fn, case, args):
     return fn(x, weight, bias, rm, rv, gamma, beta, training=case.norm == "train",
               momentum=case.momentum, stride=case.stride, dilation=case.dilation,
               padding=case.padding, residual=residual, relu_before_add=case.relu_before_add,
-              norm=None if case.norm == "none" else "batch",
-              num_batches_tracked=num_batches_tracked)
+              norm={"none": None, "layer": "layer"}.get(case.norm, "batch"),
+              num_batches_tracked=num_batches_tracked,
+              **({} if case.activation == "relu" else {"activation": case.activation}))
 
 
 def run_backend(case: Case, inputs, dtype, backend: Optional[str]):
@@ -177,7 +183,13 @@ def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
     y = conv1d(f64["x"], f64["weight"], f64.get("bias"), stride=case.stride,
                dilation=case.dilation, padding=case.padding)
     z = y
-    if case.norm != "none":
+    if case.norm == "layer":  # over the channels of each position
+        var, mean = torch.var_mean(y, dim=1, unbiased=False)
+        invstd = torch.rsqrt(var + 1e-5)
+        xhat = (y - mean[:, None]) * invstd[:, None]
+        gamma = f64.get("bn_weight", torch.ones(y.shape[1], dtype=y.dtype, device=y.device))
+        z = xhat * gamma[:, None] + f64.get("bn_bias", torch.zeros_like(gamma))[:, None]
+    elif case.norm != "none":
         if case.norm == "train":
             var, mean = torch.var_mean(y, dim=(0, 2), unbiased=False)
         else:
@@ -186,17 +198,23 @@ def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
         xhat = (y - mean[:, None]) * invstd[:, None]
         gamma = f64.get("bn_weight", torch.ones_like(mean))
         z = xhat * gamma[:, None] + f64.get("bn_bias", torch.zeros_like(mean))[:, None]
-    h = torch.relu(z) if case.relu_before_add else z
+    act = activation_function(case.activation)
+    h = act(z) if case.relu_before_add else z
     residual = {"none": 0.0, "identity": f64["x"], "tensor": f64.get("residual")}[case.residual]
-    g = f64["grad_out"] * (h + residual > 0)
+    g = f64["grad_out"] * _derivative(act, h + residual)
     if case.relu_before_add:
-        g = g * (z > 0)
+        g = g * _derivative(act, z)
     scales = {}
     grad_y = g
     if case.norm != "none":
         scales["bn_weight"] = (g * xhat).abs().sum((0, 2)).norm().item()
         scales["bn_bias"] = g.abs().sum((0, 2)).norm().item()
-        grad_y = g * (gamma * invstd)[:, None]
+        if case.norm == "layer":
+            gg = g * gamma[:, None]
+            grad_y = (gg - gg.mean(1, keepdim=True)
+                      - xhat * (gg * xhat).mean(1, keepdim=True)) * invstd[:, None]
+        else:
+            grad_y = g * (gamma * invstd)[:, None]
         if case.norm == "train":
             n = g.shape[0] * g.shape[2]
             grad_y = (g - g.mean((0, 2))[:, None]
@@ -216,6 +234,14 @@ def sum_term_scales(case: Case, inputs) -> Dict[str, float]:
             (terms,) = torch.autograd.grad(y_abs, probe, grad_y.abs())
         scales["weight"] = terms.norm().item()
     return scales
+
+
+def _derivative(act, z: torch.Tensor) -> torch.Tensor:
+    """d act / dz elementwise at z (float64), by autograd through the reference's act."""
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(act(leaf).sum(), leaf)
+    return grad
 
 
 def weights_touching_data(case: Case) -> int:
@@ -339,7 +365,8 @@ def probe_case(call: Call) -> Case:
                 C_out=probe_channels(call.c_out), L=length, K=call.kernel_size,
                 dilation=call.dilation, stride=call.stride, padding=padding,
                 residual="tensor" if call.has_residual else "none", norm=call.norm,
-                bias=call.has_bias, relu_before_add=call.relu_before_add, momentum=0.1)
+                bias=call.has_bias, relu_before_add=call.relu_before_add, momentum=0.1,
+                activation=call.activation)
 
 
 def probe_bound(call: Call) -> float:
@@ -362,7 +389,8 @@ def _run_probe(case: Case, inputs, call: Call, backend: str):
             backend, x, weight, bias, gamma, beta, rm, rv, residual, stride=call.stride,
             dilation=call.dilation, pad_left=call.pad_left, pad_right=call.pad_right,
             norm=call.norm, eps=1e-5, momentum_factor=0.1 if call.norm == NORM_TRAIN else 0.0,
-            relu_before_add=call.relu_before_add, needs_grad=call.needs_grad)
+            relu_before_add=call.relu_before_add, needs_grad=call.needs_grad,
+            activation=call.activation)
         grads = {}
         if call.needs_grad:
             names = [n for n, t in leaves.items() if t is not None]

@@ -97,17 +97,24 @@ def conv_bn_relu_reference(
 
     Running statistics are updated in place in training mode, as nn.BatchNorm1d
     does (momentum=None: cumulative average over num_batches_tracked).
-    norm=None skips batch norm. relu_before_add computes relu(relu(bn(conv)) + residual).
-    activation replaces every ReLU: "relu", "gelu", "silu", "tanh", "leaky_relu[:slope]",
-    "elu[:alpha]" (PyTorch's F.gelu, F.silu, torch.tanh, F.leaky_relu, F.elu).
+    norm=None skips batch norm; norm="layer" is layer norm over the channels at each
+    position (F.layer_norm over the transposed (B, L, C) tensor, as pytorch-tcn applies
+    nn.LayerNorm), with bn_weight / bn_bias as its weight and bias and no running statistics.
+    relu_before_add computes relu(relu(bn(conv)) + residual).
+    activation replaces every ReLU: "relu", "gelu", "gelu_tanh", "silu", "tanh",
+    "leaky_relu[:slope]", "elu[:alpha]" (PyTorch's F.gelu, F.gelu(approximate="tanh"),
+    F.silu, torch.tanh, F.leaky_relu, F.elu).
     """
-    act = _activation(activation)
+    act = activation_function(activation)
     y = conv1d(x, weight, bias, stride=stride, dilation=dilation, padding=padding)
     if norm == "batch":
         factor = running_stats_factor(training, running_mean, momentum, num_batches_tracked)
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, factor, eps)
+    elif norm == "layer":
+        y = F.layer_norm(y.transpose(1, 2), (y.shape[1],), bn_weight, bn_bias,
+                         eps).transpose(1, 2)
     elif norm is not None:
-        raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
+        raise ValueError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
     if relu_before_add:
         y = act(y)
     if residual is not None:
@@ -115,10 +122,11 @@ def conv_bn_relu_reference(
     return act(y)
 
 
-def _activation(text: str):
+def activation_function(text: str):
     """The activation function `text` names (docs/spec.md, "Activation")."""
     name, _, param = text.partition(":")
-    simple = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+    simple = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
+              "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
     if name in simple and not param:
         return simple[name]
     if name == "leaky_relu":

@@ -16,6 +16,14 @@
 //   none  : out = relu(relu?(acc) + residual)
 //   train : per-tile (count, mean, M2) of every channel, merged in a fixed order (Chan), then a
 //           second pass out = relu(relu?(y * scale + shift) + residual) over y.
+//   layer : layer norm over the channels of each position: the tile holds every channel of
+//           its positions, so their mean and variance (two passes over the channels, in order)
+//           and the epilogue run on it in cache; backward's projection over the channels of a
+//           position is a pass per batch item.
+// Another activation (gelu, gelu_tanh, silu, tanh, leaky_relu, elu) replaces both ReLUs in the
+// same places; the activation is a template parameter of the epilogue and of backward's first
+// pass, so ReLU's loops are the ones they were. Its derivative is taken at its input, which
+// backward recomputes from the saved x-hat (or y) and the residual with forward's expression.
 // The tiling depends only on the shapes, never on the thread count, and every reduction runs in
 // a fixed order, so the results do not depend on the number of threads (weight gradient: BLAS
 // threads over the output, see below).
@@ -118,6 +126,77 @@ int64_t tile_length(int64_t channels, int64_t batch, int64_t length) {
   return ceil_div(length, tiles);  // equal tiles
 }
 
+// The activation at z (docs/spec.md, "Activation"), with PyTorch's formulas; `a` is
+// leaky_relu's slope or elu's alpha. ReLU as torch.relu: `z < 0 ? 0 : z` keeps NaN, where
+// std::max would drop it.
+constexpr double kSqrtHalf = 0.70710678118654752440;     // 1 / sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2 / pi)
+constexpr double kGeluKappa = 0.044715;
+
+template <int64_t kAct, typename acc_t>
+inline acc_t activate(acc_t z, acc_t a) {
+  if constexpr (kAct == kActRelu) {
+    return z < acc_t(0) ? acc_t(0) : z;
+  } else if constexpr (kAct == kActGelu) {
+    return z * acc_t(0.5) * (acc_t(1) + std::erf(z * acc_t(kSqrtHalf)));
+  } else if constexpr (kAct == kActGeluTanh) {
+    const acc_t u = acc_t(kSqrt2OverPi) * (z + acc_t(kGeluKappa) * z * z * z);
+    return acc_t(0.5) * z * (acc_t(1) + std::tanh(u));
+  } else if constexpr (kAct == kActSilu) {
+    return z / (acc_t(1) + std::exp(-z));
+  } else if constexpr (kAct == kActTanh) {
+    return std::tanh(z);
+  } else if constexpr (kAct == kActLeakyRelu) {
+    return z > acc_t(0) ? z : z * a;
+  } else {
+    static_assert(kAct == kActElu, "unknown activation");
+    return z > acc_t(0) ? z : a * std::expm1(z);
+  }
+}
+
+// d activate / dz at z, as PyTorch's backward formulas (leaky_relu and elu: the slope side
+// wherever z > 0 is false, NaN included, as theirs).
+template <int64_t kAct, typename acc_t>
+inline acc_t activation_grad(acc_t z, acc_t a) {
+  if constexpr (kAct == kActGelu) {
+    const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(z * acc_t(kSqrtHalf)));
+    return cdf + z * acc_t(kInvSqrt2Pi) * std::exp(acc_t(-0.5) * z * z);
+  } else if constexpr (kAct == kActGeluTanh) {
+    const acc_t z2 = z * z;
+    const acc_t t = std::tanh(acc_t(kSqrt2OverPi) * (z + acc_t(kGeluKappa) * z2 * z));
+    return acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * z * (acc_t(1) - t * t) *
+                                             acc_t(kSqrt2OverPi) *
+                                             (acc_t(1) + acc_t(3 * kGeluKappa) * z2);
+  } else if constexpr (kAct == kActSilu) {
+    const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
+    return s * (acc_t(1) + z * (acc_t(1) - s));
+  } else if constexpr (kAct == kActTanh) {
+    const acc_t t = std::tanh(z);
+    return acc_t(1) - t * t;
+  } else if constexpr (kAct == kActLeakyRelu) {
+    return z > acc_t(0) ? acc_t(1) : a;
+  } else {
+    static_assert(kAct == kActElu, "ReLU's gradient is its mask (grad_mask_row)");
+    return z > acc_t(0) ? acc_t(1) : a * std::exp(z);
+  }
+}
+
+// Calls f with the activation code as a compile-time constant.
+template <typename F>
+void with_activation(int64_t code, F&& f) {
+  switch (code) {
+    case kActRelu: return f(std::integral_constant<int64_t, kActRelu>{});
+    case kActGelu: return f(std::integral_constant<int64_t, kActGelu>{});
+    case kActGeluTanh: return f(std::integral_constant<int64_t, kActGeluTanh>{});
+    case kActSilu: return f(std::integral_constant<int64_t, kActSilu>{});
+    case kActTanh: return f(std::integral_constant<int64_t, kActTanh>{});
+    case kActLeakyRelu: return f(std::integral_constant<int64_t, kActLeakyRelu>{});
+    case kActElu: return f(std::integral_constant<int64_t, kActElu>{});
+    default: TORCH_CHECK(false, "fastres_ext: unknown activation code ", code);
+  }
+}
+
 template <typename acc_t>
 at::Tensor as_acc(const at::Tensor& t) {
   return t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -194,14 +273,15 @@ void update_running_stats(const OptTensor& running_mean, const OptTensor& runnin
 // One row of n values of the forward epilogue. With kNorm the row is normalized,
 //   xhat = (v - mean) * invstd,  z = xhat * gamma + beta,  saved = xhat;
 // without, z = v (no batch norm, or batch norm already folded into the conv) and saved = v.
-// Then out = relu(relu?(z) + residual). `saved` may be null (backward needs nothing).
-// `z < 0 ? 0 : z` is torch.relu's semantics: NaN stays NaN (std::max would drop it).
-// backward recomputes the inner ReLU mask as xhat * gamma + beta from the saved xhat, the same
-// float expression as here, so both sides agree on every mask.
-template <bool kNorm, bool kReluBeforeAdd, bool kResidual, typename scalar_t, typename acc_t,
-          typename saved_t>
+// Then out = act(act?(z) + residual), act ReLU unless kAct says otherwise. `saved` may be null
+// (backward needs nothing).
+// backward recomputes the inner ReLU mask (another activation: its input) as
+// xhat * gamma + beta from the saved xhat, the same float expression as here, so both sides
+// agree on every mask.
+template <int64_t kAct, bool kNorm, bool kReluBeforeAdd, bool kResidual, typename scalar_t,
+          typename acc_t, typename saved_t>
 void epilogue_row(const acc_t* v, int64_t n, acc_t mean, acc_t invstd, acc_t gamma, acc_t beta,
-                  const scalar_t* res, scalar_t* out, saved_t* saved) {
+                  acc_t act_param, const scalar_t* res, scalar_t* out, saved_t* saved) {
   for (int64_t i = 0; i < n; ++i) {
     acc_t z = v[i];
     if (kNorm) {
@@ -211,9 +291,9 @@ void epilogue_row(const acc_t* v, int64_t n, acc_t mean, acc_t invstd, acc_t gam
     } else if (saved) {
       saved[i] = static_cast<saved_t>(v[i]);
     }
-    if (kReluBeforeAdd) z = z < acc_t(0) ? acc_t(0) : z;
+    if (kReluBeforeAdd) z = activate<kAct>(z, act_param);
     if (kResidual) z += static_cast<acc_t>(res[i]);
-    out[i] = static_cast<scalar_t>(z < acc_t(0) ? acc_t(0) : z);
+    out[i] = static_cast<scalar_t>(activate<kAct>(z, act_param));
   }
 }
 
@@ -222,12 +302,14 @@ template <typename acc_t>
 struct ChannelAffine { acc_t mean, invstd, gamma, beta; };
 
 // epilogue_row with the mode flags resolved once per row (the loop itself has no branches).
-template <typename scalar_t, typename acc_t, typename saved_t>
+template <int64_t kAct, typename scalar_t, typename acc_t, typename saved_t>
 void epilogue(const acc_t* v, int64_t n, bool normalize, const ChannelAffine<acc_t>& a,
-              bool relu_before_add, const scalar_t* res, scalar_t* out, saved_t* saved) {
+              bool relu_before_add, acc_t act_param, const scalar_t* res, scalar_t* out,
+              saved_t* saved) {
   auto run = [&](auto norm_c, auto rba_c, auto res_c) {
-    epilogue_row<decltype(norm_c)::value, decltype(rba_c)::value, decltype(res_c)::value>(
-        v, n, a.mean, a.invstd, a.gamma, a.beta, res, out, saved);
+    epilogue_row<kAct, decltype(norm_c)::value, decltype(rba_c)::value,
+                 decltype(res_c)::value>(v, n, a.mean, a.invstd, a.gamma, a.beta, act_param,
+                                         res, out, saved);
   };
   using T = std::true_type;
   using F = std::false_type;
@@ -238,6 +320,46 @@ void epilogue(const acc_t* v, int64_t n, bool normalize, const ChannelAffine<acc
     relu_before_add ? with_res(norm_c, T{}) : with_res(norm_c, F{});
   };
   normalize ? with_rba(T{}) : with_rba(F{});
+}
+
+// Layer norm's forward on one tile acc[C_out, nt] (row stride nt) that holds every channel of
+// its positions: per position, the mean and biased variance over the channels (two passes, the
+// channels in order, vectorized over positions) into pos_mean / pos_var, then each channel row's
+// x-hat = (y - mean) * invstd and the epilogue on it (x-hat with mean 0 and invstd 1, which
+// leave it exact, so backward's recomputation x-hat * gamma + beta is forward's). Rows of
+// out / residual / saved start at base + co * row_stride.
+template <int64_t kAct, typename scalar_t, typename acc_t, typename saved_t>
+void layer_norm_tile(const acc_t* acc, int64_t nt, int64_t c_out, acc_t eps,
+                     const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta,
+                     bool relu_before_add, acc_t act_param, acc_t* mean, acc_t* invstd,
+                     acc_t* xhat, acc_t* pos_mean, acc_t* pos_var, const scalar_t* res,
+                     scalar_t* out, saved_t* saved, int64_t base, int64_t row_stride) {
+  std::fill(mean, mean + nt, acc_t(0));
+  std::fill(invstd, invstd + nt, acc_t(0));
+  for (int64_t co = 0; co < c_out; ++co) {
+    const acc_t* row = acc + co * nt;
+    for (int64_t i = 0; i < nt; ++i) mean[i] += row[i];
+  }
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(c_out);
+  for (int64_t i = 0; i < nt; ++i) mean[i] *= inv_c;
+  for (int64_t co = 0; co < c_out; ++co) {
+    const acc_t* row = acc + co * nt;
+    for (int64_t i = 0; i < nt; ++i) invstd[i] += (row[i] - mean[i]) * (row[i] - mean[i]);
+  }
+  for (int64_t i = 0; i < nt; ++i) {
+    const acc_t var = invstd[i] * inv_c;
+    pos_mean[i] = mean[i];
+    pos_var[i] = var;
+    invstd[i] = acc_t(1) / std::sqrt(var + eps);
+  }
+  for (int64_t co = 0; co < c_out; ++co) {
+    const acc_t* row = acc + co * nt;
+    for (int64_t i = 0; i < nt; ++i) xhat[i] = (row[i] - mean[i]) * invstd[i];
+    const int64_t at = base + co * row_stride;
+    epilogue<kAct>(xhat, nt, true, ChannelAffine<acc_t>{0, 1, gamma[co], beta[co]},
+                   relu_before_add, act_param, res ? res + at : nullptr, out + at,
+                   saved ? saved + at : saved);
+  }
 }
 
 // Calls f with the typed pointer of `saved`: scalar_t*, acc_t* (float32 x-hat for 16-bit
@@ -261,7 +383,8 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
                     const OptTensor& running_mean, const OptTensor& running_var,
                     const OptTensor& residual, const ConvGeometry& g, int64_t norm_mode,
                     double eps, double momentum_factor, bool relu_before_add,
-                    const at::Tensor& out, const at::Tensor& saved, const at::Tensor& batch_mean,
+                    int64_t activation, double activation_param, const at::Tensor& out,
+                    const at::Tensor& saved, const at::Tensor& batch_mean,
                     const at::Tensor& batch_var) {
   using acc_t = typename AccType<scalar_t>::type;
   const bool save = saved.numel() > 0;
@@ -272,6 +395,9 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
   const scalar_t* res = res_c.defined() ? res_c.data_ptr<scalar_t>() : nullptr;
   scalar_t* outp = out.data_ptr<scalar_t>();
   const bool train = norm_mode == kNormTrain, eval = norm_mode == kNormEval;
+  const bool layer = norm_mode == kNormLayer;
+  acc_t* pos_mean = layer ? batch_mean.data_ptr<acc_t>() : nullptr;  // (B, L_out)
+  acc_t* pos_var = layer ? batch_var.data_ptr<acc_t>() : nullptr;
 
   // Per channel: the conv bias and the epilogue's normalization.
   std::vector<acc_t> conv_bias = to_vector<acc_t>(bias, c_out, 0);
@@ -315,15 +441,28 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
   // Per (work item, channel) statistics of the tile: count is the tile's length.
   std::vector<acc_t> part_mean(train ? items * c_out : 0), part_m2(train ? items * c_out : 0);
 
+  const acc_t act_param = static_cast<acc_t>(activation_param);
+  with_activation(activation, [&](auto act_c) {
+  constexpr int64_t kAct = decltype(act_c)::value;
   with_saved_ptr<scalar_t, acc_t>(saved, [&](auto* savedp) {
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(c_out * tile);
       std::vector<acc_t> gather(g.stride > 1 ? g.c_in * tile : 0);
+      std::vector<acc_t> col_mean(layer ? tile : 0), col_invstd(layer ? tile : 0);
+      std::vector<acc_t> xhat_row(layer ? tile : 0);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles_per_item, t0 = (item % tiles_per_item) * tile;
         const int64_t nt = std::min(tile, l_out - t0);
         conv_tile<acc_t>(g, xp + b * g.c_in * g.length, taps.data(), conv_bias.data(), t0, nt,
                          acc.data(), gather.data());
+        if (layer) {
+          layer_norm_tile<kAct>(acc.data(), nt, c_out, static_cast<acc_t>(eps), gamma, beta,
+                                relu_before_add, act_param, col_mean.data(), col_invstd.data(),
+                                xhat_row.data(), pos_mean + b * l_out + t0,
+                                pos_var + b * l_out + t0, res, outp, savedp,
+                                b * c_out * l_out + t0, l_out);
+          continue;
+        }
         for (int64_t co = 0; co < c_out; ++co) {
           const acc_t* row = acc.data() + co * nt;
           const int64_t base = (b * c_out + co) * l_out + t0;
@@ -337,8 +476,9 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
             part_m2[item * c_out + co] = m2;
             std::copy(row, row + nt, y_accp + base);
           } else {
-            epilogue(row, nt, normalize, affine[co], relu_before_add,
-                     res ? res + base : nullptr, outp + base, savedp ? savedp + base : savedp);
+            epilogue<kAct>(row, nt, normalize, affine[co], relu_before_add, act_param,
+                           res ? res + base : nullptr, outp + base,
+                           savedp ? savedp + base : savedp);
           }
         }
       }
@@ -371,10 +511,12 @@ void forward_kernel(const at::Tensor& x_in, const at::Tensor& weight, const OptT
     at::parallel_for(0, g.batch * c_out, 4, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t co = r % c_out, base = r * l_out;
-        epilogue(y_accp + base, l_out, true, affine[co], relu_before_add,
-                 res ? res + base : nullptr, outp + base, savedp ? savedp + base : savedp);
+        epilogue<kAct>(y_accp + base, l_out, true, affine[co], relu_before_add, act_param,
+                       res ? res + base : nullptr, outp + base,
+                       savedp ? savedp + base : savedp);
       }
     });
+  });
   });
 }
 
@@ -416,15 +558,51 @@ GradRowSums<acc_t> grad_mask_row(const scalar_t* grad_out, const scalar_t* out,
   return {sum_lanes(sum_g), sum_lanes(sum_gx), sum_lanes(sum_gy)};
 }
 
+// grad_mask_row for an activation other than ReLU: its derivative at its input z2 =
+// act?(z1) + residual, z1 = xhat * gamma + beta (or y = saved without norm), recomputed with
+// forward's float expressions; with relu_before_add also at z1.
+template <int64_t kAct, bool kNorm, bool kTrain, bool kRba, bool kRes, typename scalar_t,
+          typename acc_t, typename saved_t>
+GradRowSums<acc_t> grad_activation_row(const scalar_t* grad_out, const scalar_t* res,
+                                       const saved_t* saved, int64_t n, acc_t invstd,
+                                       acc_t gamma, acc_t beta, acc_t act_param,
+                                       scalar_t* grad_res, acc_t* grad_y) {
+  const acc_t k1 = (kNorm && !kTrain) ? gamma * invstd : acc_t(1);
+  acc_t sum_g[kLanes] = {}, sum_gx[kLanes] = {}, sum_gy[kLanes] = {};
+  auto element = [&](int64_t i, int lane) {
+    const acc_t s = static_cast<acc_t>(saved[i]);
+    const acc_t z1 = kNorm ? s * gamma + beta : s;
+    acc_t z2 = kRba ? activate<kAct>(z1, act_param) : z1;
+    if (kRes) z2 += static_cast<acc_t>(res[i]);
+    acc_t gi = static_cast<acc_t>(grad_out[i]) * activation_grad<kAct>(z2, act_param);
+    if (kRes) grad_res[i] = static_cast<scalar_t>(gi);
+    if (kRba) gi *= activation_grad<kAct>(z1, act_param);
+    if (kNorm) {
+      sum_g[lane] += gi;
+      sum_gx[lane] += gi * s;
+    }
+    const acc_t gy = gi * k1;
+    sum_gy[lane] += gy;
+    grad_y[i] = gy;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) element(i + l, l);
+  for (; i < n; ++i) element(i, static_cast<int>(i % kLanes));
+  return {sum_lanes(sum_g), sum_lanes(sum_gx), sum_lanes(sum_gy)};
+}
+
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                      const at::Tensor& weight, const OptTensor& bn_weight,
                      const OptTensor& bn_bias, const at::Tensor& saved_in,
-                     const at::Tensor& out_in, const at::Tensor& var, bool has_residual,
-                     const ConvGeometry& g, int64_t norm_mode, double eps, bool relu_before_add,
-                     const at::Tensor& grad_x, const at::Tensor& grad_weight,
-                     const at::Tensor& grad_bias, const at::Tensor& grad_bn_weight,
-                     const at::Tensor& grad_bn_bias, const at::Tensor& grad_residual) {
+                     const at::Tensor& out_in, const at::Tensor& var,
+                     const OptTensor& residual, bool has_residual, const ConvGeometry& g,
+                     int64_t norm_mode, double eps, bool relu_before_add, int64_t activation,
+                     double activation_param, const at::Tensor& grad_x,
+                     const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                     const at::Tensor& grad_bn_weight, const at::Tensor& grad_bn_bias,
+                     const at::Tensor& grad_residual) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t c_out = g.c_out, c_in = g.c_in, l_out = g.l_out, rows = g.batch * c_out;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
@@ -432,12 +610,17 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   const scalar_t* gop = grad_out.data_ptr<scalar_t>();
   const scalar_t* outp = out.data_ptr<scalar_t>();
   scalar_t* gresp = has_residual ? grad_residual.data_ptr<scalar_t>() : nullptr;
+  const at::Tensor res_c = activation != kActRelu && has_residual ? residual->contiguous()
+                                                                  : at::Tensor();
+  const scalar_t* resp = res_c.defined() ? res_c.data_ptr<scalar_t>() : nullptr;
+  const acc_t act_param = static_cast<acc_t>(activation_param);
   const bool norm = norm_mode != kNormNone, train = norm_mode == kNormTrain;
+  const bool layer = norm_mode == kNormLayer;
 
   std::vector<acc_t> invstd(c_out, 1);
   const std::vector<acc_t> gamma = to_vector<acc_t>(bn_weight, c_out, 1);
   const std::vector<acc_t> beta = to_vector<acc_t>(bn_bias, c_out, 0);
-  if (norm) {
+  if (norm && !layer) {
     const std::vector<acc_t> v = to_vector<acc_t>(var, c_out, 1);
     for (int64_t c = 0; c < c_out; ++c)
       invstd[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
@@ -457,16 +640,26 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   auto pass1 = [&](auto norm_c, auto train_c, auto rba_c, auto res_c) {
     constexpr bool kNorm = decltype(norm_c)::value, kTrain = decltype(train_c)::value;
     constexpr bool kRba = decltype(rba_c)::value, kRes = decltype(res_c)::value;
-    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t c = r % c_out, base = r * l_out;
-        GradRowSums<acc_t> sums = grad_mask_row<kNorm, kTrain, kRba, kRes>(
-            gop + base, outp + base, savedp ? savedp + base : savedp, l_out, invstd[c],
-            gamma[c], beta[c], kRes ? gresp + base : nullptr, gyp + base);
-        row_g[r] = sums.g;
-        row_gxhat[r] = sums.gxhat;
-        row_gy[r] = sums.gy;
-      }
+    with_activation(activation, [&](auto act_c) {
+      constexpr int64_t kAct = decltype(act_c)::value;
+      at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t c = r % c_out, base = r * l_out;
+          GradRowSums<acc_t> sums;
+          if constexpr (kAct == kActRelu) {
+            sums = grad_mask_row<kNorm, kTrain, kRba, kRes>(
+                gop + base, outp + base, savedp ? savedp + base : savedp, l_out, invstd[c],
+                gamma[c], beta[c], kRes ? gresp + base : nullptr, gyp + base);
+          } else {
+            sums = grad_activation_row<kAct, kNorm, kTrain, kRba, kRes>(
+                gop + base, kRes ? resp + base : nullptr, savedp + base, l_out, invstd[c],
+                gamma[c], beta[c], act_param, kRes ? gresp + base : nullptr, gyp + base);
+          }
+          row_g[r] = sums.g;
+          row_gxhat[r] = sums.gxhat;
+          row_gy[r] = sums.gy;
+        }
+      });
     });
   };
   using T = std::true_type;
@@ -478,7 +671,7 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
     relu_before_add ? with_res(norm_c, train_c, T{}) : with_res(norm_c, train_c, F{});
   };
   if (!norm) with_rba(F{}, F{});
-  else if (train) with_rba(T{}, T{});
+  else if (train || layer) with_rba(T{}, T{});  // (kTrain: grad_y = g, finished below)
   else with_rba(T{}, F{});
   for (int64_t r = 0; r < rows; ++r) {
     grad_beta[r % c_out] += row_g[r];
@@ -500,6 +693,46 @@ void backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in,
           gy_row[i] = gy;
           return gy;
         });
+      }
+    });
+  }
+  if (layer) {
+    // Pass 2, per batch item: at each position, over its channels,
+    //   grad_y = invstd (gamma g - mean_c(gamma g) - xhat mean_c(gamma g xhat)),
+    // the channels summed in order (vectorized over positions); var is (B, L_out).
+    const at::Tensor var_c = as_acc<acc_t>(var);
+    const acc_t* varp = var_c.data_ptr<acc_t>();
+    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(c_out);
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s1(l_out), s2(l_out), inv(l_out);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(s1.begin(), s1.end(), acc_t(0));
+        std::fill(s2.begin(), s2.end(), acc_t(0));
+        for (int64_t c = 0; c < c_out; ++c) {
+          const acc_t* gy_row = gyp + (b * c_out + c) * l_out;
+          const auto* xhat_row = savedp + (b * c_out + c) * l_out;
+          for (int64_t i = 0; i < l_out; ++i) {
+            const acc_t gg = gamma[c] * gy_row[i];
+            s1[i] += gg;
+            s2[i] += gg * static_cast<acc_t>(xhat_row[i]);
+          }
+        }
+        for (int64_t i = 0; i < l_out; ++i) {
+          inv[i] = acc_t(1) / std::sqrt(varp[b * l_out + i] + static_cast<acc_t>(eps));
+          s1[i] *= inv_c;
+          s2[i] *= inv_c;
+        }
+        for (int64_t c = 0; c < c_out; ++c) {
+          const int64_t r = b * c_out + c;
+          acc_t* gy_row = gyp + r * l_out;
+          const auto* xhat_row = savedp + r * l_out;
+          row_gy[r] = lane_sum<acc_t>(l_out, [&](int64_t i) {
+            const acc_t gy =
+                inv[i] * (gamma[c] * gy_row[i] - s1[i] - static_cast<acc_t>(xhat_row[i]) * s2[i]);
+            gy_row[i] = gy;
+            return gy;
+          });
+        }
       }
     });
   }
@@ -615,34 +848,42 @@ void conv_bn_relu_forward_cpu(
     const OptTensor& beta, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& residual, int64_t stride, int64_t dilation, int64_t pad_left,
     int64_t pad_right, int64_t norm_mode, double eps, double momentum_factor,
-    bool relu_before_add, const at::Tensor& out, const at::Tensor& saved,
-    const at::Tensor& batch_mean, const at::Tensor& batch_var) {
+    bool relu_before_add, int64_t activation, double activation_param, const at::Tensor& out,
+    const at::Tensor& saved, const at::Tensor& batch_mean, const at::Tensor& batch_var) {
   const ConvGeometry g = check_forward_args(x, weight, stride, dilation, pad_left, pad_right,
                                             norm_mode, out, saved, batch_mean, batch_var);
+  check_activation(activation, activation_param);
   check_cpu(x, "x");
   check_cpu(out, "out");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastres_forward_cpu", [&] {
     forward_kernel<scalar_t>(x, weight, bias, gamma, beta, running_mean, running_var, residual,
-                             g, norm_mode, eps, momentum_factor, relu_before_add, out, saved,
-                             batch_mean, batch_var);
+                             g, norm_mode, eps, momentum_factor, relu_before_add, activation,
+                             activation_param, out, saved, batch_mean, batch_var);
   });
 }
 
 void conv_bn_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& gamma, const OptTensor& beta, const at::Tensor& saved, const at::Tensor& out,
-    const at::Tensor& var, bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left,
-    int64_t pad_right, int64_t norm_mode, double eps, bool relu_before_add,
+    const at::Tensor& var, const OptTensor& residual, bool has_residual, int64_t stride,
+    int64_t dilation, int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps,
+    bool relu_before_add, int64_t activation, double activation_param,
     const at::Tensor& grad_x, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
     const at::Tensor& grad_gamma, const at::Tensor& grad_beta, const at::Tensor& grad_residual) {
   const ConvGeometry g =
       check_backward_args(x, weight, stride, dilation, pad_left, pad_right, norm_mode,
-                          relu_before_add, out, saved, grad_x, grad_weight);
+                          relu_before_add, activation, out, saved, grad_x, grad_weight);
+  check_activation(activation, activation_param);
+  TORCH_CHECK(activation == kActRelu || !has_residual ||
+                  (residual.has_value() && residual->defined() && residual->sizes() == out.sizes()),
+              "fastres_ext: backward of an activation other than ReLU after a residual add "
+              "needs the residual");
   check_cpu(x, "x");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastres_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_out, x, weight, gamma, beta, saved, out, var, has_residual,
-                              g, norm_mode, eps, relu_before_add, grad_x, grad_weight,
-                              grad_bias, grad_gamma, grad_beta, grad_residual);
+    backward_kernel<scalar_t>(grad_out, x, weight, gamma, beta, saved, out, var, residual,
+                              has_residual, g, norm_mode, eps, relu_before_add, activation,
+                              activation_param, grad_x, grad_weight, grad_bias, grad_gamma,
+                              grad_beta, grad_residual);
   });
 }
 

@@ -320,6 +320,47 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ p, int n, const floa
 // torch.relu: NaN stays NaN (fmaxf would drop it).
 __device__ __forceinline__ float relu(float z) { return z < 0.f ? 0.f : z; }
 
+// The epilogue's activation (docs/spec.md, "Activation"; conv_bn_relu.h's ActivationCode), with
+// PyTorch's formulas; `a` is leaky_relu's slope or elu's alpha. The code is the same for a whole
+// launch, so the switch never diverges within a warp.
+__device__ __forceinline__ float activate(float z, int64_t act, float a) {
+  switch (act) {
+    case kActRelu: return relu(z);
+    case kActGelu: return z * 0.5f * (1.f + erff(z * 0.70710678118654752f));
+    case kActGeluTanh:
+      return 0.5f * z * (1.f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
+    case kActSilu: return z / (1.f + expf(-z));
+    case kActTanh: return tanhf(z);
+    case kActLeakyRelu: return z > 0.f ? z : z * a;
+    default: return z > 0.f ? z : a * expm1f(z);  // kActElu
+  }
+}
+
+// d activate / dz at z, as PyTorch's backward formulas (leaky_relu and elu take the slope side
+// wherever z > 0 is false, NaN included). Not for ReLU, whose gradient is its mask.
+__device__ __forceinline__ float activation_grad(float z, int64_t act, float a) {
+  switch (act) {
+    case kActGelu:
+      return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
+             z * 0.39894228040143268f * expf(-0.5f * z * z);
+    case kActGeluTanh: {
+      const float t = tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z));
+      return 0.5f * (1.f + t) +
+             0.5f * z * (1.f - t * t) * 0.79788456080286536f * (1.f + 3.f * 0.044715f * z * z);
+    }
+    case kActSilu: {
+      const float sig = 1.f / (1.f + expf(-z));
+      return sig * (1.f + z * (1.f - sig));
+    }
+    case kActTanh: {
+      const float t = tanhf(z);
+      return 1.f - t * t;
+    }
+    case kActLeakyRelu: return z > 0.f ? 1.f : a;
+    default: return z > 0.f ? 1.f : a * expf(z);  // kActElu
+  }
+}
+
 // The batch-norm affine map, rounded as the C++ CPU kernel rounds it (a multiply, then an add;
 // never a fused multiply-add): forward's inner ReLU and backward's mask recomputed from the
 // saved x-hat agree bit for bit.
@@ -493,12 +534,12 @@ __device__ __forceinline__ Affine channel_affine(const ChannelNorm& nz,
 
 // out = relu([relu](x-hat * gamma + beta) + residual) from the conv output y (read in place,
 // row stride L_full), x-hat = (y - center) * invstd; x-hat (y + bias without batch norm) is
-// written to `saved` when it is given.
+// written to `saved` when it is given. Another activation (act) replaces both ReLUs.
 template <typename scalar_t, typename y_t, typename saved_t, int V>
 __global__ void __launch_bounds__(kMaxThreads) bn_relu_apply_kernel(
     const y_t* __restrict__ y, Rows rows, ChannelNorm nz, const scalar_t* __restrict__ bias,
-    const scalar_t* __restrict__ residual, bool relu_before_add, scalar_t* __restrict__ out,
-    saved_t* __restrict__ saved) {
+    const scalar_t* __restrict__ residual, bool relu_before_add, int64_t act, float act_param,
+    scalar_t* __restrict__ out, saved_t* __restrict__ saved) {
   const Segment seg = block_segment(rows);
   const Affine a = channel_affine(nz, bias, seg.channel);
   const bool normalize = nz.mode != kNormNone;
@@ -514,9 +555,9 @@ __global__ void __launch_bounds__(kMaxThreads) bn_relu_apply_kernel(
     for (int j = 0; j < kChunk; ++j) {
       v[j] = __fmul_rn(__fsub_rn(v[j], a.center), a.invstd);  // x-hat, kept for `saved`
       float z = normalize ? bn_affine(v[j], a.gamma, a.beta) : v[j];
-      if (relu_before_add) z = relu(z);
+      if (relu_before_add) z = activate(z, act, act_param);
       if (residual) z += res[j];
-      o[j] = relu(z);
+      o[j] = activate(z, act, act_param);
     }
     store_chunk<V>(out + base + t, n, o);
     if (saved) store_chunk<V>(saved + base + t, n, v);
@@ -537,6 +578,7 @@ struct GradArgs {
   const scalar_t* grad_out;
   const scalar_t* out;
   const saved_t* saved;          // x-hat, or y + bias without batch norm; null if not saved
+  const scalar_t* residual;      // the forward's, for an activation other than ReLU; or null
   scalar_t* grad_residual;       // null without a residual
   scalar_t* grad_y;              // (B, C_out, L_full): the conv output's layout
   const float* gamma;
@@ -548,6 +590,8 @@ struct GradArgs {
   float eps, inv_n;
   int64_t mode;
   bool relu_before_add;
+  int64_t activation;            // ActivationCode; not ReLU: its derivative at its input,
+  float act_param;               // recomputed from saved (and the residual) as forward did
 };
 
 // One segment of rows of the backward's elementwise work. g = grad_out where out > 0 or NaN
@@ -572,27 +616,40 @@ __global__ void __launch_bounds__(kMaxThreads)
        t += static_cast<int64_t>(blockDim.x) * kChunk) {
     const int n = static_cast<int>(min64(kChunk, seg.end - t));
     float g[kChunk], xhat[kChunk];
-    if (pass == kTrainGradY && a.grad_residual) {
-      load_chunk<V>(a.grad_residual + base + t, n, g);  // the first pass's g, exact
-    } else {
-      float o[kChunk];
-      load_chunk<V>(a.grad_out + base + t, n, g);
-      load_chunk<V>(a.out + base + t, n, o);
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) g[j] = o[j] <= 0.f ? 0.f : g[j];
-      if (pass != kTrainGradY && a.grad_residual) store_chunk<V>(a.grad_residual + base + t, n, g);
-    }
     if (a.saved) {
       load_chunk<V>(a.saved + base + t, n, xhat);
     } else {
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) xhat[j] = 0.f;  // unused: nothing reads x-hat then
     }
+    if (pass == kTrainGradY && a.grad_residual) {
+      load_chunk<V>(a.grad_residual + base + t, n, g);  // the first pass's g, exact
+    } else {
+      load_chunk<V>(a.grad_out + base + t, n, g);
+      if (a.activation == kActRelu) {
+        float o[kChunk];
+        load_chunk<V>(a.out + base + t, n, o);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) g[j] = o[j] <= 0.f ? 0.f : g[j];
+      } else {
+        float res[kChunk];
+        if (a.residual) load_chunk<V>(a.residual + base + t, n, res);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
+          const float inner = normalize ? bn_affine(xhat[j], gamma, beta) : xhat[j];
+          float z = a.relu_before_add ? activate(inner, a.activation, a.act_param) : inner;
+          if (a.residual) z += res[j];
+          g[j] *= activation_grad(z, a.activation, a.act_param);
+        }
+      }
+      if (pass != kTrainGradY && a.grad_residual) store_chunk<V>(a.grad_residual + base + t, n, g);
+    }
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
       if (a.relu_before_add) {
         const float inner = normalize ? bn_affine(xhat[j], gamma, beta) : xhat[j];
-        g[j] = inner <= 0.f ? 0.f : g[j];
+        g[j] = a.activation == kActRelu ? (inner <= 0.f ? 0.f : g[j])
+                                        : g[j] * activation_grad(inner, a.activation, a.act_param);
       }
       if (j < n && pass != kTrainGradY) {
         sums[0] += g[j];
@@ -703,7 +760,8 @@ at::Tensor conv_full(const at::Tensor& x, const at::Tensor& weight, const ConvGe
 template <typename scalar_t, typename y_t, typename saved_t>
 void launch_apply(const at::Tensor& y, const Rows& rows, const ChannelNorm& nz,
                   const at::Tensor& bias, const at::Tensor& residual, bool relu_before_add,
-                  const at::Tensor& out, const at::Tensor& saved, cudaStream_t stream) {
+                  int64_t act, float act_param, const at::Tensor& out, const at::Tensor& saved,
+                  cudaStream_t stream) {
   constexpr int kMaxWidth = 16 / sizeof(scalar_t);
   const int v = vector_width({row_access(y, rows.y_stride, rows.y_offset),
                               row_access(residual, rows.len), row_access(out, rows.len),
@@ -713,8 +771,8 @@ void launch_apply(const at::Tensor& y, const Rows& rows, const ChannelNorm& nz,
     bn_relu_apply_kernel<scalar_t, y_t, saved_t, decltype(width)::value>
         <<<static_cast<unsigned>(rows.blocks()), rows.threads, 0, stream>>>(
             y.data_ptr<y_t>(), rows, nz, ptr_or_null<scalar_t>(bias),
-            ptr_or_null<scalar_t>(residual), relu_before_add, out.data_ptr<scalar_t>(),
-            ptr_or_null<saved_t>(saved));
+            ptr_or_null<scalar_t>(residual), relu_before_add, act, act_param,
+            out.data_ptr<scalar_t>(), ptr_or_null<saved_t>(saved));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -754,11 +812,13 @@ at::Tensor batch_statistics(const at::Tensor& y, const Rows& rows, const at::Ten
 template <typename scalar_t, typename saved_t>
 void launch_grad(const GradArgs<scalar_t, saved_t>& a, const Rows& rows, int pass,
                  const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& saved,
-                 const at::Tensor& grad_residual, const at::Tensor& grad_y, cudaStream_t stream) {
+                 const at::Tensor& grad_residual, const at::Tensor& grad_y,
+                 const at::Tensor& residual, cudaStream_t stream) {
   constexpr int kMaxWidth = 16 / sizeof(scalar_t);
   const int v = vector_width(
       {row_access(grad_out, rows.len), row_access(out, rows.len), row_access(saved, rows.len),
-       row_access(grad_residual, rows.len), row_access(grad_y, rows.y_stride, rows.y_offset)},
+       row_access(grad_residual, rows.len), row_access(grad_y, rows.y_stride, rows.y_offset),
+       row_access(residual, rows.len)},
       kMaxWidth);
   with_vector_width<kMaxWidth>(v, [&](auto width) {
     bn_relu_grad_kernel<scalar_t, saved_t, decltype(width)::value>
@@ -815,10 +875,12 @@ void conv_bn_relu_forward_cuda(
     const OptTensor& beta, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& residual, int64_t stride, int64_t dilation, int64_t pad_left,
     int64_t pad_right, int64_t norm_mode, double eps, double momentum_factor,
-    bool relu_before_add, const at::Tensor& out, const at::Tensor& saved,
-    const at::Tensor& batch_mean, const at::Tensor& batch_var) {
+    bool relu_before_add, int64_t activation, double activation_param, const at::Tensor& out,
+    const at::Tensor& saved, const at::Tensor& batch_mean, const at::Tensor& batch_var) {
   const ConvGeometry g = check_forward_args(x, weight, stride, dilation, pad_left, pad_right,
                                             norm_mode, out, saved, batch_mean, batch_var);
+  check_activation(activation, activation_param);
+  const float act_param = static_cast<float>(activation_param);
   TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
   check_dtype(x);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"},
@@ -874,15 +936,15 @@ void conv_bn_relu_forward_cuda(
     }
     if (y.scalar_type() != at::kFloat) {
       launch_apply<scalar_t, scalar_t, scalar_t>(y, rows, nz, bias_t, res, relu_before_add,
-                                                 out, saved, stream);
+                                                 activation, act_param, out, saved, stream);
     } else if (saved.numel() == 0 || saved.scalar_type() == x.scalar_type()) {
-      launch_apply<scalar_t, float, scalar_t>(y, rows, nz, bias_t, res, relu_before_add, out,
-                                              saved, stream);
+      launch_apply<scalar_t, float, scalar_t>(y, rows, nz, bias_t, res, relu_before_add,
+                                              activation, act_param, out, saved, stream);
     } else {
       TORCH_CHECK(saved.scalar_type() == at::kFloat,
                   "fastres_ext CUDA: saved must have x's dtype or float32");
-      launch_apply<scalar_t, float, float>(y, rows, nz, bias_t, res, relu_before_add, out,
-                                           saved, stream);
+      launch_apply<scalar_t, float, float>(y, rows, nz, bias_t, res, relu_before_add,
+                                           activation, act_param, out, saved, stream);
     }
   });
 }
@@ -890,16 +952,26 @@ void conv_bn_relu_forward_cuda(
 void conv_bn_relu_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& gamma, const OptTensor& beta, const at::Tensor& saved_in,
-    const at::Tensor& out_in, const at::Tensor& var, bool has_residual, int64_t stride,
-    int64_t dilation, int64_t pad_left, int64_t pad_right, int64_t norm_mode, double eps,
-    bool relu_before_add, const at::Tensor& grad_x, const at::Tensor& grad_weight,
+    const at::Tensor& out_in, const at::Tensor& var, const OptTensor& residual,
+    bool has_residual, int64_t stride, int64_t dilation, int64_t pad_left, int64_t pad_right,
+    int64_t norm_mode, double eps, bool relu_before_add, int64_t activation,
+    double activation_param, const at::Tensor& grad_x, const at::Tensor& grad_weight,
     const at::Tensor& grad_bias, const at::Tensor& grad_gamma, const at::Tensor& grad_beta,
     const at::Tensor& grad_residual) {
   const ConvGeometry g =
       check_backward_args(x, weight, stride, dilation, pad_left, pad_right, norm_mode,
-                          relu_before_add, out_in, saved_in, grad_x, grad_weight);
+                          relu_before_add, activation, out_in, saved_in, grad_x, grad_weight);
+  check_activation(activation, activation_param);
   TORCH_CHECK(x.is_cuda(), "fastres_ext: x must be a CUDA tensor");
   check_dtype(x);
+  // The forward's residual: an activation other than ReLU differentiates at the sum.
+  const bool read_residual = has_residual && activation != kActRelu;
+  TORCH_CHECK(!read_residual || (given(residual) && residual->sizes() == out_in.sizes() &&
+                                 residual->scalar_type() == x.scalar_type()),
+              "fastres_ext: backward of an activation other than ReLU after a residual add "
+              "needs the residual");
+  const at::Tensor res = read_residual ? residual->contiguous() : at::Tensor();
+  check_cuda(res, x, "residual");
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"},
                                 {grad_out_in, "grad_out"}, {out_in, "out"},
                                 {saved_in, "saved"}, {grad_x, "grad_x"},
@@ -945,6 +1017,9 @@ void conv_bn_relu_backward_cuda(
       a.inv_n = 1.f / static_cast<float>(g.batch * g.l_out);
       a.mode = norm_mode;
       a.relu_before_add = relu_before_add;
+      a.residual = ptr_or_null<scalar_t>(res);
+      a.activation = activation;
+      a.act_param = static_cast<float>(activation_param);
       if (normalize) {
         a.gamma = channel_vector(gamma, g.c_out, x, "gamma");
         a.beta = channel_vector(beta, g.c_out, x, "beta");
@@ -960,14 +1035,17 @@ void conv_bn_relu_backward_cuda(
       const at::Tensor bn_beta = normalize ? grad_beta : at::Tensor();
       const at::Tensor bn_gamma = normalize ? grad_gamma : at::Tensor();
       if (train) {
-        launch_grad(a, rows, kMaskAndSums, grad_out, out, saved, residual_grad, grad_y, stream);
+        launch_grad(a, rows, kMaskAndSums, grad_out, out, saved, residual_grad, grad_y, res,
+                    stream);
         launch_sums<scalar_t>(part, rows, 0, 2, bn_beta, bn_gamma, at::Tensor(), stream);
         a.grad_beta = grad_beta.data_ptr<float>();
         a.grad_gamma = grad_gamma.data_ptr<float>();
-        launch_grad(a, rows, kTrainGradY, grad_out, out, saved, residual_grad, grad_y, stream);
+        launch_grad(a, rows, kTrainGradY, grad_out, out, saved, residual_grad, grad_y, res,
+                    stream);
         launch_sums<scalar_t>(part, rows, 2, 1, at::Tensor(), at::Tensor(), grad_bias, stream);
       } else {
-        launch_grad(a, rows, kOnePass, grad_out, out, saved, residual_grad, grad_y, stream);
+        launch_grad(a, rows, kOnePass, grad_out, out, saved, residual_grad, grad_y, res,
+                    stream);
         launch_sums<scalar_t>(part, rows, 0, 3, bn_beta, bn_gamma, grad_bias, stream);
       }
     };

@@ -26,6 +26,8 @@ class CompositeBackend(KernelBackend):
     dtypes = _FLOATS + (torch.float64,)
     description = ("PyTorch ops inside the custom op, with the analytic backward every fused "
                    "backend reproduces")
+    activations = "all"
+    layer_norm = True
 
     def load(self):
         from . import composite
@@ -41,6 +43,7 @@ class TritonBackend(KernelBackend):
     saves_mask_bits = True    # training and residual stages save the final mask as bits
     own_saved_dtype = True    # float16 x-hat in 16-bit training
     streams = True            # fastres/backends/triton/stream_step.py
+    activations = "all"       # triton/activation.py
 
     @property
     def devices(self):
@@ -57,6 +60,8 @@ class CppBackend(KernelBackend):
     devices = ("cpu",)
     dtypes = _FLOATS + (torch.float64,)
     description = "C++ CPU kernels (csrc/cpu): BLAS conv tiles with fused epilogues"
+    activations = "all"
+    layer_norm = True
 
     def load(self):
         from . import cpp
@@ -68,6 +73,7 @@ class CudaBackend(KernelBackend):
     devices = ("cuda",)
     dtypes = _FLOATS
     description = "CUDA C++ kernels (csrc/cuda)"
+    activations = "all"
 
     def load(self):
         from . import cuda

@@ -49,6 +49,7 @@ class Call:
     has_residual: bool
     relu_before_add: bool
     needs_grad: bool
+    activation: str = "relu"    # canonical (_activation.Activation.text)
 
     @property
     def device_type(self) -> str:
@@ -66,7 +67,9 @@ class Call:
                 f"L{self.length}|K{self.kernel_size}|s{self.stride}|d{self.dilation}|"
                 f"p{self.pad_left},{self.pad_right}|{self.norm}|bias{int(self.has_bias)}|"
                 f"res{int(self.has_residual)}|rba{int(self.relu_before_add)}|"
-                f"grad{int(self.needs_grad)}")
+                f"grad{int(self.needs_grad)}"
+                # (ReLU adds nothing: keys stored before activations existed stay valid)
+                + ("" if self.activation == "relu" else f"|act={self.activation}"))
 
 
 class Backend:
@@ -77,6 +80,12 @@ class Backend:
     dtypes: Tuple[torch.dtype, ...] = ()
     fused: bool = True
     description: str = ""
+    # The epilogue activations it runs (docs/spec.md, "Activation"; names as
+    # _activation.ACTIVATION_NAMES); "all" for every one.
+    activations = ("relu",)
+    # Whether it runs layer norm over channels (conventions.NORM_LAYER): a kernel whose
+    # tile holds every channel of a position can fuse it.
+    layer_norm = False
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the backend can run on this machine, else why not."""
@@ -91,6 +100,13 @@ class Backend:
             return f"runs on {', '.join(self.devices)} tensors, not {call.device_type}"
         if call.dtype not in self.dtypes:
             return f"does not take {str(call.dtype).replace('torch.', '')}"
+        if call.norm == conventions.NORM_LAYER and not self.layer_norm:
+            return ("has no layer-norm mode (its tiles do not hold every channel of a "
+                    "position)")
+        name = call.activation.partition(":")[0]
+        if self.activations != "all" and name not in self.activations:
+            return (f"its epilogue has no {name} activation (it runs "
+                    f"{', '.join(self.activations)})")
         return None
 
     def __repr__(self) -> str:
@@ -138,11 +154,15 @@ class KernelBackend(Backend):
             return self._import_error
         return self.module.unavailable_reason()
 
-    def forward(self, *args, num_batches_tracked=None, **kwargs):
+    def forward(self, *args, num_batches_tracked=None, activation="relu", **kwargs):
         """The module's forward, as (out, saved, mask_bits, batch_mean, batch_var).
 
         A batch counter, when given, is incremented once: by the kernels where
-        counts_batches, else here. mask_bits is empty unless saves_mask_bits."""
+        counts_batches, else here. mask_bits is empty unless saves_mask_bits. An
+        activation other than ReLU reaches the module as the keyword `activation` (ReLU
+        calls stay as they were: a module that runs ReLU only never sees the keyword)."""
+        if activation != "relu":
+            kwargs["activation"] = activation
         if self.counts_batches:
             result = self.module.forward(*args, num_batches_tracked=num_batches_tracked,
                                          **kwargs)
@@ -156,13 +176,18 @@ class KernelBackend(Backend):
         return out, saved, out.new_empty(0, dtype=torch.uint8), batch_mean, batch_var
 
     def backward(self, *args, grad_x_addend=None, grad_x_addend_bits=None,
-                 defer_grad_residual=False, mask_bits=None, **kwargs):
+                 defer_grad_residual=False, mask_bits=None, activation="relu", residual=None,
+                 **kwargs):
         """The module's backward. grad_x_addend, when given, is added to grad_x, zeroed
         where grad_x_addend_bits (mask bits, when given) are clear: by the data-gradient
         kernel where adds_grad_x, else here. mask_bits (what forward saved) and
         defer_grad_residual go to backends that save mask bits: grad_residual is then not
         computed (None), its caller adding grad_out under those bits elsewhere
-        (docs/spec.md, backend contract)."""
+        (docs/spec.md, backend contract). An activation other than ReLU reaches the module
+        as `activation`, with the forward's residual (None without one), from which and
+        the saved tensor backward recomputes the activation's input."""
+        if activation != "relu":
+            kwargs["activation"], kwargs["residual"] = activation, residual
         if self.saves_mask_bits:
             kwargs["mask_bits"] = mask_bits
             kwargs["defer_grad_residual"] = defer_grad_residual
@@ -181,19 +206,23 @@ class KernelBackend(Backend):
         return grads
 
     def saved_dtype(self, dtype: torch.dtype, norm: str, relu_before_add: bool,
-                    weights_per_channel: int) -> torch.dtype:
+                    weights_per_channel: int, activation: str = "relu") -> torch.dtype:
         """dtype of the tensor forward saves for backward: the module's own where
         own_saved_dtype (Triton: a float16 x-hat in 16-bit training, which also depends
         on the weights per output channel, C_in * K), else the convention's."""
         if self.own_saved_dtype:
+            if activation != "relu":
+                return self.module.saved_dtype(dtype, norm, relu_before_add,
+                                               weights_per_channel, activation)
             return self.module.saved_dtype(dtype, norm, relu_before_add, weights_per_channel)
-        return conventions.saved_dtype(dtype, norm, relu_before_add)
+        return conventions.saved_dtype(dtype, norm, relu_before_add, activation)
 
     def mask_bits_shape(self, shape, has_residual: bool, save_for_backward: bool,
-                        norm: str) -> tuple:
+                        norm: str, activation: str = "relu") -> tuple:
         """Shape of the mask bits forward returns for an output of `shape` ((0,): none)."""
-        if self.saves_mask_bits \
-                and self.module.saves_mask_bits(has_residual, save_for_backward, norm):
+        if self.saves_mask_bits and self.module.saves_mask_bits(
+                has_residual, save_for_backward, norm,
+                **({} if activation == "relu" else {"activation": activation})):
             return conventions.mask_bits_shape(*shape)
         return (0,)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc, conventions
-from ..conventions import NORM_NONE, NORM_TRAIN, stats_dtype
+from ..conventions import NORM_LAYER, NORM_NONE, NORM_TRAIN, stats_dtype
 from ._activation import parse_activation
 
 
@@ -30,7 +30,13 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
                  stride=stride, dilation=dilation)
     batch_mean, batch_var = y.new_empty(0), y.new_empty(0)
     xhat = y
-    if norm != NORM_NONE:
+    if norm == NORM_LAYER:
+        # Over the channels of each position; its statistics, (B, L_out), are returned.
+        var, mean = torch.var_mean(y, dim=1, unbiased=False)
+        batch_mean, batch_var = mean, var
+        xhat = (y - mean[:, None]) * torch.rsqrt(var + eps)[:, None]
+        z = xhat * cast(gamma)[:, None] + cast(beta)[:, None]
+    elif norm != NORM_NONE:
         if norm == NORM_TRAIN:
             var, mean = torch.var_mean(y, dim=(0, 2), unbiased=False)
             batch_mean, batch_var = mean, var
@@ -51,9 +57,11 @@ def forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *
     if residual is not None:
         z = z + cast(residual)
     out = _alloc.empty(z.shape, dtype=x.dtype, device=x.device).copy_(act(z))
-    # gelu and silu differentiate at their input, recomputed from x-hat (y without norm).
-    wanted = save_for_backward and (norm != NORM_NONE or relu_before_add or act.needs_input)
-    sdt = conventions.saved_dtype(x.dtype, norm, relu_before_add)
+    # Another activation than ReLU differentiates at its input, recomputed from x-hat (y
+    # without norm): what every kernel backend saves (conventions.saves_for_backward).
+    wanted = conventions.saves_for_backward(save_for_backward, norm, relu_before_add,
+                                            activation)
+    sdt = conventions.saved_dtype(x.dtype, norm, relu_before_add, activation)
     saved = _alloc.empty(z.shape if wanted else (0,), dtype=sdt, device=x.device)
     if wanted:
         saved.copy_(xhat)
@@ -65,16 +73,17 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
              need_grad_x=True, activation="relu", residual=None):
     """The analytic backward (docs/spec.md), in the compute dtype.
 
-    residual: needed only for gelu and silu after a residual add (their derivative is taken
-    at the add's result, recomputed here)."""
+    residual: needed for every activation but ReLU after a residual add (the derivative is
+    taken at the add's result, recomputed here)."""
     act = parse_activation(activation)
     ct = stats_dtype(x.dtype)
     if act.is_relu:
         # ReLU passes the gradient where its output is positive or NaN, as torch.relu does.
         g = torch.where(out <= 0, 0.0, grad_out.to(ct))
-    elif not act.needs_input:
-        g = grad_out.to(ct) * act.grad_from_output(out.to(ct))
     else:
+        # At the activation's input, recomputed from saved (and the residual) in the
+        # compute dtype: a derivative from a 16-bit output (tanh's 1 - out^2) would carry
+        # its rounding, as the kernel backends' would.
         if has_residual and residual is None:
             raise ValueError(f"the backward of activation {activation!r} after a residual add "
                              "needs the residual (its derivative is taken at the sum)")
@@ -95,10 +104,17 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has
         grad_beta = g.sum((0, 2))
         grad_gamma = (g * xhat).sum((0, 2))
         grad_y = g
-        if norm == NORM_TRAIN:
-            n = g.shape[0] * g.shape[2]
-            grad_y = g - (grad_beta / n)[:, None] - xhat * (grad_gamma / n)[:, None]
-        grad_y = grad_y * (gamma_c * torch.rsqrt(var.to(ct) + eps))[:, None]
+        if norm == NORM_LAYER:
+            # var: (B, L_out), per position; the projection runs over its channels.
+            gg = g * gamma_c[:, None]
+            grad_y = (gg - gg.mean(1, keepdim=True)
+                      - xhat * (gg * xhat).mean(1, keepdim=True)) \
+                * torch.rsqrt(var.to(ct) + eps)[:, None]
+        else:
+            if norm == NORM_TRAIN:
+                n = g.shape[0] * g.shape[2]
+                grad_y = g - (grad_beta / n)[:, None] - xhat * (grad_gamma / n)[:, None]
+            grad_y = grad_y * (gamma_c * torch.rsqrt(var.to(ct) + eps))[:, None]
         grad_gamma, grad_beta = grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
     else:
         if relu_before_add:

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import upstream_kernels
-from ..conventions import HALF_DTYPES, NORM_NONE, NORM_TRAIN, autocast_dtype, output_length
-from ._activation import parse_activation
+from ..conventions import (HALF_DTYPES, NORM_LAYER, NORM_NONE, NORM_TRAIN, autocast_dtype,
+                           output_length)
+from ._activation import activation_function
 from .base import Backend
 
 _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -71,9 +72,9 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
     Arguments as the backend contract's forward (docs/spec.md), except that gamma/beta may
     be None and the running statistics are updated by F.batch_norm itself.
     """
-    # ReLU without the parser: torch.compile traces this function, and older dynamo (torch
+    # No parser's dataclass: torch.compile traces this function, and older dynamo (torch
     # 2.11) cannot trace the cached parser's frozen dataclass.
-    act = torch.relu if activation == "relu" else parse_activation(activation)
+    act = torch.relu if activation == "relu" else activation_function(activation)
     compute = torch.float32 if x.dtype in HALF_DTYPES else x.dtype
     up = (lambda t: t) if compute == x.dtype else (  # noqa: E731
         lambda t: None if t is None else t.to(compute))
@@ -83,7 +84,10 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
         if autocast_dtype(device_type) is not None else contextlib.nullcontext()
     with no_autocast:
         z = conv1d(up(x), up(weight), up(bias), stride, dilation, pad_left, pad_right)
-        if norm != NORM_NONE:
+        if norm == NORM_LAYER:  # over the channels at each position
+            z = F.layer_norm(z.transpose(1, 2), (z.shape[1],), up(gamma), up(beta),
+                             eps).transpose(1, 2)
+        elif norm != NORM_NONE:
             stats = [running_mean, running_var]
             # Running statistics of another dtype (a model moved to 16 bits whole) are
             # updated through compute-dtype copies, written back below.
@@ -110,6 +114,8 @@ class EagerBackend(Backend):
     devices = ("cpu", "cuda", "meta")
     dtypes = _ALL_FLOATS
     fused = False
+    activations = "all"
+    layer_norm = True
     description = "PyTorch's own kernels (oneDNN / cuDNN) under autograd: no fused kernel"
 
     @staticmethod

@@ -19,11 +19,14 @@ so a pytorch-tcn block's state_dict loads into it once its streaming buffers
 fastres/nn/pytorch_tcn.py. Its modules are created in pytorch-tcn's order and initialised
 as pytorch-tcn does, so one seed gives one model in both.
 
-What runs fused: a stage whose activation is nn.ReLU and whose norm is batch norm, weight
-norm or none runs through conv_bn_relu_stage; the second stage also takes the residual add
-and the final ReLU when dropout2 is inactive and the skip output is not needed. Everything
-else (another activation, gating, conditioning, layer norm) runs as plain PyTorch inside
-the block, each such stage recorded with its reason for fastres.explain.
+What runs fused: a stage whose activation the op's epilogue computes (op_activation: ReLU,
+and once the stage passes it on, STAGE_TAKES_ACTIVATION, GELU in both forms, SiLU, Tanh,
+LeakyReLU, ELU) and whose norm is batch norm, weight norm or none (and layer norm once the
+stage passes it on, STAGE_TAKES_LAYER_NORM) runs through conv_bn_relu_stage; the second
+stage also takes the residual add and the final activation when dropout2 is inactive and
+the skip output is not needed. Everything else (another
+activation, gating, conditioning, layer norm) runs as plain PyTorch inside the block, each
+such stage recorded with its reason for fastres.explain.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from .. import dispatch
+from ..backends._activation import canonical_activation
 from ._stage import FusedModule, check_block_args, conv_bn_relu_stage, padded_conv1d
 
 __all__ = ["TCNBlock", "PlainTCNBlock", "ACTIVATIONS", "KERNEL_INITIALIZERS", "TCN_NORMS",
@@ -96,8 +100,36 @@ def kernel_initializer_call(name: str, activation: ActivationArg):
     return KERNEL_INITIALIZERS[name], {}
 
 
-def _is_relu(module: nn.Module) -> bool:
-    return type(module) is nn.ReLU
+# Whether conv_bn_relu_stage (fastres/nn/_stage.py) takes `activation` and hands it to the op,
+# and whether it takes an nn.LayerNorm as its norm (the op's norm="layer", over channels).
+# Until it does, such a stage runs as plain PyTorch, saying why.
+STAGE_TAKES_ACTIVATION = False
+STAGE_TAKES_LAYER_NORM = False
+
+
+def op_activation(module: nn.Module) -> Optional[str]:
+    """The fused op's `activation` that computes `module` exactly, or None: nn.ReLU, nn.GELU
+    (either form), nn.SiLU, nn.Tanh, nn.LeakyReLU with its slope (>= 0), nn.ELU with its
+    alpha (> 0), by exact type (a subclass may compute something else)."""
+    kind = type(module)
+    if kind is nn.ReLU:
+        return "relu"
+    if kind is nn.GELU:
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    if kind is nn.SiLU:
+        return "silu"
+    if kind is nn.Tanh:
+        return "tanh"
+    if kind is nn.LeakyReLU and module.negative_slope >= 0:
+        return canonical_activation(f"leaky_relu:{float(module.negative_slope)!r}")
+    if kind is nn.ELU and module.alpha > 0:
+        return canonical_activation(f"elu:{float(module.alpha)!r}")
+    return None
+
+
+def _activation_kw(name: str) -> dict:
+    """conv_bn_relu_stage's keyword for activation `name` (none for ReLU, its default)."""
+    return {} if name == "relu" else {"activation": name}
 
 
 class _TCNBlockLayout(nn.Module):
@@ -218,25 +250,32 @@ class _TCNBlockLayout(nn.Module):
     def _plain_reason(self, stage: int, embeddings) -> Optional[str]:
         """Why stage 1 or 2 runs as plain PyTorch, or None where it runs fused."""
         reasons = []
-        if self.norm == "layer":
-            reasons.append("layer norm over channels: the fused op has no layer-norm mode "
-                           "yet")
+        if self.norm == "layer" and not STAGE_TAKES_LAYER_NORM:
+            reasons.append("layer norm over channels: the fused stage (conv_bn_relu_stage) "
+                           "does not pass it to the op's norm='layer' yet")
         if stage == 1 and self.gate:
             reasons.append("gating (GLU over conv1's 2n channels) is not in the fused op")
         if stage == 1 and embeddings is not None:
             reasons.append("conditioning embeddings join between the norm and the "
                            "activation, inside the fused op's epilogue")
         activation = self.activation1 if stage == 1 else self.activation2
-        if not (stage == 1 and self.gate) and not _is_relu(activation):
-            reasons.append(f"activation {type(activation).__name__}: the fused op's "
-                           "epilogue is ReLU")
+        name = op_activation(activation)
+        if stage == 1 and self.gate:
+            pass
+        elif name is None:
+            reasons.append(f"activation {type(activation).__name__}: not one the fused op's "
+                           "epilogue computes (relu, gelu, silu, tanh, leaky_relu, elu)")
+        elif name != "relu" and not STAGE_TAKES_ACTIVATION:
+            reasons.append(f"activation {type(activation).__name__}: the fused stage "
+                           "(conv_bn_relu_stage) does not pass an activation to the op yet")
         return "; ".join(reasons) or None
 
     def _stage1(self, x: Tensor, embeddings, fused: bool) -> Tensor:
         """conv1 -> norm1 -> [conditioning] -> activation1 -> dropout1."""
         why = self._plain_reason(1, embeddings) if fused else "plain"
         if why is None:
-            h = conv_bn_relu_stage(x, self.conv1, self.norm1, self.padding_mode)
+            h = conv_bn_relu_stage(x, self.conv1, self.norm1, self.padding_mode,
+                                   **_activation_kw(op_activation(self.activation1)))
         else:
             if fused and dispatch.record.recording_active():
                 dispatch.record.record(self.conv1, None, dispatch.Choice("op", "plain", why))
@@ -250,7 +289,8 @@ class _TCNBlockLayout(nn.Module):
         """conv2 -> norm2 -> activation2 -> dropout2: `out`, what skip connections sum."""
         why = self._plain_reason(2, None) if fused else "plain"
         if why is None:
-            out = conv_bn_relu_stage(h, self.conv2, self.norm2, self.padding_mode)
+            out = conv_bn_relu_stage(h, self.conv2, self.norm2, self.padding_mode,
+                                     **_activation_kw(op_activation(self.activation2)))
         else:
             if fused and dispatch.record.recording_active():
                 dispatch.record.record(self.conv2, None, dispatch.Choice("op", "plain", why))
@@ -261,12 +301,14 @@ class _TCNBlockLayout(nn.Module):
         """The block's output; fused False runs all of it as plain PyTorch (the twin)."""
         h = self._stage1(x, embeddings, fused)
         res = x if self.downsample is None else self.downsample(x)
+        name = op_activation(self.activation2)
         if fused and self._plain_reason(2, None) is None \
-                and _is_relu(self.activation_final) \
+                and op_activation(self.activation_final) == name \
                 and not (self.training and self.dropout2.p > 0):
-            # relu(relu(norm2(conv2(h))) + res) in one stage: dropout2 is the identity.
+            # act(act(norm2(conv2(h))) + res) in one stage: dropout2 is the identity.
             return conv_bn_relu_stage(h, self.conv2, self.norm2, self.padding_mode,
-                                      residual=res, relu_before_add=True)
+                                      residual=res, relu_before_add=True,
+                                      **_activation_kw(name))
         return self.activation_final(self._stage2(h, fused) + res)
 
     def compute_with_skip(self, x: Tensor, embeddings=None, fused: bool = True

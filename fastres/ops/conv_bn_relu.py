@@ -19,10 +19,12 @@ import torch
 from torch import Tensor
 
 from .. import backends, dispatch
+from ..backends._activation import canonical_activation
 from ..dispatch.measure import bounded_extent
 from ..dispatch.safety import functorch_active
 from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
-                           norm_mode, output_length, stats_dtype)
+                           normalizes_per_position, norm_mode, output_length,
+                           saves_for_backward, stats_dtype)
 from ..conventions import autocast_dtype, batch_norm_eps_error
 
 __all__ = ["Plan", "ResidualGradLink", "conv_bn_relu", "execute", "plan"]
@@ -41,29 +43,34 @@ def _forward_op(
     residual: Optional[Tensor], num_batches_tracked: Optional[Tensor], stride: int,
     dilation: int, pad_left: int, pad_right: int, norm: str, eps: float,
     momentum_factor: float, relu_before_add: bool, save_for_backward: bool, backend: str,
+    activation: str = "relu",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return backends.get(backend).forward(
         x, weight, bias, gamma, beta, running_mean, running_var, residual, stride=stride,
         dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=norm, eps=eps,
         momentum_factor=momentum_factor, relu_before_add=relu_before_add,
-        save_for_backward=save_for_backward, num_batches_tracked=num_batches_tracked)
+        save_for_backward=save_for_backward, num_batches_tracked=num_batches_tracked,
+        activation=activation)
 
 
 @_forward_op.register_fake
 def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, num_batches_tracked,
       stride, dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
-      save_for_backward, backend):
+      save_for_backward, backend, activation="relu"):
     batch, _, length = x.shape
     c_out, _, k = weight.shape
     shape = (batch, c_out, output_length(length, k, dilation, stride, pad_left, pad_right))
-    saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
+    saves = saves_for_backward(save_for_backward, norm, relu_before_add, activation)
     kernels = backends.get(backend)
     saved = x.new_empty(shape if saves else (0,), dtype=kernels.saved_dtype(
-        x.dtype, norm, relu_before_add, weight.shape[1] * k))
+        x.dtype, norm, relu_before_add, weight.shape[1] * k, activation))
     mask_bits = x.new_empty(kernels.mask_bits_shape(shape, residual is not None,
-                                                    save_for_backward, norm),
+                                                    save_for_backward, norm, activation),
                             dtype=torch.uint8)
-    stats = x.new_empty((c_out if norm == NORM_TRAIN else 0,), dtype=stats_dtype(x.dtype))
+    n_stats = (c_out,) if norm == NORM_TRAIN else (0,)
+    if normalizes_per_position(norm):
+        n_stats = (batch, shape[2])
+    stats = x.new_empty(n_stats, dtype=stats_dtype(x.dtype))
     return x.new_empty(shape), saved, mask_bits, stats, stats.clone()
 
 
@@ -75,6 +82,7 @@ def _backward_op(
     pad_right: int, norm: str, eps: float, relu_before_add: bool, backend: str,
     need_grad_x: bool, grad_x_addend: Optional[Tensor] = None,
     grad_x_addend_bits: Optional[Tensor] = None, defer_grad_residual: bool = False,
+    residual: Optional[Tensor] = None, activation: str = "relu",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = backends.get(backend).backward(
         grad_out.contiguous(), x, weight, gamma, beta, saved, out, var, has_bias=has_bias,
@@ -82,7 +90,7 @@ def _backward_op(
         pad_right=pad_right, norm=norm, eps=eps, relu_before_add=relu_before_add,
         need_grad_x=need_grad_x, grad_x_addend=grad_x_addend,
         grad_x_addend_bits=grad_x_addend_bits, defer_grad_residual=defer_grad_residual,
-        mask_bits=mask_bits)
+        mask_bits=mask_bits, activation=activation, residual=residual)
     # Custom ops cannot return None: an absent gradient travels as an empty tensor.
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
@@ -90,7 +98,8 @@ def _backward_op(
 @_backward_op.register_fake
 def _(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits, has_bias, has_residual,
       stride, dilation, pad_left, pad_right, norm, eps, relu_before_add, backend, need_grad_x,
-      grad_x_addend=None, grad_x_addend_bits=None, defer_grad_residual=False):
+      grad_x_addend=None, grad_x_addend_bits=None, defer_grad_residual=False, residual=None,
+      activation="relu"):
     empty = x.new_empty(0)
     c_out = weight.shape[0]
     vector = x.new_empty((c_out,))
@@ -144,14 +153,22 @@ class _FusedStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, residual,
                 num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
-                momentum_factor, relu_before_add, save_for_backward, backend, link):
+                momentum_factor, relu_before_add, save_for_backward, backend, link,
+                activation="relu"):
         out, saved, mask_bits, _batch_mean, batch_var = _forward_op(
             x, weight, bias, gamma, beta, running_mean, running_var, residual,
             num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
-            momentum_factor, relu_before_add, save_for_backward, backend)
-        # Backward needs the variance forward normalized with: the batch's, or the running one.
-        var = batch_var if norm == NORM_TRAIN else running_var
-        ctx.save_for_backward(x, weight, gamma, beta, saved, out, var, mask_bits)
+            momentum_factor, relu_before_add, save_for_backward, backend, activation)
+        # Backward needs the variance forward normalized with: the batch's (layer norm's per
+        # position), or the running one.
+        var = batch_var if norm == NORM_TRAIN or normalizes_per_position(norm) \
+            else running_var
+        # Another activation than ReLU differentiates at its input, which backward recomputes
+        # from saved and the residual.
+        kept_residual = None if activation == "relu" else residual
+        ctx.save_for_backward(x, weight, gamma, beta, saved, out, var, mask_bits,
+                              kept_residual)
+        ctx.activation = activation
         ctx.args = (bias is not None, residual is not None, stride, dilation, pad_left,
                     pad_right, norm, eps, relu_before_add, backend)
         ctx.link_in = ctx.link_out = None
@@ -167,7 +184,7 @@ class _FusedStage(torch.autograd.Function):
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():
             raise RuntimeError(NO_DOUBLE_BACKWARD)
-        x, weight, gamma, beta, saved, out, var, mask_bits = ctx.saved_tensors
+        x, weight, gamma, beta, saved, out, var, mask_bits, residual = ctx.saved_tensors
         if var is None:
             var = x.new_empty(0)
         # The data gradient is a whole conv: skip it where x needs none (a network's input).
@@ -179,7 +196,8 @@ class _FusedStage(torch.autograd.Function):
         # Linked, with the final mask saved as bits: grad_residual is stage 1's to compute.
         defer = ctx.link_out is not None and mask_bits.numel() > 0
         grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits,
-                             *ctx.args, need_grad_x, addend, addend_bits, defer)
+                             *ctx.args, need_grad_x, addend, addend_bits, defer, residual,
+                             ctx.activation)
         has_bias, has_residual = ctx.args[0], ctx.args[1]
         present = (need_grad_x, True, has_bias, gamma is not None, beta is not None,
                    has_residual)
@@ -190,7 +208,7 @@ class _FusedStage(torch.autograd.Function):
             else:
                 ctx.link_out.grad = g_res
             g_res = None
-        return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 12
+        return (g_x, g_w, g_b, g_gamma, g_beta, None, None, g_res) + (None,) * 13
 
 
 # --------------------------------------------------------------------------- validation
@@ -217,7 +235,7 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual,
               training, momentum, eps, stride, dilation, padding, norm,
-              num_batches_tracked, mixed_skip=False) -> Tuple[int, int, int]:
+              num_batches_tracked, mixed_skip=False, activation="relu") -> Tuple[int, int, int]:
     """Check every argument; return (pad_left, pad_right, L_out)."""
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("x and weight must be tensors")
@@ -245,8 +263,9 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
     _check_int("dilation", dilation, 1)
     if padding not in PADDING_MODES:
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
-    if norm not in ("batch", None):
-        raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
+    if norm not in ("batch", "layer", None):
+        raise ValueError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
+    canonical_activation(activation)  # ValueError naming the argument
     _check_vector("bias", bias, c_out, x)
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
@@ -266,6 +285,14 @@ def _validate(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, re
         if training and running_mean is not None and momentum is None \
                 and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if norm == "layer":
+        for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+            _check_vector(name, t, c_out, x)
+        if running_mean is not None or running_var is not None:
+            raise ValueError("layer norm keeps no running statistics: pass "
+                             "running_mean=None and running_var=None with norm='layer'")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"layer norm's eps must be >= 0, got {eps!r}")
     pad_left, pad_right = conv_padding(k, dilation, stride, padding)
     l_out = output_length(length, k, dilation, stride, pad_left, pad_right)
     if l_out < 1:
@@ -334,8 +361,16 @@ def _unit_affine(c_out: int, device: torch.device, dtype: torch.dtype):
 # this function instead of tracing it), from arguments that are never symbolic.
 @torch.compiler.assume_constant_result
 def _backend_at_trace_time(device_type: str, dtype: torch.dtype, stride: int,
-                           needs_grad: bool) -> str:
-    return dispatch.trace_time_choice(device_type, dtype, stride, needs_grad)
+                           needs_grad: bool, activation: str = "relu",
+                           layer_norm: bool = False) -> str:
+    name = dispatch.trace_time_choice(device_type, dtype, stride, needs_grad)
+    kernels = backends.get(name)
+    runs = kernels.activations
+    if activation != "relu" and runs != "all" and activation.partition(":")[0] not in runs:
+        return "eager"  # (a forced backend that cannot run it fails in the op below)
+    if layer_norm and not kernels.layer_norm:
+        return "eager"
+    return name
 
 
 def conv_bn_relu(
@@ -357,6 +392,7 @@ def conv_bn_relu(
     relu_before_add: bool = False,
     norm: Optional[str] = "batch",
     num_batches_tracked: Optional[Tensor] = None,
+    activation: str = "relu",
 ) -> Tensor:
     """relu(batch_norm(conv1d(x)) + residual) as one fused op.
 
@@ -378,7 +414,13 @@ def conv_bn_relu(
         residual: None or a tensor of the output's shape added before the final ReLU.
         relu_before_add: compute relu(relu(bn(conv(x))) + residual) (locuslab/TCN).
         norm: "batch", or None to skip batch norm (weight-normed blocks: normalize the conv
-            weight before the call; gradients flow back through it).
+            weight before the call; gradients flow back through it), or "layer": layer
+            norm over the channels at each position (nn.LayerNorm(C_out) applied to the
+            (B, L, C) view, as pytorch-tcn does), bn_weight / bn_bias its weight and bias,
+            no running statistics, the same in training and eval.
+        activation: replaces every ReLU of the stage: "relu", "gelu", "gelu_tanh", "silu",
+            "tanh", "leaky_relu[:slope]" or "elu[:alpha]" (docs/spec.md, "Activation").
+            A backend whose kernels lack it is not a candidate (fastres.explain says so).
 
     Returns:
         (B, C_out, L_out) tensor of x's dtype.
@@ -387,7 +429,7 @@ def conv_bn_relu(
         x, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=training,
         momentum=momentum, eps=eps, stride=stride, dilation=dilation, padding=padding,
         residual=residual, relu_before_add=relu_before_add, norm=norm,
-        num_batches_tracked=num_batches_tracked)
+        num_batches_tracked=num_batches_tracked, activation=activation)
     return execute(stage_plan, tensors, momentum, num_batches_tracked)
 
 
@@ -405,7 +447,7 @@ class Plan:
 def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=None,
          bn_bias=None, *, training=False, momentum=0.1, eps=1e-5, stride=1, dilation=1,
          padding="causal", residual=None, relu_before_add=False, norm="batch",
-         num_batches_tracked=None) -> Tuple[Plan, tuple]:
+         num_batches_tracked=None, activation="relu") -> Tuple[Plan, tuple]:
     """Validate a call (after autocast) and choose its backend; return the plan and the
     call's tensors (x, weight, bias, gamma, beta, running mean, running var, residual)."""
     mixed_skip = False
@@ -421,19 +463,23 @@ def plan(x, weight, bias=None, running_mean=None, running_var=None, bn_weight=No
         mixed_skip = residual is not None and residual.dtype != dtype
     pad_left, pad_right, _ = _validate(
         x, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual, training,
-        momentum, eps, stride, dilation, padding, norm, num_batches_tracked, mixed_skip)
+        momentum, eps, stride, dilation, padding, norm, num_batches_tracked, mixed_skip,
+        activation)
+    activation = canonical_activation(activation)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, weight, bias, bn_weight, bn_bias, residual))
     mode = norm_mode(norm, training)
     signature = (str(x.device), x.dtype, x.shape[0], x.shape[1], weight.shape[0], x.shape[2],
                  weight.shape[2], stride, dilation, pad_left, pad_right, mode,
-                 bias is not None, residual is not None, bool(relu_before_add), needs_grad)
+                 bias is not None, residual is not None, bool(relu_before_add), needs_grad,
+                 activation)
     tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
     geometry = dict(stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
-                    norm=mode, eps=eps, relu_before_add=relu_before_add)
+                    norm=mode, eps=eps, relu_before_add=relu_before_add, activation=activation)
     if torch.compiler.is_compiling() and not mixed_skip:
-        name = _backend_at_trace_time(x.device.type, x.dtype, stride, needs_grad)
+        name = _backend_at_trace_time(x.device.type, x.dtype, stride, needs_grad, activation,
+                                      normalizes_per_position(mode))
     elif x.shape[0] == 0 or x.device.type == "meta" or mixed_skip \
             or torch.compiler.is_compiling() or functorch_active():
         # An empty batch or meta tensors: PyTorch's own ops give its results and shapes.
@@ -462,7 +508,7 @@ def execute(stage_plan: Plan, tensors, momentum, num_batches_tracked,
 def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 residual, *, stride, dilation, pad_left, pad_right, norm, eps, momentum_factor,
                 relu_before_add, needs_grad, num_batches_tracked=None,
-                residual_grad_link=None) -> Tensor:
+                residual_grad_link=None, activation="relu") -> Tensor:
     """Run an already validated call on `backend` (eager, or a fused one via the custom op);
     num_batches_tracked, when given, is incremented once."""
     if backend == "eager":
@@ -471,13 +517,14 @@ def run_backend(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean,
         return backends.get("eager").run(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right, norm=norm,
-            eps=eps, momentum_factor=momentum_factor, relu_before_add=relu_before_add)
+            eps=eps, momentum_factor=momentum_factor, relu_before_add=relu_before_add,
+            activation=activation)
     return fused_forward(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                          residual, stride=stride, dilation=dilation, pad_left=pad_left,
                          pad_right=pad_right, norm=norm, eps=eps,
                          momentum_factor=momentum_factor, relu_before_add=relu_before_add,
                          needs_grad=needs_grad, num_batches_tracked=num_batches_tracked,
-                         residual_grad_link=residual_grad_link)
+                         residual_grad_link=residual_grad_link, activation=activation)
 
 
 def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracked,
@@ -525,7 +572,8 @@ def _candidate_run(backend: str, tensors, geometry, momentum, num_batches_tracke
 def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                   residual, *, stride, dilation, pad_left, pad_right, norm, eps,
                   momentum_factor, relu_before_add, needs_grad,
-                  num_batches_tracked=None, residual_grad_link=None) -> Tensor:
+                  num_batches_tracked=None, residual_grad_link=None,
+                  activation="relu") -> Tensor:
     """Run an already validated call on the fused backend `backend` (through the custom op)."""
     gamma = beta = None
     if norm != NORM_NONE:
@@ -545,7 +593,7 @@ def fused_forward(backend: str, x, weight, bias, bn_weight, bn_bias, running_mea
         x.contiguous(), weight.contiguous(), bias, gamma, beta, work[0], work[1], residual,
         num_batches_tracked, stride, dilation, pad_left, pad_right, norm, float(eps),
         float(momentum_factor), bool(relu_before_add), needs_grad, backend,
-        residual_grad_link)
+        residual_grad_link, activation)
     if norm == NORM_TRAIN:
         with torch.no_grad():
             for stat, copy in zip(stats, work):

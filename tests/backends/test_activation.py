@@ -1,21 +1,32 @@
-"""The epilogue's activation (docs/spec.md, "Activation") in the PyTorch-op backends: the
-composite backend's forward and analytic backward, and the eager backend under autograd,
-against the float64 reference (autograd through it), for every activation, norm mode,
-residual and relu_before_add; fresh random inputs per case, fp32 bound 1e-5."""
+"""The epilogue's activation (docs/spec.md, "Activation").
+
+In the PyTorch-op backends: the composite backend's forward and analytic backward, and the
+eager backend under autograd, against the float64 reference (autograd through it), for every
+activation, norm mode, residual and relu_before_add; fp32 bound 1e-5.
+Through the op on every kernel backend (cpp; triton in its interpreter at tiny shapes; cuda
+on a GPU): the parity harness with the activation, outputs poisoned, forward, every gradient
+and the running statistics, within the spec's bound for each dtype. A backend whose
+kernels lack an activation says so in supports(), and the dispatcher leaves it out.
+Every example draws fresh inputs (fresh_seed)."""
 import itertools
 import zlib
 
 import pytest
 import torch
 
+import fastres
+from fastres import backends
 from fastres.backends import composite
 from fastres.backends._activation import ACTIVATION_NAMES, parse_activation
 from fastres.backends.eager import conv_bn_relu_eager
 from fastres.conventions import NORM_EVAL, NORM_NONE, NORM_TRAIN, conv_padding, rel_err
+from fastres.dispatch.op import candidates
+from fastres.parity import Case, check_parity, probe
 from fastres.reference import conv_bn_relu_reference
+from availability import requires_cuda, skip_unless_available
 
-ACTIVATIONS = ["relu", "gelu", "silu", "tanh", "leaky_relu", "leaky_relu:0.2", "elu",
-               "elu:0.5"]
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "tanh", "leaky_relu", "leaky_relu:0.2",
+               "elu", "elu:0.5"]
 NORMS = [NORM_TRAIN, NORM_EVAL, NORM_NONE]
 CASES = list(itertools.product(ACTIVATIONS, NORMS, [False, True], [False, True]))
 TOL = 1e-5
@@ -160,3 +171,167 @@ def test_bad_activation_names_the_argument(text, match):
 
 def test_every_name_is_covered():
     assert {a.partition(":")[0] for a in ACTIVATIONS} == set(ACTIVATION_NAMES)
+
+
+# ------------------------------------------------------------------ the op, kernel backends
+
+KERNEL_BACKENDS = ["composite", "cpp", "triton", "cuda"]
+# The stage's modes that change what an activation's backward reads: norm mode, a residual
+# (the derivative is taken at the sum), relu_before_add (also at the inner input), no bias,
+# stride and same padding.
+OP_CASES = [
+    Case(B=2, C_in=3, C_out=5, L=12, K=3, dilation=2, residual="tensor"),
+    Case(B=2, C_in=4, C_out=4, L=10, residual="identity", relu_before_add=True),
+    Case(B=2, C_in=3, C_out=4, L=11, K=2, norm="eval", residual="tensor",
+         relu_before_add=True),
+    Case(B=2, C_in=3, C_out=4, L=9, K=3, stride=2, padding="same", norm="none",
+         relu_before_add=True, bias=False),
+    Case(B=2, C_in=3, C_out=6, L=12, K=2, norm="none", residual="tensor"),
+]
+OP_DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # (float64: gradcheck below)
+
+
+def _runs(backend, activation):
+    return backends.get(backend).activations == "all" \
+        or activation.partition(":")[0] in backends.get(backend).activations
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS[1:])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backend_against_reference(backend, activation, dtype, fresh_seed):
+    skip_unless_available(backend)
+    if dtype not in backends.get(backend).dtypes:
+        pytest.skip(f"{backend} does not take {dtype}")
+    if not _runs(backend, activation):
+        # Not a hidden gap: test_backend_without_an_activation_says_why covers what it says.
+        pytest.skip(f"{backend}: {backends.get(backend).supports(_call(activation))}")
+    cases = OP_CASES
+    if backend == "triton":  # the interpreter is slow: one case each, all cases over the grid
+        cases = [OP_CASES[ACTIVATIONS.index(activation) % len(OP_CASES)]]
+    for i, case in enumerate(cases):
+        case = Case(**{**case.__dict__, "activation": activation})
+        check_parity(case, backend, dtype, seed=fresh_seed + i)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS[1:])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_backend_against_reference_cuda(backend, activation, dtype, fresh_seed):
+    skip_unless_available(backend, "cuda")
+    if not _runs(backend, activation):
+        pytest.skip(f"{backend}: {backends.get(backend).supports(_call(activation, 'cuda'))}")
+    from fastres.conventions import cudnn_conv_tf32_set
+    with cudnn_conv_tf32_set(False):
+        for i, case in enumerate(OP_CASES):
+            case = Case(**{**case.__dict__, "activation": activation})
+            check_parity(case, backend, dtype, device="cuda", seed=fresh_seed + i)
+
+
+def _call(activation, device="cpu", dtype=torch.float32):
+    return backends.Call(device, dtype, 2, 4, 4, 16, 3, 1, 1, 2, 0, NORM_TRAIN, True, False,
+                         False, True, parse_activation(activation).text)
+
+
+def test_backend_without_an_activation_says_why():
+    """A kernel backend that lacks an activation is no candidate for it, with its reason,
+    and forcing it raises that reason; its ReLU calls are unchanged."""
+    class ReluOnly(backends.KernelBackend):
+        name, devices, dtypes = "relu_only_test", ("cpu",), (torch.float32,)
+
+        def load(self):
+            return composite
+    relu_only = ReluOnly()
+    assert relu_only.supports(_call("relu")) is None
+    reason = relu_only.supports(_call("gelu"))
+    assert reason is not None and "gelu" in reason and "relu" in reason
+    assert "elu" in relu_only.supports(_call("elu:0.5"))
+    x, w = torch.randn(2, 4, 16), torch.randn(4, 4, 3)
+    backends.register(relu_only)
+    try:
+        with fastres.use_backend("relu_only_test"):
+            with pytest.raises(RuntimeError, match="cannot run this call: .*no tanh"):
+                fastres.conv_bn_relu(x, w, training=True, activation="tanh")
+            fastres.conv_bn_relu(x, w, training=True)  # ReLU runs
+    finally:
+        backends._REGISTRY.pop("relu_only_test")
+    for name in ("cpp", "triton", "cuda", "composite", "eager"):
+        assert backends.get(name).activations == "all"
+
+
+def test_activation_is_part_of_the_dispatch_signature():
+    """Two activations of one geometry are two signatures (and keys); the default ReLU's key
+    is the one stored before activations existed; spellings of one activation agree."""
+    relu, gelu = _call("relu"), _call("gelu")
+    assert relu != gelu and relu.key() != gelu.key()
+    assert "act" not in relu.key() and gelu.key().endswith("|act=gelu")
+    assert _call("leaky_relu:0.01") == _call("leaky_relu")
+    assert _call("leaky_relu:0.2").key() != _call("leaky_relu").key()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "composite"])
+def test_the_probe_judges_the_activation(backend, fresh_seed):
+    """The dispatcher's correctness probe runs the call's activation: a backend whose
+    kernels compute ReLU for it fails the probe."""
+    skip_unless_available(backend)
+    call = _call("elu:0.5")
+    assert probe(call, backend, seed=fresh_seed) is None
+
+    class Wrong(backends.KernelBackend):
+        name, devices, dtypes, activations = "wrong_act_test", ("cpu",), (torch.float32,), "all"
+
+        def forward(self, *args, activation="relu", **kwargs):
+            return super().forward(*args, **kwargs)  # drops the activation: ReLU
+    wrong = Wrong()
+    wrong._module = backends.get(backend).module
+    backends.register(wrong)
+    try:
+        assert probe(call, "wrong_act_test", seed=fresh_seed) is not None
+    finally:
+        backends._REGISTRY.pop("wrong_act_test")
+
+
+def test_op_refuses_an_unknown_activation():
+    x, w = torch.randn(2, 3, 8), torch.randn(4, 3, 3)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastres.conv_bn_relu(x, w, training=True, activation="swish")
+    with pytest.raises(ValueError, match="slope must be >= 0"):
+        fastres.conv_bn_relu(x, w, training=True, activation="leaky_relu:-0.1")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "leaky_relu:0.1"])
+def test_gradcheck_float64_cpp(activation):
+    """float64 gradcheck of the C++ kernels' activation backward (every input)."""
+    skip_unless_available("cpp")
+    g = torch.Generator().manual_seed(3)
+    new = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa
+    x, w, b, gamma, beta, res = new(2, 2, 7), new(3, 2, 3), new(3), new(3), new(3), new(2, 3, 7)
+
+    def fn(x, w, b, gamma, beta, res):
+        with fastres.use_backend("cpp"):
+            return fastres.conv_bn_relu(x, w, b, None, None, gamma, beta, training=True,
+                                        residual=res, relu_before_add=True,
+                                        activation=activation)
+    assert torch.autograd.gradcheck(fn, (x, w, b, gamma, beta, res), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation, norm", [("gelu", "batch"), ("leaky_relu:0.2", "layer")])
+def test_the_op_compiles_with_an_activation(activation, norm, fresh_seed):
+    """torch.compile(fullgraph=True) traces the op with an activation and layer norm (torch
+    2.11's dynamo cannot trace the parser's dataclass: the traced path avoids it)."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    x = torch.randn(2, 4, 16, generator=g, requires_grad=True)
+    w = torch.randn(6, 4, 3, generator=g, requires_grad=True)
+    gamma, beta = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+
+    def stage(x, w):
+        return fastres.conv_bn_relu(x, w, None, None, None, gamma, beta, training=True,
+                                    dilation=2, norm=norm, activation=activation)
+    compiled = torch.compile(stage, fullgraph=True)
+    out, want = compiled(x, w), stage(x, w)
+    assert rel_err(out, want) < 1e-5
+    grads = torch.autograd.grad(out, [x, w], torch.ones_like(out))
+    want_grads = torch.autograd.grad(want, [x, w], torch.ones_like(want))
+    for a, b in zip(grads, want_grads):
+        assert rel_err(a, b) < 1e-5

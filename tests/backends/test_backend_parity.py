@@ -208,3 +208,46 @@ def test_input_that_needs_no_gradient_skips_the_data_gradient(backend, monkeypat
     want = torch.autograd.grad(want_out, leaves, grad.double())
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
+
+
+# Layer norm over channels (norm="layer"), on the backends that run it (the C++ kernels fuse
+# it: their tiles hold every channel of a position); activations and residual modes with it.
+LAYER_GRID = [
+    Case(norm="layer"),
+    Case(B=3, C_in=5, C_out=7, L=19, K=2, dilation=3, residual="tensor", norm="layer",
+         activation="gelu"),
+    Case(C_in=8, C_out=8, residual="identity", relu_before_add=True, dilation=2,
+         norm="layer", activation="tanh"),
+    Case(padding="same", K=3, stride=2, L=21, norm="layer", affine=False,
+         activation="leaky_relu:0.2"),
+    # (1 or 2 channels normalize to a constant or +-1: gradients of x zero in exact
+    # arithmetic, judged relative to rounding alone, as training BN with 2 values a channel)
+    Case(B=1, C_in=3, C_out=3, L=9, norm="layer", residual="tensor", activation="silu"),
+    Case(B=2, C_in=3, C_out=40, L=33, K=3, dilation=2, residual="tensor", norm="layer",
+         activation="elu", bias=False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LAYER_GRID, ids=str)
+@pytest.mark.parametrize("backend", backends.names())
+def test_layer_norm_grid_cpu(backend, case, dtype, fresh_seed):
+    skip_unless_available(backend)
+    if dtype not in backends.get(backend).dtypes:
+        pytest.skip(f"{backend} does not take {dtype}")
+    if not backends.get(backend).layer_norm:
+        # Not a hidden gap: such a backend is no candidate, and says why.
+        call = backends.Call("cpu", dtype, case.B, case.C_in, case.C_out, case.L, case.K,
+                             case.stride, case.dilation, 0, 0, "layer", True, False, False,
+                             True)
+        assert "layer-norm" in backends.get(backend).supports(call)
+        return
+    check_parity(case, backend, dtype, seed=fresh_seed)
+
+
+def test_layer_norm_refuses_running_statistics():
+    x, w = torch.randn(2, 3, 8), torch.randn(4, 3, 3)
+    with pytest.raises(ValueError, match="layer norm keeps no running statistics"):
+        fastres.conv_bn_relu(x, w, None, torch.zeros(4), torch.ones(4), norm="layer")
+    with pytest.raises(ValueError, match="norm must be 'batch', 'layer' or None"):
+        fastres.conv_bn_relu(x, w, norm="group")

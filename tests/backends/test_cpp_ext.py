@@ -142,7 +142,14 @@ def test_cpp_ops_reject_bad_outputs():
     empty = torch.empty(0)
     with pytest.raises(RuntimeError, match="out must be"):
         torch.ops.fastres_ext.forward(x, w, None, None, None, None, None, None, 1, 1, 2, 0, 0,
-                                      1e-5, 0.0, False, wrong, empty, empty, empty)
+                                      1e-5, 0.0, False, 0, 0.0, wrong, empty, empty, empty)
+    right = torch.empty(2, 4, 10)
+    with pytest.raises(RuntimeError, match="unknown activation code"):
+        torch.ops.fastres_ext.forward(x, w, None, None, None, None, None, None, 1, 1, 2, 0, 0,
+                                      1e-5, 0.0, False, 7, 0.0, right, empty, empty, empty)
+    with pytest.raises(RuntimeError, match="bad activation parameter"):
+        torch.ops.fastres_ext.forward(x, w, None, None, None, None, None, None, 1, 1, 2, 0, 0,
+                                      1e-5, 0.0, False, 6, 0.0, right, empty, empty, empty)
 
 
 @requires_cuda

@@ -148,3 +148,51 @@ def test_inspect_flags_an_unpipelined_scalar_kernel(reports):
         assert control["narrow"] > 0 and control["tma"] == 0 and not control["pipelined"], control
         # slow, but within registers: the pointer path keeps small tiles
         assert control["spill_bytes"] == 0 and control["local"] == 0, control
+
+
+_ACTIVATION_SCRIPT = """
+    import json, torch
+    from fastres.backends import triton as backend
+    from fastres.backends.triton import codegen
+    B, C, L, K = 4, 64, 1024, 3
+    x, w = torch.zeros(B, C, L, dtype=torch.bfloat16), torch.zeros(C, C, K, dtype=torch.bfloat16)
+    bias, gamma, beta = torch.zeros(C, dtype=torch.bfloat16), torch.ones(C), torch.zeros(C)
+    res = torch.zeros(B, C, L, dtype=torch.bfloat16)
+    geo = dict(stride=1, dilation=2, pad_left=(K - 1) * 2, pad_right=0)
+    found = []
+    for act in ["gelu", "gelu_tanh", "silu", "tanh", "leaky_relu:0.2", "elu:0.5"]:
+        def run():
+            out, saved, bits, _, var = backend.forward(
+                x, w, bias, gamma, beta, None, None, res, norm="train", eps=1e-5,
+                momentum_factor=0.1, relu_before_add=True, save_for_backward=True,
+                activation=act, **geo)
+            backend.backward(torch.zeros_like(out), x, w, gamma, beta, saved, out, var,
+                             has_bias=True, has_residual=True, norm="train", eps=1e-5,
+                             relu_before_add=True, mask_bits=bits, activation=act,
+                             residual=res, **geo)
+        for launch in codegen.run_captured(run):
+            if launch.name in ("conv_forward_kernel", "relu_bn_backward_kernel"):
+                act_code = codegen.constexpr(launch, "ACT")
+                stack = codegen.resources(codegen.compile_launch(launch))["stack"]
+                found.append(dict(act=act, kernel=launch.name, code=act_code, stack=stack))
+    print("ACTIVATIONS" + json.dumps(found))
+"""
+
+
+def test_activation_kernels_compile_for_sm90():
+    """Every activation's forward epilogue and elementwise backward compile for sm_90 (the
+    interpreter runs them; this is the code a GPU would run), with its named code as the
+    ACT constexpr and at most a few bytes of local memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_ACTIVATION_SCRIPT)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("ACTIVATIONS"))
+    found = json.loads(line[len("ACTIVATIONS"):])
+    from fastres.backends._activation import parse_activation
+    assert {f["act"] for f in found} == {"gelu", "gelu_tanh", "silu", "tanh",
+                                         "leaky_relu:0.2", "elu:0.5"}
+    for f in found:
+        assert f["code"] == parse_activation(f["act"]).code, f
+        assert f["stack"] <= 32, f

@@ -401,3 +401,60 @@ def test_pytorch_tcn_dilation_schedule():
         net = fastres.TemporalConvNet(2, [3] * levels, kernel_size=2, dilation_reset=reset)
         upstream = pytorch_tcn.TCN(2, [3] * levels, kernel_size=2, dilation_reset=reset)
         assert [b.conv1.dilation[0] for b in net.network] == list(upstream.dilations)
+
+
+ACTIVATION_CONFIGS = [{**DEFAULTS, "activation": a, "use_norm": n}
+                      for a, n in [("gelu", "batch_norm"), ("tanh", None),
+                                   ("leaky_relu", "weight_norm"), ("elu", "batch_norm"),
+                                   ("relu", "layer_norm"), ("gelu", "layer_norm")]]
+
+
+@pytest.mark.parametrize("config", ACTIVATION_CONFIGS, ids=_config_id)
+def test_activations_run_fused_once_the_stage_passes_them(config, monkeypatch):
+    """TCNBlock's side of the fused activations and layer norm: with a stage that hands
+    `activation` and an nn.LayerNorm to the op (what STAGE_TAKES_ACTIVATION and
+    STAGE_TAKES_LAYER_NORM wait for in fastres/nn/_stage.py; here a stand-in calling the op
+    with the stage's modules), every stage of a gelu / tanh / leaky_relu / elu / layer-norm
+    TCN runs through the op on the C++ kernels, and the model matches pytorch-tcn (train
+    steps, gradients, running statistics, eval)."""
+    if "cpp" not in cpu_backends():
+        pytest.skip("backend cpp unavailable here")
+    from fastres.nn import _stage, tcn_block
+    activations = []
+
+    def stage(x, conv, norm, padding, residual=None, relu_before_add=False,
+              residual_grad_link=None, activation="relu"):
+        activations.append(activation)
+        if isinstance(norm, torch.nn.LayerNorm):
+            arguments = dict(bias=conv.bias, norm="layer", bn_weight=norm.weight,
+                             bn_bias=norm.bias, eps=norm.eps)
+        else:
+            arguments = _stage.op_arguments(conv, norm)
+        return fastres.conv_bn_relu(x, conv.weight, stride=conv.stride[0],
+                                    dilation=conv.dilation[0], padding=padding,
+                                    residual=residual, relu_before_add=relu_before_add,
+                                    activation=activation, **arguments)
+    monkeypatch.setattr(tcn_block, "STAGE_TAKES_ACTIVATION", True)
+    monkeypatch.setattr(tcn_block, "STAGE_TAKES_LAYER_NORM", True)
+    monkeypatch.setattr(tcn_block, "conv_bn_relu_stage", stage)
+    plain = _pytorch_tcn(config)
+    fused = _convert(plain)
+    _assert_matches(fused, plain, config=config, backend="cpp")
+    want = {"gelu": "gelu", "tanh": "tanh", "leaky_relu": "leaky_relu", "elu": "elu",
+            "relu": "relu"}
+    assert activations and set(activations) == {want[config["activation"]]}
+
+
+def test_explain_says_the_stage_passes_no_activation_yet():
+    net = fastres.TemporalConvNet(4, [6, 6], kernel_size=3, norm="batch", activation="gelu")
+    with fastres.use_backend("eager"):
+        report = str(fastres.explain(net, torch.randn(2, 4, 16)))
+    from fastres.nn import tcn_block
+    if tcn_block.STAGE_TAKES_ACTIVATION:
+        assert "does not pass an activation" not in report
+    else:
+        assert "does not pass an activation to the op yet" in report
+    net = fastres.TemporalConvNet(4, [6, 6], kernel_size=3, norm="batch", activation="selu")
+    with fastres.use_backend("eager"):
+        report = str(fastres.explain(net, torch.randn(2, 4, 16)))
+    assert "not one the fused op's epilogue computes" in report

@@ -34,7 +34,7 @@ def call(a, **kw):
     ({}, dict(padding="valid"), ValueError, r"padding must be one of"),
     ({}, dict(dilation=0), ValueError, r"dilation must be an int >= 1"),
     ({}, dict(stride=1.5), ValueError, r"stride must be an int >= 1"),
-    ({}, dict(norm="layer"), ValueError, r"norm must be 'batch' or None"),
+    ({}, dict(norm="group"), ValueError, r"norm must be 'batch', 'layer' or None"),
     (dict(running_mean=None, running_var=None), dict(training=False), ValueError, r"eval-mode batch norm needs"),
     ({}, dict(training=True, momentum=None), ValueError, r"momentum=None"),
 ])

@@ -38,6 +38,7 @@ import torch
 
 from ... import _alloc
 from ... import conventions
+from .._activation import parse_activation
 from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, mask_bits_shape,
                             stats_dtype, triton_interpreting)
 
@@ -48,7 +49,7 @@ from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, mask
 
 
 def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool,
-                weights_per_channel: int) -> torch.dtype:
+                weights_per_channel: int, activation: str = "relu") -> torch.dtype:
     """What forward saves for backward (docs/spec.md, "What backward reads"): as
     conventions.saved_dtype, except x-hat in float16 for 16-bit training.
 
@@ -66,11 +67,13 @@ def saved_dtype(dtype: torch.dtype, norm: str, relu_before_add: bool,
     <= FLOAT32_WGRAD_MAX_WEIGHTS, see _backward): there a float16 x-hat cost fp16 training
     4 units of its rounding in grad_weight (benchmarks/saved_precision.py), and such
     layers (a network's first) are too small for the bytes to matter.
+    Nor with an activation other than ReLU, whose input backward recomputes from x-hat:
+    there conventions.saved_dtype's float32.
     """
     if dtype in HALF_DTYPES and norm == NORM_TRAIN and not relu_before_add \
-            and weights_per_channel > FLOAT32_WGRAD_MAX_WEIGHTS:
+            and weights_per_channel > FLOAT32_WGRAD_MAX_WEIGHTS and activation == "relu":
         return torch.float16
-    return conventions.saved_dtype(dtype, norm, relu_before_add)
+    return conventions.saved_dtype(dtype, norm, relu_before_add, activation)
 
 
 def unavailable_reason():
@@ -99,12 +102,15 @@ def backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs):
         return _backward(grad_out, x, weight, gamma, beta, saved, out, var, **kwargs)
 
 
-def saves_mask_bits(has_residual: bool, save_for_backward: bool, norm: str) -> bool:
+def saves_mask_bits(has_residual: bool, save_for_backward: bool, norm: str,
+                    activation: str = "relu") -> bool:
     """Whether forward saves the final ReLU's mask as bits: with a residual (else backward
     would read out) and in training (else it would recompute the mask from x-hat, which
     is float16 in 16-bit training: saved_dtype). Otherwise backward reads out, or
-    recomputes the mask from a float32 x-hat."""
-    return save_for_backward and (has_residual or norm == NORM_TRAIN)
+    recomputes the mask from a float32 x-hat. Never for another activation, whose
+    derivative backward takes at its input, recomputed from x-hat and the residual."""
+    return save_for_backward and (has_residual or norm == NORM_TRAIN) \
+        and activation == "relu"
 
 
 def stream_forward(*args, **kwargs) -> None:
@@ -129,7 +135,7 @@ def _gemm_config(config, M, N, dtype, tuning_key, run, device, tma):
 
 def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, *, stride,
              dilation, pad_left, pad_right, norm, eps, momentum_factor, relu_before_add,
-             save_for_backward, num_batches_tracked=None):
+             save_for_backward, num_batches_tracked=None, activation="relu"):
     from . import batch_stats, conv_forward, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast
 
@@ -139,12 +145,14 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     shape = (B, C_out, L_out)
     sdt = stats_dtype(x.dtype)
     train = norm == NORM_TRAIN
-    saves = save_for_backward and (norm != NORM_NONE or relu_before_add)
-    saved_as = saved_dtype(x.dtype, norm, relu_before_add, C_in * K)
+    saves = conventions.saves_for_backward(save_for_backward, norm, relu_before_add,
+                                           activation)
+    saved_as = saved_dtype(x.dtype, norm, relu_before_add, C_in * K, activation)
+    act = parse_activation(activation)
 
     out = _alloc.empty(shape, dtype=x.dtype, device=x.device)
     saved = _alloc.empty(shape if saves else (0,), device=x.device, dtype=saved_as)
-    save_mask = saves_mask_bits(residual is not None, save_for_backward, norm)
+    save_mask = saves_mask_bits(residual is not None, save_for_backward, norm, activation)
     mask_bits = _alloc.empty(mask_bits_shape(*shape) if save_mask else (0,),
                              dtype=torch.uint8, device=x.device)
     use = lambda t: out if t is None or t.numel() == 0 else t  # noqa: E731  (never read)
@@ -170,8 +178,8 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             SAVE_MASK=save_mask and mode != conv_forward.MODE_STATS,
             FINALIZE=finalize, UPDATE_RUNNING=running_mean is not None,
             COUNT_BATCH=num_batches_tracked is not None, GROUP=tiling.FINALIZE_GROUP,
-            FIN_BLOCK_T=max(1, 2048 // cfg.block_m),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            FIN_BLOCK_T=max(1, 2048 // cfg.block_m), ACT=act.code,
+            act_param=act.kernel_param, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def stats_scratch(cfg, finalize):
         """The statistics pass's partials (n_tiles, C_out) (mean, M2), and with `finalize`
@@ -221,7 +229,7 @@ FLOAT32_WGRAD_MAX_WEIGHTS = 4
 def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, has_residual,
               stride, dilation, pad_left, pad_right, norm, eps, relu_before_add,
               need_grad_x=True, grad_x_addend=None, grad_x_addend_bits=None,
-              defer_grad_residual=False, mask_bits=None):
+              defer_grad_residual=False, mask_bits=None, activation="relu", residual=None):
     from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling, tuning
     from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
 
@@ -233,6 +241,11 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     sdt = stats_dtype(dtype)
     norm = NORM_CODES[norm]
     precision, upcast = dot_precision(dtype, dev), dot_upcast(dtype)
+    act = parse_activation(activation)
+    if has_residual and not act.is_relu and residual is None:
+        raise ValueError(f"the backward of activation {activation!r} after a residual add "
+                         "needs the residual (its derivative is taken at the sum)")
+    read_residual = has_residual and not act.is_relu
 
     # --- ReLU masks, residual gradient, batch-norm sums and grad_y (elementwise passes).
     block_c, block_l = elementwise_tiles(C_out, L_out)
@@ -276,7 +289,7 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     # Without bits or a residual, out = relu(x-hat * gamma + beta) from a float32 x-hat:
     # the kernel recomputes its sign exactly (bn_backward.py) instead of reading out.
     mask_from_xhat = norm != 0 and not has_residual and not read_bits \
-        and saved.dtype == torch.float32
+        and saved.dtype == torch.float32 and act.is_relu
 
     def elementwise(write_g, read_g, reduce, write_grad_y):
         bn_backward.relu_bn_backward_kernel[grid](
@@ -287,7 +300,10 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
             REDUCE=reduce, WRITE_GRAD_Y=write_grad_y, MASK_FROM_XHAT=mask_from_xhat,
             MASK_BITS=read_bits,
             HAS_BIAS=has_bias,
-            GROUP=tiling.FINALIZE_GROUP, FIN_BLOCK_T=64, BLOCK_C=block_c, BLOCK_L=block_l)
+            GROUP=tiling.FINALIZE_GROUP, FIN_BLOCK_T=64, BLOCK_C=block_c, BLOCK_L=block_l,
+            ACT=act.code, act_param=act.kernel_param,
+            res_ptr=residual.contiguous() if read_residual else grad_out,
+            HAS_RES=read_residual)
 
     # Training: grad_y needs the full sums of g and g * xhat, which pass 1's last programs
     # finalize; pass 2 writes grad_y. Eval and no-norm: one pass.

@@ -32,6 +32,11 @@ lblock; j = 0: g, 1: g * xhat, 2: xhat); the last programs to finish reduce them
 grad_beta, grad_gamma and grad_bias (batch_stats.bn_grad_finalize), so pass 2 follows
 pass 1 with no launch between.
 
+ACT other than ReLU (activation.py's named codes): the final activation's derivative is
+taken at its input z2 = act?(z1) + residual, z1 = x-hat * gamma + beta (y without norm),
+recomputed from saved and the residual (res_ptr, HAS_RES) with the forward's expressions;
+out and mask bits are not read. With relu_before_add also at z1.
+
 Shapes: grad_out, out, saved, grad_residual, grad_y (B, C, L_out) contiguous; var, gamma,
 beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) and grp (cdiv(n_tiles, GROUP),
 3, C) float32; counter: batch_stats.counters.
@@ -41,6 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .activation import ACTIVATION_RELU, activate, activation_grad
 from .batch_stats import bn_grad_finalize
 from .mask_bits import load_bits
 from .rounding import as_stored, relu, store_rounded
@@ -59,41 +65,70 @@ def relu_bn_backward_kernel(
     MASK_FROM_XHAT: tl.constexpr, MASK_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP: tl.constexpr, FIN_BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    ACT: tl.constexpr = ACTIVATION_RELU, act_param=0.0, res_ptr=None,
+    HAS_RES: tl.constexpr = False,
 ):
     offs_c, c_ok, ok, offs, b, offs_l = elementwise_tile(C, L_out, BLOCK_C, BLOCK_L)
 
-    if READ_G:  # grad_residual: grad_out under the final ReLU's mask, as pass 1 stored it
-        g = tl.load(grad_res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    else:
-        g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if MASK_BITS:  # the bits forward saved (mask_bits.py): 1 where out is not <= 0
-            g = tl.where(load_bits(mask_bits_ptr, b, offs_c, offs_l, ok, C, L_out) == 0, 0.0,
-                         g)
-        elif not MASK_FROM_XHAT:
-            out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            g = tl.where(out <= 0, 0.0, g)
-    if WRITE_G:  # the residual sees only the final ReLU's mask
-        store_rounded(grad_res_ptr + offs, g, ok)
-    xhat = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
-    if NORM != 0:
-        var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
-        gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
-        invstd = tl.rsqrt(var + eps)
-        xhat = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if MASK_FROM_XHAT or RELU_BEFORE_ADD:
-            # The forward's float32 expression, so the masks agree bit for bit.
+    if ACT != ACTIVATION_RELU:
+        s = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        z1 = s
+        xhat = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        if NORM != 0:
+            var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
+            gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
             beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-            z = xhat * gamma[:, None] + beta[:, None]
-            if MASK_FROM_XHAT:  # out = relu(z) as forward stored it: no read of out
-                g = tl.where(as_stored(relu(z), out_ptr.dtype.element_ty) <= 0, 0.0, g)
+            invstd = tl.rsqrt(var + eps)
+            xhat = s
+            z1 = s * gamma[:, None] + beta[:, None]  # the forward's float32 expression
+        if READ_G:  # grad_residual: grad_out times the final activation's derivative
+            g = tl.load(grad_res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        else:
+            z2 = z1
             if RELU_BEFORE_ADD:
-                g = tl.where(z <= 0, 0.0, g)
-        # Masked lanes loaded zeros, so they add nothing to the sums.
+                z2 = activate(z1, ACT, act_param)
+            if HAS_RES:
+                z2 += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32) \
+                * activation_grad(z2, ACT, act_param)
+        if WRITE_G:
+            store_rounded(grad_res_ptr + offs, g, ok)
+        if RELU_BEFORE_ADD:
+            g = g * activation_grad(z1, ACT, act_param)
         g = tl.where(ok, g, 0.0)
     else:
-        if RELU_BEFORE_ADD:
-            y = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            g = tl.where(y <= 0, 0.0, g)
+        if READ_G:  # grad_residual: grad_out under the final ReLU's mask, as pass 1 stored it
+            g = tl.load(grad_res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if MASK_BITS:  # the bits forward saved (mask_bits.py): 1 where out is not <= 0
+                bits = load_bits(mask_bits_ptr, b, offs_c, offs_l, ok, C, L_out)
+                g = tl.where(bits == 0, 0.0, g)
+            elif not MASK_FROM_XHAT:
+                out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                g = tl.where(out <= 0, 0.0, g)
+        if WRITE_G:  # the residual sees only the final ReLU's mask
+            store_rounded(grad_res_ptr + offs, g, ok)
+        xhat = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        if NORM != 0:
+            var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
+            gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
+            invstd = tl.rsqrt(var + eps)
+            xhat = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if MASK_FROM_XHAT or RELU_BEFORE_ADD:
+                # The forward's float32 expression, so the masks agree bit for bit.
+                beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+                z = xhat * gamma[:, None] + beta[:, None]
+                if MASK_FROM_XHAT:  # out = relu(z) as forward stored it: no read of out
+                    g = tl.where(as_stored(relu(z), out_ptr.dtype.element_ty) <= 0, 0.0, g)
+                if RELU_BEFORE_ADD:
+                    g = tl.where(z <= 0, 0.0, g)
+            # Masked lanes loaded zeros, so they add nothing to the sums.
+            g = tl.where(ok, g, 0.0)
+        else:
+            if RELU_BEFORE_ADD:
+                y = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                g = tl.where(y <= 0, 0.0, g)
 
     if REDUCE:
         part_row = part_ptr + tl.program_id(0).to(tl.int64) * 3 * C  # tile of elementwise_tile

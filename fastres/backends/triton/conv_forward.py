@@ -27,6 +27,9 @@ Epilogue, by MODE:
       statistics: the conv is computed again rather than y stored and re-read, so y never
       travels through memory (nor is rounded: 16-bit inputs normalize the float32 y).
   MODE_NONE: as MODE_NORM without the normalization.
+  ACT (NORM/NONE): the activation replacing both ReLUs (activation.py's named codes; its
+      slope or alpha in act_param). Not ReLU: backward takes its derivative at its input,
+      recomputed from x-hat (or y) and the residual, so no mask bits are saved.
   SAVE_Y (NORM/NONE): also store what backward reads: x-hat (NORM) or y (NONE).
   SAVE_MASK (training or a residual, when backward is to run): the final ReLU's mask as
       bits (mask_bits.py), so backward never reads out nor recomputes the mask from a
@@ -42,6 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .activation import ACTIVATION_RELU, activate
 from .batch_stats import welford_finalize
 from .mask_bits import store_bits
 from .operands import weight_tile, window
@@ -64,6 +68,7 @@ def conv_forward_kernel(
     FINALIZE: tl.constexpr = False,
     UPDATE_RUNNING: tl.constexpr = False,
     COUNT_BATCH: tl.constexpr = False, GROUP: tl.constexpr = 32, FIN_BLOCK_T: tl.constexpr = 8,
+    ACT: tl.constexpr = ACTIVATION_RELU, act_param=0.0,
 ):
     # Grid axis 0 enumerates (batch row, length tile): CUDA caps axes 1 and 2 at 65535.
     n_lblocks = tl.cdiv(L_out, BLOCK_L)
@@ -127,10 +132,12 @@ def conv_forward_kernel(
         if SAVE_Y:  # what backward reads: x-hat (eval), or y (none)
             store_rounded(y_ptr + tile_offs, xhat if MODE == 1 else acc, tile_ok)
         if RELU_BEFORE_ADD:
-            z = relu(z)
+            z = activate(z, ACT, act_param)
         if HAS_RES:
             z += tl.load(res_ptr + tile_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        if SAVE_MASK:  # the final ReLU's mask as bits, from out as stored (mask_bits.py)
+        if ACT != ACTIVATION_RELU:
+            store_rounded(out_ptr + tile_offs, activate(z, ACT, act_param), tile_ok)
+        elif SAVE_MASK:  # the final ReLU's mask as bits, from out as stored (mask_bits.py)
             stored = as_stored(relu(z), out_ptr.dtype.element_ty)
             keep = tl.where(tile_ok, tl.where(stored <= 0, 0, 1), 0)
             store_bits(mask_bits_ptr, keep, b, offs_co, pid_l * BLOCK_L, C_out, L_out,
