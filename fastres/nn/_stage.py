@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .. import dispatch
+from ..backends._activation import activation_function
 from ..conventions import HALF_DTYPES, conv_padding, output_length
 from ..ops import ResidualGradLink, conv_bn_relu, execute, plan
 from ..upstream_kernels import (plain_convs_are_routed, plain_convs_routed, route_weight_grad,
@@ -82,19 +83,24 @@ def _hooked(*modules: Optional[nn.Module]) -> bool:
                for m in modules)
 
 
-def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d], padding: str,
+def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padding: str,
                        residual: Optional[Tensor] = None,
                        relu_before_add: bool = False,
-                       residual_grad_link: Optional[ResidualGradLink] = None) -> Tensor:
+                       residual_grad_link: Optional[ResidualGradLink] = None,
+                       activation: str = "relu") -> Tensor:
     """relu(bn(conv(x)) [+ residual]) through the fused op, from the modules' tensors.
 
     The conv's own `padding` attribute is ignored: `padding` ("causal" or "same") says how
     the block pads. bn None means no batch norm (weight-normed convs: `conv.weight` is
-    the parametrization's normalized weight, so gradients reach g and v).
+    the parametrization's normalized weight, so gradients reach g and v); an nn.LayerNorm
+    over the channels is the op's norm="layer". `activation` replaces every ReLU of the
+    stage (the op's argument of that name).
     residual_grad_link: one link (`identity_shortcut_link`) given to both stages of a block
     whose residual is its input: fused stages then add the shortcut's gradient inside
     stage 1's data-gradient kernel; every other path ignores it.
     """
+    if isinstance(bn, nn.SyncBatchNorm) and activation != "relu":
+        return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation)
     if isinstance(bn, nn.SyncBatchNorm):  # statistics over every process's batch
         return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
                                        bn_arguments(bn))
@@ -105,7 +111,7 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
         if recording:
             dispatch.record.record(conv, None, dispatch.Choice(
                 "op", "eager", "its conv or norm has hooks, so the stage runs as modules"))
-        return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add)
+        return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation)
     weight = conv.weight
     device_type = x.device.type
     if torch.compiler.is_compiling() or device_type not in _PLANNED_DEVICES \
@@ -114,7 +120,7 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
         # it, autocast casts for it, and other devices (meta) take PyTorch's own ops.
         return conv_bn_relu(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
                             padding=padding, residual=residual, relu_before_add=relu_before_add,
-                            **op_arguments(conv, bn))
+                            activation=activation, **op_arguments(conv, bn))
     # The signature of this stage's call (plans are kept per conv module, whose stride and
     # dilation it carries; the padding mode and ReLU placement are the block's, and convert
     # tries one conv in several blocks). needs_grad short-circuits on the parameters, which
@@ -126,8 +132,9 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
         or (bias is not None and bias.requires_grad)
         or (bn is not None and bn.weight is not None and bn.weight.requires_grad))
     key = (x.shape, x.dtype, x.device, weight.dtype, needs_grad, residual is None, padding,
-           relu_before_add,
-           None if bn is None else (bn.training, bn.eps, bn.running_mean is None),
+           relu_before_add, activation,
+           None if bn is None else (type(bn), bn.training, bn.eps,
+                                    getattr(bn, "running_mean", None) is None),
            dispatch.forced_backend(), dispatch.safety.functorch_active())
     plans = _PLANS.get(conv)
     if plans is None:
@@ -136,14 +143,15 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
     if cached is None:
         stage_plan, _ = plan(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
                              padding=padding, residual=residual,
-                             relu_before_add=relu_before_add, **op_arguments(conv, bn))
+                             relu_before_add=relu_before_add, activation=activation,
+                             **op_arguments(conv, bn))
         # Eager at full precision runs the plain twin's code; 16-bit keeps the eager backend.
         cached = _PLAIN if stage_plan.backend == "eager" and x.dtype not in HALF_DTYPES \
             else stage_plan
         if dispatch.why_not_measure() is None or cached is _PLAIN:
             plans[key] = cached  # (a static choice made where measuring was unsafe is not)
     if cached is _PLAIN:
-        return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add)
+        return _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add, activation)
     a = op_arguments(conv, bn)
     tensors = (x, weight, bias, a["bn_weight"], a["bn_bias"], a["running_mean"],
                a["running_var"], residual)
@@ -151,7 +159,7 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
                    residual_grad_link)
 
 
-def _stage_as_modules(x, conv, bn, padding, residual, relu_before_add):
+def _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation):
     """The stage with conv and norm called as modules (their hooks fire), the conv's output
     cut to the block's causal / same geometry."""
     k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
@@ -166,7 +174,7 @@ def _stage_as_modules(x, conv, bn, padding, residual, relu_before_add):
         z = conv(x)[..., start:start + output_length(x.shape[-1], k, d, s, left, right)]
     else:
         raise ValueError(f"cannot run {conv} as a module for {padding!r} padding")
-    return _norm_relu_add(z, bn, residual, relu_before_add)
+    return _norm_relu_add(z, bn, residual, relu_before_add, activation)
 
 
 def identity_shortcut_link(x: Tensor, shortcut: Tensor) -> Optional[ResidualGradLink]:
@@ -178,20 +186,24 @@ def identity_shortcut_link(x: Tensor, shortcut: Tensor) -> Optional[ResidualGrad
     return ResidualGradLink()
 
 
-def op_arguments(conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d]) -> dict:
+def op_arguments(conv: nn.Conv1d, bn: Optional[nn.Module]) -> dict:
     """The keyword arguments of fastres.conv_bn_relu that come from the stage's modules
-    (everything but x, weight, the geometry and the residual)."""
+    (everything but x, weight, the geometry, the residual and the activation)."""
     if bn is None:
         return dict(bias=conv.bias, running_mean=None, running_var=None, bn_weight=None,
                     bn_bias=None, training=False, momentum=None, eps=0.0,
                     num_batches_tracked=None, norm=None)
+    if isinstance(bn, nn.LayerNorm):  # over the channels at each position
+        return dict(bias=conv.bias, running_mean=None, running_var=None, bn_weight=bn.weight,
+                    bn_bias=bn.bias, training=False, momentum=None, eps=bn.eps,
+                    num_batches_tracked=None, norm="layer")
     return dict(bias=conv.bias, norm="batch", **bn_arguments(bn))
 
 
 _NO_CONTEXT = contextlib.nullcontext()
 
 
-def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
+def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add, activation):
     """What the plain twin computes: PyTorch's ops and the BN module itself, except that
     the conv's weight gradient avoids PyTorch's known-wrong CPU kernel
     (fastres/upstream_kernels.py)."""
@@ -199,18 +211,22 @@ def _plain_stage(x, conv, weight, bn, padding, residual, relu_before_add):
     with plain_convs_routed() if weight_grad_at_risk(x, weight, stride) else _NO_CONTEXT:
         z = padded_conv1d(x, weight, conv.bias, conv.kernel_size[0], stride, conv.dilation[0],
                           padding == "causal")
-    return _norm_relu_add(z, bn, residual, relu_before_add)
+    return _norm_relu_add(z, bn, residual, relu_before_add, activation)
 
 
-def _norm_relu_add(z, bn, residual, relu_before_add):
-    """relu([relu](bn(z)) + residual) with the norm called as its module (hooks fire)."""
-    if bn is not None:
+def _norm_relu_add(z, bn, residual, relu_before_add, activation="relu"):
+    """act([act](bn(z)) + residual) with the norm called as its module (hooks fire); a
+    LayerNorm normalizes the channels at each position."""
+    act = F.relu if activation == "relu" else activation_function(activation)
+    if isinstance(bn, nn.LayerNorm):
+        z = bn(z.transpose(1, 2)).transpose(1, 2)
+    elif bn is not None:
         z = bn(z)
     if relu_before_add:
-        z = F.relu(z)
+        z = act(z)
     if residual is not None:
         z = z + residual
-    return F.relu(z)
+    return act(z)
 
 
 def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int,

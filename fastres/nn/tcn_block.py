@@ -20,13 +20,12 @@ fastres/nn/pytorch_tcn.py. Its modules are created in pytorch-tcn's order and in
 as pytorch-tcn does, so one seed gives one model in both.
 
 What runs fused: a stage whose activation the op's epilogue computes (op_activation: ReLU,
-and once the stage passes it on, STAGE_TAKES_ACTIVATION, GELU in both forms, SiLU, Tanh,
-LeakyReLU, ELU) and whose norm is batch norm, weight norm or none (and layer norm once the
-stage passes it on, STAGE_TAKES_LAYER_NORM) runs through conv_bn_relu_stage; the second
-stage also takes the residual add and the final activation when dropout2 is inactive and
-the skip output is not needed. Everything else (another
-activation, gating, conditioning, layer norm) runs as plain PyTorch inside the block, each
-such stage recorded with its reason for fastres.explain.
+GELU in both forms, SiLU, Tanh, LeakyReLU, ELU) and whose norm is batch norm, weight norm,
+layer norm over channels or none runs through conv_bn_relu_stage; the second stage also
+takes the residual add and the final activation when dropout2 is inactive and the skip
+output is not needed. Everything else (another activation, gating, conditioning) runs as
+plain PyTorch inside the block, each such stage recorded with its reason for
+fastres.explain.
 """
 from __future__ import annotations
 
@@ -98,13 +97,6 @@ def kernel_initializer_call(name: str, activation: ActivationArg):
                              f"'leaky_relu', or another initializer")
         return KERNEL_INITIALIZERS[name], dict(nonlinearity=activation)
     return KERNEL_INITIALIZERS[name], {}
-
-
-# Whether conv_bn_relu_stage (fastres/nn/_stage.py) takes `activation` and hands it to the op,
-# and whether it takes an nn.LayerNorm as its norm (the op's norm="layer", over channels).
-# Until it does, such a stage runs as plain PyTorch, saying why.
-STAGE_TAKES_ACTIVATION = False
-STAGE_TAKES_LAYER_NORM = False
 
 
 def op_activation(module: nn.Module) -> Optional[str]:
@@ -250,9 +242,6 @@ class _TCNBlockLayout(nn.Module):
     def _plain_reason(self, stage: int, embeddings) -> Optional[str]:
         """Why stage 1 or 2 runs as plain PyTorch, or None where it runs fused."""
         reasons = []
-        if self.norm == "layer" and not STAGE_TAKES_LAYER_NORM:
-            reasons.append("layer norm over channels: the fused stage (conv_bn_relu_stage) "
-                           "does not pass it to the op's norm='layer' yet")
         if stage == 1 and self.gate:
             reasons.append("gating (GLU over conv1's 2n channels) is not in the fused op")
         if stage == 1 and embeddings is not None:
@@ -265,9 +254,6 @@ class _TCNBlockLayout(nn.Module):
         elif name is None:
             reasons.append(f"activation {type(activation).__name__}: not one the fused op's "
                            "epilogue computes (relu, gelu, silu, tanh, leaky_relu, elu)")
-        elif name != "relu" and not STAGE_TAKES_ACTIVATION:
-            reasons.append(f"activation {type(activation).__name__}: the fused stage "
-                           "(conv_bn_relu_stage) does not pass an activation to the op yet")
         return "; ".join(reasons) or None
 
     def _stage1(self, x: Tensor, embeddings, fused: bool) -> Tensor:

@@ -372,12 +372,14 @@ def test_nlc_enters_the_blocks_as_a_view():
 
 
 def test_explain_names_why_stages_run_plain():
-    net = fastres.TemporalConvNet(4, [6, 6], kernel_size=3, norm="layer", gate=True)
+    net = fastres.TemporalConvNet(4, [6, 6], kernel_size=3, norm="layer", gate=True,
+                                  activation="selu")
     # Run stage by stage (a forced backend: a measured "plain" policy would run the
     # blocks' plain twins, with no stage to explain).
     with fastres.use_backend("eager"):
         report = str(fastres.explain(net, torch.randn(2, 4, 16)))
-    assert "layer norm over channels" in report and "gating" in report
+    assert "gating" in report and "not one the fused op's epilogue computes" in report
+    assert "layer norm" not in report  # (fused: the op's norm="layer")
 
 
 def test_defaults_are_unchanged():
@@ -410,50 +412,34 @@ ACTIVATION_CONFIGS = [{**DEFAULTS, "activation": a, "use_norm": n}
 
 
 @pytest.mark.parametrize("config", ACTIVATION_CONFIGS, ids=_config_id)
-def test_activations_run_fused_once_the_stage_passes_them(config, monkeypatch):
-    """TCNBlock's side of the fused activations and layer norm: with a stage that hands
-    `activation` and an nn.LayerNorm to the op (what STAGE_TAKES_ACTIVATION and
-    STAGE_TAKES_LAYER_NORM wait for in fastres/nn/_stage.py; here a stand-in calling the op
-    with the stage's modules), every stage of a gelu / tanh / leaky_relu / elu / layer-norm
-    TCN runs through the op on the C++ kernels, and the model matches pytorch-tcn (train
-    steps, gradients, running statistics, eval)."""
+def test_activations_and_layer_norm_run_fused(config, monkeypatch):
+    """Every stage of a gelu / tanh / leaky_relu / elu / layer-norm TCN runs through the
+    fused stage with its activation, on the C++ kernels, and the model matches pytorch-tcn
+    (train steps, gradients, running statistics, eval)."""
     if "cpp" not in cpu_backends():
         pytest.skip("backend cpp unavailable here")
-    from fastres.nn import _stage, tcn_block
+    from fastres.nn import tcn_block
+    real = tcn_block.conv_bn_relu_stage
     activations = []
 
-    def stage(x, conv, norm, padding, residual=None, relu_before_add=False,
-              residual_grad_link=None, activation="relu"):
+    def stage(*args, activation="relu", **kwargs):
         activations.append(activation)
-        if isinstance(norm, torch.nn.LayerNorm):
-            arguments = dict(bias=conv.bias, norm="layer", bn_weight=norm.weight,
-                             bn_bias=norm.bias, eps=norm.eps)
-        else:
-            arguments = _stage.op_arguments(conv, norm)
-        return fastres.conv_bn_relu(x, conv.weight, stride=conv.stride[0],
-                                    dilation=conv.dilation[0], padding=padding,
-                                    residual=residual, relu_before_add=relu_before_add,
-                                    activation=activation, **arguments)
-    monkeypatch.setattr(tcn_block, "STAGE_TAKES_ACTIVATION", True)
-    monkeypatch.setattr(tcn_block, "STAGE_TAKES_LAYER_NORM", True)
+        return real(*args, activation=activation, **kwargs)
     monkeypatch.setattr(tcn_block, "conv_bn_relu_stage", stage)
     plain = _pytorch_tcn(config)
     fused = _convert(plain)
     _assert_matches(fused, plain, config=config, backend="cpp")
     want = {"gelu": "gelu", "tanh": "tanh", "leaky_relu": "leaky_relu", "elu": "elu",
             "relu": "relu"}
-    assert activations and set(activations) == {want[config["activation"]]}
+    assert activations and {a.partition(":")[0] for a in activations} \
+        == {want[config["activation"]]}
 
 
-def test_explain_says_the_stage_passes_no_activation_yet():
+def test_explain_says_which_activations_the_op_does_not_compute():
     net = fastres.TemporalConvNet(4, [6, 6], kernel_size=3, norm="batch", activation="gelu")
     with fastres.use_backend("eager"):
         report = str(fastres.explain(net, torch.randn(2, 4, 16)))
-    from fastres.nn import tcn_block
-    if tcn_block.STAGE_TAKES_ACTIVATION:
-        assert "does not pass an activation" not in report
-    else:
-        assert "does not pass an activation to the op yet" in report
+    assert "not one the fused op's epilogue computes" not in report
     net = fastres.TemporalConvNet(4, [6, 6], kernel_size=3, norm="batch", activation="selu")
     with fastres.use_backend("eager"):
         report = str(fastres.explain(net, torch.randn(2, 4, 16)))
