@@ -62,7 +62,8 @@ from torch.nn.modules import module as _module
 from .. import _ext
 from ..conventions import conv_padding, output_length
 
-__all__ = ["Program", "build", "build_or_reason", "program_for", "run", "unavailable_reason",
+__all__ = ["Program", "ProgramCache", "build", "build_or_reason", "program_for", "run",
+           "unavailable_reason",
            "to_channels_last", "is_channels_last"]
 
 # A conv whose sums of |terms| stay below this cannot overflow float32 (3.4e38), nor
@@ -595,19 +596,42 @@ def build(module: nn.Module) -> Optional[Program]:
     return build_or_reason(module)[0]
 
 
-# Each module's program (None where it cannot be built), kept beside the module rather than
-# in it: copies and pickles of a module never carry packed weights.
-_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Optional[Program]]" = \
-    weakref.WeakKeyDictionary()
+class ProgramCache:
+    """Each module's program (None where it cannot be built), kept beside the module rather
+    than in it: copies and pickles of a module never carry packed weights. Shared by the
+    eval program here and the training program (onednn_train.py)."""
+
+    def __init__(self, build_or_reason, what: str):
+        self._build_or_reason = build_or_reason
+        self._what = what
+        self.programs: "weakref.WeakKeyDictionary[nn.Module, object]" = \
+            weakref.WeakKeyDictionary()
+
+    def program_for(self, module: nn.Module):
+        """The module's program as the module is now (built on first use, rebuilt when
+        stale), or None where none can be built (build_or_reason says why)."""
+        program = self.programs.get(module)
+        if program is None or program.stale(module):
+            program = self.programs[module] = self._build_or_reason(module)[0]
+        return program
+
+    def run(self, module: nn.Module, x: Tensor) -> Tensor:
+        """module(x) through its program; x in the module's own input_layout. RuntimeError
+        when the module or the call cannot run here."""
+        program = self.program_for(module)
+        if program is None:
+            raise RuntimeError(f"no {self._what} for {type(module).__name__}: "
+                               f"{self._build_or_reason(module)[1]}")
+        return program(x, getattr(module, "input_layout", "NCL"))
+
+
+_CACHE = ProgramCache(build_or_reason, "oneDNN program")
+_PROGRAMS = _CACHE.programs
 
 
 def program_for(module: nn.Module) -> Optional[Program]:
-    """The module's program as the module is now (built on first use, rebuilt when stale),
-    or None where none can be built (build_or_reason says why)."""
-    program = _PROGRAMS.get(module)
-    if program is None or program.stale(module):
-        program = _PROGRAMS[module] = build_or_reason(module)[0]
-    return program
+    """The module's eval program as the module is now, or None (see ProgramCache)."""
+    return _CACHE.program_for(module)
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:
@@ -616,8 +640,4 @@ def run(module: nn.Module, x: Tensor) -> Tensor:
     For tests and benchmarks (the dispatch decides when the program runs): raises
     RuntimeError when the module or the call cannot run here.
     """
-    program = program_for(module)
-    if program is None:
-        raise RuntimeError(f"no oneDNN program for {type(module).__name__}: "
-                           f"{build_or_reason(module)[1]}")
-    return program(x, getattr(module, "input_layout", "NCL"))
+    return _CACHE.run(module, x)

@@ -357,18 +357,14 @@ def build_or_reason(module: nn.Module):
     return TrainProgram(module, blocks), None
 
 
-# Each module's program (None where it cannot be built), kept beside the module.
-_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Optional[TrainProgram]]" = \
-    weakref.WeakKeyDictionary()
+_CACHE = onednn.ProgramCache(build_or_reason, "oneDNN training program")
+_PROGRAMS = _CACHE.programs
 
 
 def program_for(module: nn.Module) -> Optional[TrainProgram]:
-    """The module's program as the module is now (built on first use, rebuilt when its
-    structure changed), or None where none can be built (build_or_reason says why)."""
-    program = _PROGRAMS.get(module)
-    if program is None or program.stale(module):
-        program = _PROGRAMS[module] = build_or_reason(module)[0]
-    return program
+    """The module's training program as the module is now (rebuilt when its structure
+    changed), or None (see onednn.ProgramCache)."""
+    return _CACHE.program_for(module)
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:
@@ -377,8 +373,4 @@ def run(module: nn.Module, x: Tensor) -> Tensor:
     For tests and benchmarks (the dispatch decides when the program runs): raises
     RuntimeError when the module or the call cannot run here.
     """
-    program = program_for(module)
-    if program is None:
-        raise RuntimeError(f"no oneDNN training program for {type(module).__name__}: "
-                           f"{build_or_reason(module)[1]}")
-    return program(x, getattr(module, "input_layout", "NCL"))
+    return _CACHE.run(module, x)
