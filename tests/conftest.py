@@ -26,3 +26,14 @@ def pytest_report_header(config):
 def fresh_seed(request):
     """A seed for this test's random inputs: new every session, stable within one."""
     return (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the shapes are tiny, and on a shared 2-core machine
+    two spinning threads per process made training runs 15x slower. tests/nn and
+    tests/stream use it for every test; other files through pytestmark."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,8 +19,9 @@ import fastres
 from fastres.backends import onednn
 from fastres.conventions import rel_err
 
-pytestmark = pytest.mark.skipif(onednn.unavailable_reason() is not None,
-                                reason=f"oneDNN executor: {onednn.unavailable_reason()}")
+pytestmark = [pytest.mark.skipif(onednn.unavailable_reason() is not None,
+                                 reason=f"oneDNN executor: {onednn.unavailable_reason()}"),
+              pytest.mark.usefixtures("one_thread")]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # The multiple of plain PyTorch's own error (same model, input, dtype) a run may reach. The
@@ -28,14 +29,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # that of few output values (a classifier's logits), widest in bfloat16: over 1000 fresh
 # draws of "resnet" at batch 8 the error peaked at 0.83 of this bound (at batch 2, 1.22).
 OWN_ERROR_FACTOR = {torch.float32: 2.0, torch.bfloat16: 3.0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # name -> (constructor, input shape (B, C, L))

@@ -22,17 +22,10 @@ from fastres.backends import onednn_train
 from fastres.conventions import rel_err
 from model_parity import TOL, grad_scale
 
-pytestmark = pytest.mark.skipif(onednn_train.unavailable_reason() is not None,
-                                reason=f"oneDNN training program: "
-                                       f"{onednn_train.unavailable_reason()}")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(onednn_train.unavailable_reason() is not None,
+                                 reason=f"oneDNN training program: "
+                                        f"{onednn_train.unavailable_reason()}"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 # name -> (constructor, input shape (B, C, L))

@@ -6,15 +6,9 @@ import torch
 from fastres.bench import anchors, runner
 from fastres.conventions import rel_err
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quick_settings(dtypes=(torch.float32,)):

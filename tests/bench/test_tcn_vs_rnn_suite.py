@@ -8,15 +8,9 @@ from fastres.bench.tcn_vs_rnn import (STREAM_CONFIGS, STREAM_IMPLS, CellStack, b
                                       stream_ratios)
 from fastres.conventions import rel_err
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quick_settings():
