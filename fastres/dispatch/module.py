@@ -25,8 +25,9 @@ each policy, and keeps the fastest:
                 in training on a CPU, the whole module channels-last on oneDNN's convs,
                 batch norm, residual and ReLU in C++ (fastres/backends/onednn_train.py)
 
-Anything but the baseline must beat it by the op level's margin (measure.py), so a module
-is never slower than its plain twin where it measured. Measuring restores the module's
+Anything but the baseline must beat it by a margin (measure.py: the forward one, since a
+training step is timed whole here), so a module is never slower than its plain twin where
+it measured. Measuring restores the module's
 buffers and the random number generators, times a bounded slice of a long input, and
 takes gradients with torch.autograd.grad, so nothing the user sees changes.
 

@@ -327,6 +327,20 @@ def test_a_choice_won_within_the_noise_is_not_stored(monkeypatch, fresh_dispatch
                                     False).final
 
 
+def test_the_training_margin_is_the_op_levels_alone(monkeypatch):
+    """An op call timed alone with its backward needs 15%; a module's whole training step,
+    timed as it runs, needs the forward margin: a path 10% faster wins there and not here."""
+    samples = {"base": [1.0] * 5, "fused": [0.9] * 5}
+    monkeypatch.setattr(dispatch.measure.timing, "measure", lambda runs, device, config: {
+        name: dispatch.measure.timing.Stats([t * 1e-3 for t in samples[name]], 1, 0.0)
+        for name in runs})
+    runs = {"base": None, "fused": None}
+    op_call = dispatch.measure.measure("op", runs, "base", "cpu", True)
+    module_step = dispatch.measure.measure("module", runs, "base", "cpu", True)
+    assert op_call.name == "base" and op_call.margin == dispatch.MARGIN_BACKWARD
+    assert module_step.name == "fused" and module_step.margin == dispatch.MARGIN_FORWARD
+
+
 def test_static_mode_measures_nothing(monkeypatch, fresh_dispatch, fresh_seed):
     monkeypatch.setenv("FASTRES_DISPATCH", "static")
     monkeypatch.setattr(dispatch.op, "measure", lambda *a, **k: pytest.fail("measured"))

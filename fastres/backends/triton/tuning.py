@@ -4,7 +4,9 @@ The tiles of tiling.gemm_config are a model of the H100, not a measurement. With
 on, the first call of each (GEMM, C_in, C_out, K, dtype, length bucket, stride, TMA) key
 times the heuristic config and its neighbours (tiling.candidate_configs), interleaved
 with fastres.timing.measure (the one timer), and keeps the fastest for the rest of the process.
-FASTRES_TRITON_TUNE_CACHE=path also keeps the winners in a JSON file across processes.
+Tile choices are not written to disk: fastres keeps one cache of choices (the dispatcher's),
+and a backend does not reach it (backends never import the dispatcher). Tuning is an opt-in
+for experiments; the tiles that win belong in tiling.gemm_config's model.
 
 Side effects: only kernels without any are timed: the forward's statistics pass without
 its fused finalize (it writes per-tile partials), dgrad and wgrad (they write their
@@ -14,8 +16,6 @@ tuning a call moves them exactly once.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Callable, Dict, List
 
@@ -44,8 +44,6 @@ def choose(tuning_key: str, candidates: List[GemmConfig], run: Callable[[GemmCon
     if not enabled() or len(candidates) == 1:
         return candidates[0]
     if tuning_key not in _CHOSEN:
-        _load()
-    if tuning_key not in _CHOSEN:
         from ...timing import TIMING, measure
         results = measure({repr(c): (lambda c=c: run(c)) for c in candidates}, device,
                           TIMING["quick"])
@@ -54,24 +52,5 @@ def choose(tuning_key: str, candidates: List[GemmConfig], run: Callable[[GemmCon
         if not timed:  # every candidate failed: the heuristic's error is the one to see
             return candidates[0]
         _CHOSEN[tuning_key] = candidates[min(timed)[1]]
-        _save()
     return _CHOSEN[tuning_key]
 
-
-def _cache_path():
-    return os.environ.get("FASTRES_TRITON_TUNE_CACHE")
-
-
-def _load():
-    path = _cache_path()
-    if path and os.path.exists(path):
-        with open(path) as f:
-            for k, fields in json.load(f).items():
-                _CHOSEN.setdefault(k, GemmConfig(**fields))
-
-
-def _save():
-    path = _cache_path()
-    if path:
-        with open(path, "w") as f:
-            json.dump({k: dataclasses.asdict(c) for k, c in _CHOSEN.items()}, f, indent=1)
