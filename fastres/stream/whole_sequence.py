@@ -75,11 +75,12 @@ def whole_sequence(model: TemporalConvNet, x: Optional[Tensor]) -> Optional[Tens
     extension built, not under tracing. Its folded weights (and every attribute that
     changes the result, a norm's eps included) are checked against the model's current
     values on every call. The module level never takes it while any module has hooks (it
-    skips every module). whole_sequence(model, None) is False where it can never run for
-    this model.
+    skips every module). whole_sequence(model, None) is False where it cannot run for the
+    model as it is now (in training mode, say), so the module level does not offer it.
     """
-    if x is None:
-        return _cpp_unavailable() is None and stack_only_reason(model) is None
+    if x is None:  # (never offered for a training step: the stack holds no batch statistics)
+        return not model.training and _cpp_unavailable() is None \
+            and stack_only_reason(model) is None
     if not _may_run_stacked(model, x):
         return None
     cache = model.__dict__.get(_CACHE_ATTR)
