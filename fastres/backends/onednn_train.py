@@ -32,9 +32,13 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
 - Only the conv output is saved per stage (oneDNN's weight gradient reads the conv input,
   which is the previous stage's output, saved anyway); x-hat is recomputed from it.
 
+Dropout after the first stage draws its mask over (B, C, L), as the plain block's
+F.dropout does, and reads it through the channels-last view: under the same seed it drops
+the same values as the plain block (ATen's CPU dropout is bernoulli_(1-p) then div_(1-p) on
+a tensor of the input's shape; tests/backends/test_onednn_train.py checks it against plain).
+
 Refused (`build_or_reason` or `unsupported_reason` says why): eval mode (the eval program
-runs there), active dropout (its random mask would be drawn in another order than the plain
-block's), norm="weight" blocks, hooks, dtypes other than float32 (oneDNN has no float64
+runs there), an in-place dropout, norm="weight" blocks, hooks, dtypes other than float32 (oneDNN has no float64
 conv; 16-bit training is not built), autocast, and a missing compiled extension.
 """
 from __future__ import annotations
@@ -192,10 +196,22 @@ class _Block:
 
     def dropout_reason(self) -> Optional[str]:
         d = self.block.dropout
-        if d.training and d.p > 0:
-            return (f"dropout p={d.p} is active in training (its mask would be drawn in "
-                    "another order than the plain block's)")
+        if d.training and d.p > 0 and d.inplace:
+            return "an in-place dropout (the plain block overwrites the first stage's output)"
         return None
+
+    def _dropout(self, mid: Tensor) -> Tensor:
+        """The block's dropout on the first stage's (B, L, C) output, with the plain
+        block's mask (drawn over (B, C, L): see the module docstring)."""
+        d = self.block.dropout
+        if not d.training or d.p == 0:
+            return mid
+        if d.p == 1:
+            return mid * 0.0
+        batch, length, channels = mid.shape
+        mask = torch.empty((batch, channels, length), dtype=mid.dtype, device=mid.device)
+        mask.bernoulli_(1 - d.p).div_(1 - d.p)
+        return (mid * mask.transpose(1, 2)).contiguous()
 
     def __call__(self, h: Tensor) -> Tensor:
         down = self.block.downsample
@@ -204,7 +220,7 @@ class _Block:
         else:
             # a 1x1 conv under autograd: oneDNN's NHWC forward and backward
             res = _rows(F.conv2d(_conv_view(h), down.weight.unsqueeze(2), down.bias))
-        mid = self.first(h, None)
+        mid = self._dropout(self.first(h, None))
         return self.second(mid, res.contiguous())
 
 
