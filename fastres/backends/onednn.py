@@ -33,8 +33,11 @@ How the program runs, and why:
   convs without post-ops, then torch's add and ReLU.
 - **Where oneDNN cannot fuse, torch elementwise ops**: ReLU *before* the residual add
   (norm="weight" blocks: relu(relu(conv) + res)) is the conv's "relu" post-op followed by an
-  in-place add and ReLU; causal and asymmetric "same" padding are a zero-padded NLC copy of
-  the conv input (oneDNN's padding is symmetric); max pool is the maximum of its strided
+  in-place add and ReLU. oneDNN's padding is symmetric: a causal stack (TemporalBlock,
+  TemporalConvNet) runs on the batch-flat layout of `_FlatRows`, whose zero gap rows
+  between the samples are the padding; elsewhere (a stack whose gaps would be long next to
+  its input, BasicBlock and ResNet1d) causal and asymmetric "same" padding are a
+  zero-padded NLC copy of the conv input. Max pool is the maximum of its strided
   taps, average pool a mean over L and the classifier `F.linear`, all on the channels-last
   tensor.
 - **Weights follow the module.** A program records the version counter, data pointer and

@@ -115,7 +115,7 @@ def test_eval_matches_float64(name, fresh_seed):
 
 @pytest.mark.parametrize("name", ["tcn-block-downsample", "tcn-block-weight-norm", "resnet",
                                   "basic-stride2"])
-def test_bfloat16(name, fresh_seed):
+def test_bfloat16(name, causal_layout, fresh_seed):
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no oneDNN bfloat16 (the float32 tests run)")
     model, (_, c, n) = _draw(name, fresh_seed, torch.bfloat16)
