@@ -213,7 +213,9 @@ class _Conv:
         """The causal conv on the batch-flat layout (_FlatRows): h is (1, C, 1, rows); the
         output has as many rows, row r the conv of rows r - lookback .. r. oneDNN pads
         symmetrically, so the input is h's first rows - lookback rows padded by lookback on
-        both sides: no copy, and the rows left out only ever fed rows past the end."""
+        both sides: no copy, and the rows left out only ever fed rows past the end.
+        `add` (the program's own tensor, never the caller's) is overwritten with the
+        output: the in-place overload's sum post-op, one activation less to allocate."""
         lookback = self.pad[0]
         rows = h.shape[3]
         if lookback:
@@ -226,8 +228,8 @@ class _Conv:
                 h, packed, self.bias, pad, self.stride_op, self.dilation_op, 1,
                 "relu" if post_relu else "none", [], "")
         else:
-            out = torch.ops.mkldnn._convolution_pointwise.binary(
-                h, add, packed, self.bias, pad, self.stride_op, self.dilation_op, 1,
+            out = torch.ops.mkldnn._convolution_pointwise_.binary(
+                add, h, packed, self.bias, pad, self.stride_op, self.dilation_op, 1,
                 "add", None, "relu" if post_relu else None, [], "")
         return out.relu_() if relu and exact else out
 
