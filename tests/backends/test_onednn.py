@@ -411,4 +411,9 @@ def test_nonfinite_propagate_as_torch_relu(poison, causal_layout, fresh_seed):
         assert torch.equal(torch.isinf(out), torch.isinf(ref))
     assert torch.isnan(out).any() or poison != "nan"
     finite = torch.isfinite(ref) & torch.isfinite(out)
+    if poison == "huge":
+        # Where the huge values reach (sample 0 from position 5 on: causal convs), sums of
+        # +-3e38 cancel in an order-dependent way, so finite outputs there can differ
+        # wholly (one draw in 40 did); the outputs they cannot reach must not.
+        finite[0, :, 5:] = False
     assert rel_err(out[finite], ref[finite]) < 1e-5
