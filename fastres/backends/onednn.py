@@ -33,14 +33,20 @@ How the program runs, and why:
   convs without post-ops, then torch's add and ReLU.
 - **Where oneDNN cannot fuse, torch elementwise ops**: ReLU *before* the residual add
   (norm="weight" blocks: relu(relu(conv) + res)) is the conv's "relu" post-op followed by an
-  in-place add and ReLU; causal and asymmetric "same" padding are a zero-padded NLC copy of
-  the conv input (oneDNN's padding is symmetric); max pool is `F.max_pool2d`, average pool
-  a mean over L and the classifier `F.linear`, all on the channels-last tensor.
+  in-place add and ReLU. oneDNN's padding is symmetric: a causal stack (TemporalBlock,
+  TemporalConvNet) runs on the batch-flat layout of `_FlatRows`, whose zero gap rows
+  between the samples are the padding; elsewhere (a stack whose gaps would be long next to
+  its input, BasicBlock and ResNet1d) causal and asymmetric "same" padding are a
+  zero-padded NLC copy of the conv input. Max pool is the maximum of its strided
+  taps, average pool a mean over L and the classifier `F.linear`, all on the channels-last
+  tensor.
 - **Weights follow the module.** A program records the version counter, data pointer and
   identity of every tensor it read (conv weights or weight-norm g/v, biases, BN affine and
   running statistics) and BN's eps and momentum; `Program.stale(module)` says when any
   changed (an optimizer step, load_state_dict, a new Parameter, a new eps), and `run`
-  rebuilds then. Writes through `.data` bypass version counters and are not seen.
+  rebuilds then. Values decide, not version counters alone: a write through `.data`
+  leaves the counter alone, and an op declared to mutate a tensor bumps it without a
+  write (fastres::conv_bn_relu bumps BN's running statistics also in eval).
 - Inference only: the program computes no gradients, so `unsupported_reason` refuses a call
   that needs them, as it refuses float64 (oneDNN has no float64 convolution) and 16-bit
   dtypes oneDNN cannot run on this CPU.
@@ -165,14 +171,16 @@ class _Conv:
     def out_length(self, length: int) -> int:
         return output_length(length, self.kernel_size, self.dilation, self.stride, *self.pad)
 
-    def _packed(self, shape: Tuple[int, ...]) -> Tensor:
-        packed = self._packs.get(shape)
+    def _packed(self, shape: Tuple[int, ...], pad: Optional[List[int]] = None) -> Tensor:
+        pad = self.pad_op if pad is None else pad
+        key = shape + tuple(pad)
+        packed = self._packs.get(key)
         if packed is None:
             if len(self._packs) >= _PACKS_PER_CONV:
                 self._packs.pop(next(iter(self._packs)))
             packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, self.pad_op, self.stride_op, [1, self.dilation], 1, list(shape))
-            self._packs[shape] = packed
+                self.weight, pad, self.stride_op, [1, self.dilation], 1, list(shape))
+            self._packs[key] = packed
         return packed
 
     def bound(self, gain: float, offset: float) -> Tuple[float, float]:
@@ -197,6 +205,31 @@ class _Conv:
         else:
             out = torch.ops.mkldnn._convolution_pointwise.binary(
                 h, add, packed, self.bias, self.pad_op, self.stride_op, self.dilation_op, 1,
+                "add", None, "relu" if post_relu else None, [], "")
+        return out.relu_() if relu and exact else out
+
+    def flat(self, h: Tensor, relu: bool, add: Optional[Tensor] = None,
+             exact: bool = False) -> Tensor:
+        """The causal conv on the batch-flat layout (_FlatRows): h is (1, C, 1, rows); the
+        output has as many rows, row r the conv of rows r - lookback .. r. oneDNN pads
+        symmetrically, so the input is h's first rows - lookback rows padded by lookback on
+        both sides: no copy, and the rows left out only ever fed rows past the end.
+        `add` (the program's own tensor, never the caller's) is overwritten with the
+        output: the in-place overload's sum post-op, one activation less to allocate."""
+        lookback = self.pad[0]
+        rows = h.shape[3]
+        if lookback:
+            h = h[..., :rows - lookback]
+        packed = self._packed(tuple(h.shape), [0, lookback])
+        pad = [0, lookback]
+        post_relu = relu and not exact
+        if add is None:
+            out = torch.ops.mkldnn._convolution_pointwise(
+                h, packed, self.bias, pad, self.stride_op, self.dilation_op, 1,
+                "relu" if post_relu else "none", [], "")
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise_.binary(
+                add, h, packed, self.bias, pad, self.stride_op, self.dilation_op, 1,
                 "add", None, "relu" if post_relu else None, [], "")
         return out.relu_() if relu and exact else out
 
@@ -226,6 +259,74 @@ class _Block:
             return self.second(mid, relu=True, exact=exact).add_(res).relu_()
         return self.second(mid, relu=True, add=res, exact=exact)
 
+    def flat(self, h: Tensor, rows: "_FlatRows", exact: bool) -> Tensor:
+        """The block on the batch-flat layout: each conv output's gap rows zeroed again."""
+        res = h if self.shortcut is None else self.shortcut.flat(h, relu=False, exact=exact)
+        mid = rows.clear_gaps(self.first.flat(h, relu=True, exact=exact))
+        if self.relu_before_add:
+            out = self.second.flat(mid, relu=True, exact=exact).add_(res).relu_()
+        else:
+            out = self.second.flat(mid, relu=True, add=res, exact=exact)
+        return rows.clear_gaps(out)
+
+
+class _FlatRows:
+    """The batch-flat layout of a causal stack (TemporalBlock, TemporalConvNet): the batch's
+    B samples of L positions as one sequence of rows (channels innermost), each sample
+    behind a gap of `gap` zero rows (the stack's largest conv lookback), then `tail` spare
+    rows: a (1, C, 1, B * (gap + L) + tail) channels_last tensor.
+
+    Why: oneDNN pads symmetrically, so a causal conv on (B, C, 1, L) needs a left-padded
+    copy of its input, a pass over every activation per conv (measured in
+    benchmarks/NOTES.md). On the flat layout a conv reads the zero gap as its padding
+    (a window never reaches the sample before), runs as one sequence of B * (gap + L) rows
+    (a larger GEMM for oneDNN's brgemm), and writes garbage only into the gap rows, which a
+    strided fill of B * gap rows zeroes. It computes B * gap + tail extra rows, so it is
+    used where those are at most 1/FLAT_MAX_EXTRA of the B * L useful ones: not for deep
+    stacks whose dilations reach the input's length, which keep the per-conv copy."""
+
+    FLAT_MAX_EXTRA = 8
+
+    def __init__(self, gap: int, batch: int, length: int):
+        self.gap, self.batch, self.length = gap, batch, length
+        self.used = batch * (gap + length)
+        self.tail = gap
+
+    @classmethod
+    def plan(cls, steps: list, batch: int, length: int) -> Optional["_FlatRows"]:
+        if not steps or not all(isinstance(s, _Block) for s in steps):
+            return None
+        gap = max(c.pad[0] for s in steps for c in (s.first, s.second))
+        if (batch * gap + gap) * cls.FLAT_MAX_EXTRA > batch * length:
+            return None
+        return cls(gap, batch, length)
+
+    def _rows(self, h: Tensor) -> Tensor:
+        return h.permute(0, 2, 3, 1).reshape(h.shape[3], h.shape[1])  # a view
+
+    def _samples(self, h: Tensor) -> Tensor:
+        """(B, gap + L, C) view of the used rows."""
+        return self._rows(h)[:self.used].view(self.batch, self.gap + self.length, -1)
+
+    def clear_gaps(self, h: Tensor) -> Tensor:
+        if self.gap:
+            self._samples(h)[:, :self.gap].zero_()
+        return h
+
+    def enter(self, nlc: Tensor) -> Tensor:
+        """(B, L, C) (any strides) -> the flat layout."""
+        c = nlc.shape[2]
+        rows = torch.empty(self.used + self.tail, c, dtype=nlc.dtype, device=nlc.device)
+        rows[self.used:].zero_()
+        samples = rows[:self.used].view(self.batch, self.gap + self.length, c)
+        samples[:, :self.gap].zero_()
+        samples[:, self.gap:].copy_(nlc)
+        return _as_4d(rows.t()[None])
+
+    def leave(self, h: Tensor) -> Tensor:
+        """The flat layout -> (B, L, C), contiguous."""
+        return self._samples(h)[:, self.gap:].contiguous()
+
 
 class _Stem:
     """ResNet1d's stem: conv -> BN -> ReLU (fused), then its max pool (or none)."""
@@ -244,14 +345,7 @@ class _Stem:
 
     def out_length(self, length: int) -> int:
         length = self.conv.out_length(length)
-        if self.pool is None:
-            return length
-        k, s, p, d, ceil = self.pool
-        span = length + 2 * p - d * (k - 1) - 1
-        out = (-(-span // s) if ceil else span // s) + 1
-        if ceil and (out - 1) * s >= length + p:
-            out -= 1
-        return out
+        return length if self.pool is None else self._pool_length(length)
 
     def bound(self, gain: float, offset: float) -> Tuple[float, float]:
         return self.conv.bound(gain, offset)  # max pooling keeps the bound
@@ -260,8 +354,36 @@ class _Stem:
         h = self.conv(h, relu=True, exact=exact)
         if self.pool is None:
             return h
+        return _max_pool_nlc(h, *self.pool, out_length=self._pool_length(h.shape[3]))
+
+    def _pool_length(self, length: int) -> int:
         k, s, p, d, ceil = self.pool
-        return F.max_pool2d(h, (1, k), (1, s), (0, p), (1, d), ceil)
+        span = length + 2 * p - d * (k - 1) - 1
+        out = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (out - 1) * s >= length + p:
+            out -= 1
+        return out
+
+
+def _max_pool_nlc(h: Tensor, k: int, s: int, p: int, d: int, ceil: bool,
+                  out_length: int) -> Tensor:
+    """MaxPool1d on a (B, C, 1, L) channels_last tensor, as the elementwise maximum of its k
+    strided (B, L_out, C) taps. F.max_pool2d on channels_last computes indices it then
+    drops, 10x the time of these k - 1 maximum passes. Padding is -inf, as max pooling
+    ignores it (torch bounds p so that every window holds an input element); NaN
+    propagates, as it does through max_pool (torch.maximum keeps NaN)."""
+    del ceil  # in out_length
+    b, c, _, n = h.shape
+    nlc = h.permute(0, 2, 3, 1).reshape(b, n, c)  # a view: the memory is (B, L, C)
+    right = max(0, (out_length - 1) * s + (k - 1) * d + 1 - (n + p))
+    if p or right:
+        nlc = F.pad(nlc, (0, 0, p, right), value=float("-inf"))
+    last = (out_length - 1) * s + 1
+    out = nlc[:, 0:last:s].clone() if k == 1 else torch.maximum(nlc[:, 0:last:s],
+                                                                nlc[:, d:d + last:s])
+    for j in range(2, k):
+        torch.maximum(out, nlc[:, j * d:j * d + last:s], out=out)
+    return _as_4d(out.transpose(1, 2))
 
 
 class _Head:
@@ -439,6 +561,12 @@ class Program:
     def __init__(self, module: nn.Module, steps: list, reads: _Reads, dtype: torch.dtype,
                  device: torch.device):
         self._steps = steps
+        # TemporalBlock and TemporalConvNet: stride-1 causal convs, which the batch-flat
+        # layout runs without padded copies (_FlatRows)
+        self._causal_stack = all(isinstance(s, _Block) and all(
+            c.stride == 1 and c.pad[1] == 0 for c in (s.first, s.second)) for s in steps) \
+            and all(s.shortcut is None or (s.shortcut.kernel_size == 1
+                                           and s.shortcut.stride == 1) for s in steps)
         self._reads = reads
         self._root = weakref.ref(module)
         self._slots, self._values, self._versions = _snapshot(module)
@@ -470,11 +598,20 @@ class Program:
         for mapping, key, value in self._values:
             if mapping.get(key, _MISSING) != value:
                 return True
+        bumped = False
         for t, version, pointer in self._versions:
-            if t._version != version or t.data_ptr() != pointer:
+            if t.data_ptr() != pointer:
                 return True
-        # A write through .data leaves the version counter alone: the values decide.
-        return not _ext.same_values([t for t, _, _ in self._versions], self._copies)
+            bumped = bumped or t._version != version
+        # A write through .data leaves the version counter alone: the values decide. A
+        # bumped counter does not decide either: an op declared to mutate its arguments
+        # (fastres::conv_bn_relu's running statistics, also in eval) bumps it without a
+        # write, and a rebuild per call then cost a ResNet1d five times its forward.
+        if not _ext.same_values([t for t, _, _ in self._versions], self._copies):
+            return True
+        if bumped:
+            self._versions = [(t, t._version, pointer) for t, _, pointer in self._versions]
+        return False
 
     def unsupported_reason(self, x: Tensor) -> Optional[str]:
         """Why this program cannot compute module(x) exactly, or None."""
@@ -526,6 +663,16 @@ class Program:
             low, high = torch.aminmax(x)
             largest = max(-low.item(), high.item())  # NaN when x holds one
             exact = not largest <= self.threshold
+            rows = _FlatRows.plan(self._steps, ncl.shape[0], ncl.shape[2]) \
+                if self._causal_stack else None
+            if rows is not None:
+                h = rows.enter(ncl.transpose(1, 2))
+                for step in self._steps:
+                    h = step.flat(h, rows, exact)
+                nlc = rows.leave(h)
+                if layout == "NLC":
+                    return nlc
+                return nlc.transpose(1, 2) if keep_nlc else nlc.transpose(1, 2).contiguous()
             h = _as_4d(to_channels_last(ncl))
             for step in self._steps:
                 h = step(h, exact)
