@@ -978,18 +978,21 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
           op[b * ob + c * oc + t * ot] = result[(b * n + t) * ld + c];
   };
 
-  const int64_t threads = at::get_num_threads();
-  if (n == 1 || batch >= threads) {
+  auto run_items = [&](int64_t b0, int64_t b1) {
+    load_items(b0, b1);
+    // A single step of few rows.
+    if (n == 1 && b1 - b0 <= kStepRowsMax && net.max_taps <= kStepRowsMaxTaps)
+      stack.run_step_rows(buf, b0, b1);
+    else
+      stack.run_items(buf, b0, b1);
+    store_items(b0, b1);
+  };
+  const bool by_items = n == 1 || batch >= at::get_num_threads();
+  if (by_items && batch == 1) {  // one stream: nothing to split, no parallel region to enter
+    run_items(0, 1);
+  } else if (by_items) {
     const int64_t grain = std::max<int64_t>(1, kParallelMacs / (stack.row_macs() * n));
-    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
-      load_items(b0, b1);
-      // A single step of few rows.
-      if (n == 1 && b1 - b0 <= kStepRowsMax && net.max_taps <= kStepRowsMaxTaps)
-        stack.run_step_rows(buf, b0, b1);
-      else
-        stack.run_items(buf, b0, b1);
-      store_items(b0, b1);
-    });
+    at::parallel_for(0, batch, grain, run_items);
   } else {
     load_items(0, batch);
     stack.run_split_time(buf, kParallelMacs);
