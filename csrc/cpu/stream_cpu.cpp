@@ -391,9 +391,10 @@ void gemm_acc(int64_t rows, int64_t n, int64_t kd, const T* a, int64_t lda, cons
 //          low 16 bits cleared: each is then a float32, multiplied by float32 inputs. Built
 //          for AVX-512, AVX2 + FMA and baseline x86-64 (target_clones, as the GEMM).
 //   dot    CPUs with AVX512_BF16: vdpbf16ps multiplies a lane's bf16 pair by a pair of
-//          inputs and adds both products to a float32 sum, one instruction for what widen
-//          does in four; the inputs are rounded to bf16 for it (the instruction takes bf16
-//          on both sides). Compiled with a target attribute, run only where CPUID says so.
+//          inputs and adds both products to a float32 sum, one instruction for widen's four
+//          (how much faster that is depends on the CPU: benchmarks/NOTES.md); the inputs are
+//          rounded to bf16 for it (the instruction takes bf16 on both sides). Compiled with
+//          a target attribute, run only where CPUID says so.
 // dot is the default where it runs; fastres._C.stream_bf16_kernel(name) picks one (tests
 // run both on a CPU that has both, benchmarks compare them).
 
