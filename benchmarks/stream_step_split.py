@@ -5,6 +5,11 @@ everything else, beside the floor of reading the folded weights once and the ben
 nn.LSTMCell step. One process, one torch thread, interleaved rounds, medians.
 
     OMP_NUM_THREADS=1 python benchmarks/stream_step_split.py [--rounds 21] [--steps 2000]
+        [--weights bf16 [--bf16-kernel widen|dot]]
+
+--weights bf16 runs the stream with bf16 folded weights (weight_dtype=torch.bfloat16);
+--bf16-kernel picks which of csrc/cpu/stream_cpu.cpp's two single-row bf16 kernels runs
+(default: the dot product where the CPU has AVX512_BF16, else widen).
 
 Rows, microseconds per step, as wall-clock and as thread CPU time (the latter leaves out the
 time other jobs held the core on a shared machine):
@@ -13,7 +18,8 @@ time other jobs held the core on a shared machine):
     step(x[:, :, t])   a slice of a (B, F, 64) sequence, read in place
     kernel alone       the C++ kernel in a loop in C++ (fastres._C.StreamStep._time): no
                        Python, no checks, no allocation (thread CPU time only)
-    weight read        the fastest single read of the float32 folded weights (their sum):
+    weight read        the fastest single read of the folded weights a step reads (float32,
+                       or the bf16 ones with --weights bf16; their sum):
                        what a step that reads its weights from where they sit cannot go below
     lstmcell-matched   the bench's one nn.LSTMCell of matched parameters (and its read-out)
 "everything else" is step(x) minus the kernel alone.
@@ -36,13 +42,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--steps", type=int, default=2000, help="steps a round")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--weights", choices=["float32", "bf16"], default="float32")
+    parser.add_argument("--bf16-kernel", choices=["widen", "dot"], default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     config, cpu, dtype = tcn_vs_rnn.STREAM_CONFIGS["default"], torch.device("cpu"), torch.float32
     models, _ = tcn_vs_rnn.build_models(config, cpu, dtype)
     model = models["tcn-fastres"].eval()
-    s = fastres.stream(torch.nn.Sequential(model.backbone, model.head), batch_size=args.batch)
+    weight_dtype = torch.bfloat16 if args.weights == "bf16" else None
+    s = fastres.stream(torch.nn.Sequential(model.backbone, model.head), batch_size=args.batch,
+                       weight_dtype=weight_dtype)
+    kernel_name = ""
+    if weight_dtype is not None:
+        import fastres._C as extension
+        kernel_name = f" ({extension.stream_bf16_kernel(args.bf16_kernel)} kernel)"
     g = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch, config.features, generator=g)
     sequence = torch.randn(args.batch, config.features, 64, generator=g)
@@ -79,7 +93,8 @@ def main() -> None:
             kernel.append(k * 1e6)
             read.append(r * 1e6)
     load_after = os.getloadavg()[0]
-    print(f"CPU: {_cpu_name()}; torch {torch.__version__}; B={args.batch}; float32; "
+    print(f"CPU: {_cpu_name()}; torch {torch.__version__}; B={args.batch}; float32 with "
+          f"{args.weights} weights{kernel_name}; "
           f"1 thread; {args.rounds} rounds x {args.steps} steps; load average "
           f"{load_before:.2f} before, {load_after:.2f} after")
     print(f"{'per step (us)':20s} {'wall':>8s} {'thread CPU':>11s}")

@@ -25,6 +25,12 @@
 // (one parallel region for the whole stack) when there are at least as many items as threads or
 // the chunk is a single step, else by time inside each conv (a region per conv, because the
 // next conv reads earlier rows of this one's output).
+//
+// Instruction sets. The extension is compiled for baseline x86-64 (setup.py passes no -march);
+// what needs more is chosen at run time by the CPU's features, never its model: the GEMMs and
+// single-row kernels are target_clones for AVX-512, AVX2 + FMA and baseline (the loader picks
+// one), and the optional bf16 weights' AVX512_BF16 dot product (a target attribute) runs only
+// where CPUID reports it, a portable widening kernel everywhere else ("bf16 weights" below).
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -40,6 +46,7 @@
 #include <cstring>
 #include <ctime>
 #include <memory>
+#include <string>
 #include <type_traits>
 
 #include "blas.h"
@@ -368,23 +375,35 @@ void gemm_acc(int64_t rows, int64_t n, int64_t kd, const T* a, int64_t lda, cons
 
 // ----------------------------------------------------------------------------- bf16 weights
 
-// The optional bfloat16 weights of a single step (fastres.stream(..., weight_dtype=bf16)): a
+// The optional bfloat16 weights of single steps (fastres.stream(..., weight_dtype=bf16)): a
 // step of one stream reads every weight once and is bound by the cache's bandwidth, so half
-// the bytes is about half the time, on CPUs whose AVX512_BF16 dot product (vdpbf16ps)
-// multiplies bf16 pairs and accumulates in float32. The step's inputs are rounded to bf16
-// too (the instruction takes bf16 on both sides); sums and everything between convs stay
+// the bytes is about half the weight read. Sums, biases and everything between convs stay
 // float32. Layout (fastres/stream/plan.py packs it): a conv's K taps as one (K*C_in, C_out)
 // matrix, rows in pairs interleaved per output channel, [K*C_in/2][C_out][2], at twice the
 // conv's offset in the float32 buffer (so at the same byte offset, 64-byte aligned as the
 // float32 taps: a vector load never splits a cache line); an odd row count is padded with a
 // zero row. The bf16 buffer holds twice as many values as the float32 one, half of them
 // unused: the bytes a step reads are what halves.
+//
+// Two kernels read it, one chosen at run time by the CPU's features (never its model):
+//   widen  any CPU: a 32-bit lane of the weights holds one output channel's pair; the even
+//          row's weight is the lane shifted left 16 bits, the odd row's the lane with its
+//          low 16 bits cleared: each is then a float32, multiplied by float32 inputs. Built
+//          for AVX-512, AVX2 + FMA and baseline x86-64 (target_clones, as the GEMM).
+//   dot    CPUs with AVX512_BF16: vdpbf16ps multiplies a lane's bf16 pair by a pair of
+//          inputs and adds both products to a float32 sum, one instruction for widen's four
+//          (how much faster that is depends on the CPU: benchmarks/NOTES.md); the inputs are
+//          rounded to bf16 for it (the instruction takes bf16 on both sides). Compiled with
+//          a target attribute, run only where CPUID says so.
+// dot is the default where it runs; fastres._C.stream_bf16_kernel(name) picks one (tests
+// run both on a CPU that has both, benchmarks compare them).
 
 bool cpu_has_bf16_dot() {
   // Asked once: CPUID traps to the hypervisor in a VM (microseconds, as much as a step).
   static const bool has = [] {
 #if defined(__x86_64__) && defined(__GNUC__)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    __builtin_cpu_init();  // may run from a static initializer (g_bf16_kernel)
     if (!__builtin_cpu_supports("avx512f") || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx))
       return false;
     return ((eax >> 5) & 1) != 0;  // CPUID.(EAX=7,ECX=1):EAX[5] = AVX512_BF16
@@ -395,81 +414,187 @@ bool cpu_has_bf16_dot() {
   return has;
 }
 
-inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite here)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
+enum class Bf16Kernel { kWiden, kDot };
+// The kernel single bf16 rows run (set once at load time, changed only by stream_bf16_kernel).
+Bf16Kernel g_bf16_kernel = cpu_has_bf16_dot() ? Bf16Kernel::kDot : Bf16Kernel::kWiden;
 
-inline float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+typedef uint32_t u32x64b __attribute__((vector_size(64)));
+
+// c[:n] = bias + a[:2 * pairs] @ W, then max(c, 0) where `relu`; W the pair-interleaved bf16
+// matrix at w (rows 2p and 2p+1 of channel j in the 32-bit lane p * n + j), a the float32
+// inputs of the conv's rows side by side (an odd count padded with a zero). Four vectors of
+// channels, even and odd rows in separate sums: the 8 chains of step_row.
+FASTRES_CLONES void step_row_bf16_widen(int64_t n, int64_t pairs, const float* a,
+                                        const uint16_t* w16, const float* bias, float* c,
+                                        bool relu) {
+  using V = f32x64b;
+  using U = u32x64b;
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(w16);
+  const V zero = {};
+  const U high = U{} + 0xFFFF0000u;
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    V e0 = zero, e1 = zero, e2 = zero, e3 = zero;
+    if (bias) {
+      e0 = load<V>(bias + j);
+      e1 = load<V>(bias + j + 16);
+      e2 = load<V>(bias + j + 32);
+      e3 = load<V>(bias + j + 48);
+    }
+    V o0 = zero, o1 = zero, o2 = zero, o3 = zero;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint32_t* wp = w + p * n + j;
+      const float a0 = a[2 * p], a1 = a[2 * p + 1];
+      const U u0 = load<U>(wp), u1 = load<U>(wp + 16), u2 = load<U>(wp + 32),
+              u3 = load<U>(wp + 48);
+      e0 += a0 * (V)(u0 << 16);
+      e1 += a0 * (V)(u1 << 16);
+      e2 += a0 * (V)(u2 << 16);
+      e3 += a0 * (V)(u3 << 16);
+      o0 += a1 * (V)(u0 & high);
+      o1 += a1 * (V)(u1 & high);
+      o2 += a1 * (V)(u2 & high);
+      o3 += a1 * (V)(u3 & high);
+    }
+    V r0 = e0 + o0, r1 = e1 + o1, r2 = e2 + o2, r3 = e3 + o3;
+    if (relu) {
+      r0 = r0 > zero ? r0 : zero;
+      r1 = r1 > zero ? r1 : zero;
+      r2 = r2 > zero ? r2 : zero;
+      r3 = r3 > zero ? r3 : zero;
+    }
+    store(c + j, r0);
+    store(c + j + 16, r1);
+    store(c + j + 32, r2);
+    store(c + j + 48, r3);
+  }
+  for (; j + 16 <= n; j += 16) {  // single vectors of channels
+    V e = bias ? load<V>(bias + j) : zero, o = zero;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const U u = load<U>(w + p * n + j);
+      e += a[2 * p] * (V)(u << 16);
+      o += a[2 * p + 1] * (V)(u & high);
+    }
+    V r = e + o;
+    if (relu) r = r > zero ? r : zero;
+    store(c + j, r);
+  }
+  for (; j < n; ++j) {  // the last few channels
+    float e = bias ? bias[j] : 0.f;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint32_t u = w[p * n + j];
+      const uint32_t lo = u << 16, hi = u & 0xFFFF0000u;
+      float w0, w1;
+      std::memcpy(&w0, &lo, 4);
+      std::memcpy(&w1, &hi, 4);
+      e += a[2 * p] * w0 + a[2 * p + 1] * w1;
+    }
+    c[j] = relu && !(e > 0.f) ? 0.f : e;
+  }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// c[j] += sum_p a[p] . w[p][j] over pairs p, a[p] two bf16 inputs, w[p][j] two bf16 weights.
-// 4 vectors of 16 channels, even and odd pairs in separate accumulators (8 chains in flight).
-__attribute__((target("avx512f,avx512bf16"))) void dot_bf16(int64_t n, int64_t pairs,
-                                                            const uint32_t* a,
-                                                            const uint16_t* w, float* c) {
+#define FASTRES_BF16_DOT 1
+// The same with vdpbf16ps, from the K taps' input rows (nullptr: zero): the inputs first
+// rounded to bf16 side by side (to nearest even, 16 at a time), then per pair one broadcast
+// and one dot product per 16 channels.
+__attribute__((target("avx512f,avx512bf16,avx512vl"))) void step_row_bf16_dot(
+    int64_t n, int64_t kd, int64_t taps, const float* const* a, const uint16_t* w16,
+    const float* bias, float* c, bool relu) {
+  const int64_t rows = taps * kd, pairs = (rows + 1) / 2;
+  c10::SmallVector<uint32_t, 1024> packed;  // on the stack up to 2048 inputs
+  packed.resize_for_overwrite(pairs);
+  uint32_t* ap = packed.data();
+  uint16_t* ah = reinterpret_cast<uint16_t*>(ap);
+  for (int64_t k = 0; k < taps; ++k) {  // tap k's row at ah + k * kd (a pair may straddle)
+    for (int64_t i = 0; i < kd; i += 16) {
+      const __mmask16 m = kd - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (kd - i)) - 1);
+      const __m512 v = a[k] ? _mm512_maskz_loadu_ps(m, a[k] + i) : _mm512_setzero_ps();
+      _mm256_mask_storeu_epi16(ah + k * kd + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+  if (rows % 2) ah[rows] = 0;
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(w16);
+  const __m512 zero = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 64 <= n; j += 64) {
-    __m512 e0 = _mm512_loadu_ps(c + j), e1 = _mm512_loadu_ps(c + j + 16),
-           e2 = _mm512_loadu_ps(c + j + 32), e3 = _mm512_loadu_ps(c + j + 48);
-    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    __m512 e0 = zero, e1 = zero, e2 = zero, e3 = zero;
+    if (bias) {
+      e0 = _mm512_loadu_ps(bias + j);
+      e1 = _mm512_loadu_ps(bias + j + 16);
+      e2 = _mm512_loadu_ps(bias + j + 32);
+      e3 = _mm512_loadu_ps(bias + j + 48);
+    }
+    __m512 o0 = zero, o1 = zero, o2 = zero, o3 = zero;
     int64_t p = 0;
     for (; p + 2 <= pairs; p += 2) {
-      const uint16_t* w0 = w + (p * n + j) * 2;
-      const uint16_t* w1 = w0 + 2 * n;
-      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p]));
-      const __m512bh a1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p + 1]));
+      const uint32_t* w0 = w + p * n + j;
+      const uint32_t* w1 = w0 + n;
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[p]));
+      const __m512bh a1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[p + 1]));
       e0 = _mm512_dpbf16_ps(e0, a0, (__m512bh)_mm512_loadu_si512(w0));
-      e1 = _mm512_dpbf16_ps(e1, a0, (__m512bh)_mm512_loadu_si512(w0 + 32));
-      e2 = _mm512_dpbf16_ps(e2, a0, (__m512bh)_mm512_loadu_si512(w0 + 64));
-      e3 = _mm512_dpbf16_ps(e3, a0, (__m512bh)_mm512_loadu_si512(w0 + 96));
+      e1 = _mm512_dpbf16_ps(e1, a0, (__m512bh)_mm512_loadu_si512(w0 + 16));
+      e2 = _mm512_dpbf16_ps(e2, a0, (__m512bh)_mm512_loadu_si512(w0 + 32));
+      e3 = _mm512_dpbf16_ps(e3, a0, (__m512bh)_mm512_loadu_si512(w0 + 48));
       o0 = _mm512_dpbf16_ps(o0, a1, (__m512bh)_mm512_loadu_si512(w1));
-      o1 = _mm512_dpbf16_ps(o1, a1, (__m512bh)_mm512_loadu_si512(w1 + 32));
-      o2 = _mm512_dpbf16_ps(o2, a1, (__m512bh)_mm512_loadu_si512(w1 + 64));
-      o3 = _mm512_dpbf16_ps(o3, a1, (__m512bh)_mm512_loadu_si512(w1 + 96));
+      o1 = _mm512_dpbf16_ps(o1, a1, (__m512bh)_mm512_loadu_si512(w1 + 16));
+      o2 = _mm512_dpbf16_ps(o2, a1, (__m512bh)_mm512_loadu_si512(w1 + 32));
+      o3 = _mm512_dpbf16_ps(o3, a1, (__m512bh)_mm512_loadu_si512(w1 + 48));
     }
     if (p < pairs) {
-      const uint16_t* w0 = w + (p * n + j) * 2;
-      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p]));
+      const uint32_t* w0 = w + p * n + j;
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[p]));
       e0 = _mm512_dpbf16_ps(e0, a0, (__m512bh)_mm512_loadu_si512(w0));
-      e1 = _mm512_dpbf16_ps(e1, a0, (__m512bh)_mm512_loadu_si512(w0 + 32));
-      e2 = _mm512_dpbf16_ps(e2, a0, (__m512bh)_mm512_loadu_si512(w0 + 64));
-      e3 = _mm512_dpbf16_ps(e3, a0, (__m512bh)_mm512_loadu_si512(w0 + 96));
+      e1 = _mm512_dpbf16_ps(e1, a0, (__m512bh)_mm512_loadu_si512(w0 + 16));
+      e2 = _mm512_dpbf16_ps(e2, a0, (__m512bh)_mm512_loadu_si512(w0 + 32));
+      e3 = _mm512_dpbf16_ps(e3, a0, (__m512bh)_mm512_loadu_si512(w0 + 48));
     }
-    _mm512_storeu_ps(c + j, _mm512_add_ps(e0, o0));
-    _mm512_storeu_ps(c + j + 16, _mm512_add_ps(e1, o1));
-    _mm512_storeu_ps(c + j + 32, _mm512_add_ps(e2, o2));
-    _mm512_storeu_ps(c + j + 48, _mm512_add_ps(e3, o3));
+    __m512 r0 = _mm512_add_ps(e0, o0), r1 = _mm512_add_ps(e1, o1),
+           r2 = _mm512_add_ps(e2, o2), r3 = _mm512_add_ps(e3, o3);
+    if (relu) {
+      r0 = _mm512_max_ps(r0, zero);
+      r1 = _mm512_max_ps(r1, zero);
+      r2 = _mm512_max_ps(r2, zero);
+      r3 = _mm512_max_ps(r3, zero);
+    }
+    _mm512_storeu_ps(c + j, r0);
+    _mm512_storeu_ps(c + j + 16, r1);
+    _mm512_storeu_ps(c + j + 32, r2);
+    _mm512_storeu_ps(c + j + 48, r3);
   }
-  for (; j + 16 <= n; j += 16) {
-    __m512 e = _mm512_loadu_ps(c + j);
+  for (; j < n; j += 16) {  // single vectors of channels, the last one masked
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    __m512 e = bias ? _mm512_maskz_loadu_ps(m, bias + j) : zero;
     for (int64_t p = 0; p < pairs; ++p)
-      e = _mm512_dpbf16_ps(e, (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p])),
-                           (__m512bh)_mm512_loadu_si512(w + (p * n + j) * 2));
-    _mm512_storeu_ps(c + j, e);
+      e = _mm512_dpbf16_ps(e, (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[p])),
+                           (__m512bh)_mm512_maskz_loadu_epi32(m, w + p * n + j));
+    if (relu) e = _mm512_max_ps(e, zero);
+    _mm512_mask_storeu_ps(c + j, m, e);
   }
-  for (; j < n; ++j) {  // the last few channels
-    float e = c[j];
-    for (int64_t p = 0; p < pairs; ++p) {
-      const uint16_t* wp = w + (p * n + j) * 2;
-      e += from_bf16(static_cast<uint16_t>(a[p])) * from_bf16(wp[0]) +
-           from_bf16(static_cast<uint16_t>(a[p] >> 16)) * from_bf16(wp[1]);
-    }
-    c[j] = e;
-  }
-}
-#else
-void dot_bf16(int64_t, int64_t, const uint32_t*, const uint16_t*, float*) {
-  TORCH_CHECK(false, "fastres_ext.stream_forward: bf16 weights need an x86-64 CPU with "
-              "AVX512_BF16");
 }
 #endif
+
+// One row of a conv with bf16 weights, from the K taps' input rows (nullptr: zero), by the
+// kernel of this CPU (widen or dot, above).
+void step_row_bf16(int64_t n, int64_t kd, int64_t taps, const float* const* a,
+                   const uint16_t* w, const float* bias, float* c, bool relu) {
+#ifdef FASTRES_BF16_DOT
+  if (g_bf16_kernel == Bf16Kernel::kDot) {
+    step_row_bf16_dot(n, kd, taps, a, w, bias, c, relu);
+    return;
+  }
+#endif
+  const int64_t rows = taps * kd, pairs = (rows + 1) / 2;
+  c10::SmallVector<float, 2048> in;  // on the stack up to 2048 inputs
+  in.resize_for_overwrite(2 * pairs);
+  float* ip = in.data();
+  for (int64_t k = 0; k < taps; ++k) {
+    if (a[k]) std::memcpy(ip + k * kd, a[k], kd * sizeof(float));
+    else std::memset(ip + k * kd, 0, kd * sizeof(float));
+  }
+  if (rows % 2) ip[rows] = 0.f;
+  step_row_bf16_widen(n, pairs, ip, w, bias, c, relu);
+}
 
 // ----------------------------------------------------------------------------- the stack
 
@@ -567,19 +692,18 @@ class Stack {
         if (l.kind == kRelu) {
           relu_row(x, out, l.c_out);
         } else if (l.kind == kPointwise) {
-          step_row(l.c_out, l.c_in, 1, &x, weights_ + l.w1, bias(l.b1), out, false);
+          row_conv(l.c_out, l.c_in, 1, &x, l.w1, l.b1, out, false);
         } else {
           const T* rows[kStepRowsMaxTaps];
           T* h = buf[s.mid] + b * ld_;
           tap_rows(rows, state_ ? state_ + l.ring_in : nullptr, l.c_in, x, b);
-          step_row(l.c_out, l.c_in, l.taps, rows, weights_ + l.w1, bias(l.b1), h, true);
+          row_conv(l.c_out, l.c_in, l.taps, rows, l.w1, l.b1, h, true);
           tap_rows(rows, state_ ? state_ + l.ring_mid : nullptr, l.c_out, h, b);
-          step_row(l.c_out, l.c_out, l.taps, rows, weights_ + l.w2, bias(l.b2), out,
-                   l.relu_before_add);
+          row_conv(l.c_out, l.c_out, l.taps, rows, l.w2, l.b2, out, l.relu_before_add);
           const T* res = x;
           if (l.wd >= 0) {
             T* r = buf[s.res] + b * ld_;
-            step_row(l.c_out, l.c_in, 1, &x, weights_ + l.wd, bias(l.bd), r, false);
+            row_conv(l.c_out, l.c_in, 1, &x, l.wd, l.bd, r, false);
             res = r;
           }
           for (int64_t i = 0; i < l.c_out; ++i) {
@@ -638,6 +762,18 @@ class Stack {
               history ? state_ + l.ring_mid : nullptr, half(l.w2)};
     return {l.c_in, l.c_out, 1, 1, 1, weights_ + l.wd, bias(l.bd), nullptr,  // downsample
             half(l.wd)};
+  }
+  // One row of the conv whose weights start at `w` and bias at `b` (offsets into the
+  // buffers): from the bf16 weights where this step has them, else the compute dtype's.
+  void row_conv(int64_t n, int64_t kd, int64_t taps, const T* const* rows, int64_t w,
+                int64_t b, T* c, bool relu) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (weights16_) {
+        step_row_bf16(n, kd, taps, rows, half(w), bias(b), c, relu);
+        return;
+      }
+    }
+    step_row(n, kd, taps, rows, weights_ + w, bias(b), c, relu);
   }
   const uint16_t* half(int64_t off) const { return weights16_ ? weights16_ + 2 * off : nullptr; }
   const T* bias(int64_t off) const { return off < 0 ? nullptr : weights_ + off; }
@@ -753,25 +889,21 @@ class Stack {
     }
   }
 
-  // conv_rows of a single step with bf16 weights: per batch item, the K taps' inputs rounded
-  // to bf16 side by side (the rows of the conv's (K*C_in, C_out) matrix), then one dot.
+  // conv_rows of a single step with bf16 weights: per batch item, the K taps' input rows,
+  // then one pass over the conv's bf16 weights (step_row_bf16).
   void conv_rows_bf16(const Conv<T>& cv, const T* src, T* dst, int64_t b0, int64_t b1) const {
-    const int64_t kd = cv.taps * cv.c_in, pairs = (kd + 1) / 2;
-    c10::SmallVector<uint32_t, 1024> packed(pairs);  // on the stack up to 2048 inputs
-    uint16_t* a = reinterpret_cast<uint16_t*>(packed.data());
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t k = 0; k < cv.taps; ++k) {
-        const int64_t lag = (cv.taps - 1 - k) * cv.dilation;
-        const T* in = lag == 0 ? src + b * ld_
-                      : cv.ring ? cv.ring + (mod(pos_ - lag, cv.slots) * net_.batch + b) * cv.c_in
-                                : nullptr;
-        for (int64_t i = 0; i < cv.c_in; ++i) a[k * cv.c_in + i] = in ? to_bf16(in[i]) : 0;
+    if constexpr (std::is_same_v<T, float>) {
+      c10::SmallVector<const float*, kStepRowsMaxTaps> rows(cv.taps);
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t k = 0; k < cv.taps; ++k) {
+          const int64_t lag = (cv.taps - 1 - k) * cv.dilation;
+          rows[k] = lag == 0 ? src + b * ld_
+                    : cv.ring ? cv.ring + (mod(pos_ - lag, cv.slots) * net_.batch + b) * cv.c_in
+                              : nullptr;
+        }
+        step_row_bf16(cv.c_out, cv.c_in, cv.taps, rows.data(), cv.w16, cv.b, dst + b * ld_,
+                      false);
       }
-      if (kd % 2) a[kd] = 0;
-      T* d = dst + b * ld_;
-      if (cv.b) std::copy(cv.b, cv.b + cv.c_out, d);
-      else std::fill(d, d + cv.c_out, T(0));
-      dot_bf16(cv.c_out, pairs, packed.data(), cv.w16, d);
     }
   }
 
@@ -847,19 +979,21 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
           op[b * ob + c * oc + t * ot] = result[(b * n + t) * ld + c];
   };
 
-  const int64_t threads = at::get_num_threads();
-  if (n == 1 || batch >= threads) {
+  auto run_items = [&](int64_t b0, int64_t b1) {
+    load_items(b0, b1);
+    // A single step of few rows.
+    if (n == 1 && b1 - b0 <= kStepRowsMax && net.max_taps <= kStepRowsMaxTaps)
+      stack.run_step_rows(buf, b0, b1);
+    else
+      stack.run_items(buf, b0, b1);
+    store_items(b0, b1);
+  };
+  const bool by_items = n == 1 || batch >= at::get_num_threads();
+  if (by_items && batch == 1) {  // one stream: nothing to split, no parallel region to enter
+    run_items(0, 1);
+  } else if (by_items) {
     const int64_t grain = std::max<int64_t>(1, kParallelMacs / (stack.row_macs() * n));
-    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
-      load_items(b0, b1);
-      // A single step of few rows (below a BLAS call's worth), unless bf16 weights run it.
-      if (n == 1 && b1 - b0 <= kStepRowsMax && weights16 == nullptr &&
-          net.max_taps <= kStepRowsMaxTaps)
-        stack.run_step_rows(buf, b0, b1);
-      else
-        stack.run_items(buf, b0, b1);
-      store_items(b0, b1);
-    });
+    at::parallel_for(0, batch, grain, run_items);
   } else {
     load_items(0, batch);
     stack.run_split_time(buf, kParallelMacs);
@@ -906,8 +1040,6 @@ Net check_bound(const at::Tensor& weights, const at::Tensor& meta, const at::Ten
                     weights16->numel() == 2 * net.weights_size,
                 "fastres_ext.stream_forward: bf16 weights must be a contiguous bfloat16 CPU "
                 "tensor of twice the float32 weights' size");
-    TORCH_CHECK(cpu_has_bf16_dot(),
-                "fastres_ext.stream_forward: bf16 weights need a CPU with AVX512_BF16");
     *half = reinterpret_cast<const uint16_t*>(weights16->data_ptr());
   }
   return net;
@@ -1159,10 +1291,41 @@ FASTRES_CLONES float sum_weights(const float* w, int64_t size) {
   return total;
 }
 
+// The integer sum of every bf16 weight a single step reads (each conv's pair-interleaved
+// matrix; the biases are float32 and few): what a step with bf16 weights must at least read.
+FASTRES_CLONES uint32_t sum_weights_bf16(const Net& net, const uint16_t* half) {
+  u32x64b a = {}, b = {};
+  uint32_t total = 0;
+  auto add = [&](int64_t off, int64_t rows, int64_t cols) {
+    if (off < 0) return;
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(half + 2 * off);
+    const int64_t lanes = (rows + 1) / 2 * cols;
+    int64_t i = 0;
+    for (; i + 32 <= lanes; i += 32) {
+      a += load<u32x64b>(w + i);
+      b += load<u32x64b>(w + i + 16);
+    }
+    for (; i < lanes; ++i) total += w[i];
+  };
+  for (const Layer& l : net.layers) {
+    if (l.kind == kRelu) continue;
+    const int64_t taps = l.kind == kBlock ? l.taps : 1;
+    add(l.w1, taps * l.c_in, l.c_out);
+    if (l.kind == kBlock) {
+      add(l.w2, l.taps * l.c_out, l.c_out);
+      add(l.wd, l.c_in, l.c_out);
+    }
+  }
+  const u32x64b sum = a + b;
+  for (int j = 0; j < 16; ++j) total += sum[j];
+  return total;
+}
+
 // step._time(x, out, steps) -> (kernel s/step, weight read s): for benchmarks/NOTES.md's split
 // of a step. The first is `steps` steps of the kernel alone, in a loop here (no Python, no
-// checks), advancing the stream; the second `steps` reads of the float32 weights (their sum),
-// what a step cannot go below; both the mean of their loop. Thread CPU time: on a shared machine it
+// checks), advancing the stream; the second `steps` reads of the weights a step reads (their
+// sum: the float32 weights, or the bf16 ones where the step has them), what a step cannot go
+// below; both the mean of their loop. Thread CPU time: on a shared machine it
 // leaves out the time other jobs held the core.
 PyObject* bound_step_time(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -1182,7 +1345,13 @@ PyObject* bound_step_time(PyObject* self, PyObject* const* args, Py_ssize_t narg
     for (int64_t i = 0; i < steps; ++i)
       run_checked(h.net, x, h.weights, h.state, h.position, h.workspace, out, n, h.half);
     kernel = (thread_seconds() - t0) / static_cast<double>(steps);
-    if (h.dtype == at::kFloat) {
+    if (h.half != nullptr) {
+      volatile uint32_t sink = 0;
+      const double r0 = thread_seconds();
+      for (int64_t i = 0; i < steps; ++i) sink = sum_weights_bf16(h.net, h.half);
+      read = (thread_seconds() - r0) / static_cast<double>(steps);
+      (void)sink;
+    } else if (h.dtype == at::kFloat) {
       volatile float sink = 0;
       const double r0 = thread_seconds();
       for (int64_t i = 0; i < steps; ++i)
@@ -1236,13 +1405,36 @@ PyObject* py_stream_bf16_dot(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyBool_FromLong(cpu_has_bf16_dot());
 }
 
+// stream_bf16_kernel(name=None) -> the name of the kernel single bf16 rows run ("widen" or
+// "dot"), after switching to `name` where given (process-wide; "dot" needs AVX512_BF16).
+PyObject* py_stream_bf16_kernel(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs <= 1, "stream_bf16_kernel(name=None)");
+  if (nargs == 1 && args[0] != Py_None) {
+    TORCH_CHECK_TYPE(PyUnicode_Check(args[0]), "stream_bf16_kernel: name must be a str");
+    const std::string name = PyUnicode_AsUTF8(args[0]);
+    TORCH_CHECK(name == "widen" || name == "dot",
+                "stream_bf16_kernel: name must be 'widen' or 'dot', got '", name, "'");
+    TORCH_CHECK(name == "widen" || cpu_has_bf16_dot(),
+                "stream_bf16_kernel: 'dot' needs a CPU with AVX512_BF16");
+    g_bf16_kernel = name == "dot" ? Bf16Kernel::kDot : Bf16Kernel::kWiden;
+  }
+  return PyUnicode_FromString(g_bf16_kernel == Bf16Kernel::kDot ? "dot" : "widen");
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kStreamPythonMethods[] = {
     {"stream_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_step)),
      METH_FASTCALL,
      "stream_step(weights, meta, state, position, workspace, weights16, x, out) -> out: one "
      "streaming step or chunk (fastres/stream/core.py), without the dispatcher"},
     {"stream_bf16_dot", &py_stream_bf16_dot, METH_NOARGS,
-     "Whether this CPU has the bf16 dot product the stream's bf16 weights need"},
+     "Whether this CPU has a bf16 dot product (AVX512_BF16) for the stream's bf16 weights"},
+    {"stream_bf16_kernel",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_bf16_kernel)),
+     METH_FASTCALL,
+     "stream_bf16_kernel(name=None) -> the kernel ('widen' or 'dot') single steps with bf16 "
+     "weights run, after switching to `name` where given"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

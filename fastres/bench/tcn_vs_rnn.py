@@ -17,6 +17,8 @@ and, for B = 1 and B = 64 independent streams, independent of L:
                              contiguous (B, F) tensor
               tcn-stream-strided   the same step fed x[:, :, t], a slice of a (B, F, T)
                              sequence (what a loop over a recorded sequence passes)
+              tcn-stream-bf16w     tcn-stream with bf16 folded weights
+                             (weight_dtype=torch.bfloat16: half the bytes a step reads)
               tcn-onnx       the stream's export_onnx step run by onnxruntime, the state fed
                              back (what a deployment outside Python runs)
               pytorch-tcn    pytorch-tcn's TCN of the same shape (8 x 64, K=3, batch norm)
@@ -56,8 +58,9 @@ NAME = "tcn-vs-rnn"
 TITLE = "TCN (fastres, plain) vs LSTM / GRU over sequence length"
 PLOT_PANELS = 3
 IMPLS = ["tcn-fastres", "tcn-plain", "lstm", "gru"]
-STREAM_IMPLS = ["tcn-stream", "tcn-stream-strided", "tcn-onnx", "pytorch-tcn", "tcn-recompute",
-                "lstm", "lstm-cell", "lstmcell-matched", "gru", "gru-cell"]
+STREAM_IMPLS = ["tcn-stream", "tcn-stream-strided", "tcn-stream-bf16w", "tcn-onnx",
+                "pytorch-tcn", "tcn-recompute", "lstm", "lstm-cell", "lstmcell-matched", "gru",
+                "gru-cell"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +248,14 @@ def _stream_call(models, impl, config, streams, device, dtype):
     """One new time step for `streams` independent streams (see the module docstring)."""
     g = torch.Generator().manual_seed(2)
     x_t = torch.randn(streams, config.features, generator=g).to(device=device, dtype=dtype)
-    if impl in ("tcn-stream", "tcn-stream-strided", "tcn-onnx"):
+    if impl in ("tcn-stream", "tcn-stream-strided", "tcn-stream-bf16w", "tcn-onnx"):
         model = models["tcn-fastres"].eval()
-        step = fastres.stream(nn.Sequential(model.backbone, model.head), batch_size=streams)
+        weight_dtype = torch.bfloat16 if impl == "tcn-stream-bf16w" else None
+        step = fastres.stream(nn.Sequential(model.backbone, model.head), batch_size=streams,
+                              weight_dtype=weight_dtype)
         if impl == "tcn-onnx":
             return _onnx_call(step, x_t)
-        if impl == "tcn-stream":
+        if impl in ("tcn-stream", "tcn-stream-bf16w"):
             return lambda: step.step(x_t)
         # x[:, :, t] of a (B, F, T) sequence, t advancing (each step reads another column).
         sequence = torch.randn(streams, config.features, 64, generator=g).to(device=device,

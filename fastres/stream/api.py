@@ -265,11 +265,11 @@ def stream(model: nn.Module, *, batch_size: Optional[int] = None,
         backend: "cpp", "triton" or "torch"; default: the fastest available for the model's
             device (cpp on CPU when the extension is built, triton on CUDA).
         weight_dtype: torch.bfloat16: single steps of fewer than 16 streams (per thread) on
-            the cpp backend read bfloat16 weights (half the bytes, for models whose weights
-            outgrow the cache a step reads them from) and round their inputs to bf16,
-            summing in float32, on CPUs with a bf16 dot product (AVX512_BF16; StreamError
-            elsewhere). Accuracy: the spec's bf16 bound (1e-2), not float32's. Chunks and
-            larger batches compute with the float32 weights. Default None: float32 weights.
+            the cpp backend read bfloat16 weights (half the bytes a step reads) and sum in
+            float32: with the bf16 dot product on CPUs that have one (AVX512_BF16, inputs
+            rounded to bf16), else widening the weights to float32 in registers (any CPU).
+            Accuracy: the spec's bf16 bound (1e-2), not float32's. Chunks and larger
+            batches compute with the float32 weights. Default None: float32 weights.
     """
     return Stream(model, batch_size=batch_size, backend=backend, weight_dtype=weight_dtype)
 

@@ -68,10 +68,11 @@ def cpp_bound_step(plan: Plan, meta: Tensor, state: Tensor, position: Tensor,
 
 
 def bf16_unavailable() -> Optional[str]:
-    """None if the cpp kernel's bf16 weights run on this CPU, else why."""
+    """None if the cpp kernel's bf16 weights run here (on any CPU: the bf16 dot product
+    where the CPU has one, else the weights widened to float32), else why."""
     reason = cpp_unavailable()
-    if reason is None and not _cpp_module().stream_bf16_dot():
-        reason = "bf16 weights need a CPU with a bf16 dot product (AVX512_BF16)"
+    if reason is None and not hasattr(_cpp_module(), "stream_bf16_kernel"):
+        reason = "fastres._C was built with an older streaming kernel; rebuild it"
     return reason
 
 
