@@ -84,6 +84,17 @@ def test_layer_norm_statistics_are_per_position(small_tiles, fresh_seed):
     assert ((saved.double() - xhat).norm() / xhat.norm()).item() < 1e-5
 
 
+def test_layer_norm_propagates_nan_as_the_reference(fresh_seed):
+    """A NaN in x: the output is NaN exactly where the reference's is (the whole position,
+    through its mean), and every gradient the reference has a NaN in has one too."""
+    from fastres.parity import nonfinite_errors
+    for case in (Case(norm="layer", residual="tensor"),
+                 Case(C_in=8, norm="layer", residual="identity", relu_before_add=True,
+                      activation="gelu")):
+        errors = nonfinite_errors(case, "triton", torch.float32, DEVICE, fresh_seed)
+        assert not any(errors.values()), (case, errors)
+
+
 def test_layer_norm_tiles_hold_every_channel():
     """Every layer-norm tile covers C_out up to the bound, on every path a call can take:
     the heuristic, its tuning candidates (tuning.py may pick any), the masked-pointer

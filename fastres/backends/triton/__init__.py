@@ -27,6 +27,10 @@ The training forward computes the conv twice instead of writing y and reading it
 never travels (4e per element saved) and 16-bit inputs normalize the float32 y. Eval /
 no-norm forward is conv_forward_kernel alone: read x (+ residual), write out (+ x-hat or
 y when backward needs it). Backward in eval / no-norm is one elementwise pass.
+Layer norm over channels (C_out up to tiling.LAYER_NORM_MAX_CHANNELS: one tile holds every
+channel of its positions) is conv_forward_kernel (MODE_LAYER) alone, which also writes the
+per-position statistics, and one elementwise backward pass (the projection over the
+channels in its tile; grad_bias from per-tile sums of grad_y) before dgrad and wgrad.
 All reductions are per-tile partials reduced in a fixed order by the last program to
 finish (batch_stats.py: a ticket, no float atomics): bitwise reproducible run to run.
 """
