@@ -232,9 +232,9 @@ _LAYER_NORM_SCRIPT = """
 
 def test_layer_norm_kernels_compile_for_sm90():
     """Layer norm's kernels at the widest fused layer (C = tiling.LAYER_NORM_MAX_CHANNELS,
-    B=32, L=4096, bf16 and float32 with tf32 dots): one forward launch whose tile holds every channel, on
-    tensor cores; one elementwise backward pass (its finalize's two tickets after a
-    barrier); no spills or local memory in either."""
+    B=32, L=4096, bf16 and float32 with tf32 dots): one forward launch whose tile holds
+    every channel, on tensor cores; one elementwise backward pass (its finalize's two
+    tickets after a barrier); no spills or local memory in either."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(_LAYER_NORM_SCRIPT)],

@@ -164,8 +164,9 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     sdt = stats_dtype(x.dtype)
     train = norm == NORM_TRAIN
     layer = norm == NORM_LAYER
-    if layer and layer_norm_refusal(C_out) is not None:
-        raise ValueError(f"the Triton backend {layer_norm_refusal(C_out)}")
+    refusal = layer_norm_refusal(C_out) if layer else None
+    if refusal is not None:  # (supports() keeps the dispatcher from such calls)
+        raise ValueError(f"the Triton backend {refusal}")
     saves = conventions.saves_for_backward(save_for_backward, norm, relu_before_add,
                                            activation)
     saved_as = saved_dtype(x.dtype, norm, relu_before_add, C_in * K, activation)
@@ -273,8 +274,9 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     dev, dtype = x.device, x.dtype
     sdt = stats_dtype(dtype)
     layer = norm == NORM_LAYER
-    if layer and layer_norm_refusal(C_out) is not None:
-        raise ValueError(f"the Triton backend {layer_norm_refusal(C_out)}")
+    refusal = layer_norm_refusal(C_out) if layer else None
+    if refusal is not None:  # (supports() keeps the dispatcher from such calls)
+        raise ValueError(f"the Triton backend {refusal}")
     norm = NORM_CODES[norm]
     precision, upcast = dot_precision(dtype, dev), dot_upcast(dtype)
     act = parse_activation(activation)

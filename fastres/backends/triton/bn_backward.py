@@ -42,8 +42,8 @@ recomputed from saved and the residual (res_ptr, HAS_RES) with the forward's exp
 out and mask bits are not read. With relu_before_add also at z1.
 
 Shapes: grad_out, out, saved, grad_residual, grad_y (B, C, L_out) contiguous; var (C,), or
-(B, L_out) with layer norm; gamma, beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) and grp (cdiv(n_tiles, GROUP),
-3, C) float32; counter: batch_stats.counters.
+(B, L_out) with layer norm; gamma, beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3,
+C) and grp (cdiv(n_tiles, GROUP), 3, C) float32; counter: batch_stats.counters.
 """
 from __future__ import annotations
 
