@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..conventions import triton_interpreting
+from ..conventions import NORM_LAYER, triton_interpreting
 from .base import Backend, Call, KernelBackend
 from .eager import EagerBackend
 
@@ -44,11 +44,19 @@ class TritonBackend(KernelBackend):
     own_saved_dtype = True    # float16 x-hat in 16-bit training
     streams = True            # fastres/backends/triton/stream_step.py
     activations = "all"       # triton/activation.py
+    layer_norm = True         # where a tile holds every channel: C_out up to
+                              # triton/tiling.py's LAYER_NORM_MAX_CHANNELS
 
     @property
     def devices(self):
         # Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1), for tests.
         return ("cuda", "cpu") if triton_interpreting() else ("cuda",)
+
+    def supports(self, call: Call) -> Optional[str]:
+        reason = super().supports(call)
+        if reason is None and call.norm == NORM_LAYER:
+            reason = self.module.layer_norm_refusal(call.c_out)
+        return reason
 
     def load(self):
         from . import triton

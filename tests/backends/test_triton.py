@@ -227,7 +227,7 @@ def test_poison_catches_an_unwritten_tile(small_tiles):
     conv_forward.conv_forward_kernel[grid](
         x, taps, x, out, out, out, out, x, x, x, x, x, x, x, x, x, x, x, x, 0.0, x,
         C_in, C_out, L, L, K, 1, 1, K - 1, 1e-5,
-        taps.shape[2], taps.shape[1], MODE=conv_forward.MODE_NONE, HAS_BIAS=False,
+        taps.shape[2], taps.shape[1], MODE=conv_forward.MODE_NONE.value, HAS_BIAS=False,
         SAVE_Y=False, HAS_RES=False, RELU_BEFORE_ADD=False, DOT_PRECISION="ieee",
         DOT_UPCAST=False, TMA=False, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k,
         BLOCK_L=block_l)

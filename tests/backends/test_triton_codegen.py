@@ -196,3 +196,64 @@ def test_activation_kernels_compile_for_sm90():
     for f in found:
         assert f["code"] == parse_activation(f["act"]).code, f
         assert f["stack"] <= 32, f
+
+
+_LAYER_NORM_SCRIPT = """
+    import json, torch
+    from fastres.backends import triton as backend
+    from fastres.backends.triton import codegen, tiling
+    B, L, K = 32, 4096, 3
+    C = tiling.LAYER_NORM_MAX_CHANNELS  # the widest layer whose tile holds every channel
+    tiling.dot_precision = lambda dt, dev: "tf32"  # float32 as nn.Conv1d runs it by default
+    found = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x, w = torch.zeros(B, C, L, dtype=dtype), torch.zeros(C, C, K, dtype=dtype)
+        bias, gamma, beta = torch.zeros(C, dtype=dtype), torch.ones(C), torch.zeros(C)
+        res = torch.zeros(B, C, L, dtype=dtype)
+        geo = dict(stride=1, dilation=2, pad_left=(K - 1) * 2, pad_right=0)
+        def run():
+            out, saved, bits, _, var = backend.forward(
+                x, w, bias, gamma, beta, None, None, res, norm="layer", eps=1e-5,
+                momentum_factor=0.0, relu_before_add=False, save_for_backward=True, **geo)
+            backend.backward(torch.zeros_like(out), x, w, gamma, beta, saved, out, var,
+                             has_bias=True, has_residual=True, norm="layer", eps=1e-5,
+                             relu_before_add=False, mask_bits=bits, **geo)
+        launches = codegen.run_captured(run, distinct=False)
+        found.append(dict(dtype=str(dtype), names=[x.name for x in launches]))
+        for launch in launches:
+            if launch.name in ("conv_forward_kernel", "relu_bn_backward_kernel"):
+                compiled = codegen.compile_launch(launch)
+                report = codegen.inspect(compiled, launch.name, codegen.describe(launch))
+                found.append(dict(vars(report), dtype=str(dtype), pipelined=report.pipelined,
+                                  tickets=codegen.tickets(compiled)))
+    print("LAYER" + json.dumps(found))
+"""
+
+
+def test_layer_norm_kernels_compile_for_sm90():
+    """Layer norm's kernels at the widest fused layer (C = tiling.LAYER_NORM_MAX_CHANNELS,
+    B=32, L=4096, bf16 and float32 with tf32 dots): one forward launch whose tile holds
+    every channel, on tensor cores; one elementwise backward pass (its finalize's two
+    tickets after a barrier); no spills or local memory in either."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_LAYER_NORM_SCRIPT)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LAYER"))
+    found = json.loads(line[len("LAYER"):])
+    sequences = [f["names"] for f in found if "names" in f]
+    assert sequences == [["conv_forward_kernel", "relu_bn_backward_kernel",
+                          "conv_dgrad_kernel", "conv_wgrad_kernel"]] * 2, sequences
+    reports = [f for f in found if "names" not in f]
+    assert len(reports) == 4
+    for r in reports:
+        assert r["spill_bytes"] == 0 and r["local"] == 0, r
+        if r["kernel"] == "conv_forward_kernel":
+            assert r["config"].startswith("layer") and "CO256" in r["config"], r
+            assert r["hgmma"] > 0 and r["pipelined"] and not r["tickets"], r
+        else:
+            assert len(r["tickets"]) == 2, r
+            for ticket in r["tickets"]:
+                assert ticket == dict(acq_rel_gpu=True, one_thread=True,
+                                      barrier_before=True), r

@@ -27,6 +27,10 @@ The training forward computes the conv twice instead of writing y and reading it
 never travels (4e per element saved) and 16-bit inputs normalize the float32 y. Eval /
 no-norm forward is conv_forward_kernel alone: read x (+ residual), write out (+ x-hat or
 y when backward needs it). Backward in eval / no-norm is one elementwise pass.
+Layer norm over channels (C_out up to tiling.LAYER_NORM_MAX_CHANNELS: one tile holds every
+channel of its positions) is conv_forward_kernel (MODE_LAYER) alone, which also writes the
+per-position statistics, and one elementwise backward pass (the projection over the
+channels in its tile; grad_bias from per-tile sums of grad_y) before dgrad and wgrad.
 All reductions are per-tile partials reduced in a fixed order by the last program to
 finish (batch_stats.py: a ticket, no float atomics): bitwise reproducible run to run.
 """
@@ -39,8 +43,8 @@ import torch
 from ... import _alloc
 from ... import conventions
 from .._activation import parse_activation
-from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_NONE, NORM_TRAIN, mask_bits_shape,
-                            stats_dtype, triton_interpreting)
+from ...conventions import (HALF_DTYPES, NORM_CODES, NORM_LAYER, NORM_NONE, NORM_TRAIN,
+                            mask_bits_shape, stats_dtype, triton_interpreting)
 
 
 # What this module's kernels do beyond the plain contract (counting batches, adding the
@@ -86,6 +90,18 @@ def unavailable_reason():
     return None
 
 
+def layer_norm_refusal(c_out: int):
+    """None where the kernels fuse layer norm over c_out channels, else why not: one
+    program's tile must hold every channel of its positions (conv_forward.py, MODE_LAYER),
+    at most tiling.LAYER_NORM_MAX_CHANNELS."""
+    from . import tiling
+    if c_out > tiling.LAYER_NORM_MAX_CHANNELS:
+        return (f"fuses layer norm only where a tile holds every channel of its positions: "
+                f"C_out {c_out} > {tiling.LAYER_NORM_MAX_CHANNELS} "
+                "(tiling.LAYER_NORM_MAX_CHANNELS)")
+    return None
+
+
 def _on_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -121,12 +137,14 @@ def stream_forward(*args, **kwargs) -> None:
     stream_step.stream_forward(*args, **kwargs)
 
 
-def _gemm_config(config, M, N, dtype, tuning_key, run, device, tma):
+def _gemm_config(config, M, N, dtype, tuning_key, run, device, tma, all_rows=False):
     """The tiles of one conv GEMM: the heuristic, or the measured choice (tuning.py).
-    Without TMA (masked-pointer operands) the small tiles of tiling.pointer_config."""
+    Without TMA (masked-pointer operands) the small tiles of tiling.pointer_config.
+    `all_rows`: block_m must stay config's (layer norm's tile holds every channel; the
+    tuning candidates keep block_m too)."""
     from . import tiling, tuning
     if not tma:
-        return tiling.pointer_config(config)
+        return tiling.pointer_config(config, all_rows)
     if not tuning.enabled():
         return config
     return tuning.choose(tuning_key, tiling.candidate_configs(config, M, N, dtype), run,
@@ -145,6 +163,10 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
     shape = (B, C_out, L_out)
     sdt = stats_dtype(x.dtype)
     train = norm == NORM_TRAIN
+    layer = norm == NORM_LAYER
+    refusal = layer_norm_refusal(C_out) if layer else None
+    if refusal is not None:  # (supports() keeps the dispatcher from such calls)
+        raise ValueError(f"the Triton backend {refusal}")
     saves = conventions.saves_for_backward(save_for_backward, norm, relu_before_add,
                                            activation)
     saved_as = saved_dtype(x.dtype, norm, relu_before_add, C_in * K, activation)
@@ -171,11 +193,11 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             use(gamma), use(beta), *map(use, scratch), use(running_mean), use(running_var),
             float(momentum_factor), use(num_batches_tracked),
             C_in, C_out, L, L_out, K, stride, dilation, pad_left, float(eps), taps.shape[2],
-            taps.shape[1], MODE=mode, HAS_BIAS=bias is not None, SAVE_Y=save,
+            taps.shape[1], MODE=mode.value, HAS_BIAS=bias is not None, SAVE_Y=save,
             HAS_RES=residual is not None, RELU_BEFORE_ADD=bool(relu_before_add),
             DOT_PRECISION=dot_precision(x.dtype, x.device), DOT_UPCAST=dot_upcast(x.dtype),
             TMA=tma, BLOCK_CO=cfg.block_m, BLOCK_CI=cfg.block_k, BLOCK_L=cfg.block_n,
-            SAVE_MASK=save_mask and mode != conv_forward.MODE_STATS,
+            SAVE_MASK=save_mask and mode.value != conv_forward.MODE_STATS.value,
             FINALIZE=finalize, UPDATE_RUNNING=running_mean is not None,
             COUNT_BATCH=num_batches_tracked is not None, GROUP=tiling.FINALIZE_GROUP,
             FIN_BLOCK_T=max(1, 2048 // cfg.block_m), ACT=act.code,
@@ -195,16 +217,27 @@ def _forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, 
             x.device, batch_stats.n_ticket_counters(n_tiles, cdiv(C_out, cfg.block_m)))
         return part + groups + [tickets]
 
-    mode = {NORM_NONE: conv_forward.MODE_NONE}.get(norm, conv_forward.MODE_NORM)
+    mode = {NORM_NONE: conv_forward.MODE_NONE, NORM_LAYER: conv_forward.MODE_LAYER}.get(
+        norm, conv_forward.MODE_NORM)
+    # Layer norm's per-position statistics, (B, L_out), which its one pass writes.
+    layer_stats = [_alloc.empty((B, L_out) if layer else (0,), dtype=sdt, device=x.device)
+                   for _ in range(2)]
     if train:  # tuning times the statistics pass without its finalize: no side effects
         run = lambda c: conv(c, conv_forward.MODE_STATS, None, None, False,  # noqa: E731
                              stats_scratch(c, False))
+    elif layer:  # (out, saved and the statistics are written whole by every run)
+        run = lambda c: conv(c, mode, *layer_stats, saves)  # noqa: E731
     else:  # (out and saved are written whole by every run)
         run = lambda c: conv(c, mode, running_mean, running_var, saves)  # noqa: E731
-    cfg = _gemm_config(tiling.forward_config(C_in, C_out, L_out, x.dtype), C_out,
-                       L_out, x.dtype, tuning.key("fwd" + norm, C_in, C_out, K, L_out, x.dtype,
-                                                 stride, tma), run, x.device, tma)
+    heuristic = (tiling.layer_norm_forward_config if layer else tiling.forward_config)(
+        C_in, C_out, L_out, x.dtype)
+    cfg = _gemm_config(heuristic, C_out, L_out, x.dtype,
+                       tuning.key("fwd" + norm, C_in, C_out, K, L_out, x.dtype, stride, tma),
+                       run, x.device, tma, all_rows=layer)
 
+    if layer:
+        run(cfg)
+        return out, saved, mask_bits, *layer_stats
     if not train:
         run(cfg)
         empty_stats = _alloc.empty((0,), dtype=sdt, device=x.device)
@@ -231,7 +264,8 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
               need_grad_x=True, grad_x_addend=None, grad_x_addend_bits=None,
               defer_grad_residual=False, mask_bits=None, activation="relu", residual=None):
     from . import batch_stats, bn_backward, conv_dgrad, conv_wgrad, operands, tiling, tuning
-    from .tiling import cdiv, dot_precision, dot_upcast, elementwise_tiles, wgrad_splits
+    from .tiling import (cdiv, dot_precision, dot_upcast, elementwise_tiles,
+                         layer_norm_backward_tiles, wgrad_splits)
 
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     B, C_in, L = x.shape
@@ -239,6 +273,10 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
     L_out = grad_out.shape[2]
     dev, dtype = x.device, x.dtype
     sdt = stats_dtype(dtype)
+    layer = norm == NORM_LAYER
+    refusal = layer_norm_refusal(C_out) if layer else None
+    if refusal is not None:  # (supports() keeps the dispatcher from such calls)
+        raise ValueError(f"the Triton backend {refusal}")
     norm = NORM_CODES[norm]
     precision, upcast = dot_precision(dtype, dev), dot_upcast(dtype)
     act = parse_activation(activation)
@@ -247,8 +285,10 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
                          "needs the residual (its derivative is taken at the sum)")
     read_residual = has_residual and not act.is_relu
 
-    # --- ReLU masks, residual gradient, batch-norm sums and grad_y (elementwise passes).
-    block_c, block_l = elementwise_tiles(C_out, L_out)
+    # --- ReLU masks, residual gradient, batch-norm sums and grad_y (elementwise passes;
+    # layer norm's tile holds every channel of its positions).
+    block_c, block_l = (layer_norm_backward_tiles if layer else elementwise_tiles)(C_out,
+                                                                                   L_out)
     n_lblocks = cdiv(L_out, block_l)
     grid = (B * n_lblocks, cdiv(C_out, block_c))
     n_tiles = B * n_lblocks
@@ -300,13 +340,14 @@ def _backward(grad_out, x, weight, gamma, beta, saved, out, var, *, has_bias, ha
             REDUCE=reduce, WRITE_GRAD_Y=write_grad_y, MASK_FROM_XHAT=mask_from_xhat,
             MASK_BITS=read_bits,
             HAS_BIAS=has_bias,
-            GROUP=tiling.FINALIZE_GROUP, FIN_BLOCK_T=64, BLOCK_C=block_c, BLOCK_L=block_l,
+            GROUP=tiling.FINALIZE_GROUP, FIN_BLOCK_T=min(64, max(1, 2048 // block_c)),
+            BLOCK_C=block_c, BLOCK_L=block_l,
             ACT=act.code, act_param=act.kernel_param,
             res_ptr=residual.contiguous() if read_residual else grad_out,
             HAS_RES=read_residual)
 
     # Training: grad_y needs the full sums of g and g * xhat, which pass 1's last programs
-    # finalize; pass 2 writes grad_y. Eval and no-norm: one pass.
+    # finalize; pass 2 writes grad_y. Eval, layer norm and no-norm: one pass.
     elementwise(write_res, False, reduce, norm != 2)
     if norm == 2:
         elementwise(False, write_res, False, True)

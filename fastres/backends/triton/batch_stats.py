@@ -35,7 +35,15 @@ import triton
 import triton.language as tl
 
 from . import tiling
+from ...conventions import NORM_CODES, NORM_EVAL, NORM_LAYER, NORM_NONE, NORM_TRAIN
 from .rounding import store_rounded
+
+# The backward kernels' NORM codes (conventions.NORM_CODES, which the launcher passes) by
+# name, so each branch says which norm it is for.
+NORM_CODE_NONE = tl.constexpr(NORM_CODES[NORM_NONE])
+NORM_CODE_EVAL = tl.constexpr(NORM_CODES[NORM_EVAL])
+NORM_CODE_TRAIN = tl.constexpr(NORM_CODES[NORM_TRAIN])
+NORM_CODE_LAYER = tl.constexpr(NORM_CODES[NORM_LAYER])
 
 _COUNTERS: Dict[tuple, torch.Tensor] = {}
 
@@ -183,14 +191,16 @@ def bn_grad_finalize(
     BLOCK_C: tl.constexpr,
 ):
     """Called by every program of the backward's reduce pass after it stored its partial
-    row part[tile, j, c] (j = 0: g, 1: g * x-hat, 2: x-hat) for channels of `column`.
-    The last program stores grad_beta = sum g, grad_gamma = sum g * x-hat and grad_bias =
-    sum grad_y. grp: [cdiv(n_tiles, GROUP), 3, C] float32 scratch.
+    row part[tile, j, c] (j = 0: g, 1: g * x-hat, 2: x-hat, or grad_y with layer norm)
+    for channels of `column`. The last program stores grad_beta = sum g, grad_gamma =
+    sum g * x-hat and grad_bias = sum grad_y. grp: [cdiv(n_tiles, GROUP), 3, C] float32
+    scratch.
 
-    grad_bias needs no pass over grad_y: grad_y is linear in g and x-hat per channel, so
-    its sum is k (sum_g - N mean_g - mean_gxhat sum_xhat) = -k mean_gxhat sum_xhat in
-    training (zero in exact arithmetic: sum_xhat vanishes), k sum_g in eval and sum_g
-    without batch norm (k = gamma * rsqrt(var + eps))."""
+    With batch norm grad_bias needs no pass over grad_y: grad_y is linear in g and x-hat
+    per channel, so its sum is k (sum_g - N mean_g - mean_gxhat sum_xhat) = -k mean_gxhat
+    sum_xhat in training (zero in exact arithmetic: sum_xhat vanishes), k sum_g in eval
+    and sum_g without batch norm (k = gamma * rsqrt(var + eps)). Layer norm's grad_y
+    mixes the channels of a position, so its tiles sum grad_y itself (row j = 2)."""
     n_groups = tl.cdiv(n_tiles, GROUP)
     group = tile // GROUP
     tickets = counter_ptr + column * (n_groups + 1)
@@ -207,19 +217,24 @@ def bn_grad_finalize(
         if last_to_arrive(tickets + n_groups, n_groups):
             sums_g = _sum_rows(grp_ptr, 0, n_groups, 3 * C, offs_c, c_ok, BLOCK_T, BLOCK_C)
             bias_grad = sums_g
-            if NORM != 0:
+            if NORM != NORM_CODE_NONE:
                 sums_gx = _sum_rows(grp_ptr + C, 0, n_groups, 3 * C, offs_c, c_ok, BLOCK_T,
                                     BLOCK_C)
                 tl.store(grad_beta_ptr + offs_c, sums_g, mask=c_ok)
                 tl.store(grad_gamma_ptr + offs_c, sums_gx, mask=c_ok)
-                var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0)
-                k = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0) * tl.rsqrt(var + eps)
-                if NORM == 2:
-                    sums_x = _sum_rows(grp_ptr + 2 * C, 0, n_groups, 3 * C, offs_c, c_ok,
-                                       BLOCK_T, BLOCK_C)
-                    bias_grad = -k * (sums_gx / n_per_channel) * sums_x
+                if NORM == NORM_CODE_LAYER:  # (var is per position: the tiles summed grad_y)
+                    bias_grad = _sum_rows(grp_ptr + 2 * C, 0, n_groups, 3 * C, offs_c,
+                                          c_ok, BLOCK_T, BLOCK_C)
                 else:
-                    bias_grad = k * sums_g
+                    var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0)
+                    k = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0) \
+                        * tl.rsqrt(var + eps)
+                    if NORM == NORM_CODE_TRAIN:
+                        sums_x = _sum_rows(grp_ptr + 2 * C, 0, n_groups, 3 * C, offs_c,
+                                           c_ok, BLOCK_T, BLOCK_C)
+                        bias_grad = -k * (sums_gx / n_per_channel) * sums_x
+                    else:
+                        bias_grad = k * sums_g
             if HAS_BIAS:
                 store_rounded(grad_bias_ptr + offs_c, bias_grad, c_ok)
             tl.store(tickets + n_groups, 0)

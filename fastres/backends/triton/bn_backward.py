@@ -10,6 +10,9 @@ relu_bn_backward_kernel works on a [BLOCK_C, BLOCK_L] tile of batch row b:
     grad_y = gamma * invstd * (g - sum_g / N - xhat * sum_gxhat / N)   (NORM train; needs
              the finalized sums, grad_beta and grad_gamma: a second launch)
     grad_y = g                                                         (NORM none)
+    grad_y = r (gg - mean_c gg - xhat mean_c(gg xhat)), gg = gamma g    (NORM layer: r =
+             rsqrt(var[b, l] + eps), the means over the channels of each position, all
+             in this tile: BLOCK_C >= C, tiling.layer_norm_backward_tiles)
 
 MASK_FROM_XHAT (no residual, no bits: eval with a float32 x-hat): out = relu(x-hat *
 gamma + beta) is recomputed from x-hat with the forward's own float32 expression and
@@ -28,18 +31,19 @@ tensor instead of grad_out and the mask) or grad_out again (and its mask). A def
 residual gradient (ops.ResidualGradLink: stage 1's dgrad adds grad_out under the bits)
 is neither stored nor read: pass 2 reads grad_out and the bits. Eval and no-norm run one
 pass doing both. Partials go to part[tile, j, c] (float32, tile = b * n_lblocks +
-lblock; j = 0: g, 1: g * xhat, 2: xhat); the last programs to finish reduce them into
-grad_beta, grad_gamma and grad_bias (batch_stats.bn_grad_finalize), so pass 2 follows
-pass 1 with no launch between.
+lblock; j = 0: g, 1: g * xhat, 2: xhat, or grad_y with layer norm, whose grad_y mixes
+channels); the last programs to finish reduce them into grad_beta, grad_gamma and
+grad_bias (batch_stats.bn_grad_finalize), so pass 2 follows pass 1 with no launch between.
+Layer norm runs one pass (its statistics are per position, in the tile).
 
 ACT other than ReLU (activation.py's named codes): the final activation's derivative is
 taken at its input z2 = act?(z1) + residual, z1 = x-hat * gamma + beta (y without norm),
 recomputed from saved and the residual (res_ptr, HAS_RES) with the forward's expressions;
 out and mask bits are not read. With relu_before_add also at z1.
 
-Shapes: grad_out, out, saved, grad_residual, grad_y (B, C, L_out) contiguous; var, gamma,
-beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3, C) and grp (cdiv(n_tiles, GROUP),
-3, C) float32; counter: batch_stats.counters.
+Shapes: grad_out, out, saved, grad_residual, grad_y (B, C, L_out) contiguous; var (C,), or
+(B, L_out) with layer norm; gamma, beta, sum_g, sum_gxhat (C,) float32; part (n_tiles, 3,
+C) and grp (cdiv(n_tiles, GROUP), 3, C) float32; counter: batch_stats.counters.
 """
 from __future__ import annotations
 
@@ -47,12 +51,10 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_RELU, activate, activation_grad
-from .batch_stats import bn_grad_finalize
+from .batch_stats import NORM_CODE_LAYER, NORM_CODE_NONE, NORM_CODE_TRAIN, bn_grad_finalize
 from .mask_bits import load_bits
 from .rounding import as_stored, relu, store_rounded
 from .tiling import elementwise_tile
-
-NORM_NONE, NORM_EVAL, NORM_TRAIN = 0, 1, 2
 
 
 @triton.jit
@@ -74,11 +76,9 @@ def relu_bn_backward_kernel(
         s = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         z1 = s
         xhat = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
-        if NORM != 0:
-            var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
+        if NORM != NORM_CODE_NONE:
             gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
             beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-            invstd = tl.rsqrt(var + eps)
             xhat = s
             z1 = s * gamma[:, None] + beta[:, None]  # the forward's float32 expression
         if READ_G:  # grad_residual: grad_out times the final activation's derivative
@@ -110,10 +110,8 @@ def relu_bn_backward_kernel(
         if WRITE_G:  # the residual sees only the final ReLU's mask
             store_rounded(grad_res_ptr + offs, g, ok)
         xhat = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
-        if NORM != 0:
-            var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
+        if NORM != NORM_CODE_NONE:
             gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
-            invstd = tl.rsqrt(var + eps)
             xhat = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             if MASK_FROM_XHAT or RELU_BEFORE_ADD:
                 # The forward's float32 expression, so the masks agree bit for bit.
@@ -130,11 +128,26 @@ def relu_bn_backward_kernel(
                 y = tl.load(saved_ptr + offs, mask=ok, other=0.0).to(tl.float32)
                 g = tl.where(y <= 0, 0.0, g)
 
+    if NORM == NORM_CODE_LAYER:  # the projection over each position's channels, all here
+        l_ok = offs_l < L_out
+        var_l = tl.load(var_ptr + b * L_out + offs_l, mask=l_ok, other=1.0).to(tl.float32)
+        gg = g * gamma[:, None]
+        mean_gg = tl.sum(gg, axis=0) / C
+        mean_ggx = tl.sum(gg * xhat, axis=0) / C
+        grad_y_layer = tl.where(ok, (gg - mean_gg[None, :] - xhat * mean_ggx[None, :])
+                                * tl.rsqrt(var_l + eps)[None, :], 0.0)
+    elif NORM != NORM_CODE_NONE:
+        var = tl.load(var_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
+        invstd = tl.rsqrt(var + eps)
+
     if REDUCE:
         part_row = part_ptr + tl.program_id(0).to(tl.int64) * 3 * C  # tile of elementwise_tile
         tl.store(part_row + offs_c, tl.sum(g, axis=1), mask=c_ok)
         tl.store(part_row + C + offs_c, tl.sum(g * xhat, axis=1), mask=c_ok)
-        tl.store(part_row + 2 * C + offs_c, tl.sum(xhat, axis=1), mask=c_ok)
+        if NORM == NORM_CODE_LAYER:
+            tl.store(part_row + 2 * C + offs_c, tl.sum(grad_y_layer, axis=1), mask=c_ok)
+        else:
+            tl.store(part_row + 2 * C + offs_c, tl.sum(xhat, axis=1), mask=c_ok)
         # sum_g and sum_gxhat are grad_beta and grad_gamma, written by the last programs.
         bn_grad_finalize(part_ptr, grp_ptr, counter_ptr, sum_g_ptr, sum_gxhat_ptr,
                          grad_bias_ptr, var_ptr, gamma_ptr, tl.program_id(0),
@@ -142,12 +155,14 @@ def relu_bn_backward_kernel(
                          HAS_BIAS, GROUP, FIN_BLOCK_T, BLOCK_C)
     if WRITE_GRAD_Y:
         grad_y = g
-        if NORM == 2:
+        if NORM == NORM_CODE_TRAIN:
             sum_g = tl.load(sum_g_ptr + offs_c, mask=c_ok, other=0.0)
             sum_gxhat = tl.load(sum_gxhat_ptr + offs_c, mask=c_ok, other=0.0)
             mean_g = sum_g / n_per_channel
             mean_gxhat = sum_gxhat / n_per_channel
             grad_y = g - mean_g[:, None] - xhat * mean_gxhat[:, None]
-        if NORM != 0:
+        if NORM == NORM_CODE_LAYER:
+            grad_y = grad_y_layer
+        elif NORM != NORM_CODE_NONE:  # NORM_CODE_EVAL, NORM_CODE_TRAIN
             grad_y = grad_y * (gamma * invstd)[:, None]
         store_rounded(grad_y_ptr + offs, grad_y, ok)

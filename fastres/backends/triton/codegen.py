@@ -264,7 +264,7 @@ def describe(launch: Launch) -> str:
     tiles = {k: v for k, v in constexprs.items() if k.startswith("BLOCK_")}
     parts = [f"{k[6:]}{v}" for k, v in tiles.items()]
     if launch.name == "conv_forward_kernel":  # which pass: conv_forward.MODE_*
-        parts.insert(0, {0: "none", 1: "norm", 2: "stats"}[constexprs["MODE"]])
+        parts.insert(0, {0: "none", 1: "norm", 2: "stats", 3: "layer"}[constexprs["MODE"]])
         if constexprs.get("SAVE_MASK"):
             parts.insert(1, "+bits")
     if constexprs.get("HAS_ADDEND"):

@@ -26,18 +26,27 @@ Epilogue, by MODE:
       x (and residual), one write. Training runs it as its second pass with the batch
       statistics: the conv is computed again rather than y stored and re-read, so y never
       travels through memory (nor is rounded: 16-bit inputs normalize the float32 y).
+  MODE_LAYER: layer norm over the channels of each position (docs/spec.md, "Layer
+      norm"): the tile holds every channel (BLOCK_CO >= C_out, one program column:
+      tiling.LAYER_NORM_MAX_CHANNELS), so each position's mean and biased variance over
+      C_out are reductions over the float32 accumulator's channel axis, stored to
+      mean/var (B, L_out); then x-hat = (y - mean) * rsqrt(var + eps), z = x-hat * gamma +
+      beta and the rest as MODE_NORM. One pass in training and eval alike: no batch
+      statistics, no running ones.
   MODE_NONE: as MODE_NORM without the normalization.
   ACT (NORM/NONE): the activation replacing both ReLUs (activation.py's named codes; its
       slope or alpha in act_param). Not ReLU: backward takes its derivative at its input,
       recomputed from x-hat (or y) and the residual, so no mask bits are saved.
-  SAVE_Y (NORM/NONE): also store what backward reads: x-hat (NORM) or y (NONE).
+  SAVE_Y (NORM/LAYER/NONE): also store what backward reads: x-hat (NORM, LAYER) or y
+      (NONE).
   SAVE_MASK (training or a residual, when backward is to run): the final ReLU's mask as
       bits (mask_bits.py), so backward never reads out nor recomputes the mask from a
       float16 x-hat, whose rounding would flip it (triton.saved_dtype).
 
 Shapes: x (B, C_in, L) (x_src: its descriptor, box [1, BLOCK_CI, BLOCK_L], or pointer),
 tap-major weight (K, C_out_p, C_in_p) (w_src likewise, box [1, BLOCK_CO, BLOCK_CI]), bias
-(C_out,), y/out/residual (B, C_out, L_out), all contiguous. Batch and channel offsets are
+(C_out,), y/out/residual (B, C_out, L_out), mean/var (C_out,), or (B, L_out) in
+MODE_LAYER, all contiguous. Batch and channel offsets are
 int64 so B * C * L may exceed 2**31.
 """
 from __future__ import annotations
@@ -51,7 +60,11 @@ from .mask_bits import store_bits
 from .operands import weight_tile, window
 from .rounding import as_stored, relu, store_rounded
 
-MODE_NONE, MODE_NORM, MODE_STATS = 0, 1, 2
+# The epilogues (launchers pass MODE=<name>.value).
+MODE_NONE = tl.constexpr(0)
+MODE_NORM = tl.constexpr(1)
+MODE_STATS = tl.constexpr(2)
+MODE_LAYER = tl.constexpr(3)
 
 
 @triton.jit
@@ -102,7 +115,7 @@ def conv_forward_kernel(
     tile_offs = b * C_out * L_out + offs_co[:, None].to(tl.int64) * L_out + offs_l[None, :]
     tile_ok = co_ok[:, None] & l_ok[None, :]
 
-    if MODE == 2:  # MODE_STATS: this tile's per-channel (mean, M2)
+    if MODE == MODE_STATS:  # this tile's per-channel (mean, M2)
         count = tl.minimum(L_out - pid_l * BLOCK_L, BLOCK_L).to(tl.float32)
         tile_mean = tl.sum(tl.where(tile_ok, acc, 0.0), axis=1) / count
         centered = tl.where(tile_ok, acc - tile_mean[:, None], 0.0)
@@ -119,18 +132,28 @@ def conv_forward_kernel(
                              BLOCK_CO)
     else:
         z = acc
-        if MODE == 1:  # MODE_NORM: batch norm with the given (running or batch) statistics
-            mean = tl.load(mean_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
-            var = tl.load(var_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
+        if MODE != MODE_NONE:
             gamma = tl.load(gamma_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
             beta = tl.load(beta_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
-            xhat = (acc - mean[:, None]) * tl.rsqrt(var + eps)[:, None]
+            if MODE == MODE_LAYER:  # over the channels of each position: all in this tile
+                y_ok = tl.where(tile_ok, acc, 0.0)
+                mean_l = tl.sum(y_ok, axis=0) / C_out
+                centered = tl.where(tile_ok, acc - mean_l[None, :], 0.0)
+                var_l = tl.sum(centered * centered, axis=0) / C_out
+                stats_offs = b * L_out + offs_l
+                tl.store(mean_ptr + stats_offs, mean_l, mask=l_ok)
+                tl.store(var_ptr + stats_offs, var_l, mask=l_ok)
+                xhat = centered * tl.rsqrt(var_l + eps)[None, :]
+            else:  # MODE_NORM: batch norm with the given (running or batch) statistics
+                mean = tl.load(mean_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
+                var = tl.load(var_ptr + offs_co, mask=co_ok, other=1.0).to(tl.float32)
+                xhat = (acc - mean[:, None]) * tl.rsqrt(var + eps)[:, None]
             # Backward recomputes the inner ReLU's mask (and out's sign, without SAVE_MASK)
             # from a float32 x-hat with this same expression (bn_backward.py): keep the two
             # identical.
             z = xhat * gamma[:, None] + beta[:, None]
-        if SAVE_Y:  # what backward reads: x-hat (eval), or y (none)
-            store_rounded(y_ptr + tile_offs, xhat if MODE == 1 else acc, tile_ok)
+        if SAVE_Y:  # what backward reads: x-hat (batch or layer norm), or y (none)
+            store_rounded(y_ptr + tile_offs, acc if MODE == MODE_NONE else xhat, tile_ok)
         if RELU_BEFORE_ADD:
             z = activate(z, ACT, act_param)
         if HAS_RES:

@@ -27,6 +27,19 @@ MAX_ACC = 128 * 128  # float32 accumulator elements per program: 64 registers a 
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand buffers (H100: 227 KiB a block)
 MAX_STAGES = 4
 
+# Layer norm over channels (docs/spec.md, "Layer norm") is fused where one program's tile
+# holds every output channel of its positions: the conv forward's BLOCK_CO and the
+# backward's elementwise BLOCK_C cover all of C_out, so the per-position mean, variance and
+# backward projection are reductions over the tile's channel axis, in registers. The bound
+# is the forward's widest channel tile (MAX_BLOCK_CO's 256, whose accumulator fits
+# MAX_ACC at 32-64 positions); wider layers are refused (TritonBackend.supports) and run
+# plain. Its own attribute, so that tests shrinking MAX_BLOCK_CO keep layer norm fused.
+LAYER_NORM_MAX_CHANNELS = 256
+# Elements of one program's tile in the layer-norm backward pass (BLOCK_C covers C_out;
+# BLOCK_L shrinks to keep the tile at this): 32 float32 values a thread of each tensor at
+# 4 warps, as the batch-norm passes' 32 x 128 tiles.
+LAYER_NORM_BACKWARD_TILE = 4096
+
 # Read activation windows through tensor descriptors (TMA) where the layout allows
 # (operands.descriptor_ok). FASTRES_TRITON_TMA=0 forces the masked-pointer path everywhere:
 # the way out if a GPU ever refuses what the TMA path does (benchmarks/NOTES.md).
@@ -90,6 +103,14 @@ def forward_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> Gem
                        max_k=MAX_BLOCK_CI)
 
 
+def layer_norm_forward_config(C_in: int, C_out: int, L_out: int,
+                              dtype: torch.dtype) -> GemmConfig:
+    """forward_config for layer norm: block_m covers all of C_out (up to
+    LAYER_NORM_MAX_CHANNELS, which the caller checks), whatever MAX_BLOCK_CO is."""
+    return gemm_config(C_out, L_out, C_in, dtype, max_m=LAYER_NORM_MAX_CHANNELS,
+                       max_n=MAX_BLOCK_L, max_k=MAX_BLOCK_CI)
+
+
 def dgrad_config(C_in: int, C_out: int, L: int, dtype: torch.dtype) -> GemmConfig:
     return gemm_config(C_in, L, C_out, dtype, max_m=MAX_BLOCK_CO, max_n=MAX_BLOCK_L,
                        max_k=MAX_BLOCK_CI)
@@ -100,11 +121,17 @@ def wgrad_config(C_in: int, C_out: int, L_out: int, dtype: torch.dtype) -> GemmC
                        max_n=max(MIN_DOT, MAX_BLOCK_CO // 2), max_k=MAX_BLOCK_L)
 
 
-def pointer_config(config: GemmConfig) -> GemmConfig:
+def pointer_config(config: GemmConfig, all_rows: bool = False) -> GemmConfig:
     """Tiles for the masked-pointer path (stride > 1, rows that are not 16-byte multiples):
     its operands arrive as 2-byte scalar gathers through registers, which neither large
     tiles nor deep pipelines help; at the TMA path's tiles wgrad spilled 400+ bytes a
-    thread (benchmarks/NOTES.md). At most 64 x 64 outputs, 32-deep steps, 4 warps."""
+    thread (benchmarks/NOTES.md). At most 64 x 64 outputs, 32-deep steps, 4 warps.
+    `all_rows` (layer norm's forward, whose tile must hold every channel) keeps block_m
+    and shrinks block_n to the same 64 * 64 outputs instead (at least MIN_DOT)."""
+    if all_rows:
+        return GemmConfig(config.block_m,
+                          min(config.block_n, max(MIN_DOT, 64 * 64 // config.block_m)),
+                          min(config.block_k, 32), 4, 2)
     return GemmConfig(min(config.block_m, 64), min(config.block_n, 64),
                       min(config.block_k, 32), 4, 2)
 
@@ -141,6 +168,14 @@ def candidate_configs(config: GemmConfig, M: int, N: int, dtype: torch.dtype):
 def elementwise_tiles(C: int, L_out: int):
     """(BLOCK_C, BLOCK_L) of the elementwise BN kernels (no tl.dot: any power of two)."""
     return pow2_block(C, 1, MAX_BLOCK_C), pow2_block(L_out, 16, MAX_BLOCK_L)
+
+
+def layer_norm_backward_tiles(C: int, L_out: int):
+    """(BLOCK_C, BLOCK_L) of the layer-norm backward pass: BLOCK_C covers all C channels
+    (C <= LAYER_NORM_MAX_CHANNELS), BLOCK_L keeps the tile at LAYER_NORM_BACKWARD_TILE."""
+    block_c = pow2_block(C, 1, LAYER_NORM_MAX_CHANNELS)
+    return block_c, pow2_block(L_out, 16, max(16, min(MAX_BLOCK_L,
+                                                       LAYER_NORM_BACKWARD_TILE // block_c)))
 
 
 def wgrad_splits(n_pairs: int, n_tile_programs: int):
