@@ -317,6 +317,28 @@ void nlc_bn_train_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out
   });
 }
 
+// out[n, j, i] = src[n, i, j]: a conv weight between PyTorch's (C_out, C_in, K) layout and
+// the (C_out, K, C_in) one oneDNN's channels-last conv reads and writes. ATen's copy_ of that
+// permutation runs an element-wise loop with a strided inner dimension (benchmarks/NOTES.md);
+// here one (C_in * K) slab per output channel stays in L1 while it is transposed.
+void nlc_transpose_last2_cpu(const at::Tensor& src, const at::Tensor& out) {
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 3 &&
+                  src.is_contiguous(),
+              "fastres_ext: src must be a contiguous float32 (N, A, B) CPU tensor");
+  const int64_t n = src.size(0), a = src.size(1), b = src.size(2);
+  check_rows(out, "out", n, b, a);
+  const float* sp = src.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* s_i = sp + i * a * b;
+      float* o_i = op + i * a * b;
+      for (int64_t j = 0; j < b; ++j)
+        for (int64_t k = 0; k < a; ++k) o_i[j * a + k] = s_i[k * b + j];
+    }
+  });
+}
+
 // Registered beside the fused op's kernels (csrc/ops.cpp) under the same namespace.
 TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
   m.def(
@@ -328,11 +350,13 @@ TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
       "nlc_bn_train_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, "
       "Tensor invstd, Tensor? gamma, Tensor(a!) grad_y, Tensor(b!) grad_gamma, "
       "Tensor(c!) grad_beta, Tensor(d!)? grad_residual, bool relu=True) -> ()");
+  m.def("nlc_transpose_last2(Tensor src, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
   m.impl("nlc_bn_train_forward", &nlc_bn_train_forward_cpu);
   m.impl("nlc_bn_train_backward", &nlc_bn_train_backward_cpu);
+  m.impl("nlc_transpose_last2", &nlc_transpose_last2_cpu);
 }
 
 }  // namespace fastres

@@ -50,7 +50,8 @@ from .. import _alloc, _ext
 from ..conventions import conv_padding, output_length
 from . import onednn
 
-__all__ = ["TrainProgram", "build_or_reason", "program_for", "run", "unavailable_reason"]
+__all__ = ["CONV_LAYOUTS", "TrainProgram", "build_or_reason", "default_conv_layout",
+           "program_for", "run", "unavailable_reason"]
 
 _aten = torch.ops.aten
 
@@ -63,7 +64,7 @@ def unavailable_reason() -> Optional[str]:
     reason = _ext.load_error()
     if reason is not None:
         return reason
-    if not hasattr(torch.ops.fastres_ext, "nlc_bn_train_forward") or "relu" not in [
+    if not hasattr(torch.ops.fastres_ext, "nlc_transpose_last2") or "relu" not in [
             a.name for a in torch.ops.fastres_ext.nlc_bn_train_forward.default._schema.arguments]:
         return "the compiled extension predates the channels-last training kernels; rebuild it"
     return None
@@ -99,6 +100,9 @@ class _Geometry:
         self.kernel_size, self.stride = conv.kernel_size[0], conv.stride[0]
         self.dilation = conv.dilation[0]
         self.pad_left, self.pad_right = pad_left, pad_right
+        # the conv's layout: channels-last (oneDNN's NHWC brgemm on the rows in place), or
+        # NCL (the rows transposed around it; oneDNN then runs its blocked kernels)
+        self.ncl_conv = False
         if pad_right > pad_left:
             raise _Refused(f"a conv padded more on the right ({pad_left}, {pad_right}) than "
                            "on the left")
@@ -108,22 +112,51 @@ class _Geometry:
                              self.pad_left, self.pad_right)
 
 
+def _transpose_last2(t: Tensor) -> Tensor:
+    """(N, A, B) contiguous -> (N, B, A) contiguous, by the extension's L1-blocked loop (ATen's
+    copy of this permutation runs a strided element-wise loop, several times slower)."""
+    out = _alloc.empty((t.shape[0], t.shape[2], t.shape[1]), dtype=t.dtype, device=t.device)
+    torch.ops.fastres_ext.nlc_transpose_last2(t, out)
+    return out
+
+
+def _channels_last_weight(weight: Tensor) -> Tensor:
+    """A (C_out, C_in, K) weight as the (C_out, C_in, 1, K) channels_last tensor oneDNN's
+    NHWC conv reads: (C_out, K, C_in) memory. ATen would convert it at every forward and
+    backward call; here it is converted once per step and shared by both."""
+    if weight.shape[2] == 1:  # 1x1: the two layouts are the same memory
+        return weight.unsqueeze(2)
+    return _transpose_last2(weight.detach().contiguous()).permute(0, 2, 1).unsqueeze(2)
+
+
+def _weight_from_channels_last(grad_w4: Tensor) -> Tensor:
+    """oneDNN's channels_last (C_out, C_in, 1, K) weight gradient -> (C_out, C_in, K)."""
+    grad_w = grad_w4.squeeze(2)
+    if grad_w.shape[2] == 1 or grad_w.is_contiguous():
+        return grad_w.contiguous()
+    rows = grad_w.permute(0, 2, 1)  # (C_out, K, C_in)
+    return _transpose_last2(rows) if rows.is_contiguous() else grad_w.contiguous()
+
+
 def _weight_grad_by_rows(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
     """The weight gradient sum_{b,t} grad_y[b,t,o] * h_padded[b, t*s + k*d, c] of a conv on
     (B, L, C) rows, as one GEMM: grad_y (B*L_out, C_out) transposed times the im2col matrix
-    (B*L_out, C_in*K) of h's windows. No convolution kernel: oneDNN's strided weight
-    gradient is wrong for some geometries (fastres/upstream_kernels.py)."""
+    (B*L_out, K*C_in) of h's windows, whose rows of C_in stay contiguous (copied tap by
+    tap). No convolution kernel: oneDNN's strided weight gradient is wrong for some
+    geometries (fastres/upstream_kernels.py)."""
     batch, l_out, c_out = grad_y.shape
     k, s, d = geo.kernel_size, geo.stride, geo.dilation
-    span = (k - 1) * d + 1
-    need = (l_out - 1) * s + span  # padded rows the windows read
+    need = (l_out - 1) * s + (k - 1) * d + 1  # padded rows the windows read
     right = max(0, need - geo.pad_left - h.shape[1])
     padded = F.pad(h, [0, 0, geo.pad_left, right]) if geo.pad_left or right else h
-    # (B, L_out, C_in, K): windows every s rows, every d-th row of each
-    columns = padded.unfold(1, span, s)[:, :l_out, :, ::d]
+    # (B, L_out, K, C_in): tap j reads rows j*d, j*d + s, ...
+    columns = torch.stack([padded[:, j * d: j * d + (l_out - 1) * s + 1: s] for j in range(k)],
+                          dim=2)
     grad_w = torch.mm(grad_y.reshape(batch * l_out, c_out).t(),
-                      columns.reshape(batch * l_out, -1))
-    return grad_w.view(c_out, h.shape[2], k)
+                      columns.view(batch * l_out, k * h.shape[2]))  # (C_out, K*C_in)
+    if k == 1:
+        return grad_w.view(c_out, h.shape[2], 1)
+    return _transpose_last2(grad_w.view(c_out, k, h.shape[2]))
 
 
 class _StageFunction(torch.autograd.Function):
@@ -137,12 +170,21 @@ class _StageFunction(torch.autograd.Function):
         pad = max(geo.pad_left, geo.pad_right)
         # oneDNN's own entry, not aten.convolution: ATen sends small batch-1 dilated convs to
         # its im2col path (slow_conv_dilated2d), which measured slower here at B1 L256
-        y4 = torch.ops.mkldnn._convolution_pointwise(
-            _conv_view(h), weight.unsqueeze(2), bias, [0, pad], [1, geo.stride],
-            [1, geo.dilation], 1, "none", [], "")
-        y = _rows(y4)
-        if not y.is_contiguous():  # oneDNN answered in another layout: one copy
-            y = y.contiguous()
+        if geo.ncl_conv:
+            x_ncl = _transpose_last2(h)
+            w4 = weight.detach().unsqueeze(2)
+            y = _transpose_last2(torch.ops.mkldnn._convolution_pointwise(
+                x_ncl.unsqueeze(2), w4, bias, [0, pad], [1, geo.stride], [1, geo.dilation], 1,
+                "none", [], "").squeeze(2).contiguous())
+        else:
+            x_ncl = None
+            w4 = _channels_last_weight(weight)
+            y4 = torch.ops.mkldnn._convolution_pointwise(
+                _conv_view(h), w4, bias, [0, pad], [1, geo.stride], [1, geo.dilation], 1,
+                "none", [], "")
+            y = _rows(y4)
+            if not y.is_contiguous():  # oneDNN answered in another layout: one copy
+                y = y.contiguous()
         batch, length, c_out = h.shape[0], geo.out_length(h.shape[1]), weight.shape[0]
         out = _alloc.empty((batch, length, c_out), dtype=h.dtype, device=h.device)
         mean = _alloc.empty((c_out,), dtype=torch.float32, device=h.device)
@@ -150,17 +192,17 @@ class _StageFunction(torch.autograd.Function):
         torch.ops.fastres_ext.nlc_bn_train_forward(
             y, length, gamma, beta, running_mean, running_var, eps, momentum_factor,
             None if residual is None else residual.contiguous(), out, mean, invstd, relu)
-        ctx.save_for_backward(h, weight, gamma, y, out, mean, invstd)
+        ctx.save_for_backward(h, x_ncl, w4, gamma, y, out, mean, invstd)
         ctx.geo, ctx.relu = geo, relu
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, gamma, y, out, mean, invstd = ctx.saved_tensors
+        h, x_ncl, w4, gamma, y, out, mean, invstd = ctx.saved_tensors
         geo = ctx.geo
         need = ctx.needs_input_grad
-        c_out = weight.shape[0]
+        c_out = w4.shape[0]
         grad_y = _alloc.empty(tuple(y.shape), dtype=y.dtype, device=y.device)
         grad_gamma = _alloc.empty((c_out,), dtype=torch.float32, device=y.device)
         grad_beta = _alloc.empty((c_out,), dtype=torch.float32, device=y.device)
@@ -173,15 +215,19 @@ class _StageFunction(torch.autograd.Function):
         # oneDNN's weight gradient only at stride 1; strided: the GEMM (see above)
         onednn_w = need[1] and geo.stride == 1
         if need[0] or onednn_w or (need[2] and ctx.has_bias):
+            ncl = x_ncl is not None
             grad_h4, grad_w, grad_b = _aten.convolution_backward(
-                _conv_view(grad_y), _conv_view(h), weight.unsqueeze(2),
+                _transpose_last2(grad_y).unsqueeze(2) if ncl else _conv_view(grad_y),
+                x_ncl.unsqueeze(2) if ncl else _conv_view(h), w4,
                 [c_out] if ctx.has_bias else None, [1, geo.stride],
                 [0, max(geo.pad_left, geo.pad_right)], [1, geo.dilation], False, [0, 0], 1,
                 [need[0], onednn_w, need[2] and ctx.has_bias])
             if grad_h4 is not None:
-                grad_h = _rows(grad_h4)
+                grad_h = _transpose_last2(grad_h4.squeeze(2).contiguous()) if ncl \
+                    else _rows(grad_h4)
             if grad_w is not None:
-                grad_w = grad_w.squeeze(2).contiguous()
+                grad_w = grad_w.squeeze(2).contiguous() if ncl \
+                    else _weight_from_channels_last(grad_w)
         if need[1] and not onednn_w:
             grad_w = _weight_grad_by_rows(grad_y[:, :out.shape[1]], h, geo)
         return (grad_h, grad_w, grad_b, grad_gamma if need[3] else None,
@@ -447,8 +493,11 @@ class TrainProgram:
     entry, the output once at exit. `program(x, layout="NLC")` takes and returns (B, L, C).
     """
 
-    def __init__(self, module: nn.Module, blocks: List[_Block]):
+    def __init__(self, module: nn.Module, blocks: list, conv_layout: str):
         self._blocks = blocks
+        self.conv_layout = conv_layout
+        for stage in _stages(blocks):
+            stage.geo.ncl_conv = conv_layout == "NCL"
         self._root = weakref.ref(module)
         self._structure = _structure(module)
         self.module_name = type(module).__name__
@@ -538,8 +587,37 @@ def _hooked(module: nn.Module) -> Optional[str]:
     return None
 
 
-def build_or_reason(module: nn.Module):
-    """(TrainProgram, None), or (None, why this module cannot be built)."""
+CONV_LAYOUTS = ("NLC", "NCL")
+
+
+def default_conv_layout(module: nn.Module) -> str:
+    """The conv layout program_for builds a module with: "NLC" (channels-last convs) for the
+    temporal blocks and stacks, "NCL" for BasicBlock and ResNet1d, whose convs run at few
+    rows (B * L) and many channels, where oneDNN's blocked NCL kernels measured faster than
+    its NHWC ones (benchmarks/NOTES.md). The dispatch may time the other (program_for)."""
+    return "NCL" if _kind(module) in ("basic", "resnet") else "NLC"
+
+
+def _stages(items) -> list:
+    """Every _Stage of a program's blocks, in build order."""
+    found = []
+    for item in items:
+        if isinstance(item, _Stage):
+            found.append(item)
+        elif isinstance(item, (_Block, _BasicBlock, _ResNet)):
+            found.extend(_stages(v for v in vars(item).values()))
+        elif isinstance(item, list):
+            found.extend(_stages(item))
+    return found
+
+
+def build_or_reason(module: nn.Module, conv_layout: Optional[str] = None):
+    """(TrainProgram, None), or (None, why this module cannot be built). conv_layout: "NLC"
+    or "NCL" (see default_conv_layout, the default)."""
+    if conv_layout is None:
+        conv_layout = default_conv_layout(module)
+    if conv_layout not in CONV_LAYOUTS:
+        raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
     reason = unavailable_reason()
     if reason is not None:
         return None, reason
@@ -559,23 +637,26 @@ def build_or_reason(module: nn.Module):
         blocks = _blocks(module, kind)
     except _Refused as refused:
         return None, str(refused)
-    return TrainProgram(module, blocks), None
+    return TrainProgram(module, blocks, conv_layout), None
 
 
-_CACHE = onednn.ProgramCache(build_or_reason, "oneDNN training program")
-_PROGRAMS = _CACHE.programs
+# one cache per conv layout: the default one, and the other for the dispatch to time
+_CACHES = {layout: onednn.ProgramCache(
+    lambda module, layout=layout: build_or_reason(module, layout),
+    f"oneDNN training program ({layout} convs)") for layout in CONV_LAYOUTS}
 
 
-def program_for(module: nn.Module) -> Optional[TrainProgram]:
+def program_for(module: nn.Module, conv_layout: Optional[str] = None
+                ) -> Optional[TrainProgram]:
     """The module's training program as the module is now (rebuilt when its structure
-    changed), or None (see onednn.ProgramCache)."""
-    return _CACHE.program_for(module)
+    changed), or None (see onednn.ProgramCache); conv_layout None: default_conv_layout."""
+    return _CACHES[conv_layout or default_conv_layout(module)].program_for(module)
 
 
-def run(module: nn.Module, x: Tensor) -> Tensor:
+def run(module: nn.Module, x: Tensor, conv_layout: Optional[str] = None) -> Tensor:
     """module(x) in training through its program; x in the module's own input_layout.
 
     For tests and benchmarks (the dispatch decides when the program runs): raises
     RuntimeError when the module or the call cannot run here.
     """
-    return _CACHE.run(module, x)
+    return _CACHES[conv_layout or default_conv_layout(module)].run(module, x)

@@ -49,10 +49,10 @@ MODULES = {
     "basic-causal-stride3": (lambda: fastres.BasicBlock(6, 10, 3, "auto", kernel_size=3,
                                                         dilation=2, causal=True), (3, 6, 41)),
     "resnet": (lambda: fastres.ResNet1d([1, 2, 1, 1], 3, 5, widths=(8, 8, 12, 16)),
-               (2, 3, 75)),
+               (4, 3, 200)),
     "resnet-causal-no-maxpool": (lambda: _momentum_none(fastres.ResNet1d(
         [1, 1, 1, 1], 4, 3, widths=(6, 10, 10, 12), causal=True, maxpool=False,
-        stem_kernel_size=5, kernel_size=5)), (3, 4, 50)),
+        stem_kernel_size=5, kernel_size=5)), (4, 4, 128)),
 }
 
 
@@ -84,7 +84,7 @@ def _check(what, got, plain, ref, scale=None):
     assert err < bound, f"{what}: {err:.2e} (bound {bound:.2e})"
 
 
-def _train_and_compare(model, shape, seed, layout="NCL", steps=2):
+def _train_and_compare(model, shape, seed, layout="NCL", steps=2, conv_layout=None):
     """`steps` SGD steps of the program (through onednn_train.run), of plain float32 and of
     plain float64 on the same draws; every number compared after each step."""
     plain = fastres.unfuse(copy.deepcopy(model)).train()
@@ -106,7 +106,7 @@ def _train_and_compare(model, shape, seed, layout="NCL", steps=2):
             xm.requires_grad_()
             if name == "program":
                 with _alloc.poisoned(True):
-                    out = onednn_train.run(m, xm)
+                    out = onednn_train.run(m, xm, conv_layout)
                 if layout == "NLC" and out.dim() == 3:
                     assert out.is_contiguous()  # (B, L, C) out: no conversion left
                     out = out.transpose(1, 2)
@@ -153,10 +153,11 @@ def _train_and_compare(model, shape, seed, layout="NCL", steps=2):
                     mine.copy_(ref_value)
 
 
+@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
 @pytest.mark.parametrize("name", list(MODULES))
-def test_train_steps_match_float64(name, fresh_seed):
+def test_train_steps_match_float64(name, conv_layout, fresh_seed):
     model, shape = _draw(name, fresh_seed)
-    _train_and_compare(model, shape, fresh_seed)
+    _train_and_compare(model, shape, fresh_seed, conv_layout=conv_layout)
 
 
 @pytest.mark.parametrize("name", ["block-downsample", "tcn", "basic-causal-stride3",
@@ -166,6 +167,20 @@ def test_nlc_input(name, fresh_seed):
     model, shape = _draw(name, fresh_seed)
     model.input_layout = "NLC"
     _train_and_compare(model, shape, fresh_seed, layout="NLC")
+
+
+def test_conv_layouts_are_separate_programs():
+    """Each conv layout has its own program; the default is the one program_for gives."""
+    for model, default in ((fastres.TemporalBlock(8, 8, 3, dropout=0.0), "NLC"),
+                           (fastres.BasicBlock(8, 8), "NCL")):
+        model.train()
+        assert onednn_train.default_conv_layout(model) == default
+        programs = {layout: onednn_train.program_for(model, layout)
+                    for layout in onednn_train.CONV_LAYOUTS}
+        assert {p.conv_layout for p in programs.values()} == set(onednn_train.CONV_LAYOUTS)
+        assert onednn_train.program_for(model) is programs[default]
+    with pytest.raises(ValueError, match="conv_layout"):
+        onednn_train.build_or_reason(model, "NHWC")
 
 
 def test_channels_last_view_keeps_its_layout(fresh_seed):
