@@ -319,8 +319,8 @@ void nlc_bn_train_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out
 
 // out[n, j, i] = src[n, i, j]: a conv weight between PyTorch's (C_out, C_in, K) layout and
 // the (C_out, K, C_in) one oneDNN's channels-last conv reads and writes. ATen's copy_ of that
-// permutation runs an element-wise loop with a strided inner dimension (benchmarks/NOTES.md);
-// here one (C_in * K) slab per output channel stays in L1 while it is transposed.
+// permutation runs an element-wise loop with a strided inner dimension (benchmarks/NOTES.md).
+// Also (B, L, C) rows <-> (B, C, L) around the NCL conv layout's convs.
 void nlc_transpose_last2_cpu(const at::Tensor& src, const at::Tensor& out) {
   TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 3 &&
                   src.is_contiguous(),
@@ -329,12 +329,21 @@ void nlc_transpose_last2_cpu(const at::Tensor& src, const at::Tensor& out) {
   check_rows(out, "out", n, b, a);
   const float* sp = src.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  // Square tiles of kTile x kTile: the tile's source rows and destination rows both stay in
+  // L1 (an activation's (L, C) slab does not), work items of (slab, tile row).
+  constexpr int64_t kTile = 16;
+  const int64_t row_tiles = ceil_div(a, kTile);
+  at::parallel_for(0, n * row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / row_tiles, k0 = (item % row_tiles) * kTile;
+      const int64_t k1 = std::min(a, k0 + kTile);
       const float* s_i = sp + i * a * b;
       float* o_i = op + i * a * b;
-      for (int64_t j = 0; j < b; ++j)
-        for (int64_t k = 0; k < a; ++k) o_i[j * a + k] = s_i[k * b + j];
+      for (int64_t j0 = 0; j0 < b; j0 += kTile) {
+        const int64_t j1 = std::min(b, j0 + kTile);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t k = k0; k < k1; ++k) o_i[j * a + k] = s_i[k * b + j];
+      }
     }
   });
 }

@@ -1,9 +1,9 @@
-"""oneDNN training program: a TemporalBlock's (or a stack of them) train step in channels-last.
+"""oneDNN training program: a TemporalBlock's, a TCN's or a 1D ResNet's train step on rows.
 
 What exists, not what runs: `build_or_reason(module)` turns a fused TemporalBlock
-(norm="batch") or a TemporalConvNet of them, in training mode, into a `TrainProgram` whose
-call computes the module's forward with autograd attached (gradients for the input, every
-conv weight and bias, BN gamma and beta) and updates the running statistics as
+(norm="batch"), a TemporalConvNet of them, a BasicBlock or a ResNet1d, in training mode,
+into a `TrainProgram` whose call computes the module's forward with autograd attached
+(gradients for the input and every parameter) and updates the running statistics as
 nn.BatchNorm1d does; the dispatch decides whether it runs. The eval counterpart is
 fastres/backends/onednn.py.
 
@@ -29,12 +29,32 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
 - Determinism: the batch-norm reductions merge per-tile partials in a fixed order, so they
   do not depend on the thread count; the conv weight gradient is oneDNN's, whose last bits
   do (1e-6 relative between 1 and 2 threads, measured).
+- **Two conv layouts** (`conv_layout`): "NLC" as above, or "NCL", where the stage's rows are
+  transposed to (B, C, L) around the conv (an L1-tiled transpose in the extension, four per
+  stage) and oneDNN runs its blocked kernels. The ResNets default to NCL: their convs have
+  few rows (B * L) and up to 512 channels, where the NHWC kernels measured slower than
+  plain's (benchmarks/NOTES.md); the temporal blocks default to NLC. `program_for(module,
+  conv_layout)` builds the other for the dispatch to time.
+- **Weights converted once per call**: a (C_out, C_in, K) weight as the channels-last
+  (C_out, K, C_in) memory the NHWC conv reads, by the extension's transpose (ATen converted
+  it at the forward and again at the backward, with a strided copy of several ms at
+  512x512x3), shared by the forward and the backward.
+- **Strided convs' weight gradient as one GEMM**, not oneDNN's (wrong for some strided
+  geometries: fastres/upstream_kernels.py, benchmarks/upstream_conv1d_wgrad.py): grad_y
+  (B*L_out, C_out) transposed times the im2col matrix (B*L_out, K*C_in) of the padded rows;
+  the forward and the data gradient stay on oneDNN (right there).
+- **ResNet pieces around the stages**: the shortcut's 1x1 conv -> BN is a stage without ReLU
+  whose output is the second stage's residual; the max pool is ATen's channels-last
+  max_pool2d on the (B, C, 1, L) view of the rows; average pooling and fc are a mean over the
+  rows and F.linear, under autograd.
 - Only the conv output is saved per stage (oneDNN's weight gradient reads the conv input,
   which is the previous stage's output, saved anyway); x-hat is recomputed from it.
 
 Refused (`build_or_reason` or `unsupported_reason` says why): eval mode (the eval program
 runs there), active dropout (its random mask would be drawn in another order than the plain
-block's), norm="weight" blocks, hooks, dtypes other than float32 (oneDNN has no float64
+block's), norm="weight" blocks, "same" padding wider on the right (an even kernel at stride
+1: oneDNN pads symmetrically and the outputs would shift), downsample modules other than
+(1x1 conv, BN), inputs that leave one value per channel for some batch norm, hooks, dtypes other than float32 (oneDNN has no float64
 conv; 16-bit training is not built), autocast, and a missing compiled extension.
 """
 from __future__ import annotations
@@ -482,8 +502,9 @@ def _stack_options(model: nn.Module) -> Optional[str]:
 # ----------------------------------------------------------------------------- program
 
 class TrainProgram:
-    """A TemporalBlock's or TemporalConvNet's training forward in channels-last; see the
-    module docstring.
+    """A TemporalBlock's, TemporalConvNet's, BasicBlock's or ResNet1d's training forward on
+    (B, L, C) rows; see the module docstring. A ResNet1d's output is (B, num_classes),
+    whatever the layout.
 
     `program(x)` computes the module's forward on its (B, C, L) input, as FusedModule.forward
     hands it to the dispatch (also for input_layout="NLC" modules: LayoutIO has transposed by
