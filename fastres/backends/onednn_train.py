@@ -140,6 +140,20 @@ def _transpose_last2(t: Tensor) -> Tensor:
     return out
 
 
+class _Transposed(torch.autograd.Function):
+    """(N, A, B) -> (N, B, A) contiguous, and the same for its gradient: the module's entry
+    and exit conversions between NCL and rows, by the extension's tiled transpose (ATen's
+    strided copy of these took about twice as long alone, benchmarks/NOTES.md)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return _transpose_last2(t.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _transpose_last2(grad.contiguous())
+
+
 def _channels_last_weight(weight: Tensor) -> Tensor:
     """A (C_out, C_in, K) weight as the (C_out, C_in, 1, K) channels_last tensor oneDNN's
     NHWC conv reads: (C_out, K, C_in) memory. ATen would convert it at every forward and
@@ -574,7 +588,8 @@ class TrainProgram:
             raise ValueError(f"{self.module_name} expects {self.in_channels} channels, got "
                              f"input of shape {tuple(x.shape)} ({layout})")
         keep_nlc = layout == "NLC" or onednn.is_channels_last(ncl)
-        h = ncl.transpose(1, 2).contiguous()  # (B, L, C): a copy only for NCL data
+        # (B, L, C): a copy only for NCL data
+        h = ncl.transpose(1, 2).contiguous() if keep_nlc else _Transposed.apply(ncl)
         for block in self._blocks:
             h = block(h)
         if h.dim() == 2:  # a ResNet1d's (B, num_classes): no layout
@@ -582,7 +597,7 @@ class TrainProgram:
         if layout == "NLC":
             return h
         out = h.transpose(1, 2)
-        return out if keep_nlc else out.contiguous()
+        return out if keep_nlc else _Transposed.apply(h)
 
 
 def _structure(module: nn.Module) -> Tuple:
