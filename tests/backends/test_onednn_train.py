@@ -279,6 +279,16 @@ def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_
     assert got.shape == ref.shape and rel_err(got, ref) < TOL
 
 
+@pytest.mark.parametrize("shape", [(3, 17, 33), (1, 1, 5), (2, 40, 3), (4, 16, 16)])
+def test_tiled_transpose_writes_every_element(shape, fresh_seed):
+    """The extension's transpose (weights, conversions, NCL convs): edge tiles included,
+    into a NaN-poisoned output."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    with _alloc.poisoned(True):
+        out = onednn_train._transpose_last2(t)
+    assert torch.equal(out, t.transpose(1, 2))
+
+
 def test_resnet_too_short_for_batch_statistics_says_why():
     """A length that leaves one value per channel in the last stage: refused before any
     kernel runs, as plain BatchNorm1d refuses it."""
