@@ -17,7 +17,8 @@
 // The partials are merged per channel in item order, in float64 (forward: Chan's (count, mean,
 // M2) merge, never sum and sum of squares): deterministic, independent of the thread count.
 // Then one more pass writes the result:
-//   forward : out = relu((y - mean) * invstd * gamma + beta (+ residual))
+//   forward : out = relu((y - mean) * invstd * gamma + beta (+ residual)), or without the
+//             ReLU (relu=false: a ResNet shortcut's 1x1 conv -> BN)
 //   backward: grad_y = gamma * invstd * (g - sum_g / N - x-hat * sum_gx / N), grad_residual = g,
 //             and zeros in grad_y's extra rows (so the conv's backward sees the causal output's
 //             gradient, padding rows included).
@@ -33,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace fastres {
@@ -96,7 +98,7 @@ void nlc_bn_train_forward_cpu(const at::Tensor& y, int64_t length,
                               const c10::optional<at::Tensor>& running_var, double eps,
                               double momentum_factor, const c10::optional<at::Tensor>& residual,
                               const at::Tensor& out, const at::Tensor& mean_out,
-                              const at::Tensor& invstd_out) {
+                              const at::Tensor& invstd_out, bool relu) {
   TORCH_CHECK(y.dim() == 3, "fastres_ext: y must be (B, Ly, C)");
   const int64_t batch = y.size(0), y_rows = y.size(1), c = y.size(2);
   TORCH_CHECK(length >= 1 && length <= y_rows, "fastres_ext: length ", length,
@@ -176,7 +178,9 @@ void nlc_bn_train_forward_cpu(const at::Tensor& y, int64_t length,
     }
   }
 
-  // The epilogue, rows of (batch item, position).
+  // The epilogue, rows of (batch item, position). Without the ReLU (a shortcut's BN) the
+  // comparison is with NaN, always false: the loop stays one select, no branch.
+  const float relu_floor = relu ? 0.f : std::numeric_limits<float>::quiet_NaN();
   const float* mf = mean_f.data();
   const float* sf = invstd_f.data();
   const float* gf = gamma_f.data();
@@ -190,12 +194,12 @@ void nlc_bn_train_forward_cpu(const at::Tensor& y, int64_t length,
         const float* rr = res + row * c;
         for (int64_t ch = 0; ch < c; ++ch) {
           const float z = (src[ch] - mf[ch]) * sf[ch] * gf[ch] + bf[ch] + rr[ch];
-          dst[ch] = z < 0.f ? 0.f : z;
+          dst[ch] = z < relu_floor ? 0.f : z;
         }
       } else {
         for (int64_t ch = 0; ch < c; ++ch) {
           const float z = (src[ch] - mf[ch]) * sf[ch] * gf[ch] + bf[ch];
-          dst[ch] = z < 0.f ? 0.f : z;
+          dst[ch] = z < relu_floor ? 0.f : z;
         }
       }
     }
@@ -209,7 +213,7 @@ void nlc_bn_train_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out
                                const at::Tensor& invstd, const c10::optional<at::Tensor>& gamma,
                                const at::Tensor& grad_y, const at::Tensor& grad_gamma,
                                const at::Tensor& grad_beta,
-                               const c10::optional<at::Tensor>& grad_residual) {
+                               const c10::optional<at::Tensor>& grad_residual, bool relu) {
   TORCH_CHECK(y.dim() == 3 && out.dim() == 3, "fastres_ext: y and out must be 3D");
   const int64_t batch = y.size(0), y_rows = y.size(1), c = y.size(2), length = out.size(1);
   TORCH_CHECK(length >= 1 && length <= y_rows, "fastres_ext: out has ", length,
@@ -235,6 +239,8 @@ void nlc_bn_train_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out
   const float* sf = invstd.data_ptr<float>();
   float* gyp = grad_y.data_ptr<float>();
 
+  // Without the ReLU, the mask compares with NaN (always false): every g passes.
+  const float relu_floor = relu ? 0.f : std::numeric_limits<float>::quiet_NaN();
   // Pass 1: per-tile sums of g and g * x-hat.
   const Tiles tiles(batch, length, c);
   std::vector<float> part_g(tiles.items() * c), part_gx(tiles.items() * c);
@@ -252,7 +258,7 @@ void nlc_bn_train_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out
         for (int64_t ch = 0; ch < c; ++ch) {
           const int64_t i = r * c + ch;
           const float gv = go[i], ov = o[i];  // both loaded: a select, no branch
-          const float gi = ov <= 0.f ? 0.f : gv;
+          const float gi = ov <= relu_floor ? 0.f : gv;
           sg[ch] += gi;
           sgx[ch] += gi * ((yy[i] - mf[ch]) * sf[ch]);
         }
@@ -296,16 +302,47 @@ void nlc_bn_train_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out
         float* gr = gres + i0;
         for (int64_t ch = 0; ch < c; ++ch) {
           const float gv = go[ch], ov = o[ch];
-          const float gi = ov <= 0.f ? 0.f : gv;
+          const float gi = ov <= relu_floor ? 0.f : gv;
           gr[ch] = gi;
           dst[ch] = k1p[ch] * (gi - mgp[ch] - ((yy[ch] - mf[ch]) * sf[ch]) * mgxp[ch]);
         }
       } else {
         for (int64_t ch = 0; ch < c; ++ch) {
           const float gv = go[ch], ov = o[ch];
-          const float gi = ov <= 0.f ? 0.f : gv;
+          const float gi = ov <= relu_floor ? 0.f : gv;
           dst[ch] = k1p[ch] * (gi - mgp[ch] - ((yy[ch] - mf[ch]) * sf[ch]) * mgxp[ch]);
         }
+      }
+    }
+  });
+}
+
+// out[n, j, i] = src[n, i, j]: a conv weight between PyTorch's (C_out, C_in, K) layout and
+// the (C_out, K, C_in) one oneDNN's channels-last conv reads and writes. ATen's copy_ of that
+// permutation runs an element-wise loop with a strided inner dimension (benchmarks/NOTES.md).
+// Also (B, L, C) rows <-> (B, C, L) around the NCL conv layout's convs.
+void nlc_transpose_last2_cpu(const at::Tensor& src, const at::Tensor& out) {
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 3 &&
+                  src.is_contiguous(),
+              "fastres_ext: src must be a contiguous float32 (N, A, B) CPU tensor");
+  const int64_t n = src.size(0), a = src.size(1), b = src.size(2);
+  check_rows(out, "out", n, b, a);
+  const float* sp = src.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // Square tiles of kTile x kTile: the tile's source rows and destination rows both stay in
+  // L1 (an activation's (L, C) slab does not), work items of (slab, tile row).
+  constexpr int64_t kTile = 16;
+  const int64_t row_tiles = ceil_div(a, kTile);
+  at::parallel_for(0, n * row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / row_tiles, k0 = (item % row_tiles) * kTile;
+      const int64_t k1 = std::min(a, k0 + kTile);
+      const float* s_i = sp + i * a * b;
+      float* o_i = op + i * a * b;
+      for (int64_t j0 = 0; j0 < b; j0 += kTile) {
+        const int64_t j1 = std::min(b, j0 + kTile);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t k = k0; k < k1; ++k) o_i[j * a + k] = s_i[k * b + j];
       }
     }
   });
@@ -316,16 +353,19 @@ TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
   m.def(
       "nlc_bn_train_forward(Tensor y, int length, Tensor? gamma, Tensor? beta, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, float eps, float momentum_factor, "
-      "Tensor? residual, Tensor(c!) out, Tensor(d!) mean, Tensor(e!) invstd) -> ()");
+      "Tensor? residual, Tensor(c!) out, Tensor(d!) mean, Tensor(e!) invstd, bool relu=True) "
+      "-> ()");
   m.def(
       "nlc_bn_train_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, "
       "Tensor invstd, Tensor? gamma, Tensor(a!) grad_y, Tensor(b!) grad_gamma, "
-      "Tensor(c!) grad_beta, Tensor(d!)? grad_residual) -> ()");
+      "Tensor(c!) grad_beta, Tensor(d!)? grad_residual, bool relu=True) -> ()");
+  m.def("nlc_transpose_last2(Tensor src, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
   m.impl("nlc_bn_train_forward", &nlc_bn_train_forward_cpu);
   m.impl("nlc_bn_train_backward", &nlc_bn_train_backward_cpu);
+  m.impl("nlc_transpose_last2", &nlc_transpose_last2_cpu);
 }
 
 }  // namespace fastres

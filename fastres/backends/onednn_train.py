@@ -1,9 +1,9 @@
-"""oneDNN training program: a TemporalBlock's (or a stack of them) train step in channels-last.
+"""oneDNN training program: a TemporalBlock's, a TCN's or a 1D ResNet's train step on rows.
 
 What exists, not what runs: `build_or_reason(module)` turns a fused TemporalBlock
-(norm="batch") or a TemporalConvNet of them, in training mode, into a `TrainProgram` whose
-call computes the module's forward with autograd attached (gradients for the input, every
-conv weight and bias, BN gamma and beta) and updates the running statistics as
+(norm="batch"), a TemporalConvNet of them, a BasicBlock or a ResNet1d, in training mode,
+into a `TrainProgram` whose call computes the module's forward with autograd attached
+(gradients for the input and every parameter) and updates the running statistics as
 nn.BatchNorm1d does; the dispatch decides whether it runs. The eval counterpart is
 fastres/backends/onednn.py.
 
@@ -29,6 +29,24 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
 - Determinism: the batch-norm reductions merge per-tile partials in a fixed order, so they
   do not depend on the thread count; the conv weight gradient is oneDNN's, whose last bits
   do (1e-6 relative between 1 and 2 threads, measured).
+- **Two conv layouts** (`conv_layout`): "NLC" as above, or "NCL", where the stage's rows are
+  transposed to (B, C, L) around the conv (an L1-tiled transpose in the extension, four per
+  stage) and oneDNN runs its blocked kernels. The ResNets default to NCL: their convs have
+  few rows (B * L) and up to 512 channels, where the NHWC kernels measured slower than
+  plain's (benchmarks/NOTES.md); the temporal blocks default to NLC. `program_for(module,
+  conv_layout)` builds the other for the dispatch to time.
+- **Weights converted once per call**: a (C_out, C_in, K) weight as the channels-last
+  (C_out, K, C_in) memory the NHWC conv reads, by the extension's transpose (ATen converted
+  it at the forward and again at the backward, with a strided copy of several ms at
+  512x512x3), shared by the forward and the backward.
+- **Strided convs' weight gradient as one GEMM**, not oneDNN's (wrong for some strided
+  geometries: fastres/upstream_kernels.py, benchmarks/upstream_conv1d_wgrad.py): grad_y
+  (B*L_out, C_out) transposed times the im2col matrix (B*L_out, K*C_in) of the padded rows;
+  the forward and the data gradient stay on oneDNN (right there).
+- **ResNet pieces around the stages**: the shortcut's 1x1 conv -> BN is a stage without ReLU
+  whose output is the second stage's residual; the max pool is ATen's channels-last
+  max_pool2d on the (B, C, 1, L) view of the rows; average pooling and fc are a mean over the
+  rows and F.linear, under autograd.
 - Only the conv output is saved per stage (oneDNN's weight gradient reads the conv input,
   which is the previous stage's output, saved anyway); x-hat is recomputed from it.
 
@@ -38,7 +56,9 @@ the same values as the plain block (ATen's CPU dropout is bernoulli_(1-p) then d
 a tensor of the input's shape; tests/backends/test_onednn_train.py checks it against plain).
 
 Refused (`build_or_reason` or `unsupported_reason` says why): eval mode (the eval program
-runs there), an in-place dropout, norm="weight" blocks, hooks, dtypes other than float32 (oneDNN has no float64
+runs there), an in-place dropout, norm="weight" blocks, "same" padding wider on the right (an even kernel at stride
+1: oneDNN pads symmetrically and the outputs would shift), downsample modules other than
+(1x1 conv, BN), inputs that leave one value per channel for some batch norm, hooks, dtypes other than float32 (oneDNN has no float64
 conv; 16-bit training is not built), autocast, and a missing compiled extension.
 """
 from __future__ import annotations
@@ -51,9 +71,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _alloc, _ext
+from ..conventions import conv_padding, output_length
 from . import onednn
 
-__all__ = ["TrainProgram", "build_or_reason", "program_for", "run", "unavailable_reason"]
+__all__ = ["CONV_LAYOUTS", "TrainProgram", "build_or_reason", "default_conv_layout",
+           "program_for", "run", "unavailable_reason"]
 
 _aten = torch.ops.aten
 
@@ -66,7 +88,8 @@ def unavailable_reason() -> Optional[str]:
     reason = _ext.load_error()
     if reason is not None:
         return reason
-    if not hasattr(torch.ops.fastres_ext, "nlc_bn_train_forward"):
+    if not hasattr(torch.ops.fastres_ext, "nlc_transpose_last2") or "relu" not in [
+            a.name for a in torch.ops.fastres_ext.nlc_bn_train_forward.default._schema.arguments]:
         return "the compiled extension predates the channels-last training kernels; rebuild it"
     return None
 
@@ -89,42 +112,135 @@ def _rows(t4: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- one stage
 
-class _StageFunction(torch.autograd.Function):
-    """relu(BN_batch(causal_conv(h)) (+ residual)) on channels-last tensors; BN's running
-    statistics updated in place. h: (B, C_in, 1, L) channels_last; residual and the output:
-    (B, L, C_out) contiguous."""
+class _Geometry:
+    """A conv's (kernel size, stride, dilation, left and right zero padding). oneDNN pads
+    symmetrically: the conv runs with max(left, right) zeros on both sides, and the stage's
+    output is the first `out_length` rows of that conv's output. That holds where the left
+    padding is the larger (causal: the extra rows are at the end) or both are equal (the
+    ResNet's "same"); a larger right padding ("same" with an even kernel at stride 1) would
+    shift the outputs and is refused by the builders."""
+
+    def __init__(self, conv: nn.Conv1d, pad_left: int, pad_right: int):
+        self.kernel_size, self.stride = conv.kernel_size[0], conv.stride[0]
+        self.dilation = conv.dilation[0]
+        self.pad_left, self.pad_right = pad_left, pad_right
+        # the conv's layout: channels-last (oneDNN's NHWC brgemm on the rows in place), or
+        # NCL (the rows transposed around it; oneDNN then runs its blocked kernels)
+        self.ncl_conv = False
+        if pad_right > pad_left:
+            raise _Refused(f"a conv padded more on the right ({pad_left}, {pad_right}) than "
+                           "on the left")
+
+    def out_length(self, length: int) -> int:
+        return output_length(length, self.kernel_size, self.dilation, self.stride,
+                             self.pad_left, self.pad_right)
+
+
+def _transpose_last2(t: Tensor) -> Tensor:
+    """(N, A, B) contiguous -> (N, B, A) contiguous, by the extension's L1-blocked loop (ATen's
+    copy of this permutation runs a strided element-wise loop, several times slower)."""
+    out = _alloc.empty((t.shape[0], t.shape[2], t.shape[1]), dtype=t.dtype, device=t.device)
+    torch.ops.fastres_ext.nlc_transpose_last2(t, out)
+    return out
+
+
+class _Transposed(torch.autograd.Function):
+    """(N, A, B) -> (N, B, A) contiguous, and the same for its gradient: the module's entry
+    and exit conversions between NCL and rows, by the extension's tiled transpose (ATen's
+    strided copy of these took about twice as long alone, benchmarks/NOTES.md)."""
 
     @staticmethod
-    def forward(ctx, h4, weight, bias, gamma, beta, residual, dilation, running_mean,
+    def forward(ctx, t):
+        return _transpose_last2(t.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _transpose_last2(grad.contiguous())
+
+
+def _channels_last_weight(weight: Tensor) -> Tensor:
+    """A (C_out, C_in, K) weight as the (C_out, C_in, 1, K) channels_last tensor oneDNN's
+    NHWC conv reads: (C_out, K, C_in) memory. ATen would convert it at every forward and
+    backward call; here it is converted once per step and shared by both."""
+    if weight.shape[2] == 1:  # 1x1: the two layouts are the same memory
+        return weight.unsqueeze(2)
+    return _transpose_last2(weight.detach().contiguous()).permute(0, 2, 1).unsqueeze(2)
+
+
+def _weight_from_channels_last(grad_w4: Tensor) -> Tensor:
+    """oneDNN's channels_last (C_out, C_in, 1, K) weight gradient -> (C_out, C_in, K)."""
+    grad_w = grad_w4.squeeze(2)
+    if grad_w.shape[2] == 1 or grad_w.is_contiguous():
+        return grad_w.contiguous()
+    rows = grad_w.permute(0, 2, 1)  # (C_out, K, C_in)
+    return _transpose_last2(rows) if rows.is_contiguous() else grad_w.contiguous()
+
+
+def _weight_grad_by_rows(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
+    """The weight gradient sum_{b,t} grad_y[b,t,o] * h_padded[b, t*s + k*d, c] of a conv on
+    (B, L, C) rows, as one GEMM: grad_y (B*L_out, C_out) transposed times the im2col matrix
+    (B*L_out, K*C_in) of h's windows, whose rows of C_in stay contiguous (copied tap by
+    tap). No convolution kernel: oneDNN's strided weight gradient is wrong for some
+    geometries (fastres/upstream_kernels.py)."""
+    batch, l_out, c_out = grad_y.shape
+    k, s, d = geo.kernel_size, geo.stride, geo.dilation
+    need = (l_out - 1) * s + (k - 1) * d + 1  # padded rows the windows read
+    right = max(0, need - geo.pad_left - h.shape[1])
+    padded = F.pad(h, [0, 0, geo.pad_left, right]) if geo.pad_left or right else h
+    # (B, L_out, K, C_in): tap j reads rows j*d, j*d + s, ...
+    columns = torch.stack([padded[:, j * d: j * d + (l_out - 1) * s + 1: s] for j in range(k)],
+                          dim=2)
+    grad_w = torch.mm(grad_y.reshape(batch * l_out, c_out).t(),
+                      columns.view(batch * l_out, k * h.shape[2]))  # (C_out, K*C_in)
+    if k == 1:
+        return grad_w.view(c_out, h.shape[2], 1)
+    return _transpose_last2(grad_w.view(c_out, k, h.shape[2]))
+
+
+class _StageFunction(torch.autograd.Function):
+    """act(BN_batch(conv(h)) (+ residual)) on channels-last tensors, act ReLU or none; BN's
+    running statistics updated in place. h: (B, L, C_in) contiguous; residual and the
+    output: (B, L_out, C_out) contiguous."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, gamma, beta, residual, geo, relu, running_mean,
                 running_var, eps, momentum_factor):
-        k = weight.shape[2]
-        pad = (k - 1) * dilation
-        w4 = weight.unsqueeze(2)
+        pad = max(geo.pad_left, geo.pad_right)
         # oneDNN's own entry, not aten.convolution: ATen sends small batch-1 dilated convs to
         # its im2col path (slow_conv_dilated2d), which measured slower here at B1 L256
-        y4 = torch.ops.mkldnn._convolution_pointwise(
-            h4, w4, bias, [0, pad], [1, 1], [1, dilation], 1, "none", [], "")
-        y = _rows(y4)
-        if not y.is_contiguous():  # oneDNN answered in another layout: one copy
-            y = y.contiguous()
-        batch, length, c_out = h4.shape[0], h4.shape[3], weight.shape[0]
-        out = _alloc.empty((batch, length, c_out), dtype=h4.dtype, device=h4.device)
-        mean = _alloc.empty((c_out,), dtype=torch.float32, device=h4.device)
-        invstd = _alloc.empty((c_out,), dtype=torch.float32, device=h4.device)
+        if geo.ncl_conv:
+            x_ncl = _transpose_last2(h)
+            w4 = weight.detach().unsqueeze(2)
+            y = _transpose_last2(torch.ops.mkldnn._convolution_pointwise(
+                x_ncl.unsqueeze(2), w4, bias, [0, pad], [1, geo.stride], [1, geo.dilation], 1,
+                "none", [], "").squeeze(2).contiguous())
+        else:
+            x_ncl = None
+            w4 = _channels_last_weight(weight)
+            y4 = torch.ops.mkldnn._convolution_pointwise(
+                _conv_view(h), w4, bias, [0, pad], [1, geo.stride], [1, geo.dilation], 1,
+                "none", [], "")
+            y = _rows(y4)
+            if not y.is_contiguous():  # oneDNN answered in another layout: one copy
+                y = y.contiguous()
+        batch, length, c_out = h.shape[0], geo.out_length(h.shape[1]), weight.shape[0]
+        out = _alloc.empty((batch, length, c_out), dtype=h.dtype, device=h.device)
+        mean = _alloc.empty((c_out,), dtype=torch.float32, device=h.device)
+        invstd = _alloc.empty((c_out,), dtype=torch.float32, device=h.device)
         torch.ops.fastres_ext.nlc_bn_train_forward(
             y, length, gamma, beta, running_mean, running_var, eps, momentum_factor,
-            None if residual is None else residual.contiguous(), out, mean, invstd)
-        ctx.save_for_backward(h4, weight, gamma, y, out, mean, invstd)
-        ctx.geometry = (pad, dilation)
+            None if residual is None else residual.contiguous(), out, mean, invstd, relu)
+        ctx.save_for_backward(h, x_ncl, w4, gamma, y, out, mean, invstd)
+        ctx.geo, ctx.relu = geo, relu
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h4, weight, gamma, y, out, mean, invstd = ctx.saved_tensors
-        pad, dilation = ctx.geometry
+        h, x_ncl, w4, gamma, y, out, mean, invstd = ctx.saved_tensors
+        geo = ctx.geo
         need = ctx.needs_input_grad
-        c_out = weight.shape[0]
+        c_out = w4.shape[0]
         grad_y = _alloc.empty(tuple(y.shape), dtype=y.dtype, device=y.device)
         grad_gamma = _alloc.empty((c_out,), dtype=torch.float32, device=y.device)
         grad_beta = _alloc.empty((c_out,), dtype=torch.float32, device=y.device)
@@ -132,28 +248,52 @@ class _StageFunction(torch.autograd.Function):
             if ctx.has_residual and need[5] else None
         torch.ops.fastres_ext.nlc_bn_train_backward(
             grad_out.contiguous(), out, y, mean, invstd, gamma, grad_y, grad_gamma, grad_beta,
-            grad_res)
+            grad_res, ctx.relu)
         grad_h = grad_w = grad_b = None
-        if need[0] or need[1] or need[2]:
-            grad_h, grad_w, grad_b = _aten.convolution_backward(
-                _conv_view(grad_y), h4, weight.unsqueeze(2), [c_out] if ctx.has_bias else None,
-                [1, 1], [0, pad], [1, dilation], False, [0, 0], 1,
-                [need[0], need[1], need[2] and ctx.has_bias])
+        # oneDNN's weight gradient only at stride 1; strided: the GEMM (see above)
+        onednn_w = need[1] and geo.stride == 1
+        if need[0] or onednn_w or (need[2] and ctx.has_bias):
+            ncl = x_ncl is not None
+            grad_h4, grad_w, grad_b = _aten.convolution_backward(
+                _transpose_last2(grad_y).unsqueeze(2) if ncl else _conv_view(grad_y),
+                x_ncl.unsqueeze(2) if ncl else _conv_view(h), w4,
+                [c_out] if ctx.has_bias else None, [1, geo.stride],
+                [0, max(geo.pad_left, geo.pad_right)], [1, geo.dilation], False, [0, 0], 1,
+                [need[0], onednn_w, need[2] and ctx.has_bias])
+            if grad_h4 is not None:
+                grad_h = _transpose_last2(grad_h4.squeeze(2).contiguous()) if ncl \
+                    else _rows(grad_h4)
             if grad_w is not None:
-                grad_w = grad_w.squeeze(2).contiguous()
+                grad_w = grad_w.squeeze(2).contiguous() if ncl \
+                    else _weight_from_channels_last(grad_w)
+        if need[1] and not onednn_w:
+            grad_w = _weight_grad_by_rows(grad_y[:, :out.shape[1]], h, geo)
         return (grad_h, grad_w, grad_b, grad_gamma if need[3] else None,
-                grad_beta if need[4] else None, grad_res, None, None, None, None, None)
+                grad_beta if need[4] else None, grad_res, None, None, None, None, None, None)
 
 
 class _Stage:
-    """One conv -> BatchNorm1d (training) stage of a block, read from the module at each call
+    """One conv -> BatchNorm1d (training) (-> ReLU) stage, read from the module at each call
     (the parameters change every step)."""
 
-    def __init__(self, conv: nn.Conv1d, bn: nn.BatchNorm1d):
-        self.conv, self.bn = conv, bn
-        self.dilation = conv.dilation[0]
+    def __init__(self, conv: nn.Conv1d, bn: nn.BatchNorm1d, pad_left: int, pad_right: int,
+                 relu: bool = True, name: str = "conv"):
+        if type(conv) is not nn.Conv1d or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise _Refused(f"{name} is not a plain nn.Conv1d (groups=1, zero padding)")
+        if type(bn) is not nn.BatchNorm1d:
+            raise _Refused(f"{name}'s norm is a {type(bn).__name__}, not nn.BatchNorm1d")
+        if bn.num_features != conv.out_channels:
+            raise _Refused(f"{name}'s BatchNorm1d has {bn.num_features} features for "
+                           f"{conv.out_channels} channels")
+        if bn.running_mean is not None and bn.running_mean.dtype != torch.float32:
+            raise _Refused(f"{name}'s running statistics are not float32")
+        self.conv, self.bn, self.relu = conv, bn, relu
+        self.geo = _Geometry(conv, pad_left, pad_right)
 
-    def __call__(self, h: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def out_length(self, length: int) -> int:
+        return self.geo.out_length(length)
+
+    def __call__(self, h: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         bn = self.bn
         factor = 0.0
         if bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -163,9 +303,16 @@ class _Stage:
                 else bn.momentum
         tracked = bn.track_running_stats and bn.running_mean is not None
         return _StageFunction.apply(
-            _conv_view(h), self.conv.weight, self.conv.bias, bn.weight, bn.bias, residual,
-            self.dilation, bn.running_mean if tracked else None,
+            h, self.conv.weight, self.conv.bias, bn.weight, bn.bias, residual, self.geo,
+            self.relu, bn.running_mean if tracked else None,
             bn.running_var if tracked else None, bn.eps, factor)
+
+
+def _causal_stage(conv: nn.Conv1d, bn: nn.BatchNorm1d, name: str) -> _Stage:
+    """A TemporalBlock's stage: stride 1, causal padding."""
+    if conv.stride != (1,):
+        raise _Refused(f"{name} is not a stride-1 conv")
+    return _Stage(conv, bn, (conv.kernel_size[0] - 1) * conv.dilation[0], 0, name=name)
 
 
 class _Block:
@@ -174,25 +321,21 @@ class _Block:
     def __init__(self, block: nn.Module):
         if block.norm != "batch":
             raise _Refused(f"a TemporalBlock with norm={block.norm!r}; norm='batch' is built")
-        for name in ("conv1", "conv2"):
-            conv = getattr(block, name)
-            if type(conv) is not nn.Conv1d or conv.groups != 1 or conv.stride != (1,):
-                raise _Refused(f"{name} is not a plain stride-1 nn.Conv1d")
-        for name in ("bn1", "bn2"):
-            bn = getattr(block, name)
-            if type(bn) is not nn.BatchNorm1d:
-                raise _Refused(f"{name} is a {type(bn).__name__}, not nn.BatchNorm1d")
-            if bn.running_mean is not None and bn.running_mean.dtype != torch.float32:
-                raise _Refused(f"{name}'s running statistics are not float32")
         down = block.downsample
         if down is not None and (type(down) is not nn.Conv1d or down.kernel_size != (1,)
                                  or down.stride != (1,) or down.groups != 1
                                  or down.padding != (0,)):
             raise _Refused("the downsample is not a 1x1 nn.Conv1d")
         self.block = block
-        self.first = _Stage(block.conv1, block.bn1)
-        self.second = _Stage(block.conv2, block.bn2)
+        self.first = _causal_stage(block.conv1, block.bn1, "conv1")
+        self.second = _causal_stage(block.conv2, block.bn2, "conv2")
         self.in_channels = block.conv1.in_channels
+
+    def out_length(self, length: int) -> int:
+        return length
+
+    def min_rows(self, batch: int, length: int) -> int:
+        return batch * length
 
     def dropout_reason(self) -> Optional[str]:
         d = self.block.dropout
@@ -220,20 +363,152 @@ class _Block:
         else:
             # a 1x1 conv under autograd: oneDNN's NHWC forward and backward
             res = _rows(F.conv2d(_conv_view(h), down.weight.unsqueeze(2), down.bias))
-        mid = self._dropout(self.first(h, None))
+        mid = self._dropout(self.first(h))
         return self.second(mid, res.contiguous())
+
+
+class _BasicBlock:
+    """fastres.BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), the
+    shortcut x or downsample = 1x1 conv (stride s) -> BN, itself a stage without ReLU."""
+
+    def __init__(self, block: nn.Module):
+        k, d = block.conv1.kernel_size[0], block.conv1.dilation[0]
+        mode = "causal" if block.causal else "same"
+        if block.conv2.stride != (1,):
+            raise _Refused("conv2 is strided")
+        self.first = _Stage(block.conv1, block.bn1,
+                            *conv_padding(k, d, block.conv1.stride[0], mode), name="conv1")
+        k2, d2 = block.conv2.kernel_size[0], block.conv2.dilation[0]
+        self.second = _Stage(block.conv2, block.bn2, *conv_padding(k2, d2, 1, mode),
+                             name="conv2")
+        down = block.downsample
+        self.shortcut = None
+        if down is not None:
+            if not (type(down) is nn.Sequential and len(down) == 2
+                    and type(down[0]) is nn.Conv1d and down[0].kernel_size == (1,)
+                    and down[0].padding == (0,) and down[0].dilation == (1,)):
+                raise _Refused("the downsample is not nn.Sequential(1x1 nn.Conv1d, "
+                               "nn.BatchNorm1d)")
+            self.shortcut = _Stage(down[0], down[1], 0, 0, relu=False, name="downsample.0")
+            if down[0].stride != block.conv1.stride:
+                raise _Refused("the downsample's stride is not conv1's")
+        self.in_channels = block.conv1.in_channels
+
+    def out_length(self, length: int) -> int:
+        return self.second.out_length(self.first.out_length(length))
+
+    def min_rows(self, batch: int, length: int) -> int:
+        return batch * self.out_length(length)
+
+    def dropout_reason(self) -> Optional[str]:
+        return None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        res = h if self.shortcut is None else self.shortcut(h)
+        mid = self.first(h)
+        return self.second(mid, res)
+
+
+class _MaxPool:
+    """nn.MaxPool1d on (B, L, C) rows: ATen's channels-last max_pool2d on the (B, C, 1, L)
+    view (its forward and backward read the rows in place), under autograd."""
+
+    def __init__(self, pool: nn.MaxPool1d):
+        k, s, p, d = (v[0] if isinstance(v, tuple) else v for v in (
+            pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+        if pool.return_indices:
+            raise _Refused("the max pool returns indices")
+        self.args = ((1, k), (1, s), (0, p), (1, d), pool.ceil_mode)
+        self.kernel_size, self.stride, self.padding, self.dilation = k, s, p, d
+        self.ceil_mode = pool.ceil_mode
+
+    def out_length(self, length: int) -> int:
+        span = self.dilation * (self.kernel_size - 1) + 1
+        num = length + 2 * self.padding - span
+        n = (-(-num // self.stride) if self.ceil_mode else num // self.stride) + 1
+        if self.ceil_mode and (n - 1) * self.stride >= length + self.padding:
+            n -= 1
+        return n
+
+    def __call__(self, h: Tensor) -> Tensor:
+        out = _rows(F.max_pool2d(_conv_view(h), *self.args))
+        return out if out.is_contiguous() else out.contiguous()
+
+
+class _ResNet:
+    """fastres.ResNet1d: stem stage -> max pool -> the BasicBlocks -> mean over L -> fc."""
+
+    def __init__(self, model: nn.Module):
+        k, s = model.conv1.kernel_size[0], model.conv1.stride[0]
+        self.stem = _Stage(model.conv1, model.bn1,
+                           *conv_padding(k, model.conv1.dilation[0], s,
+                                         "causal" if model.causal else "same"), name="conv1")
+        if type(model.maxpool) is nn.MaxPool1d:
+            self.pool = _MaxPool(model.maxpool)
+        elif type(model.maxpool) is nn.Identity:
+            self.pool = None
+        else:
+            raise _Refused(f"maxpool is a {type(model.maxpool).__name__}")
+        self.blocks = []
+        for i in range(1, 5):
+            layer = getattr(model, f"layer{i}")
+            if type(layer) is not nn.Sequential:
+                raise _Refused(f"layer{i} is a {type(layer).__name__}, not nn.Sequential")
+            for j, block in enumerate(layer):
+                if _kind(block) != "basic":
+                    raise _Refused(f"layer{i}[{j}] is a {type(block).__name__}, not a "
+                                   "fastres BasicBlock")
+                self.blocks.append(_BasicBlock(block))
+        pool = model.avgpool
+        if type(pool) is not nn.AdaptiveAvgPool1d or pool.output_size not in (1, (1,)):
+            raise _Refused("avgpool is not nn.AdaptiveAvgPool1d(1)")
+        if type(model.fc) is not nn.Linear:
+            raise _Refused(f"fc is a {type(model.fc).__name__}, not nn.Linear")
+        self.fc = model.fc
+        self.in_channels = model.conv1.in_channels
+
+    def _lengths(self, length: int) -> List[int]:
+        lengths = [self.stem.out_length(length)]
+        if self.pool is not None:
+            lengths.append(self.pool.out_length(lengths[-1]))
+        for block in self.blocks:
+            lengths.append(block.first.out_length(lengths[-1]))
+        return lengths
+
+    def out_length(self, length: int) -> int:
+        return 1
+
+    def min_rows(self, batch: int, length: int) -> int:
+        return batch * min(self._lengths(length))
+
+    def dropout_reason(self) -> Optional[str]:
+        return None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        h = self.stem(h)
+        if self.pool is not None:
+            h = self.pool(h)
+        for block in self.blocks:
+            h = block(h)
+        # AdaptiveAvgPool1d(1) and flatten: the mean over the rows
+        return F.linear(h.mean(dim=1), self.fc.weight, self.fc.bias)
 
 
 def _kind(module: nn.Module) -> Optional[str]:
     cls = type(module)
     if not cls.__module__.startswith("fastres.nn."):
         return None
-    return {"TemporalBlock": "block", "TemporalConvNet": "tcn"}.get(cls.__name__)
+    return {"TemporalBlock": "block", "TemporalConvNet": "tcn", "BasicBlock": "basic",
+            "ResNet1d": "resnet"}.get(cls.__name__)
 
 
-def _blocks(module: nn.Module, kind: str) -> List[_Block]:
+def _blocks(module: nn.Module, kind: str) -> list:
     if kind == "block":
         return [_Block(module)]
+    if kind == "basic":
+        return [_BasicBlock(module)]
+    if kind == "resnet":
+        return [_ResNet(module)]
     reason = _stack_options(module)
     if reason is not None:
         raise _Refused(reason)
@@ -257,8 +532,9 @@ def _stack_options(model: nn.Module) -> Optional[str]:
 # ----------------------------------------------------------------------------- program
 
 class TrainProgram:
-    """A TemporalBlock's or TemporalConvNet's training forward in channels-last; see the
-    module docstring.
+    """A TemporalBlock's, TemporalConvNet's, BasicBlock's or ResNet1d's training forward on
+    (B, L, C) rows; see the module docstring. A ResNet1d's output is (B, num_classes),
+    whatever the layout.
 
     `program(x)` computes the module's forward on its (B, C, L) input, as FusedModule.forward
     hands it to the dispatch (also for input_layout="NLC" modules: LayoutIO has transposed by
@@ -268,12 +544,23 @@ class TrainProgram:
     entry, the output once at exit. `program(x, layout="NLC")` takes and returns (B, L, C).
     """
 
-    def __init__(self, module: nn.Module, blocks: List[_Block]):
+    def __init__(self, module: nn.Module, blocks: list, conv_layout: str):
         self._blocks = blocks
+        self.conv_layout = conv_layout
+        for stage in _stages(blocks):
+            stage.geo.ncl_conv = conv_layout == "NCL"
         self._root = weakref.ref(module)
         self._structure = _structure(module)
         self.module_name = type(module).__name__
         self.in_channels = blocks[0].in_channels
+
+    def _min_rows(self, batch: int, length: int) -> int:
+        """The fewest values per channel any batch norm of the program sees."""
+        rows = []
+        for block in self._blocks:
+            rows.append(block.min_rows(batch, length))
+            length = block.out_length(length)
+        return min(rows)
 
     def stale(self, module: nn.Module) -> bool:
         """Whether `module`'s structure changed since this program read it (a submodule or
@@ -296,10 +583,10 @@ class TrainProgram:
         params = [] if root is None else list(root.parameters())
         if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
             return "the module's parameters are not all float32 on CPU"
-        if x.shape[0] * x.shape[-1] <= 1 and x.numel() > 0:
-            return "one value per channel: batch statistics are undefined"
         if x.shape[0] == 0 or x.shape[-1] == 0:
             return "empty input"
+        if self._min_rows(x.shape[0], x.shape[-1]) <= 1:
+            return "one value per channel: batch statistics are undefined"
         for block in self._blocks:
             reason = block.dropout_reason()
             if reason is not None:
@@ -317,13 +604,16 @@ class TrainProgram:
             raise ValueError(f"{self.module_name} expects {self.in_channels} channels, got "
                              f"input of shape {tuple(x.shape)} ({layout})")
         keep_nlc = layout == "NLC" or onednn.is_channels_last(ncl)
-        h = ncl.transpose(1, 2).contiguous()  # (B, L, C): a copy only for NCL data
+        # (B, L, C): a copy only for NCL data
+        h = ncl.transpose(1, 2).contiguous() if keep_nlc else _Transposed.apply(ncl)
         for block in self._blocks:
             h = block(h)
+        if h.dim() == 2:  # a ResNet1d's (B, num_classes): no layout
+            return h
         if layout == "NLC":
             return h
         out = h.transpose(1, 2)
-        return out if keep_nlc else out.contiguous()
+        return out if keep_nlc else _Transposed.apply(h)
 
 
 def _structure(module: nn.Module) -> Tuple:
@@ -349,15 +639,44 @@ def _hooked(module: nn.Module) -> Optional[str]:
     return None
 
 
-def build_or_reason(module: nn.Module):
-    """(TrainProgram, None), or (None, why this module cannot be built)."""
+CONV_LAYOUTS = ("NLC", "NCL")
+
+
+def default_conv_layout(module: nn.Module) -> str:
+    """The conv layout program_for builds a module with: "NLC" (channels-last convs) for the
+    temporal blocks and stacks, "NCL" for BasicBlock and ResNet1d, whose convs run at few
+    rows (B * L) and many channels, where oneDNN's blocked NCL kernels measured faster than
+    its NHWC ones (benchmarks/NOTES.md). The dispatch may time the other (program_for)."""
+    return "NCL" if _kind(module) in ("basic", "resnet") else "NLC"
+
+
+def _stages(items) -> list:
+    """Every _Stage of a program's blocks, in build order."""
+    found = []
+    for item in items:
+        if isinstance(item, _Stage):
+            found.append(item)
+        elif isinstance(item, (_Block, _BasicBlock, _ResNet)):
+            found.extend(_stages(v for v in vars(item).values()))
+        elif isinstance(item, list):
+            found.extend(_stages(item))
+    return found
+
+
+def build_or_reason(module: nn.Module, conv_layout: Optional[str] = None):
+    """(TrainProgram, None), or (None, why this module cannot be built). conv_layout: "NLC"
+    or "NCL" (see default_conv_layout, the default)."""
+    if conv_layout is None:
+        conv_layout = default_conv_layout(module)
+    if conv_layout not in CONV_LAYOUTS:
+        raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
     reason = unavailable_reason()
     if reason is not None:
         return None, reason
     kind = _kind(module)
     if kind is None:
-        return None, (f"{type(module).__name__} is not a fastres TemporalBlock or "
-                      "TemporalConvNet")
+        return None, (f"{type(module).__name__} is not a fastres TemporalBlock, "
+                      "TemporalConvNet, BasicBlock or ResNet1d")
     if not all(m.training for m in module.modules()):
         return None, "the module (or a submodule) is in eval mode; the program is for training"
     hooked = _hooked(module)
@@ -370,23 +689,26 @@ def build_or_reason(module: nn.Module):
         blocks = _blocks(module, kind)
     except _Refused as refused:
         return None, str(refused)
-    return TrainProgram(module, blocks), None
+    return TrainProgram(module, blocks, conv_layout), None
 
 
-_CACHE = onednn.ProgramCache(build_or_reason, "oneDNN training program")
-_PROGRAMS = _CACHE.programs
+# one cache per conv layout: the default one, and the other for the dispatch to time
+_CACHES = {layout: onednn.ProgramCache(
+    lambda module, layout=layout: build_or_reason(module, layout),
+    f"oneDNN training program ({layout} convs)") for layout in CONV_LAYOUTS}
 
 
-def program_for(module: nn.Module) -> Optional[TrainProgram]:
+def program_for(module: nn.Module, conv_layout: Optional[str] = None
+                ) -> Optional[TrainProgram]:
     """The module's training program as the module is now (rebuilt when its structure
-    changed), or None (see onednn.ProgramCache)."""
-    return _CACHE.program_for(module)
+    changed), or None (see onednn.ProgramCache); conv_layout None: default_conv_layout."""
+    return _CACHES[conv_layout or default_conv_layout(module)].program_for(module)
 
 
-def run(module: nn.Module, x: Tensor) -> Tensor:
+def run(module: nn.Module, x: Tensor, conv_layout: Optional[str] = None) -> Tensor:
     """module(x) in training through its program; x in the module's own input_layout.
 
     For tests and benchmarks (the dispatch decides when the program runs): raises
     RuntimeError when the module or the call cannot run here.
     """
-    return _CACHE.run(module, x)
+    return _CACHES[conv_layout or default_conv_layout(module)].run(module, x)

@@ -19,9 +19,9 @@ Training rows (float32: the same modules in training mode, one SGD step each: fo
 loss, backward, step) time plain, fastres, compiled and
 
     fastres-onednn-train  the fused model's train step through its oneDNN training program
-                          (fastres/backends/onednn_train.py: channels-last convs, BN,
-                          residual and ReLU fused in C++); TemporalBlock and TemporalConvNet
-                          only, an error cell elsewhere
+                          (fastres/backends/onednn_train.py: oneDNN convs on (B, L, C)
+                          rows, BN, residual and ReLU fused in C++), at its default conv
+                          layout
 
 Compilation and export happen on each candidate's first call and are reported apart
 ("compile" column: first call minus the median). Rows are the ones issue 22 quotes: a

@@ -7,7 +7,9 @@ parameter gradient, running statistics, num_batches_tracked) against the unfused
 float64, ||a - ref|| / ||ref|| below 1e-5, or below twice plain float32 PyTorch's own error
 where that is larger (a pre-ReLU value within float32's rounding of 0 flips a ReLU mask, in
 plain PyTorch as anywhere). Each model trains two SGD steps, so the second call reads the
-weights and running statistics the first step changed. Kernel outputs are poisoned (filled
+weights and running statistics the first step changed; before the second, the float32 models
+take the float64 model's new values (in place), so a deep model's rounding is judged per step
+instead of compounding. Kernel outputs are poisoned (filled
 with NaN before the kernels write them): an element a kernel forgets to write cannot pass.
 """
 import copy
@@ -18,6 +20,7 @@ from torch import nn
 
 import fastres
 from fastres import _alloc
+from fastres import upstream_kernels
 from fastres.backends import onednn_train
 from fastres.conventions import rel_err
 from model_parity import TOL, grad_scale
@@ -38,6 +41,18 @@ MODULES = {
         fastres.TemporalBlock(8, 8, 2, dilation=5, dropout=0.0)), (2, 8, 30)),
     "tcn": (lambda: fastres.TemporalConvNet(4, [8, 8, 12], kernel_size=3, dropout=0.0),
             (2, 4, 70)),
+    "basic-identity": (lambda: fastres.BasicBlock(8, 8), (2, 8, 33)),
+    # issue 26's geometry (stride 2, dilation 8, padding 16: oneDNN's weight gradient is
+    # wrong there), odd length
+    "basic-strided-wide-pad": (lambda: fastres.BasicBlock(3, 19, 2, "auto", kernel_size=5,
+                                                          dilation=8), (2, 3, 65)),
+    "basic-causal-stride3": (lambda: fastres.BasicBlock(6, 10, 3, "auto", kernel_size=3,
+                                                        dilation=2, causal=True), (3, 6, 41)),
+    "resnet": (lambda: fastres.ResNet1d([1, 2, 1, 1], 3, 5, widths=(8, 8, 12, 16)),
+               (4, 3, 200)),
+    "resnet-causal-no-maxpool": (lambda: _momentum_none(fastres.ResNet1d(
+        [1, 1, 1, 1], 4, 3, widths=(6, 10, 10, 12), causal=True, maxpool=False,
+        stem_kernel_size=5, kernel_size=5)), (4, 4, 128)),
 }
 
 
@@ -69,7 +84,7 @@ def _check(what, got, plain, ref, scale=None):
     assert err < bound, f"{what}: {err:.2e} (bound {bound:.2e})"
 
 
-def _train_and_compare(model, shape, seed, layout="NCL", steps=2):
+def _train_and_compare(model, shape, seed, layout="NCL", steps=2, conv_layout=None):
     """`steps` SGD steps of the program (through onednn_train.run), of plain float32 and of
     plain float64 on the same draws; every number compared after each step."""
     plain = fastres.unfuse(copy.deepcopy(model)).train()
@@ -91,10 +106,15 @@ def _train_and_compare(model, shape, seed, layout="NCL", steps=2):
             xm.requires_grad_()
             if name == "program":
                 with _alloc.poisoned(True):
-                    out = onednn_train.run(m, xm)
-                if layout == "NLC":
+                    out = onednn_train.run(m, xm, conv_layout)
+                if layout == "NLC" and out.dim() == 3:
                     assert out.is_contiguous()  # (B, L, C) out: no conversion left
                     out = out.transpose(1, 2)
+            elif name == "plain":
+                # plain float32 with PyTorch's strided weight gradient routed around (it is
+                # wrong for some strided convs): the bound below is twice plain's error
+                with upstream_kernels.plain_convs_routed():
+                    out = m(xm)
             else:
                 out = m(xm)
             if grad is None:
@@ -122,20 +142,45 @@ def _train_and_compare(model, shape, seed, layout="NCL", steps=2):
                 assert buf.item() == buffers[2][name].item() == step + 1, name
             else:
                 _check(f"step {step} buffer {name}", buf, buffers[1][name], buffers[2][name])
+        # The float32 models continue from the float64 model's new weights and statistics
+        # (written in place, so the program must read the values the step changed): each
+        # step is judged alone, and a deep model's rounding does not compound over steps.
+        with torch.no_grad():
+            for m in (model, plain):
+                for mine, ref_value in zip(
+                        list(m.parameters()) + list(m.buffers()),
+                        list(ref.parameters()) + list(ref.buffers())):
+                    mine.copy_(ref_value)
 
 
+@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
 @pytest.mark.parametrize("name", list(MODULES))
-def test_train_steps_match_float64(name, fresh_seed):
+def test_train_steps_match_float64(name, conv_layout, fresh_seed):
     model, shape = _draw(name, fresh_seed)
-    _train_and_compare(model, shape, fresh_seed)
+    _train_and_compare(model, shape, fresh_seed, conv_layout=conv_layout)
 
 
-@pytest.mark.parametrize("name", ["block-downsample", "tcn"])
+@pytest.mark.parametrize("name", ["block-downsample", "tcn", "basic-causal-stride3",
+                                  "resnet"])
 def test_nlc_input(name, fresh_seed):
     """(B, L, C) data in and out (input_layout="NLC"): no conversion at entry or exit."""
     model, shape = _draw(name, fresh_seed)
     model.input_layout = "NLC"
     _train_and_compare(model, shape, fresh_seed, layout="NLC")
+
+
+def test_conv_layouts_are_separate_programs():
+    """Each conv layout has its own program; the default is the one program_for gives."""
+    for model, default in ((fastres.TemporalBlock(8, 8, 3, dropout=0.0), "NLC"),
+                           (fastres.BasicBlock(8, 8), "NCL")):
+        model.train()
+        assert onednn_train.default_conv_layout(model) == default
+        programs = {layout: onednn_train.program_for(model, layout)
+                    for layout in onednn_train.CONV_LAYOUTS}
+        assert {p.conv_layout for p in programs.values()} == set(onednn_train.CONV_LAYOUTS)
+        assert onednn_train.program_for(model) is programs[default]
+    with pytest.raises(ValueError, match="conv_layout"):
+        onednn_train.build_or_reason(model, "NHWC")
 
 
 def test_channels_last_view_keeps_its_layout(fresh_seed):
@@ -175,7 +220,14 @@ def test_nan_propagates_as_in_plain(fresh_seed):
 @pytest.mark.parametrize("build, mode, reason", [
     (lambda: fastres.TemporalBlock(8, 8, 3), "eval", "eval mode"),
     (lambda: fastres.TemporalBlock(8, 8, 3, norm="weight"), "train", "norm='weight'"),
-    (lambda: fastres.BasicBlock(8, 8), "train", "not a fastres TemporalBlock"),
+    (lambda: fastres.unfuse(fastres.BasicBlock(8, 8)), "train", "not a fastres TemporalBlock"),
+    (lambda: nn.Conv1d(8, 8, 3), "train", "not a fastres TemporalBlock"),
+    (lambda: fastres.BasicBlock(8, 8), "eval", "eval mode"),
+    (lambda: fastres.BasicBlock(8, 8, kernel_size=4), "train", "more on the right"),
+    (lambda: fastres.BasicBlock(8, 12, 2, nn.Conv1d(8, 12, 1, stride=2)), "train",
+     "downsample is not"),
+    (lambda: fastres.ResNet1d([1, 1, 1, 1], 8, widths=(8, 8, 8, 8)).double(), "train",
+     "float32"),
     (lambda: fastres.TemporalBlock(8, 8, 3).double(), "train", "float32"),
     (lambda: fastres.TemporalConvNet(4, [8], skip_connections=True, dropout=0.0), "train",
      "skip_connections"),
@@ -238,6 +290,51 @@ def test_refused_calls_say_why():
         program(torch.randn(1, 8, 1))
     with pytest.raises(ValueError, match="expects 8 channels"):
         program(torch.randn(2, 7, 16))
+
+
+@pytest.mark.parametrize("stride, dilation, kernel_size, pad_left, pad_right", [
+    (2, 8, 5, 16, 16),  # issue 26's reproducer: oneDNN's weight gradient is wrong here
+    (2, 1, 3, 1, 1), (3, 2, 3, 4, 0), (2, 1, 7, 3, 3), (2, 1, 1, 0, 0), (1, 4, 3, 8, 0)])
+def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_left,
+                                             pad_right, fresh_seed):
+    """The strided weight gradient the program computes itself (one GEMM over h's windows)
+    against the float64 conv's, on (B, L, C) rows."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    conv = nn.Conv1d(3, 19, kernel_size, stride=stride, dilation=dilation, bias=False)
+    geo = onednn_train._Geometry(conv, pad_left, pad_right)
+    x = torch.randn(2, 3, 64, generator=g, dtype=torch.float64)
+    w = torch.randn(19, 3, kernel_size, generator=g, dtype=torch.float64,
+                    requires_grad=True)
+    y = torch.nn.functional.conv1d(torch.nn.functional.pad(x, [pad_left, pad_right]), w,
+                                   stride=stride, dilation=dilation)
+    assert y.shape[-1] == geo.out_length(64)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(y, [w], grad_y)
+    got = onednn_train._weight_grad_by_rows(grad_y.float().transpose(1, 2).contiguous(),
+                                            x.float().transpose(1, 2).contiguous(), geo)
+    assert got.shape == ref.shape and rel_err(got, ref) < TOL
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 33), (1, 1, 5), (2, 40, 3), (4, 16, 16)])
+def test_tiled_transpose_writes_every_element(shape, fresh_seed):
+    """The extension's transpose (weights, conversions, NCL convs): edge tiles included,
+    into a NaN-poisoned output."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    with _alloc.poisoned(True):
+        out = onednn_train._transpose_last2(t)
+    assert torch.equal(out, t.transpose(1, 2))
+
+
+def test_resnet_too_short_for_batch_statistics_says_why():
+    """A length that leaves one value per channel in the last stage: refused before any
+    kernel runs, as plain BatchNorm1d refuses it."""
+    model = fastres.ResNet1d([1, 1, 1, 1], 3, widths=(8, 8, 8, 8)).train()
+    program, reason = onednn_train.build_or_reason(model)
+    assert program is not None, reason
+    assert program.unsupported_reason(torch.randn(2, 3, 64)) is None
+    assert "one value per channel" in program.unsupported_reason(torch.randn(1, 3, 16))
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        program(torch.randn(1, 3, 16))
 
 
 def test_stale_follows_structure_not_values():
