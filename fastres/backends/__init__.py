@@ -82,6 +82,8 @@ class CudaBackend(KernelBackend):
     dtypes = _FLOATS
     description = "CUDA C++ kernels (csrc/cuda)"
     activations = "all"
+    why_no_layer_norm = ("its conv is cuDNN's and its epilogue kernels walk (batch, channel) "
+                         "rows; per-position statistics over the channels are not built")
 
     def load(self):
         from . import cuda

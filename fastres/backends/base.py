@@ -86,6 +86,7 @@ class Backend:
     # Whether it runs layer norm over channels (conventions.NORM_LAYER): a kernel whose
     # tile holds every channel of a position can fuse it.
     layer_norm = False
+    why_no_layer_norm = "its tiles do not hold every channel of a position"
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the backend can run on this machine, else why not."""
@@ -101,8 +102,7 @@ class Backend:
         if call.dtype not in self.dtypes:
             return f"does not take {str(call.dtype).replace('torch.', '')}"
         if call.norm == conventions.NORM_LAYER and not self.layer_norm:
-            return ("has no layer-norm mode (its tiles do not hold every channel of a "
-                    "position)")
+            return f"has no layer-norm mode ({self.why_no_layer_norm})"
         name = call.activation.partition(":")[0]
         if self.activations != "all" and name not in self.activations:
             return (f"its epilogue has no {name} activation (it runs "

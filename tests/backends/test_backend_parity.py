@@ -251,3 +251,15 @@ def test_layer_norm_refuses_running_statistics():
         fastres.conv_bn_relu(x, w, None, torch.zeros(4), torch.ones(4), norm="layer")
     with pytest.raises(ValueError, match="norm must be 'batch', 'layer' or None"):
         fastres.conv_bn_relu(x, w, norm="group")
+
+
+def test_backends_without_layer_norm_say_why(monkeypatch):
+    """A backend that cannot fuse layer norm refuses it in its own words (the dispatcher then
+    runs PyTorch's kernels); the CUDA extension's reason is its own, not the tiles'."""
+    cuda = backends.get("cuda")
+    monkeypatch.setattr(type(cuda), "unavailable_reason", lambda self: None)
+    call = backends.Call("cuda", torch.float32, 2, 8, 8, 64, 3, 1, 1, 2, 0, "layer", True,
+                         False, False, True)
+    reason = cuda.supports(call)
+    assert reason.startswith("has no layer-norm mode") and "cuDNN" in reason
+    assert cuda.supports(dataclasses.replace(call, norm="train")) is None
