@@ -33,7 +33,8 @@ class Choice:
 
     level: "op" or "module". name: the backend (op level) or policy (module level) that
     runs. reason: why, in words. times_s: median seconds per call of every candidate timed;
-    spread: the largest interquartile spread of their samples (relative); margin: how much
+    spread: the larger interquartile spread (relative) of the two that decided, the baseline
+    and the fastest other candidate; margin: how much
     faster than the baseline another candidate had to be; excluded: candidates left out,
     and why (a failed correctness probe, an error). source: MEASURED, CACHED, STATIC,
     FORCED or RULE. final: stored for later processes (see the module docstring).
@@ -60,9 +61,11 @@ class Choice:
         base = self.times_s.get(self.baseline)
         if self.name == self.baseline and ranked[0][0] != self.baseline and base:
             saving = 1 - ranked[0][1] / base
+            short = (f"short of the {self.margin:.0%} a fused path must save"
+                     if saving < self.margin else
+                     f"but samples spread {self.spread:.0%}: too close to call")
             verdict = (f"{ranked[0][0]} took {saving:.0%} less time than {self.baseline}, "
-                       f"short of the {self.margin:.0%} a fused path must save, so "
-                       f"{self.baseline} runs")
+                       f"{short}, so {self.baseline} runs")
         elif self.name != self.baseline and base:
             verdict = (f"{self.name} took {1 - self.times_s[self.name] / base:.0%} less time "
                        f"than {self.baseline} (needed {self.margin:.0%})")

@@ -327,6 +327,25 @@ def test_a_choice_won_within_the_noise_is_not_stored(monkeypatch, fresh_dispatch
                                     False).final
 
 
+def test_a_fused_path_must_win_clear_of_the_noise(monkeypatch):
+    """15% faster than the baseline (three times the 5% margin) but with samples spread 25%:
+    too close to call, so the baseline runs, and the next process measures again; an
+    irrelevant third candidate's noise does not decide."""
+    samples = {"base": [1.0, 1.25, 0.9, 1.0, 1.2], "fused": [0.85, 1.05, 0.75, 0.85, 1.0],
+               "noisy": [2.0, 4.0, 1.0, 3.0, 2.5]}
+    monkeypatch.setattr(dispatch.measure.timing, "measure", lambda runs, device, config: {
+        name: dispatch.measure.timing.Stats([t * 1e-3 for t in samples[name]], 1, 0.0)
+        for name in runs})
+    runs = dict.fromkeys(samples)
+    choice = dispatch.measure.measure("module", runs, "base", "cpu", False)
+    assert choice.name == "base" and not choice.final
+    assert "too close to call" in choice.why()
+    samples["base"] = [1.0, 1.02, 0.99, 1.0, 1.01]      # both quiet now: a clear win
+    samples["fused"] = [0.85, 0.86, 0.84, 0.85, 0.85]
+    choice = dispatch.measure.measure("module", runs, "base", "cpu", False)
+    assert choice.name == "fused" and choice.final and choice.spread < 0.05
+
+
 def test_the_training_margin_is_the_op_levels_alone(monkeypatch):
     """An op call timed alone with its backward needs 15%; a module's whole training step,
     timed as it runs, needs the forward margin: a path 10% faster wins there and not here."""
