@@ -36,6 +36,9 @@ CONFIG = timing.TimingConfig(min_rounds=5, max_rounds=5, max_time_s=0.0, min_blo
 # The module level's rounds: a whole module is timed fewer times than one stage.
 MODULE_CONFIG = timing.TimingConfig(min_rounds=3, max_rounds=3, max_time_s=0.0,
                                     min_block_s=2e-3, warmup_s=0.0, min_warmup_calls=1)
+# Passes of those rounds at most: a decision too close to call is timed again, the rounds
+# pooled (a median of 3 samples is a noisy thing, and most decisions are clear after one).
+PASSES = 3
 # Measuring times at most this many positions (batch x length) of an input, and at most
 # 1/LONG_INPUT_FRACTION of a long one's, but not below MIN_MEASURED_POSITIONS.
 MAX_MEASURED_POSITIONS = 1 << 15
@@ -64,44 +67,57 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
     """Time `runs` (name -> one call on private inputs; baseline among them) and choose.
 
     A candidate that raises is left out with the error as its reason (the baseline's error
-    propagates: nothing can run then). The choice is final (stored for later processes)
-    only where the machine was quiet and the decision stands clear of the timing noise.
+    propagates: nothing can run then). A decision too close to call for the samples' noise
+    is timed again, up to PASSES in all, the rounds pooled; still too close, the baseline
+    runs. The choice is final (stored for later processes) only where the machine was quiet
+    and the decision stands clear of the timing noise.
     """
     excluded = dict(excluded or {})
-    results = timing.measure(runs, torch.device(device), config)
-    stats = {}
-    for name, result in results.items():
-        if isinstance(result, Exception):
-            if name == baseline:
-                raise result
-            excluded[name] = f"raised {type(result).__name__}: {result}"
-        else:
-            stats[name] = result
-    times = {name: s.median_s for name, s in stats.items()}
     need = margin(level, with_backward)
-    best = min(times, key=times.get)
-    # The decisive comparison is the baseline against the fastest other candidate; its noise
-    # is the larger spread of those two.
-    rival = min((n for n in times if n != baseline), key=times.get, default=None)
-    spread = stats[baseline].spread if rival is None else max(stats[baseline].spread,
-                                                                stats[rival].spread)
-    if best != baseline and times[best] > (1 - need) * times[baseline]:
-        best = baseline
+    stats: Dict[str, timing.Stats] = {}
+    for _ in range(PASSES):
+        results = timing.measure({n: runs[n] for n in runs if n not in excluded},
+                                 torch.device(device), config)
+        for name, result in results.items():
+            if isinstance(result, Exception):
+                if name == baseline:
+                    raise result
+                excluded[name] = f"raised {type(result).__name__}: {result}"
+                stats.pop(name, None)
+            elif name in stats:
+                stats[name].times_s.extend(result.times_s)
+            else:
+                stats[name] = result
+        best, spread, closeness = _judge(stats, baseline, need)
+        if closeness is None or closeness >= spread:
+            break
     details = provenance(device)
     final, why_not = True, None
     load = load_per_core()
     if load is not None and load > BUSY_LOAD_PER_CORE:
         final, why_not = False, f"measured under load ({load:.1f} runnable threads a core)"
-    if rival is not None:
-        # How far the decisive comparison is from flipping, against the noise of the samples.
-        closeness = abs((1 - need) * times[baseline] / times[rival] - 1)
-        if closeness < spread:
-            # Too close to call: the baseline runs (a fused path must win clear of the
-            # noise, or a noisy moment could make the default slower than plain).
-            best, final = baseline, False
-            why_not = why_not or (f"decided within the timing noise ({closeness:.0%} from "
-                                  f"the other answer, samples spread {spread:.0%})")
+    if closeness is not None and closeness < spread:
+        # Too close to call: the baseline runs (a fused path must win clear of the noise,
+        # or a noisy moment could make the default slower than plain).
+        best, final = baseline, False
+        why_not = why_not or (f"decided within the timing noise ({closeness:.0%} from the "
+                              f"other answer, samples spread {spread:.0%})")
     if why_not:
         details["not_final"] = why_not + "; measured again by the next process"
+    times = {name: st.median_s for name, st in stats.items()}
     return Choice(level, best, "measured", MEASURED, times, spread, need, baseline, excluded,
                   details, final)
+
+
+def _judge(stats: Dict[str, timing.Stats], baseline: str, need: float
+           ) -> Tuple[str, float, Optional[float]]:
+    """(the winner by the margin, the decisive pair's spread, how far that decision is from
+    flipping, relative; None with nothing to compare). The decisive comparison is the
+    baseline against the fastest other candidate; its noise is the larger spread of the two."""
+    times = {name: st.median_s for name, st in stats.items()}
+    rival = min((n for n in times if n != baseline), key=times.get, default=None)
+    if rival is None:
+        return baseline, stats[baseline].spread, None
+    spread = max(stats[baseline].spread, stats[rival].spread)
+    best = rival if times[rival] <= (1 - need) * times[baseline] else baseline
+    return best, spread, abs((1 - need) * times[baseline] / times[rival] - 1)

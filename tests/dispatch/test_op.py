@@ -346,6 +346,31 @@ def test_a_fused_path_must_win_clear_of_the_noise(monkeypatch):
     assert choice.name == "fused" and choice.final and choice.spread < 0.05
 
 
+def test_a_close_call_is_timed_again_with_the_rounds_pooled(monkeypatch):
+    """Noisy first rounds, steady ones after: the decision waits for them (and stops timing
+    once it is clear); never more than PASSES passes."""
+    passes = []
+    noisy = {"base": [1.0, 1.3, 0.8], "fused": [0.8, 1.1, 0.7]}
+
+    def fake(runs, device, config):
+        passes.append(sorted(runs))
+        steady = {"base": [1.0] * 3, "fused": [0.8] * 3}
+        source = noisy if len(passes) == 1 else steady
+        return {name: dispatch.measure.timing.Stats([t * 1e-3 for t in source[name]], 1, 0.0)
+                for name in runs}
+    monkeypatch.setattr(dispatch.measure.timing, "measure", fake)
+    choice = dispatch.measure.measure("module", dict.fromkeys(noisy), "base", "cpu", False)
+    assert len(passes) == 2 and choice.name == "fused"
+    passes.clear()
+    noisy["fused"] = [0.96, 1.25, 0.77]  # noisy every pass now: too close, the baseline runs
+    monkeypatch.setattr(dispatch.measure.timing, "measure", lambda runs, device, config: (
+        passes.append(1) or {n: dispatch.measure.timing.Stats([t * 1e-3 for t in noisy[n]], 1,
+                                                               0.0) for n in runs}))
+    choice = dispatch.measure.measure("module", dict.fromkeys(noisy), "base", "cpu", False)
+    assert len(passes) == dispatch.measure.PASSES and choice.name == "base"
+    assert len(choice.times_s) == 2 and not choice.final
+
+
 def test_the_training_margin_is_the_op_levels_alone(monkeypatch):
     """An op call timed alone with its backward needs 15%; a module's whole training step,
     timed as it runs, needs the forward margin: a path 10% faster wins there and not here."""
