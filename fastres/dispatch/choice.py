@@ -33,8 +33,9 @@ class Choice:
 
     level: "op" or "module". name: the backend (op level) or policy (module level) that
     runs. reason: why, in words. times_s: median seconds per call of every candidate timed;
-    spread: the larger interquartile spread (relative) of the two that decided, the baseline
-    and the fastest other candidate; margin: how much
+    spread: the noise of the decision, the interquartile spread (relative) of the round-by-
+    round time ratio of the two that decided (the fastest other candidate over the
+    baseline); margin: how much
     faster than the baseline another candidate had to be; excluded: candidates left out,
     and why (a failed correctness probe, an error). source: MEASURED, CACHED, STATIC,
     FORCED or RULE. final: stored for later processes (see the module docstring).

@@ -3,7 +3,8 @@
 The baseline is what a user would run without fastres (eager PyTorch for an op call, the
 plain twin for a module). Every candidate is timed with the one timer (fastres/timing.py),
 interleaved, on private inputs, and the fastest wins; anything but the baseline must beat
-it by a margin, clear of the timing noise (the spread of the samples), so a noisy
+it by a margin, clear of the timing noise (the spread of the round-by-round ratio of the
+two: a burst of load that slows both sides of a round cancels in it), so a noisy
 measurement cannot make the default slower than PyTorch. Timed in
 isolation, a stage's cost leaves out part of what it costs inside a model (allocator and
 cache state, the other layers' threads); the margin absorbs that, larger for an op call
@@ -111,13 +112,19 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
 
 def _judge(stats: Dict[str, timing.Stats], baseline: str, need: float
            ) -> Tuple[str, float, Optional[float]]:
-    """(the winner by the margin, the decisive pair's spread, how far that decision is from
-    flipping, relative; None with nothing to compare). The decisive comparison is the
-    baseline against the fastest other candidate; its noise is the larger spread of the two."""
+    """(the winner by the margin, the decision's noise, how far the decision is from
+    flipping, relative; None with nothing to compare).
+
+    The decisive comparison is the baseline against the fastest other candidate, judged
+    round by round: the rounds interleave the candidates, so a burst of load slows both
+    sides of a round alike and their ratio cancels it. The ratio's median decides; its
+    interquartile spread (relative) is the noise."""
     times = {name: st.median_s for name, st in stats.items()}
     rival = min((n for n in times if n != baseline), key=times.get, default=None)
     if rival is None:
         return baseline, stats[baseline].spread, None
-    spread = max(stats[baseline].spread, stats[rival].spread)
-    best = rival if times[rival] <= (1 - need) * times[baseline] else baseline
-    return best, spread, abs((1 - need) * times[baseline] / times[rival] - 1)
+    ratios = timing.Stats([r / b for r, b in zip(stats[rival].times_s, stats[baseline].times_s)],
+                          1, 0.0)
+    ratio = ratios.median_s
+    best = rival if ratio <= 1 - need else baseline
+    return best, ratios.spread, abs((1 - need) / ratio - 1)
