@@ -64,6 +64,20 @@ def test_step_checks_what_the_caller_owns():
     assert int(position) == 0 and not state.any()   # nothing above advanced anything
 
 
+def _random_stack(rng: random.Random):
+    """(an eval-mode TemporalConvNet with a 1x1 head, its input channels), drawn from rng:
+    widths that hit the kernels' 64-channel tiles, single vectors and scalar tails, kernel
+    sizes 1-4 (1: no history), batch or weight norm, a head of 1, 8 or 33 outputs."""
+    c_in = rng.choice([1, 3, 8, 17])
+    channels = [rng.choice([5, 16, 20, 64, 80]) for _ in range(rng.randint(1, 3))]
+    torch.manual_seed(rng.randint(0, 2**31))
+    net = fastres.TemporalConvNet(c_in, channels, kernel_size=rng.randint(1, 4),
+                                  norm=rng.choice(["batch", "weight"]))
+    model = nn.Sequential(randomize_bn(net, seed=rng.randint(0, 2**31)),
+                          nn.Conv1d(channels[-1], rng.choice([1, 8, 33]), 1)).eval()
+    return model, c_in
+
+
 @requires_cpp
 def test_single_stream_steps_match_the_reference_on_fresh_draws(fresh_seed):
     """The C++ step of one stream (csrc/cpu/stream_cpu.cpp, Stack::run_step_rows: all taps of
@@ -72,13 +86,7 @@ def test_single_stream_steps_match_the_reference_on_fresh_draws(fresh_seed):
     sizes 1-4 (1: no history), a 1x1 head; a slice x[:, :, t] read in place; then the same
     sequence from a fresh zero state kept nowhere (the whole-sequence kernel at length 1)."""
     rng = random.Random(fresh_seed)
-    c_in = rng.choice([1, 3, 8, 17])
-    channels = [rng.choice([5, 16, 20, 64, 80]) for _ in range(rng.randint(1, 3))]
-    torch.manual_seed(rng.randint(0, 2**31))
-    net = fastres.TemporalConvNet(c_in, channels, kernel_size=rng.randint(1, 4),
-                                  norm=rng.choice(["batch", "weight"]))
-    model = nn.Sequential(randomize_bn(net, seed=rng.randint(0, 2**31)),
-                          nn.Conv1d(channels[-1], rng.choice([1, 8, 33]), 1)).eval()
+    model, c_in = _random_stack(rng)
     length = 24
     x = random_input(rng, c_in, length, 1, torch.float32)
     plan = Plan(model)
@@ -128,13 +136,7 @@ def test_bf16_steps_match_the_reference_on_fresh_draws(fresh_seed, bf16_kernel):
     conv_rows_bf16); inputs are slices x[:, :, t] read in place, outputs a strided slice.
     Then from a zeroed state again (reset): the same outputs, bit for bit."""
     rng = random.Random(fresh_seed)
-    c_in = rng.choice([1, 3, 8, 17])
-    channels = [rng.choice([5, 16, 20, 64, 80]) for _ in range(rng.randint(1, 3))]
-    torch.manual_seed(rng.randint(0, 2**31))
-    net = fastres.TemporalConvNet(c_in, channels, kernel_size=rng.randint(1, 4),
-                                  norm=rng.choice(["batch", "weight"]))
-    model = nn.Sequential(randomize_bn(net, seed=rng.randint(0, 2**31)),
-                          nn.Conv1d(channels[-1], rng.choice([1, 8, 33]), 1)).eval()
+    model, c_in = _random_stack(rng)
     batch, length = rng.randint(1, 3), 20
     x = random_input(rng, c_in, length, batch, torch.float32)
     plan = Plan(model, weight_dtype=torch.bfloat16)
