@@ -35,9 +35,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # --------------------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastres::conv_bn_relu",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def _forward_op(
+def _forward_kernels(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
     beta: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
     residual: Optional[Tensor], num_batches_tracked: Optional[Tensor], stride: int,
@@ -51,6 +49,13 @@ def _forward_op(
         momentum_factor=momentum_factor, relu_before_add=relu_before_add,
         save_for_backward=save_for_backward, num_batches_tracked=num_batches_tracked,
         activation=activation)
+
+
+# The custom op is what torch.compile, export, fake tensors, dispatch modes and torch.func see;
+# a plain eager call runs its body directly (_eager_call), skipping the op's dispatch.
+_forward_op = torch.library.custom_op(
+    "fastres::conv_bn_relu", _forward_kernels,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 
 
 @_forward_op.register_fake
@@ -74,8 +79,7 @@ def _(x, weight, bias, gamma, beta, running_mean, running_var, residual, num_bat
     return x.new_empty(shape), saved, mask_bits, stats, stats.clone()
 
 
-@torch.library.custom_op("fastres::conv_bn_relu_backward", mutates_args=())
-def _backward_op(
+def _backward_kernels(
     grad_out: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor],
     beta: Optional[Tensor], saved: Tensor, out: Tensor, var: Tensor, mask_bits: Tensor,
     has_bias: bool, has_residual: bool, stride: int, dilation: int, pad_left: int,
@@ -93,6 +97,20 @@ def _backward_op(
         mask_bits=mask_bits, activation=activation, residual=residual)
     # Custom ops cannot return None: an absent gradient travels as an empty tensor.
     return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+_backward_op = torch.library.custom_op("fastres::conv_bn_relu_backward", _backward_kernels,
+                                       mutates_args=())
+
+
+def _eager_call(x: Tensor) -> bool:
+    """Whether a call may run the kernels without the custom ops' dispatch: a plain tensor,
+    no torch.compile or jit tracing, no dispatch mode (fake and functional tensors, export,
+    FlopCounterMode) and no torch.func transform, which must all see the op. The dispatch
+    costs about as much as a small stage's kernel (benchmarks/NOTES.md, pytorch-tcn suite)."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not torch._C._len_torch_dispatch_stack()
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 @_backward_op.register_fake
@@ -155,7 +173,8 @@ class _FusedStage(torch.autograd.Function):
                 num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
                 momentum_factor, relu_before_add, save_for_backward, backend, link,
                 activation="relu"):
-        out, saved, mask_bits, _batch_mean, batch_var = _forward_op(
+        run = _forward_kernels if _eager_call(x) else _forward_op
+        out, saved, mask_bits, _batch_mean, batch_var = run(
             x, weight, bias, gamma, beta, running_mean, running_var, residual,
             num_batches_tracked, stride, dilation, pad_left, pad_right, norm, eps,
             momentum_factor, relu_before_add, save_for_backward, backend, activation)
@@ -195,7 +214,8 @@ class _FusedStage(torch.autograd.Function):
             addend, addend_bits, link.grad, link.grad_bits = link.grad, link.grad_bits, None, None
         # Linked, with the final mask saved as bits: grad_residual is stage 1's to compute.
         defer = ctx.link_out is not None and mask_bits.numel() > 0
-        grads = _backward_op(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits,
+        run = _backward_kernels if _eager_call(grad_out) else _backward_op
+        grads = run(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits,
                              *ctx.args, need_grad_x, addend, addend_bits, defer, residual,
                              ctx.activation)
         has_bias, has_residual = ctx.args[0], ctx.args[1]
