@@ -25,20 +25,6 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=f"triton backend unav
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """16-wide channel tiles, 32-long length tiles, a few wgrad splits, and fused
-    finalizes with groups of 2 tiles (several groups, the last one ragged)."""
-    from fastres.backends.triton import tiling
-    monkeypatch.setattr(tiling, "MAX_BLOCK_CO", 16)
-    monkeypatch.setattr(tiling, "MAX_BLOCK_CI", 16)
-    monkeypatch.setattr(tiling, "MAX_BLOCK_C", 16)
-    monkeypatch.setattr(tiling, "MAX_BLOCK_L", 32)
-    monkeypatch.setattr(tiling, "MAX_WGRAD_SPLITS", 2)
-    monkeypatch.setattr(tiling, "FINALIZE_GROUP", 2)
-    return tiling
-
-
 # L=70 (dgrad's length) is 3 tiles of 32, the last ragged, and so is L_out=70 (or 35, 24 at
 # stride 2, 3); C_out=40 is 3 tiles of 16, C_in=20 is 2; wgrad's (b, l-block) pairs are cut
 # into 2 splits. L=70 rows are not 16-byte multiples: the masked-pointer path. L=72 rows are:

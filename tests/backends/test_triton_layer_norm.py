@@ -22,20 +22,6 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=f"triton backend unav
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """16-wide channel tiles for the batch-norm GEMMs (layer norm's forward keeps every
-    channel in one tile all the same), 32-long length tiles, 2 wgrad splits, finalize
-    groups of 2 tiles."""
-    from fastres.backends.triton import tiling
-    monkeypatch.setattr(tiling, "MAX_BLOCK_CO", 16)
-    monkeypatch.setattr(tiling, "MAX_BLOCK_CI", 16)
-    monkeypatch.setattr(tiling, "MAX_BLOCK_L", 32)
-    monkeypatch.setattr(tiling, "MAX_WGRAD_SPLITS", 2)
-    monkeypatch.setattr(tiling, "FINALIZE_GROUP", 2)
-    return tiling
-
-
 # L_out = 70, 72 or 35: 3 or 2 length tiles of 32, the last ragged (forward and backward);
 # C_out = 40 fills 40 of a 64-row tile (the padding rows must stay out of the statistics).
 # L = 72 rows are 16-byte multiples (the TMA path), L = 70 and stride 2 are not (pointers).
