@@ -54,15 +54,21 @@ _SCRIPT = """
 """
 
 
-@pytest.fixture(scope="module")
-def reports():
+def _compiled_in_a_fresh_process(script: str, tag: str):
+    """Run `script` in a new Python without the interpreter switch (Triton compiles for sm_90
+    there) and return the JSON it printed after `tag`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_SCRIPT)], env=env,
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("REPORTS"))
-    return json.loads(line[len("REPORTS"):])
+    line = next(x for x in result.stdout.splitlines() if x.startswith(tag))
+    return json.loads(line[len(tag):])
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return _compiled_in_a_fresh_process(_SCRIPT, "REPORTS")
 
 
 def test_stage_launches_at_the_real_shape(reports):
@@ -183,13 +189,7 @@ def test_activation_kernels_compile_for_sm90():
     """Every activation's forward epilogue and elementwise backward compile for sm_90 (the
     interpreter runs them; this is the code a GPU would run), with its named code as the
     ACT constexpr and at most a few bytes of local memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_ACTIVATION_SCRIPT)],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("ACTIVATIONS"))
-    found = json.loads(line[len("ACTIVATIONS"):])
+    found = _compiled_in_a_fresh_process(_ACTIVATION_SCRIPT, "ACTIVATIONS")
     from fastres.backends._activation import parse_activation
     assert {f["act"] for f in found} == {"gelu", "gelu_tanh", "silu", "tanh",
                                          "leaky_relu:0.2", "elu:0.5"}
@@ -235,13 +235,7 @@ def test_layer_norm_kernels_compile_for_sm90():
     B=32, L=4096, bf16 and float32 with tf32 dots): one forward launch whose tile holds
     every channel, on tensor cores; one elementwise backward pass (its finalize's two
     tickets after a barrier); no spills or local memory in either."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_LAYER_NORM_SCRIPT)],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("LAYER"))
-    found = json.loads(line[len("LAYER"):])
+    found = _compiled_in_a_fresh_process(_LAYER_NORM_SCRIPT, "LAYER")
     sequences = [f["names"] for f in found if "names" in f]
     assert sequences == [["conv_forward_kernel", "relu_bn_backward_kernel",
                           "conv_dgrad_kernel", "conv_wgrad_kernel"]] * 2, sequences
