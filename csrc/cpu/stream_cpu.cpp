@@ -161,6 +161,25 @@ inline __attribute__((always_inline)) void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// The end of a single-row kernel's tile of 4 vectors of channels: c[0 .. 4 * kV) = r, then
+// max(c, 0) where `relu` (kV = 64 bytes of T).
+template <typename T, typename V>
+inline __attribute__((always_inline)) void store_tile4(T* c, V r0, V r1, V r2, V r3,
+                                                        bool relu) {
+  constexpr int64_t kV = 64 / sizeof(T);
+  if (relu) {
+    const V zero = {};
+    r0 = r0 > zero ? r0 : zero;
+    r1 = r1 > zero ? r1 : zero;
+    r2 = r2 > zero ? r2 : zero;
+    r3 = r3 > zero ? r3 : zero;
+  }
+  store(c, r0);
+  store(c + kV, r1);
+  store(c + 2 * kV, r2);
+  store(c + 3 * kV, r3);
+}
+
 // c[m][:] += a[m][:] @ w for rows m < rows; a's rows are kd long with stride lda, w is
 // (kd, n) row-major, c's rows have stride ldc. Vectorized over the output channels j, which are
 // contiguous in w and c, so no sum is reassociated across channels. A tile of 4 vectors of
@@ -292,17 +311,7 @@ inline __attribute__((always_inline)) void row_times_taps(int64_t n, int64_t kd,
         e3 += a0 * load<V>(w0 + 3 * kV);
       }
     }
-    V r0 = e0 + o0, r1 = e1 + o1, r2 = e2 + o2, r3 = e3 + o3;
-    if (relu) {
-      r0 = r0 > zero ? r0 : zero;
-      r1 = r1 > zero ? r1 : zero;
-      r2 = r2 > zero ? r2 : zero;
-      r3 = r3 > zero ? r3 : zero;
-    }
-    store(c + j, r0);
-    store(c + j + kV, r1);
-    store(c + j + 2 * kV, r2);
-    store(c + j + 3 * kV, r3);
+    store_tile4(c + j, e0 + o0, e1 + o1, e2 + o2, e3 + o3, relu);
   }
   for (; j + kV <= n; j += kV) {  // single vectors of channels: 4 chains over the inputs
     V e0 = bias ? load<V>(bias + j) : zero, e1 = zero, e2 = zero, e3 = zero;
@@ -456,17 +465,7 @@ FASTRES_CLONES void step_row_bf16_widen(int64_t n, int64_t pairs, const float* a
       o2 += a1 * (V)(u2 & high);
       o3 += a1 * (V)(u3 & high);
     }
-    V r0 = e0 + o0, r1 = e1 + o1, r2 = e2 + o2, r3 = e3 + o3;
-    if (relu) {
-      r0 = r0 > zero ? r0 : zero;
-      r1 = r1 > zero ? r1 : zero;
-      r2 = r2 > zero ? r2 : zero;
-      r3 = r3 > zero ? r3 : zero;
-    }
-    store(c + j, r0);
-    store(c + j + 16, r1);
-    store(c + j + 32, r2);
-    store(c + j + 48, r3);
+    store_tile4(c + j, e0 + o0, e1 + o1, e2 + o2, e3 + o3, relu);
   }
   for (; j + 16 <= n; j += 16) {  // single vectors of channels
     V e = bias ? load<V>(bias + j) : zero, o = zero;
