@@ -215,9 +215,8 @@ class _FusedStage(torch.autograd.Function):
         # Linked, with the final mask saved as bits: grad_residual is stage 1's to compute.
         defer = ctx.link_out is not None and mask_bits.numel() > 0
         run = _backward_kernels if _eager_call(grad_out) else _backward_op
-        grads = run(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits,
-                             *ctx.args, need_grad_x, addend, addend_bits, defer, residual,
-                             ctx.activation)
+        grads = run(grad_out, x, weight, gamma, beta, saved, out, var, mask_bits, *ctx.args,
+                    need_grad_x, addend, addend_bits, defer, residual, ctx.activation)
         has_bias, has_residual = ctx.args[0], ctx.args[1]
         present = (need_grad_x, True, has_bias, gamma is not None, beta is not None,
                    has_residual)
