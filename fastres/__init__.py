@@ -11,8 +11,8 @@ from . import dispatch as _dispatch, parity as _parity
 from ._version import __version__
 
 # The dispatcher trusts a backend with a call signature once the parity harness's probe of
-# that geometry passed (fastres/dispatch/probe.py).
-_dispatch.probe.register(_parity.probe)
+# that geometry passed (fastres/dispatch/op.py).
+_dispatch.op.register_checker(_parity.probe)
 
 __all__ = ["DispatchReport", "GradientMonitor", "autotune", "available_backends", "conv_bn_relu",
            "explain", "use_backend", "__version__",

@@ -101,67 +101,49 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _BlockTimer:
-    """Seconds per call of `fn` over a block of `number` back-to-back calls."""
-
-    def __init__(self, fn: Callable[[], object], device: torch.device):
-        self.fn, self.device = fn, device
-
-    def __call__(self, number: int) -> float:
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(number):
-                self.fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / number
-        fn = self.fn
-        start = time.perf_counter()
+def _time_block(fn: Callable[[], object], device: torch.device, number: int) -> float:
+    """Seconds per call of `fn` over a block of `number` back-to-back calls (1: one call,
+    synchronized on both sides)."""
+    if device.type == "cuda" and number > 1:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(number):
             fn()
-        return (time.perf_counter() - start) / number
-
-
-def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / number
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(number):
+        fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / number
 
 
 def measure(candidates: Dict[str, Callable[[], object]], device: torch.device,
             config: TimingConfig = TimingConfig()) -> Dict[str, object]:
     """Time every candidate, interleaved; return name -> Stats, or the exception it raised."""
     results: Dict[str, object] = {}
-    timers: Dict[str, _BlockTimer] = {}
-    numbers: Dict[str, int] = {}
     for name, fn in candidates.items():
         try:
-            first = _timed_call(fn, device)
-            warm, calls = [], 0
-            while calls < config.min_warmup_calls or sum(warm) < config.warmup_s:
-                warm.append(_timed_call(fn, device))
-                calls += 1
-            per_call = max(min(warm), 1e-7)
-            numbers[name] = max(1, math.ceil(config.min_block_s / per_call))
-            timers[name] = _BlockTimer(fn, device)
-            results[name] = Stats([], numbers[name], first)
+            first, warm = _time_block(fn, device, 1), []
+            while len(warm) < config.min_warmup_calls or sum(warm) < config.warmup_s:
+                warm.append(_time_block(fn, device, 1))
+            number = max(1, math.ceil(config.min_block_s / max(min(warm), 1e-7)))
+            results[name] = Stats([], number, first)
         except Exception as exc:  # noqa: BLE001 - one broken candidate must not sink the group
             results[name] = exc
-    names = list(timers)
+    names = [name for name in candidates if isinstance(results[name], Stats)]
     started = time.perf_counter()
     for round_index in range(config.max_rounds):
         if round_index >= config.min_rounds and time.perf_counter() - started > config.max_time_s:
             break
         shift = round_index % max(1, len(names))
         for name in names[shift:] + names[:shift]:
-            if isinstance(results[name], Exception):
-                continue
-            try:
-                results[name].times_s.append(timers[name](numbers[name]))
-            except Exception as exc:  # noqa: BLE001
-                results[name] = exc
+            stats = results[name]
+            if isinstance(stats, Stats):
+                try:
+                    stats.times_s.append(_time_block(candidates[name], device, stats.number))
+                except Exception as exc:  # noqa: BLE001
+                    results[name] = exc
     return results

@@ -40,45 +40,24 @@ class StageDecision:
         c = self.call
         if c is None:
             return "(whole module)" if self.level == "module" else "-"
-        res = "+res" if c.has_residual else ""
-        grad = " grad" if c.needs_grad else ""
         return (f"{str(c.dtype).replace('torch.', '')} B{c.batch} {c.c_in}->{c.c_out} "
-                f"L{c.length} K{c.kernel_size} d{c.dilation} s{c.stride} {c.norm}{res}{grad}")
+                f"L{c.length} K{c.kernel_size} d{c.dilation} s{c.stride} {c.norm}"
+                + "+res" * c.has_residual + " grad" * c.needs_grad)
 
 
 class DispatchReport(List[StageDecision]):
     """The choices of one model run, in the order they were made."""
 
     def __str__(self) -> str:
-        rows = [[d.level, d.module or ("(model)" if d.level == "module" else "<op>"),
-                 d.describe_call(), d.backend, d.reason] for d in self]
-        headers = ["level", "where", "call", "runs", "why"]
-        widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(4)]
-        lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers[:4], widths)) + "  why"]
-        for row in rows:
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths))
-                         + "  " + row[4])
-        return "\n".join(lines)
+        rows = [["level", "where", "call", "runs"]] + [
+            [d.level, d.module or ("(model)" if d.level == "module" else "<op>"),
+             d.describe_call(), d.backend] for d in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + why
+                         for row, why in zip(rows, ["why"] + [d.reason for d in self]))
 
     def backends_used(self) -> List[str]:
         return sorted({d.backend for d in self})
-
-
-@contextlib.contextmanager
-def _state_restored(model: nn.Module):
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    grads = {p: p.grad for p in model.parameters()}
-    devices = sorted({b.device.index or 0 for b in model.buffers() if b.is_cuda} |
-                     {p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    b.copy_(buffers[name])
-            for p, g in grads.items():
-                p.grad = g
 
 
 def _run_once(model: nn.Module, inputs, backward: Optional[bool]) -> None:
@@ -106,15 +85,12 @@ def explain(model: nn.Module, *example_inputs, backward: Optional[bool] = None
     runs under no_grad, as inference does. The model's state is restored afterwards.
     """
     names = {module: name for name, module in model.named_modules()}
-    with _state_restored(model), dispatch.recording() as log:
+    with dispatch.module.state_restored(model), dispatch.recording() as log:
         _run_once(model, example_inputs, backward)
-    report = DispatchReport()
-    for where, call, choice in log:
-        level = choice.level
-        report.append(StageDecision(names.get(where, ""), call,
-                                    f"policy: {choice.name}" if level == "module"
-                                    else choice.name, choice.why(), level))
-    return report
+    return DispatchReport(
+        StageDecision(names.get(where, ""), call, f"policy: {choice.name}" if choice.level ==
+                      "module" else choice.name, choice.why(), choice.level)
+        for where, call, choice in log)
 
 
 @contextlib.contextmanager

@@ -8,16 +8,15 @@ Two levels decide, and nothing else does:
   TemporalConvNet's stacked kernel).
 Both return a Choice (choice.py), time with the one timer (fastres/timing.py) by one rule
 (measure.py), keep choices in one cache (cache.py), probe candidates for correctness
-before timing them (probe.py), and never measure where that is unsafe (safety.py).
+before timing them (op.py), and never measure where that is unsafe (safety.py).
 `fastres.explain` reads what they chose (record.py).
 """
 from . import module, op, record
 from .cache import cache, forget
 from .choice import Choice
-from .forcing import forced_backend, use_backend
 from .measure import MARGIN_BACKWARD, MARGIN_FORWARD
-from .op import (CPP_MIN_LENGTH, PREFERENCE, candidates, describe_default, static_choice,
-                 trace_time_choice)
+from .op import (CPP_MIN_LENGTH, PREFERENCE, candidates, describe_default, forced_backend,
+                 static_choice, trace_time_choice, use_backend)
 from .record import recording
 from .safety import why_not_measure
 

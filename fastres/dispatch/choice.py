@@ -9,6 +9,7 @@ only and measured again by the next one, so a noisy moment cannot decide for goo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -57,29 +58,26 @@ class Choice:
         """The reason with the times, as `fastres explain` and `fastres dispatch` print it."""
         if not self.times_s:
             return self.reason
-        ranked = sorted(self.times_s.items(), key=lambda kv: kv[1])
-        times = ", ".join(f"{name} {_fmt(t)}" for name, t in ranked)
-        base = self.times_s.get(self.baseline)
-        if self.name == self.baseline and ranked[0][0] != self.baseline and base:
-            saving = 1 - ranked[0][1] / base
+        ranked = sorted(self.times_s, key=self.times_s.get)
+        base, fastest = self.times_s.get(self.baseline), ranked[0]
+        verdict = f"{self.name} was fastest"
+        if base and self.name != self.baseline:
+            verdict = (f"{self.name} took {1 - self.times_s[self.name] / base:.0%} less time "
+                       f"than {self.baseline} (needed {self.margin:.0%})")
+        elif base and fastest != self.baseline:
+            saving = 1 - self.times_s[fastest] / base
             short = (f"short of the {self.margin:.0%} a fused path must save"
                      if saving < self.margin else
                      f"but samples spread {self.spread:.0%}: too close to call")
-            verdict = (f"{ranked[0][0]} took {saving:.0%} less time than {self.baseline}, "
-                       f"{short}, so {self.baseline} runs")
-        elif self.name != self.baseline and base:
-            verdict = (f"{self.name} took {1 - self.times_s[self.name] / base:.0%} less time "
-                       f"than {self.baseline} (needed {self.margin:.0%})")
-        else:
-            verdict = f"{self.name} was fastest"
-        tail = []
+            verdict = (f"{fastest} took {saving:.0%} less time than {self.baseline}, {short}, "
+                       f"so {self.baseline} runs")
+        parts = [", ".join(f"{n} {_fmt(self.times_s[n])}" for n in ranked) + "; " + verdict]
         if self.excluded:
-            tail.append("left out: " + "; ".join(f"{k}: {v}" for k, v in self.excluded.items()))
+            parts.append("left out: " + "; ".join(f"{k}: {v}" for k, v in self.excluded.items()))
         if not self.final:
-            tail.append("not stored: " + str(self.provenance.get("not_final", "provisional")))
+            parts.append("not stored: " + str(self.provenance.get("not_final", "provisional")))
         when = self.provenance.get("measured_utc")
-        source = f"{self.source} {when}" if when else self.source
-        return f"{source}: {times}; {verdict}" + "".join(f"; {t}" for t in tail)
+        return (f"{self.source} {when}" if when else self.source) + ": " + "; ".join(parts)
 
     def to_json(self) -> Dict[str, object]:
         return dataclasses.asdict(self)
@@ -87,30 +85,23 @@ class Choice:
     @classmethod
     def from_json(cls, doc: object) -> "Choice":
         """A Choice from a stored entry; ValueError for anything of the wrong shape."""
-        if not isinstance(doc, dict):
-            raise ValueError(f"an entry must be an object, not {type(doc).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(doc) - set(fields)
-        if unknown or not {"level", "name", "reason"} <= set(doc):
-            raise ValueError(f"unexpected or missing fields in {sorted(doc)}")
-        for key in ("level", "name", "reason", "source", "baseline"):
-            if key in doc and not isinstance(doc[key], str):
-                raise ValueError(f"{key} must be a string")
-        for key in ("times_s", "excluded", "provenance"):
-            if key in doc and not isinstance(doc[key], dict):
-                raise ValueError(f"{key} must be an object")
-        if not all(isinstance(v, (int, float)) for v in doc.get("times_s", {}).values()):
-            raise ValueError("times_s must map names to seconds")
-        for key in ("spread", "margin"):
-            if key in doc and not isinstance(doc[key], (int, float)):
-                raise ValueError(f"{key} must be a number")
+        if not isinstance(doc, dict) or not set(doc) <= set(_FIELD_TYPES) \
+                or not {"level", "name", "reason"} <= set(doc):
+            raise ValueError(f"not a stored choice: {doc!r:.80}")
+        for key, value in doc.items():
+            if not isinstance(value, _FIELD_TYPES[key]) or (
+                    key == "times_s" and not all(isinstance(t, (int, float))
+                                                 for t in value.values())):
+                raise ValueError(f"{key} of a stored choice is {value!r:.40}")
         return dataclasses.replace(cls(**doc), source=CACHED)
 
 
+_FIELD_TYPES = dict(level=str, name=str, reason=str, source=str, times_s=dict, spread=(int, float),
+                    margin=(int, float), baseline=str, excluded=dict, provenance=dict, final=bool)
+
+
 def _fmt(seconds: float) -> str:
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
+    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
 def device_name(device: str) -> str:
@@ -124,28 +115,24 @@ def versions() -> Dict[str, Optional[str]]:
     from .._version import __version__
     try:
         import triton
-        triton_version = triton.__version__
     except ImportError:
-        triton_version = None
-    return {"fastres": __version__, "torch": torch.__version__, "triton": triton_version}
+        triton = None
+    return {"fastres": __version__, "torch": torch.__version__,
+            "triton": getattr(triton, "__version__", None)}
 
 
 def load_per_core() -> Optional[float]:
     """Runnable threads a core: the larger of the one-minute load average and the threads
     runnable right now (/proc/loadavg's fourth field, less this process's own torch threads),
     since the average lags a load that has just started by a minute."""
-    cores = os.cpu_count() or 1
     try:
         average = os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
-    try:
-        with open("/proc/loadavg") as f:
-            running = int(f.read().split()[3].split("/")[0])
-        average = max(average, running - torch.get_num_threads() + 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return average / cores
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/loadavg") as f:
+        average = max(average, int(f.read().split()[3].split("/")[0])
+                      - torch.get_num_threads() + 1)
+    return average / (os.cpu_count() or 1)
 
 
 def provenance(device: str) -> Dict[str, object]:

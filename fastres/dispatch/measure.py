@@ -64,50 +64,44 @@ def margin(level: str, with_backward: bool) -> float:
 
 def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, device: str,
             with_backward: bool, excluded: Optional[Dict[str, str]] = None,
-            config: timing.TimingConfig = CONFIG) -> Choice:
+            config: Optional[timing.TimingConfig] = None) -> Choice:
     """Time `runs` (name -> one call on private inputs; baseline among them) and choose.
 
     A candidate that raises is left out with the error as its reason (the baseline's error
     propagates: nothing can run then). A decision too close to call for the samples' noise
     is timed again, up to PASSES in all, the rounds pooled; still too close, the baseline
     runs. The choice is final (stored for later processes) only where the machine was quiet
-    and the decision stands clear of the timing noise.
+    and the decision stands clear of the timing noise. config: the rounds (CONFIG, read
+    when called, unless given).
     """
-    excluded = dict(excluded or {})
-    need = margin(level, with_backward)
-    stats: Dict[str, timing.Stats] = {}
+    excluded, need, stats = dict(excluded or {}), margin(level, with_backward), {}
     for _ in range(PASSES):
-        results = timing.measure({n: runs[n] for n in runs if n not in excluded},
-                                 torch.device(device), config)
-        for name, result in results.items():
+        for name, result in timing.measure({n: r for n, r in runs.items() if n not in excluded},
+                                           torch.device(device), config or CONFIG).items():
             if isinstance(result, Exception):
                 if name == baseline:
                     raise result
                 excluded[name] = f"raised {type(result).__name__}: {result}"
                 stats.pop(name, None)
-            elif name in stats:
-                stats[name].times_s.extend(result.times_s)
-            else:
-                stats[name] = result
+            else:  # (the rounds of every pass pooled)
+                stats.setdefault(name, timing.Stats([], 1, 0.0)).times_s.extend(result.times_s)
         best, spread, closeness = _judge(stats, baseline, need)
         if closeness is None or closeness >= spread:
             break
-    details = provenance(device)
-    final, why_not = True, None
     load = load_per_core()
-    if load is not None and load > BUSY_LOAD_PER_CORE:
-        final, why_not = False, f"measured under load ({load:.1f} runnable threads a core)"
+    why_not = f"measured under load ({load:.1f} runnable threads a core)" \
+        if load is not None and load > BUSY_LOAD_PER_CORE else None
     if closeness is not None and closeness < spread:
         # Too close to call: the baseline runs (a fused path must win clear of the noise,
         # or a noisy moment could make the default slower than plain).
-        best, final = baseline, False
+        best = baseline
         why_not = why_not or (f"decided within the timing noise ({closeness:.0%} from the "
                               f"other answer, samples spread {spread:.0%})")
+    details = provenance(device)
     if why_not:
         details["not_final"] = why_not + "; measured again by the next process"
-    times = {name: st.median_s for name, st in stats.items()}
-    return Choice(level, best, "measured", MEASURED, times, spread, need, baseline, excluded,
-                  details, final)
+    return Choice(level, best, "measured", MEASURED, {n: st.median_s for n, st in stats.items()},
+                  spread, need, baseline, excluded, details, final=why_not is None)
 
 
 def _judge(stats: Dict[str, timing.Stats], baseline: str, need: float
@@ -125,6 +119,5 @@ def _judge(stats: Dict[str, timing.Stats], baseline: str, need: float
         return baseline, stats[baseline].spread, None
     ratios = timing.Stats([r / b for r, b in zip(stats[rival].times_s, stats[baseline].times_s)],
                           1, 0.0)
-    ratio = ratios.median_s
-    best = rival if ratio <= 1 - need else baseline
-    return best, ratios.spread, abs((1 - need) / ratio - 1)
+    best = rival if ratios.median_s <= 1 - need else baseline
+    return best, ratios.spread, abs((1 - need) / ratios.median_s - 1)

@@ -44,10 +44,9 @@ Where a policy would change what the user sees, it is not taken:
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +58,7 @@ from ..conventions import HALF_DTYPES
 from . import record
 from .cache import cache
 from .choice import RULE, Choice
-from .forcing import forced_backend, use_backend
+from .op import forced_backend, use_backend
 from .measure import MODULE_CONFIG, bounded_extent, measure
 from .safety import functorch_active, why_not_measure
 
@@ -67,19 +66,20 @@ _state = threading.local()  # .policy: the policy of the outermost module being 
 _MEMO = "_fastres_choices"  # module.__dict__ key: input signature -> Choice
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether `module` or a submodule has forward, pre-forward or backward hooks (or any
-    global module hook is registered)."""
+def hooked(*modules: Optional[nn.Module], deep: bool = True) -> bool:
+    """Whether any of `modules` (and, deep, any submodule) has forward, pre-forward or
+    backward hooks, or any global module hook is registered."""
     if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks \
             or _torch_module._global_backward_hooks:
         return True
-    pending = [module]
+    pending = [m for m in modules if m is not None]
     while pending:  # (a plain walk: named_modules' prefixes and memo cost 3x as much)
         state = pending.pop().__dict__
         if state["_forward_hooks"] or state["_forward_pre_hooks"] \
                 or state["_backward_hooks"] or state["_backward_pre_hooks"]:
             return True
-        pending.extend(m for m in state["_modules"].values() if m is not None)
+        if deep:
+            pending.extend(m for m in state["_modules"].values() if m is not None)
     return False
 
 
@@ -87,12 +87,11 @@ def run(module: nn.Module, x: Tensor) -> Tensor:
     """module's forward(x) under the policy chosen for this input signature."""
     inner = getattr(_state, "policy", None)
     if inner is not None:  # inside an outer fused module: follow its policy
-        return _forward(module, inner, x)
+        return module.plain_forward(x) if inner == "plain" else module.fused_forward(x)
     if not isinstance(x, Tensor) or x.device.type not in ("cpu", "cuda"):
         return module.fused_forward(x)
     if torch.jit.is_tracing() or torch.jit.is_scripting() or functorch_active():
-        with _policy("plain"):
-            return module.plain_forward(x)
+        return _forward_outermost(module, "plain", x)
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) \
             or forced_backend() is not None:
         return module.fused_forward(x)
@@ -108,62 +107,37 @@ def _needs_grad(module: nn.Module, x: Tensor) -> bool:
 
 
 def _choice(module: nn.Module, x: Tensor) -> Choice:
-    needs_grad = _needs_grad(module, x)
-    key = (tuple(x.shape), x.dtype, x.device, module.training, needs_grad)
-    memo = module.__dict__.get(_MEMO)
-    if memo is None:
-        memo = module.__dict__[_MEMO] = {}
-    # Looked for on every call, whatever was chosen before: hooks come and go, and the
-    # plain twin calls its convs functionally (their hooks fire only in stages run as
+    # Hooks are looked for on every call, whatever was chosen before: they come and go, and
+    # the plain twin calls its convs functionally (their hooks fire only in stages run as
     # modules), as the whole-module paths skip every submodule.
     if hooked(module):
         return _HOOKED
-    choice = memo.get(key)
-    if choice is not None:
-        return choice
-    text_key = _text_key(module, x, needs_grad)
-    stored = cache().stored(text_key, str(x.device))
-    if stored is not None:
-        memo[key] = cache().remember(text_key, stored)
-        return stored
-    why = why_not_measure() or _unmeasurable(module)
-    if why is not None:
-        return Choice("module", "stages", f"not measured: {why}; every stage keeps its own "
-                      "choice", RULE)
-    choice = memo[key] = cache().remember(text_key, _measure(module, x, needs_grad))
-    cache().store(text_key, str(x.device), choice)
+    needs_grad = _needs_grad(module, x)
+    key = (tuple(x.shape), x.dtype, x.device, module.training, needs_grad)
+    memo = module.__dict__.setdefault(_MEMO, {})
+    if key in memo:
+        return memo[key]
+    structure = hashlib.sha1(repr(module).encode()).hexdigest()[:12]
+    text_key = (f"module|{type(module).__name__}|{structure}|{x.device.type}|"
+                f"{str(x.dtype).replace('torch.', '')}|{'x'.join(map(str, x.shape))}|"
+                f"{'train' if module.training else 'eval'}|grad{int(needs_grad)}")
+    choice = cache().stored(text_key, str(x.device))
+    if choice is None:
+        why = why_not_measure() or next(("synchronized batch norm runs its own stage"
+                                         for m in module.modules()
+                                         if isinstance(m, nn.SyncBatchNorm)), None)
+        if why is not None:
+            return Choice("module", "stages", f"not measured: {why}; every stage keeps its "
+                          "own choice", RULE)
+        choice = _measure(module, x, needs_grad)
+        cache().store(text_key, str(x.device), choice)
+    memo[key] = cache().remember(text_key, choice)
     return choice
 
 
 _HOOKED = Choice("module", "stages", "not measured: it has hooks, which measuring (or a path "
                  "that skips modules) would call; every stage keeps its own choice, hooked "
                  "ones as modules", RULE)
-
-
-def _text_key(module: nn.Module, x: Tensor, needs_grad: bool) -> str:
-    """The stored form of a module choice's key: the module's structure (its repr, hashed),
-    the input's shape, dtype and device type, the mode."""
-    structure = hashlib.sha1(repr(module).encode()).hexdigest()[:12]
-    dtype = str(x.dtype).replace("torch.", "")
-    return (f"module|{type(module).__name__}|{structure}|{x.device.type}|{dtype}|"
-            f"{'x'.join(map(str, x.shape))}|{'train' if module.training else 'eval'}|"
-            f"grad{int(needs_grad)}")
-
-
-def _unmeasurable(module: nn.Module) -> Optional[str]:
-    for m in module.modules():
-        if isinstance(m, nn.SyncBatchNorm):
-            return "synchronized batch norm runs its own stage"
-    return None
-
-
-def _candidates(module: nn.Module, x: Tensor, needs_grad: bool) -> List[str]:
-    fused = [b.name for b in backends.all_backends()
-             if b.fused and b.name != "composite" and b.unavailable_reason() is None
-             and x.device.type in b.devices and x.dtype in b.dtypes
-             and not (b.name == "triton" and x.device.type != "cuda")]
-    baseline = "eager" if x.dtype in HALF_DTYPES and needs_grad else "plain"
-    return [baseline, "stages"] + fused + list(_whole_module_paths(module, x, needs_grad))
 
 
 def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool,
@@ -173,30 +147,29 @@ def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool,
     checks no other path's weights); each returns module(x), or None where it cannot run
     this input."""
     paths = {}
-    if x.device.type == "cpu":
-        # The oneDNN programs: eval (packed weights, post-ops) and training (channels-last
-        # convs, batch norm in C++), each where it was built for this mode.
-        name, backend = ("onednn-train", onednn_train) if needs_grad else ("onednn", onednn)
-        if only in (None, name) and module.training == needs_grad:
-            program = backend.program_for(module)
-            if program is not None:
-                paths[name] = functools.partial(_run_program, program)
+    # The oneDNN programs on a CPU: eval (packed weights, post-ops) and training
+    # (channels-last convs, batch norm in C++), each where it was built for this mode.
+    name, backend = ("onednn-train", onednn_train) if needs_grad else ("onednn", onednn)
+    if x.device.type == "cpu" and only in (None, name) and module.training == needs_grad:
+        program = backend.program_for(module)
+        if program is not None:
+            paths[name] = lambda x: None if program.unsupported_reason(x) is not None \
+                else program(x)
     if only is None or not only.startswith("onednn"):
         paths.update(getattr(module, "dispatch_candidates", lambda x: {})(x))
     return paths
-
-
-def _run_program(program, x: Tensor) -> Optional[Tensor]:
-    return None if program.unsupported_reason(x) is not None else program(x)
 
 
 def _measure(module: nn.Module, x: Tensor, needs_grad: bool) -> Choice:
     batch, length = bounded_extent(x.shape[0], x.shape[-1])
     sample = x.detach()[:batch, ..., :length].clone()
     params = [p for p in module.parameters() if p.requires_grad] if needs_grad else []
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-    devices = [x.device.index or 0] if x.is_cuda else []
-    names = _candidates(module, x, needs_grad)
+    fused = [b.name for b in backends.all_backends()
+             if b.fused and b.name != "composite" and b.unavailable_reason() is None
+             and x.device.type in b.devices and x.dtype in b.dtypes
+             and not (b.name == "triton" and x.device.type != "cuda")]
+    names = (["eager" if x.dtype in HALF_DTYPES and needs_grad else "plain", "stages"] + fused
+             + list(_whole_module_paths(module, x, needs_grad)))
 
     def runner(policy: str) -> Callable[[], None]:
         x_copy = sample.clone().requires_grad_(x.requires_grad and needs_grad)
@@ -209,37 +182,33 @@ def _measure(module: nn.Module, x: Tensor, needs_grad: bool) -> Choice:
                 torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
         return one_run
 
-    with torch.random.fork_rng(devices=devices), record.measuring_module():
+    with state_restored(module), record.measuring_module():
+        return measure("module", {name: runner(name) for name in names}, names[0],
+                       str(x.device), needs_grad, config=MODULE_CONFIG)
+
+
+@contextlib.contextmanager
+def state_restored(module: nn.Module) -> Iterator[None]:
+    """Run the block and put back what running `module` changes: its buffers (running
+    statistics, batch counters), its parameters' gradients, the random number generators."""
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    grads = {p: p.grad for p in module.parameters()}
+    devices = sorted({t.device.index or 0 for t in [*buffers.values(), *grads] if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
         try:
-            return measure("module", {name: runner(name) for name in names}, names[0],
-                           str(x.device), needs_grad, config=MODULE_CONFIG)
+            yield
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(buffers[name])
-
-
-@contextlib.contextmanager
-def _policy(policy: str):
-    """Nested fused modules follow `policy`; its stages run on it when it is a backend."""
-    _state.policy = policy
-    try:
-        if policy in ("plain", "stages") or policy not in backends.names():
-            yield
-        else:
-            with use_backend(policy, reason=f"the enclosing module measured fastest with "
-                                            f"{policy}"):
-                yield
-    finally:
-        _state.policy = None
-
-
-def _forward(module: nn.Module, policy: str, x: Tensor) -> Tensor:
-    return module.plain_forward(x) if policy == "plain" else module.fused_forward(x)
+            for p, g in grads.items():
+                p.grad = g
 
 
 def _forward_outermost(module: nn.Module, policy: str, x: Tensor, strict: bool = False
                        ) -> Tensor:
+    """module(x) under `policy`: a whole-module path, or the stages with nested fused
+    modules following it (and every stage on it, when it names a backend)."""
     if policy not in ("plain", "stages") and policy not in backends.names():
         path = _whole_module_paths(module, x, _needs_grad(module, x), policy).get(policy)
         out = None if path is None else path(x)
@@ -248,17 +217,16 @@ def _forward_outermost(module: nn.Module, policy: str, x: Tensor, strict: bool =
         if strict:
             raise RuntimeError(f"{policy} does not run this input")
         policy = "stages"  # the module changed since (a hook, a mode): run the stages
-    with _policy(policy):
-        return _forward(module, policy, x)
+    forcing = use_backend(policy, f"the enclosing module measured fastest with {policy}") \
+        if policy in backends.names() else contextlib.nullcontext()
+    _state.policy = policy
+    try:
+        with forcing:
+            return module.plain_forward(x) if policy == "plain" else module.fused_forward(x)
+    finally:
+        _state.policy = None
 
 
 def choices(module: nn.Module) -> Dict[tuple, Choice]:
     """The choices measured for `module` so far, by input signature."""
     return dict(module.__dict__.get(_MEMO, {}))
-
-
-def forget(module: nn.Module) -> None:
-    """Drop the choices of `module` and its submodules: the next call of each input
-    signature chooses again."""
-    for m in module.modules():
-        m.__dict__.pop(_MEMO, None)

@@ -11,22 +11,35 @@
        measured once a call comes where measuring is safe.
 Under torch.compile the choice is made at trace time from what does not vary between
 compiled calls (trace_time_choice): shapes may be symbolic there.
+
+Trust, then time: a candidate runs a call signature only once it computed that geometry
+right. PyTorch's own kernels can be wrong where nobody looked: on x86 CPUs with AVX-512,
+torch 2.11-2.14's oneDNN float32 conv1d weight gradient is unrelated to the true one for
+strided convs with wide padding (benchmarks/upstream_conv1d_wgrad.py reproduces it). So
+before a candidate (eager included) is timed for a new signature, the checker says whether
+it computes a small call of the same geometry within docs/spec.md's bound against the
+float64 reference; one that does not is left out, with the answer as its reason. The
+checker is fastres.parity.probe, the one user of the reference besides the tests and the
+bench; fastres/__init__.py hands it over (register_checker): the parity harness runs the
+op's backends, so this package cannot import it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import threading
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from .. import backends
 from ..backends import Call
 from ..conventions import HALF_DTYPES
-from . import probe, record
+from . import record
 from .cache import cache
 from .choice import FORCED, RULE, STATIC, Choice
-from .forcing import forced_backend, forced_reason
 from .measure import bounded_extent, measure
 from .safety import why_not_measure
 
@@ -35,6 +48,51 @@ from .safety import why_not_measure
 PREFERENCE: Dict[str, List[str]] = {"cuda": ["triton", "cuda"], "cpu": ["cpp"]}
 # Shortest output length at which the C++ forward beats oneDNN in the static rule.
 CPP_MIN_LENGTH = 512
+_forced = threading.local()  # .name, .reason: use_backend's, on this thread
+_checker: Callable[[Call, str], Optional[str]] = None  # (set by fastres/__init__.py)
+
+
+@contextlib.contextmanager
+def use_backend(name: str, reason: str = "forced") -> Iterator[None]:
+    """Run fastres ops called inside the block (on this thread) on backend `name`.
+
+    Raises at once if the backend cannot run on this machine. The backward of a call made
+    inside the block runs on the same backend, wherever autograd runs it. `reason` is what
+    fastres.explain reports for the calls.
+    """
+    unavailable = backends.unavailable_reason(name)
+    if unavailable is not None:
+        raise RuntimeError(f"fastres backend {name!r} is not available: {unavailable}")
+    previous = getattr(_forced, "name", None), getattr(_forced, "reason", None)
+    _forced.name, _forced.reason = name, reason
+    try:
+        yield
+    finally:
+        _forced.name, _forced.reason = previous
+
+
+def forced_backend() -> Optional[str]:
+    """The backend use_backend() or, failing that, FASTRES_BACKEND forces; None if none."""
+    forced = getattr(_forced, "name", None)
+    if forced is None and os.environ.get("FASTRES_BACKEND"):
+        forced = os.environ["FASTRES_BACKEND"]
+        if backends.unavailable_reason(forced) is not None:
+            raise RuntimeError(f"FASTRES_BACKEND={forced!r} is not available: "
+                               f"{backends.unavailable_reason(forced)}")
+    return forced
+
+
+def register_checker(checker: Callable[[Call, str], Optional[str]]) -> None:
+    """Set the correctness checker: checker(call, backend) is None where `backend` may be
+    trusted with `call`, else why not (see the module docstring)."""
+    global _checker
+    _checker = checker
+
+
+def _fused(device_type: str, dtype: torch.dtype) -> List[str]:
+    """The fused backends the default tries for `dtype` on `device_type` that run here."""
+    return [n for n in PREFERENCE.get(device_type, []) if backends.get(n).unavailable_reason()
+            is None and dtype in backends.get(n).dtypes]
 
 
 def candidates(call: Call) -> List[str]:
@@ -58,11 +116,10 @@ def static_choice(call: Call, why: str = "") -> Choice:
     fused = candidates(call)[1:]
     if not fused:
         return Choice("op", "eager", "no fused backend runs this call here", RULE)
-    if call.device_type == "cpu" and call.dtype not in HALF_DTYPES:
-        if call.needs_grad or call.stride != 1 or call.length_out < CPP_MIN_LENGTH:
-            return Choice("op", "eager", "static rule: on CPU, float32 training, strided and "
-                          f"short (< {CPP_MIN_LENGTH} outputs) calls run eager" + suffix,
-                          STATIC)
+    if call.device_type == "cpu" and call.dtype not in HALF_DTYPES and (
+            call.needs_grad or call.stride != 1 or call.length_out < CPP_MIN_LENGTH):
+        return Choice("op", "eager", "static rule: on CPU, float32 training, strided and "
+                      f"short (< {CPP_MIN_LENGTH} outputs) calls run eager" + suffix, STATIC)
     return Choice("op", fused[0], "static rule" + suffix, STATIC)
 
 
@@ -72,14 +129,9 @@ def trace_time_choice(device_type: str, dtype: torch.dtype, stride: int,
     what cannot be symbolic (lengths and batch sizes can be). On CPU eager for float32,
     whose PyTorch ops inductor then compiles itself, and the C++ kernels for 16 bits
     (float32 accumulation, docs/spec.md); on CUDA the first fused backend that runs."""
-    fused = [n for n in PREFERENCE.get(device_type, [])
-             if backends.get(n).unavailable_reason() is None
-             and device_type in backends.get(n).devices and dtype in backends.get(n).dtypes]
-    if forced_backend() is not None:
-        return forced_backend()
-    if not fused or (device_type == "cpu" and dtype not in HALF_DTYPES):
-        return "eager"
-    return fused[0]
+    fused = _fused(device_type, dtype)
+    return forced_backend() or ("eager" if not fused or (
+        device_type == "cpu" and dtype not in HALF_DTYPES) else fused[0])
 
 
 def choose(signature: tuple, make_run: Optional[Callable[[str], Callable[[], object]]] = None
@@ -88,48 +140,42 @@ def choose(signature: tuple, make_run: Optional[Callable[[str], Callable[[], obj
     docstring). make_run(name) returns one run of backend `name` on private copies of a
     bounded slice of the call's inputs; without it nothing is measured."""
     forced = forced_backend()
+    call = None
     if forced is not None:
         call = Call(*signature)
         reason = backends.get(forced).supports(call)
         if reason is not None:
             raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
-        choice = Choice("op", forced, forced_reason(), FORCED)
+        choice = Choice("op", forced, getattr(_forced, "reason", None) or "forced", FORCED)
     else:
         choice = cache().get(signature)
         if choice is None:
-            choice = _decide(Call(*signature), signature, make_run)
+            call = Call(*signature)
+            choice = _decide(call, make_run)
+            if choice.source != STATIC:  # (a static choice waits for a safe measurement)
+                cache().remember(signature, choice)
     if record.recording_active():
-        record.record(None, Call(*signature), choice)
+        record.record(None, call or Call(*signature), choice)
     return choice
 
 
-def _decide(call: Call, signature: tuple, make_run) -> Choice:
-    store = cache()
-    names = candidates(call)
+def _decide(call: Call, make_run) -> Choice:
+    store, names = cache(), candidates(call)
     if names == ["eager"]:
-        return store.remember(signature, Choice("op", "eager",
-                                                "no fused backend runs this call here", RULE))
+        return Choice("op", "eager", "no fused backend runs this call here", RULE)
     stored = store.stored(call.key(), call.device)
     if stored is not None and stored.name in names:
-        return store.remember(signature, stored)
+        return stored
     # A long call is measured on a bounded slice (measure.bounded_extent): a choice already
     # made for that slice's signature (by a module's measurement, say) answers it.
     batch, length = bounded_extent(call.batch, call.length)
-    sliced = signature
-    if (batch, length) != (call.batch, call.length):
-        sliced = dataclasses.astuple(dataclasses.replace(call, batch=batch, length=length))
-        if store.get(sliced) is not None:
-            return store.remember(signature, store.get(sliced))
-    why = why_not_measure()
-    if why is None and make_run is None:
-        why = "nothing to measure with"
+    sliced = dataclasses.astuple(dataclasses.replace(call, batch=batch, length=length))
+    if store.get(sliced) is not None:
+        return store.get(sliced)
+    why = why_not_measure() or (None if make_run else "nothing to measure with")
     if why is not None:
         return static_choice(call, why)
-    excluded = {}
-    for name in names:
-        failure = probe.check(call, name)
-        if failure is not None:
-            excluded[name] = failure
+    excluded = {n: failure for n in names if (failure := _checker(call, n)) is not None}
     trusted = [n for n in names if n not in excluded]
     if not trusted:
         # Nothing computes this geometry right: say so loudly, and run PyTorch's kernels.
@@ -137,19 +183,18 @@ def _decide(call: Call, signature: tuple, make_run) -> Choice:
                         + "; ".join(f"{k}: {v}" for k, v in excluded.items()), RULE,
                         excluded=excluded, final=False)
         warnings.warn(f"fastres: {choice.reason} ({call.key()})", RuntimeWarning, stacklevel=4)
-        return store.remember(signature, choice)
+        return choice
     if len(trusted) == 1:
         choice = Choice("op", trusted[0], "the only candidate that passed its correctness "
                         "probe", RULE, excluded=excluded)
     else:
-        baseline = "eager" if "eager" in trusted else trusted[0]
         with record.paused():
             runs = _runs(trusted, make_run,
                          call.device_type == "cpu" and not record.module_measuring())
-            choice = measure("op", runs, baseline, call.device, call.needs_grad, excluded)
+            choice = measure("op", runs, "eager" if "eager" in trusted else trusted[0],
+                             call.device, call.needs_grad, excluded)
     store.store(call.key(), call.device, choice)
-    store.remember(sliced, choice)
-    return store.remember(signature, choice)
+    return store.remember(sliced, choice)
 
 
 def _runs(names: List[str], make_run, neighbour_first: bool
@@ -161,32 +206,21 @@ def _runs(names: List[str], make_run, neighbour_first: bool
     between its calls), which a candidate timed back to back never shows. Not inside a
     module's measurement, where the stage runs between its module's other layers anyway
     (and the module level decides on the whole)."""
-    if not neighbour_first:
-        return {name: make_run(name) for name in names}
-    neighbour = make_run("eager")
+    neighbour = make_run("eager") if neighbour_first else None
 
-    def after_neighbour(run):
-        def pair():
-            neighbour()
-            run()
-        return pair
-    return {name: after_neighbour(make_run(name)) for name in names}
+    def run(name):
+        alone = make_run(name)
+        return (lambda: (neighbour(), alone())) if neighbour else alone
+    return {name: run(name) for name in names}
 
 
 def describe_default(device: torch.device, dtype: torch.dtype) -> str:
     """In words, what the default picks for calls on `device` of `dtype`."""
-    forced = forced_backend()
-    if forced is not None:
-        return f"{forced} (forced)"
-    fused = [n for n in PREFERENCE.get(device.type, [])
-             if backends.get(n).unavailable_reason() is None and dtype in backends.get(n).dtypes]
-    if not fused:
-        return "eager"
-    why = why_not_measure()
-    if why is None:
-        return (f"the faster of eager and {', '.join(fused)}, each probed for correctness "
-                "and measured per call signature on first use")
-    rule = fused[0] if device.type != "cpu" or dtype in HALF_DTYPES else (
-        f"{fused[0]} for forward-only calls at stride 1 with L_out >= {CPP_MIN_LENGTH}, "
-        "else eager")
-    return f"the static rule ({why}): {rule}"
+    fused, why, forced = _fused(device.type, dtype), why_not_measure(), forced_backend()
+    rule = fused and (fused[0] if device.type != "cpu" or dtype in HALF_DTYPES else
+                      f"{fused[0]} for forward-only calls at stride 1 with L_out >= "
+                      f"{CPP_MIN_LENGTH}, else eager")
+    return (f"{forced} (forced)" if forced else "eager" if not fused else
+            f"the static rule ({why}): {rule}" if why else
+            f"the faster of eager and {', '.join(fused)}, each probed for correctness and "
+            "measured per call signature on first use")

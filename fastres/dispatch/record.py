@@ -33,37 +33,32 @@ def set_stage(stage) -> None:
 
 
 @contextlib.contextmanager
-def paused() -> Iterator[None]:
-    """Leave what runs inside the block (a measurement's runs) out of the record."""
-    previous = getattr(_log, "entries", None)
-    _log.entries = None
+def _scoped(**values) -> Iterator[None]:
+    """Set attributes of this thread's record for the block."""
+    previous = {name: getattr(_log, name, None) for name in values}
+    _log.__dict__.update(values)
     try:
         yield
     finally:
-        _log.entries = previous
+        _log.__dict__.update(previous)
+
+
+def paused():
+    """Leave what runs inside the block (a measurement's runs) out of the record."""
+    return _scoped(entries=None)
 
 
 def module_measuring() -> bool:
     """Whether a module-level measurement is running on this thread."""
-    return getattr(_log, "measuring", False)
+    return bool(getattr(_log, "measuring", False))
 
 
-@contextlib.contextmanager
-def measuring_module() -> Iterator[None]:
-    previous = getattr(_log, "measuring", False)
-    _log.measuring = True
-    try:
-        with paused():
-            yield
-    finally:
-        _log.measuring = previous
+def measuring_module():
+    return _scoped(measuring=True, entries=None)
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[List]:
-    previous = getattr(_log, "entries", None), getattr(_log, "stage", None)
-    _log.entries, _log.stage = [], None
-    try:
-        yield _log.entries
-    finally:
-        _log.entries, _log.stage = previous
+    entries: List = []
+    with _scoped(entries=entries, stage=None):
+        yield entries

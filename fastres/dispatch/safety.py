@@ -25,26 +25,17 @@ def functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def tracing() -> Optional[str]:
-    """Why code is being traced rather than run (compile, jit), or None."""
-    if torch.compiler.is_compiling():
-        return "under torch.compile tracing"
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return "under torch.jit tracing"
-    return None
-
-
 def why_not_measure() -> Optional[str]:
     """None where measuring is safe now, else the reason it is not."""
-    traced = tracing()
-    if traced is not None:
-        return traced
-    if functorch_active():
-        return "inside a torch.func transform"
-    if torch._C._current_graph_task_id() != -1:
-        return "inside a backward pass (activation checkpointing recomputes there)"
-    if torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
-        return "under saved-tensor hooks (activation checkpointing)"
-    if os.environ.get("FASTRES_DISPATCH", "measure") == "static":
-        return "FASTRES_DISPATCH=static"
+    for unsafe, why in (
+            (torch.compiler.is_compiling, "under torch.compile tracing"),
+            (lambda: torch.jit.is_tracing() or torch.jit.is_scripting(), "under torch.jit tracing"),
+            (functorch_active, "inside a torch.func transform"),
+            (lambda: torch._C._current_graph_task_id() != -1,
+             "inside a backward pass (activation checkpointing recomputes there)"),
+            (lambda: torch._C._autograd._top_saved_tensors_default_hooks(True) is not None,
+             "under saved-tensor hooks (activation checkpointing)"),
+            (lambda: os.environ.get("FASTRES_DISPATCH") == "static", "FASTRES_DISPATCH=static")):
+        if unsafe():
+            return why
     return None

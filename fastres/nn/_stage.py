@@ -27,7 +27,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
 from .. import dispatch
 from ..backends._activation import activation_function
@@ -74,15 +73,6 @@ _PLANNED_DEVICES = ("cpu", "cuda")
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, object]]" = weakref.WeakKeyDictionary()
 
 
-def _hooked(*modules: Optional[nn.Module]) -> bool:
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks \
-            or _module._global_backward_hooks:
-        return True
-    return any(m is not None and bool(m._forward_hooks or m._forward_pre_hooks
-                                      or m._backward_hooks or m._backward_pre_hooks)
-               for m in modules)
-
-
 def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padding: str,
                        residual: Optional[Tensor] = None,
                        relu_before_add: bool = False,
@@ -107,7 +97,7 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padd
     recording = dispatch.record.recording_active()
     if recording:
         dispatch.record.set_stage(conv)
-    if _hooked(conv, bn):
+    if dispatch.module.hooked(conv, bn, deep=False):
         if recording:
             dispatch.record.record(conv, None, dispatch.Choice(
                 "op", "eager", "its conv or norm has hooks, so the stage runs as modules"))
