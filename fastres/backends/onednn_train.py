@@ -1,7 +1,9 @@
 """oneDNN training program: a TemporalBlock's, a TCN's or a 1D ResNet's train step on rows.
 
 What exists, not what runs: `build_or_reason(module)` turns a fused TemporalBlock
-(norm="batch"), a TemporalConvNet of them, a BasicBlock or a ResNet1d, in training mode,
+(norm="batch"), a TemporalConvNet of them, a TemporalConvNet of pytorch-tcn's blocks
+(TCNBlock: weight norm or none, ReLU, causal, with or without skip connections; see
+_TCNBlock), a BasicBlock or a ResNet1d, in training mode,
 into a `TrainProgram` whose call computes the module's forward with autograd attached
 (gradients for the input and every parameter) and updates the running statistics as
 nn.BatchNorm1d does; the dispatch decides whether it runs. The eval counterpart is
@@ -55,8 +57,13 @@ F.dropout does, and reads it through the channels-last view: under the same seed
 the same values as the plain block (ATen's CPU dropout is bernoulli_(1-p) then div_(1-p) on
 a tensor of the input's shape; tests/backends/test_onednn_train.py checks it against plain).
 
+TCNBlock networks have no batch norm: their convs run channels-last as above (their
+`conv_layout` is ignored), with bias, ReLU, dropout, residual and skip sum under autograd on
+the rows, relu and dropout one autograd step (_ReluDropout).
+
 Refused (`build_or_reason` or `unsupported_reason` says why): eval mode (the eval program
-runs there), an in-place dropout, norm="weight" blocks, "same" padding wider on the right (an even kernel at stride
+runs there), an in-place dropout, norm="weight" TemporalBlocks, TCNBlocks with batch or
+layer norm, another activation, gating or "same" padding, "same" padding wider on the right (an even kernel at stride
 1: oneDNN pads symmetrically and the outputs would shift), downsample modules other than
 (1x1 conv, BN), inputs that leave one value per channel for some batch norm, hooks, dtypes other than float32 (oneDNN has no float64
 conv; 16-bit training is not built), autocast, and a missing compiled extension.
