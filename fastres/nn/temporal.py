@@ -373,8 +373,8 @@ class TemporalConvNet(nn.Module):
         # fastres.stream run only such networks.
         self.stack_only = stack_only_reason(self) is None
         # Whether forward is the blocks with skip connections alone (NCL, no conditioning
-        # or output projection): the module level then chooses how it runs, as for a
-        # stack (fused_forward and plain_forward run the skips).
+        # or output projection): in training the module level then chooses how it runs,
+        # as for a stack (fused_forward and plain_forward run the skips).
         self.skips_only = skips_only(self)
 
     @property
@@ -394,8 +394,11 @@ class TemporalConvNet(nn.Module):
                                    "stack of blocks alone; trace this one (torch.jit.trace) "
                                    "instead")
             return self.network(x)
-        if embeddings is not None or not (self.stack_only or self.skips_only):
-            # Each block is then the outermost fused module of its own choice.
+        if embeddings is not None or not (self.stack_only
+                                          or (self.skips_only and self.training)):
+            # Each block is then the outermost fused module of its own choice. (A skip
+            # network's one whole-network path is the training program; in eval the module
+            # level would only add its measurement to the stages' own choices.)
             return self._forward_with_options(x, embeddings)
         return self._dispatched_forward(x)
 
