@@ -1,7 +1,9 @@
 """oneDNN training program: a TemporalBlock's, a TCN's or a 1D ResNet's train step on rows.
 
 What exists, not what runs: `build_or_reason(module)` turns a fused TemporalBlock
-(norm="batch"), a TemporalConvNet of them, a BasicBlock or a ResNet1d, in training mode,
+(norm="batch"), a TemporalConvNet of them, a TemporalConvNet of pytorch-tcn's blocks
+(TCNBlock: weight norm or none, ReLU, causal, with or without skip connections; see
+_TCNBlock), a BasicBlock or a ResNet1d, in training mode,
 into a `TrainProgram` whose call computes the module's forward with autograd attached
 (gradients for the input and every parameter) and updates the running statistics as
 nn.BatchNorm1d does; the dispatch decides whether it runs. The eval counterpart is
@@ -55,14 +57,20 @@ F.dropout does, and reads it through the channels-last view: under the same seed
 the same values as the plain block (ATen's CPU dropout is bernoulli_(1-p) then div_(1-p) on
 a tensor of the input's shape; tests/backends/test_onednn_train.py checks it against plain).
 
+TCNBlock networks have no batch norm: their convs run channels-last as above (their
+`conv_layout` is ignored), with bias, ReLU, dropout, residual and skip sum under autograd on
+the rows, relu and dropout one autograd step (_ReluDropout).
+
 Refused (`build_or_reason` or `unsupported_reason` says why): eval mode (the eval program
-runs there), an in-place dropout, norm="weight" blocks, "same" padding wider on the right (an even kernel at stride
+runs there), an in-place dropout, norm="weight" TemporalBlocks, TCNBlocks with batch or
+layer norm, another activation, gating or "same" padding, "same" padding wider on the right (an even kernel at stride
 1: oneDNN pads symmetrically and the outputs would shift), downsample modules other than
 (1x1 conv, BN), inputs that leave one value per channel for some batch norm, hooks, dtypes other than float32 (oneDNN has no float64
 conv; 16-bit training is not built), autocast, and a missing compiled extension.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import List, Optional, Tuple
 
@@ -343,19 +351,6 @@ class _Block:
             return "an in-place dropout (the plain block overwrites the first stage's output)"
         return None
 
-    def _dropout(self, mid: Tensor) -> Tensor:
-        """The block's dropout on the first stage's (B, L, C) output, with the plain
-        block's mask (drawn over (B, C, L): see the module docstring)."""
-        d = self.block.dropout
-        if not d.training or d.p == 0:
-            return mid
-        if d.p == 1:
-            return mid * 0.0
-        batch, length, channels = mid.shape
-        mask = torch.empty((batch, channels, length), dtype=mid.dtype, device=mid.device)
-        mask.bernoulli_(1 - d.p).div_(1 - d.p)
-        return (mid * mask.transpose(1, 2)).contiguous()
-
     def __call__(self, h: Tensor) -> Tensor:
         down = self.block.downsample
         if down is None:
@@ -363,8 +358,174 @@ class _Block:
         else:
             # a 1x1 conv under autograd: oneDNN's NHWC forward and backward
             res = _rows(F.conv2d(_conv_view(h), down.weight.unsqueeze(2), down.bias))
-        mid = self._dropout(self.first(h))
+        mid = _dropout_rows(self.block.dropout, self.first(h))
         return self.second(mid, res.contiguous())
+
+
+def _dropout_rows(dropout: nn.Dropout, rows: Tensor) -> Tensor:
+    """`dropout` on (B, L, C) rows with the mask the plain module draws over (B, C, L)
+    (see the module docstring), under autograd."""
+    if not dropout.training or dropout.p == 0:
+        return rows
+    if dropout.p == 1:
+        return rows * 0.0
+    batch, length, channels = rows.shape
+    mask = torch.empty((batch, channels, length), dtype=rows.dtype, device=rows.device)
+    mask.bernoulli_(1 - dropout.p).div_(1 - dropout.p)
+    return (rows * mask.transpose(1, 2)).contiguous()
+
+
+def _conv_rows(conv: nn.Conv1d, h: Tensor, left: int) -> Tensor:
+    """conv(h) on (B, L, C) rows under autograd, padded `left` zeros on the left (causal).
+    oneDNN's NHWC conv pads symmetrically: where the padding is small against L it runs so
+    and keeps the first L output rows (a view), otherwise it runs on a left-padded copy of
+    the rows, which costs one copy instead of the conv's work on `left` unused rows (at
+    L = 512, K = 4: the former faster at dilation 1 and 8, the latter at 32;
+    benchmarks/NOTES.md)."""
+    weight = conv.weight.unsqueeze(2)
+    if left * _PAD_COPY_RATIO > h.shape[1]:
+        return _rows(F.conv2d(_conv_view(F.pad(h, [0, 0, left, 0])), weight, conv.bias, 1,
+                              0, (1, conv.dilation[0])))
+    y = _rows(F.conv2d(_conv_view(h), weight, conv.bias, 1, (0, left),
+                       (1, conv.dilation[0])))
+    return y[:, :h.shape[1]] if left else y
+
+
+# A conv padded by more than 1/_PAD_COPY_RATIO of its rows runs on a padded copy.
+_PAD_COPY_RATIO = 8
+
+
+class _ReluDropout(torch.autograd.Function):
+    """dropout(relu(z)) on (B, L, C) rows, given the dropout's (B, C, L) mask of 0 and
+    `scale` read transposed: the output is saved, and relu's and dropout's gradient are
+    one: grad * scale where the output is positive (the mask is 0 or scale >= 1, so the
+    output is positive exactly where z is and the mask keeps it), the values plain's
+    grad * mask, then relu's zeros, give."""
+
+    @staticmethod
+    def forward(ctx, z, mask_t, scale):
+        out = torch.relu(z).mul_(mask_t)
+        ctx.save_for_backward(out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, = ctx.saved_tensors
+        return _aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None, None
+
+
+def _relu_dropout_rows(dropout: nn.Dropout, z: Tensor) -> Tensor:
+    """dropout(relu(z)) on (B, L, C) rows, the mask drawn as the plain module draws it."""
+    if not dropout.training or dropout.p == 0:
+        return F.relu(z)
+    if dropout.p == 1:
+        return F.relu(z) * 0.0
+    batch, length, channels = z.shape
+    mask = torch.empty((batch, channels, length), dtype=z.dtype, device=z.device)
+    scale = 1 / (1 - dropout.p)
+    mask.bernoulli_(1 - dropout.p).div_(1 - dropout.p)
+    return _ReluDropout.apply(z, mask.transpose(1, 2), scale)
+
+
+class _TCNBlock:
+    """fastres's TCNBlock (pytorch-tcn's layout) with norm "weight" or None, ReLU
+    everywhere, causal, no gate: (relu(out + res), out) with
+    out = dropout2(relu(conv2(dropout1(relu(conv1(h)))))), res = h or downsample(h).
+    Without batch norm a stage is a conv, its bias and ReLU, all under autograd on the rows
+    (weight-normed convs: `conv.weight` is the parametrization's weight, read once per
+    call, so gradients reach g and v); the dropouts draw in the plain block's order."""
+
+    def __init__(self, block: nn.Module):
+        if block.norm not in ("weight", None):
+            raise _Refused(f"a TCNBlock with norm={block.norm!r}; 'weight' and None are built")
+        if not block.causal or block.gate:
+            raise _Refused("a TCNBlock that is not causal, or gated")
+        for name in ("activation1", "activation2", "activation_final"):
+            if type(getattr(block, name)) is not nn.ReLU:
+                raise _Refused(f"{name} is a {type(getattr(block, name)).__name__}, not "
+                               "nn.ReLU")
+        for name in ("conv1", "conv2", "downsample"):
+            conv = getattr(block, name)
+            if conv is None:
+                continue
+            if not isinstance(conv, nn.Conv1d) or conv.groups != 1 or conv.stride != (1,) \
+                    or conv.padding_mode != "zeros":
+                raise _Refused(f"{name} is not a stride-1 nn.Conv1d (groups=1, zero padding)")
+        if block.downsample is not None and (block.downsample.kernel_size != (1,)
+                                             or block.downsample.padding != (0,)):
+            raise _Refused("the downsample is not a 1x1 nn.Conv1d")
+        self.block = block
+        self.in_channels = block.conv1.in_channels
+
+    def min_rows(self, batch: int, length: int) -> int:
+        return sys.maxsize  # no batch statistics
+
+    def dropout_reason(self) -> Optional[str]:
+        for d in (self.block.dropout1, self.block.dropout2):
+            if d.training and d.p > 0 and d.inplace:
+                return "an in-place dropout"
+        return None
+
+    def __call__(self, h: Tensor) -> Tuple[Tensor, Tensor]:
+        b = self.block
+        k1, d1 = b.conv1.kernel_size[0], b.conv1.dilation[0]
+        k2, d2 = b.conv2.kernel_size[0], b.conv2.dilation[0]
+        mid = _relu_dropout_rows(b.dropout1, _conv_rows(b.conv1, h, (k1 - 1) * d1))
+        out = _relu_dropout_rows(b.dropout2, _conv_rows(b.conv2, mid, (k2 - 1) * d2))
+        res = h if b.downsample is None else _conv_rows(b.downsample, h, 0)
+        return F.relu(out + res), out
+
+
+class _TCNBlockNetwork:
+    """A TemporalConvNet of such TCNBlocks, with or without pytorch-tcn's skip
+    connections: relu(sum of every level's out (1x1-projected where its width differs)
+    but the last's, plus the last level's output), summed as the plain network sums."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = []
+        for i, block in enumerate(model.network):
+            if type(block).__name__ != "TCNBlock" or \
+                    not type(block).__module__.startswith("fastres.nn."):
+                raise _Refused(f"network[{i}] is a {type(block).__name__}, not a TCNBlock")
+            self.blocks.append(_TCNBlock(block))
+        self.model = model
+        if model.skip_connections:
+            if type(model.activation_skip_out) is not nn.ReLU:
+                raise _Refused("the skip connections' activation is not nn.ReLU")
+            for conv in model.downsample_skip_connection:
+                if conv is not None and (type(conv) is not nn.Conv1d or conv.kernel_size != (1,)
+                                         or conv.stride != (1,) or conv.padding != (0,)
+                                         or conv.groups != 1):
+                    raise _Refused("a skip projection is not a 1x1 nn.Conv1d")
+        self.in_channels = self.blocks[0].in_channels
+
+    def out_length(self, length: int) -> int:
+        return length
+
+    def min_rows(self, batch: int, length: int) -> int:
+        return sys.maxsize  # no batch statistics
+
+    def dropout_reason(self) -> Optional[str]:
+        for block in self.blocks:
+            reason = block.dropout_reason()
+            if reason is not None:
+                return reason
+        return None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if not self.model.skip_connections:
+            for block in self.blocks:
+                h, _ = block(h)
+            return h
+        skips = []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            h, out = block(h)
+            if i < last:
+                projection = self.model.downsample_skip_connection[i]
+                skips.append(out if projection is None else _conv_rows(projection, out, 0))
+        return F.relu(torch.stack(skips + [h]).sum(0))
 
 
 class _BasicBlock:
@@ -509,9 +670,13 @@ def _blocks(module: nn.Module, kind: str) -> list:
         return [_BasicBlock(module)]
     if kind == "resnet":
         return [_ResNet(module)]
-    reason = _stack_options(module)
+    reason = _stack_options(module, skips=type(module.network[0]).__name__ == "TCNBlock")
     if reason is not None:
         raise _Refused(reason)
+    if type(module.network[0]).__name__ == "TCNBlock":
+        if getattr(module, "input_layout", "NCL") != "NCL":
+            raise _Refused("input_layout='NLC' beyond the stack of blocks")
+        return [_TCNBlockNetwork(module)]
     blocks = []
     for i, block in enumerate(module.network):
         if _kind(block) != "block":
@@ -520,9 +685,11 @@ def _blocks(module: nn.Module, kind: str) -> list:
     return blocks
 
 
-def _stack_options(model: nn.Module) -> Optional[str]:
+def _stack_options(model: nn.Module, skips: bool = False) -> Optional[str]:
+    """Which options add to the stack of blocks, or None (skips: the skip connections are
+    built, as for TCNBlock networks)."""
     extra = [name for name, used in (
-        ("skip_connections", getattr(model, "skip_connections", False)),
+        ("skip_connections", not skips and getattr(model, "skip_connections", False)),
         ("embedding_shapes", getattr(model, "embedding_shapes", None) is not None),
         ("output_projection", getattr(model, "projection_out", None) is not None),
         ("output_activation", getattr(model, "activation_out", None) is not None)) if used]

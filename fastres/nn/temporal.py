@@ -372,6 +372,10 @@ class TemporalConvNet(nn.Module):
         # Whether forward is self.network(x) alone: the whole-network paths and
         # fastres.stream run only such networks.
         self.stack_only = stack_only_reason(self) is None
+        # Whether forward is the blocks with skip connections alone (NCL, no conditioning
+        # or output projection): in training the module level then chooses how it runs,
+        # as for a stack (fused_forward and plain_forward run the skips).
+        self.skips_only = skips_only(self)
 
     @property
     def receptive_field(self) -> int:
@@ -390,8 +394,11 @@ class TemporalConvNet(nn.Module):
                                    "stack of blocks alone; trace this one (torch.jit.trace) "
                                    "instead")
             return self.network(x)
-        if not self.stack_only or embeddings is not None:
-            # Each block is then the outermost fused module of its own choice.
+        if embeddings is not None or not (self.stack_only
+                                          or (self.skips_only and self.training)):
+            # Each block is then the outermost fused module of its own choice. (A skip
+            # network's one whole-network path is the training program; in eval the module
+            # level would only add its measurement to the stages' own choices.)
             return self._forward_with_options(x, embeddings)
         return self._dispatched_forward(x)
 
@@ -402,10 +409,16 @@ class TemporalConvNet(nn.Module):
         return dispatch.module.run(self, x)
 
     def fused_forward(self, x: Tensor) -> Tensor:
+        if self.skip_connections:
+            return self._skip_forward(x, None, fused=True)
         return self.network(x)
 
     def plain_forward(self, x: Tensor) -> Tensor:
-        # The blocks follow the enclosing policy (plain: each its plain twin).
+        # The blocks follow the enclosing policy (plain: each its plain twin); the skip
+        # network's blocks return two tensors and are called past their forward, so the
+        # plain policy asks them for their plain computation itself.
+        if self.skip_connections:
+            return self._skip_forward(x, None, fused=False)
         return self.network(x)
 
     def dispatch_candidates(self, x: Tensor) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
@@ -414,6 +427,19 @@ class TemporalConvNet(nn.Module):
         return {name: functools.partial(path, self) for name, path in _WHOLE_NETWORK_PATHS.items()
                 if path(self, None) is not False}
 
+    def _skip_forward(self, x: Tensor, embeddings, fused: bool) -> Tensor:
+        """The blocks with WaveNet-style skips, on (B, C, L): every level's pre-residual
+        output (projected where its width differs) summed with the last level's output."""
+        skips = []
+        last = len(self.network) - 1
+        for i, block in enumerate(self.network):
+            x, out = block.forward_with_skip(x, embeddings) if fused else \
+                block.compute_with_skip(x, embeddings, fused=False)
+            projection = self.downsample_skip_connection[i]
+            if i < last:  # the last level contributes its output, not its skip
+                skips.append(out if projection is None else projection(out))
+        return self.activation_skip_out(torch.stack(skips + [x]).sum(0))
+
     def _forward_with_options(self, x: Tensor, embeddings=None) -> Tensor:
         if self.input_layout == "NLC":
             x = x.transpose(1, 2)  # a view: the blocks take channels-strided input
@@ -421,14 +447,7 @@ class TemporalConvNet(nn.Module):
             raise ValueError("embeddings were passed to a TemporalConvNet built without "
                              "embedding_shapes")
         if self.skip_connections:
-            skips = []
-            last = len(self.network) - 1
-            for i, block in enumerate(self.network):
-                x, out = block.forward_with_skip(x, embeddings)
-                projection = self.downsample_skip_connection[i]
-                if i < last:  # the last level contributes its output, not its skip
-                    skips.append(out if projection is None else projection(out))
-            x = self.activation_skip_out(torch.stack(skips + [x]).sum(0))
+            x = self._skip_forward(x, embeddings, fused=True)
         elif embeddings is not None:
             for block in self.network:
                 x = block(x, embeddings)
@@ -453,6 +472,12 @@ def stack_only_reason(model: TemporalConvNet) -> Optional[str]:
         ("output_projection", model.projection_out is not None),
         ("output_activation", model.activation_out is not None)) if used]
     return ", ".join(extra) + " beyond the stack of blocks" if extra else None
+
+
+def skips_only(model: TemporalConvNet) -> bool:
+    """Whether model's forward is its blocks with skip connections and nothing else."""
+    return model.skip_connections and stack_only_reason(model) == \
+        "skip_connections beyond the stack of blocks"
 
 
 # Paths that may run a whole TemporalConvNet forward at once, by name: path(model, x) returns

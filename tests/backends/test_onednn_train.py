@@ -41,6 +41,17 @@ MODULES = {
         fastres.TemporalBlock(8, 8, 2, dilation=5, dropout=0.0)), (2, 8, 30)),
     "tcn": (lambda: fastres.TemporalConvNet(4, [8, 8, 12], kernel_size=3, dropout=0.0),
             (2, 4, 70)),
+    # pytorch-tcn's layout (TCNBlock): weight norm with skips (a downsample, a skip
+    # projection, convs both on padded copies and symmetrically padded), no norm with skips
+    # at batch 1, weight norm without
+    "tcn-skips-weight": (lambda: fastres.TemporalConvNet(
+        4, [8, 12, 12], kernel_size=4, dropout=0.0, norm="weight", skip_connections=True),
+        (2, 4, 70)),
+    "tcn-skips-none": (lambda: fastres.TemporalConvNet(
+        6, [6, 6], kernel_size=3, dropout=0.0, norm=None, skip_connections=True), (1, 6, 45)),
+    "tcn-pytorch-tcn-weight": (lambda: fastres.TemporalConvNet(
+        4, [8, 8], kernel_size=2, dropout=0.0, norm="weight", block="pytorch-tcn"),
+        (3, 4, 33)),
     "basic-identity": (lambda: fastres.BasicBlock(8, 8), (2, 8, 33)),
     # issue 26's geometry (stride 2, dilation 8, padding 16: oneDNN's weight gradient is
     # wrong there), odd length
@@ -230,7 +241,13 @@ def test_nan_propagates_as_in_plain(fresh_seed):
      "float32"),
     (lambda: fastres.TemporalBlock(8, 8, 3).double(), "train", "float32"),
     (lambda: fastres.TemporalConvNet(4, [8], skip_connections=True, dropout=0.0), "train",
-     "skip_connections"),
+     "TCNBlock with norm='batch'"),
+    (lambda: fastres.TemporalConvNet(4, [8], norm="weight", skip_connections=True,
+                                     output_projection=3), "train", "output_projection"),
+    (lambda: fastres.TemporalConvNet(4, [8], norm="weight", activation="gelu"), "train",
+     "not nn.ReLU"),
+    (lambda: fastres.TemporalConvNet(4, [8], norm="weight", skip_connections=True,
+                                     input_layout="NLC"), "train", "input_layout='NLC'"),
 ])
 def test_refused_modules_say_why(build, mode, reason):
     model = build()
@@ -274,6 +291,35 @@ def test_dropout_drops_what_the_plain_block_drops(p, fresh_seed):
     torch.manual_seed(fresh_seed + 1)  # another draw drops other values
     if p < 1:
         assert rel_err(onednn_train.run(model, x).detach(), out_plain) > 1e-3
+
+
+@pytest.mark.parametrize("norm", ["weight", None])
+def test_skip_network_dropout_drops_what_the_plain_network_drops(norm, fresh_seed):
+    """A TCNBlock network with skips and dropout 0.3: under the same seed the program's
+    masks (drawn in the plain network's order, relu's and dropout's gradient as one) give
+    the plain float32 network's outputs and every gradient."""
+    torch.manual_seed(fresh_seed)
+    model = fastres.TemporalConvNet(4, [8, 12], kernel_size=4, dropout=0.3, norm=norm,
+                                    skip_connections=True).train()
+    plain = fastres.unfuse(copy.deepcopy(model)).train()
+    x = torch.randn(3, 4, 41, generator=torch.Generator().manual_seed(fresh_seed))
+    results = []
+    for m, run in ((model, lambda xm: onednn_train.run(model, xm)), (plain, plain)):
+        xm = x.clone().requires_grad_()
+        torch.manual_seed(fresh_seed)
+        with _alloc.poisoned(True):
+            out = run(xm)
+        params = dict(m.named_parameters())
+        grads = torch.autograd.grad(out, [xm] + list(params.values()), torch.ones_like(out))
+        results.append((out.detach(), {"input": grads[0], **dict(zip(params, grads[1:]))}))
+    (out, grads), (out_plain, grads_plain) = results
+    assert torch.isfinite(out).all()
+    assert rel_err(out, out_plain) < 1e-5
+    assert grads.keys() == grads_plain.keys()
+    for name, g_plain in grads_plain.items():
+        assert rel_err(grads[name], g_plain, grad_scale(name, grads_plain)) < 1e-5, name
+    torch.manual_seed(fresh_seed + 1)  # another draw drops other values
+    assert rel_err(onednn_train.run(model, x).detach(), out_plain) > 1e-3
 
 
 def test_refused_calls_say_why():

@@ -371,6 +371,24 @@ def test_nlc_enters_the_blocks_as_a_view():
     assert seen[0].data_ptr() == x.data_ptr() and seen[0].shape == (2, 4, 32)
 
 
+@pytest.mark.parametrize("use_norm", ["weight_norm", "batch_norm"])
+def test_skip_network_is_chosen_for_at_the_module_level(use_norm, fresh_seed):
+    """A converted skip-connection TCN (NCL, nothing else beyond its blocks) runs under one
+    module-level choice, as a stack of blocks does, and that level's plain policy computes
+    exactly what its unfused twin computes (training, dropout drawn from the same seed)."""
+    config = {**DEFAULTS, "use_skip_connections": True, "use_norm": use_norm}
+    model = _convert(_pytorch_tcn(config, dropout=0.2, seed=fresh_seed)).train()
+    x = torch.randn(B, C_IN, L, generator=torch.Generator().manual_seed(fresh_seed))
+    report = str(fastres.explain(model, x))
+    assert "(whole module)" in report and "policy:" in report, report
+    plain = fastres.unfuse(copy.deepcopy(model)).train()
+    outs = []
+    for run in (model.plain_forward, plain):
+        torch.manual_seed(fresh_seed)
+        outs.append(run(x))
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
 def test_explain_names_why_stages_run_plain():
     net = fastres.TemporalConvNet(4, [6, 6], kernel_size=3, norm="layer", gate=True,
                                   activation="selu")
