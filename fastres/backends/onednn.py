@@ -43,10 +43,17 @@ How the program runs, and why:
 - **Weights follow the module.** A program records the version counter, data pointer and
   identity of every tensor it read (conv weights or weight-norm g/v, biases, BN affine and
   running statistics) and BN's eps and momentum; `Program.stale(module)` says when any
-  changed (an optimizer step, load_state_dict, a new Parameter, a new eps), and `run`
-  rebuilds then. Values decide, not version counters alone: a write through `.data`
-  leaves the counter alone, and an op declared to mutate a tensor bumps it without a
-  write (fastres::conv_bn_relu bumps BN's running statistics also in eval).
+  changed (an optimizer step, load_state_dict, nn.init, a new Parameter, `.data`
+  assignment, a new eps), and `run` rebuilds then. A moved counter alone does not decide:
+  an op declared to mutate a tensor bumps it without a write (fastres::conv_bn_relu bumps
+  BN's running statistics also in eval), so the tensors whose counters moved are compared
+  with their copies. A write *through* `.data` (or a NumPy view) leaves the counter alone;
+  comparing every value per call to see it cost ResNet1d 1.6-2.6 ms of a 16 ms forward
+  (benchmarks/NOTES.md), so the program compares a probe instead: `_PROBES` elements per
+  tensor, evenly spaced (all of a tensor that small). Whole-tensor writes through `.data`
+  (hand-written EMA updates, re-initialisation, copies from another model) change the probe
+  and are seen; a partial one may not be: write under torch.no_grad() without `.data` (as
+  torch.optim, load_state_dict and nn.init do), or call `forget(module)` after it.
 - Inference only: the program computes no gradients, so `unsupported_reason` refuses a call
   that needs them, as it refuses float64 (oneDNN has no float64 convolution) and 16-bit
   dtypes oneDNN cannot run on this CPU.
@@ -68,13 +75,16 @@ from torch.nn.modules import module as _module
 from .. import _ext
 from ..conventions import conv_padding, output_length
 
-__all__ = ["Program", "ProgramCache", "build", "build_or_reason", "program_for", "run",
+__all__ = ["Program", "ProgramCache", "build", "build_or_reason", "forget", "program_for", "run",
            "unavailable_reason",
            "to_channels_last", "is_channels_last"]
 
 # A conv whose sums of |terms| stay below this cannot overflow float32 (3.4e38), nor
 # bfloat16 after rounding.
 _SAFE_SUM = 1e38
+
+# Elements per tensor that stale() compares on every call (see the module docstring).
+_PROBES = 64
 
 # Packed weights kept per conv for this many input shapes (batch, length); the oldest goes.
 _PACKS_PER_CONV = 4
@@ -572,6 +582,7 @@ class Program:
         self._slots, self._values, self._versions = _snapshot(module)
         with torch.no_grad():
             self._copies = [t.detach().clone() for t, _, _ in self._versions]
+        self._probe = _Probe([t for t, _, _ in self._versions])
         self.dtype, self.device = dtype, device
         self.in_channels = steps[0].in_channels
         self.classifier = isinstance(steps[-1], _Head)
@@ -598,16 +609,21 @@ class Program:
         for mapping, key, value in self._values:
             if mapping.get(key, _MISSING) != value:
                 return True
-        bumped = False
-        for t, version, pointer in self._versions:
+        bumped = []
+        for i, (t, version, pointer) in enumerate(self._versions):
             if t.data_ptr() != pointer:
                 return True
-            bumped = bumped or t._version != version
-        # A write through .data leaves the version counter alone: the values decide. A
-        # bumped counter does not decide either: an op declared to mutate its arguments
+            if t._version != version:
+                bumped.append(i)
+        # A bumped counter does not decide alone: an op declared to mutate its arguments
         # (fastres::conv_bn_relu's running statistics, also in eval) bumps it without a
-        # write, and a rebuild per call then cost a ResNet1d five times its forward.
-        if not _ext.same_values([t for t, _, _ in self._versions], self._copies):
+        # write, and a rebuild per call then cost a ResNet1d five times its forward. The
+        # tensors whose counters moved are compared in full; the probe sees whole-tensor
+        # writes through .data, which leave the counter alone.
+        if bumped and not _ext.same_values([self._versions[i][0] for i in bumped],
+                                           [self._copies[i] for i in bumped]):
+            return True
+        if not self._probe.same():
             return True
         if bumped:
             self._versions = [(t, t._version, pointer) for t, _, pointer in self._versions]
@@ -686,6 +702,39 @@ class Program:
 
 
 _MISSING = object()
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _Probe:
+    """_PROBES evenly spaced elements of each tensor (every element of a smaller one), read
+    through views of the tensors' own memory and compared by their bits with the values at
+    build time: one torch.cat and one torch.equal per element size, whatever the number of
+    tensors (a ResNet1d reads 122). Non-contiguous tensors are compared in full."""
+
+    def __init__(self, tensors: List[Tensor]):
+        groups: Dict[int, List[Tensor]] = {}
+        self._whole: List[Tuple[Tensor, Tensor]] = []
+        for t in tensors:
+            t = t.detach()
+            if t.numel() == 0:
+                continue
+            if not t.is_contiguous():
+                self._whole.append((t, t.clone()))
+                continue
+            step = max(1, -(-t.numel() // _PROBES))
+            bits = _BITS[t.element_size()]
+            probe = t.view(-1)[::step]
+            groups.setdefault(t.element_size(), []).append(
+                probe if probe.dtype == bits else probe.view(bits))
+        self._groups = [(views, torch.cat(views)) for views in groups.values()]
+
+    def same(self) -> bool:
+        for views, then in self._groups:
+            if not torch.equal(torch.cat(views), then):
+                return False
+        return all(_ext.same_values([t], [copy]) for t, copy in self._whole)
 
 
 def _snapshot(module: nn.Module):
@@ -779,6 +828,13 @@ _PROGRAMS = _CACHE.programs
 def program_for(module: nn.Module) -> Optional[Program]:
     """The module's eval program as the module is now, or None (see ProgramCache)."""
     return _CACHE.program_for(module)
+
+
+def forget(module: nn.Module) -> None:
+    """Drop module's eval program: the next call builds it from the module as it is. For a
+    partial write that left the version counters alone (through `.data`), which the
+    program's probe may not see (module docstring)."""
+    _CACHE.programs.pop(module, None)
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:

@@ -250,6 +250,46 @@ def test_repacked_after_a_write_through_data(name, write, fresh_seed):
     _check(model, x, out)
 
 
+def test_repacked_after_data_assignment(fresh_seed):
+    """`p.data = t` swaps the parameter's memory under the same object (and counter)."""
+    model, shape = _draw("resnet", fresh_seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    before = _run(model, x).clone()
+    program = onednn._PROGRAMS[model]
+    weight = model.layer1[0].conv1.weight
+    weight.data = torch.randn_like(weight) * 2
+    assert program.stale(model)
+    out = _run(model, x)
+    assert rel_err(out, before) > 1e-3
+    _check(model, x, out)
+
+
+@pytest.mark.parametrize("where", ["conv", "bn", "bn-buffer"])
+def test_partial_writes(where, fresh_seed):
+    """The rule of the module docstring: a write of one element under no_grad bumps the
+    counter and is seen; one through .data may escape the probe (one element in 64 of each
+    tensor is compared on every call), and forget(module) then rebuilds the program."""
+    model, shape = _draw("resnet", fresh_seed)
+    tensor = {"conv": lambda: model.layer2[0].conv2.weight,
+              "bn": lambda: model.layer2[0].bn2.weight,
+              "bn-buffer": lambda: model.layer2[0].bn2.running_var}[where]()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    _run(model, x)
+    program = onednn._PROGRAMS[model]
+    last = tensor.numel() - 1  # between probes in a tensor of more than 64 elements
+    with torch.no_grad():
+        tensor.view(-1)[last] += 3.0
+    assert program.stale(model)
+    _check(model, x, _run(model, x))
+    program = onednn._PROGRAMS[model]
+    tensor.data.view(-1)[last] += 3.0  # the counter stays
+    if tensor.numel() <= onednn._PROBES:
+        assert program.stale(model)  # every element of a small tensor is probed
+    onednn.forget(model)
+    assert onednn.program_for(model) is not program
+    _check(model, x, _run(model, x))
+
+
 @pytest.mark.parametrize("name", ["basic-stride2", "resnet", "tcn-block-downsample"])
 def test_kept_after_a_version_bump_without_a_write(name, fresh_seed):
     """An op declared to mutate a tensor bumps its version counter without writing to it

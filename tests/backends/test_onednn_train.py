@@ -397,3 +397,57 @@ def test_stale_follows_structure_not_values():
     program, _ = onednn_train.build_or_reason(model)
     model.eval()
     assert program.stale(model)
+
+
+@pytest.mark.parametrize("channels", [5, 16, 37, 130])
+@pytest.mark.parametrize("relu, residual", [(True, True), (True, False), (False, False)])
+def test_nlc_batch_norm_kernels_match_float64(channels, relu, residual, fresh_seed):
+    """The stage's batch-norm kernels alone (csrc/cpu/nlc_bn_train_cpu.cpp, vectorized across
+    channels: counts below, at and past a vector of 16 floats, with tails), forward and
+    backward, against float64 formulas, on a conv output with extra rows past `length`;
+    outputs poisoned. The backward's ReLU mask is the kernel's own output's."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    b, rows, length, c = 3, 29, 25, channels
+    y = torch.randn(b, rows, c, generator=g) * 2 + 0.5
+    gamma, beta = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    res = torch.randn(b, length, c, generator=g) if residual else None
+    grad_out = torch.randn(b, length, c, generator=g)
+    nan = lambda *shape: torch.full(shape, float("nan"))  # noqa: E731
+    out, mean, invstd = nan(b, length, c), nan(c), nan(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    torch.ops.fastres_ext.nlc_bn_train_forward(y, length, gamma, beta, rm, rv, 1e-5, 0.1, res,
+                                               out, mean, invstd, relu)
+    grad_y, grad_gamma, grad_beta = nan(b, rows, c), nan(c), nan(c)
+    grad_res = nan(b, length, c) if residual else None
+    torch.ops.fastres_ext.nlc_bn_train_backward(grad_out, out, y, mean, invstd, gamma, grad_y,
+                                                grad_gamma, grad_beta, grad_res, relu)
+    y64 = y[:, :length].double()
+    mu, var = y64.mean(dim=(0, 1)), y64.var(dim=(0, 1), unbiased=False)
+    xhat = (y64 - mu) / (var + 1e-5).sqrt()
+    z = xhat * gamma.double() + beta.double() + (res.double() if residual else 0)
+    ref_out = z.clamp_min(0) if relu else z
+    gi = grad_out.double() * (out > 0) if relu else grad_out.double()
+    n = b * length
+    ref_grad_y = torch.zeros(b, rows, c, dtype=torch.float64)
+    ref_grad_y[:, :length] = gamma.double() / (var + 1e-5).sqrt() * (
+        gi - gi.sum(dim=(0, 1)) / n - xhat * (gi * xhat).sum(dim=(0, 1)) / n)
+    for got, ref in ((out, ref_out), (mean, mu), (invstd, (var + 1e-5).rsqrt()),
+                     (grad_y, ref_grad_y), (grad_gamma, (gi * xhat).sum(dim=(0, 1))),
+                     (grad_beta, gi.sum(dim=(0, 1))), (rv, 0.9 + 0.1 * var * n / (n - 1))) \
+            + (((grad_res, gi),) if residual else ()):
+        assert rel_err(got, ref) < 1e-5, rel_err(got, ref)
+
+
+def test_nlc_batch_norm_kernels_refuse_overlapping_outputs():
+    """The kernels' loops take restrict pointers: an output overlapping an input is refused."""
+    y, out = torch.randn(2, 8, 4), torch.empty(2, 8, 4)
+    mean, invstd = torch.empty(4), torch.empty(4)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.fastres_ext.nlc_bn_train_forward(y, 8, None, None, None, None, 1e-5, 0.1, None,
+                                                   y, mean, invstd, True)
+    torch.ops.fastres_ext.nlc_bn_train_forward(y, 8, None, None, None, None, 1e-5, 0.1, None,
+                                               out, mean, invstd, True)
+    g = torch.randn(2, 8, 4)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.fastres_ext.nlc_bn_train_backward(g, out, y, mean, invstd, None, g,
+                                                    torch.empty(4), torch.empty(4), None, True)
