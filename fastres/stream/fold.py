@@ -268,10 +268,28 @@ _RESULT_ATTRS = ("eps", "affine", "track_running_stats", "kernel_size", "stride"
 
 def _sources(model: nn.Module) -> Tuple[List[Tensor], Tuple]:
     """What a fold depends on: every parameter and buffer; every module's type, mode and
-    result-changing attributes. whole_sequence runs this on every call, so it is one
-    traversal of the modules' own dicts (each module once, as model.modules() gives them)
-    with few objects made: model.modules()'s recursive generators and a tuple per attribute
-    lookup cost several times the kernel's own fixed costs at one short sequence."""
+    result-changing attributes. whole_sequence runs this on every call: one C++ walk of the
+    modules' dicts where the extension is built (fastres._C.stream_sources), else this
+    walk, each module once in model.modules()'s order (model.modules()'s recursive
+    generators cost more than the walk)."""
+    walk = _compiled_walk()
+    return walk(model, _RESULT_ATTRS) if walk is not None else _walk_sources(model)
+
+
+_COMPILED_WALK = []   # [fastres._C.stream_sources or None], once looked up
+
+
+def _compiled_walk():
+    if not _COMPILED_WALK:
+        walk = None
+        if _ext.load_error() is None:
+            import fastres._C as extension
+            walk = getattr(extension, "stream_sources", None)
+        _COMPILED_WALK.append(walk)
+    return _COMPILED_WALK[0]
+
+
+def _walk_sources(model: nn.Module) -> Tuple[List[Tensor], Tuple]:
     tensors, modes = [], []
     seen = set()
     todo = [model]
