@@ -21,7 +21,10 @@
 //
 // Activations inside a call are channels-last, [b][t][c], in 4 workspace buffers used in
 // rotation. A conv over rows of that layout is K GEMMs (one per tap) whose left-hand sides are
-// shifted row windows: no im2col, no padded copy. Work is split across threads by batch item
+// shifted row windows: no im2col, no padded copy. Float32 chunks whose convs read no ring (the
+// whole-stack path's fresh zero state) run "chunk tiles" instead where the CPU has AVX-512: the
+// K taps, bias and epilogue of a tile of rows in registers, no BLAS call (below, with why).
+// Work is split across threads by batch item
 // (one parallel region for the whole stack) when there are at least as many items as threads or
 // the chunk is a single step, else by time inside each conv (a region per conv, because the
 // next conv reads earlier rows of this one's output).
@@ -30,7 +33,8 @@
 // what needs more is chosen at run time by the CPU's features, never its model: the GEMMs and
 // single-row kernels are target_clones for AVX-512, AVX2 + FMA and baseline (the loader picks
 // one), and the optional bf16 weights' AVX512_BF16 dot product (a target attribute) runs only
-// where CPUID reports it, a portable widening kernel everywhere else ("bf16 weights" below).
+// where CPUID reports it, a portable widening kernel everywhere else ("bf16 weights" below);
+// the chunk tiles (AVX-512F, a target attribute) likewise, the GEMMs everywhere else.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
