@@ -21,7 +21,10 @@
 //
 // Activations inside a call are channels-last, [b][t][c], in 4 workspace buffers used in
 // rotation. A conv over rows of that layout is K GEMMs (one per tap) whose left-hand sides are
-// shifted row windows: no im2col, no padded copy. Work is split across threads by batch item
+// shifted row windows: no im2col, no padded copy. Float32 chunks whose convs read no ring (the
+// whole-stack path's fresh zero state) run "chunk tiles" instead where the CPU has AVX-512: the
+// K taps, bias and epilogue of a tile of rows in registers, no BLAS call (below, with why).
+// Work is split across threads by batch item
 // (one parallel region for the whole stack) when there are at least as many items as threads or
 // the chunk is a single step, else by time inside each conv (a region per conv, because the
 // next conv reads earlier rows of this one's output).
@@ -30,7 +33,8 @@
 // what needs more is chosen at run time by the CPU's features, never its model: the GEMMs and
 // single-row kernels are target_clones for AVX-512, AVX2 + FMA and baseline (the loader picks
 // one), and the optional bf16 weights' AVX512_BF16 dot product (a target attribute) runs only
-// where CPUID reports it, a portable widening kernel everywhere else ("bf16 weights" below).
+// where CPUID reports it, a portable widening kernel everywhere else ("bf16 weights" below);
+// the chunk tiles (AVX-512F, a target attribute) likewise, the GEMMs everywhere else.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -48,6 +52,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "blas.h"
 
@@ -595,6 +600,166 @@ void step_row_bf16(int64_t n, int64_t kd, int64_t taps, const float* const* a,
   step_row_bf16_widen(n, pairs, ip, w, bias, c, relu);
 }
 
+// ----------------------------------------------------------------------------- chunk tiles
+
+// A conv over a chunk of rows without BLAS: the "tiles" kernel of float32 chunks whose taps
+// read no ring (a fresh zero state: the whole-stack path of fastres/stream/whole_sequence.py,
+// and 1x1 convs). The GEMM path above makes per conv a bias copy, K BLAS calls of
+// (rows, c_in) x (c_in, c_out), then a pass for the ReLU and one for the residual: at 64
+// channels and a few hundred rows each call is a few microseconds of fixed cost and every pass
+// re-reads the outputs. Here a tile of MR rows x NV vectors of 16 output channels sits in
+// AVX-512 registers (MR * NV <= 24 of the 32) from the bias to the stored output: all K taps
+// are summed into it (tap k's rows are the tile's rows shifted back by lag_k, read in place,
+// a zero row where t - lag_k < 0: the causal padding), and the epilogue (ReLU; or the residual
+// add and ReLU, with the weight-norm block's ReLU before the add) runs on the registers. Per
+// input channel a tile loads NV weight vectors and broadcasts MR inputs for MR * NV FMAs.
+// Work is cut by 64 output channels (outer: that slice of the taps' weights, K * c_in * 64
+// floats, 48 KB at c_in = 64, stays in L1/L2 while every row tile reads it), then tiles of MR
+// rows; the last vector of channels is masked (any c_out), the last tile has fewer rows.
+// Threads split rows as the GEMM path does (run_phase's ranges).
+//
+// AVX-512 only (a target attribute, run where CPUID reports AVX512F); elsewhere, and for
+// float64 or chunks that read a ring, the GEMM path runs. fastres._C.stream_chunk_kernel(name)
+// switches between the two (tests run both, benchmarks compare them).
+
+bool cpu_has_avx512f() {
+  static const bool has = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
+enum class ChunkKernel { kGemm, kTiles };
+#if defined(__x86_64__) && defined(__GNUC__)
+ChunkKernel g_chunk_kernel = cpu_has_avx512f() ? ChunkKernel::kTiles : ChunkKernel::kGemm;
+#else
+ChunkKernel g_chunk_kernel = ChunkKernel::kGemm;
+#endif
+
+// What a tile does with its sums: store them, their ReLU, relu(sum + res) or
+// relu(relu(sum) + res).
+enum class Epilogue { kNone, kRelu, kAddRelu, kReluAddRelu };
+
+// One conv's operands for tiles: weights K x [c_in][c_out], bias (or nullptr), the source rows
+// (row stride ld), the destination rows and the residual rows (same stride), `zeros` a row of
+// c_in zeros for taps that read before the chunk.
+struct TileConv {
+  int64_t c_in, c_out, taps, dilation, ld;
+  const float* w;
+  const float* bias;
+  const float* src;
+  float* dst;
+  const float* res;
+  const float* zeros;
+  Epilogue epi;
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTRES_TILES 1
+#define FASTRES_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+// Rows [t, t + MR) (row index t of a sequence whose row 0 is at base), output channels
+// [j, j + 16 * NV) with the last vector masked by `last`.
+template <int MR, int NV>
+FASTRES_AVX512 void tile(const TileConv& cv, const float* base_src, float* base_dst,
+                         const float* base_res, int64_t t, int64_t j, __mmask16 last) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
+    const __m512 b = cv.bias ? _mm512_maskz_loadu_ps(m, cv.bias + j + 16 * v)
+                             : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) acc[r][v] = b;
+  }
+  for (int64_t k = 0; k < cv.taps; ++k) {
+    const int64_t lag = (cv.taps - 1 - k) * cv.dilation;
+    if (t + MR - 1 - lag < 0) continue;  // every row of the tile reads the zero padding
+    const float* a[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+      a[r] = t + r - lag >= 0 ? base_src + (t + r - lag) * cv.ld : cv.zeros;
+    const float* wk = cv.w + k * cv.c_in * cv.c_out + j;
+    for (int64_t q = 0; q < cv.c_in; ++q) {
+      const float* wq = wk + q * cv.c_out;
+      __m512 wv[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v)
+        wv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, wq + 16 * v)
+                            : _mm512_loadu_ps(wq + 16 * v);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const __m512 x = _mm512_set1_ps(a[r][q]);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, wv[v], acc[r][v]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* d = base_dst + (t + r) * cv.ld + j;
+    const float* rs = base_res ? base_res + (t + r) * cv.ld + j : nullptr;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
+      __m512 e = acc[r][v];
+      if (cv.epi == Epilogue::kReluAddRelu) e = _mm512_max_ps(e, zero);
+      if (cv.epi == Epilogue::kAddRelu || cv.epi == Epilogue::kReluAddRelu)
+        e = _mm512_add_ps(e, _mm512_maskz_loadu_ps(m, rs + 16 * v));
+      if (cv.epi != Epilogue::kNone) e = _mm512_max_ps(e, zero);
+      _mm512_mask_storeu_ps(d + 16 * v, m, e);
+    }
+  }
+}
+
+// The last rows of a range, fewer than a full tile: a tile of exactly `rest` rows.
+template <int NV, int M>
+FASTRES_AVX512 void tail_tile(int64_t rest, const TileConv& cv, const float* s, float* d,
+                              const float* r, int64_t t, int64_t j, __mmask16 last) {
+  if constexpr (M > 0) {
+    if (rest == M) tile<M, NV>(cv, s, d, r, t, j, last);
+    else tail_tile<NV, M - 1>(rest, cv, s, d, r, t, j, last);
+  }
+}
+
+// Rows [t0, t1) of channels [j, j + 16 * NV): NV = 4 takes 6 rows a tile (24 sums), fewer
+// vectors take more rows, up to 12.
+template <int NV>
+FASTRES_AVX512 void tile_rows(const TileConv& cv, const float* s, float* d, const float* r,
+                              int64_t t0, int64_t t1, int64_t j, __mmask16 last) {
+  constexpr int MR = NV == 4 ? 6 : NV == 3 ? 8 : 12;
+  int64_t t = t0;
+  for (; t + MR <= t1; t += MR) tile<MR, NV>(cv, s, d, r, t, j, last);
+  if (t < t1) tail_tile<NV, MR - 1>(t1 - t, cv, s, d, r, t, j, last);
+}
+
+// The conv on rows [t0, t1) of the sequence whose row 0 is row `row0` of src, dst and res.
+__attribute__((target("avx512f"))) void conv_tiles(const TileConv& cv, int64_t row0,
+                                                   int64_t t0, int64_t t1) {
+  const float* s = cv.src + row0 * cv.ld;
+  float* d = cv.dst + row0 * cv.ld;
+  const float* r = cv.res ? cv.res + row0 * cv.ld : nullptr;
+  for (int64_t j = 0; j < cv.c_out; j += 64) {
+    const int64_t left = cv.c_out - j;
+    const int nv = left >= 64 ? 4 : static_cast<int>((left + 15) / 16);
+    const int64_t in_last = left - 16 * (nv - 1);
+    const __mmask16 last = in_last >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << in_last) - 1);
+    switch (nv) {
+      case 4: tile_rows<4>(cv, s, d, r, t0, t1, j, last); break;
+      case 3: tile_rows<3>(cv, s, d, r, t0, t1, j, last); break;
+      case 2: tile_rows<2>(cv, s, d, r, t0, t1, j, last); break;
+      default: tile_rows<1>(cv, s, d, r, t0, t1, j, last); break;
+    }
+  }
+}
+#endif
+
 // ----------------------------------------------------------------------------- the stack
 
 // Up to this many rows (batch items of a thread) a single step runs row by row
@@ -622,10 +787,11 @@ struct Conv {
 template <typename T>
 class Stack {
  public:
+  // `zeros`: a row of max_c zeros (the tiles kernel's causal padding), or nullptr (no tiles).
   Stack(const Net& net, const T* weights, T* state, int64_t pos, int64_t n,
-        const uint16_t* weights16 = nullptr)
+        const uint16_t* weights16 = nullptr, const T* zeros = nullptr)
       : net_(net), weights_(weights), weights16_(n == 1 ? weights16 : nullptr), state_(state),
-        pos_(pos), n_(n), ld_(net.max_c) {}
+        zeros_(zeros), pos_(pos), n_(n), ld_(net.max_c) {}
 
   // Runs every layer over batch items [b0, b1) and all n steps, phase after phase, writing the
   // rings as it goes (rows of different batch items never interact).
@@ -790,6 +956,7 @@ class Stack {
       });
       return;
     }
+    if (tiles_run(l, phase, buf, s, b0, b1, t0, t1)) return;
     if (l.kind == kPointwise) {
       conv_rows(conv(l, 1), x, out, b0, b1, t0, t1);
       return;
@@ -823,6 +990,42 @@ class Stack {
         }
       }
     });
+  }
+
+  // run_phase by the tiles kernel (bias, every tap and the epilogue in one pass over the
+  // outputs), where it runs for this phase's convs: false where it does not (nothing done).
+  bool tiles_run(const Layer& l, int phase, T* const* buf, const Buffers& s, int64_t b0,
+                 int64_t b1, int64_t t0, int64_t t1) const {
+#ifdef FASTRES_TILES
+    if constexpr (std::is_same_v<T, float>) {
+      if (g_chunk_kernel != ChunkKernel::kTiles || zeros_ == nullptr || l.kind == kRelu)
+        return false;
+      auto plain = [&](const Conv<T>& cv) { return cv.ring == nullptr && cv.w16 == nullptr; };
+      const bool block = l.kind == kBlock;
+      if (!plain(conv(l, 1)) || (block && (!plain(conv(l, 2)) || (l.wd >= 0 && !plain(conv(l, 3))))))
+        return false;
+      auto run = [&](const Conv<T>& cv, const T* src, T* dst, const T* res, Epilogue epi) {
+        const TileConv tc{cv.c_in, cv.c_out, cv.taps, cv.dilation, ld_, cv.w, cv.b,
+                          src,     dst,      res,     zeros_,      epi};
+        for (int64_t b = b0; b < b1; ++b) conv_tiles(tc, b * n_, t0, t1);
+      };
+      if (!block) {
+        run(conv(l, 1), buf[s.in], buf[s.out], nullptr, Epilogue::kNone);
+      } else if (phase == 0) {
+        run(conv(l, 1), buf[s.in], buf[s.mid], nullptr, Epilogue::kRelu);
+      } else {
+        const T* res = buf[s.in];
+        if (l.wd >= 0) {
+          run(conv(l, 3), buf[s.in], buf[s.res], nullptr, Epilogue::kNone);
+          res = buf[s.res];
+        }
+        run(conv(l, 2), buf[s.mid], buf[s.out], res,
+            l.relu_before_add ? Epilogue::kReluAddRelu : Epilogue::kAddRelu);
+      }
+      return true;
+    }
+#endif
+    return false;
   }
 
   static void relu_row(const T* x, T* out, int64_t size) {
@@ -928,6 +1131,7 @@ class Stack {
   const T* weights_;
   const uint16_t* weights16_;  // bf16 weights (single steps only), or nullptr
   T* state_;
+  const T* zeros_;  // max_c zeros for the tiles kernel, or nullptr
   const int64_t pos_, n_;
   // Row stride of the workspace buffers: max_c in every layer, so that a batch item's rows are
   // the same memory whatever the layer's width, and threads owning different items never write
@@ -953,8 +1157,9 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
   T* base = ws.data_ptr<T>();
   T* const buf[4] = {base, base + buf_size, base + 2 * buf_size, base + 3 * buf_size};
 
+  const std::vector<T> zeros(net.max_c, T(0));
   const Stack<T> stack(net, weights.data_ptr<T>(), keep ? state.data_ptr<T>() : nullptr, pos,
-                       n, weights16);
+                       n, weights16, zeros.data());
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t batch = net.batch, c_in = net.c_in, c_out = net.c_out;
@@ -1422,6 +1627,123 @@ PyObject* py_stream_bf16_kernel(PyObject* /*module*/, PyObject* const* args, Py_
   END_HANDLE_TH_ERRORS
 }
 
+// stream_chunk_kernel(name=None) -> the kernel float32 chunks that read no ring run ("gemm"
+// or "tiles"), after switching to `name` where given (process-wide; "tiles" needs AVX-512).
+PyObject* py_stream_chunk_kernel(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs <= 1, "stream_chunk_kernel(name=None)");
+  if (nargs == 1 && args[0] != Py_None) {
+    TORCH_CHECK_TYPE(PyUnicode_Check(args[0]), "stream_chunk_kernel: name must be a str");
+    const std::string name = PyUnicode_AsUTF8(args[0]);
+    TORCH_CHECK(name == "gemm" || name == "tiles",
+                "stream_chunk_kernel: name must be 'gemm' or 'tiles', got '", name, "'");
+#ifdef FASTRES_TILES
+    const bool tiles = cpu_has_avx512f();
+#else
+    const bool tiles = false;
+#endif
+    TORCH_CHECK(name == "gemm" || tiles, "stream_chunk_kernel: 'tiles' needs a CPU with AVX-512");
+    g_chunk_kernel = name == "tiles" ? ChunkKernel::kTiles : ChunkKernel::kGemm;
+  }
+  return PyUnicode_FromString(g_chunk_kernel == ChunkKernel::kTiles ? "tiles" : "gemm");
+  END_HANDLE_TH_ERRORS
+}
+
+// stream_sources(model, names) -> (tensors, modes): fastres/stream/fold.py's _sources walk
+// (what a fold depends on: every module once, parents before children in registration
+// order, as model.modules() gives them; per module its type, `training` and the values of
+// those of `names` its __dict__ holds; every parameter and buffer that is not None). The
+// whole-stack path runs it on every call: in Python it cost about 2 us a module, a sixth of
+// the kernel's time at one short sequence. Reads the modules' dicts only (no Python code
+// runs); a module without nn.Module's dicts is a TypeError.
+PyObject* py_stream_sources(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyTuple_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "stream_sources(model, names: tuple)");
+    return nullptr;
+  }
+  PyObject* names = args[1];
+  PyObject* tensors = PyList_New(0);
+  PyObject* modes = PyList_New(0);
+  PyObject* seen = PySet_New(nullptr);
+  std::vector<PyObject*> todo{args[0]};  // borrowed: the model holds every module
+  bool ok = tensors && modes && seen;
+  auto add_values = [&](PyObject* dict) {  // the values of dict that are not None
+    PyObject *key, *value;
+    Py_ssize_t i = 0;
+    while (PyDict_Next(dict, &i, &key, &value))
+      if (value != Py_None && PyList_Append(tensors, value) < 0) return false;
+    return true;
+  };
+  while (ok && !todo.empty()) {
+    PyObject* module = todo.back();
+    todo.pop_back();
+    PyObject* id = PyLong_FromVoidPtr(module);
+    const int known = id ? PySet_Contains(seen, id) : -1;
+    ok = known >= 0 && (known == 1 || PySet_Add(seen, id) == 0);
+    Py_XDECREF(id);
+    if (!ok || known == 1) continue;
+    PyObject* d = PyObject_GenericGetDict(module, nullptr);  // new reference
+    if (!d) PyErr_Clear();
+    PyObject* params = d ? PyDict_GetItemString(d, "_parameters") : nullptr;
+    PyObject* buffers = d ? PyDict_GetItemString(d, "_buffers") : nullptr;
+    PyObject* children = d ? PyDict_GetItemString(d, "_modules") : nullptr;
+    if (!params || !buffers || !children || !PyDict_Check(params) || !PyDict_Check(buffers) ||
+        !PyDict_Check(children)) {
+      PyErr_SetString(PyExc_TypeError, "stream_sources: not a torch.nn.Module");
+      Py_XDECREF(d);
+      ok = false;
+      break;
+    }
+    PyObject* training = PyDict_GetItemString(d, "training");
+    if (training) Py_INCREF(training);
+    else training = PyObject_GetAttrString(module, "training");
+    PyObject* attrs = PyList_New(0);
+    ok = training && attrs;
+    for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(names); ++i) {
+      PyObject* value = PyDict_GetItem(d, PyTuple_GET_ITEM(names, i));
+      if (value) ok = PyList_Append(attrs, value) == 0;
+    }
+    PyObject* attr_tuple = ok ? PyList_AsTuple(attrs) : nullptr;
+    PyObject* mode = attr_tuple ? PyTuple_Pack(3, reinterpret_cast<PyObject*>(Py_TYPE(module)),
+                                              training, attr_tuple)
+                                : nullptr;
+    ok = mode && PyList_Append(modes, mode) == 0 && add_values(params) && add_values(buffers);
+    Py_XDECREF(mode);
+    Py_XDECREF(attr_tuple);
+    Py_XDECREF(attrs);
+    Py_XDECREF(training);
+    if (!ok) {
+      Py_DECREF(d);
+      break;
+    }
+    const size_t first = todo.size();  // children pushed last to first: popped in order
+    PyObject *key, *child;
+    Py_ssize_t i = 0;
+    while (PyDict_Next(children, &i, &key, &child))
+      if (child != Py_None) todo.push_back(child);
+    std::reverse(todo.begin() + first, todo.end());
+    Py_DECREF(d);  // the module holds its dict and the children in it
+  }
+  PyObject* result = nullptr;
+  if (ok) {
+    PyObject* mode_tuple = PyList_AsTuple(modes);
+    if (mode_tuple) result = PyTuple_Pack(2, tensors, mode_tuple);
+    Py_XDECREF(mode_tuple);
+  }
+  Py_XDECREF(tensors);
+  Py_XDECREF(modes);
+  Py_XDECREF(seen);
+  return result;
+}
+
+// stream_chunk_kernels() -> the names stream_chunk_kernel takes on this CPU.
+PyObject* py_stream_chunk_kernels(PyObject* /*module*/, PyObject* /*unused*/) {
+#ifdef FASTRES_TILES
+  if (cpu_has_avx512f()) return Py_BuildValue("(ss)", "gemm", "tiles");
+#endif
+  return Py_BuildValue("(s)", "gemm");
+}
+
 PyMethodDef kStreamPythonMethods[] = {
     {"stream_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_step)),
      METH_FASTCALL,
@@ -1434,6 +1756,18 @@ PyMethodDef kStreamPythonMethods[] = {
      METH_FASTCALL,
      "stream_bf16_kernel(name=None) -> the kernel ('widen' or 'dot') single steps with bf16 "
      "weights run, after switching to `name` where given"},
+    {"stream_sources",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_sources)),
+     METH_FASTCALL,
+     "stream_sources(model, names) -> (tensors, modes): what a stream's fold depends on "
+     "(fastres/stream/fold.py)"},
+    {"stream_chunk_kernels", &py_stream_chunk_kernels, METH_NOARGS,
+     "The chunk kernels ('gemm', and 'tiles' where the CPU has AVX-512) this CPU runs"},
+    {"stream_chunk_kernel",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_chunk_kernel)),
+     METH_FASTCALL,
+     "stream_chunk_kernel(name=None) -> the kernel ('gemm' or 'tiles') float32 chunks from a "
+     "zero state run, after switching to `name` where given"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -41,7 +41,8 @@ def cpp_unavailable() -> Optional[str]:
     reason = _ext.load_error()
     if reason is None and (not hasattr(torch.ops.fastres_ext, "stream_forward")
                            or not hasattr(_cpp_module(), "stream_step")
-                           or not hasattr(_cpp_module(), "StreamStep")):
+                           or not hasattr(_cpp_module(), "StreamStep")
+                           or not hasattr(_cpp_module(), "stream_chunk_kernels")):
         reason = "fastres._C was built without the streaming kernel (csrc/cpu/stream_cpu.cpp) " \
                  "or with an older one; rebuild it"
     return reason

@@ -266,19 +266,46 @@ _RESULT_ATTRS = ("eps", "affine", "track_running_stats", "kernel_size", "stride"
                  "relu_before_add")
 
 
-def _attributes(module: nn.Module) -> Tuple:
-    d = module.__dict__
-    return tuple(d[name] for name in _RESULT_ATTRS if name in d)
-
-
 def _sources(model: nn.Module) -> Tuple[List[Tensor], Tuple]:
     """What a fold depends on: every parameter and buffer; every module's type, mode and
-    result-changing attributes (one traversal: whole_sequence runs this on every call)."""
+    result-changing attributes. whole_sequence runs this on every call: one C++ walk of the
+    modules' dicts where the extension is built (fastres._C.stream_sources), else this
+    walk, each module once in model.modules()'s order (model.modules()'s recursive
+    generators cost more than the walk)."""
+    walk = _compiled_walk()
+    return walk(model, _RESULT_ATTRS) if walk is not None else _walk_sources(model)
+
+
+_COMPILED_WALK = []   # [fastres._C.stream_sources or None], once looked up
+
+
+def _compiled_walk():
+    if not _COMPILED_WALK:
+        walk = None
+        if _ext.load_error() is None:
+            import fastres._C as extension
+            walk = getattr(extension, "stream_sources", None)
+        _COMPILED_WALK.append(walk)
+    return _COMPILED_WALK[0]
+
+
+def _walk_sources(model: nn.Module) -> Tuple[List[Tensor], Tuple]:
     tensors, modes = [], []
-    for module in model.modules():
-        modes.append((type(module), module.training, _attributes(module)))
-        tensors += [t for t in module._parameters.values() if t is not None]
-        tensors += [t for t in module._buffers.values() if t is not None]
+    seen = set()
+    todo = [model]
+    names = _RESULT_ATTRS
+    while todo:
+        module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        d = module.__dict__
+        modes.append((type(module), module.training, tuple([d[n] for n in names if n in d])))
+        tensors += [t for t in d["_parameters"].values() if t is not None]
+        tensors += [t for t in d["_buffers"].values() if t is not None]
+        children = [c for c in d["_modules"].values() if c is not None]
+        children.reverse()   # popped first to last: the order of model.modules()
+        todo += children
     return tensors, tuple(modes)
 
 

@@ -10,7 +10,7 @@ import fastres
 from fastres import stream as stream_fn
 from fastres.stream import StreamError
 from stream_helpers import (CPU_BACKENDS, assert_parity, full_forward, in_channels,
-                            random_input, random_tcn)
+                            random_input, random_tcn, requires_cpp)
 from upstream import SeedTCN, SeedTemporalBlock, warnings_ignored
 
 
@@ -117,3 +117,30 @@ def test_every_attribute_that_changes_the_result_makes_the_fold_stale(change):
         s.refold()   # the refolded stream computes with the new eps
         assert not s.stale()
         assert_parity(s.step(x), full_forward(model, x), torch.float32)
+
+
+@requires_cpp
+def test_the_compiled_walk_gives_what_the_python_walk_gives():
+    """fastres._C.stream_sources (the staleness check's walk on every whole-stack call) against
+    fold.py's Python walk: the same modes in the same order and the same tensor objects, on
+    a model with a shared module (walked once), absent children, parameters and buffers
+    (None), weight norm's parametrizations and both modes; anything else a TypeError."""
+    import fastres._C as extension
+    from fastres.stream import fold
+    torch.manual_seed(0)
+    for norm, training in (("batch", False), ("weight", True), (None, False)):
+        net = fastres.TemporalConvNet(3, [6, 4], kernel_size=2, norm=norm).train(training)
+        net.network[0].shared = net.network[1]        # a child twice: walked once
+        net.network[1].absent = None                  # a None child
+        net.network[1].conv1.register_parameter("spare", None)
+        net.network[1].conv1.register_buffer("nothing", None)
+        net.network[0].conv1.padding = (7,)           # an attribute that changes the result
+        want = fold._walk_sources(net)
+        got = extension.stream_sources(net, fold._RESULT_ATTRS)
+        assert got[1] == want[1] and len(got[0]) == len(want[0])
+        assert all(a is b for a, b in zip(got[0], want[0]))
+        assert fold._sources(net)[1] == want[1]
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        extension.stream_sources(object(), fold._RESULT_ATTRS)
+    with pytest.raises(TypeError):
+        extension.stream_sources(net, list(fold._RESULT_ATTRS))

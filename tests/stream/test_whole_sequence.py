@@ -179,3 +179,94 @@ def test_unfused_temporal_conv_net_still_scripts():
     x = torch.randn(2, 3, 10)
     with torch.no_grad():
         assert rel_err(scripted(x), net.network(x)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- chunk kernels
+
+
+def _chunk_kernels():
+    """The kernels of float32 chunks from a zero state on this CPU (csrc/cpu/stream_cpu.cpp,
+    "chunk tiles"): BLAS per tap everywhere, the AVX-512 register tiles where the CPU has
+    them."""
+    from fastres.stream.core import cpp_unavailable
+    if cpp_unavailable() is not None:
+        return ["gemm"]
+    import fastres._C as extension
+    return list(extension.stream_chunk_kernels())
+
+
+@pytest.fixture(params=_chunk_kernels())
+def chunk_kernel(request):
+    """Runs the test with one chunk kernel, then restores the default."""
+    import fastres._C as extension
+    default = extension.stream_chunk_kernel()
+    extension.stream_chunk_kernel(request.param)
+    yield request.param
+    extension.stream_chunk_kernel(default)
+
+
+def _wide_tcn(rng: random.Random, norm: str) -> torch.nn.Module:
+    """A TemporalConvNet whose widths hit every tile shape of the tiles kernel: 1-3 vectors
+    of 16 channels, a full 64-channel slice and one more, widths not a multiple of 16 (the
+    masked last vector); some levels change width (the 1x1 downsample); dilations from 1 to
+    past the sequence."""
+    c_in = rng.randint(1, 20)
+    widths = [rng.choice([rng.randint(1, 15), rng.randint(17, 63), 64, rng.randint(65, 80)])
+              for _ in range(rng.randint(1, 5))]
+    if rng.random() < 0.5:
+        widths = [widths[0]] * len(widths)   # identity residuals after the first level
+    torch.manual_seed(rng.randint(0, 2**31))
+    net = fastres.TemporalConvNet(c_in, widths, kernel_size=rng.randint(1, 4), dropout=0.0,
+                                  norm=norm,
+                                  dilations=[rng.choice([1, 2, 3, 5, 8, 40]) for _ in widths])
+    if norm == "weight":   # locuslab's init makes tiny weights; make the outputs matter
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.endswith("original0"):
+                    p.uniform_(0.5, 1.5)
+    return randomize_bn(net, seed=rng.randint(0, 2**31)).eval()
+
+
+@requires_cpp
+@pytest.mark.parametrize("norm", ["batch", "weight"])
+def test_chunk_kernels_match_the_float64_forward_on_fresh_draws(fresh_seed, chunk_kernel,
+                                                                norm):
+    """The whole-stack kernel's call (a chunk from a zero state) on either chunk kernel
+    against the float64 plain twin, on a fresh draw: tile rows not a multiple of any tile
+    (lengths 1-100), widths not a multiple of 16, dilations past the sequence, 1-4 taps, the
+    weight-norm block's ReLU before the add, 1-3 sequences, the output poisoned with NaN; one
+    and two threads (two: the time steps of each conv split across threads for one sequence,
+    the sequences for more)."""
+    from fastres.stream.plan import Plan
+    rng = random.Random(fresh_seed)
+    net = _wide_tcn(rng, norm)
+    batch, length = rng.randint(1, 3), rng.randint(1, 100)
+    x = random_input(rng, in_channels(net), length, batch, torch.float32)
+    plan = Plan(net)
+    empty, no_position = plan.empty_state
+    want = full_forward(net, x)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            out = torch.full((batch, plan.c_out, length), float("nan"))
+            torch.ops.fastres_ext.stream_forward_out.default(
+                x, plan.weights, plan.meta(batch), empty, no_position, empty, out)
+            err = rel_err(out, want)
+            assert err < TOL[torch.float32], \
+                f"{chunk_kernel}, {n_threads} threads: relative error {err:.2e}"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_cpp
+def test_chunk_kernel_choice_is_checked():
+    import fastres._C as extension
+    kernels = extension.stream_chunk_kernels()
+    assert "gemm" in kernels
+    with pytest.raises(RuntimeError, match="'gemm' or 'tiles'"):
+        extension.stream_chunk_kernel("blas")
+    if "tiles" not in kernels:
+        with pytest.raises(RuntimeError, match="needs a CPU with AVX-512"):
+            extension.stream_chunk_kernel("tiles")
+    assert extension.stream_chunk_kernel() == kernels[-1]   # the fastest this CPU runs
