@@ -493,6 +493,27 @@ def test_causal_stack_layouts(name, layout, causal_layout, fresh_seed):
         _check(model, x, out)
 
 
+@pytest.mark.parametrize("layout", ["NCL", "channels-last view", "NLC"])
+def test_long_samples_enter_and_leave_per_sample(layout, causal_layout, fresh_seed):
+    """Samples of 3600 elements or more enter and leave the flat layout one 2D transpose at
+    a time (_copy_per_sample); shorter ones, as in the tests above, in one strided copy."""
+    model, _ = _draw("tcn-block-downsample", fresh_seed)  # 6 -> 10 channels
+    program = onednn.build(model)
+    g = torch.Generator().manual_seed(fresh_seed)
+    for b, length in ((3, 700), (2, 611)):
+        x = torch.randn(b, 6, length, generator=g)
+        assert 6 * length >= 3600
+        if layout == "NLC":
+            out = _poisoned_run(lambda t: program(t, "NLC"), x.transpose(1, 2).contiguous())
+            assert out.is_contiguous()
+            out = out.transpose(1, 2)
+        else:
+            arg = x if layout == "NCL" else x.transpose(1, 2).contiguous().transpose(1, 2)
+            out = _poisoned_run(program, arg)
+            assert out.is_contiguous() if layout == "NCL" else onednn.is_channels_last(out)
+        _check(model, x, out)
+
+
 def test_batch_flat_rule():
     """The flat layout's extra rows (a gap per sample and a tail) stay a small fraction of
     the useful ones: a block with short dilations at length 2048 takes it, an 8-block stack
