@@ -50,7 +50,7 @@ How the program runs, and why:
   with their copies. A write *through* `.data` (or a NumPy view) leaves the counter alone;
   comparing every value per call to see it cost ResNet1d 1.6-2.6 ms of a 16 ms forward
   (benchmarks/NOTES.md), so the program compares a probe instead: `_PROBES` elements per
-  tensor, evenly spaced (all of a tensor that small). Whole-tensor writes through `.data`
+  tensor, its first and last `_PROBES // 2` (all of a tensor that small). Whole-tensor writes through `.data`
   (hand-written EMA updates, re-initialisation, copies from another model) change the probe
   and are seen; a partial one may not be: write under torch.no_grad() without `.data` (as
   torch.optim, load_state_dict and nn.init do), or call `forget(module)` after it.
@@ -330,12 +330,34 @@ class _FlatRows:
         rows[self.used:].zero_()
         samples = rows[:self.used].view(self.batch, self.gap + self.length, c)
         samples[:, :self.gap].zero_()
-        samples[:, self.gap:].copy_(nlc)
+        _copy_per_sample(samples[:, self.gap:], nlc)
         return _as_4d(rows.t()[None])
 
     def leave(self, h: Tensor) -> Tensor:
         """The flat layout -> (B, L, C), contiguous."""
         return self._samples(h)[:, self.gap:].contiguous()
+
+    def leave_ncl(self, h: Tensor) -> Tensor:
+        """The flat layout -> (B, C, L), contiguous: one transposing copy, not leave()'s
+        copy and a transpose of it."""
+        out = torch.empty(self.batch, h.shape[1], self.length, dtype=h.dtype, device=h.device)
+        _copy_per_sample(out.transpose(1, 2), self._samples(h)[:, self.gap:])
+        return out
+
+
+def _copy_per_sample(dst: Tensor, src: Tensor) -> None:
+    """dst.copy_(src) for (B, X, Y) tensors, one sample at a time where a sample is a
+    transpose between a contiguous (X, Y) and a (Y, X) one of at least 3600 elements: ATen
+    copies such a 2D transpose in 60 x 60 blocks (its copy_transpose path), a 3D strided
+    copy element by element (about 1.3x the time at 64 channels, benchmarks/NOTES.md)."""
+    if dst.shape[0] > 1 and dst[0].numel() >= 3600:
+        if not dst[0].is_contiguous():  # copy into the contiguous side: out[b] = src[b].t()
+            dst, src = dst.transpose(1, 2), src.transpose(1, 2)
+        if dst[0].is_contiguous() and src[0].t().is_contiguous():
+            for d, s in zip(dst, src):
+                d.copy_(s)
+            return
+    dst.copy_(src)
 
 
 class _Stem:
@@ -379,20 +401,33 @@ def _max_pool_nlc(h: Tensor, k: int, s: int, p: int, d: int, ceil: bool,
                   out_length: int) -> Tensor:
     """MaxPool1d on a (B, C, 1, L) channels_last tensor, as the elementwise maximum of its k
     strided (B, L_out, C) taps. F.max_pool2d on channels_last computes indices it then
-    drops, 10x the time of these k - 1 maximum passes. Padding is -inf, as max pooling
-    ignores it (torch bounds p so that every window holds an input element); NaN
-    propagates, as it does through max_pool (torch.maximum keeps NaN)."""
+    drops, 10x the time of these k - 1 maximum passes. Each tap is read only over the
+    outputs whose window it reaches inside the input: max pooling ignores its padding
+    (torch bounds p so that every window holds an input element), so no -inf padded copy of
+    the input is made. The output starts as a tap that reaches every output where one does
+    (the centre tap of a kernel-3 stride-2 pool), as -inf otherwise. NaN propagates, as it
+    does through max_pool (torch.maximum keeps NaN)."""
     del ceil  # in out_length
     b, c, _, n = h.shape
     nlc = h.permute(0, 2, 3, 1).reshape(b, n, c)  # a view: the memory is (B, L, C)
-    right = max(0, (out_length - 1) * s + (k - 1) * d + 1 - (n + p))
-    if p or right:
-        nlc = F.pad(nlc, (0, 0, p, right), value=float("-inf"))
-    last = (out_length - 1) * s + 1
-    out = nlc[:, 0:last:s].clone() if k == 1 else torch.maximum(nlc[:, 0:last:s],
-                                                                nlc[:, d:d + last:s])
-    for j in range(2, k):
-        torch.maximum(out, nlc[:, j * d:j * d + last:s], out=out)
+    taps = []  # (first output, end output, input view)
+    for j in range(k):
+        offset = j * d - p  # the input index of tap j for output 0
+        first = max(0, -(offset // s))  # the first output whose tap index is >= 0
+        end = min(out_length, (n - 1 - offset) // s + 1)
+        if end > first:
+            start = first * s + offset
+            taps.append((first, end, nlc[:, start:start + (end - first - 1) * s + 1:s]))
+    out = torch.empty(b, out_length, c, dtype=h.dtype, device=h.device)
+    full = next((i for i, (first, end, _) in enumerate(taps)
+                 if first == 0 and end == out_length), None)
+    if full is None:
+        out.fill_(float("-inf"))
+    else:
+        out.copy_(taps.pop(full)[2])
+    for first, end, tap in taps:
+        part = out[:, first:end]
+        torch.maximum(part, tap, out=part)
     return _as_4d(out.transpose(1, 2))
 
 
@@ -685,10 +720,10 @@ class Program:
                 h = rows.enter(ncl.transpose(1, 2))
                 for step in self._steps:
                     h = step.flat(h, rows, exact)
+                if not keep_nlc:
+                    return rows.leave_ncl(h)
                 nlc = rows.leave(h)
-                if layout == "NLC":
-                    return nlc
-                return nlc.transpose(1, 2) if keep_nlc else nlc.transpose(1, 2).contiguous()
+                return nlc if layout == "NLC" else nlc.transpose(1, 2)
             h = _as_4d(to_channels_last(ncl))
             for step in self._steps:
                 h = step(h, exact)
@@ -704,37 +739,31 @@ class Program:
 _MISSING = object()
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 class _Probe:
-    """_PROBES evenly spaced elements of each tensor (every element of a smaller one), read
-    through views of the tensors' own memory and compared by their bits with the values at
-    build time: one torch.cat and one torch.equal per element size, whatever the number of
-    tensors (a ResNet1d reads 122). Non-contiguous tensors are compared in full."""
+    """_PROBES elements of each tensor, its first and last _PROBES // 2 (every element of a
+    smaller one), held as views of the tensors' own memory and compared byte for byte with
+    copies taken at build time: one C++ call (_ext.same_values, a memcmp per view) for all
+    of them. Contiguous windows rather than evenly spaced elements: strided views must be
+    gathered first (a torch.cat of 122 inputs for a ResNet1d, most of the probe's time,
+    benchmarks/NOTES.md), and a whole-tensor write changes both alike. Non-contiguous
+    tensors are compared in full."""
 
     def __init__(self, tensors: List[Tensor]):
-        groups: Dict[int, List[Tensor]] = {}
-        self._whole: List[Tuple[Tensor, Tensor]] = []
+        self._now: List[Tensor] = []
         for t in tensors:
             t = t.detach()
             if t.numel() == 0:
                 continue
             if not t.is_contiguous():
-                self._whole.append((t, t.clone()))
+                self._now.append(t)
                 continue
-            step = max(1, -(-t.numel() // _PROBES))
-            bits = _BITS[t.element_size()]
-            probe = t.view(-1)[::step]
-            groups.setdefault(t.element_size(), []).append(
-                probe if probe.dtype == bits else probe.view(bits))
-        self._groups = [(views, torch.cat(views)) for views in groups.values()]
+            flat = t.view(-1)
+            n, half = flat.numel(), _PROBES // 2
+            self._now += [flat] if n <= _PROBES else [flat[:half], flat[n - half:]]
+        self._then = [v.clone() for v in self._now]
 
     def same(self) -> bool:
-        for views, then in self._groups:
-            if not torch.equal(torch.cat(views), then):
-                return False
-        return all(_ext.same_values([t], [copy]) for t, copy in self._whole)
+        return _ext.same_values(self._now, self._then)
 
 
 def _snapshot(module: nn.Module):

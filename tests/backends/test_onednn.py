@@ -267,8 +267,9 @@ def test_repacked_after_data_assignment(fresh_seed):
 @pytest.mark.parametrize("where", ["conv", "bn", "bn-buffer"])
 def test_partial_writes(where, fresh_seed):
     """The rule of the module docstring: a write of one element under no_grad bumps the
-    counter and is seen; one through .data may escape the probe (one element in 64 of each
-    tensor is compared on every call), and forget(module) then rebuilds the program."""
+    counter and is seen; one through .data may escape the probe (64 elements of each tensor,
+    its first and last 32, are compared on every call), and forget(module) then rebuilds
+    the program."""
     model, shape = _draw("resnet", fresh_seed)
     tensor = {"conv": lambda: model.layer2[0].conv2.weight,
               "bn": lambda: model.layer2[0].bn2.weight,
@@ -276,13 +277,13 @@ def test_partial_writes(where, fresh_seed):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
     _run(model, x)
     program = onednn._PROGRAMS[model]
-    last = tensor.numel() - 1  # between probes in a tensor of more than 64 elements
+    middle = tensor.numel() // 2  # between the probe's windows in a tensor of over 64
     with torch.no_grad():
-        tensor.view(-1)[last] += 3.0
+        tensor.view(-1)[middle] += 3.0
     assert program.stale(model)
     _check(model, x, _run(model, x))
     program = onednn._PROGRAMS[model]
-    tensor.data.view(-1)[last] += 3.0  # the counter stays
+    tensor.data.view(-1)[middle] += 3.0  # the counter stays
     if tensor.numel() <= onednn._PROBES:
         assert program.stale(model)  # every element of a small tensor is probed
     onednn.forget(model)
@@ -314,8 +315,82 @@ def test_kept_after_a_version_bump_without_a_write(name, fresh_seed):
         assert program.stale(model)
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_probe_sees_a_write_through_data_at_either_end(where, fresh_seed):
+    """The probe's windows are each tensor's first and last 32 elements: a write through
+    .data to one of them (the counter stays) is seen, in every tensor the program read."""
+    model, shape = _draw("resnet", fresh_seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    _run(model, x)
+    program = onednn._PROGRAMS[model]
+    g = torch.Generator().manual_seed(fresh_seed)
+    for t, _, _ in program._versions:
+        if not t.is_floating_point():
+            continue
+        flat = t.data.view(-1)
+        i = 0 if where == "first" else flat.numel() - 1
+        i = min(flat.numel() - 1, i + int(torch.randint(0, 32, (), generator=g)) *
+                (1 if where == "first" else -1))
+        i = max(0, i)
+        kept = flat[i].clone()
+        flat[i] += 1.0
+        assert program.stale(model), f"{tuple(t.shape)}[{i}] written, not seen"
+        flat[i] = kept
+        assert not program.stale(model)
+
+
+@pytest.mark.parametrize("name, layout", [("resnet", "NCL"), ("basic-stride2", "NCL"),
+                                          ("tcn", "NCL"), ("tcn-block-downsample", "NLC")])
+def test_a_returned_output_is_never_written_again(name, layout, fresh_seed):
+    """Outputs are the caller's: a later call (same shape, other values) leaves them as
+    they were."""
+    model, (b, c, n) = _draw(name, fresh_seed)
+    program = onednn.build(model)
+    g = torch.Generator().manual_seed(fresh_seed)
+    with torch.no_grad():
+        outs = []
+        for _ in range(3):
+            x = torch.randn(b, c, n, generator=g)
+            out = program(x.transpose(1, 2).contiguous(), "NLC") if layout == "NLC" \
+                else program(x)
+            outs.append((out, out.clone()))
+        for out, kept in outs:
+            assert torch.equal(out, kept)
+        assert not torch.equal(outs[0][1], outs[1][1])
+
+
+def test_max_pool_taps_against_torch():
+    """_max_pool_nlc (each tap read over the outputs it reaches, no padded copy) equals
+    MaxPool1d exactly, NaN included, for every kernel, stride, padding, dilation and ceil
+    mode torch accepts, at lengths with and without a partial last window."""
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for k in range(1, 6):
+        for s in range(1, 4):
+            for p in range(0, k // 2 + 1):
+                for d in (1, 2, 3):
+                    for ceil in (False, True):
+                        for n in (7, 8, 9, 16):
+                            pool = nn.MaxPool1d(k, s, p, d, ceil_mode=ceil)
+                            x = torch.randn(2, 3, n, generator=g)
+                            x[0, 1, n // 2] = float("nan")
+                            try:
+                                ref = pool(x)
+                            except RuntimeError:  # window too large for the input
+                                continue
+                            h = onednn._as_4d(onednn.to_channels_last(x))
+                            out = onednn._max_pool_nlc(h, k, s, p, d, ceil, ref.shape[2])
+                            out = out[:, :, 0, :]
+                            assert out.shape == ref.shape, (k, s, p, d, ceil, n)
+                            assert torch.equal(out.isnan(), ref.isnan()), (k, s, p, d, ceil, n)
+                            assert torch.equal(out.nan_to_num(), ref.nan_to_num()), \
+                                (k, s, p, d, ceil, n)
+                            checked += 1
+    assert checked > 300
+
+
 @pytest.mark.parametrize("kernel, stride, padding, dilation, ceil", [
-    (3, 2, 1, 1, False), (3, 2, 1, 1, True), (2, 2, 0, 1, True), (3, 3, 1, 2, False),
+    (3, 2, 1, 1, False), (2, 2, 1, 1, False), (3, 2, 1, 1, True), (2, 2, 0, 1, True), (3, 3, 1, 2, False),
     (4, 1, 2, 1, False), (1, 1, 0, 1, False), (5, 2, 2, 3, True)])
 def test_stem_max_pool(kernel, stride, padding, dilation, ceil, fresh_seed):
     """The stem's max pool (maxima of strided taps on the NLC activation, -inf padding) for
@@ -410,6 +485,27 @@ def test_causal_stack_layouts(name, layout, causal_layout, fresh_seed):
         if layout == "NLC":
             out = _poisoned_run(lambda t: program(t, "NLC"), x.transpose(1, 2).contiguous())
             assert out.is_contiguous() and out.shape[1] == length
+            out = out.transpose(1, 2)
+        else:
+            arg = x if layout == "NCL" else x.transpose(1, 2).contiguous().transpose(1, 2)
+            out = _poisoned_run(program, arg)
+            assert out.is_contiguous() if layout == "NCL" else onednn.is_channels_last(out)
+        _check(model, x, out)
+
+
+@pytest.mark.parametrize("layout", ["NCL", "channels-last view", "NLC"])
+def test_long_samples_enter_and_leave_per_sample(layout, causal_layout, fresh_seed):
+    """Samples of 3600 elements or more enter and leave the flat layout one 2D transpose at
+    a time (_copy_per_sample); shorter ones, as in the tests above, in one strided copy."""
+    model, _ = _draw("tcn-block-downsample", fresh_seed)  # 6 -> 10 channels
+    program = onednn.build(model)
+    g = torch.Generator().manual_seed(fresh_seed)
+    for b, length in ((3, 700), (2, 611)):
+        x = torch.randn(b, 6, length, generator=g)
+        assert 6 * length >= 3600
+        if layout == "NLC":
+            out = _poisoned_run(lambda t: program(t, "NLC"), x.transpose(1, 2).contiguous())
+            assert out.is_contiguous()
             out = out.transpose(1, 2)
         else:
             arg = x if layout == "NCL" else x.transpose(1, 2).contiguous().transpose(1, 2)
