@@ -3,9 +3,10 @@
 What exists, not what runs: `build_or_reason(module)` turns a fused TemporalBlock
 (norm="batch"), a TemporalConvNet of them, a TemporalConvNet of pytorch-tcn's blocks
 (TCNBlock: batch norm, weight norm or none, ReLU, causal, with or without skip
-connections; see _TCNBlock), a BasicBlock or a ResNet1d, in training mode, into a `TrainProgram` whose call computes the module's forward with autograd attached
-(gradients for the input and every parameter) and updates the running statistics as
-nn.BatchNorm1d does; the dispatch decides whether it runs. The eval counterpart is
+connections; see _TCNBlock), a BasicBlock or a ResNet1d, in training mode, into a
+`TrainProgram` whose call computes the module's forward with autograd attached (gradients
+for the input and every parameter) and updates the running statistics as nn.BatchNorm1d
+does; the dispatch decides whether it runs. The eval counterpart is
 fastres/backends/onednn.py.
 
 How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and why:
