@@ -2,11 +2,11 @@
 
 What exists, not what runs: `build_or_reason(module)` turns a fused TemporalBlock
 (norm="batch"), a TemporalConvNet of them, a TemporalConvNet of pytorch-tcn's blocks
-(TCNBlock: weight norm or none, ReLU, causal, with or without skip connections; see
-_TCNBlock), a BasicBlock or a ResNet1d, in training mode,
-into a `TrainProgram` whose call computes the module's forward with autograd attached
-(gradients for the input and every parameter) and updates the running statistics as
-nn.BatchNorm1d does; the dispatch decides whether it runs. The eval counterpart is
+(TCNBlock: batch norm, weight norm or none, ReLU, causal, with or without skip
+connections; see _TCNBlock), a BasicBlock or a ResNet1d, in training mode, into a
+`TrainProgram` whose call computes the module's forward with autograd attached (gradients
+for the input and every parameter) and updates the running statistics as nn.BatchNorm1d
+does; the dispatch decides whether it runs. The eval counterpart is
 fastres/backends/onednn.py.
 
 How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and why:
@@ -57,16 +57,20 @@ F.dropout does, and reads it through the channels-last view: under the same seed
 the same values as the plain block (ATen's CPU dropout is bernoulli_(1-p) then div_(1-p) on
 a tensor of the input's shape; tests/backends/test_onednn_train.py checks it against plain).
 
-TCNBlock networks have no batch norm: their convs run channels-last as above (their
-`conv_layout` is ignored), with bias, ReLU, dropout, residual and skip sum under autograd on
-the rows, relu and dropout one autograd step (_ReluDropout).
+TCNBlock networks (pytorch-tcn's layout, ReLU after each stage and again after the residual
+add): with batch norm each conv -> BN -> ReLU is a stage as above (in the program's conv
+layout), its dropout, the residual add, the final ReLU and the skip sum under autograd on the
+rows; without, their convs run channels-last as above (`conv_layout` is ignored), with bias,
+ReLU, dropout, residual and skip sum under autograd on the rows, relu and dropout one
+autograd step (_ReluDropout).
 
 Refused (`build_or_reason` or `unsupported_reason` says why): eval mode (the eval program
-runs there), an in-place dropout, norm="weight" TemporalBlocks, TCNBlocks with batch or
-layer norm, another activation, gating or "same" padding, "same" padding wider on the right (an even kernel at stride
-1: oneDNN pads symmetrically and the outputs would shift), downsample modules other than
-(1x1 conv, BN), inputs that leave one value per channel for some batch norm, hooks, dtypes other than float32 (oneDNN has no float64
-conv; 16-bit training is not built), autocast, and a missing compiled extension.
+runs there), an in-place dropout, norm="weight" TemporalBlocks, TCNBlocks with layer norm,
+another activation, gating or "same" padding, "same" padding wider on the right (an even
+kernel at stride 1: oneDNN pads symmetrically and the outputs would shift), downsample
+modules other than (1x1 conv, BN), inputs that leave one value per channel for some batch
+norm, hooks, dtypes other than float32 (oneDNN has no float64 conv; 16-bit training is not
+built), autocast, and a missing compiled extension.
 """
 from __future__ import annotations
 
@@ -429,16 +433,21 @@ def _relu_dropout_rows(dropout: nn.Dropout, z: Tensor) -> Tensor:
 
 
 class _TCNBlock:
-    """fastres's TCNBlock (pytorch-tcn's layout) with norm "weight" or None, ReLU
+    """fastres's TCNBlock (pytorch-tcn's layout) with norm "batch", "weight" or None, ReLU
     everywhere, causal, no gate: (relu(out + res), out) with
-    out = dropout2(relu(conv2(dropout1(relu(conv1(h)))))), res = h or downsample(h).
-    Without batch norm a stage is a conv, its bias and ReLU, all under autograd on the rows
-    (weight-normed convs: `conv.weight` is the parametrization's weight, read once per
-    call, so gradients reach g and v); the dropouts draw in the plain block's order."""
+    out = dropout2(relu(norm2(conv2(dropout1(relu(norm1(conv1(h)))))))), res = h or
+    downsample(h), the norms batch norm or none. With batch norm a stage is the program's
+    _Stage (conv -> BN with batch statistics -> ReLU, running statistics updated); its
+    ReLU comes before the residual add here (pytorch-tcn's order), so the add and the final
+    ReLU stay under autograd on the rows. Without batch norm a stage is a conv, its bias
+    and ReLU, all under autograd on the rows (weight-normed convs: `conv.weight` is the
+    parametrization's weight, read once per call, so gradients reach g and v); the dropouts
+    draw in the plain block's order."""
 
     def __init__(self, block: nn.Module):
-        if block.norm not in ("weight", None):
-            raise _Refused(f"a TCNBlock with norm={block.norm!r}; 'weight' and None are built")
+        if block.norm not in ("batch", "weight", None):
+            raise _Refused(f"a TCNBlock with norm={block.norm!r}; 'batch', 'weight' and None "
+                           "are built")
         if not block.causal or block.gate:
             raise _Refused("a TCNBlock that is not causal, or gated")
         for name in ("activation1", "activation2", "activation_final"):
@@ -457,9 +466,13 @@ class _TCNBlock:
             raise _Refused("the downsample is not a 1x1 nn.Conv1d")
         self.block = block
         self.in_channels = block.conv1.in_channels
+        self.stages = None
+        if block.norm == "batch":
+            self.stages = (_causal_stage(block.conv1, block.norm1, "conv1"),
+                           _causal_stage(block.conv2, block.norm2, "conv2"))
 
     def min_rows(self, batch: int, length: int) -> int:
-        return sys.maxsize  # no batch statistics
+        return batch * length if self.stages is not None else sys.maxsize
 
     def dropout_reason(self) -> Optional[str]:
         for d in (self.block.dropout1, self.block.dropout2):
@@ -469,11 +482,15 @@ class _TCNBlock:
 
     def __call__(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         b = self.block
+        res = h if b.downsample is None else _conv_rows(b.downsample, h, 0)
+        if self.stages is not None:
+            first, second = self.stages
+            out = _dropout_rows(b.dropout2, second(_dropout_rows(b.dropout1, first(h))))
+            return F.relu(out + res), out
         k1, d1 = b.conv1.kernel_size[0], b.conv1.dilation[0]
         k2, d2 = b.conv2.kernel_size[0], b.conv2.dilation[0]
         mid = _relu_dropout_rows(b.dropout1, _conv_rows(b.conv1, h, (k1 - 1) * d1))
         out = _relu_dropout_rows(b.dropout2, _conv_rows(b.conv2, mid, (k2 - 1) * d2))
-        res = h if b.downsample is None else _conv_rows(b.downsample, h, 0)
         return F.relu(out + res), out
 
 
@@ -504,7 +521,7 @@ class _TCNBlockNetwork:
         return length
 
     def min_rows(self, batch: int, length: int) -> int:
-        return sys.maxsize  # no batch statistics
+        return min(block.min_rows(batch, length) for block in self.blocks)
 
     def dropout_reason(self) -> Optional[str]:
         for block in self.blocks:
@@ -823,8 +840,10 @@ def _stages(items) -> list:
     for item in items:
         if isinstance(item, _Stage):
             found.append(item)
-        elif isinstance(item, (_Block, _BasicBlock, _ResNet)):
+        elif isinstance(item, (_Block, _BasicBlock, _ResNet, _TCNBlockNetwork)):
             found.extend(_stages(v for v in vars(item).values()))
+        elif isinstance(item, _TCNBlock) and item.stages is not None:
+            found.extend(item.stages)
         elif isinstance(item, list):
             found.extend(_stages(item))
     return found

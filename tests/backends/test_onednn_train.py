@@ -52,6 +52,15 @@ MODULES = {
     "tcn-pytorch-tcn-weight": (lambda: fastres.TemporalConvNet(
         4, [8, 8], kernel_size=2, dropout=0.0, norm="weight", block="pytorch-tcn"),
         (3, 4, 33)),
+    # pytorch-tcn's batch-norm layout (ReLU before the residual add, then ReLU again): skips
+    # with a downsample and a skip projection; at batch 1 with momentum None (the running
+    # statistics a cumulative average, num_batches_tracked its count)
+    "tcn-skips-batch": (lambda: fastres.TemporalConvNet(
+        4, [8, 12, 12], kernel_size=4, dropout=0.0, norm="batch", skip_connections=True),
+        (2, 4, 70)),
+    "tcn-pytorch-tcn-batch-momentum-none": (lambda: _momentum_none(fastres.TemporalConvNet(
+        6, [6, 9], kernel_size=3, dropout=0.0, norm="batch", block="pytorch-tcn")),
+        (1, 6, 45)),
     "basic-identity": (lambda: fastres.BasicBlock(8, 8), (2, 8, 33)),
     # issue 26's geometry (stride 2, dilation 8, padding 16: oneDNN's weight gradient is
     # wrong there), odd length
@@ -240,8 +249,8 @@ def test_nan_propagates_as_in_plain(fresh_seed):
     (lambda: fastres.ResNet1d([1, 1, 1, 1], 8, widths=(8, 8, 8, 8)).double(), "train",
      "float32"),
     (lambda: fastres.TemporalBlock(8, 8, 3).double(), "train", "float32"),
-    (lambda: fastres.TemporalConvNet(4, [8], skip_connections=True, dropout=0.0), "train",
-     "TCNBlock with norm='batch'"),
+    (lambda: fastres.TemporalConvNet(4, [8], norm="layer", skip_connections=True,
+                                     dropout=0.0), "train", "TCNBlock with norm='layer'"),
     (lambda: fastres.TemporalConvNet(4, [8], norm="weight", skip_connections=True,
                                      output_projection=3), "train", "output_projection"),
     (lambda: fastres.TemporalConvNet(4, [8], norm="weight", activation="gelu"), "train",
@@ -293,11 +302,12 @@ def test_dropout_drops_what_the_plain_block_drops(p, fresh_seed):
         assert rel_err(onednn_train.run(model, x).detach(), out_plain) > 1e-3
 
 
-@pytest.mark.parametrize("norm", ["weight", None])
+@pytest.mark.parametrize("norm", ["batch", "weight", None])
 def test_skip_network_dropout_drops_what_the_plain_network_drops(norm, fresh_seed):
     """A TCNBlock network with skips and dropout 0.3: under the same seed the program's
-    masks (drawn in the plain network's order, relu's and dropout's gradient as one) give
-    the plain float32 network's outputs and every gradient."""
+    masks (drawn in the plain network's order; without batch norm relu's and dropout's
+    gradient as one) give the plain float32 network's outputs, every gradient and (batch
+    norm) the running statistics."""
     torch.manual_seed(fresh_seed)
     model = fastres.TemporalConvNet(4, [8, 12], kernel_size=4, dropout=0.3, norm=norm,
                                     skip_connections=True).train()
@@ -318,6 +328,14 @@ def test_skip_network_dropout_drops_what_the_plain_network_drops(norm, fresh_see
     assert grads.keys() == grads_plain.keys()
     for name, g_plain in grads_plain.items():
         assert rel_err(grads[name], g_plain, grad_scale(name, grads_plain)) < 1e-5, name
+    buffers, buffers_plain = dict(model.named_buffers()), dict(plain.named_buffers())
+    assert buffers.keys() == buffers_plain.keys()
+    assert len(buffers) == (12 if norm == "batch" else 0)  # 2 levels x 2 BNs x 3
+    for name, b_plain in buffers_plain.items():
+        if name.endswith("num_batches_tracked"):
+            assert buffers[name].item() == b_plain.item() == 1, name
+        else:
+            assert rel_err(buffers[name], b_plain) < 1e-5, name
     torch.manual_seed(fresh_seed + 1)  # another draw drops other values
     assert rel_err(onednn_train.run(model, x).detach(), out_plain) > 1e-3
 
