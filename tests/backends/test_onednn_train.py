@@ -267,6 +267,21 @@ def test_refused_modules_say_why(build, mode, reason):
         onednn_train.run(model, torch.randn(2, 8, 16))
 
 
+def _program_and_plain(model, plain, x, seed):
+    """(output, {"input" and every parameter name: gradient}) of the training program and of
+    the plain module on copies of x, each under torch.manual_seed(seed), outputs poisoned."""
+    results = []
+    for m, run in ((model, lambda xm: onednn_train.run(model, xm)), (plain, plain)):
+        xm = x.clone().requires_grad_()
+        torch.manual_seed(seed)
+        with _alloc.poisoned(True):
+            out = run(xm)
+        params = dict(m.named_parameters())
+        grads = torch.autograd.grad(out, [xm] + list(params.values()), torch.ones_like(out))
+        results.append((out.detach(), {"input": grads[0], **dict(zip(params, grads[1:]))}))
+    return results
+
+
 @pytest.mark.parametrize("p", [0.3, 1.0])
 def test_dropout_drops_what_the_plain_block_drops(p, fresh_seed):
     """Under the same seed the program's dropout zeroes the values the plain block's does:
@@ -276,16 +291,7 @@ def test_dropout_drops_what_the_plain_block_drops(p, fresh_seed):
     model.dropout.p = p
     plain = fastres.unfuse(copy.deepcopy(model)).train()
     x = torch.randn(3, 6, 41, generator=torch.Generator().manual_seed(fresh_seed))
-    results = []
-    for m, run in ((model, lambda xm: onednn_train.run(model, xm)), (plain, plain)):
-        xm = x.clone().requires_grad_()
-        torch.manual_seed(fresh_seed)
-        with _alloc.poisoned(True):
-            out = run(xm)
-        params = dict(m.named_parameters())
-        grads = torch.autograd.grad(out, [xm] + list(params.values()), torch.ones_like(out))
-        results.append((out.detach(), {"input": grads[0], **dict(zip(params, grads[1:]))}))
-    (out, grads), (out_plain, grads_plain) = results
+    (out, grads), (out_plain, grads_plain) = _program_and_plain(model, plain, x, fresh_seed)
     assert torch.isfinite(out).all()
     # p=1: the second stage normalizes its conv's bias alone, a constant whose batch variance
     # is zero but for rounding, which the two float32 paths round differently
@@ -313,16 +319,7 @@ def test_skip_network_dropout_drops_what_the_plain_network_drops(norm, fresh_see
                                     skip_connections=True).train()
     plain = fastres.unfuse(copy.deepcopy(model)).train()
     x = torch.randn(3, 4, 41, generator=torch.Generator().manual_seed(fresh_seed))
-    results = []
-    for m, run in ((model, lambda xm: onednn_train.run(model, xm)), (plain, plain)):
-        xm = x.clone().requires_grad_()
-        torch.manual_seed(fresh_seed)
-        with _alloc.poisoned(True):
-            out = run(xm)
-        params = dict(m.named_parameters())
-        grads = torch.autograd.grad(out, [xm] + list(params.values()), torch.ones_like(out))
-        results.append((out.detach(), {"input": grads[0], **dict(zip(params, grads[1:]))}))
-    (out, grads), (out_plain, grads_plain) = results
+    (out, grads), (out_plain, grads_plain) = _program_and_plain(model, plain, x, fresh_seed)
     assert torch.isfinite(out).all()
     assert rel_err(out, out_plain) < 1e-5
     assert grads.keys() == grads_plain.keys()
