@@ -101,10 +101,26 @@ def same_values(now, then) -> bool:
     of `then` (same dtype, shape and device). What a copy of a module's weights (a folded
     stream, a packed oneDNN program) is checked against before it runs: unlike version
     counters, values also see writes through `.data`, which leave the counter alone. One
-    C++ call (memcmp) where the extension is built; NaNs compare by their bits there and
-    never equal in the fallback (which then only rebuilds the copy)."""
-    if load_error() is None and hasattr(torch.ops.fastres_ext, "stream_same_values"):
-        return torch.ops.fastres_ext.stream_same_values.default(list(now), list(then))
+    C++ call (memcmp) where the extension is built, straight from Python
+    (fastres._C.stream_same_values: through torch.ops the lists' boxing cost about 20 us at
+    a hundred tensors); NaNs compare by their bits there and never equal in the fallback
+    (which then only rebuilds the copy)."""
+    compare = _direct_same_values()
+    if compare is not None:
+        return compare(now, then)
     return len(now) == len(then) and all(
         a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
         and torch.equal(a.detach(), b) for a, b in zip(now, then))
+
+
+_DIRECT_SAME_VALUES = []   # [fastres._C.stream_same_values or None], once looked up
+
+
+def _direct_same_values():
+    if not _DIRECT_SAME_VALUES:
+        compare = None
+        if load_error() is None:
+            import fastres._C as extension
+            compare = getattr(extension, "stream_same_values", None)
+        _DIRECT_SAME_VALUES.append(compare)
+    return _DIRECT_SAME_VALUES[0]

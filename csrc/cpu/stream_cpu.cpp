@@ -1170,17 +1170,31 @@ void stream_forward_impl(const Net& net, const at::Tensor& x, const at::Tensor& 
   const int64_t ld = net.max_c;
   const int64_t xb = x.stride(0), xc = x.stride(1), xt = x.dim() == 3 ? x.stride(2) : 0;
   const int64_t ob = out.stride(0), oc = out.stride(1), ot = out.dim() == 3 ? out.stride(2) : 0;
-  auto load_items = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t c = 0; c < c_in; ++c)
-        for (int64_t t = 0; t < n; ++t)
-          buf[0][(b * n + t) * ld + c] = xp[b * xb + c * xc + t * xt];
+  // Both copies are transposes of a (C, n) matrix per batch item, done by tiles of
+  // kTransposeTile x kTransposeTile values: a tile's strided side then touches kTransposeTile
+  // cache lines, each used whole. The plain loop (a channel's n values at a time) wrote one
+  // value per 256-byte row over the whole sequence at 64 channels, and read back the same
+  // way (benchmarks/NOTES.md, section 11).
+  constexpr int64_t kTransposeTile = 16;
+  auto transpose = [&](const T* src, int64_t s_row, int64_t s_col, T* dst, int64_t d_row,
+                       int64_t d_col, int64_t rows, int64_t cols) {  // dst[c][r] = src[r][c]
+    for (int64_t r0 = 0; r0 < rows; r0 += kTransposeTile) {
+      const int64_t r1 = std::min(rows, r0 + kTransposeTile);
+      for (int64_t c0 = 0; c0 < cols; c0 += kTransposeTile) {
+        const int64_t c1 = std::min(cols, c0 + kTransposeTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r)
+            dst[c * d_row + r * d_col] = src[r * s_row + c * s_col];
+      }
+    }
   };
-  auto store_items = [&](int64_t b0, int64_t b1) {
+  auto load_items = [&](int64_t b0, int64_t b1) {  // x[b] (C, n) -> rows [t][c]
     for (int64_t b = b0; b < b1; ++b)
-      for (int64_t c = 0; c < c_out; ++c)
-        for (int64_t t = 0; t < n; ++t)
-          op[b * ob + c * oc + t * ot] = result[(b * n + t) * ld + c];
+      transpose(xp + b * xb, xc, xt, buf[0] + b * n * ld, ld, 1, c_in, n);
+  };
+  auto store_items = [&](int64_t b0, int64_t b1) {  // rows [t][c] -> out[b] (C, n)
+    for (int64_t b = b0; b < b1; ++b)
+      transpose(result + b * n * ld, ld, 1, op + b * ob, oc, ot, n, c_out);
   };
 
   auto run_items = [&](int64_t b0, int64_t b1) {
@@ -1736,6 +1750,39 @@ PyObject* py_stream_sources(PyObject* /*module*/, PyObject* const* args, Py_ssiz
   return result;
 }
 
+// stream_same_values(now, then) -> bool: stream_same_values (above) called from Python without
+// the dispatcher, for fastres/_ext.py's same_values. Through torch.ops the two lists of a
+// model's tensors (112 for TemporalConvNet(64, [64] x 8)) are boxed into IValues and checked
+// against the schema, about 20 us a call on the whole-stack path's every call; here each
+// item is unpacked in place. Anything but two sequences of tensors is a TypeError.
+PyObject* py_stream_same_values(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 2, "stream_same_values(now, then) takes 2 arguments, got ", nargs);
+  PyObject* now = PySequence_Fast(args[0], "stream_same_values: now must be a sequence");
+  if (!now) return nullptr;
+  PyObject* then = PySequence_Fast(args[1], "stream_same_values: then must be a sequence");
+  if (!then) {
+    Py_DECREF(now);
+    return nullptr;
+  }
+  const Py_ssize_t size = PySequence_Fast_GET_SIZE(now);
+  bool typed = true;
+  for (PyObject* seq : {now, then})
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i)
+      typed = typed && THPVariable_Check(PySequence_Fast_GET_ITEM(seq, i));
+  bool same = typed && size == PySequence_Fast_GET_SIZE(then);
+  for (Py_ssize_t i = 0; same && i < size; ++i) {
+    const at::Tensor& a = THPVariable_Unpack(PySequence_Fast_GET_ITEM(now, i));
+    const at::Tensor& b = THPVariable_Unpack(PySequence_Fast_GET_ITEM(then, i));
+    same = stream_same_values(at::TensorList(&a, 1), at::TensorList(&b, 1));
+  }
+  Py_DECREF(now);
+  Py_DECREF(then);
+  TORCH_CHECK_TYPE(typed, "stream_same_values: now and then must hold tensors only");
+  return PyBool_FromLong(same);
+  END_HANDLE_TH_ERRORS
+}
+
 // stream_chunk_kernels() -> the names stream_chunk_kernel takes on this CPU.
 PyObject* py_stream_chunk_kernels(PyObject* /*module*/, PyObject* /*unused*/) {
 #ifdef FASTRES_TILES
@@ -1761,6 +1808,11 @@ PyMethodDef kStreamPythonMethods[] = {
      METH_FASTCALL,
      "stream_sources(model, names) -> (tensors, modes): what a stream's fold depends on "
      "(fastres/stream/fold.py)"},
+    {"stream_same_values",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_same_values)),
+     METH_FASTCALL,
+     "stream_same_values(now, then) -> whether every tensor of `now` holds exactly the bytes "
+     "of the tensor at the same index of `then` (fastres/_ext.py's same_values)"},
     {"stream_chunk_kernels", &py_stream_chunk_kernels, METH_NOARGS,
      "The chunk kernels ('gemm', and 'tiles' where the CPU has AVX-512) this CPU runs"},
     {"stream_chunk_kernel",

@@ -144,3 +144,56 @@ def test_the_compiled_walk_gives_what_the_python_walk_gives():
         extension.stream_sources(object(), fold._RESULT_ATTRS)
     with pytest.raises(TypeError):
         extension.stream_sources(net, list(fold._RESULT_ATTRS))
+
+
+@requires_cpp
+def test_the_value_check_sees_every_changed_bit(fresh_seed):
+    """fastres._C.stream_same_values (Snapshot.matches and the oneDNN packs, through
+    fastres._ext.same_values) against the torch.ops twin on a model's own tensors: equal
+    copies match; one value moved by one ulp (either way, anywhere in any tensor), a NaN
+    put in, a shape or dtype changed, a tensor missing do not; NaNs with the same bits
+    match; a non-contiguous tensor is compared by value; anything but tensors is a
+    TypeError."""
+    import fastres._C as extension
+    from fastres import _ext
+    from fastres.stream import fold
+    rng = random.Random(fresh_seed)
+    model = random_tcn(rng, rng.choice(["batch", "weight"]), max_levels=3).eval()
+    tensors, _ = fold._sources(model)
+    tensors = [t.detach() for t in tensors]
+    both = (extension.stream_same_values,
+            lambda a, b: torch.ops.fastres_ext.stream_same_values.default(list(a), list(b)))
+
+    def same(now, then):
+        answers = {compare(now, then) for compare in both}
+        assert len(answers) == 1, "the direct call and torch.ops disagree"
+        return answers.pop()
+    copies = [t.clone() for t in tensors]
+    assert same(tensors, copies) and _ext.same_values(tensors, copies)
+    assert same([], []) and not same(tensors, copies[:-1])
+    floats = [i for i, t in enumerate(tensors) if t.is_floating_point() and t.numel()]
+    for _ in range(20):
+        i = rng.choice(floats)
+        k = rng.randrange(tensors[i].numel())
+        moved = [t.clone() for t in copies]
+        flat = moved[i].view(-1)
+        toward = torch.tensor(rng.choice([float("inf"), -float("inf")]), dtype=flat.dtype)
+        flat[k] = torch.nextafter(flat[k], toward)   # one ulp
+        assert not same(tensors, moved) and not _ext.same_values(tensors, moved)
+        flat[k] = float("nan")
+        assert not same(tensors, moved)
+        with_nan = [t.clone() for t in moved]        # the same NaN bits on both sides
+        assert same(moved, with_nan)
+    i = floats[0]
+    changed = list(copies)
+    changed[i] = copies[i].double()
+    assert not same(tensors, changed)
+    changed[i] = copies[i].reshape(-1, 1)
+    assert not same(tensors, changed)
+    wide = torch.randn(5, 8)
+    assert same([wide[:, ::2]], [wide[:, ::2].clone()])          # not contiguous
+    assert not same([wide[:, ::2]], [wide[:, 1::2].clone()])
+    with pytest.raises(TypeError, match="tensors only"):
+        extension.stream_same_values(tensors, [1.0] * len(tensors))
+    with pytest.raises(TypeError, match="must be a sequence"):
+        extension.stream_same_values(3, copies)

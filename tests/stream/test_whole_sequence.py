@@ -136,6 +136,43 @@ def test_whole_sequence_follows_every_change_of_the_model(monkeypatch, stacked_c
 
 
 @requires_cpp
+def test_whole_sequence_refolds_on_a_one_ulp_change(monkeypatch, stacked_calls, fresh_seed):
+    """The staleness check reads every weight: one value of any parameter or buffer moved by
+    one ulp through .data (no version counter moves), a weight set to NaN (the new plan
+    holds it), a norm's eps changed: each refolds before the next call (a new plan), and an
+    unchanged model does not."""
+    _always(monkeypatch, True)
+    rng = random.Random(fresh_seed)
+    net = random_tcn(rng, "batch", max_levels=3)
+    x = random_input(rng, in_channels(net), rng.randint(1, 40), 1, torch.float32)
+    cache = lambda: net.__dict__[whole_sequence_module._CACHE_ATTR]  # noqa: E731
+    with torch.no_grad():
+        net(x)
+        plan = cache().plan
+        net(x)
+        assert cache().plan is plan
+        tensors = [t for t in list(net.parameters()) + list(net.buffers())
+                   if t.is_floating_point() and t.numel()]
+        for _ in range(5):
+            flat = rng.choice(tensors).data.view(-1)
+            k = rng.randrange(flat.numel())
+            flat[k] = torch.nextafter(flat[k], torch.tensor(float("inf")))
+            net(x)
+            assert cache().plan is not plan
+            plan = cache().plan
+        saved = tensors[0].data.view(-1)[0].item()
+        tensors[0].data.view(-1)[0] = float("nan")
+        net(x)   # (the NaN may not reach the output: a padding tap is skipped, ReLU drops it)
+        assert cache().plan is not plan and torch.isnan(cache().plan.weights).any()
+        plan = cache().plan
+        tensors[0].data.view(-1)[0] = saved
+        bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d))
+        bn.eps = bn.eps * 2
+        assert rel_err(net(x), net.network(x)) < TOL[torch.float32]
+        assert cache().plan is not plan
+
+
+@requires_cpp
 def test_whole_sequence_only_where_the_layered_path_is_plain_inference(monkeypatch,
                                                                        stacked_calls):
     _always(monkeypatch, True)
@@ -270,3 +307,39 @@ def test_chunk_kernel_choice_is_checked():
         with pytest.raises(RuntimeError, match="needs a CPU with AVX-512"):
             extension.stream_chunk_kernel("tiles")
     assert extension.stream_chunk_kernel() == kernels[-1]   # the fastest this CPU runs
+
+
+@requires_cpp
+def test_chunk_input_and_output_in_any_layout_are_copied_exactly(fresh_seed, chunk_kernel):
+    """The kernel's entry and exit transposes ((B, C, n) with any strides <-> its rows of
+    channels), done by 16 x 16 tiles: channel counts and lengths not multiples of 16 (1-40
+    steps, 1-20 input channels), x as a channels-last view, a transpose and a slice of a
+    longer sequence, out written through a channels-last view. Every layout gives exactly
+    the bits of the contiguous call, which is within the float32 bound of the float64
+    forward."""
+    from fastres.stream.plan import Plan
+    rng = random.Random(fresh_seed)
+    net = _wide_tcn(rng, rng.choice(["batch", "weight"]))
+    batch, length = rng.randint(1, 3), rng.randint(1, 40)
+    x = random_input(rng, in_channels(net), length, batch, torch.float32)
+    plan = Plan(net)
+    empty, no_position = plan.empty_state
+
+    def run(x_view, out):
+        out.fill_(float("nan"))
+        torch.ops.fastres_ext.stream_forward_out.default(
+            x_view, plan.weights, plan.meta(batch), empty, no_position, empty, out)
+        return out
+    want = run(x, torch.empty(batch, plan.c_out, length))
+    assert rel_err(want, full_forward(net, x)) < TOL[torch.float32]
+    longer = torch.cat([torch.randn(batch, x.shape[1], 3), x, torch.randn(batch, x.shape[1], 2)],
+                       dim=2)
+    views = {"channels-last": x.transpose(1, 2).contiguous().transpose(1, 2),
+             "time-major": x.permute(2, 1, 0).contiguous().permute(2, 1, 0),
+             "slice": longer[:, :, 3:3 + length]}
+    for name, view in views.items():
+        assert torch.equal(view, x)
+        got = run(view, torch.empty(batch, plan.c_out, length))
+        assert torch.equal(got, want), name
+    out_cl = torch.empty(batch, length, plan.c_out).transpose(1, 2)
+    assert torch.equal(run(x, out_cl), want)
