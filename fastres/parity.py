@@ -514,6 +514,9 @@ class CheckResult:
     tol: float
     seed: Optional[int] = None    # the inputs' seed (parity_errors(..., seed=) repeats them)
     error: Optional[str] = None   # an exception message, when the case did not run
+    # The seed of a first draw that missed the bound, where the case was drawn again (see
+    # run_check); None where the first draw passed.
+    redrawn_from: Optional[int] = None
 
     @property
     def worst(self) -> str:
@@ -564,6 +567,12 @@ def run_check(device: str = "cpu", backend_names: Optional[Sequence[str]] = None
 
     Each case draws fresh inputs: from `seed` (repeatable) or a random one; the result
     records it. A case that raises is a failure carrying the exception message, not a crash.
+    A case that misses its bound is drawn once more, and fails only if that draw misses too
+    (the result keeps the first seed as redrawn_from): one draw can put a pre-ReLU value
+    within the dtype's rounding of 0, where the backend's correctly rounded arithmetic and
+    the float64 reference fall on either side, and that one flipped mask moves every
+    gradient of a small case by a few 1e-2 in 16 bits (1 draw in about 150 of the strided
+    residual case, for cpp and composite alike); a wrong kernel misses on every draw.
     """
     if cases is None:
         cases = {**CHECK_CASES, **NONFINITE_CASES}
@@ -577,7 +586,13 @@ def run_check(device: str = "cpu", backend_names: Optional[Sequence[str]] = None
         try:
             with cudnn_conv_tf32_set(tf32):
                 errors = measure(case, name, dtype, device, case_seed)
-            results.append(CheckResult(name, label, case_name, errors, tol, seed=case_seed))
+                result = CheckResult(name, label, case_name, errors, tol, seed=case_seed)
+                if not result.passed and measure is parity_errors:
+                    again = (case_seed + len(plan)) % 2**31  # a seed no other case draws
+                    result = CheckResult(name, label, case_name,
+                                         measure(case, name, dtype, device, again), tol,
+                                         seed=again, redrawn_from=case_seed)
+            results.append(result)
         except Exception as exc:  # noqa: BLE001 - report the failure and go on
             results.append(CheckResult(name, label, case_name, {}, tol, seed=case_seed,
                                        error=f"{type(exc).__name__}: {exc}"))

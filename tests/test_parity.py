@@ -141,6 +141,31 @@ def test_one_unlucky_draw_is_not_a_failure(monkeypatch, fresh_seed):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("wrong_draws", [1, 2])
+def test_the_check_draws_a_missed_case_again(monkeypatch, wrong_draws, fresh_seed):
+    """`fastres check` confirms a miss on a second draw, as the probe does: one unlucky draw
+    passes with the first seed recorded; a backend wrong on both draws fails."""
+    backward = composite_backend.backward
+    calls = []
+
+    def wrong(*args, **kwargs):
+        calls.append(1)
+        grads = list(backward(*args, **kwargs))
+        if len(calls) <= wrong_draws:
+            grads[1] = grads[1] * 2
+        return tuple(grads)
+
+    monkeypatch.setattr(composite_backend, "backward", wrong)
+    case = {"train": parity.CHECK_CASES["train"]}
+    plan = parity.check_plan("cpu", ["composite"], case)
+    result, *others = parity.run_check("cpu", ["composite"], case, seed=fresh_seed % 2**30)
+    assert result.dtype == "float32" and len(calls) == len(plan) + 1  # one case drawn twice
+    assert result.redrawn_from == fresh_seed % 2**30
+    assert result.seed == (fresh_seed % 2**30 + len(plan)) % 2**31
+    assert result.passed == (wrong_draws == 1)
+    assert all(r.passed and r.redrawn_from is None for r in others)
+
+
 def test_a_backend_that_raises_or_cannot_run_fails_with_why(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("backward kernel missing")

@@ -81,6 +81,19 @@ def _poisoned_run(program, x):
         return program(x)
 
 
+def _run_in_layout(program, x, layout):
+    """program on x (B, C, L) given as NCL, as a channels-last view, or as NLC data (after
+    a run on NaNs: _poisoned_run), its output checked for that layout and returned as NCL."""
+    if layout == "NLC":
+        out = _poisoned_run(lambda t: program(t, "NLC"), x.transpose(1, 2).contiguous())
+        assert out.is_contiguous() and out.shape[1] == x.shape[2]
+        return out.transpose(1, 2)
+    arg = x if layout == "NCL" else x.transpose(1, 2).contiguous().transpose(1, 2)
+    out = _poisoned_run(program, arg)
+    assert out.is_contiguous() if layout == "NCL" else onednn.is_channels_last(out)
+    return out
+
+
 def _run(model, x):
     with torch.no_grad():
         return onednn.run(model, x)
@@ -482,15 +495,7 @@ def test_causal_stack_layouts(name, layout, causal_layout, fresh_seed):
     g = torch.Generator().manual_seed(fresh_seed)
     for length in (n, n + 5):  # the second call: other gap and tail offsets, new packs
         x = torch.randn(b, c, length, generator=g)
-        if layout == "NLC":
-            out = _poisoned_run(lambda t: program(t, "NLC"), x.transpose(1, 2).contiguous())
-            assert out.is_contiguous() and out.shape[1] == length
-            out = out.transpose(1, 2)
-        else:
-            arg = x if layout == "NCL" else x.transpose(1, 2).contiguous().transpose(1, 2)
-            out = _poisoned_run(program, arg)
-            assert out.is_contiguous() if layout == "NCL" else onednn.is_channels_last(out)
-        _check(model, x, out)
+        _check(model, x, _run_in_layout(program, x, layout))
 
 
 @pytest.mark.parametrize("layout", ["NCL", "channels-last view", "NLC"])
@@ -503,15 +508,7 @@ def test_long_samples_enter_and_leave_per_sample(layout, causal_layout, fresh_se
     for b, length in ((3, 700), (2, 611)):
         x = torch.randn(b, 6, length, generator=g)
         assert 6 * length >= 3600
-        if layout == "NLC":
-            out = _poisoned_run(lambda t: program(t, "NLC"), x.transpose(1, 2).contiguous())
-            assert out.is_contiguous()
-            out = out.transpose(1, 2)
-        else:
-            arg = x if layout == "NCL" else x.transpose(1, 2).contiguous().transpose(1, 2)
-            out = _poisoned_run(program, arg)
-            assert out.is_contiguous() if layout == "NCL" else onednn.is_channels_last(out)
-        _check(model, x, out)
+        _check(model, x, _run_in_layout(program, x, layout))
 
 
 def test_batch_flat_rule():
