@@ -462,22 +462,26 @@ class TemporalConvNet(nn.Module):
         return x
 
 
-def stack_only_reason(model: TemporalConvNet) -> Optional[str]:
-    """None where model's forward is its stack of blocks alone, else which options add to it
-    (what fastres.stream and the whole-network paths refuse)."""
-    extra = [name for name, used in (
+def _options_beyond_the_stack(model: TemporalConvNet) -> List[str]:
+    """The options that add to model's stack of blocks in its forward, by name."""
+    return [name for name, used in (
         ("input_layout='NLC'", model.input_layout != "NCL"),
         ("skip_connections", model.skip_connections),
         ("embedding_shapes", model.embedding_shapes is not None),
         ("output_projection", model.projection_out is not None),
         ("output_activation", model.activation_out is not None)) if used]
+
+
+def stack_only_reason(model: TemporalConvNet) -> Optional[str]:
+    """None where model's forward is its stack of blocks alone, else which options add to it
+    (what fastres.stream and the whole-network paths refuse)."""
+    extra = _options_beyond_the_stack(model)
     return ", ".join(extra) + " beyond the stack of blocks" if extra else None
 
 
 def skips_only(model: TemporalConvNet) -> bool:
     """Whether model's forward is its blocks with skip connections and nothing else."""
-    return model.skip_connections and stack_only_reason(model) == \
-        "skip_connections beyond the stack of blocks"
+    return _options_beyond_the_stack(model) == ["skip_connections"]
 
 
 # Paths that may run a whole TemporalConvNet forward at once, by name: path(model, x) returns
