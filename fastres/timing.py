@@ -67,33 +67,25 @@ class Stats:
     number: int                  # calls per timed block
     first_call_s: float          # the very first call (compilation included, if any)
 
+    def quartiles(self) -> List[float]:
+        """[p25, median, p75], interpolated between samples (as numpy's default)."""
+        t = self.times_s
+        return statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else t * 3
+
     @property
     def median_s(self) -> float:
         return statistics.median(self.times_s)
 
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.times_s)
-        pos = q * (len(ordered) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
     @property
     def spread(self) -> float:
         """Interquartile range relative to the median (0.05 = the middle half within 5%)."""
-        return (self.quantile(0.75) - self.quantile(0.25)) / self.median_s
+        p25, median, p75 = self.quartiles()
+        return (p75 - p25) / median
 
     def to_json(self) -> Dict[str, object]:
-        return {
-            "median_s": self.median_s,
-            "p25_s": self.quantile(0.25),
-            "p75_s": self.quantile(0.75),
-            "min_s": min(self.times_s),
-            "spread": self.spread,
-            "rounds": len(self.times_s),
-            "number": self.number,
-            "first_call_s": self.first_call_s,
-            "times_s": list(self.times_s),
-        }
+        p25, median, p75 = self.quartiles()
+        return {"median_s": median, "p25_s": p25, "p75_s": p75, "min_s": min(self.times_s),
+                "spread": self.spread, "rounds": len(self.times_s), **dataclasses.asdict(self)}
 
 
 def synchronize(device: torch.device) -> None:

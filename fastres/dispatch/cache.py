@@ -60,8 +60,9 @@ def read_file(path: str) -> Tuple[Optional[dict], Dict[str, Choice], Optional[st
 
 
 class ChoiceCache:
-    """memory: this process's choices by key (a call signature, or a module's text key);
-    the files' final choices by text key, each file read at most once."""
+    """memory: this process's choices by key (a call signature, or a module's text key),
+    read with one dict lookup on the op's hot path; the files' final choices by text key,
+    each file read at most once."""
 
     def __init__(self, path: Optional[str]):
         self.path = path
@@ -77,14 +78,6 @@ class ChoiceCache:
         tag = hashlib.sha1(json.dumps([device_name(device), torch.get_num_threads(),
                                        versions()]).encode()).hexdigest()[:12]
         return os.path.join(self.path, f"dispatch-{device.split(':')[0]}-{tag}.json")
-
-    def get(self, key: Hashable) -> Optional[Choice]:
-        """This process's choice for `key` (one dict lookup: the op's hot path)."""
-        return self.memory.get(key)
-
-    def remember(self, key: Hashable, choice: Choice) -> Choice:
-        self.memory[key] = choice
-        return choice
 
     def stored(self, text_key: str, device: str) -> Optional[Choice]:
         """A final choice an earlier process stored for `text_key`, or None."""

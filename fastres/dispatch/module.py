@@ -133,7 +133,7 @@ def _choice(module: nn.Module, x: Tensor) -> Choice:
                           "own choice", RULE)
         choice = _measure(module, x, needs_grad)
         cache().store(text_key, str(x.device), choice)
-    memo[key] = cache().remember(text_key, choice)
+    memo[key] = cache().memory[text_key] = choice
     return choice
 
 

@@ -139,24 +139,23 @@ def choose(signature: tuple, make_run: Optional[Callable[[str], Callable[[], obj
     """The backend that runs the call whose Call fields are `signature` (see the module
     docstring). make_run(name) returns one run of backend `name` on private copies of a
     bounded slice of the call's inputs; without it nothing is measured."""
-    forced = forced_backend()
-    call = None
-    if forced is not None:
+    forced, memory = forced_backend(), cache().memory
+    choice = memory.get(signature) if forced is None else None
+    if choice is None:
         call = Call(*signature)
-        reason = backends.get(forced).supports(call)
-        if reason is not None:
-            raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
-        choice = Choice("op", forced, getattr(_forced, "reason", None) or "forced", FORCED)
-    else:
-        choice = cache().get(signature)
-        if choice is None:
-            call = Call(*signature)
-            choice = _decide(call, make_run)
-            if choice.source != STATIC:  # (a static choice waits for a safe measurement)
-                cache().remember(signature, choice)
+        choice = _forced_choice(call, forced) if forced else _decide(call, make_run)
+        if choice.source not in (STATIC, FORCED):  # (a static choice waits for a measurement)
+            memory[signature] = choice
     if record.recording_active():
-        record.record(None, call or Call(*signature), choice)
+        record.record(None, Call(*signature), choice)
     return choice
+
+
+def _forced_choice(call: Call, forced: str) -> Choice:
+    reason = backends.get(forced).supports(call)
+    if reason is not None:
+        raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
+    return Choice("op", forced, getattr(_forced, "reason", None) or "forced", FORCED)
 
 
 def _decide(call: Call, make_run) -> Choice:
@@ -170,8 +169,8 @@ def _decide(call: Call, make_run) -> Choice:
     # made for that slice's signature (by a module's measurement, say) answers it.
     batch, length = bounded_extent(call.batch, call.length)
     sliced = dataclasses.astuple(dataclasses.replace(call, batch=batch, length=length))
-    if store.get(sliced) is not None:
-        return store.get(sliced)
+    if sliced in store.memory:
+        return store.memory[sliced]
     why = why_not_measure() or (None if make_run else "nothing to measure with")
     if why is not None:
         return static_choice(call, why)
@@ -184,17 +183,14 @@ def _decide(call: Call, make_run) -> Choice:
                         excluded=excluded, final=False)
         warnings.warn(f"fastres: {choice.reason} ({call.key()})", RuntimeWarning, stacklevel=4)
         return choice
-    if len(trusted) == 1:
-        choice = Choice("op", trusted[0], "the only candidate that passed its correctness "
-                        "probe", RULE, excluded=excluded)
-    else:
-        with record.paused():
-            runs = _runs(trusted, make_run,
-                         call.device_type == "cpu" and not record.module_measuring())
-            choice = measure("op", runs, "eager" if "eager" in trusted else trusted[0],
-                             call.device, call.needs_grad, excluded)
+    with record.paused():  # (one trusted candidate is timed too: its choice shows the time)
+        runs = _runs(trusted, make_run,
+                     call.device_type == "cpu" and not record.module_measuring())
+        choice = measure("op", runs, "eager" if "eager" in trusted else trusted[0],
+                         call.device, call.needs_grad, excluded)
     store.store(call.key(), call.device, choice)
-    return store.remember(sliced, choice)
+    store.memory[sliced] = choice
+    return choice
 
 
 def _runs(names: List[str], make_run, neighbour_first: bool
