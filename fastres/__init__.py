@@ -1,4 +1,5 @@
 """fastres: fused Conv1d + BatchNorm + ReLU + residual for TCNs and 1D ResNets."""
+from ._copies import forget_weights
 from .backends import available_backends
 from .dispatch import use_backend
 from .monitor import GradientMonitor
@@ -15,7 +16,7 @@ from ._version import __version__
 _dispatch.op.register_checker(_parity.probe)
 
 __all__ = ["DispatchReport", "GradientMonitor", "autotune", "available_backends", "conv_bn_relu",
-           "explain", "use_backend", "__version__",
+           "explain", "forget_weights", "use_backend", "__version__",
            # drop-in modules (fastres.nn)
            "BasicBlock", "ResNet1d", "TemporalBlock", "TemporalConvNet", "convert",
            "receptive_field", "unfuse",

@@ -1675,12 +1675,20 @@ PyObject* py_stream_sources(PyObject* /*module*/, PyObject* const* args, Py_ssiz
     PyErr_SetString(PyExc_TypeError, "stream_sources(model, names: tuple)");
     return nullptr;
   }
+  // The dict keys every module has, interned once (a lookup by C string builds a str).
+  static PyObject* const kParameters = PyUnicode_InternFromString("_parameters");
+  static PyObject* const kBuffers = PyUnicode_InternFromString("_buffers");
+  static PyObject* const kModules = PyUnicode_InternFromString("_modules");
+  static PyObject* const kTraining = PyUnicode_InternFromString("training");
+  if (!kParameters || !kBuffers || !kModules || !kTraining) return nullptr;
   PyObject* names = args[1];
+  const Py_ssize_t n_names = PyTuple_GET_SIZE(names);
   PyObject* tensors = PyList_New(0);
   PyObject* modes = PyList_New(0);
-  PyObject* seen = PySet_New(nullptr);
+  std::vector<PyObject*> seen;           // modules are few: a linear search beats a set
   std::vector<PyObject*> todo{args[0]};  // borrowed: the model holds every module
-  bool ok = tensors && modes && seen;
+  std::vector<PyObject*> attrs(n_names);
+  bool ok = tensors && modes;
   auto add_values = [&](PyObject* dict) {  // the values of dict that are not None
     PyObject *key, *value;
     Py_ssize_t i = 0;
@@ -1691,16 +1699,13 @@ PyObject* py_stream_sources(PyObject* /*module*/, PyObject* const* args, Py_ssiz
   while (ok && !todo.empty()) {
     PyObject* module = todo.back();
     todo.pop_back();
-    PyObject* id = PyLong_FromVoidPtr(module);
-    const int known = id ? PySet_Contains(seen, id) : -1;
-    ok = known >= 0 && (known == 1 || PySet_Add(seen, id) == 0);
-    Py_XDECREF(id);
-    if (!ok || known == 1) continue;
+    if (std::find(seen.begin(), seen.end(), module) != seen.end()) continue;
+    seen.push_back(module);
     PyObject* d = PyObject_GenericGetDict(module, nullptr);  // new reference
     if (!d) PyErr_Clear();
-    PyObject* params = d ? PyDict_GetItemString(d, "_parameters") : nullptr;
-    PyObject* buffers = d ? PyDict_GetItemString(d, "_buffers") : nullptr;
-    PyObject* children = d ? PyDict_GetItemString(d, "_modules") : nullptr;
+    PyObject* params = d ? PyDict_GetItem(d, kParameters) : nullptr;
+    PyObject* buffers = d ? PyDict_GetItem(d, kBuffers) : nullptr;
+    PyObject* children = d ? PyDict_GetItem(d, kModules) : nullptr;
     if (!params || !buffers || !children || !PyDict_Check(params) || !PyDict_Check(buffers) ||
         !PyDict_Check(children)) {
       PyErr_SetString(PyExc_TypeError, "stream_sources: not a torch.nn.Module");
@@ -1708,23 +1713,26 @@ PyObject* py_stream_sources(PyObject* /*module*/, PyObject* const* args, Py_ssiz
       ok = false;
       break;
     }
-    PyObject* training = PyDict_GetItemString(d, "training");
+    PyObject* training = PyDict_GetItem(d, kTraining);
     if (training) Py_INCREF(training);
-    else training = PyObject_GetAttrString(module, "training");
-    PyObject* attrs = PyList_New(0);
-    ok = training && attrs;
-    for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(names); ++i) {
+    else training = PyObject_GetAttr(module, kTraining);
+    Py_ssize_t found = 0;
+    for (Py_ssize_t i = 0; i < n_names; ++i) {
       PyObject* value = PyDict_GetItem(d, PyTuple_GET_ITEM(names, i));
-      if (value) ok = PyList_Append(attrs, value) == 0;
+      if (value) attrs[found++] = value;
     }
-    PyObject* attr_tuple = ok ? PyList_AsTuple(attrs) : nullptr;
-    PyObject* mode = attr_tuple ? PyTuple_Pack(3, reinterpret_cast<PyObject*>(Py_TYPE(module)),
-                                              training, attr_tuple)
-                                : nullptr;
+    PyObject* attr_tuple = PyTuple_New(found);
+    for (Py_ssize_t i = 0; attr_tuple && i < found; ++i) {
+      Py_INCREF(attrs[i]);
+      PyTuple_SET_ITEM(attr_tuple, i, attrs[i]);
+    }
+    PyObject* mode = training && attr_tuple
+                         ? PyTuple_Pack(3, reinterpret_cast<PyObject*>(Py_TYPE(module)),
+                                        training, attr_tuple)
+                         : nullptr;
     ok = mode && PyList_Append(modes, mode) == 0 && add_values(params) && add_values(buffers);
     Py_XDECREF(mode);
     Py_XDECREF(attr_tuple);
-    Py_XDECREF(attrs);
     Py_XDECREF(training);
     if (!ok) {
       Py_DECREF(d);
@@ -1746,7 +1754,6 @@ PyObject* py_stream_sources(PyObject* /*module*/, PyObject* const* args, Py_ssiz
   }
   Py_XDECREF(tensors);
   Py_XDECREF(modes);
-  Py_XDECREF(seen);
   return result;
 }
 
@@ -1783,6 +1790,68 @@ PyObject* py_stream_same_values(PyObject* /*module*/, PyObject* const* args, Py_
   END_HANDLE_TH_ERRORS
 }
 
+// stream_unchanged(now, copies, marks, probe) -> bool: fastres/_copies.py's rule on every call
+// of a fast path, in one pass without the dispatcher. marks is an int64 (n, 3) CPU tensor of
+// (version counter, data pointer, element count) per tensor, taken with the copies. A tensor
+// whose pointer or size moved is a change; one whose counter moved is compared in full with
+// its copy (and its mark takes the new counter when equal: an op that declares a write bumps
+// it without one); every other one compares its first and last probe / 2 elements, or all of
+// them when it is small or not contiguous. In Python this was a loop of attribute reads per
+// tensor plus a probe call per view: slower than comparing every byte of a small
+// TemporalConvNet's weights (benchmarks/NOTES.md).
+PyObject* py_stream_unchanged(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 4, "stream_unchanged(now, copies, marks, probe) takes 4 arguments");
+  PyObject* now = PySequence_Fast(args[0], "stream_unchanged: now must be a sequence");
+  if (!now) return nullptr;
+  PyObject* copies = PySequence_Fast(args[1], "stream_unchanged: copies must be a sequence");
+  if (!copies) {
+    Py_DECREF(now);
+    return nullptr;
+  }
+  const Py_ssize_t size = PySequence_Fast_GET_SIZE(now);
+  bool typed = THPVariable_Check(args[2]) && PyLong_Check(args[3]) &&
+               size == PySequence_Fast_GET_SIZE(copies);
+  for (PyObject* seq : {now, copies})
+    for (Py_ssize_t i = 0; typed && i < size; ++i)
+      typed = THPVariable_Check(PySequence_Fast_GET_ITEM(seq, i));
+  bool same = typed;
+  if (typed) {
+    const at::Tensor& marks = THPVariable_Unpack(args[2]);
+    TORCH_CHECK(marks.scalar_type() == at::kLong && marks.is_contiguous() &&
+                    marks.device().is_cpu() && marks.numel() == 3 * size,
+                "stream_unchanged: marks must be a contiguous int64 CPU tensor of (n, 3)");
+    int64_t* mark = marks.data_ptr<int64_t>();
+    const int64_t half = std::max<int64_t>(PyLong_AsLongLong(args[3]) / 2, 1);
+    for (Py_ssize_t i = 0; same && i < size; ++i, mark += 3) {
+      const at::Tensor& a = THPVariable_Unpack(PySequence_Fast_GET_ITEM(now, i));
+      const at::Tensor& b = THPVariable_Unpack(PySequence_Fast_GET_ITEM(copies, i));
+      if (reinterpret_cast<int64_t>(a.data_ptr()) != mark[1] || a.numel() != mark[2] ||
+          a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) {
+        same = false;
+      } else if (static_cast<int64_t>(a._version()) != mark[0]) {
+        same = stream_same_values(at::TensorList(&a, 1), at::TensorList(&b, 1));
+        if (same) mark[0] = static_cast<int64_t>(a._version());
+      } else if (!a.device().is_cpu() || !a.is_contiguous() || !b.is_contiguous() ||
+                 a.numel() <= 2 * half) {
+        same = stream_same_values(at::TensorList(&a, 1), at::TensorList(&b, 1));
+      } else {
+        const size_t bytes = static_cast<size_t>(half) * a.element_size();
+        const char* pa = static_cast<const char*>(a.data_ptr());
+        const char* pb = static_cast<const char*>(b.data_ptr());
+        same = std::memcmp(pa, pb, bytes) == 0 &&
+               std::memcmp(pa + a.nbytes() - bytes, pb + b.nbytes() - bytes, bytes) == 0;
+      }
+    }
+  }
+  Py_DECREF(now);
+  Py_DECREF(copies);
+  TORCH_CHECK_TYPE(typed, "stream_unchanged: now and copies must be lists of tensors of the "
+                   "same length, marks a tensor, probe an int");
+  return PyBool_FromLong(same);
+  END_HANDLE_TH_ERRORS
+}
+
 // stream_chunk_kernels() -> the names stream_chunk_kernel takes on this CPU.
 PyObject* py_stream_chunk_kernels(PyObject* /*module*/, PyObject* /*unused*/) {
 #ifdef FASTRES_TILES
@@ -1813,6 +1882,11 @@ PyMethodDef kStreamPythonMethods[] = {
      METH_FASTCALL,
      "stream_same_values(now, then) -> whether every tensor of `now` holds exactly the bytes "
      "of the tensor at the same index of `then` (fastres/_ext.py's same_values)"},
+    {"stream_unchanged",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_stream_unchanged)),
+     METH_FASTCALL,
+     "stream_unchanged(now, copies, marks, probe) -> whether the tensors still hold their "
+     "copies' values by fastres/_copies.py's rule"},
     {"stream_chunk_kernels", &py_stream_chunk_kernels, METH_NOARGS,
      "The chunk kernels ('gemm', and 'tiles' where the CPU has AVX-512) this CPU runs"},
     {"stream_chunk_kernel",

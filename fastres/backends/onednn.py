@@ -40,20 +40,14 @@ How the program runs, and why:
   zero-padded NLC copy of the conv input. Max pool is the maximum of its strided
   taps, average pool a mean over L and the classifier `F.linear`, all on the channels-last
   tensor.
-- **Weights follow the module.** A program records the version counter, data pointer and
-  identity of every tensor it read (conv weights or weight-norm g/v, biases, BN affine and
-  running statistics) and BN's eps and momentum; `Program.stale(module)` says when any
-  changed (an optimizer step, load_state_dict, nn.init, a new Parameter, `.data`
-  assignment, a new eps), and `run` rebuilds then. A moved counter alone does not decide:
-  an op declared to mutate a tensor bumps it without a write (fastres::conv_bn_relu bumps
-  BN's running statistics also in eval), so the tensors whose counters moved are compared
-  with their copies. A write *through* `.data` (or a NumPy view) leaves the counter alone;
-  comparing every value per call to see it cost ResNet1d 1.6-2.6 ms of a 16 ms forward
-  (benchmarks/NOTES.md), so the program compares a probe instead: `_PROBES` elements per
-  tensor, its first and last `_PROBES // 2` (all of a tensor that small). Whole-tensor writes through `.data`
-  (hand-written EMA updates, re-initialisation, copies from another model) change the probe
-  and are seen; a partial one may not be: write under torch.no_grad() without `.data` (as
-  torch.optim, load_state_dict and nn.init do), or call `forget(module)` after it.
+- **Weights follow the module.** A program records the identity of every submodule and
+  tensor it read (conv weights or weight-norm g/v, biases, BN affine and running
+  statistics), BN's eps and momentum and the training flags; `Program.stale(module)` says
+  when any changed, or when a value changed by the rule of fastres/_copies.py (version
+  counters, data pointers, a probe of each tensor: an optimizer step, load_state_dict,
+  nn.init, a new Parameter, `.data` assignment, a whole-tensor write through `.data`), and
+  `run` rebuilds then. After a partial write through `.data`, `fastres.forget_weights(model)`
+  (or `forget(module)` here) makes it rebuild.
 - Inference only: the program computes no gradients, so `unsupported_reason` refuses a call
   that needs them, as it refuses float64 (oneDNN has no float64 convolution) and 16-bit
   dtypes oneDNN cannot run on this CPU.
@@ -72,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .. import _ext
+from .._copies import WeightCopies
 from ..conventions import conv_padding, output_length
 
 __all__ = ["Program", "ProgramCache", "build", "build_or_reason", "forget", "program_for", "run",
@@ -82,9 +76,6 @@ __all__ = ["Program", "ProgramCache", "build", "build_or_reason", "forget", "pro
 # A conv whose sums of |terms| stay below this cannot overflow float32 (3.4e38), nor
 # bfloat16 after rounding.
 _SAFE_SUM = 1e38
-
-# Elements per tensor that stale() compares on every call (see the module docstring).
-_PROBES = 64
 
 # Packed weights kept per conv for this many input shapes (batch, length); the oldest goes.
 _PACKS_PER_CONV = 4
@@ -614,10 +605,8 @@ class Program:
                                            and s.shortcut.stride == 1) for s in steps)
         self._reads = reads
         self._root = weakref.ref(module)
-        self._slots, self._values, self._versions = _snapshot(module)
-        with torch.no_grad():
-            self._copies = [t.detach().clone() for t, _, _ in self._versions]
-        self._probe = _Probe([t for t, _, _ in self._versions])
+        self._slots, self._values, self._tensors = _snapshot(module)
+        self._weights = WeightCopies(module, self._tensors)
         self.dtype, self.device = dtype, device
         self.in_channels = steps[0].in_channels
         self.classifier = isinstance(steps[-1], _Head)
@@ -644,25 +633,7 @@ class Program:
         for mapping, key, value in self._values:
             if mapping.get(key, _MISSING) != value:
                 return True
-        bumped = []
-        for i, (t, version, pointer) in enumerate(self._versions):
-            if t.data_ptr() != pointer:
-                return True
-            if t._version != version:
-                bumped.append(i)
-        # A bumped counter does not decide alone: an op declared to mutate its arguments
-        # (fastres::conv_bn_relu's running statistics, also in eval) bumps it without a
-        # write, and a rebuild per call then cost a ResNet1d five times its forward. The
-        # tensors whose counters moved are compared in full; the probe sees whole-tensor
-        # writes through .data, which leave the counter alone.
-        if bumped and not _ext.same_values([self._versions[i][0] for i in bumped],
-                                           [self._copies[i] for i in bumped]):
-            return True
-        if not self._probe.same():
-            return True
-        if bumped:
-            self._versions = [(t, t._version, pointer) for t, _, pointer in self._versions]
-        return False
+        return not self._weights.unchanged(self._tensors)
 
     def unsupported_reason(self, x: Tensor) -> Optional[str]:
         """Why this program cannot compute module(x) exactly, or None."""
@@ -739,38 +710,11 @@ class Program:
 _MISSING = object()
 
 
-class _Probe:
-    """_PROBES elements of each tensor, its first and last _PROBES // 2 (every element of a
-    smaller one), held as views of the tensors' own memory and compared byte for byte with
-    copies taken at build time: one C++ call (_ext.same_values, a memcmp per view) for all
-    of them. Contiguous windows rather than evenly spaced elements: strided views must be
-    gathered first (a torch.cat of 122 inputs for a ResNet1d, most of the probe's time,
-    benchmarks/NOTES.md), and a whole-tensor write changes both alike. Non-contiguous
-    tensors are compared in full."""
-
-    def __init__(self, tensors: List[Tensor]):
-        self._now: List[Tensor] = []
-        for t in tensors:
-            t = t.detach()
-            if t.numel() == 0:
-                continue
-            if not t.is_contiguous():
-                self._now.append(t)
-                continue
-            flat = t.view(-1)
-            n, half = flat.numel(), _PROBES // 2
-            self._now += [flat] if n <= _PROBES else [flat[:half], flat[n - half:]]
-        self._then = [v.clone() for v in self._now]
-
-    def same(self) -> bool:
-        return _ext.same_values(self._now, self._then)
-
-
 def _snapshot(module: nn.Module):
     """What stale() compares, read through the modules' own dicts (cheap: no __getattr__):
     identity slots (every submodule, parameter and buffer entry), value slots (training
-    flags, BN eps and momentum) and (tensor, version counter, data pointer) triples."""
-    slots, values, versions = [], [], []
+    flags, BN eps and momentum) and the tensors (fastres/_copies.py compares their values)."""
+    slots, values, tensors = [], [], []
     for m in module.modules():
         values.append((m.__dict__, "training", m.training))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -779,8 +723,8 @@ def _snapshot(module: nn.Module):
             for key, obj in mapping.items():
                 slots.append((mapping, key, obj))
                 if isinstance(obj, Tensor):
-                    versions.append((obj, obj._version, obj.data_ptr()))
-    return slots, values, versions
+                    tensors.append(obj)
+    return slots, values, tensors
 
 
 def build_or_reason(module: nn.Module):

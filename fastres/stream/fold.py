@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ext
+from .._copies import WeightCopies
 from ..nn.resnet import _BasicBlockLayout, _ResNet1dLayout
 from ..nn.sequential import ConvBNReLUSequential
 from ..nn.temporal import TemporalConvNet, _TemporalBlockLayout, stack_only_reason
@@ -310,20 +311,18 @@ def _walk_sources(model: nn.Module) -> Tuple[List[Tensor], Tuple]:
 
 
 class Snapshot:
-    """A copy of the values a fold was made from, to tell whether the model changed.
-
-    Values, not version counters: writes through .data (home-made EMA updates, say) leave
-    version counters alone, and a fast path must never return what stale weights give. The
-    comparison is one C++ call (memcmp) where the extension is built.
-    """
+    """What a fold was made from, to tell whether the model changed: every module's type,
+    mode and result-changing attributes, and copies of every parameter and buffer
+    (fastres/_copies.py)."""
 
     def __init__(self, model: nn.Module):
         tensors, self.modes = _sources(model)
-        with torch.no_grad():
-            self.values = [t.detach().clone() for t in tensors]
+        self.copies = WeightCopies(model, tensors)
 
-    def matches(self, model: nn.Module) -> bool:
+    def matches(self, model: nn.Module, exact: bool = True) -> bool:
+        """Whether the model is as it was. exact: every value compared (values, not
+        version counters: writes through .data leave counters alone); else by the rule of
+        fastres/_copies.py, for a path that checks on every call."""
         tensors, modes = _sources(model)
-        if modes != self.modes:
-            return False
-        return _ext.same_values(tensors, self.values)
+        return modes == self.modes and (self.copies.equal(tensors) if exact
+                                        else self.copies.unchanged(tensors))

@@ -39,7 +39,7 @@ class _WholeSequenceCache:
 
     def plan_for(self, model: TemporalConvNet) -> Optional[_Plan]:
         """The plan of the model as it is now (refolded if anything changed)."""
-        if self.snapshot is None or not self.snapshot.matches(model):
+        if self.snapshot is None or not self.snapshot.matches(model, exact=False):
             self.snapshot, self.plan = _Snapshot(model), None
             try:
                 self.plan = _Plan(model)
@@ -73,8 +73,9 @@ def whole_sequence(model: TemporalConvNet, x: Optional[Tensor]) -> Optional[Tens
     output: an eval-mode network of fused TemporalBlocks whose forward is the stack alone,
     on the CPU, no gradient needed, a batch of at most WHOLE_SEQUENCE_MAX_BATCH, the
     extension built, not under tracing. Its folded weights (and every attribute that
-    changes the result, a norm's eps included) are checked against the model's current
-    values on every call. The module level never takes it while any module has hooks (it
+    changes the result, a norm's eps included) are checked against the model on every
+    call by the rule of fastres/_copies.py (after a partial write through `.data`:
+    fastres.forget_weights(model)). The module level never takes it while any module has hooks (it
     skips every module). whole_sequence(model, None) is False where it cannot run for the
     model as it is now (in training mode, say), so the module level does not offer it.
     """

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import fastres
+from fastres._copies import PROBES
 from fastres.backends import onednn
 from fastres.conventions import rel_err
 
@@ -279,10 +280,10 @@ def test_repacked_after_data_assignment(fresh_seed):
 
 @pytest.mark.parametrize("where", ["conv", "bn", "bn-buffer"])
 def test_partial_writes(where, fresh_seed):
-    """The rule of the module docstring: a write of one element under no_grad bumps the
+    """The rule of fastres/_copies.py: a write of one element under no_grad bumps the
     counter and is seen; one through .data may escape the probe (64 elements of each tensor,
-    its first and last 32, are compared on every call), and forget(module) then rebuilds
-    the program."""
+    its first and last 32, are compared on every call), and forget(module) or
+    fastres.forget_weights(model) then rebuilds the program."""
     model, shape = _draw("resnet", fresh_seed)
     tensor = {"conv": lambda: model.layer2[0].conv2.weight,
               "bn": lambda: model.layer2[0].bn2.weight,
@@ -297,10 +298,16 @@ def test_partial_writes(where, fresh_seed):
     _check(model, x, _run(model, x))
     program = onednn._PROGRAMS[model]
     tensor.data.view(-1)[middle] += 3.0  # the counter stays
-    if tensor.numel() <= onednn._PROBES:
+    if tensor.numel() <= PROBES:
         assert program.stale(model)  # every element of a small tensor is probed
     onednn.forget(model)
     assert onednn.program_for(model) is not program
+    _check(model, x, _run(model, x))
+    # The library-wide call, on a module that holds the program's module.
+    program = onednn._PROGRAMS[model]
+    tensor.data.view(-1)[middle] -= 3.0
+    fastres.forget_weights(torch.nn.Sequential(model))
+    assert program.stale(model)
     _check(model, x, _run(model, x))
 
 
@@ -337,7 +344,7 @@ def test_probe_sees_a_write_through_data_at_either_end(where, fresh_seed):
     _run(model, x)
     program = onednn._PROGRAMS[model]
     g = torch.Generator().manual_seed(fresh_seed)
-    for t, _, _ in program._versions:
+    for t in program._tensors:
         if not t.is_floating_point():
             continue
         flat = t.data.view(-1)

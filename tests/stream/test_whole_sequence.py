@@ -137,15 +137,21 @@ def test_whole_sequence_follows_every_change_of_the_model(monkeypatch, stacked_c
 
 @requires_cpp
 def test_whole_sequence_refolds_on_a_one_ulp_change(monkeypatch, stacked_calls, fresh_seed):
-    """The staleness check reads every weight: one value of any parameter or buffer moved by
-    one ulp through .data (no version counter moves), a weight set to NaN (the new plan
-    holds it), a norm's eps changed: each refolds before the next call (a new plan), and an
-    unchanged model does not."""
+    """The staleness check (fastres/_copies.py's rule) on every call: one value of any
+    parameter or buffer moved by one ulp in place (its version counter moves), or through
+    .data where the probe reads (a tensor's first or last 32 values, every value of a small
+    one), a weight set to NaN (the new plan holds it), a norm's eps changed: each refolds
+    before the next call (a new plan), and an unchanged model does not. A one-ulp write
+    through .data elsewhere may escape until fastres.forget_weights(model)."""
     _always(monkeypatch, True)
     rng = random.Random(fresh_seed)
     net = random_tcn(rng, "batch", max_levels=3)
     x = random_input(rng, in_channels(net), rng.randint(1, 40), 1, torch.float32)
     cache = lambda: net.__dict__[whole_sequence_module._CACHE_ATTR]  # noqa: E731
+    probes = sys.modules["fastres._copies"].PROBES
+
+    def one_ulp(flat, k):
+        flat[k] = torch.nextafter(flat[k], torch.tensor(float("inf")))
     with torch.no_grad():
         net(x)
         plan = cache().plan
@@ -154,12 +160,26 @@ def test_whole_sequence_refolds_on_a_one_ulp_change(monkeypatch, stacked_calls, 
         tensors = [t for t in list(net.parameters()) + list(net.buffers())
                    if t.is_floating_point() and t.numel()]
         for _ in range(5):
-            flat = rng.choice(tensors).data.view(-1)
-            k = rng.randrange(flat.numel())
-            flat[k] = torch.nextafter(flat[k], torch.tensor(float("inf")))
+            flat = rng.choice(tensors).view(-1)
+            one_ulp(flat, rng.randrange(flat.numel()))           # in place: counted
             net(x)
             assert cache().plan is not plan
             plan = cache().plan
+        for _ in range(5):
+            flat = rng.choice(tensors).data.view(-1)
+            n = flat.numel()
+            k = rng.randrange(n) if n <= probes else rng.choice(
+                [rng.randrange(probes // 2), n - 1 - rng.randrange(probes // 2)])
+            one_ulp(flat, k)                                     # .data, where probed
+            net(x)
+            assert cache().plan is not plan
+            plan = cache().plan
+        flat = rng.choice(tensors).data.view(-1)
+        one_ulp(flat, flat.numel() // 2)                         # .data, anywhere
+        fastres.forget_weights(net)
+        net(x)
+        assert cache().plan is not plan
+        plan = cache().plan
         saved = tensors[0].data.view(-1)[0].item()
         tensors[0].data.view(-1)[0] = float("nan")
         net(x)   # (the NaN may not reach the output: a padding tap is skipped, ReLU drops it)
@@ -170,6 +190,22 @@ def test_whole_sequence_refolds_on_a_one_ulp_change(monkeypatch, stacked_calls, 
         bn.eps = bn.eps * 2
         assert rel_err(net(x), net.network(x)) < TOL[torch.float32]
         assert cache().plan is not plan
+
+
+@requires_cpp
+def test_stream_stale_compares_every_value(fresh_seed):
+    """Stream.stale(), asked rarely, compares every value: a one-ulp write through .data
+    anywhere is seen."""
+    rng = random.Random(fresh_seed)
+    net = random_tcn(rng, "batch", max_levels=3)
+    s = fastres.stream(net)
+    tensors = [t for t in list(net.parameters()) + list(net.buffers())
+               if t.is_floating_point() and t.numel()]
+    flat = max(tensors, key=lambda t: t.numel()).data.view(-1)
+    k = flat.numel() // 2
+    assert not s.stale()
+    flat[k] = torch.nextafter(flat[k], torch.tensor(float("inf")))
+    assert s.stale()
 
 
 @requires_cpp
