@@ -158,7 +158,7 @@ def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool,
             paths[name] = lambda x: None if program.unsupported_reason(x) is not None \
                 else program(x)
     if only is None or not only.startswith("onednn"):
-        paths.update(getattr(module, "dispatch_candidates", lambda x: {})(x))
+        paths.update(getattr(module, "dispatch_candidates", lambda x, only: {})(x, only))
     return paths
 
 

@@ -421,9 +421,15 @@ class TemporalConvNet(nn.Module):
             return self._skip_forward(x, None, fused=False)
         return self.network(x)
 
-    def dispatch_candidates(self, x: Tensor) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
+    def dispatch_candidates(self, x: Tensor, only: Optional[str] = None
+                            ) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
         """Whole-network paths the module level may time against the blocks: each returns
-        model(x), or None where it cannot run this input or this model as it is now."""
+        model(x), or None where it cannot run this input or this model as it is now.
+        only: that path alone, unasked whether it is offered (the module level runs a path
+        it chose; the path itself still returns None where it cannot run)."""
+        if only is not None:
+            path = _WHOLE_NETWORK_PATHS.get(only)
+            return {} if path is None else {only: functools.partial(path, self)}
         return {name: functools.partial(path, self) for name, path in _WHOLE_NETWORK_PATHS.items()
                 if path(self, None) is not False}
 
