@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._ext import load_error, same_values
+from ._ext import direct, same_values
 
 PROBES = 64
 # module -> how many times forget_weights named it (or a module above it)
@@ -66,7 +66,7 @@ class WeightCopies:
         copied values, by the module docstring's rule."""
         if not self._current() or len(tensors) != len(self._copies):
             return False
-        compiled = _compiled_check()
+        compiled = direct("stream_unchanged")
         if compiled is not None:
             return compiled(tensors, self._copies, self._marks, PROBES)
         half = PROBES // 2
@@ -87,16 +87,3 @@ class WeightCopies:
     def _current(self) -> bool:
         module = self._module()
         return module is not None and _GENERATION.get(module, 0) == self._generation
-
-
-_COMPILED = []  # [fastres._C.stream_unchanged or None], looked up once
-
-
-def _compiled_check():
-    if not _COMPILED:
-        check = None
-        if load_error() is None:
-            import fastres._C as extension
-            check = getattr(extension, "stream_unchanged", None)
-        _COMPILED.append(check)
-    return _COMPILED[0]

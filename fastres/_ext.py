@@ -105,7 +105,7 @@ def same_values(now, then) -> bool:
     (fastres._C.stream_same_values: through torch.ops the lists' boxing cost about 20 us at
     a hundred tensors); NaNs compare by their bits there and never equal in the fallback
     (which then only rebuilds the copy)."""
-    compare = _direct_same_values()
+    compare = direct("stream_same_values")
     if compare is not None:
         return compare(now, then)
     return len(now) == len(then) and all(
@@ -113,14 +113,17 @@ def same_values(now, then) -> bool:
         and torch.equal(a.detach(), b) for a, b in zip(now, then))
 
 
-_DIRECT_SAME_VALUES = []   # [fastres._C.stream_same_values or None], once looked up
+_DIRECT: dict = {}   # name -> the function of fastres._C, or None, looked up once
 
 
-def _direct_same_values():
-    if not _DIRECT_SAME_VALUES:
-        compare = None
+def direct(name: str):
+    """fastres._C's Python-level function `name` (called without the dispatcher, for the
+    per-call checks whose boxing through torch.ops would cost more than their work), or None
+    where the extension is not loaded or predates it; the caller then runs its Python twin."""
+    if name not in _DIRECT:
+        function = None
         if load_error() is None:
             import fastres._C as extension
-            compare = getattr(extension, "stream_same_values", None)
-        _DIRECT_SAME_VALUES.append(compare)
-    return _DIRECT_SAME_VALUES[0]
+            function = getattr(extension, name, None)
+        _DIRECT[name] = function
+    return _DIRECT[name]

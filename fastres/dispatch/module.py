@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from .. import backends
+from .. import _ext, backends
 from ..backends import onednn, onednn_train
 from ..conventions import HALF_DTYPES
 from . import record
@@ -72,6 +72,9 @@ def hooked(*modules: Optional[nn.Module], deep: bool = True) -> bool:
     if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks \
             or _torch_module._global_backward_hooks:
         return True
+    walk = _ext.direct("modules_hooked") if deep else None
+    if walk is not None:  # (the same walk in C++: about a tenth of the Python one's time)
+        return walk(modules)
     pending = list(modules)
     for m in pending:  # (grows as it goes: a flat walk costs 2.5x less than a generator's)
         if m is None:

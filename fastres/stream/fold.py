@@ -273,21 +273,8 @@ def _sources(model: nn.Module) -> Tuple[List[Tensor], Tuple]:
     modules' dicts where the extension is built (fastres._C.stream_sources), else this
     walk, each module once in model.modules()'s order (model.modules()'s recursive
     generators cost more than the walk)."""
-    walk = _compiled_walk()
+    walk = _ext.direct("stream_sources")
     return walk(model, _RESULT_ATTRS) if walk is not None else _walk_sources(model)
-
-
-_COMPILED_WALK = []   # [fastres._C.stream_sources or None], once looked up
-
-
-def _compiled_walk():
-    if not _COMPILED_WALK:
-        walk = None
-        if _ext.load_error() is None:
-            import fastres._C as extension
-            walk = getattr(extension, "stream_sources", None)
-        _COMPILED_WALK.append(walk)
-    return _COMPILED_WALK[0]
 
 
 def _walk_sources(model: nn.Module) -> Tuple[List[Tensor], Tuple]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastres
-from fastres import backends, dispatch
+from fastres import _ext, backends, dispatch
 from fastres.conventions import rel_err
 
 
@@ -159,3 +159,29 @@ def test_the_onednn_training_program_is_a_candidate_that_trains_as_plain(monkeyp
     assert timed and "onednn-train" in timed[0]
     (choice,) = dispatch.module.choices(fused).values()
     assert choice.name == "onednn-train"
+
+
+@pytest.mark.parametrize("walk", ["python", "compiled"])
+def test_hooked_sees_every_kind_of_hook_at_any_depth(walk, monkeypatch):
+    """dispatch.module.hooked, asked on every call of a fused module: the compiled walk and
+    the Python one agree on forward, pre-forward, backward and backward-pre hooks, on the
+    module itself or any module below it (or only on the modules given, deep=False)."""
+    if walk == "python":
+        monkeypatch.setitem(_ext._DIRECT, "modules_hooked", None)
+    elif _ext.direct("modules_hooked") is None:
+        pytest.skip(f"the compiled walk: {_ext.load_error()}")
+    net = fastres.TemporalConvNet(3, [4, 4], kernel_size=2)
+    deep = net.network[1].bn2
+    assert not dispatch.module.hooked(net) and not dispatch.module.hooked(None, net)
+    for register in (lambda m: m.register_forward_hook(lambda *a: None),
+                     lambda m: m.register_forward_pre_hook(lambda *a: None),
+                     lambda m: m.register_full_backward_hook(lambda *a: None),
+                     lambda m: m.register_full_backward_pre_hook(lambda *a: None)):
+        handle = register(deep)
+        assert dispatch.module.hooked(net) and dispatch.module.hooked(None, deep)
+        assert not dispatch.module.hooked(net, deep=False)
+        assert not dispatch.module.hooked(net.network[0])
+        handle.remove()
+        assert not dispatch.module.hooked(net)
+    with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
+        assert dispatch.module.hooked(net)
