@@ -86,6 +86,9 @@ _SAFE_SUM = 1e38
 # Elements per tensor that stale() compares on every call (see the module docstring).
 _PROBES = 64
 
+# Whether build() runs the stride-1 3-tap convs as Winograd F(2,3) (_Conv.use_winograd).
+WINOGRAD = True
+
 # Packed weights kept per conv for this many input shapes (batch, length); the oldest goes.
 _PACKS_PER_CONV = 4
 
@@ -130,6 +133,12 @@ def to_channels_last(x: Tensor) -> Tensor:
     if is_channels_last(x):
         return x
     return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _nlc(h: Tensor) -> Tensor:
+    """(B, C, 1, L) channels_last -> the (B, L, C) view of its memory."""
+    b, c, _, n = h.shape
+    return h.as_strided((b, n, c), (n * c, c, 1), h.storage_offset())
 
 
 def _as_4d(x: Tensor) -> Tensor:
@@ -177,6 +186,30 @@ class _Conv:
         self.gain = weight.abs().sum(dim=(1, 2)).max().item() if weight.numel() else 0.0
         self.offset = bias.abs().max().item() if bias.numel() else 0.0
         self._packs: Dict[Tuple[int, ...], Tensor] = {}
+        # Winograd F(2,3) weights (4, C_in, C_out), set by use_winograd(); None: oneDNN's conv
+        self.winograd: Optional[Tensor] = None
+        self._winograd_from = weight if self.winograd_reason(dtype) is None else None
+
+    def winograd_reason(self, dtype: torch.dtype) -> Optional[str]:
+        """Why this conv cannot run as Winograd F(2,3), or None."""
+        if self.kernel_size != 3 or self.stride != 1:
+            return f"kernel {self.kernel_size} stride {self.stride}: F(2,3) is for k3 stride 1"
+        if dtype != torch.float32:
+            return f"{dtype}: the Winograd kernel is float32 only"
+        return _ext.load_error()
+
+    def use_winograd(self) -> bool:
+        """Run the fast path (finite inputs) as Winograd F(2,3) through the extension
+        (csrc/cpu/winograd_cpu.cpp): a third fewer multiply-adds; the exact path keeps
+        oneDNN's direct conv (the transforms' inf - inf would make NaN where it gives inf).
+        False where it cannot (winograd_reason)."""
+        if self._winograd_from is None:
+            return False
+        g0, g1, g2 = self._winograd_from.unbind(2)  # float64 (C_out, C_in) each
+        v = torch.stack([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2])
+        self.winograd = v.transpose(1, 2).to(torch.float32).contiguous()
+        self._winograd_from = None
+        return True
 
     def out_length(self, length: int) -> int:
         return output_length(length, self.kernel_size, self.dilation, self.stride, *self.pad)
@@ -194,13 +227,24 @@ class _Conv:
         return packed
 
     def bound(self, gain: float, offset: float) -> Tuple[float, float]:
-        """(gain, offset) of the output's max|.| bound, given the input's."""
-        return self.gain * gain, self.gain * offset + self.offset
+        """(gain, offset) of the output's max|.| bound, given the input's. Winograd's
+        products are bounded by 2 max|in| times a row sum of |transformed weights| (at most
+        the direct conv's), and an output adds three: 4x the direct bound keeps every
+        partial sum below float32's range wherever the fast path runs."""
+        gain_here = self.gain * (4.0 if self.winograd is not None else 1.0)
+        return gain_here * gain, gain_here * offset + self.offset
 
     def __call__(self, h: Tensor, relu: bool, add: Optional[Tensor] = None,
                  exact: bool = False) -> Tensor:
         """conv(h) [+ add], then ReLU if `relu`: one oneDNN primitive, or (exact) the conv
-        and the add in oneDNN and torch's NaN-keeping ReLU after it."""
+        and the add in oneDNN and torch's NaN-keeping ReLU after it. Winograd (fast path
+        only) reads the padding as zeros in place, any padding: no padded copy."""
+        if self.winograd is not None and not exact:
+            n = h.shape[3]
+            out = torch.ops.fastres_ext.winograd_f23_nlc(
+                _nlc(h), self.winograd, self.bias, None if add is None else _nlc(add),
+                self.dilation, self.pad[0], self.out_length(n), relu)
+            return _as_4d(out.transpose(1, 2))
         if self.pad_copy is not None:
             left, right = self.pad_copy
             b, c, _, n = h.shape
@@ -228,6 +272,11 @@ class _Conv:
         output: the in-place overload's sum post-op, one activation less to allocate."""
         lookback = self.pad[0]
         rows = h.shape[3]
+        if self.winograd is not None and not exact:
+            out = torch.ops.fastres_ext.winograd_f23_nlc(
+                _nlc(h), self.winograd, self.bias, None if add is None else _nlc(add),
+                self.dilation, lookback, rows, relu)
+            return _as_4d(out.transpose(1, 2))
         if lookback:
             h = h[..., :rows - lookback]
         packed = self._packed(tuple(h.shape), [0, lookback])
@@ -783,8 +832,20 @@ def _snapshot(module: nn.Module):
     return slots, values, versions
 
 
-def build_or_reason(module: nn.Module):
-    """(Program, None), or (None, why this module cannot be built)."""
+def _convs(steps: list) -> List[_Conv]:
+    convs = []
+    for step in steps:
+        if isinstance(step, _Stem):
+            convs.append(step.conv)
+        elif isinstance(step, _Block):
+            convs += [c for c in (step.first, step.second, step.shortcut) if c is not None]
+    return convs
+
+
+def build_or_reason(module: nn.Module, winograd: bool = WINOGRAD):
+    """(Program, None), or (None, why this module cannot be built). `winograd`: run the
+    stride-1 3-tap convs as Winograd F(2,3) where the extension is built (_Conv.use_winograd);
+    False: every conv through oneDNN."""
     reason = unavailable_reason()
     if reason is not None:
         return None, reason
@@ -813,12 +874,15 @@ def build_or_reason(module: nn.Module):
         steps = _steps(module, kind, reads, dtype)
     except _Refused as refused:
         return None, str(refused)
+    if winograd:
+        for conv in _convs(steps):
+            conv.use_winograd()
     return Program(module, steps, reads, dtype, device), None
 
 
-def build(module: nn.Module) -> Optional[Program]:
+def build(module: nn.Module, winograd: bool = WINOGRAD) -> Optional[Program]:
     """A Program for module's eval forward, or None (build_or_reason says why)."""
-    return build_or_reason(module)[0]
+    return build_or_reason(module, winograd)[0]
 
 
 class ProgramCache:
