@@ -21,6 +21,13 @@ How the program runs, and why:
   that has oneDNN (`torch.backends.mkldnn.is_available()`), need no extension build, and
   are what `torch.compile` itself calls for 2D convs. (Inductor packs only 4D/5D convs:
   for conv1d it keeps aten.convolution in NCL and fuses the padding and ReLU around it.)
+- **Winograd F(2,3) for the stride-1 3-tap convs** (float32, any dilation or padding,
+  where the compiled extension loads; csrc/cpu/winograd_cpu.cpp): two outputs' six products
+  become four GEMMs over channels through torch's sgemm, so a third of the multiply-adds go
+  at the same GEMM speed as oneDNN's direct conv (benchmarks/NOTES.md measures both), and
+  the bias, residual add and ReLU run in the output transform, which reads the padding as
+  zeros in place (no padded copy). It runs on the fast path only: the exact path below
+  keeps oneDNN's direct conv. `build(module, winograd=False)` leaves every conv on oneDNN.
 - **BatchNorm folded** into the conv weight and bias (computed in float64, then cast to the
   parameters' dtype: the binary post-op wants the bias in the input's dtype).
 - **NaN and inf as torch.relu treats them.** oneDNN's ReLU post-op (alone, or after the

@@ -13,9 +13,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastres
+from fastres import _ext
 from fastres.backends import onednn
 from fastres.conventions import rel_err
 
@@ -113,11 +115,16 @@ def _check(model, x, out):
     assert err < bound, f"{err:.2e} (bound {bound:.2e})"
 
 
+@pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_eval_matches_float64(name, fresh_seed):
+def test_eval_matches_float64(name, winograd, fresh_seed):
     model, shape = _draw(name, fresh_seed)
-    program, reason = onednn.build_or_reason(model)
+    program, reason = onednn.build_or_reason(model, winograd=winograd)
     assert program is not None, reason
+    ran = [c.winograd is not None for c in onednn._convs(program._steps)]
+    assert any(ran) == (winograd and _ext.load_error() is None
+                        and any(c.kernel_size == 3 and c.stride == 1
+                                for c in onednn._convs(program._steps)))
     g = torch.Generator().manual_seed(fresh_seed)
     for _ in range(2):  # the second call reuses the packed weights
         x = torch.randn(shape, generator=g)
@@ -550,3 +557,84 @@ def test_nonfinite_propagate_as_torch_relu(poison, causal_layout, fresh_seed):
         # wholly (one draw in 40 did); the outputs they cannot reach must not.
         finite[0, :, 5:] = False
     assert rel_err(out[finite], ref[finite]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- Winograd F(2,3)
+
+needs_ext = pytest.mark.skipif(_ext.load_error() is not None,
+                               reason=f"the Winograd kernel is in the extension: {_ext.load_error()}")
+
+
+def _winograd_case(seed, batch, c_in, c_out, length, dilation, padding, residual, relu):
+    """The extension's Winograd conv through _Conv (BN folded) on fresh draws, against the
+    same conv in float64; the op allocates its output, so nothing to poison: NaN in an
+    unwritten element would fail the bound."""
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(c_in, c_out, 3, dilation=dilation)
+    bn = nn.BatchNorm1d(c_out)
+    _randomize_bn(bn)
+    step = onednn._Conv(conv, bn.eval(), padding, torch.float32)
+    assert step.use_winograd()
+    x = torch.randn(batch, length, c_in)  # NLC rows
+    n_out = step.out_length(length)
+    res = torch.randn(batch, n_out, c_out) if residual else None
+    with torch.no_grad():
+        out = step(onednn._as_4d(x.transpose(1, 2)), relu=relu,
+                   add=None if res is None else onednn._as_4d(res.transpose(1, 2)))
+        ref = F.conv1d(F.pad(x.double().transpose(1, 2), step.pad),
+                       step.weight.squeeze(2).double(), step.bias.double(), dilation=dilation)
+        if res is not None:
+            ref = ref + res.double().transpose(1, 2)
+        ref = ref.relu() if relu else ref
+    out = out.squeeze(2)
+    assert out.shape == ref.shape
+    err = rel_err(out, ref)
+    assert err < TOL[torch.float32], f"{err:.2e}"
+
+
+@needs_ext
+@pytest.mark.parametrize("padding", ["same", "causal"])
+@pytest.mark.parametrize("dilation", [1, 2, 3, 8])
+@pytest.mark.parametrize("length", [1, 2, 5, 17, 64])
+def test_winograd_conv_matches_float64(length, dilation, padding, fresh_seed):
+    """Every dilation's phases, odd lengths (a pair's second output dropped, a phase's last
+    pair past the end), taps in the padding on either side."""
+    _winograd_case(fresh_seed, 2, 5, 7, length, dilation, padding, residual=True, relu=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, False)])
+def test_winograd_epilogues(residual, relu, fresh_seed):
+    _winograd_case(fresh_seed, 3, 16, 12, 40, 2, "same", residual, relu)
+
+
+@needs_ext
+def test_winograd_chunks(fresh_seed):
+    """More tiles than one chunk holds (csrc/cpu/winograd_cpu.cpp: 32768 floats of
+    C_in + C_out per tile): chunk edges inside a sample and a short last chunk."""
+    _winograd_case(fresh_seed, 3, 8, 8, 1501, 3, "causal", residual=True, relu=True)
+
+
+@needs_ext
+def test_winograd_only_on_the_fast_path(fresh_seed):
+    """Non-finite inputs take oneDNN's direct conv (Winograd's inf - inf would make NaN where
+    the conv gives inf): inf in, inf out where plain torch gives it."""
+    model, shape = _draw("basic-identity", fresh_seed)
+    program = onednn.build(model, winograd=True)
+    assert all(c.winograd is not None for c in onednn._convs(program._steps))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    x[0, :, 7] = float("inf")
+    with torch.no_grad():
+        out = program(x)
+        ref = fastres.unfuse(model).eval()(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+def test_winograd_refusals():
+    conv = onednn._Conv(nn.Conv1d(4, 4, 3, stride=2), None, "same", torch.float32)
+    assert "stride 2" in conv.winograd_reason(torch.float32) and not conv.use_winograd()
+    conv = onednn._Conv(nn.Conv1d(4, 4, 2), None, "causal", torch.float32)
+    assert "kernel 2" in conv.winograd_reason(torch.float32) and not conv.use_winograd()
+    conv = onednn._Conv(nn.Conv1d(4, 4, 3), None, "same", torch.bfloat16)
+    assert "float32 only" in conv.winograd_reason(torch.bfloat16) and not conv.use_winograd()
