@@ -27,7 +27,9 @@ How the program runs, and why:
   at the same GEMM speed as oneDNN's direct conv (benchmarks/NOTES.md measures both), and
   the bias, residual add and ReLU run in the output transform, which reads the padding as
   zeros in place (no padded copy). It runs on the fast path only: the exact path below
-  keeps oneDNN's direct conv. `build(module, winograd=False)` leaves every conv on oneDNN.
+  keeps oneDNN's direct conv. `build(module, winograd=0)` leaves every conv on oneDNN;
+  `winograd=4` builds F(4,3) (half the multiply-adds, more transform adds and rounding:
+  faster per conv from 128 channels on, not on the whole models measured).
 - **BatchNorm folded** into the conv weight and bias (computed in float64, then cast to the
   parameters' dtype: the binary post-op wants the bias in the input's dtype).
 - **NaN and inf as torch.relu treats them.** oneDNN's ReLU post-op (alone, or after the
@@ -93,8 +95,9 @@ _SAFE_SUM = 1e38
 # Elements per tensor that stale() compares on every call (see the module docstring).
 _PROBES = 64
 
-# Whether build() runs the stride-1 3-tap convs as Winograd F(2,3) (_Conv.use_winograd).
-WINOGRAD = True
+# The outputs per tile m of the Winograd F(m, 3) build() runs the stride-1 3-tap convs as
+# (_Conv.use_winograd); 0: none.
+WINOGRAD = 2
 
 # Packed weights kept per conv for this many input shapes (batch, length); the oldest goes.
 _PACKS_PER_CONV = 4
@@ -205,15 +208,22 @@ class _Conv:
             return f"{dtype}: the Winograd kernel is float32 only"
         return _ext.load_error()
 
-    def use_winograd(self) -> bool:
-        """Run the fast path (finite inputs) as Winograd F(2,3) through the extension
-        (csrc/cpu/winograd_cpu.cpp): a third fewer multiply-adds; the exact path keeps
-        oneDNN's direct conv (the transforms' inf - inf would make NaN where it gives inf).
-        False where it cannot (winograd_reason)."""
+    def use_winograd(self, outputs: int = 2) -> bool:
+        """Run the fast path (finite inputs) as Winograd F(outputs, 3), outputs 2 or 4,
+        through the extension (csrc/cpu/winograd_cpu.cpp): a third (F(2,3)) or half (F(4,3))
+        of the multiply-adds go; the exact path keeps oneDNN's direct conv (the transforms'
+        inf - inf would make NaN where it gives inf). False where it cannot
+        (winograd_reason). The weight transform G g runs in float64, rounded once."""
+        if outputs not in (2, 4):
+            raise ValueError(f"Winograd F(m, 3) is built for m = 2 or 4, not {outputs}")
         if self._winograd_from is None:
             return False
         g0, g1, g2 = self._winograd_from.unbind(2)  # float64 (C_out, C_in) each
-        v = torch.stack([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2])
+        if outputs == 2:
+            v = torch.stack([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2])
+        else:
+            v = torch.stack([g0 / 4, -(g0 + g1 + g2) / 6, -(g0 - g1 + g2) / 6,
+                             g0 / 24 + g1 / 12 + g2 / 6, g0 / 24 - g1 / 12 + g2 / 6, g2])
         self.winograd = v.transpose(1, 2).to(torch.float32).contiguous()
         self._winograd_from = None
         return True
@@ -234,12 +244,16 @@ class _Conv:
         return packed
 
     def bound(self, gain: float, offset: float) -> Tuple[float, float]:
-        """(gain, offset) of the output's max|.| bound, given the input's. Winograd's
-        products are bounded by 2 max|in| times a row sum of |transformed weights| (at most
-        the direct conv's), and an output adds three: 4x the direct bound keeps every
-        partial sum below float32's range wherever the fast path runs."""
-        gain_here = self.gain * (4.0 if self.winograd is not None else 1.0)
-        return gain_here * gain, gain_here * offset + self.offset
+        """(gain, offset) of the output's max|.| bound, given the input's. Also records
+        `peak`, the bound of every value inside this conv: the output's for the direct conv;
+        for Winograd the transformed inputs (up to 2x (F(2,3)) or 10x (F(4,3)) max|in|)
+        times a row sum of |transformed weights| (at most the direct conv's), summed by
+        the output transform (at most 2 or 19 times): 4x and 256x the direct bound."""
+        out = self.gain * gain, self.gain * offset + self.offset
+        factor = {None: 1.0, 4: 4.0, 6: 256.0}[None if self.winograd is None
+                                               else self.winograd.shape[0]]
+        self.peak = factor * out[0], factor * out[1]
+        return out
 
     def __call__(self, h: Tensor, relu: bool, add: Optional[Tensor] = None,
                  exact: bool = False) -> Tensor:
@@ -248,7 +262,7 @@ class _Conv:
         only) reads the padding as zeros in place, any padding: no padded copy."""
         if self.winograd is not None and not exact:
             n = h.shape[3]
-            out = torch.ops.fastres_ext.winograd_f23_nlc(
+            out = torch.ops.fastres_ext.winograd_nlc(
                 _nlc(h), self.winograd, self.bias, None if add is None else _nlc(add),
                 self.dilation, self.pad[0], self.out_length(n), relu)
             return _as_4d(out.transpose(1, 2))
@@ -280,7 +294,7 @@ class _Conv:
         lookback = self.pad[0]
         rows = h.shape[3]
         if self.winograd is not None and not exact:
-            out = torch.ops.fastres_ext.winograd_f23_nlc(
+            out = torch.ops.fastres_ext.winograd_nlc(
                 _nlc(h), self.winograd, self.bias, None if add is None else _nlc(add),
                 self.dilation, lookback, rows, relu)
             return _as_4d(out.transpose(1, 2))
@@ -684,6 +698,7 @@ class Program:
         bounds = [(1.0, 0.0)]
         for step in steps:
             bounds.append(step.bound(*bounds[-1]))
+        bounds += [conv.peak for conv in _convs(steps)]  # inside each conv (_Conv.bound)
         gain = max(g for g, _ in bounds)
         offset = max(o for _, o in bounds)
         limit = (_SAFE_SUM - offset) / gain if gain > 0 else _SAFE_SUM
@@ -849,10 +864,10 @@ def _convs(steps: list) -> List[_Conv]:
     return convs
 
 
-def build_or_reason(module: nn.Module, winograd: bool = WINOGRAD):
-    """(Program, None), or (None, why this module cannot be built). `winograd`: run the
-    stride-1 3-tap convs as Winograd F(2,3) where the extension is built (_Conv.use_winograd);
-    False: every conv through oneDNN."""
+def build_or_reason(module: nn.Module, winograd: int = WINOGRAD):
+    """(Program, None), or (None, why this module cannot be built). `winograd` = m in 2, 4:
+    run the stride-1 3-tap convs as Winograd F(m, 3) where the extension is built
+    (_Conv.use_winograd); 0: every conv through oneDNN."""
     reason = unavailable_reason()
     if reason is not None:
         return None, reason
@@ -883,11 +898,11 @@ def build_or_reason(module: nn.Module, winograd: bool = WINOGRAD):
         return None, str(refused)
     if winograd:
         for conv in _convs(steps):
-            conv.use_winograd()
+            conv.use_winograd(winograd)
     return Program(module, steps, reads, dtype, device), None
 
 
-def build(module: nn.Module, winograd: bool = WINOGRAD) -> Optional[Program]:
+def build(module: nn.Module, winograd: int = WINOGRAD) -> Optional[Program]:
     """A Program for module's eval forward, or None (build_or_reason says why)."""
     return build_or_reason(module, winograd)[0]
 

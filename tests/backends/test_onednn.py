@@ -115,14 +115,14 @@ def _check(model, x, out):
     assert err < bound, f"{err:.2e} (bound {bound:.2e})"
 
 
-@pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
+@pytest.mark.parametrize("winograd", [2, 4, 0], ids=["winograd-f23", "winograd-f43", "direct"])
 @pytest.mark.parametrize("name", list(MODULES))
 def test_eval_matches_float64(name, winograd, fresh_seed):
     model, shape = _draw(name, fresh_seed)
     program, reason = onednn.build_or_reason(model, winograd=winograd)
     assert program is not None, reason
     ran = [c.winograd is not None for c in onednn._convs(program._steps)]
-    assert any(ran) == (winograd and _ext.load_error() is None
+    assert any(ran) == (winograd > 0 and _ext.load_error() is None
                         and any(c.kernel_size == 3 and c.stride == 1
                                 for c in onednn._convs(program._steps)))
     g = torch.Generator().manual_seed(fresh_seed)
@@ -565,8 +565,9 @@ needs_ext = pytest.mark.skipif(_ext.load_error() is not None,
                                reason=f"the Winograd kernel is in the extension: {_ext.load_error()}")
 
 
-def _winograd_case(seed, batch, c_in, c_out, length, dilation, padding, residual, relu):
-    """The extension's Winograd conv through _Conv (BN folded) on fresh draws, against the
+def _winograd_case(outputs, seed, batch, c_in, c_out, length, dilation, padding, residual,
+                   relu):
+    """The extension's Winograd F(outputs, 3) conv through _Conv (BN folded) on fresh draws, against the
     same conv in float64; the op allocates its output, so nothing to poison: NaN in an
     unwritten element would fail the bound."""
     torch.manual_seed(seed)
@@ -574,7 +575,8 @@ def _winograd_case(seed, batch, c_in, c_out, length, dilation, padding, residual
     bn = nn.BatchNorm1d(c_out)
     _randomize_bn(bn)
     step = onednn._Conv(conv, bn.eval(), padding, torch.float32)
-    assert step.use_winograd()
+    assert step.use_winograd(outputs)
+    assert step.winograd.shape == (outputs + 2, c_in, c_out)
     x = torch.randn(batch, length, c_in)  # NLC rows
     n_out = step.out_length(length)
     res = torch.randn(batch, n_out, c_out) if residual else None
@@ -592,35 +594,51 @@ def _winograd_case(seed, batch, c_in, c_out, length, dilation, padding, residual
     assert err < TOL[torch.float32], f"{err:.2e}"
 
 
+OUTPUTS = pytest.mark.parametrize("outputs", [2, 4], ids=["f23", "f43"])
+
+
 @needs_ext
+@OUTPUTS
 @pytest.mark.parametrize("padding", ["same", "causal"])
 @pytest.mark.parametrize("dilation", [1, 2, 3, 8])
-@pytest.mark.parametrize("length", [1, 2, 5, 17, 64])
-def test_winograd_conv_matches_float64(length, dilation, padding, fresh_seed):
-    """Every dilation's phases, odd lengths (a pair's second output dropped, a phase's last
-    pair past the end), taps in the padding on either side."""
-    _winograd_case(fresh_seed, 2, 5, 7, length, dilation, padding, residual=True, relu=True)
+@pytest.mark.parametrize("length", [1, 2, 5, 7, 17, 64])
+def test_winograd_conv_matches_float64(length, dilation, padding, outputs, fresh_seed):
+    """Every dilation's phases, lengths that are not a multiple of the tile (a tile's last
+    outputs dropped, a phase's last tile past the end), taps in the padding on either
+    side."""
+    _winograd_case(outputs, fresh_seed, 2, 5, 7, length, dilation, padding, residual=True,
+                   relu=True)
 
 
 @needs_ext
+@OUTPUTS
 @pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, False)])
-def test_winograd_epilogues(residual, relu, fresh_seed):
-    _winograd_case(fresh_seed, 3, 16, 12, 40, 2, "same", residual, relu)
+def test_winograd_epilogues(residual, relu, outputs, fresh_seed):
+    _winograd_case(outputs, fresh_seed, 3, 16, 12, 40, 2, "same", residual, relu)
 
 
 @needs_ext
-def test_winograd_chunks(fresh_seed):
+@OUTPUTS
+def test_winograd_wide(outputs, fresh_seed):
+    """ResNet1d's widest stage's shape (sums over 512 channels)."""
+    _winograd_case(outputs, fresh_seed, 2, 512, 512, 32, 1, "same", residual=True, relu=True)
+
+
+@needs_ext
+@OUTPUTS
+def test_winograd_chunks(outputs, fresh_seed):
     """More tiles than one chunk holds (csrc/cpu/winograd_cpu.cpp: 32768 floats of
     C_in + C_out per tile): chunk edges inside a sample and a short last chunk."""
-    _winograd_case(fresh_seed, 3, 8, 8, 1501, 3, "causal", residual=True, relu=True)
+    _winograd_case(outputs, fresh_seed, 3, 8, 8, 1501, 3, "causal", residual=True, relu=True)
 
 
 @needs_ext
-def test_winograd_only_on_the_fast_path(fresh_seed):
+@OUTPUTS
+def test_winograd_only_on_the_fast_path(outputs, fresh_seed):
     """Non-finite inputs take oneDNN's direct conv (Winograd's inf - inf would make NaN where
     the conv gives inf): inf in, inf out where plain torch gives it."""
     model, shape = _draw("basic-identity", fresh_seed)
-    program = onednn.build(model, winograd=True)
+    program = onednn.build(model, winograd=outputs)
     assert all(c.winograd is not None for c in onednn._convs(program._steps))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
     x[0, :, 7] = float("inf")
