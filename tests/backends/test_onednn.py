@@ -656,3 +656,15 @@ def test_winograd_refusals():
     assert "kernel 2" in conv.winograd_reason(torch.float32) and not conv.use_winograd()
     conv = onednn._Conv(nn.Conv1d(4, 4, 3), None, "same", torch.bfloat16)
     assert "float32 only" in conv.winograd_reason(torch.bfloat16) and not conv.use_winograd()
+
+
+@needs_ext
+def test_winograd_overflow_bound_does_not_compound(fresh_seed):
+    """A Winograd conv's intermediates reach 4x (F(2,3)) or 256x (F(4,3)) its output's bound;
+    the program's threshold guards them, but the factor belongs to that conv alone: compounded
+    through ResNet1d's 13 such convs it would send every input down the exact path."""
+    model, _ = _draw("resnet", fresh_seed)
+    direct = onednn.build(model, winograd=0).threshold
+    f23 = onednn.build(model, winograd=2).threshold
+    f43 = onednn.build(model, winograd=4).threshold
+    assert direct / 8 <= f23 < direct and direct / 512 <= f43 < f23
