@@ -164,7 +164,9 @@ def _extensions():
                os.path.join("csrc", "cpu", "conv_bn_relu_cpu.cpp"),
                os.path.join("csrc", "cpu", "stream_cpu.cpp"),  # fastres.stream's kernel
                # the channels-last training stage's batch norm (fastres/backends/onednn_train.py)
-               os.path.join("csrc", "cpu", "nlc_bn_train_cpu.cpp")]
+               os.path.join("csrc", "cpu", "nlc_bn_train_cpu.cpp"),
+               # the oneDNN eval program's Winograd F(2,3) convs (fastres/backends/onednn.py)
+               os.path.join("csrc", "cpu", "winograd_cpu.cpp")]
     # As torch builds itself: -fno-math-errno/-fno-trapping-math let masked (select) loops
     # vectorize. The C++ standard is whatever torch requires (cpp_extension adds it).
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]

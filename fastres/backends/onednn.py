@@ -21,6 +21,15 @@ How the program runs, and why:
   that has oneDNN (`torch.backends.mkldnn.is_available()`), need no extension build, and
   are what `torch.compile` itself calls for 2D convs. (Inductor packs only 4D/5D convs:
   for conv1d it keeps aten.convolution in NCL and fuses the padding and ReLU around it.)
+- **Winograd F(2,3) for the stride-1 3-tap convs** (float32, any dilation or padding,
+  where the compiled extension loads; csrc/cpu/winograd_cpu.cpp): two outputs' six products
+  become four GEMMs over channels through torch's sgemm, so a third of the multiply-adds go
+  at the same GEMM speed as oneDNN's direct conv (benchmarks/NOTES.md measures both), and
+  the bias, residual add and ReLU run in the output transform, which reads the padding as
+  zeros in place (no padded copy). It runs on the fast path only: the exact path below
+  keeps oneDNN's direct conv. `build(module, winograd=0)` leaves every conv on oneDNN;
+  `winograd=4` builds F(4,3) (half the multiply-adds, more transform adds and rounding:
+  faster per conv from 128 channels on, not on the whole models measured).
 - **BatchNorm folded** into the conv weight and bias (computed in float64, then cast to the
   parameters' dtype: the binary post-op wants the bias in the input's dtype).
 - **NaN and inf as torch.relu treats them.** oneDNN's ReLU post-op (alone, or after the
@@ -77,6 +86,10 @@ __all__ = ["Program", "ProgramCache", "build", "build_or_reason", "forget", "pro
 # bfloat16 after rounding.
 _SAFE_SUM = 1e38
 
+# The outputs per tile m of the Winograd F(m, 3) build() runs the stride-1 3-tap convs as
+# (_Conv.use_winograd); 0: none.
+WINOGRAD = 2
+
 # Packed weights kept per conv for this many input shapes (batch, length); the oldest goes.
 _PACKS_PER_CONV = 4
 
@@ -121,6 +134,12 @@ def to_channels_last(x: Tensor) -> Tensor:
     if is_channels_last(x):
         return x
     return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _nlc(h: Tensor) -> Tensor:
+    """(B, C, 1, L) channels_last -> the (B, L, C) view of its memory."""
+    b, c, _, n = h.shape
+    return h.as_strided((b, n, c), (n * c, c, 1), h.storage_offset())
 
 
 def _as_4d(x: Tensor) -> Tensor:
@@ -168,6 +187,37 @@ class _Conv:
         self.gain = weight.abs().sum(dim=(1, 2)).max().item() if weight.numel() else 0.0
         self.offset = bias.abs().max().item() if bias.numel() else 0.0
         self._packs: Dict[Tuple[int, ...], Tensor] = {}
+        # Winograd F(2,3) weights (4, C_in, C_out), set by use_winograd(); None: oneDNN's conv
+        self.winograd: Optional[Tensor] = None
+        self._winograd_from = weight if self.winograd_reason(dtype) is None else None
+
+    def winograd_reason(self, dtype: torch.dtype) -> Optional[str]:
+        """Why this conv cannot run as Winograd F(2,3), or None."""
+        if self.kernel_size != 3 or self.stride != 1:
+            return f"kernel {self.kernel_size} stride {self.stride}: F(2,3) is for k3 stride 1"
+        if dtype != torch.float32:
+            return f"{dtype}: the Winograd kernel is float32 only"
+        return _ext.load_error()
+
+    def use_winograd(self, outputs: int = 2) -> bool:
+        """Run the fast path (finite inputs) as Winograd F(outputs, 3), outputs 2 or 4,
+        through the extension (csrc/cpu/winograd_cpu.cpp): a third (F(2,3)) or half (F(4,3))
+        of the multiply-adds go; the exact path keeps oneDNN's direct conv (the transforms'
+        inf - inf would make NaN where it gives inf). False where it cannot
+        (winograd_reason). The weight transform G g runs in float64, rounded once."""
+        if outputs not in (2, 4):
+            raise ValueError(f"Winograd F(m, 3) is built for m = 2 or 4, not {outputs}")
+        if self._winograd_from is None:
+            return False
+        g0, g1, g2 = self._winograd_from.unbind(2)  # float64 (C_out, C_in) each
+        if outputs == 2:
+            v = torch.stack([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2])
+        else:
+            v = torch.stack([g0 / 4, -(g0 + g1 + g2) / 6, -(g0 - g1 + g2) / 6,
+                             g0 / 24 + g1 / 12 + g2 / 6, g0 / 24 - g1 / 12 + g2 / 6, g2])
+        self.winograd = v.transpose(1, 2).to(torch.float32).contiguous()
+        self._winograd_from = None
+        return True
 
     def out_length(self, length: int) -> int:
         return output_length(length, self.kernel_size, self.dilation, self.stride, *self.pad)
@@ -185,13 +235,28 @@ class _Conv:
         return packed
 
     def bound(self, gain: float, offset: float) -> Tuple[float, float]:
-        """(gain, offset) of the output's max|.| bound, given the input's."""
-        return self.gain * gain, self.gain * offset + self.offset
+        """(gain, offset) of the output's max|.| bound, given the input's. Also records
+        `peak`, the bound of every value inside this conv: the output's for the direct conv;
+        for Winograd the transformed inputs (up to 2x (F(2,3)) or 10x (F(4,3)) max|in|)
+        times a row sum of |transformed weights| (at most the direct conv's), summed by
+        the output transform (at most 2 or 19 times): 4x and 256x the direct bound."""
+        out = self.gain * gain, self.gain * offset + self.offset
+        factor = {None: 1.0, 4: 4.0, 6: 256.0}[None if self.winograd is None
+                                               else self.winograd.shape[0]]
+        self.peak = factor * out[0], factor * out[1]
+        return out
 
     def __call__(self, h: Tensor, relu: bool, add: Optional[Tensor] = None,
                  exact: bool = False) -> Tensor:
         """conv(h) [+ add], then ReLU if `relu`: one oneDNN primitive, or (exact) the conv
-        and the add in oneDNN and torch's NaN-keeping ReLU after it."""
+        and the add in oneDNN and torch's NaN-keeping ReLU after it. Winograd (fast path
+        only) reads the padding as zeros in place, any padding: no padded copy."""
+        if self.winograd is not None and not exact:
+            n = h.shape[3]
+            out = torch.ops.fastres_ext.winograd_nlc(
+                _nlc(h), self.winograd, self.bias, None if add is None else _nlc(add),
+                self.dilation, self.pad[0], self.out_length(n), relu)
+            return _as_4d(out.transpose(1, 2))
         if self.pad_copy is not None:
             left, right = self.pad_copy
             b, c, _, n = h.shape
@@ -219,6 +284,11 @@ class _Conv:
         output: the in-place overload's sum post-op, one activation less to allocate."""
         lookback = self.pad[0]
         rows = h.shape[3]
+        if self.winograd is not None and not exact:
+            out = torch.ops.fastres_ext.winograd_nlc(
+                _nlc(h), self.winograd, self.bias, None if add is None else _nlc(add),
+                self.dilation, lookback, rows, relu)
+            return _as_4d(out.transpose(1, 2))
         if lookback:
             h = h[..., :rows - lookback]
         packed = self._packed(tuple(h.shape), [0, lookback])
@@ -617,6 +687,7 @@ class Program:
         bounds = [(1.0, 0.0)]
         for step in steps:
             bounds.append(step.bound(*bounds[-1]))
+        bounds += [conv.peak for conv in _convs(steps)]  # inside each conv (_Conv.bound)
         gain = max(g for g, _ in bounds)
         offset = max(o for _, o in bounds)
         limit = (_SAFE_SUM - offset) / gain if gain > 0 else _SAFE_SUM
@@ -727,8 +798,20 @@ def _snapshot(module: nn.Module):
     return slots, values, tensors
 
 
-def build_or_reason(module: nn.Module):
-    """(Program, None), or (None, why this module cannot be built)."""
+def _convs(steps: list) -> List[_Conv]:
+    convs = []
+    for step in steps:
+        if isinstance(step, _Stem):
+            convs.append(step.conv)
+        elif isinstance(step, _Block):
+            convs += [c for c in (step.first, step.second, step.shortcut) if c is not None]
+    return convs
+
+
+def build_or_reason(module: nn.Module, winograd: int = WINOGRAD):
+    """(Program, None), or (None, why this module cannot be built). `winograd` = m in 2, 4:
+    run the stride-1 3-tap convs as Winograd F(m, 3) where the extension is built
+    (_Conv.use_winograd); 0: every conv through oneDNN."""
     reason = unavailable_reason()
     if reason is not None:
         return None, reason
@@ -757,12 +840,15 @@ def build_or_reason(module: nn.Module):
         steps = _steps(module, kind, reads, dtype)
     except _Refused as refused:
         return None, str(refused)
+    if winograd:
+        for conv in _convs(steps):
+            conv.use_winograd(winograd)
     return Program(module, steps, reads, dtype, device), None
 
 
-def build(module: nn.Module) -> Optional[Program]:
+def build(module: nn.Module, winograd: int = WINOGRAD) -> Optional[Program]:
     """A Program for module's eval forward, or None (build_or_reason says why)."""
-    return build_or_reason(module)[0]
+    return build_or_reason(module, winograd)[0]
 
 
 class ProgramCache:

@@ -13,9 +13,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastres
+from fastres import _ext
 from fastres._copies import PROBES
 from fastres.backends import onednn
 from fastres.conventions import rel_err
@@ -114,11 +116,16 @@ def _check(model, x, out):
     assert err < bound, f"{err:.2e} (bound {bound:.2e})"
 
 
+@pytest.mark.parametrize("winograd", [2, 4, 0], ids=["winograd-f23", "winograd-f43", "direct"])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_eval_matches_float64(name, fresh_seed):
+def test_eval_matches_float64(name, winograd, fresh_seed):
     model, shape = _draw(name, fresh_seed)
-    program, reason = onednn.build_or_reason(model)
+    program, reason = onednn.build_or_reason(model, winograd=winograd)
     assert program is not None, reason
+    ran = [c.winograd is not None for c in onednn._convs(program._steps)]
+    assert any(ran) == (winograd > 0 and _ext.load_error() is None
+                        and any(c.kernel_size == 3 and c.stride == 1
+                                for c in onednn._convs(program._steps)))
     g = torch.Generator().manual_seed(fresh_seed)
     for _ in range(2):  # the second call reuses the packed weights
         x = torch.randn(shape, generator=g)
@@ -557,3 +564,114 @@ def test_nonfinite_propagate_as_torch_relu(poison, causal_layout, fresh_seed):
         # wholly (one draw in 40 did); the outputs they cannot reach must not.
         finite[0, :, 5:] = False
     assert rel_err(out[finite], ref[finite]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- Winograd F(2,3)
+
+needs_ext = pytest.mark.skipif(_ext.load_error() is not None,
+                               reason=f"the Winograd kernel is in the extension: {_ext.load_error()}")
+
+
+def _winograd_case(outputs, seed, batch, c_in, c_out, length, dilation, padding, residual,
+                   relu):
+    """The extension's Winograd F(outputs, 3) conv through _Conv (BN folded) on fresh draws, against the
+    same conv in float64; the op allocates its output, so nothing to poison: NaN in an
+    unwritten element would fail the bound."""
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(c_in, c_out, 3, dilation=dilation)
+    bn = nn.BatchNorm1d(c_out)
+    _randomize_bn(bn)
+    step = onednn._Conv(conv, bn.eval(), padding, torch.float32)
+    assert step.use_winograd(outputs)
+    assert step.winograd.shape == (outputs + 2, c_in, c_out)
+    x = torch.randn(batch, length, c_in)  # NLC rows
+    n_out = step.out_length(length)
+    res = torch.randn(batch, n_out, c_out) if residual else None
+    with torch.no_grad():
+        out = step(onednn._as_4d(x.transpose(1, 2)), relu=relu,
+                   add=None if res is None else onednn._as_4d(res.transpose(1, 2)))
+        ref = F.conv1d(F.pad(x.double().transpose(1, 2), step.pad),
+                       step.weight.squeeze(2).double(), step.bias.double(), dilation=dilation)
+        if res is not None:
+            ref = ref + res.double().transpose(1, 2)
+        ref = ref.relu() if relu else ref
+    out = out.squeeze(2)
+    assert out.shape == ref.shape
+    err = rel_err(out, ref)
+    assert err < TOL[torch.float32], f"{err:.2e}"
+
+
+OUTPUTS = pytest.mark.parametrize("outputs", [2, 4], ids=["f23", "f43"])
+
+
+@needs_ext
+@OUTPUTS
+@pytest.mark.parametrize("padding", ["same", "causal"])
+@pytest.mark.parametrize("dilation", [1, 2, 3, 8])
+@pytest.mark.parametrize("length", [1, 2, 5, 7, 17, 64])
+def test_winograd_conv_matches_float64(length, dilation, padding, outputs, fresh_seed):
+    """Every dilation's phases, lengths that are not a multiple of the tile (a tile's last
+    outputs dropped, a phase's last tile past the end), taps in the padding on either
+    side."""
+    _winograd_case(outputs, fresh_seed, 2, 5, 7, length, dilation, padding, residual=True,
+                   relu=True)
+
+
+@needs_ext
+@OUTPUTS
+@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, False)])
+def test_winograd_epilogues(residual, relu, outputs, fresh_seed):
+    _winograd_case(outputs, fresh_seed, 3, 16, 12, 40, 2, "same", residual, relu)
+
+
+@needs_ext
+@OUTPUTS
+def test_winograd_wide(outputs, fresh_seed):
+    """ResNet1d's widest stage's shape (sums over 512 channels)."""
+    _winograd_case(outputs, fresh_seed, 2, 512, 512, 32, 1, "same", residual=True, relu=True)
+
+
+@needs_ext
+@OUTPUTS
+def test_winograd_chunks(outputs, fresh_seed):
+    """More tiles than one chunk holds (csrc/cpu/winograd_cpu.cpp: 32768 floats of
+    C_in + C_out per tile): chunk edges inside a sample and a short last chunk."""
+    _winograd_case(outputs, fresh_seed, 3, 8, 8, 1501, 3, "causal", residual=True, relu=True)
+
+
+@needs_ext
+@OUTPUTS
+def test_winograd_only_on_the_fast_path(outputs, fresh_seed):
+    """Non-finite inputs take oneDNN's direct conv (Winograd's inf - inf would make NaN where
+    the conv gives inf): inf in, inf out where plain torch gives it."""
+    model, shape = _draw("basic-identity", fresh_seed)
+    program = onednn.build(model, winograd=outputs)
+    assert all(c.winograd is not None for c in onednn._convs(program._steps))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    x[0, :, 7] = float("inf")
+    with torch.no_grad():
+        out = program(x)
+        ref = fastres.unfuse(model).eval()(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+def test_winograd_refusals():
+    conv = onednn._Conv(nn.Conv1d(4, 4, 3, stride=2), None, "same", torch.float32)
+    assert "stride 2" in conv.winograd_reason(torch.float32) and not conv.use_winograd()
+    conv = onednn._Conv(nn.Conv1d(4, 4, 2), None, "causal", torch.float32)
+    assert "kernel 2" in conv.winograd_reason(torch.float32) and not conv.use_winograd()
+    conv = onednn._Conv(nn.Conv1d(4, 4, 3), None, "same", torch.bfloat16)
+    assert "float32 only" in conv.winograd_reason(torch.bfloat16) and not conv.use_winograd()
+
+
+@needs_ext
+def test_winograd_overflow_bound_does_not_compound(fresh_seed):
+    """A Winograd conv's intermediates reach 4x (F(2,3)) or 256x (F(4,3)) its output's bound;
+    the program's threshold guards them, but the factor belongs to that conv alone: compounded
+    through ResNet1d's 13 such convs it would send every input down the exact path."""
+    model, _ = _draw("resnet", fresh_seed)
+    direct = onednn.build(model, winograd=0).threshold
+    f23 = onednn.build(model, winograd=2).threshold
+    f43 = onednn.build(model, winograd=4).threshold
+    assert direct / 8 <= f23 < direct and direct / 512 <= f43 < f23
