@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .. import _ext
 from .._copies import WeightCopies
 from ..conventions import conv_padding, output_length
 
