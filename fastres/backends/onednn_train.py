@@ -535,7 +535,6 @@ class _TCNBlockNetwork:
     but the last's, plus the last level's output), summed as the plain network sums."""
 
     def __init__(self, model: nn.Module, ncl: bool):
-        self.blocks = []
         for i, block in enumerate(model.network):
             if type(block).__name__ != "TCNBlock" or \
                     not type(block).__module__.startswith("fastres.nn."):
