@@ -31,24 +31,30 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
 - Determinism: the batch-norm reductions merge per-tile partials in a fixed order, so they
   do not depend on the thread count; the conv weight gradient is oneDNN's, whose last bits
   do (1e-6 relative between 1 and 2 threads, measured).
-- **Two conv layouts** (`conv_layout`): "NLC" as above, or "NCL", where the stage's rows are
-  transposed to (B, C, L) around the conv (an L1-tiled transpose in the extension, four per
-  stage) and oneDNN runs its blocked kernels. The ResNets default to NCL: their convs have
-  few rows (B * L) and up to 512 channels, where the NHWC kernels measured slower than
-  plain's (benchmarks/NOTES.md); the temporal blocks default to NLC. `program_for(module,
-  conv_layout)` builds the other for the dispatch to time.
+- **Two conv layouts** (`conv_layout`): "NLC" as above, or "NCL", where the activations
+  live as (B, C, L) from entry to exit instead (converted once each way for (B, L, C)
+  data, not at all for NCL data): the conv is ATen's oneDNN entry on them as plain's is
+  (oneDNN's blocked kernels), and the batch norm, residual add and ReLU run on its
+  (B, C, L) output in place, forward and backward, by the NCL twins of the kernels below
+  (the same float64-merged statistics): no transpose between stages, as torch.compile
+  runs the plain model. The ResNets default to NCL: their convs have few rows (B * L) and
+  up to 512 channels, where the NHWC kernels measured slower than the blocked ones
+  (benchmarks/NOTES.md); the temporal blocks default to NLC. `program_for(module,
+  conv_layout)` builds the other for the dispatch to time. A TCNBlock network without
+  batch norm keeps rows whatever the layout (its convs are not stages).
 - **Weights converted once per call**: a (C_out, C_in, K) weight as the channels-last
   (C_out, K, C_in) memory the NHWC conv reads, by the extension's transpose (ATen converted
   it at the forward and again at the backward, with a strided copy of several ms at
   512x512x3), shared by the forward and the backward.
 - **Strided convs' weight gradient as one GEMM**, not oneDNN's (wrong for some strided
   geometries: fastres/upstream_kernels.py, benchmarks/upstream_conv1d_wgrad.py): grad_y
-  (B*L_out, C_out) transposed times the im2col matrix (B*L_out, K*C_in) of the padded rows;
-  the forward and the data gradient stay on oneDNN (right there).
+  (B*L_out, C_out) transposed times the im2col matrix (B*L_out, K*C_in) of the padded rows
+  (in the NCL layout the same product, the columns built as (C_in, K, B, L_out)); the
+  forward and the data gradient stay on oneDNN (right there).
 - **ResNet pieces around the stages**: the shortcut's 1x1 conv -> BN is a stage without ReLU
   whose output is the second stage's residual; the max pool is ATen's channels-last
-  max_pool2d on the (B, C, 1, L) view of the rows; average pooling and fc are a mean over the
-  rows and F.linear, under autograd.
+  max_pool2d on the (B, C, 1, L) view of the rows (NCL: ATen's max_pool1d, as plain's);
+  average pooling and fc are a mean over the positions and F.linear, under autograd.
 - Only the conv output is saved per stage (oneDNN's weight gradient reads the conv input,
   which is the previous stage's output, saved anyway); x-hat is recomputed from it.
 
@@ -100,9 +106,10 @@ def unavailable_reason() -> Optional[str]:
     reason = _ext.load_error()
     if reason is not None:
         return reason
-    if not hasattr(torch.ops.fastres_ext, "nlc_transpose_last2") or "relu" not in [
+    if not hasattr(torch.ops.fastres_ext, "ncl_bn_train_forward") or "relu" not in [
             a.name for a in torch.ops.fastres_ext.nlc_bn_train_forward.default._schema.arguments]:
-        return "the compiled extension predates the channels-last training kernels; rebuild it"
+        return ("the compiled extension predates the training program's batch-norm kernels; "
+                "rebuild it")
     return None
 
 
@@ -132,13 +139,17 @@ class _Geometry:
     ResNet's "same"); a larger right padding ("same" with an even kernel at stride 1) would
     shift the outputs and is refused by the builders."""
 
-    def __init__(self, conv: nn.Conv1d, pad_left: int, pad_right: int):
+    def __init__(self, conv: nn.Conv1d, pad_left: int, pad_right: int, ncl: bool = False):
         self.kernel_size, self.stride = conv.kernel_size[0], conv.stride[0]
         self.dilation = conv.dilation[0]
         self.pad_left, self.pad_right = pad_left, pad_right
-        # the conv's layout: channels-last (oneDNN's NHWC brgemm on the rows in place), or
-        # NCL (the rows transposed around it; oneDNN then runs its blocked kernels)
-        self.ncl_conv = False
+        # oneDNN's 2D (padding, stride, dilation) on the (B, C, 1, L) view, built once
+        self.padding = [0, max(pad_left, pad_right)]
+        self.strides = [1, self.stride]
+        self.dilations = [1, self.dilation]
+        # the activations' layout: (B, L, C) rows (oneDNN's NHWC brgemm reads them in place)
+        # or (B, C, L) (its blocked NCL kernels)
+        self.ncl = ncl
         if pad_right > pad_left:
             raise _Refused(f"a conv padded more on the right ({pad_left}, {pad_right}) than "
                            "on the left")
@@ -209,47 +220,68 @@ def _weight_grad_by_rows(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
     return _transpose_last2(grad_w.view(c_out, k, h.shape[2]))
 
 
+def _weight_grad_ncl(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
+    """_weight_grad_by_rows on (B, C, L) activations: grad_y (C_out, B*L_out) (one copy of
+    the gradient's transpose) times the im2col matrix (B*L_out, C_in*K) of h's windows, built
+    as (C_in, K, B, L_out) from strided views of the padded input, so the product is the
+    (C_out, C_in, K) gradient itself."""
+    batch, c_out, l_out = grad_y.shape
+    k, s, d = geo.kernel_size, geo.stride, geo.dilation
+    need = (l_out - 1) * s + (k - 1) * d + 1
+    right = max(0, need - geo.pad_left - h.shape[2])
+    padded = F.pad(h, [geo.pad_left, right]) if geo.pad_left or right else h
+    per_channel = padded.transpose(0, 1)  # (C_in, B, L_padded) view
+    columns = torch.stack([per_channel[:, :, j * d: j * d + (l_out - 1) * s + 1: s]
+                           for j in range(k)], dim=1)  # (C_in, K, B, L_out)
+    grad_w = torch.mm(grad_y.transpose(0, 1).reshape(c_out, batch * l_out),
+                      columns.view(h.shape[1] * k, batch * l_out).t())
+    return grad_w.view(c_out, h.shape[1], k)
+
+
 class _StageFunction(torch.autograd.Function):
-    """act(BN_batch(conv(h)) (+ residual)) on channels-last tensors, act ReLU or none; BN's
-    running statistics updated in place. h: (B, L, C_in) contiguous; residual and the
-    output: (B, L_out, C_out) contiguous."""
+    """act(BN_batch(conv(h)) (+ residual)), act ReLU or none; BN's running statistics
+    updated in place. h: (B, L, C_in) contiguous, residual and the output (B, L_out, C_out)
+    contiguous; or with geo.ncl, (B, C_in, L) and (B, C_out, L_out), the conv's output read
+    in place by the NCL batch-norm kernels."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, gamma, beta, residual, geo, relu, running_mean,
                 running_var, eps, momentum_factor):
-        pad = max(geo.pad_left, geo.pad_right)
         # oneDNN's own entry, not aten.convolution: ATen sends small batch-1 dilated convs to
         # its im2col path (slow_conv_dilated2d), which measured slower here at B1 L256
-        if geo.ncl_conv:
-            x_ncl = _transpose_last2(h)
+        if geo.ncl:
             w4 = weight.detach().unsqueeze(2)
-            y = _transpose_last2(torch.ops.mkldnn._convolution_pointwise(
-                x_ncl.unsqueeze(2), w4, bias, [0, pad], [1, geo.stride], [1, geo.dilation], 1,
-                "none", [], "").squeeze(2).contiguous())
+            y = torch.ops.mkldnn._convolution_pointwise(
+                h.unsqueeze(2), w4, bias, geo.padding, geo.strides, geo.dilations, 1, "none",
+                [], "").squeeze(2)
+            if not y.is_contiguous():  # oneDNN answered in another layout: one copy
+                y = y.contiguous()
         else:
-            x_ncl = None
             w4 = _channels_last_weight(weight)
             y4 = torch.ops.mkldnn._convolution_pointwise(
-                _conv_view(h), w4, bias, [0, pad], [1, geo.stride], [1, geo.dilation], 1,
-                "none", [], "")
+                _conv_view(h), w4, bias, geo.padding, geo.strides, geo.dilations, 1, "none",
+                [], "")
             y = _rows(y4)
             if not y.is_contiguous():  # oneDNN answered in another layout: one copy
                 y = y.contiguous()
-        batch, length, c_out = h.shape[0], geo.out_length(h.shape[1]), weight.shape[0]
-        out = _alloc.empty((batch, length, c_out), dtype=h.dtype, device=h.device)
+        batch, c_out = h.shape[0], weight.shape[0]
+        length = geo.out_length(h.shape[2 if geo.ncl else 1])
+        out = _alloc.empty((batch, c_out, length) if geo.ncl else (batch, length, c_out),
+                           dtype=h.dtype, device=h.device)
         mean = _alloc.empty((c_out,), dtype=torch.float32, device=h.device)
         invstd = _alloc.empty((c_out,), dtype=torch.float32, device=h.device)
-        torch.ops.fastres_ext.nlc_bn_train_forward(
-            y, length, gamma, beta, running_mean, running_var, eps, momentum_factor,
-            None if residual is None else residual.contiguous(), out, mean, invstd, relu)
-        ctx.save_for_backward(h, x_ncl, w4, gamma, y, out, mean, invstd)
+        bn_forward = torch.ops.fastres_ext.ncl_bn_train_forward if geo.ncl \
+            else torch.ops.fastres_ext.nlc_bn_train_forward
+        bn_forward(y, length, gamma, beta, running_mean, running_var, eps, momentum_factor,
+                   None if residual is None else residual.contiguous(), out, mean, invstd, relu)
+        ctx.save_for_backward(h, w4, gamma, y, out, mean, invstd)
         ctx.geo, ctx.relu = geo, relu
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, x_ncl, w4, gamma, y, out, mean, invstd = ctx.saved_tensors
+        h, w4, gamma, y, out, mean, invstd = ctx.saved_tensors
         geo = ctx.geo
         need = ctx.needs_input_grad
         c_out = w4.shape[0]
@@ -258,28 +290,29 @@ class _StageFunction(torch.autograd.Function):
         grad_beta = _alloc.empty((c_out,), dtype=torch.float32, device=y.device)
         grad_res = _alloc.empty(tuple(out.shape), dtype=out.dtype, device=out.device) \
             if ctx.has_residual and need[5] else None
-        torch.ops.fastres_ext.nlc_bn_train_backward(
-            grad_out.contiguous(), out, y, mean, invstd, gamma, grad_y, grad_gamma, grad_beta,
-            grad_res, ctx.relu)
+        bn_backward = torch.ops.fastres_ext.ncl_bn_train_backward if geo.ncl \
+            else torch.ops.fastres_ext.nlc_bn_train_backward
+        bn_backward(grad_out.contiguous(), out, y, mean, invstd, gamma, grad_y, grad_gamma,
+                    grad_beta, grad_res, ctx.relu)
         grad_h = grad_w = grad_b = None
         # oneDNN's weight gradient only at stride 1; strided: the GEMM (see above)
         onednn_w = need[1] and geo.stride == 1
         if need[0] or onednn_w or (need[2] and ctx.has_bias):
-            ncl = x_ncl is not None
+            ncl = geo.ncl
             grad_h4, grad_w, grad_b = _aten.convolution_backward(
-                _transpose_last2(grad_y).unsqueeze(2) if ncl else _conv_view(grad_y),
-                x_ncl.unsqueeze(2) if ncl else _conv_view(h), w4,
-                [c_out] if ctx.has_bias else None, [1, geo.stride],
-                [0, max(geo.pad_left, geo.pad_right)], [1, geo.dilation], False, [0, 0], 1,
+                grad_y.unsqueeze(2) if ncl else _conv_view(grad_y),
+                h.unsqueeze(2) if ncl else _conv_view(h), w4,
+                [c_out] if ctx.has_bias else None, geo.strides, geo.padding, geo.dilations,
+                False, [0, 0], 1,
                 [need[0], onednn_w, need[2] and ctx.has_bias])
             if grad_h4 is not None:
-                grad_h = _transpose_last2(grad_h4.squeeze(2).contiguous()) if ncl \
-                    else _rows(grad_h4)
+                grad_h = grad_h4.squeeze(2).contiguous() if ncl else _rows(grad_h4)
             if grad_w is not None:
                 grad_w = grad_w.squeeze(2).contiguous() if ncl \
                     else _weight_from_channels_last(grad_w)
         if need[1] and not onednn_w:
-            grad_w = _weight_grad_by_rows(grad_y[:, :out.shape[1]], h, geo)
+            grad_w = _weight_grad_ncl(grad_y[:, :, :out.shape[2]], h, geo) if geo.ncl \
+                else _weight_grad_by_rows(grad_y[:, :out.shape[1]], h, geo)
         return (grad_h, grad_w, grad_b, grad_gamma if need[3] else None,
                 grad_beta if need[4] else None, grad_res, None, None, None, None, None, None)
 
@@ -289,7 +322,7 @@ class _Stage:
     (the parameters change every step)."""
 
     def __init__(self, conv: nn.Conv1d, bn: nn.BatchNorm1d, pad_left: int, pad_right: int,
-                 relu: bool = True, name: str = "conv"):
+                 relu: bool = True, name: str = "conv", ncl: bool = False):
         if type(conv) is not nn.Conv1d or conv.groups != 1 or conv.padding_mode != "zeros":
             raise _Refused(f"{name} is not a plain nn.Conv1d (groups=1, zero padding)")
         if type(bn) is not nn.BatchNorm1d:
@@ -300,37 +333,43 @@ class _Stage:
         if bn.running_mean is not None and bn.running_mean.dtype != torch.float32:
             raise _Refused(f"{name}'s running statistics are not float32")
         self.conv, self.bn, self.relu = conv, bn, relu
-        self.geo = _Geometry(conv, pad_left, pad_right)
+        self.geo = _Geometry(conv, pad_left, pad_right, ncl)
 
     def out_length(self, length: int) -> int:
         return self.geo.out_length(length)
 
     def __call__(self, h: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        # read through the modules' dicts, not nn.Module.__getattr__ (a ResNet1d step read
+        # about 180 names through it: 0.15 ms under cProfile)
         bn = self.bn
+        buffers, bn_params = bn._buffers, bn._parameters
+        conv_params = self.conv._parameters
         factor = 0.0
-        if bn.track_running_stats and bn.num_batches_tracked is not None:
-            with torch.no_grad():
-                bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None \
-                else bn.momentum
-        tracked = bn.track_running_stats and bn.running_mean is not None
+        count = buffers.get("num_batches_tracked")
+        if bn.track_running_stats and count is not None:
+            count.add_(1)  # an integer buffer: nothing for autograd to record
+            factor = 1.0 / float(count) if bn.momentum is None else bn.momentum
+        running_mean = buffers.get("running_mean")
+        tracked = bn.track_running_stats and running_mean is not None
         return _StageFunction.apply(
-            h, self.conv.weight, self.conv.bias, bn.weight, bn.bias, residual, self.geo,
-            self.relu, bn.running_mean if tracked else None,
-            bn.running_var if tracked else None, bn.eps, factor)
+            h, conv_params["weight"], conv_params.get("bias"), bn_params.get("weight"),
+            bn_params.get("bias"), residual, self.geo, self.relu,
+            running_mean if tracked else None, buffers.get("running_var") if tracked else None,
+            bn.eps, factor)
 
 
-def _causal_stage(conv: nn.Conv1d, bn: nn.BatchNorm1d, name: str) -> _Stage:
+def _causal_stage(conv: nn.Conv1d, bn: nn.BatchNorm1d, name: str, ncl: bool) -> _Stage:
     """A TemporalBlock's stage: stride 1, causal padding."""
     if conv.stride != (1,):
         raise _Refused(f"{name} is not a stride-1 conv")
-    return _Stage(conv, bn, (conv.kernel_size[0] - 1) * conv.dilation[0], 0, name=name)
+    return _Stage(conv, bn, (conv.kernel_size[0] - 1) * conv.dilation[0], 0, name=name,
+                  ncl=ncl)
 
 
 class _Block:
     """TemporalBlock(norm="batch"): relu(stage2(relu(stage1(x))) + shortcut(x))."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, ncl: bool):
         if block.norm != "batch":
             raise _Refused(f"a TemporalBlock with norm={block.norm!r}; norm='batch' is built")
         down = block.downsample
@@ -338,9 +377,9 @@ class _Block:
                                  or down.stride != (1,) or down.groups != 1
                                  or down.padding != (0,)):
             raise _Refused("the downsample is not a 1x1 nn.Conv1d")
-        self.block = block
-        self.first = _causal_stage(block.conv1, block.bn1, "conv1")
-        self.second = _causal_stage(block.conv2, block.bn2, "conv2")
+        self.block, self.ncl = block, ncl
+        self.first = _causal_stage(block.conv1, block.bn1, "conv1", ncl)
+        self.second = _causal_stage(block.conv2, block.bn2, "conv2", ncl)
         self.in_channels = block.conv1.in_channels
 
     def out_length(self, length: int) -> int:
@@ -357,35 +396,38 @@ class _Block:
 
     def __call__(self, h: Tensor) -> Tensor:
         down = self.block.downsample
-        if down is None:
-            res = h
-        else:
-            # a 1x1 conv under autograd: oneDNN's NHWC forward and backward
-            res = _rows(F.conv2d(_conv_view(h), down.weight.unsqueeze(2), down.bias))
-        mid = _dropout_rows(self.block.dropout, self.first(h))
+        res = h if down is None else _conv_rows(down, h, 0, self.ncl)
+        mid = _dropout_rows(self.block.dropout, self.first(h), self.ncl)
         return self.second(mid, res.contiguous())
 
 
-def _dropout_rows(dropout: nn.Dropout, rows: Tensor) -> Tensor:
-    """`dropout` on (B, L, C) rows with the mask the plain module draws over (B, C, L)
-    (see the module docstring), under autograd."""
+def _dropout_rows(dropout: nn.Dropout, rows: Tensor, ncl: bool = False) -> Tensor:
+    """`dropout` on (B, L, C) rows (ncl: (B, C, L) activations) with the mask the plain
+    module draws over (B, C, L) (see the module docstring), under autograd."""
     if not dropout.training or dropout.p == 0:
         return rows
     if dropout.p == 1:
         return rows * 0.0
-    batch, length, channels = rows.shape
+    if ncl:
+        batch, channels, length = rows.shape
+    else:
+        batch, length, channels = rows.shape
     mask = torch.empty((batch, channels, length), dtype=rows.dtype, device=rows.device)
     mask.bernoulli_(1 - dropout.p).div_(1 - dropout.p)
-    return (rows * mask.transpose(1, 2)).contiguous()
+    return rows * mask if ncl else (rows * mask.transpose(1, 2)).contiguous()
 
 
-def _conv_rows(conv: nn.Conv1d, h: Tensor, left: int) -> Tensor:
-    """conv(h) on (B, L, C) rows under autograd, padded `left` zeros on the left (causal).
+def _conv_rows(conv: nn.Conv1d, h: Tensor, left: int, ncl: bool = False) -> Tensor:
+    """conv(h) on (B, L, C) rows under autograd, padded `left` zeros on the left (causal);
+    ncl: a 1x1 conv (left 0) on (B, C, L) activations, ATen's conv1d as plain runs it.
     oneDNN's NHWC conv pads symmetrically: where the padding is small against L it runs so
     and keeps the first L output rows (a view), otherwise it runs on a left-padded copy of
     the rows, which costs one copy instead of the conv's work on `left` unused rows (at
     L = 512, K = 4: the former faster at dilation 1 and 8, the latter at 32;
     benchmarks/NOTES.md)."""
+    if ncl:
+        assert left == 0 and conv.kernel_size == (1,)
+        return F.conv1d(h, conv.weight, conv.bias)
     weight = conv.weight.unsqueeze(2)
     if left * _PAD_COPY_RATIO > h.shape[1]:
         return _rows(F.conv2d(_conv_view(F.pad(h, [0, 0, left, 0])), weight, conv.bias, 1,
@@ -444,7 +486,7 @@ class _TCNBlock:
     parametrization's weight, read once per call, so gradients reach g and v); the dropouts
     draw in the plain block's order."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, ncl: bool):
         if block.norm not in ("batch", "weight", None):
             raise _Refused(f"a TCNBlock with norm={block.norm!r}; 'batch', 'weight' and None "
                            "are built")
@@ -464,12 +506,12 @@ class _TCNBlock:
         if block.downsample is not None and (block.downsample.kernel_size != (1,)
                                              or block.downsample.padding != (0,)):
             raise _Refused("the downsample is not a 1x1 nn.Conv1d")
-        self.block = block
+        self.block, self.ncl = block, ncl and block.norm == "batch"
         self.in_channels = block.conv1.in_channels
         self.stages = None
         if block.norm == "batch":
-            self.stages = (_causal_stage(block.conv1, block.norm1, "conv1"),
-                           _causal_stage(block.conv2, block.norm2, "conv2"))
+            self.stages = (_causal_stage(block.conv1, block.norm1, "conv1", self.ncl),
+                           _causal_stage(block.conv2, block.norm2, "conv2", self.ncl))
 
     def min_rows(self, batch: int, length: int) -> int:
         return batch * length if self.stages is not None else sys.maxsize
@@ -482,10 +524,11 @@ class _TCNBlock:
 
     def __call__(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         b = self.block
-        res = h if b.downsample is None else _conv_rows(b.downsample, h, 0)
+        res = h if b.downsample is None else _conv_rows(b.downsample, h, 0, self.ncl)
         if self.stages is not None:
             first, second = self.stages
-            out = _dropout_rows(b.dropout2, second(_dropout_rows(b.dropout1, first(h))))
+            out = _dropout_rows(b.dropout2, second(_dropout_rows(b.dropout1, first(h),
+                                                                 self.ncl)), self.ncl)
             return F.relu(out + res), out
         k1, d1 = b.conv1.kernel_size[0], b.conv1.dilation[0]
         k2, d2 = b.conv2.kernel_size[0], b.conv2.dilation[0]
@@ -499,13 +542,14 @@ class _TCNBlockNetwork:
     connections: relu(sum of every level's out (1x1-projected where its width differs)
     but the last's, plus the last level's output), summed as the plain network sums."""
 
-    def __init__(self, model: nn.Module):
-        self.blocks = []
+    def __init__(self, model: nn.Module, ncl: bool):
         for i, block in enumerate(model.network):
             if type(block).__name__ != "TCNBlock" or \
                     not type(block).__module__.startswith("fastres.nn."):
                 raise _Refused(f"network[{i}] is a {type(block).__name__}, not a TCNBlock")
-            self.blocks.append(_TCNBlock(block))
+        # (B, C, L) activations only where every conv is a batch-norm stage's
+        self.ncl = ncl and all(block.norm == "batch" for block in model.network)
+        self.blocks = [_TCNBlock(block, self.ncl) for block in model.network]
         self.model = model
         if model.skip_connections:
             if type(model.activation_skip_out) is not nn.ReLU:
@@ -541,7 +585,8 @@ class _TCNBlockNetwork:
             h, out = block(h)
             if i < last:
                 projection = self.model.downsample_skip_connection[i]
-                skips.append(out if projection is None else _conv_rows(projection, out, 0))
+                skips.append(out if projection is None
+                             else _conv_rows(projection, out, 0, self.ncl))
         return F.relu(torch.stack(skips + [h]).sum(0))
 
 
@@ -549,16 +594,17 @@ class _BasicBlock:
     """fastres.BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), the
     shortcut x or downsample = 1x1 conv (stride s) -> BN, itself a stage without ReLU."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, ncl: bool):
         k, d = block.conv1.kernel_size[0], block.conv1.dilation[0]
         mode = "causal" if block.causal else "same"
         if block.conv2.stride != (1,):
             raise _Refused("conv2 is strided")
         self.first = _Stage(block.conv1, block.bn1,
-                            *conv_padding(k, d, block.conv1.stride[0], mode), name="conv1")
+                            *conv_padding(k, d, block.conv1.stride[0], mode), name="conv1",
+                            ncl=ncl)
         k2, d2 = block.conv2.kernel_size[0], block.conv2.dilation[0]
         self.second = _Stage(block.conv2, block.bn2, *conv_padding(k2, d2, 1, mode),
-                             name="conv2")
+                             name="conv2", ncl=ncl)
         down = block.downsample
         self.shortcut = None
         if down is not None:
@@ -567,10 +613,11 @@ class _BasicBlock:
                     and down[0].padding == (0,) and down[0].dilation == (1,)):
                 raise _Refused("the downsample is not nn.Sequential(1x1 nn.Conv1d, "
                                "nn.BatchNorm1d)")
-            self.shortcut = _Stage(down[0], down[1], 0, 0, relu=False, name="downsample.0")
+            self.shortcut = _Stage(down[0], down[1], 0, 0, relu=False, name="downsample.0",
+                                   ncl=ncl)
             if down[0].stride != block.conv1.stride:
                 raise _Refused("the downsample's stride is not conv1's")
-        self.in_channels = block.conv1.in_channels
+        self.in_channels, self.ncl = block.conv1.in_channels, ncl
 
     def out_length(self, length: int) -> int:
         return self.second.out_length(self.first.out_length(length))
@@ -589,16 +636,17 @@ class _BasicBlock:
 
 class _MaxPool:
     """nn.MaxPool1d on (B, L, C) rows: ATen's channels-last max_pool2d on the (B, C, 1, L)
-    view (its forward and backward read the rows in place), under autograd."""
+    view (its forward and backward read the rows in place), under autograd; on (B, C, L)
+    activations (ncl) ATen's max_pool1d, as plain runs it."""
 
-    def __init__(self, pool: nn.MaxPool1d):
+    def __init__(self, pool: nn.MaxPool1d, ncl: bool):
         k, s, p, d = (v[0] if isinstance(v, tuple) else v for v in (
             pool.kernel_size, pool.stride, pool.padding, pool.dilation))
         if pool.return_indices:
             raise _Refused("the max pool returns indices")
         self.args = ((1, k), (1, s), (0, p), (1, d), pool.ceil_mode)
         self.kernel_size, self.stride, self.padding, self.dilation = k, s, p, d
-        self.ceil_mode = pool.ceil_mode
+        self.ceil_mode, self.ncl = pool.ceil_mode, ncl
 
     def out_length(self, length: int) -> int:
         span = self.dilation * (self.kernel_size - 1) + 1
@@ -609,6 +657,9 @@ class _MaxPool:
         return n
 
     def __call__(self, h: Tensor) -> Tensor:
+        if self.ncl:
+            return F.max_pool1d(h, self.kernel_size, self.stride, self.padding, self.dilation,
+                                self.ceil_mode)
         out = _rows(F.max_pool2d(_conv_view(h), *self.args))
         return out if out.is_contiguous() else out.contiguous()
 
@@ -616,13 +667,15 @@ class _MaxPool:
 class _ResNet:
     """fastres.ResNet1d: stem stage -> max pool -> the BasicBlocks -> mean over L -> fc."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, ncl: bool):
         k, s = model.conv1.kernel_size[0], model.conv1.stride[0]
+        self.ncl = ncl
         self.stem = _Stage(model.conv1, model.bn1,
                            *conv_padding(k, model.conv1.dilation[0], s,
-                                         "causal" if model.causal else "same"), name="conv1")
+                                         "causal" if model.causal else "same"), name="conv1",
+                           ncl=ncl)
         if type(model.maxpool) is nn.MaxPool1d:
-            self.pool = _MaxPool(model.maxpool)
+            self.pool = _MaxPool(model.maxpool, ncl)
         elif type(model.maxpool) is nn.Identity:
             self.pool = None
         else:
@@ -636,7 +689,7 @@ class _ResNet:
                 if _kind(block) != "basic":
                     raise _Refused(f"layer{i}[{j}] is a {type(block).__name__}, not a "
                                    "fastres BasicBlock")
-                self.blocks.append(_BasicBlock(block))
+                self.blocks.append(_BasicBlock(block, ncl))
         pool = model.avgpool
         if type(pool) is not nn.AdaptiveAvgPool1d or pool.output_size not in (1, (1,)):
             raise _Refused("avgpool is not nn.AdaptiveAvgPool1d(1)")
@@ -668,8 +721,8 @@ class _ResNet:
             h = self.pool(h)
         for block in self.blocks:
             h = block(h)
-        # AdaptiveAvgPool1d(1) and flatten: the mean over the rows
-        return F.linear(h.mean(dim=1), self.fc.weight, self.fc.bias)
+        # AdaptiveAvgPool1d(1) and flatten: the mean over the positions
+        return F.linear(h.mean(dim=2 if self.ncl else 1), self.fc.weight, self.fc.bias)
 
 
 def _kind(module: nn.Module) -> Optional[str]:
@@ -680,25 +733,25 @@ def _kind(module: nn.Module) -> Optional[str]:
             "ResNet1d": "resnet"}.get(cls.__name__)
 
 
-def _blocks(module: nn.Module, kind: str) -> list:
+def _blocks(module: nn.Module, kind: str, ncl: bool) -> list:
     if kind == "block":
-        return [_Block(module)]
+        return [_Block(module, ncl)]
     if kind == "basic":
-        return [_BasicBlock(module)]
+        return [_BasicBlock(module, ncl)]
     if kind == "resnet":
-        return [_ResNet(module)]
+        return [_ResNet(module, ncl)]
     reason = _stack_options(module, skips=type(module.network[0]).__name__ == "TCNBlock")
     if reason is not None:
         raise _Refused(reason)
     if type(module.network[0]).__name__ == "TCNBlock":
         if getattr(module, "input_layout", "NCL") != "NCL":
             raise _Refused("input_layout='NLC' beyond the stack of blocks")
-        return [_TCNBlockNetwork(module)]
+        return [_TCNBlockNetwork(module, ncl)]
     blocks = []
     for i, block in enumerate(module.network):
         if _kind(block) != "block":
             raise _Refused(f"network[{i}] is a {type(block).__name__}, not a TemporalBlock")
-        blocks.append(_Block(block))
+        blocks.append(_Block(block, ncl))
     return blocks
 
 
@@ -731,10 +784,13 @@ class TrainProgram:
     def __init__(self, module: nn.Module, blocks: list, conv_layout: str):
         self._blocks = blocks
         self.conv_layout = conv_layout
-        for stage in _stages(blocks):
-            stage.geo.ncl_conv = conv_layout == "NCL"
+        # the activations' layout between the stages: (B, C, L) where the convs run NCL
+        # (a TCNBlock network without batch norm keeps rows: see _TCNBlockNetwork)
+        self.ncl = blocks[0].ncl
         self._root = weakref.ref(module)
-        self._structure = _structure(module)
+        self._slots, self._sizes, self._values = _structure(module)
+        # the parameters unsupported_reason reads (their dtype can change in place: .data)
+        self._params = list(module.parameters())
         self.module_name = type(module).__name__
         self.in_channels = blocks[0].in_channels
 
@@ -749,7 +805,18 @@ class TrainProgram:
     def stale(self, module: nn.Module) -> bool:
         """Whether `module`'s structure changed since this program read it (a submodule or
         parameter replaced, a training flag). Parameter values are read at every call."""
-        return module is not self._root() or _structure(module) != self._structure
+        if module is not self._root():
+            return True
+        for mapping, key, obj in self._slots:
+            if mapping.get(key, _MISSING) is not obj:
+                return True
+        for mapping, size in self._sizes:
+            if len(mapping) != size:
+                return True
+        for attributes, name, value in self._values:
+            if attributes.get(name, _MISSING) != value:
+                return True
+        return False
 
     def unsupported_reason(self, x: Tensor) -> Optional[str]:
         """Why this program cannot compute module(x) exactly, or None."""
@@ -763,9 +830,7 @@ class TrainProgram:
             return f"input has {x.dim()} dims, not 3"
         if torch.is_autocast_enabled("cpu"):
             return "autocast is on"
-        root = self._root()
-        params = [] if root is None else list(root.parameters())
-        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in self._params):
             return "the module's parameters are not all float32 on CPU"
         if x.shape[0] == 0 or x.shape[-1] == 0:
             return "empty input"
@@ -788,29 +853,43 @@ class TrainProgram:
             raise ValueError(f"{self.module_name} expects {self.in_channels} channels, got "
                              f"input of shape {tuple(x.shape)} ({layout})")
         keep_nlc = layout == "NLC" or onednn.is_channels_last(ncl)
-        # (B, L, C): a copy only for NCL data
-        h = ncl.transpose(1, 2).contiguous() if keep_nlc else _Transposed.apply(ncl)
+        if self.ncl:  # (B, C, L) activations: a conversion only for (B, L, C) data
+            h = _Transposed.apply(ncl.transpose(1, 2)) if keep_nlc else ncl.contiguous()
+        else:  # (B, L, C): a copy only for NCL data
+            h = ncl.transpose(1, 2).contiguous() if keep_nlc else _Transposed.apply(ncl)
         for block in self._blocks:
             h = block(h)
         if h.dim() == 2:  # a ResNet1d's (B, num_classes): no layout
             return h
+        if self.ncl:
+            if not keep_nlc:
+                return h
+            rows = _Transposed.apply(h)
+            return rows if layout == "NLC" else rows.transpose(1, 2)
         if layout == "NLC":
             return h
         out = h.transpose(1, 2)
         return out if keep_nlc else _Transposed.apply(h)
 
 
-def _structure(module: nn.Module) -> Tuple:
-    """Identities and flags stale() compares: every submodule, parameter and buffer slot,
-    training flags, BN eps and momentum."""
-    parts = []
+_MISSING = object()
+
+
+def _structure(module: nn.Module) -> Tuple[list, list, list]:
+    """What stale() compares, read through the modules' own dicts (no __getattr__, no
+    module walk per call: the walk cost about 0.2 ms of a ResNet1d step): identity slots
+    (every submodule, parameter and buffer entry), each of those dicts' size (an entry
+    added), and value slots (training flags, BN eps, momentum and track_running_stats)."""
+    slots, sizes, values = [], [], []
     for m in module.modules():
-        parts.append((id(m), m.training))
+        values.append((m.__dict__, "training", m.training))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            parts.append((m.eps, m.momentum, m.track_running_stats))
+            values += [(m.__dict__, name, getattr(m, name))
+                       for name in ("eps", "momentum", "track_running_stats")]
         for mapping in (m._modules, m._parameters, m._buffers):
-            parts.extend((key, id(obj)) for key, obj in mapping.items())
-    return tuple(parts)
+            sizes.append((mapping, len(mapping)))
+            slots.extend((mapping, key, obj) for key, obj in mapping.items())
+    return slots, sizes, values
 
 
 def _hooked(module: nn.Module) -> Optional[str]:
@@ -832,21 +911,6 @@ def default_conv_layout(module: nn.Module) -> str:
     rows (B * L) and many channels, where oneDNN's blocked NCL kernels measured faster than
     its NHWC ones (benchmarks/NOTES.md). The dispatch may time the other (program_for)."""
     return "NCL" if _kind(module) in ("basic", "resnet") else "NLC"
-
-
-def _stages(items) -> list:
-    """Every _Stage of a program's blocks, in build order."""
-    found = []
-    for item in items:
-        if isinstance(item, _Stage):
-            found.append(item)
-        elif isinstance(item, (_Block, _BasicBlock, _ResNet, _TCNBlockNetwork)):
-            found.extend(_stages(v for v in vars(item).values()))
-        elif isinstance(item, _TCNBlock) and item.stages is not None:
-            found.extend(item.stages)
-        elif isinstance(item, list):
-            found.extend(_stages(item))
-    return found
 
 
 def build_or_reason(module: nn.Module, conv_layout: Optional[str] = None):
@@ -872,7 +936,7 @@ def build_or_reason(module: nn.Module, conv_layout: Optional[str] = None):
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         return None, "the module's parameters are not all float32 on CPU"
     try:
-        blocks = _blocks(module, kind)
+        blocks = _blocks(module, kind, conv_layout == "NCL")
     except _Refused as refused:
         return None, str(refused)
     return TrainProgram(module, blocks, conv_layout), None

@@ -180,13 +180,15 @@ def test_train_steps_match_float64(name, conv_layout, fresh_seed):
     _train_and_compare(model, shape, fresh_seed, conv_layout=conv_layout)
 
 
+@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
 @pytest.mark.parametrize("name", ["block-downsample", "tcn", "basic-causal-stride3",
                                   "resnet"])
-def test_nlc_input(name, fresh_seed):
-    """(B, L, C) data in and out (input_layout="NLC"): no conversion at entry or exit."""
+def test_nlc_input(name, conv_layout, fresh_seed):
+    """(B, L, C) data in and out (input_layout="NLC"): no conversion at entry or exit with
+    channels-last convs, one each way with NCL ones."""
     model, shape = _draw(name, fresh_seed)
     model.input_layout = "NLC"
-    _train_and_compare(model, shape, fresh_seed, layout="NLC")
+    _train_and_compare(model, shape, fresh_seed, layout="NLC", conv_layout=conv_layout)
 
 
 def test_conv_layouts_are_separate_programs():
@@ -203,11 +205,13 @@ def test_conv_layouts_are_separate_programs():
         onednn_train.build_or_reason(model, "NHWC")
 
 
-def test_channels_last_view_keeps_its_layout(fresh_seed):
+@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
+def test_channels_last_view_keeps_its_layout(conv_layout, fresh_seed):
     """What FusedModule.forward hands the dispatch for an NLC module: the (B, C, L) view of
-    (B, L, C) data, read in place; the output keeps that layout."""
+    (B, L, C) data, read in place (channels-last convs) or converted once (NCL ones); the
+    output keeps that layout."""
     model, (b, c, n) = _draw("block-identity", fresh_seed)
-    program, reason = onednn_train.build_or_reason(model)
+    program, reason = onednn_train.build_or_reason(model, conv_layout)
     assert program is not None, reason
     view = torch.randn(b, n, c, generator=torch.Generator().manual_seed(fresh_seed)
                        ).transpose(1, 2)
@@ -220,7 +224,8 @@ def test_channels_last_view_keeps_its_layout(fresh_seed):
         fastres.unfuse(copy.deepcopy(model))(view).detach(), ref))
 
 
-def test_nan_propagates_as_in_plain(fresh_seed):
+@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
+def test_nan_propagates_as_in_plain(conv_layout, fresh_seed):
     """A NaN input poisons its channel's batch statistics: the same outputs are NaN as in
     plain PyTorch, and the gradients are NaN where plain's are."""
     model, shape = _draw("block-downsample", fresh_seed)
@@ -228,7 +233,8 @@ def test_nan_propagates_as_in_plain(fresh_seed):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
     x[1, 2, 7] = float("nan")
     outs = []
-    for m, run in ((model, onednn_train.run), (plain, lambda m, t: m(t))):
+    for m, run in ((model, lambda m, t: onednn_train.run(m, t, conv_layout)),
+                   (plain, lambda m, t: m(t))):
         xm = x.clone().requires_grad_()
         out = run(m, xm)
         (gx,) = torch.autograd.grad(out.sum(), [xm])
@@ -267,11 +273,12 @@ def test_refused_modules_say_why(build, mode, reason):
         onednn_train.run(model, torch.randn(2, 8, 16))
 
 
-def _program_and_plain(model, plain, x, seed):
+def _program_and_plain(model, plain, x, seed, conv_layout=None):
     """(output, {"input" and every parameter name: gradient}) of the training program and of
     the plain module on copies of x, each under torch.manual_seed(seed), outputs poisoned."""
     results = []
-    for m, run in ((model, lambda xm: onednn_train.run(model, xm)), (plain, plain)):
+    for m, run in ((model, lambda xm: onednn_train.run(model, xm, conv_layout)),
+                   (plain, plain)):
         xm = x.clone().requires_grad_()
         torch.manual_seed(seed)
         with _alloc.poisoned(True):
@@ -282,8 +289,9 @@ def _program_and_plain(model, plain, x, seed):
     return results
 
 
+@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
 @pytest.mark.parametrize("p", [0.3, 1.0])
-def test_dropout_drops_what_the_plain_block_drops(p, fresh_seed):
+def test_dropout_drops_what_the_plain_block_drops(p, conv_layout, fresh_seed):
     """Under the same seed the program's dropout zeroes the values the plain block's does:
     outputs and every gradient agree with the plain float32 block (no float64 twin: the mask
     is a draw of the generator, which a float64 tensor may draw otherwise)."""
@@ -291,7 +299,8 @@ def test_dropout_drops_what_the_plain_block_drops(p, fresh_seed):
     model.dropout.p = p
     plain = fastres.unfuse(copy.deepcopy(model)).train()
     x = torch.randn(3, 6, 41, generator=torch.Generator().manual_seed(fresh_seed))
-    (out, grads), (out_plain, grads_plain) = _program_and_plain(model, plain, x, fresh_seed)
+    (out, grads), (out_plain, grads_plain) = _program_and_plain(model, plain, x, fresh_seed,
+                                                                conv_layout)
     assert torch.isfinite(out).all()
     # p=1: the second stage normalizes its conv's bias alone, a constant whose batch variance
     # is zero but for rounding, which the two float32 paths round differently
@@ -305,7 +314,7 @@ def test_dropout_drops_what_the_plain_block_drops(p, fresh_seed):
             assert not grads[name].any(), name  # nothing of the first stage reaches the output
     torch.manual_seed(fresh_seed + 1)  # another draw drops other values
     if p < 1:
-        assert rel_err(onednn_train.run(model, x).detach(), out_plain) > 1e-3
+        assert rel_err(onednn_train.run(model, x, conv_layout).detach(), out_plain) > 1e-3
 
 
 @pytest.mark.parametrize("norm", ["batch", "weight", None])
@@ -359,7 +368,7 @@ def test_refused_calls_say_why():
 def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_left,
                                              pad_right, fresh_seed):
     """The strided weight gradient the program computes itself (one GEMM over h's windows)
-    against the float64 conv's, on (B, L, C) rows."""
+    against the float64 conv's, on (B, L, C) rows and on (B, C, L) activations."""
     g = torch.Generator().manual_seed(fresh_seed)
     conv = nn.Conv1d(3, 19, kernel_size, stride=stride, dilation=dilation, bias=False)
     geo = onednn_train._Geometry(conv, pad_left, pad_right)
@@ -373,6 +382,8 @@ def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_
     (ref,) = torch.autograd.grad(y, [w], grad_y)
     got = onednn_train._weight_grad_by_rows(grad_y.float().transpose(1, 2).contiguous(),
                                             x.float().transpose(1, 2).contiguous(), geo)
+    assert got.shape == ref.shape and rel_err(got, ref) < TOL
+    got = onednn_train._weight_grad_ncl(grad_y.float(), x.float(), geo)
     assert got.shape == ref.shape and rel_err(got, ref) < TOL
 
 
@@ -410,32 +421,64 @@ def test_stale_follows_structure_not_values():
     model.bn1.eps = 1e-3
     assert program.stale(model)
     program, _ = onednn_train.build_or_reason(model)
+    model.bn2.momentum = None
+    assert program.stale(model)
+    program, _ = onednn_train.build_or_reason(model)
+    model.bn1.register_buffer("extra", torch.zeros(1))  # an entry added, none replaced
+    assert program.stale(model)
+    program, _ = onednn_train.build_or_reason(model)
     model.eval()
     assert program.stale(model)
 
 
-@pytest.mark.parametrize("channels", [5, 16, 37, 130])
+@pytest.mark.parametrize("layout", ["NLC", "NCL"])
+@pytest.mark.parametrize("channels, rows, length", [(5, 29, 25), (16, 29, 25), (37, 29, 25),
+                                                    (130, 29, 25), (3, 1100, 1031)])
 @pytest.mark.parametrize("relu, residual", [(True, True), (True, False), (False, False)])
-def test_nlc_batch_norm_kernels_match_float64(channels, relu, residual, fresh_seed):
-    """The stage's batch-norm kernels alone (csrc/cpu/nlc_bn_train_cpu.cpp, vectorized across
-    channels: counts below, at and past a vector of 16 floats, with tails), forward and
-    backward, against float64 formulas, on a conv output with extra rows past `length`;
-    outputs poisoned. The backward's ReLU mask is the kernel's own output's."""
-    g = torch.Generator().manual_seed(fresh_seed)
-    b, rows, length, c = 3, 29, 25, channels
+def test_batch_norm_kernels_match_float64(layout, channels, rows, length, relu, residual,
+                                          fresh_seed):
+    """The stage's batch-norm kernels alone (csrc/cpu/nlc_bn_train_cpu.cpp), forward and
+    backward, against float64 formulas, on a conv output with extra positions past `length`;
+    outputs poisoned. NLC (B, L, C) vectorizes across channels: counts below, at and past a
+    vector of 16 floats, with tails. NCL (B, C, L) vectorizes along the positions: 25 (one
+    vector of 16 and a tail) and 1031 (three statistics tiles of 512 positions, the last
+    partial). The backward's ReLU mask is the kernel's own output's. Run at every
+    instruction-set level this CPU has (the loops are compiled for AVX-512, AVX2 and
+    baseline x86-64; the CPU picks one at load time): the fallbacks are tested here too."""
+    try:
+        for level in _isa_levels():
+            torch.ops.fastres_ext.bn_train_isa(level)
+            _check_batch_norm_kernels(layout, channels, rows, length, relu, residual,
+                                      fresh_seed)
+    finally:
+        torch.ops.fastres_ext.bn_train_isa("auto")
+
+
+def _check_batch_norm_kernels(layout, channels, rows, length, relu, residual, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, c = 3, channels
+    ncl = layout == "NCL"
+    ops = torch.ops.fastres_ext
+    forward, backward = (ops.ncl_bn_train_forward, ops.ncl_bn_train_backward) if ncl \
+        else (ops.nlc_bn_train_forward, ops.nlc_bn_train_backward)
+    # the kernels' layout, from (B, L, C) values
+    mem = (lambda t: t.transpose(1, 2).contiguous()) if ncl else (lambda t: t)  # noqa: E731
     y = torch.randn(b, rows, c, generator=g) * 2 + 0.5
     gamma, beta = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
     res = torch.randn(b, length, c, generator=g) if residual else None
     grad_out = torch.randn(b, length, c, generator=g)
     nan = lambda *shape: torch.full(shape, float("nan"))  # noqa: E731
-    out, mean, invstd = nan(b, length, c), nan(c), nan(c)
+    out, mean, invstd = mem(nan(b, length, c)), nan(c), nan(c)
     rm, rv = torch.zeros(c), torch.ones(c)
-    torch.ops.fastres_ext.nlc_bn_train_forward(y, length, gamma, beta, rm, rv, 1e-5, 0.1, res,
-                                               out, mean, invstd, relu)
-    grad_y, grad_gamma, grad_beta = nan(b, rows, c), nan(c), nan(c)
-    grad_res = nan(b, length, c) if residual else None
-    torch.ops.fastres_ext.nlc_bn_train_backward(grad_out, out, y, mean, invstd, gamma, grad_y,
-                                                grad_gamma, grad_beta, grad_res, relu)
+    forward(mem(y), length, gamma, beta, rm, rv, 1e-5, 0.1, mem(res) if residual else None,
+            out, mean, invstd, relu)
+    grad_y, grad_gamma, grad_beta = mem(nan(b, rows, c)), nan(c), nan(c)
+    grad_res = mem(nan(b, length, c)) if residual else None
+    backward(mem(grad_out), out, mem(y), mean, invstd, gamma, grad_y, grad_gamma, grad_beta,
+             grad_res, relu)
+    if ncl:  # back to (B, L, C) values
+        out, grad_y = out.transpose(1, 2), grad_y.transpose(1, 2)
+        grad_res = grad_res.transpose(1, 2) if residual else None
     y64 = y[:, :length].double()
     mu, var = y64.mean(dim=(0, 1)), y64.var(dim=(0, 1), unbiased=False)
     xhat = (y64 - mu) / (var + 1e-5).sqrt()
@@ -453,16 +496,57 @@ def test_nlc_batch_norm_kernels_match_float64(channels, relu, residual, fresh_se
         assert rel_err(got, ref) < 1e-5, rel_err(got, ref)
 
 
-def test_nlc_batch_norm_kernels_refuse_overlapping_outputs():
+@pytest.mark.parametrize("layout", ["nlc", "ncl"])
+def test_batch_norm_kernels_refuse_overlapping_outputs(layout):
     """The kernels' loops take restrict pointers: an output overlapping an input is refused."""
-    y, out = torch.randn(2, 8, 4), torch.empty(2, 8, 4)
-    mean, invstd = torch.empty(4), torch.empty(4)
+    forward = getattr(torch.ops.fastres_ext, f"{layout}_bn_train_forward")
+    backward = getattr(torch.ops.fastres_ext, f"{layout}_bn_train_backward")
+    y, out = torch.randn(2, 8, 8), torch.empty(2, 8, 8)
+    mean, invstd = torch.empty(8), torch.empty(8)
     with pytest.raises(RuntimeError, match="single memory location"):
-        torch.ops.fastres_ext.nlc_bn_train_forward(y, 8, None, None, None, None, 1e-5, 0.1, None,
-                                                   y, mean, invstd, True)
-    torch.ops.fastres_ext.nlc_bn_train_forward(y, 8, None, None, None, None, 1e-5, 0.1, None,
-                                               out, mean, invstd, True)
-    g = torch.randn(2, 8, 4)
+        forward(y, 8, None, None, None, None, 1e-5, 0.1, None, y, mean, invstd, True)
+    forward(y, 8, None, None, None, None, 1e-5, 0.1, None, out, mean, invstd, True)
+    g = torch.randn(2, 8, 8)
     with pytest.raises(RuntimeError, match="single memory location"):
-        torch.ops.fastres_ext.nlc_bn_train_backward(g, out, y, mean, invstd, None, g,
-                                                    torch.empty(4), torch.empty(4), None, True)
+        backward(g, out, y, mean, invstd, None, g, torch.empty(8), torch.empty(8), None, True)
+
+
+def test_ncl_batch_norm_kernels_check_shapes():
+    """The NCL kernels read (B, C, L): a (B, L, C) output, or a non-contiguous one, is refused
+    with the shape asked for, not written out of bounds."""
+    y = torch.randn(2, 6, 10)  # (B, C, Ly)
+    mean, invstd = torch.empty(6), torch.empty(6)
+    forward = torch.ops.fastres_ext.ncl_bn_train_forward
+    with pytest.raises(RuntimeError, match=r"shape \(2, 6, 9\)"):
+        forward(y, 9, None, None, None, None, 1e-5, 0.1, None, torch.empty(2, 9, 6), mean,
+                invstd, True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        forward(y, 9, None, None, None, None, 1e-5, 0.1, None,
+                torch.empty(2, 9, 6).transpose(1, 2), mean, invstd, True)
+    with pytest.raises(RuntimeError, match="outside"):
+        forward(y, 11, None, None, None, None, 1e-5, 0.1, None, torch.empty(2, 6, 11), mean,
+                invstd, True)
+
+
+def _isa_levels():
+    """The instruction-set levels of the batch-norm loops this CPU runs (baseline always)."""
+    isa = torch.ops.fastres_ext.bn_train_isa
+    best = isa("")
+    levels = []
+    try:
+        for level in ("baseline", "x86-64-v3", "x86-64-v4"):
+            try:
+                isa(level)
+            except RuntimeError as refused:
+                assert "does not run" in str(refused)
+                continue
+            levels.append(level)
+    finally:
+        isa("auto")
+    assert isa("") == best and best in levels
+    return levels
+
+
+def test_isa_level_refuses_unknown_names():
+    with pytest.raises(RuntimeError, match="unknown instruction-set level"):
+        torch.ops.fastres_ext.bn_train_isa("avx9000")
