@@ -440,7 +440,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from evidence import context, environment
     from evidence.results import ERROR, FAILED, OK, RUNNING, SKIPPED, EvidenceWriter, Section
-    from fastres.bench.environment import device_name, device_slug
+    from fastres.bench.environment import device_slug
+    from fastres.machine import device_name
 
     have_gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if have_gpu else "cpu")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import fastres
 from fastres.backends import onednn
 from fastres.bench import timing
-from fastres.conventions import cpu_name
+from fastres.machine import cpu_name
 
 
 def _cases():

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import fastres
 from fastres.backends import onednn_train
 from fastres.bench import timing
-from fastres.conventions import cpu_name, rel_err
+from fastres.conventions import rel_err
+from fastres.machine import cpu_name
 
 def _block(c, d):
     return lambda: fastres.TemporalBlock(c, c, 3, dilation=d, dropout=0.0)

@@ -39,7 +39,8 @@ def _wait_until_quiet(limit_s: float = 600.0) -> float:
     """Wait until the dispatcher would call the machine quiet (its one-minute load average
     lags the spinners by a minute); seconds waited. A quiet run that starts in the busy
     run's tail stores nothing and times noise."""
-    from fastres.dispatch.choice import BUSY_LOAD_PER_CORE, load_per_core
+    from fastres.dispatch.choice import BUSY_LOAD_PER_CORE
+    from fastres.machine import load_per_core
     start = time.monotonic()
     while time.monotonic() - start < limit_s:
         load = load_per_core()

@@ -35,6 +35,7 @@ import torch
 
 import fastres
 from fastres.bench import tcn_vs_rnn
+from fastres.machine import cpu_name
 
 
 def main() -> None:
@@ -93,7 +94,7 @@ def main() -> None:
             kernel.append(k * 1e6)
             read.append(r * 1e6)
     load_after = os.getloadavg()[0]
-    print(f"CPU: {_cpu_name()}; torch {torch.__version__}; B={args.batch}; float32 with "
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; B={args.batch}; float32 with "
           f"{args.weights} weights{kernel_name}; "
           f"1 thread; {args.rounds} rounds x {args.steps} steps; load average "
           f"{load_before:.2f} before, {load_after:.2f} after")
@@ -112,16 +113,6 @@ def main() -> None:
           f"{statistics.median(wall['lstmcell-matched']) / statistics.median(wall['step(x)']):.1f}x"
           f" wall, {statistics.median(cpu_time['lstmcell-matched']) / statistics.median(cpu_time['step(x)']):.1f}x"
           " thread CPU")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -184,19 +184,6 @@ def cudnn_conv_tf32_set(enabled: bool):
 # ----------------------------------------------------------------------------- environment
 
 
-def cpu_name() -> str:
-    """The CPU's model name (what /proc/cpuinfo says), for reports and cache keys."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def triton_interpreting() -> bool:
     """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, tests only)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -13,7 +13,6 @@ as they began.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import List, Optional
@@ -36,14 +35,6 @@ class StageDecision:
     reason: str
     level: str = "op"
 
-    def describe_call(self) -> str:
-        c = self.call
-        if c is None:
-            return "(whole module)" if self.level == "module" else "-"
-        return (f"{str(c.dtype).replace('torch.', '')} B{c.batch} {c.c_in}->{c.c_out} "
-                f"L{c.length} K{c.kernel_size} d{c.dilation} s{c.stride} {c.norm}"
-                + "+res" * c.has_residual + " grad" * c.needs_grad)
-
 
 class DispatchReport(List[StageDecision]):
     """The choices of one model run, in the order they were made."""
@@ -51,7 +42,8 @@ class DispatchReport(List[StageDecision]):
     def __str__(self) -> str:
         rows = [["level", "where", "call", "runs"]] + [
             [d.level, d.module or ("(model)" if d.level == "module" else "<op>"),
-             d.describe_call(), d.backend] for d in self]
+             d.call.describe() if d.call else "(whole module)" if d.level == "module" else "-",
+             d.backend] for d in self]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + why
                          for row, why in zip(rows, ["why"] + [d.reason for d in self]))
@@ -93,21 +85,14 @@ def explain(model: nn.Module, *example_inputs, backward: Optional[bool] = None
         for where, call, choice in log)
 
 
-@contextlib.contextmanager
-def _measuring():
-    """Measure inside the block even where FASTRES_DISPATCH=static."""
-    previous = os.environ.pop("FASTRES_DISPATCH", None)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            os.environ["FASTRES_DISPATCH"] = previous
-
-
 def autotune(model: nn.Module, *example_inputs, backward: Optional[bool] = None
              ) -> DispatchReport:
     """Measure every choice of `model` now (what the first call of each signature would
     do), even where FASTRES_DISPATCH=static; return the report of `explain`. Final choices
     persist (fastres/dispatch/cache.py) unless FASTRES_DISPATCH_CACHE=0."""
-    with _measuring():
+    static = os.environ.pop("FASTRES_DISPATCH", None)
+    try:
         return explain(model, *example_inputs, backward=backward)
+    finally:
+        if static is not None:
+            os.environ["FASTRES_DISPATCH"] = static

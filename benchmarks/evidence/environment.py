@@ -13,11 +13,10 @@ from typing import Dict, List, Optional
 import torch
 
 import fastres
-from fastres import _ext, backends, dispatch
+from fastres import _ext, backends, dispatch, machine
 from fastres.bench import environment as environment_info
 from fastres.bench import timing
 from fastres.bench.formatting import fmt_bytes
-from fastres.conventions import cpu_name
 
 from .context import Context, clock_name
 from .results import Section, error_text
@@ -114,7 +113,7 @@ def run_environment(ctx: Context, section: Section) -> None:
     data["versions"] = versions()
     data["commit"] = commit()
     data["tf32"] = tf32_settings()
-    data["host"] = {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
+    data["host"] = {"cpu": machine.cpu_name(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
     data["env"] = {k: os.environ.get(k) for k in (
         "TRITON_INTERPRET", "FASTRES_BACKEND", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST",
@@ -148,7 +147,7 @@ def run_environment(ctx: Context, section: Section) -> None:
                   f"{smi.get('power.limit')} W, {smi.get('temperature.gpu')} C, "
                   f"clock event reasons {smi.get('clocks_event_reasons.active')}")
     else:
-        table.add("device", environment_info.device_name(ctx.device))
+        table.add("device", machine.device_name(ctx.device))
     for name, version in data["versions"].items():
         table.add(name, version)
     table.add("commit", data["commit"])

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fastres.bench.environment import utc_now
+from fastres.machine import utc_now
 from fastres.bench.formatting import markdown_table
 
 SCHEMA = "fastres-gpu-evidence/1"

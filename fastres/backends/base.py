@@ -60,6 +60,13 @@ class Call:
         return output_length(self.length, self.kernel_size, self.dilation, self.stride,
                              self.pad_left, self.pad_right)
 
+    def describe(self) -> str:
+        """In words, as `fastres.explain` prints it: 'float32 B8 64->64 L1024 K3 d4 s1 eval'."""
+        return (f"{str(self.dtype).replace('torch.', '')} B{self.batch} {self.c_in}->"
+                f"{self.c_out} L{self.length} K{self.kernel_size} d{self.dilation} "
+                f"s{self.stride} {self.norm}" + "+res" * self.has_residual
+                + " grad" * self.needs_grad)
+
     def key(self) -> str:
         """A stable text form, for the persistent dispatch cache."""
         dtype = str(self.dtype).replace("torch.", "")

@@ -5,19 +5,15 @@ it), so neither imports the other.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import subprocess
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
-from ..conventions import cpu_name, cudnn_conv_tf32
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+from ..conventions import cudnn_conv_tf32
+from ..machine import cpu_name, device_name, load_average, versions
 
 
 def git_commit() -> Optional[str]:
@@ -35,19 +31,6 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def load_average() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
 def device_slug(device: torch.device) -> str:
     """Short file-name form of the device: "cpu-intel-xeon", "cpu-amd-epyc", "cuda-h100"..."""
     if device.type != "cuda":
@@ -60,20 +43,12 @@ def device_slug(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> Dict[str, object]:
-    import fastres
     from fastres import backends, dispatch
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - absent or broken: just not reported
-        triton_version = None
     env = {
         "device": device.type,
         "device_name": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "fastres": fastres.__version__,
+        **versions(),
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import machine
 from . import anchors, block, first_call, model, op, pytorch_tcn, tcn_vs_rnn, timing
 from . import environment as environment_info
 from .task import Settings, Task, compile_fn  # noqa: F401 (the suites' shapes)
@@ -197,10 +198,10 @@ def run(settings: Settings, progress: Optional[bool] = None) -> Dict[str, object
             suites[name]["summary"] = summarize(rows, settings) if summarize else {}
             suites[name]["wall_time_s"] = time.perf_counter() - suite_started
 
-    environment["load_average_end"] = environment_info.load_average()
+    environment["load_average_end"] = machine.load_average()
     return {
         "schema_version": SCHEMA_VERSION,
-        "created_utc": environment_info.utc_now(),
+        "created_utc": machine.utc_now(),
         "settings": settings.to_json(),
         "environment": environment,
         "suites": suites,

@@ -28,7 +28,8 @@ from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 
-from .choice import Choice, device_name, versions
+from ..machine import device_name, versions
+from .choice import Choice
 
 SCHEMA = 4  # 3: op choices only, no provenance; 4: Choice records of both levels
 

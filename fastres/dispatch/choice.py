@@ -9,15 +9,12 @@ only and measured again by the next one, so a noisy moment cannot decide for goo
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import os
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-from ..conventions import cpu_name
+from .. import machine
 
 # A machine whose one-minute load average exceeds this many runnable threads per core is busy:
 # a choice timed there is not stored for later processes. The measuring process itself adds
@@ -104,41 +101,9 @@ def _fmt(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
-def device_name(device: str) -> str:
-    """The device a choice was measured on, in words (GPU name, or CPU model and cores)."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} x{os.cpu_count()}"
-
-
-def versions() -> Dict[str, Optional[str]]:
-    from .._version import __version__
-    try:
-        import triton
-    except ImportError:
-        triton = None
-    return {"fastres": __version__, "torch": torch.__version__,
-            "triton": getattr(triton, "__version__", None)}
-
-
-def load_per_core() -> Optional[float]:
-    """Runnable threads a core: the larger of the one-minute load average and the threads
-    runnable right now (/proc/loadavg's fourth field, less this process's own torch threads),
-    since the average lags a load that has just started by a minute."""
-    try:
-        average = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/loadavg") as f:
-        average = max(average, int(f.read().split()[3].split("/")[0])
-                      - torch.get_num_threads() + 1)
-    return average / (os.cpu_count() or 1)
-
-
 def provenance(device: str) -> Dict[str, object]:
     """Where and when a measurement is taken."""
-    load = load_per_core()
-    return {"device": device_name(device), "threads": torch.get_num_threads(),
-            "versions": versions(), "load_per_core": None if load is None else round(load, 2),
-            "measured_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%SZ")}
+    load = machine.load_per_core()
+    return {"device": machine.device_name(device), "threads": torch.get_num_threads(),
+            "versions": machine.versions(), "measured_utc": machine.utc_now(),
+            "load_per_core": None if load is None else round(load, 2)}

@@ -27,7 +27,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .. import timing
-from .choice import BUSY_LOAD_PER_CORE, MEASURED, Choice, load_per_core, provenance
+from ..machine import load_per_core
+from .choice import BUSY_LOAD_PER_CORE, MEASURED, Choice, provenance
 
 MARGIN_FORWARD = 0.05
 MARGIN_BACKWARD = 0.15

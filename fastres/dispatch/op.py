@@ -89,7 +89,7 @@ def register_checker(checker: Callable[[Call, str], Optional[str]]) -> None:
     _checker = checker
 
 
-def _fused(device_type: str, dtype: torch.dtype) -> List[str]:
+def fused_backends(device_type: str, dtype: torch.dtype) -> List[str]:
     """The fused backends the default tries for `dtype` on `device_type` that run here."""
     return [n for n in PREFERENCE.get(device_type, []) if backends.get(n).unavailable_reason()
             is None and dtype in backends.get(n).dtypes]
@@ -129,7 +129,7 @@ def trace_time_choice(device_type: str, dtype: torch.dtype, stride: int,
     what cannot be symbolic (lengths and batch sizes can be). On CPU eager for float32,
     whose PyTorch ops inductor then compiles itself, and the C++ kernels for 16 bits
     (float32 accumulation, docs/spec.md); on CUDA the first fused backend that runs."""
-    fused = _fused(device_type, dtype)
+    fused = fused_backends(device_type, dtype)
     return forced_backend() or ("eager" if not fused or (
         device_type == "cpu" and dtype not in HALF_DTYPES) else fused[0])
 
@@ -146,8 +146,7 @@ def choose(signature: tuple, make_run: Optional[Callable[[str], Callable[[], obj
         choice = _forced_choice(call, forced) if forced else _decide(call, make_run)
         if choice.source not in (STATIC, FORCED):  # (a static choice waits for a measurement)
             memory[signature] = choice
-    if record.recording_active():
-        record.record(None, Call(*signature), choice)
+    record.record(None, signature, choice)
     return choice
 
 
@@ -183,7 +182,7 @@ def _decide(call: Call, make_run) -> Choice:
                         excluded=excluded, final=False)
         warnings.warn(f"fastres: {choice.reason} ({call.key()})", RuntimeWarning, stacklevel=4)
         return choice
-    with record.paused():  # (one trusted candidate is timed too: its choice shows the time)
+    with record.recording(keep=False):  # (one trusted candidate is timed too: its choice shows the time)
         runs = _runs(trusted, make_run,
                      call.device_type == "cpu" and not record.module_measuring())
         choice = measure("op", runs, "eager" if "eager" in trusted else trusted[0],
@@ -212,7 +211,7 @@ def _runs(names: List[str], make_run, neighbour_first: bool
 
 def describe_default(device: torch.device, dtype: torch.dtype) -> str:
     """In words, what the default picks for calls on `device` of `dtype`."""
-    fused, why, forced = _fused(device.type, dtype), why_not_measure(), forced_backend()
+    fused, why, forced = fused_backends(device.type, dtype), why_not_measure(), forced_backend()
     rule = fused and (fused[0] if device.type != "cpu" or dtype in HALF_DTYPES else
                       f"{fused[0]} for forward-only calls at stride 1 with L_out >= "
                       f"{CPP_MIN_LENGTH}, else eager")

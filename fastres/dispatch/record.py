@@ -13,18 +13,18 @@ from typing import Iterator, List, Optional
 from ..backends import Call
 from .choice import Choice
 
-_log = threading.local()
+_log = threading.local()  # .entries (None: nothing is recorded), .stage, .measuring
 
 
 def recording_active() -> bool:
     return getattr(_log, "entries", None) is not None
 
 
-def record(where, call: Optional[Call], choice: Choice) -> None:
-    entries = getattr(_log, "entries", None)
-    if entries is not None:
-        entries.append((where if where is not None else getattr(_log, "stage", None),
-                        call, choice))
+def record(where, call, choice: Choice) -> None:
+    """Add a choice to the record, where one is kept; call: a Call, its fields or None."""
+    if getattr(_log, "entries", None) is not None:
+        _log.entries.append((where if where is not None else getattr(_log, "stage", None),
+                             Call(*call) if isinstance(call, tuple) else call, choice))
 
 
 def set_stage(stage) -> None:
@@ -33,32 +33,18 @@ def set_stage(stage) -> None:
 
 
 @contextlib.contextmanager
-def _scoped(**values) -> Iterator[None]:
-    """Set attributes of this thread's record for the block."""
-    previous = {name: getattr(_log, name, None) for name in values}
-    _log.__dict__.update(values)
+def recording(keep: bool = True, measuring: bool = False) -> Iterator[Optional[List]]:
+    """Record the choices made inside the block into the list it yields; keep=False leaves
+    them out of any record (a measurement's runs); measuring: a module's measurement runs."""
+    previous = (getattr(_log, "entries", None), getattr(_log, "stage", None),
+                module_measuring())
+    _log.entries, _log.stage, _log.measuring = [] if keep else None, None, measuring or previous[2]
     try:
-        yield
+        yield _log.entries
     finally:
-        _log.__dict__.update(previous)
-
-
-def paused():
-    """Leave what runs inside the block (a measurement's runs) out of the record."""
-    return _scoped(entries=None)
+        _log.entries, _log.stage, _log.measuring = previous
 
 
 def module_measuring() -> bool:
     """Whether a module-level measurement is running on this thread."""
-    return bool(getattr(_log, "measuring", False))
-
-
-def measuring_module():
-    return _scoped(measuring=True, entries=None)
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[List]:
-    entries: List = []
-    with _scoped(entries=entries, stage=None):
-        yield entries
+    return getattr(_log, "measuring", False)

@@ -98,9 +98,8 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padd
     if recording:
         dispatch.record.set_stage(conv)
     if dispatch.module.hooked(conv, bn, deep=False):
-        if recording:
-            dispatch.record.record(conv, None, dispatch.Choice(
-                "op", "eager", "its conv or norm has hooks, so the stage runs as modules"))
+        dispatch.record.record(conv, None, dispatch.Choice(
+            "op", "eager", "its conv or norm has hooks, so the stage runs as modules"))
         return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation)
     weight = conv.weight
     device_type = x.device.type
