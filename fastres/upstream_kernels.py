@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["plain_convs_are_routed", "plain_convs_routed", "route_weight_grad",
-           "weight_grad_at_risk", "weight_grad_by_columns"]
+__all__ = ["one_tap_conv1d", "plain_convs_are_routed", "plain_convs_routed",
+           "route_weight_grad", "weight_grad_at_risk", "weight_grad_by_columns"]
 
 # oneDNN's float32 conv weight gradient, torch 2.11 and 2.14 (oneDNN 3.x) on x86: wrong,
 # unrelated to the true gradient, for some strided convs with wide padding. The reproducer
@@ -36,7 +36,9 @@ __all__ = ["plain_convs_are_routed", "plain_convs_routed", "route_weight_grad",
 # output, input and bias gradients are right) and the weight gradient comes from one
 # matmul over x's columns (`weight_grad_by_columns`): no convolution kernel, no global
 # switch flipped (so other threads' convs are unaffected), and about the cost of oneDNN's
-# own weight gradient (benchmarks/NOTES.md, "PyTorch's conv1d weight gradient").
+# own weight gradient (benchmarks/NOTES.md, "PyTorch's conv1d weight gradient"). A 1-tap
+# conv (the ResNets' downsampling shortcuts) takes no route at all: it runs unstrided on
+# every s-th position (`one_tap_conv1d`), which is exact and faster than either.
 
 
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()
@@ -63,6 +65,20 @@ def weight_grad_by_columns(grad_y: Tensor, x: Tensor, kernel_size: int, stride: 
     # every `dilation`-th element of each (unfold, not as_strided: torch.compile traces it)
     columns = padded.unfold(2, span, stride)[:, :, :grad_y.shape[-1], ::dilation]
     return torch.tensordot(grad_y, columns, dims=([0, 2], [0, 2]))
+
+
+def one_tap_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int,
+                   pad_left: int, pad_right: int) -> Tensor:
+    """A conv of kernel size 1 at stride s as the same conv at stride 1 on every s-th
+    position of the padded x: the same products and sums, and no strided kernel, so its
+    weight gradient is oneDNN's unstrided one, outside the risk above. PyTorch's strided
+    conv reads every position and its data gradient writes every one; on the ResNets'
+    downsampling shortcuts the unstrided conv measured faster, forward and backward
+    (benchmarks/NOTES.md, issue 22). The slice's length, ceil(L_padded / s), is the
+    strided conv's output length."""
+    if pad_left or pad_right:
+        x = F.pad(x, [pad_left, pad_right])
+    return F.conv1d(x[..., ::stride], weight, bias)
 
 
 class _WeightGradByColumns(torch.autograd.Function):

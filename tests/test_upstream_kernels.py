@@ -12,7 +12,7 @@ import fastres
 from fastres import upstream_kernels
 from fastres.conventions import rel_err
 from fastres.nn import _stage
-from fastres.upstream_kernels import (plain_convs_routed, route_weight_grad,
+from fastres.upstream_kernels import (one_tap_conv1d, plain_convs_routed, route_weight_grad,
                                       weight_grad_at_risk, weight_grad_by_columns)
 
 # (K, dilation, stride, pad_left, pad_right, L): the issue's reproducer, a causal pair,
@@ -104,6 +104,77 @@ def test_the_route_has_a_double_backward_and_runs_under_torch_func(fresh_seed):
 
     got = torch.func.grad(loss(routed))(w.float(), x.float())
     assert rel_err(got, torch.func.grad(loss(plain))(w, x)) < 1e-5
+
+
+# (stride, pad_left, pad_right, L): even and odd lengths, padding on either side.
+ONE_TAP = [(2, 0, 0, 64), (2, 0, 0, 33), (3, 0, 0, 20), (2, 1, 0, 17), (4, 2, 3, 30), (2, 0, 1, 8)]
+
+
+@pytest.mark.parametrize("geometry", ONE_TAP, ids=str)
+def test_a_one_tap_conv_runs_unstrided_and_computes_every_gradient(geometry, fresh_seed,
+                                                                   monkeypatch):
+    """one_tap_conv1d: output, input, weight and bias gradients against float64, and no
+    strided conv anywhere in it (so no weight gradient of the kind at risk)."""
+    s, left, right, length = geometry
+    g = torch.Generator().manual_seed(fresh_seed)
+    x = torch.randn(3, 6, length, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 6, 1, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    leaves64 = [t.clone().requires_grad_() for t in (x, w, b)]
+    y64 = F.conv1d(F.pad(leaves64[0], [left, right]), leaves64[1], leaves64[2], s)
+    grad_y = torch.randn(y64.shape, generator=g, dtype=torch.float64)
+    expected = (y64,) + torch.autograd.grad(y64, leaves64, grad_y)
+    strides = []
+    conv1d = F.conv1d
+    monkeypatch.setattr(F, "conv1d", lambda *a, **k: strides.append(
+        a[3] if len(a) > 3 else k.get("stride", 1)) or conv1d(*a, **k))
+    leaves = [t.float().requires_grad_() for t in (x, w, b)]
+    y = one_tap_conv1d(*leaves, s, left, right)
+    got = (y,) + torch.autograd.grad(y, leaves, grad_y.float())
+    assert strides == [1]
+    for name, a, e in zip(("out", "grad_x", "grad_weight", "grad_bias"), got, expected):
+        assert a.shape == e.shape and rel_err(a, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("conv", ["conv1", "downsample"])
+@pytest.mark.parametrize("path", ["plain_forward", "stages on eager"])
+def test_a_strided_one_tap_conv_runs_unstrided(conv, path, fresh_seed, monkeypatch):
+    """A strided block's 1x1 convs (conv1 at kernel size 1; the "auto" projection) run
+    unstrided on the paths that run PyTorch's convs (the module's plain forward, stages on
+    the eager backend), and the block's output and every gradient match float64."""
+    import copy
+    torch.manual_seed(fresh_seed)
+    block = fastres.BasicBlock(4, 8, stride=2, kernel_size=1 if conv == "conv1" else 3,
+                               downsample="auto").train()
+    x = torch.randn(2, 4, 37, dtype=torch.float64)
+
+    def grads(module, x_):
+        x_ = x_.requires_grad_()
+        if path == "plain_forward":
+            out = module.plain_forward(x_)
+        else:
+            with fastres.dispatch.use_backend("eager"):
+                out = module.fused_forward(x_)
+        return (out,) + torch.autograd.grad(out, [x_] + list(module.parameters()),
+                                            torch.ones_like(out))
+
+    expected = grads(copy.deepcopy(block).double(), x.clone())
+    fused = copy.deepcopy(block)
+    watched_weight = fused.conv1.weight if conv == "conv1" else fused.downsample[0].weight
+    strides = []  # the stride of every F.conv1d of that conv's weight
+    conv1d = F.conv1d
+
+    def watched(x_, w, *args, **kwargs):
+        if w is watched_weight:
+            stride = args[2] if len(args) > 2 else kwargs.get("stride", 1)
+            strides.append(stride if isinstance(stride, int) else stride[0])
+        return conv1d(x_, w, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv1d", watched)
+    got = grads(fused, x.float())
+    assert strides and set(strides) == {1}, strides
+    for a, e in zip(got, expected):
+        assert rel_err(a, e) < 1e-5
 
 
 def test_what_takes_the_route():

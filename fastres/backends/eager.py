@@ -55,9 +55,12 @@ def conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilat
     strided float32 convs on oneDNN, whose weight gradient can be unrelated to the true one
     (benchmarks/upstream_conv1d_wgrad.py reproduces it; upstream_kernels.weight_grad_at_risk
     says where, and why that is wider than the failures seen). There the conv runs with the
-    weight detached and the weight gradient comes from a matmul over x's columns."""
+    weight detached and the weight gradient comes from a matmul over x's columns; a 1-tap
+    conv runs unstrided on every stride-th position instead (one_tap_conv1d)."""
     if not upstream_kernels.weight_grad_at_risk(x, weight, stride):
         return _conv(x, weight, bias, stride, dilation, pad_left, pad_right)
+    if weight.shape[-1] == 1:  # (no route needed: no strided kernel)
+        return upstream_kernels.one_tap_conv1d(x, weight, bias, stride, pad_left, pad_right)
     y = _conv(x, weight.detach(), bias, stride, dilation, pad_left, pad_right)
     return upstream_kernels.route_weight_grad(y, x, weight, stride, dilation, pad_left,
                                               pad_right)

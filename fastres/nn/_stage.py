@@ -32,8 +32,8 @@ from .. import dispatch
 from ..backends._activation import activation_function
 from ..conventions import HALF_DTYPES, conv_padding, output_length
 from ..ops import ResidualGradLink, conv_bn_relu, execute, plan
-from ..upstream_kernels import (plain_convs_are_routed, plain_convs_routed, route_weight_grad,
-                                weight_grad_at_risk)
+from ..upstream_kernels import (one_tap_conv1d, plain_convs_are_routed, plain_convs_routed,
+                                route_weight_grad, weight_grad_at_risk)
 from .sync_batchnorm import sync_conv_bn_relu_stage
 
 
@@ -218,6 +218,23 @@ def _norm_relu_add(z, bn, residual, relu_before_add, activation="relu"):
     return act(z)
 
 
+def projected(downsample: nn.Module, x: Tensor) -> Tensor:
+    """downsample(x) on a fused block's paths, the plain one included. A projection of one
+    1x1 conv and a norm (BasicBlock's "auto") at stride >= 2 whose weight gradient
+    PyTorch's strided kernel would compute (at risk, fastres/upstream_kernels.py) runs its
+    conv unstrided on every stride-th position instead (one_tap_conv1d: exact, and faster
+    than the strided conv); its norm is called as its module. Any other downsample, or one
+    whose conv or container has hooks, is called as it is."""
+    conv = downsample[0] if type(downsample) is nn.Sequential and len(downsample) == 2 \
+        else None
+    if type(conv) is not nn.Conv1d or conv.kernel_size[0] != 1 or conv.groups != 1 \
+            or conv.padding != (0,) or conv.stride[0] < 2 \
+            or not weight_grad_at_risk(x, conv.weight, conv.stride[0]) \
+            or dispatch.module.hooked(downsample, conv, deep=False):
+        return downsample(x)
+    return downsample[1](one_tap_conv1d(x, conv.weight, conv.bias, conv.stride[0], 0, 0))
+
+
 def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int,
                   stride: int, dilation: int, causal: bool) -> Tensor:
     """F.conv1d with docs/spec.md's causal / same zero padding, in plain (scriptable) PyTorch.
@@ -230,6 +247,8 @@ def padded_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size
                 and not torch.jit.is_tracing():
             # A fused module's plain path (never an unfused twin's): PyTorch's CPU weight
             # gradient is wrong for some strided convs (fastres/upstream_kernels.py).
+            if kernel_size == 1:
+                return one_tap_conv1d(x, weight, bias, stride, left, right)
             y = padded_conv1d(x, weight.detach(), bias, kernel_size, stride, dilation, causal)
             return route_weight_grad(y, x, weight, stride, dilation, left, right)
     if left == right:

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._layout import LayoutIO, check_layout
+from ..upstream_kernels import plain_convs_are_routed
 from ._stage import (FusedModule, RecordsConvGeometry, check_block_args, conv_bn_relu_stage,
-                     identity_shortcut_link, padded_conv1d)
+                     identity_shortcut_link, padded_conv1d, projected)
 
 __all__ = ["BasicBlock", "ResNet1d", "PlainBasicBlock", "PlainResNet1d"]
 
@@ -95,6 +96,9 @@ class PlainBasicBlock(RecordsConvGeometry, _BasicBlockLayout):
         out = self.bn2(padded_conv1d(h, self.conv2.weight, self.conv2.bias, k2, s2, d2,
                                      self.causal))
         if self.downsample is not None:
+            if not torch.jit.is_scripting():
+                if plain_convs_are_routed():  # (a fused block's plain path: _stage.projected)
+                    return F.relu(out + projected(self.downsample, x))
             return F.relu(out + self.downsample(x))
         return F.relu(out + x)
 
@@ -120,7 +124,7 @@ class BasicBlock(LayoutIO, FusedModule, _BasicBlockLayout):
 
     def fused_forward(self, x: Tensor) -> Tensor:
         padding = "causal" if self.causal else "same"
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else projected(self.downsample, x)
         link = identity_shortcut_link(x, identity)
         h = conv_bn_relu_stage(x, self.conv1, self.bn1, padding, residual_grad_link=link)
         return conv_bn_relu_stage(h, self.conv2, self.bn2, padding, residual=identity,
