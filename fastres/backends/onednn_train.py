@@ -54,6 +54,12 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
   values (a transformed input at or above 0.5e38 / the weights' largest row sum of |w|, or
   NaN/inf in input or weights) make the kernel answer ok=False, and the stage runs
   oneDNN's conv instead, whose NaN and inf are torch's.
+- **Few rows: the NCL layout's convs as GEMMs** (at GEMM_MAX_ROWS output rows B * L_out or
+  fewer, any kernel, stride, dilation): the forward is the (C_out, C_in*K) weights as they
+  are times the input's im2col matrix, the data gradient their transpose times grad_y added
+  back into the input's positions, the weight gradient _weight_grad_ncl. oneDNN reorders the
+  weights at every call (forward, and the backward once more; they change every step), which
+  at few rows and many channels is most of the call; the GEMMs read them in place.
 - **Weights converted once per call**: a (C_out, C_in, K) weight as the channels-last
   (C_out, K, C_in) memory the NHWC conv reads, by the extension's transpose (ATen converted
   it at the forward and again at the backward, with a strided copy of several ms at
@@ -122,6 +128,13 @@ WINOGRAD_MIN_ROWS = 512
 # activations' reorders, so on its own it costs little more than the weight gradient alone
 # (benchmarks/NOTES.md, issue 22 section 15); "forward+dgrad" builds it for a timer to try.
 WINOGRAD_MODES = ("off", "forward", "forward+dgrad")
+
+# The most output rows (B * L_out) at which a conv of the NCL layout runs as GEMMs over
+# the weights as they are (forward, data and weight gradient: _conv_gemm_ncl,
+# _data_grad_gemm_ncl, _weight_grad_ncl) instead of oneDNN, whose every call reorders the
+# weights (they change every step): at few rows and many channels that reorder is most of
+# the call (benchmarks/NOTES.md, issue 22 section 15). -1: never.
+GEMM_MAX_ROWS = 256
 WINOGRAD = "forward"
 
 
@@ -185,6 +198,8 @@ class _Geometry:
         self.winograd = False
         self.winograd_dgrad = False
         self.winograd_min_rows = WINOGRAD_MIN_ROWS
+        # the conv and its gradients as GEMMs at this many output rows or fewer (NCL only)
+        self.gemm_max_rows = GEMM_MAX_ROWS if ncl else -1
 
     def winograd_reason(self) -> Optional[str]:
         """Why this conv cannot run as Winograd F(2,3) in the program, or None."""
@@ -289,6 +304,41 @@ def _weight_grad_ncl(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
     return grad_w.view(c_out, h.shape[1], k)
 
 
+def _conv_gemm_ncl(h: Tensor, weight: Tensor, bias: Optional[Tensor], geo: _Geometry) -> Tensor:
+    """The conv on (B, C_in, L) activations as one GEMM, (C_out, C_in*K) weights as they are
+    times the im2col matrix (C_in*K, B*L_out) of h padded by oneDNN's symmetric padding (so
+    the output has the length oneDNN's would): no weight reorder, which is what oneDNN's
+    conv pays per call at few rows (see GEMM_MAX_ROWS)."""
+    batch, c_in, length = h.shape
+    k, s, d, pad = geo.kernel_size, geo.stride, geo.dilation, geo.padding[1]
+    l_out = geo.conv_length(length)
+    padded = F.pad(h, [pad, pad]) if pad else h
+    per_channel = padded.transpose(0, 1)  # (C_in, B, L_padded) view
+    columns = torch.stack([per_channel[:, :, j * d: j * d + (l_out - 1) * s + 1: s]
+                           for j in range(k)], dim=1)  # (C_in, K, B, L_out)
+    w2 = weight.reshape(weight.shape[0], c_in * k)
+    cols = columns.view(c_in * k, batch * l_out)
+    y2 = torch.mm(w2, cols) if bias is None else torch.addmm(bias[:, None], w2, cols)
+    return y2.view(weight.shape[0], batch, l_out).transpose(0, 1).contiguous()
+
+
+def _data_grad_gemm_ncl(grad_y: Tensor, weight: Tensor, geo: _Geometry, length: int) -> Tensor:
+    """The data gradient of _conv_gemm_ncl's conv (its true geometry: grad_y holds the
+    conv's L_out outputs): (C_in*K, C_out) weights transposed times grad_y (C_out, B*L_out),
+    its columns added back into the padded input's positions (col2im), cropped."""
+    batch, c_out, l_out = grad_y.shape
+    c_in, k = weight.shape[1], geo.kernel_size
+    s, d, left = geo.stride, geo.dilation, geo.pad_left
+    gy2 = grad_y.transpose(0, 1).reshape(c_out, batch * l_out)
+    gcols = torch.mm(weight.reshape(c_out, c_in * k).t(), gy2).view(c_in, k, batch, l_out)
+    span = (l_out - 1) * s + 1
+    padded = torch.zeros((c_in, batch, max(left + length, (k - 1) * d + span)),
+                         dtype=grad_y.dtype, device=grad_y.device)
+    for j in range(k):
+        padded[:, :, j * d: j * d + span: s] += gcols[:, j]
+    return padded[:, :, left: left + length].transpose(0, 1).contiguous()
+
+
 class _StageFunction(torch.autograd.Function):
     """act(BN_batch(conv(h)) (+ residual)), act ReLU or none; BN's running statistics
     updated in place. h: (B, L, C_in) contiguous, residual and the output (B, L_out, C_out)
@@ -301,7 +351,12 @@ class _StageFunction(torch.autograd.Function):
         # oneDNN's own entry, not aten.convolution: ATen sends small batch-1 dilated convs to
         # its im2col path (slow_conv_dilated2d), which measured slower here at B1 L256
         ctx.winograd = None
-        if geo.ncl:
+        ctx.gemm = geo.ncl and h.shape[0] * geo.out_length(h.shape[2]) <= geo.gemm_max_rows
+        if ctx.gemm:
+            w4 = weight.detach().unsqueeze(2)
+            y = _conv_gemm_ncl(h, weight.detach(), None if bias is None else bias.detach(),
+                               geo)
+        elif geo.ncl:
             w4 = weight.detach().unsqueeze(2)
             y = None
             if geo.winograd and h.shape[0] * h.shape[2] >= geo.winograd_min_rows:
@@ -359,6 +414,18 @@ class _StageFunction(torch.autograd.Function):
         bn_backward(grad_out.contiguous(), out, y, mean, invstd, gamma, grad_y, grad_gamma,
                     grad_beta, grad_res, ctx.relu)
         grad_h = grad_w = grad_b = None
+        if ctx.gemm:  # every gradient by GEMMs (see GEMM_MAX_ROWS)
+            length = out.shape[2]
+            w = w4.squeeze(2)
+            if need[0]:
+                grad_h = _data_grad_gemm_ncl(grad_y[:, :, :length], w, geo, h.shape[2])
+            if need[1]:
+                grad_w = _weight_grad_ncl(grad_y[:, :, :length], h, geo)
+            if need[2] and ctx.has_bias:
+                grad_b = grad_y[:, :, :length].sum(dim=(0, 2))
+            return (grad_h, grad_w, grad_b, grad_gamma if need[3] else None,
+                    grad_beta if need[4] else None, grad_res, None, None, None, None, None,
+                    None)
         if need[0] and ctx.winograd is not None and geo.winograd_dgrad:
             v, gain_t = ctx.winograd
             grad_h, ok = torch.ops.fastres_ext.winograd_ncl(

@@ -186,9 +186,15 @@ def _train_and_compare_once(model, shape, seed, layout, steps, conv_layout):
                     mine.copy_(ref_value)
 
 
-@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
+@pytest.mark.parametrize("conv_layout, gemm", [("NLC", True), ("NCL", True), ("NCL", False)],
+                         ids=["NLC", "NCL", "NCL-onednn"])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_train_steps_match_float64(name, conv_layout, fresh_seed):
+def test_train_steps_match_float64(name, conv_layout, gemm, fresh_seed, monkeypatch):
+    """gemm: the NCL layout's convs routed as by default (these small models have few rows,
+    so mostly GEMMs: GEMM_MAX_ROWS); without, all on oneDNN (the NLC layout has no GEMM
+    route)."""
+    if not gemm:
+        monkeypatch.setattr(onednn_train, "GEMM_MAX_ROWS", -1)
     model, shape = _draw(name, fresh_seed)
     _train_and_compare(model, shape, fresh_seed, conv_layout=conv_layout)
 
@@ -237,10 +243,14 @@ def test_channels_last_view_keeps_its_layout(conv_layout, fresh_seed):
         fastres.unfuse(copy.deepcopy(model))(view).detach(), ref))
 
 
-@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
-def test_nan_propagates_as_in_plain(conv_layout, fresh_seed):
+@pytest.mark.parametrize("conv_layout, gemm", [("NLC", True), ("NCL", True), ("NCL", False)],
+                         ids=["NLC", "NCL", "NCL-onednn"])
+def test_nan_propagates_as_in_plain(conv_layout, gemm, fresh_seed, monkeypatch):
     """A NaN input poisons its channel's batch statistics: the same outputs are NaN as in
-    plain PyTorch, and the gradients are NaN where plain's are."""
+    plain PyTorch, and the gradients are NaN where plain's are (the NCL convs by GEMM, as
+    the default routes these few rows, and on oneDNN)."""
+    if not gemm:
+        monkeypatch.setattr(onednn_train, "GEMM_MAX_ROWS", -1)
     model, shape = _draw("block-downsample", fresh_seed)
     plain = fastres.unfuse(copy.deepcopy(model))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
@@ -397,6 +407,35 @@ def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_
                                             x.float().transpose(1, 2).contiguous(), geo)
     assert got.shape == ref.shape and rel_err(got, ref) < TOL
     got = onednn_train._weight_grad_ncl(grad_y.float(), x.float(), geo)
+    assert got.shape == ref.shape and rel_err(got, ref) < TOL
+
+
+@pytest.mark.parametrize("stride, dilation, kernel_size, pad_left, pad_right", [
+    (2, 8, 5, 16, 16), (2, 1, 3, 1, 1), (3, 2, 3, 4, 0), (2, 1, 7, 3, 3), (2, 1, 1, 0, 0),
+    (1, 4, 3, 8, 0), (1, 1, 3, 1, 1), (1, 2, 5, 4, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_by_gemm_matches_float64(stride, dilation, kernel_size, pad_left, pad_right, bias,
+                                      fresh_seed):
+    """The few-rows route's conv and data gradient (GEMMs over the weights as they are)
+    against float64: the forward with oneDNN's symmetric padding (the program's conv output,
+    its first out_length rows the conv's), the data gradient of the true conv."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    conv = nn.Conv1d(3, 19, kernel_size, stride=stride, dilation=dilation, bias=bias)
+    geo = onednn_train._Geometry(conv, pad_left, pad_right, ncl=True)
+    x = torch.randn(2, 3, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(19, 3, kernel_size, generator=g, dtype=torch.float64)
+    b = torch.randn(19, generator=g, dtype=torch.float64) if bias else None
+    y = torch.nn.functional.conv1d(torch.nn.functional.pad(x, [pad_left, pad_right]), w, b,
+                                   stride=stride, dilation=dilation)
+    sym = torch.nn.functional.conv1d(x, w, b, stride=stride, dilation=dilation,
+                                     padding=max(pad_left, pad_right))
+    got = onednn_train._conv_gemm_ncl(x.detach().float(), w.float(),
+                                      None if b is None else b.float(), geo)
+    assert got.shape == sym.shape and rel_err(got, sym) < TOL
+    assert rel_err(got[:, :, :y.shape[2]], y) < TOL
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(y, [x], grad_y)
+    got = onednn_train._data_grad_gemm_ncl(grad_y.float(), w.float(), geo, 64)
     assert got.shape == ref.shape and rel_err(got, ref) < TOL
 
 
@@ -668,6 +707,7 @@ def winograd_everywhere(request, monkeypatch):
     oneDNN below WINOGRAD_MIN_ROWS rows, more than these small models have), for the
     forward alone (the default) and for the data gradient too."""
     monkeypatch.setattr(onednn_train, "WINOGRAD_MIN_ROWS", 0)
+    monkeypatch.setattr(onednn_train, "GEMM_MAX_ROWS", -1)
     monkeypatch.setattr(onednn_train, "WINOGRAD", request.param)
     return request.param
 
