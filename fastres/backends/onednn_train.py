@@ -42,6 +42,24 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
   (benchmarks/NOTES.md); the temporal blocks default to NLC. `program_for(module,
   conv_layout)` builds the other for the dispatch to time. A TCNBlock network without
   batch norm keeps rows whatever the layout (its convs are not stages).
+- **Winograd F(2,3) for the NCL layout's stride-1 3-tap convs** (any dilation, "same" or
+  causal padding; csrc/cpu/winograd_cpu.cpp, `winograd_ncl`): two outputs' six products
+  become four GEMMs over channels, a third of the multiply-adds gone; the weights are
+  transformed once per call (they change every step), in float64 rounded once. Only at
+  WINOGRAD_MIN_ROWS rows (B * L) or more: the transform's memory traffic grows with the
+  weights, the arithmetic saved with the rows. The forward by default; the data gradient (the
+  3-tap conv of grad_y with the flipped, transposed weights: the same transformed weights
+  read transposed) on request (`winograd="forward+dgrad"`), as oneDNN's data gradient
+  shares its call with the weight gradient, which stays on oneDNN. Non-finite or huge
+  values (a transformed input at or above 0.5e38 / the weights' largest row sum of |w|, or
+  NaN/inf in input or weights) make the kernel answer ok=False, and the stage runs
+  oneDNN's conv instead, whose NaN and inf are torch's.
+- **Few rows: the NCL layout's convs as GEMMs** (at GEMM_MAX_ROWS output rows B * L_out or
+  fewer, any kernel, stride, dilation): the forward is the (C_out, C_in*K) weights as they
+  are times the input's im2col matrix, the data gradient their transpose times grad_y added
+  back into the input's positions, the weight gradient _weight_grad_ncl. oneDNN reorders the
+  weights at every call (forward, and the backward once more; they change every step), which
+  at few rows and many channels is most of the call; the GEMMs read them in place.
 - **Weights converted once per call**: a (C_out, C_in, K) weight as the channels-last
   (C_out, K, C_in) memory the NHWC conv reads, by the extension's transpose (ATen converted
   it at the forward and again at the backward, with a strided copy of several ms at
@@ -96,6 +114,28 @@ __all__ = ["CONV_LAYOUTS", "TrainProgram", "build_or_reason", "default_conv_layo
            "program_for", "run", "unavailable_reason"]
 
 _aten = torch.ops.aten
+
+# The fewest conv rows (B * L) at which a stride-1 3-tap conv runs as Winograd F(2,3): the
+# multiply-adds it saves grow with B * L C_in C_out, the weight transform it adds per step
+# (4 C_in C_out floats written, read again by the forward and the data gradient) with
+# C_in C_out only, so below some rows per weight the transform's memory traffic costs more
+# than the arithmetic saved (benchmarks/NOTES.md, issue 22 section 15).
+WINOGRAD_MIN_ROWS = 512
+
+# Which directions of those convs build_or_reason runs as Winograd by default (one of
+# WINOGRAD_MODES): the forward only. The data gradient as Winograd measured no faster in the
+# step: oneDNN computes it in the same call as the weight gradient, sharing the
+# activations' reorders, so on its own it costs little more than the weight gradient alone
+# (benchmarks/NOTES.md, issue 22 section 15); "forward+dgrad" builds it for a timer to try.
+WINOGRAD_MODES = ("off", "forward", "forward+dgrad")
+
+# The most output rows (B * L_out) at which a conv of the NCL layout runs as GEMMs over
+# the weights as they are (forward, data and weight gradient: _conv_gemm_ncl,
+# _data_grad_gemm_ncl, _weight_grad_ncl) instead of oneDNN, whose every call reorders the
+# weights (they change every step): at few rows and many channels that reorder is most of
+# the call (benchmarks/NOTES.md, issue 22 section 15). -1: never.
+GEMM_MAX_ROWS = 256
+WINOGRAD = "forward"
 
 
 def unavailable_reason() -> Optional[str]:
@@ -153,6 +193,32 @@ class _Geometry:
         if pad_right > pad_left:
             raise _Refused(f"a conv padded more on the right ({pad_left}, {pad_right}) than "
                            "on the left")
+        # the forward conv and its data gradient as Winograd F(2,3) (see the module
+        # docstring); set by build_or_reason where winograd_reason() is None
+        self.winograd = False
+        self.winograd_dgrad = False
+        self.winograd_min_rows = WINOGRAD_MIN_ROWS
+        # the conv and its gradients as GEMMs at this many output rows or fewer (NCL only)
+        self.gemm_max_rows = GEMM_MAX_ROWS if ncl else -1
+
+    def winograd_reason(self) -> Optional[str]:
+        """Why this conv cannot run as Winograd F(2,3) in the program, or None."""
+        if not self.ncl:
+            return "the Winograd training kernels are built for the NCL conv layout"
+        if self.kernel_size != 3 or self.stride != 1:
+            return f"kernel {self.kernel_size} stride {self.stride}: F(2,3) is for k3 stride 1"
+        # the data gradient is the conv of grad_y padded 2d - P on the left
+        if self.padding[1] > 2 * self.dilation:
+            return f"padding {self.padding[1]} beyond twice the dilation {self.dilation}"
+        if not hasattr(torch.ops.fastres_ext, "winograd_ncl"):
+            return "the compiled extension predates the Winograd training kernel; rebuild it"
+        return None
+
+    def conv_length(self, length: int) -> int:
+        """The length of oneDNN's output (symmetric padding), which the stage's conv output
+        has whichever kernel computes it."""
+        return output_length(length, self.kernel_size, self.dilation, self.stride,
+                             self.padding[1], self.padding[1])
 
     def out_length(self, length: int) -> int:
         return output_length(length, self.kernel_size, self.dilation, self.stride,
@@ -238,6 +304,41 @@ def _weight_grad_ncl(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
     return grad_w.view(c_out, h.shape[1], k)
 
 
+def _conv_gemm_ncl(h: Tensor, weight: Tensor, bias: Optional[Tensor], geo: _Geometry) -> Tensor:
+    """The conv on (B, C_in, L) activations as one GEMM, (C_out, C_in*K) weights as they are
+    times the im2col matrix (C_in*K, B*L_out) of h padded by oneDNN's symmetric padding (so
+    the output has the length oneDNN's would): no weight reorder, which is what oneDNN's
+    conv pays per call at few rows (see GEMM_MAX_ROWS)."""
+    batch, c_in, length = h.shape
+    k, s, d, pad = geo.kernel_size, geo.stride, geo.dilation, geo.padding[1]
+    l_out = geo.conv_length(length)
+    padded = F.pad(h, [pad, pad]) if pad else h
+    per_channel = padded.transpose(0, 1)  # (C_in, B, L_padded) view
+    columns = torch.stack([per_channel[:, :, j * d: j * d + (l_out - 1) * s + 1: s]
+                           for j in range(k)], dim=1)  # (C_in, K, B, L_out)
+    w2 = weight.reshape(weight.shape[0], c_in * k)
+    cols = columns.view(c_in * k, batch * l_out)
+    y2 = torch.mm(w2, cols) if bias is None else torch.addmm(bias[:, None], w2, cols)
+    return y2.view(weight.shape[0], batch, l_out).transpose(0, 1).contiguous()
+
+
+def _data_grad_gemm_ncl(grad_y: Tensor, weight: Tensor, geo: _Geometry, length: int) -> Tensor:
+    """The data gradient of _conv_gemm_ncl's conv (its true geometry: grad_y holds the
+    conv's L_out outputs): (C_in*K, C_out) weights transposed times grad_y (C_out, B*L_out),
+    its columns added back into the padded input's positions (col2im), cropped."""
+    batch, c_out, l_out = grad_y.shape
+    c_in, k = weight.shape[1], geo.kernel_size
+    s, d, left = geo.stride, geo.dilation, geo.pad_left
+    gy2 = grad_y.transpose(0, 1).reshape(c_out, batch * l_out)
+    gcols = torch.mm(weight.reshape(c_out, c_in * k).t(), gy2).view(c_in, k, batch, l_out)
+    span = (l_out - 1) * s + 1
+    padded = torch.zeros((c_in, batch, max(left + length, (k - 1) * d + span)),
+                         dtype=grad_y.dtype, device=grad_y.device)
+    for j in range(k):
+        padded[:, :, j * d: j * d + span: s] += gcols[:, j]
+    return padded[:, :, left: left + length].transpose(0, 1).contiguous()
+
+
 class _StageFunction(torch.autograd.Function):
     """act(BN_batch(conv(h)) (+ residual)), act ReLU or none; BN's running statistics
     updated in place. h: (B, L, C_in) contiguous, residual and the output (B, L_out, C_out)
@@ -249,13 +350,31 @@ class _StageFunction(torch.autograd.Function):
                 running_var, eps, momentum_factor):
         # oneDNN's own entry, not aten.convolution: ATen sends small batch-1 dilated convs to
         # its im2col path (slow_conv_dilated2d), which measured slower here at B1 L256
-        if geo.ncl:
+        ctx.winograd = None
+        ctx.gemm = geo.ncl and h.shape[0] * geo.out_length(h.shape[2]) <= geo.gemm_max_rows
+        if ctx.gemm:
             w4 = weight.detach().unsqueeze(2)
-            y = torch.ops.mkldnn._convolution_pointwise(
-                h.unsqueeze(2), w4, bias, geo.padding, geo.strides, geo.dilations, 1, "none",
-                [], "").squeeze(2)
-            if not y.is_contiguous():  # oneDNN answered in another layout: one copy
-                y = y.contiguous()
+            y = _conv_gemm_ncl(h, weight.detach(), None if bias is None else bias.detach(),
+                               geo)
+        elif geo.ncl:
+            w4 = weight.detach().unsqueeze(2)
+            y = None
+            if geo.winograd and h.shape[0] * h.shape[2] >= geo.winograd_min_rows:
+                # one weight transform per step, shared by the forward and the data gradient;
+                # ok is False for non-finite or overflowing values: oneDNN's conv then
+                v, gain, gain_t = torch.ops.fastres_ext.winograd_weights_ncl(weight.detach())
+                y, ok = torch.ops.fastres_ext.winograd_ncl(
+                    h, v, None if bias is None else bias.detach(), geo.dilation,
+                    geo.padding[1], geo.conv_length(h.shape[2]), False, gain)
+                ctx.winograd = v, gain_t
+                if not ok:
+                    y = None
+            if y is None:
+                y = torch.ops.mkldnn._convolution_pointwise(
+                    h.unsqueeze(2), w4, bias, geo.padding, geo.strides, geo.dilations, 1,
+                    "none", [], "").squeeze(2)
+                if not y.is_contiguous():  # oneDNN answered in another layout: one copy
+                    y = y.contiguous()
         else:
             w4 = _channels_last_weight(weight)
             y4 = torch.ops.mkldnn._convolution_pointwise(
@@ -295,16 +414,36 @@ class _StageFunction(torch.autograd.Function):
         bn_backward(grad_out.contiguous(), out, y, mean, invstd, gamma, grad_y, grad_gamma,
                     grad_beta, grad_res, ctx.relu)
         grad_h = grad_w = grad_b = None
+        if ctx.gemm:  # every gradient by GEMMs (see GEMM_MAX_ROWS)
+            length = out.shape[2]
+            w = w4.squeeze(2)
+            if need[0]:
+                grad_h = _data_grad_gemm_ncl(grad_y[:, :, :length], w, geo, h.shape[2])
+            if need[1]:
+                grad_w = _weight_grad_ncl(grad_y[:, :, :length], h, geo)
+            if need[2] and ctx.has_bias:
+                grad_b = grad_y[:, :, :length].sum(dim=(0, 2))
+            return (grad_h, grad_w, grad_b, grad_gamma if need[3] else None,
+                    grad_beta if need[4] else None, grad_res, None, None, None, None, None,
+                    None)
+        if need[0] and ctx.winograd is not None and geo.winograd_dgrad:
+            v, gain_t = ctx.winograd
+            grad_h, ok = torch.ops.fastres_ext.winograd_ncl(
+                grad_y, v, None, geo.dilation, 2 * geo.dilation - geo.padding[1], h.shape[2],
+                True, gain_t)
+            if not ok:  # non-finite or overflowing: oneDNN's data gradient
+                grad_h = None
         # oneDNN's weight gradient only at stride 1; strided: the GEMM (see above)
         onednn_w = need[1] and geo.stride == 1
-        if need[0] or onednn_w or (need[2] and ctx.has_bias):
+        need_h = need[0] and grad_h is None
+        if need_h or onednn_w or (need[2] and ctx.has_bias):
             ncl = geo.ncl
             grad_h4, grad_w, grad_b = _aten.convolution_backward(
                 grad_y.unsqueeze(2) if ncl else _conv_view(grad_y),
                 h.unsqueeze(2) if ncl else _conv_view(h), w4,
                 [c_out] if ctx.has_bias else None, geo.strides, geo.padding, geo.dilations,
                 False, [0, 0], 1,
-                [need[0], onednn_w, need[2] and ctx.has_bias])
+                [need_h, onednn_w, need[2] and ctx.has_bias])
             if grad_h4 is not None:
                 grad_h = grad_h4.squeeze(2).contiguous() if ncl else _rows(grad_h4)
             if grad_w is not None:
@@ -913,13 +1052,41 @@ def default_conv_layout(module: nn.Module) -> str:
     return "NCL" if _kind(module) in ("basic", "resnet") else "NLC"
 
 
-def build_or_reason(module: nn.Module, conv_layout: Optional[str] = None):
+def _stages(blocks: list) -> List[_Stage]:
+    """Every _Stage of a program's blocks (walking this module's own objects only)."""
+    found, seen = [], set()
+
+    def walk(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, _Stage):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+        elif type(obj).__module__ == __name__ and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                walk(value)
+
+    walk(blocks)
+    return found
+
+
+def build_or_reason(module: nn.Module, conv_layout: Optional[str] = None,
+                    winograd: Optional[str] = None):
     """(TrainProgram, None), or (None, why this module cannot be built). conv_layout: "NLC"
-    or "NCL" (see default_conv_layout, the default)."""
+    or "NCL" (see default_conv_layout, the default). winograd (WINOGRAD_MODES; None:
+    WINOGRAD): which directions of the stride-1 3-tap convs run as Winograd F(2,3), at
+    WINOGRAD_MIN_ROWS rows or more, where _Geometry.winograd_reason allows (the NCL layout,
+    the extension built): "forward", "forward+dgrad", or "off" (every conv on oneDNN)."""
     if conv_layout is None:
         conv_layout = default_conv_layout(module)
     if conv_layout not in CONV_LAYOUTS:
         raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
+    winograd = WINOGRAD if winograd is None else winograd
+    if winograd not in WINOGRAD_MODES:
+        raise ValueError(f"winograd must be one of {WINOGRAD_MODES}, got {winograd!r}")
     reason = unavailable_reason()
     if reason is not None:
         return None, reason
@@ -939,6 +1106,10 @@ def build_or_reason(module: nn.Module, conv_layout: Optional[str] = None):
         blocks = _blocks(module, kind, conv_layout == "NCL")
     except _Refused as refused:
         return None, str(refused)
+    for stage in _stages(blocks):
+        geo = stage.geo
+        geo.winograd = winograd != "off" and geo.winograd_reason() is None
+        geo.winograd_dgrad = geo.winograd and winograd == "forward+dgrad"
     return TrainProgram(module, blocks, conv_layout), None
 
 

@@ -186,9 +186,15 @@ def _train_and_compare_once(model, shape, seed, layout, steps, conv_layout):
                     mine.copy_(ref_value)
 
 
-@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
+@pytest.mark.parametrize("conv_layout, gemm", [("NLC", True), ("NCL", True), ("NCL", False)],
+                         ids=["NLC", "NCL", "NCL-onednn"])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_train_steps_match_float64(name, conv_layout, fresh_seed):
+def test_train_steps_match_float64(name, conv_layout, gemm, fresh_seed, monkeypatch):
+    """gemm: the NCL layout's convs routed as by default (these small models have few rows,
+    so mostly GEMMs: GEMM_MAX_ROWS); without, all on oneDNN (the NLC layout has no GEMM
+    route)."""
+    if not gemm:
+        monkeypatch.setattr(onednn_train, "GEMM_MAX_ROWS", -1)
     model, shape = _draw(name, fresh_seed)
     _train_and_compare(model, shape, fresh_seed, conv_layout=conv_layout)
 
@@ -237,10 +243,14 @@ def test_channels_last_view_keeps_its_layout(conv_layout, fresh_seed):
         fastres.unfuse(copy.deepcopy(model))(view).detach(), ref))
 
 
-@pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
-def test_nan_propagates_as_in_plain(conv_layout, fresh_seed):
+@pytest.mark.parametrize("conv_layout, gemm", [("NLC", True), ("NCL", True), ("NCL", False)],
+                         ids=["NLC", "NCL", "NCL-onednn"])
+def test_nan_propagates_as_in_plain(conv_layout, gemm, fresh_seed, monkeypatch):
     """A NaN input poisons its channel's batch statistics: the same outputs are NaN as in
-    plain PyTorch, and the gradients are NaN where plain's are."""
+    plain PyTorch, and the gradients are NaN where plain's are (the NCL convs by GEMM, as
+    the default routes these few rows, and on oneDNN)."""
+    if not gemm:
+        monkeypatch.setattr(onednn_train, "GEMM_MAX_ROWS", -1)
     model, shape = _draw("block-downsample", fresh_seed)
     plain = fastres.unfuse(copy.deepcopy(model))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
@@ -397,6 +407,35 @@ def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_
                                             x.float().transpose(1, 2).contiguous(), geo)
     assert got.shape == ref.shape and rel_err(got, ref) < TOL
     got = onednn_train._weight_grad_ncl(grad_y.float(), x.float(), geo)
+    assert got.shape == ref.shape and rel_err(got, ref) < TOL
+
+
+@pytest.mark.parametrize("stride, dilation, kernel_size, pad_left, pad_right", [
+    (2, 8, 5, 16, 16), (2, 1, 3, 1, 1), (3, 2, 3, 4, 0), (2, 1, 7, 3, 3), (2, 1, 1, 0, 0),
+    (1, 4, 3, 8, 0), (1, 1, 3, 1, 1), (1, 2, 5, 4, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_by_gemm_matches_float64(stride, dilation, kernel_size, pad_left, pad_right, bias,
+                                      fresh_seed):
+    """The few-rows route's conv and data gradient (GEMMs over the weights as they are)
+    against float64: the forward with oneDNN's symmetric padding (the program's conv output,
+    its first out_length rows the conv's), the data gradient of the true conv."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    conv = nn.Conv1d(3, 19, kernel_size, stride=stride, dilation=dilation, bias=bias)
+    geo = onednn_train._Geometry(conv, pad_left, pad_right, ncl=True)
+    x = torch.randn(2, 3, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(19, 3, kernel_size, generator=g, dtype=torch.float64)
+    b = torch.randn(19, generator=g, dtype=torch.float64) if bias else None
+    y = torch.nn.functional.conv1d(torch.nn.functional.pad(x, [pad_left, pad_right]), w, b,
+                                   stride=stride, dilation=dilation)
+    sym = torch.nn.functional.conv1d(x, w, b, stride=stride, dilation=dilation,
+                                     padding=max(pad_left, pad_right))
+    got = onednn_train._conv_gemm_ncl(x.detach().float(), w.float(),
+                                      None if b is None else b.float(), geo)
+    assert got.shape == sym.shape and rel_err(got, sym) < TOL
+    assert rel_err(got[:, :, :y.shape[2]], y) < TOL
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(y, [x], grad_y)
+    got = onednn_train._data_grad_gemm_ncl(grad_y.float(), w.float(), geo, 64)
     assert got.shape == ref.shape and rel_err(got, ref) < TOL
 
 
@@ -563,3 +602,178 @@ def _isa_levels():
 def test_isa_level_refuses_unknown_names():
     with pytest.raises(RuntimeError, match="unknown instruction-set level"):
         torch.ops.fastres_ext.bn_train_isa("avx9000")
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+def _winograd_op_case(seed, batch, c_in, c_out, length, dilation, padding, bias):
+    """The NCL Winograd kernel's forward conv and data gradient against float64, on fresh
+    draws; the padding P is oneDNN's symmetric one (the program's conv): the forward has
+    L + 2P - 2d outputs, the data gradient is the conv of grad_y padded 2d - P on the left."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c_in, length, generator=g, dtype=torch.float64)
+    w = torch.randn(c_out, c_in, 3, generator=g, dtype=torch.float64) / (3 * c_in) ** 0.5
+    b = torch.randn(c_out, generator=g, dtype=torch.float64) if bias else None
+    out_length = length + 2 * padding - 2 * dilation
+    grad_y = torch.randn(batch, c_out, out_length, generator=g, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    ref = torch.nn.functional.conv1d(xr, w, b, padding=padding, dilation=dilation)
+    (ref_grad,) = torch.autograd.grad(ref, [xr], grad_y)
+    v, gain, gain_t = torch.ops.fastres_ext.winograd_weights_ncl(w.float())
+    assert v.shape == (4, c_out, c_in)
+    assert gain == pytest.approx(w.float().double().abs().sum(dim=(1, 2)).max().item())
+    assert gain_t == pytest.approx(w.float().double().abs().sum(dim=(0, 2)).max().item())
+    y, ok = torch.ops.fastres_ext.winograd_ncl(
+        x.float(), v, None if b is None else b.float(), dilation, padding, out_length, False,
+        gain)
+    assert ok and y.shape == ref.shape
+    assert rel_err(y, ref) < TOL, rel_err(y, ref)
+    gx, ok = torch.ops.fastres_ext.winograd_ncl(grad_y.float(), v, None, dilation,
+                                                2 * dilation - padding, length, True, gain_t)
+    assert ok and gx.shape == ref_grad.shape
+    assert rel_err(gx, ref_grad) < TOL, rel_err(gx, ref_grad)
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+@pytest.mark.parametrize("padding", ["same", "causal"])
+@pytest.mark.parametrize("length", [1, 2, 17, 40])
+def test_winograd_ncl_kernel_matches_float64(dilation, padding, length, fresh_seed):
+    """Odd and even lengths, a length shorter than one tile, phases of every dilation."""
+    pad = dilation if padding == "same" else 2 * dilation
+    _winograd_op_case(fresh_seed, 3, 5, 7, length, dilation, pad, bias=True)
+
+
+@pytest.mark.parametrize("c_in, c_out, length", [(64, 64, 256), (512, 512, 8), (9, 130, 1501)])
+def test_winograd_ncl_kernel_wide_and_chunked(c_in, c_out, length, fresh_seed):
+    """Wide channels, and more tiles than one chunk holds (the chunks span batch items)."""
+    _winograd_op_case(fresh_seed, 2, c_in, c_out, length, 1, 1, bias=False)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e37])
+def test_winograd_ncl_kernel_declines_non_finite_and_huge(value, fresh_seed):
+    """A NaN or inf input, one large enough to overflow inside the transforms, or a
+    non-finite weight: the kernel answers ok=False (the program then runs oneDNN's conv);
+    the same input without it runs."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    x = torch.randn(2, 6, 30, generator=g)
+    w = torch.randn(5, 6, 3, generator=g)
+    v, gain, gain_t = torch.ops.fastres_ext.winograd_weights_ncl(w)
+    for transposed, c, gn in ((False, 6, gain), (True, 5, gain_t)):
+        t = x[:, :c].contiguous()
+        assert torch.ops.fastres_ext.winograd_ncl(t, v, None, 1, 1, 30, transposed, gn)[1]
+        t[1, c - 1, 29] = value
+        assert not torch.ops.fastres_ext.winograd_ncl(t, v, None, 1, 1, 30, transposed, gn)[1]
+    w[3, 2, 1] = value if value != 1e37 else float("nan")
+    v, gain, gain_t = torch.ops.fastres_ext.winograd_weights_ncl(w)
+    assert not torch.ops.fastres_ext.winograd_ncl(x, v, None, 1, 1, 30, False, gain)[1]
+    assert not torch.ops.fastres_ext.winograd_ncl(x[:, :5].contiguous(), v, None, 1, 1, 30,
+                                                  True, gain_t)[1]
+
+
+def test_winograd_ncl_kernel_checks_shapes():
+    x, w = torch.randn(2, 6, 30), torch.randn(5, 6, 3)
+    v, gain, _ = torch.ops.fastres_ext.winograd_weights_ncl(w)
+    with pytest.raises(RuntimeError, match="input channels"):
+        torch.ops.fastres_ext.winograd_ncl(x[:, :5].contiguous(), v, None, 1, 1, 30, False, gain)
+    with pytest.raises(RuntimeError, match="reads past"):
+        torch.ops.fastres_ext.winograd_ncl(x, v, None, 1, 1, 33, False, gain)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.fastres_ext.winograd_ncl(x, v, torch.zeros(4), 1, 1, 30, False, gain)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.fastres_ext.winograd_ncl(x.transpose(1, 2).contiguous().transpose(1, 2), v,
+                                           None, 1, 1, 30, False, gain)
+    with pytest.raises(RuntimeError, match=r"\(C_out, C_in, 3\)"):
+        torch.ops.fastres_ext.winograd_weights_ncl(torch.randn(5, 6, 4))
+
+
+# models whose stride-1 3-tap convs cover "same" and causal padding at dilations 1, 2, 4
+WINOGRAD_MODULES = {
+    "basic-identity": MODULES["basic-identity"],
+    "basic-dilated-2": (lambda: fastres.BasicBlock(8, 8, dilation=2), (3, 8, 29)),
+    "basic-causal-dilated-4": (lambda: fastres.BasicBlock(6, 6, dilation=4, causal=True),
+                               (2, 6, 40)),
+    "block-identity": MODULES["block-identity"],    # causal, dilation 2
+    "block-downsample": MODULES["block-downsample"],  # causal, dilation 4
+    "tcn": MODULES["tcn"],  # causal, dilations 1, 2, 4
+    "resnet": MODULES["resnet"],
+    "resnet-causal": (lambda: fastres.ResNet1d([1, 1, 1, 1], 3, 5, widths=(8, 8, 12, 16),
+                                               causal=True), (4, 3, 120)),
+}
+
+
+@pytest.fixture(params=["forward", "forward+dgrad"])
+def winograd_everywhere(request, monkeypatch):
+    """Winograd for every stride-1 3-tap NCL conv whatever its rows (the default keeps
+    oneDNN below WINOGRAD_MIN_ROWS rows, more than these small models have), for the
+    forward alone (the default) and for the data gradient too."""
+    monkeypatch.setattr(onednn_train, "WINOGRAD_MIN_ROWS", 0)
+    monkeypatch.setattr(onednn_train, "GEMM_MAX_ROWS", -1)
+    monkeypatch.setattr(onednn_train, "WINOGRAD", request.param)
+    return request.param
+
+
+def _winograd_stages(model):
+    program, reason = onednn_train.build_or_reason(model, "NCL")
+    assert reason is None, reason
+    return [s for s in onednn_train._stages(program._blocks) if s.geo.winograd]
+
+
+@pytest.mark.parametrize("name", list(WINOGRAD_MODULES))
+def test_winograd_train_steps_match_float64(name, winograd_everywhere, fresh_seed):
+    """The NCL program with the forward conv and the data gradient as Winograd F(2,3):
+    output, every gradient and the running statistics against float64, over two steps."""
+    build, shape = WINOGRAD_MODULES[name]
+    torch.manual_seed(fresh_seed)
+    model = build()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    model.train()
+    stages = _winograd_stages(model)
+    assert stages and all(s.geo.winograd_min_rows == 0 for s in stages)
+    assert all(s.geo.winograd_dgrad == (winograd_everywhere == "forward+dgrad")
+               for s in stages)
+    _train_and_compare(model, shape, fresh_seed, conv_layout="NCL")
+
+
+def test_winograd_is_a_build_choice(winograd_everywhere):
+    """build_or_reason(..., winograd="off") keeps every conv on oneDNN; the NLC layout,
+    strided and other kernel sizes never run it; an unknown mode is refused."""
+    model = fastres.BasicBlock(8, 16, 2, "auto")
+    program, _ = onednn_train.build_or_reason(model, "NCL")
+    ran = {s.geo.kernel_size * 10 + s.geo.stride: s.geo.winograd
+           for s in onednn_train._stages(program._blocks)}
+    assert ran == {32: False, 31: True, 12: False}
+    program, _ = onednn_train.build_or_reason(model, "NCL", winograd="off")
+    assert not any(s.geo.winograd for s in onednn_train._stages(program._blocks))
+    program, _ = onednn_train.build_or_reason(fastres.TemporalBlock(8, 8, 3), "NLC")
+    assert not any(s.geo.winograd for s in onednn_train._stages(program._blocks))
+    with pytest.raises(ValueError, match="winograd must be one of"):
+        onednn_train.build_or_reason(model, "NCL", winograd="dgrad")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_winograd_non_finite_input_as_in_plain(value, winograd_everywhere, fresh_seed):
+    """A NaN or inf input reaches the Winograd convs: they hand it to oneDNN's conv, so the
+    same outputs and input gradients are NaN (and inf) as in plain PyTorch."""
+    build, shape = WINOGRAD_MODULES["basic-dilated-2"]
+    torch.manual_seed(fresh_seed)
+    model = build().train()
+    assert _winograd_stages(model)
+    plain = fastres.unfuse(copy.deepcopy(model))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed))
+    x[1, 2, 7] = value
+    outs = []
+    for m, run in ((model, lambda m, t: onednn_train.run(m, t, "NCL")),
+                   (plain, lambda m, t: m(t))):
+        xm = x.clone().requires_grad_()
+        out = run(m, xm)
+        (gx,) = torch.autograd.grad(out.sum(), [xm])
+        outs.append((out.detach(), gx))
+    for got, want in zip(outs[0], outs[1]):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.isinf(), want.isinf())
