@@ -47,6 +47,7 @@ class TimingConfig:
     min_block_s: float = 0.01    # one timed block lasts at least this long
     warmup_s: float = 0.05       # warm-up time per candidate after its first call
     min_warmup_calls: int = 2
+    min_block_calls: int = 1     # calls per timed block, at least
 
 
 TIMING = {
@@ -121,7 +122,8 @@ def measure(candidates: Dict[str, Callable[[], object]], device: torch.device,
             first, warm = _time_block(fn, device, 1), []
             while len(warm) < config.min_warmup_calls or sum(warm) < config.warmup_s:
                 warm.append(_time_block(fn, device, 1))
-            number = max(1, math.ceil(config.min_block_s / max(min(warm), 1e-7)))
+            number = max(config.min_block_calls,
+                         math.ceil(config.min_block_s / max(min(warm), 1e-7)))
             results[name] = Stats([], number, first)
         except Exception as exc:  # noqa: BLE001 - one broken candidate must not sink the group
             results[name] = exc

@@ -32,3 +32,16 @@ def test_measure_interleaves_and_keeps_a_failing_candidate_apart():
     assert [len(results[n].times_s) for n in "ab"] == [4, 4]
     rounds = order[-8:]  # after first calls and warm-up: one call each per round, rotating
     assert rounds == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+@pytest.mark.parametrize("min_block_calls", [1, 2, 3])
+def test_a_block_holds_at_least_min_block_calls(min_block_calls):
+    """However long one call is, a timed block runs min_block_calls of them (the module
+    level's blocks: two, so no sample is only a cold first call)."""
+    calls = []
+    config = timing.TimingConfig(min_rounds=2, max_rounds=2, max_time_s=0.0, min_block_s=0.0,
+                                 warmup_s=0.0, min_warmup_calls=1,
+                                 min_block_calls=min_block_calls)
+    results = timing.measure({"a": lambda: calls.append(1)}, torch.device("cpu"), config)
+    assert results["a"].number == min_block_calls
+    assert len(calls) == 2 + 2 * min_block_calls  # first call, warm-up, two rounds

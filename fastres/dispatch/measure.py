@@ -35,9 +35,13 @@ MARGIN_BACKWARD = 0.15
 # Interleaved rounds; each timed block of calls lasts at least 2 ms (clock resolution).
 CONFIG = timing.TimingConfig(min_rounds=5, max_rounds=5, max_time_s=0.0, min_block_s=2e-3,
                              warmup_s=0.0, min_warmup_calls=1)
-# The module level's rounds: a whole module is timed fewer times than one stage.
+# The module level's rounds: a whole module is timed fewer times than one stage, in blocks
+# of two calls at least: a block's first call runs on the caches the candidate before it
+# left, and at one call per block (a training step of tens of ms) that was every sample:
+# it hid about a third of a 9% win (ResNet1d's training program, benchmarks/NOTES.md).
 MODULE_CONFIG = timing.TimingConfig(min_rounds=3, max_rounds=3, max_time_s=0.0,
-                                    min_block_s=2e-3, warmup_s=0.0, min_warmup_calls=1)
+                                    min_block_s=2e-3, warmup_s=0.0, min_warmup_calls=1,
+                                    min_block_calls=2)
 # Passes of those rounds at most: a decision too close to call is timed again, the rounds
 # pooled (a median of 3 samples is a noisy thing, and most decisions are clear after one).
 PASSES = 3
