@@ -182,7 +182,8 @@ def _decide(call: Call, make_run) -> Choice:
                         excluded=excluded, final=False)
         warnings.warn(f"fastres: {choice.reason} ({call.key()})", RuntimeWarning, stacklevel=4)
         return choice
-    with record.recording(keep=False):  # (one trusted candidate is timed too: its choice shows the time)
+    # (one trusted candidate is timed too: its choice shows the time)
+    with record.recording(keep=False):
         runs = _runs(trusted, make_run,
                      call.device_type == "cpu" and not record.module_measuring())
         choice = measure("op", runs, "eager" if "eager" in trusted else trusted[0],
