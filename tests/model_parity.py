@@ -31,6 +31,19 @@ def grad_scale(name, plain_grads):
     return None
 
 
+def randomize_bn(model):
+    """BatchNorm1d running statistics and affine parameters away from their fresh 0/1, drawn
+    from torch's global generator (seeded by the caller), so folding them is exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    return model
+
+
 def _check(what, fused, plain, reference, scale=None):
     """The fused value against the float64 plain model, as tests/parity.py judges a backend.
 

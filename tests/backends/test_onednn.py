@@ -21,6 +21,7 @@ from fastres import _ext
 from fastres._copies import PROBES
 from fastres.backends import onednn
 from fastres.conventions import rel_err
+from model_parity import randomize_bn
 
 pytestmark = [pytest.mark.skipif(onednn.unavailable_reason() is not None,
                                  reason=f"oneDNN executor: {onednn.unavailable_reason()}"),
@@ -60,18 +61,8 @@ def _draw(name, seed, dtype=torch.float32):
     build, shape = MODULES[name]
     torch.manual_seed(seed)
     model = build()
-    _randomize_bn(model)
+    randomize_bn(model)
     return model.eval().to(dtype), shape
-
-
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm1d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
 
 
 def _poisoned_run(program, x):
@@ -168,7 +159,7 @@ def test_channels_last_input_is_read_in_place(name, fresh_seed):
 def test_nlc_module(cls, args, shape, fresh_seed):
     torch.manual_seed(fresh_seed)
     nlc = cls(*args, input_layout="NLC")
-    _randomize_bn(nlc)
+    randomize_bn(nlc)
     nlc.eval()
     ncl = cls(*args).eval()
     ncl.load_state_dict(nlc.state_dict())
@@ -197,7 +188,7 @@ def test_residual_post_op_is_the_identity_and_the_projection(fresh_seed):
     for c_in in (8, 5):
         torch.manual_seed(fresh_seed)
         block = fastres.TemporalBlock(c_in, 8, 3, dilation=2).eval()
-        _randomize_bn(block)
+        randomize_bn(block)
         with torch.no_grad():
             block.conv2.weight.zero_()
             block.conv2.bias.zero_()
@@ -580,7 +571,7 @@ def _winograd_case(outputs, seed, batch, c_in, c_out, length, dilation, padding,
     torch.manual_seed(seed)
     conv = nn.Conv1d(c_in, c_out, 3, dilation=dilation)
     bn = nn.BatchNorm1d(c_out)
-    _randomize_bn(bn)
+    randomize_bn(bn)
     step = onednn._Conv(conv, bn.eval(), padding, torch.float32)
     assert step.use_winograd(outputs)
     assert step.winograd.shape == (outputs + 2, c_in, c_out)

@@ -23,7 +23,7 @@ from fastres import _alloc
 from fastres import upstream_kernels
 from fastres.backends import onednn_train
 from fastres.conventions import rel_err
-from model_parity import TOL, grad_scale
+from model_parity import TOL, grad_scale, randomize_bn
 
 pytestmark = [pytest.mark.skipif(onednn_train.unavailable_reason() is not None,
                                  reason=f"oneDNN training program: "
@@ -83,18 +83,12 @@ def _momentum_none(module):
     return module
 
 
-def _draw(name, seed):
-    build, shape = MODULES[name]
+def _draw(name, seed, modules=None):
+    """The model `name` of `modules` (MODULES unless given), its batch norms randomized, in
+    training mode, and its input shape."""
+    build, shape = (MODULES if modules is None else modules)[name]
     torch.manual_seed(seed)
-    model = build()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm1d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
-    return model.train(), shape
+    return randomize_bn(build()).train(), shape
 
 
 def _check(what, got, plain, ref, scale=None):
@@ -722,17 +716,7 @@ def _winograd_stages(model):
 def test_winograd_train_steps_match_float64(name, winograd_everywhere, fresh_seed):
     """The NCL program with the forward conv and the data gradient as Winograd F(2,3):
     output, every gradient and the running statistics against float64, over two steps."""
-    build, shape = WINOGRAD_MODULES[name]
-    torch.manual_seed(fresh_seed)
-    model = build()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm1d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
-    model.train()
+    model, shape = _draw(name, fresh_seed, WINOGRAD_MODULES)
     stages = _winograd_stages(model)
     assert stages and all(s.geo.winograd_min_rows == 0 for s in stages)
     assert all(s.geo.winograd_dgrad == (winograd_everywhere == "forward+dgrad")
