@@ -38,10 +38,20 @@ def _grads(model, out, x):
     return [t.grad.clone() for t in leaves]
 
 
+# Stacks of blocks: temporal ones, and strided basic ones whose "auto" projection runs its
+# 1x1 conv unstrided (_stage.projected) where the plain twin calls the strided module.
+STACKS = {
+    "temporal": lambda: torch.nn.Sequential(fastres.TemporalBlock(4, 8, 3, dilation=2),
+                                            fastres.TemporalBlock(8, 8, 3)),
+    "strided-basic": lambda: torch.nn.Sequential(
+        fastres.BasicBlock(4, 8, stride=2, downsample="auto"), fastres.BasicBlock(8, 8)),
+}
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_checkpointed_blocks_train_as_plain_ones(reentrant, fresh_dispatch, fresh_seed):
-    fused, plain = _pair(lambda: torch.nn.Sequential(
-        fastres.TemporalBlock(4, 8, 3, dilation=2), fastres.TemporalBlock(8, 8, 3)), fresh_seed)
+def test_checkpointed_blocks_train_as_plain_ones(reentrant, stack, fresh_dispatch, fresh_seed):
+    fused, plain = _pair(STACKS[stack], fresh_seed)
     for step in range(2):  # the first step would measure: it must not, inside checkpointing
         x = torch.randn(3, 4, 40, generator=torch.Generator().manual_seed(fresh_seed + step),
                         requires_grad=True)
@@ -57,11 +67,15 @@ def test_checkpointed_blocks_train_as_plain_ones(reentrant, fresh_dispatch, fres
             assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("model", ["tcn", "strided-basic"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_compile_fullgraph_over_three_lengths_matches_eager(train, fresh_seed):
+def test_compile_fullgraph_over_three_lengths_matches_eager(train, model, fresh_seed):
     torch._dynamo.reset()
-    fused, plain = _pair(lambda: fastres.TemporalConvNet(3, [6, 6], kernel_size=3, dropout=0.0),
-                         fresh_seed, train)
+    make = {"tcn": lambda: fastres.TemporalConvNet(3, [6, 6], kernel_size=3, dropout=0.0),
+            "strided-basic": lambda: torch.nn.Sequential(
+                fastres.BasicBlock(3, 6, stride=2, downsample="auto"),
+                fastres.BasicBlock(6, 6))}[model]
+    fused, plain = _pair(make, fresh_seed, train)
     compiled = torch.compile(fused, fullgraph=True)
     for length in (24, 40, 57):
         x = torch.randn(2, 3, length, requires_grad=train)
@@ -134,6 +148,28 @@ def test_backward_hooks_on_a_conv_and_a_block_fire_once(backend, fresh_dispatch,
     assert len(conv_grads) == 1 and conv_grads[0].shape[:2] == (2, 6)
     assert len(block_grads["fused"]) == len(block_grads["plain"]) == 1
     assert rel_err(block_grads["fused"][0], block_grads["plain"][0]) < 1e-5
+
+
+@pytest.mark.parametrize("where", ["conv", "container"])
+def test_a_hooked_projection_is_called_as_its_modules(where, fresh_dispatch, fresh_seed):
+    """A strided BasicBlock's "auto" projection runs its conv unstrided unless its conv or
+    its container has hooks: then it is called as it is, the hook fires once per call, and
+    a hook that changes the output changes the block's as it does the plain block's."""
+    fused, plain = _pair(lambda: fastres.BasicBlock(4, 8, stride=2, downsample="auto"),
+                         fresh_seed)
+    x = torch.randn(2, 4, 37, requires_grad=True)
+    calls = {"fused": 0, "plain": 0}
+    for name, model in (("fused", fused), ("plain", plain)):
+        hooked = model.downsample[0] if where == "conv" else model.downsample
+
+        def doubled(module, inputs, out, name=name):
+            calls[name] += 1
+            return out * 2
+        hooked.register_forward_hook(doubled)
+    got, want = fused(x), plain(x)
+    assert calls == {"fused": 1, "plain": 1}
+    assert rel_err(got, want) < 1e-5
+    _close_grads(_grads(fused, fused(x), x), _grads(plain, plain(x), x))
 
 
 def test_an_eps_changed_after_the_first_call_is_used(fresh_dispatch, fresh_seed):
