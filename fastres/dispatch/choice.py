@@ -33,7 +33,8 @@ class Choice:
     runs. reason: why, in words. times_s: median seconds per call of every candidate timed;
     spread: the noise of the decision, the interquartile spread (relative) of the round-by-
     round time ratio of the two that decided (the fastest other candidate over the
-    baseline); margin: how much
+    baseline); ratio: the median of that round-by-round ratio, what the margin is judged
+    against (0.0 where nothing was compared); margin: how much
     faster than the baseline another candidate had to be; excluded: candidates left out,
     and why (a failed correctness probe, an error). source: MEASURED, CACHED, STATIC,
     FORCED or RULE. final: stored for later processes (see the module docstring).
@@ -50,6 +51,7 @@ class Choice:
     excluded: Dict[str, str] = dataclasses.field(default_factory=dict)
     provenance: Dict[str, object] = dataclasses.field(default_factory=dict)
     final: bool = True
+    ratio: float = 0.0
 
     def why(self) -> str:
         """The reason with the times, as `fastres explain` and `fastres dispatch` print it."""
@@ -57,12 +59,14 @@ class Choice:
             return self.reason
         ranked = sorted(self.times_s, key=self.times_s.get)
         base, fastest = self.times_s.get(self.baseline), ranked[0]
+        # (the saving the margin was judged by: the paired rounds' ratio, else the medians')
+        rival = self.name if self.name != self.baseline else fastest
+        saving = 1 - (self.ratio or (self.times_s[rival] / base if base else 1.0))
         verdict = f"{self.name} was fastest"
         if base and self.name != self.baseline:
-            verdict = (f"{self.name} took {1 - self.times_s[self.name] / base:.0%} less time "
-                       f"than {self.baseline} (needed {self.margin:.0%})")
+            verdict = (f"{self.name} took {saving:.0%} less time than {self.baseline} "
+                       f"(needed {self.margin:.0%})")
         elif base and fastest != self.baseline:
-            saving = 1 - self.times_s[fastest] / base
             short = (f"short of the {self.margin:.0%} a fused path must save"
                      if saving < self.margin else
                      f"but samples spread {self.spread:.0%}: too close to call")
@@ -93,7 +97,7 @@ class Choice:
         return dataclasses.replace(cls(**doc), source=CACHED)
 
 
-_FIELD_TYPES = dict(level=str, name=str, reason=str, source=str, times_s=dict, spread=(int, float),
+_FIELD_TYPES = dict(level=str, name=str, reason=str, source=str, times_s=dict, spread=(int, float), ratio=(int, float),
                     margin=(int, float), baseline=str, excluded=dict, provenance=dict, final=bool)
 
 

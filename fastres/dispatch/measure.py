@@ -90,7 +90,7 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
                 stats.pop(name, None)
             else:  # (the rounds of every pass pooled)
                 stats.setdefault(name, timing.Stats([], 1, 0.0)).times_s.extend(result.times_s)
-        best, spread, closeness = _judge(stats, baseline, need)
+        best, spread, closeness, ratio = _judge(stats, baseline, need)
         if closeness is None or closeness >= spread:
             break
     load = load_per_core()
@@ -106,13 +106,14 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
     if why_not:
         details["not_final"] = why_not + "; measured again by the next process"
     return Choice(level, best, "measured", MEASURED, {n: st.median_s for n, st in stats.items()},
-                  spread, need, baseline, excluded, details, final=why_not is None)
+                  spread, need, baseline, excluded, details, final=why_not is None, ratio=ratio)
 
 
 def _judge(stats: Dict[str, timing.Stats], baseline: str, need: float
-           ) -> Tuple[str, float, Optional[float]]:
+           ) -> Tuple[str, float, Optional[float], float]:
     """(the winner by the margin, the decision's noise, how far the decision is from
-    flipping, relative; None with nothing to compare).
+    flipping, relative, None with nothing to compare; the decisive ratio's median, 0.0
+    with nothing to compare).
 
     The decisive comparison is the baseline against the fastest other candidate, judged
     round by round: the rounds interleave the candidates, so a burst of load slows both
@@ -121,8 +122,8 @@ def _judge(stats: Dict[str, timing.Stats], baseline: str, need: float
     times = {name: st.median_s for name, st in stats.items()}
     rival = min((n for n in times if n != baseline), key=times.get, default=None)
     if rival is None:
-        return baseline, stats[baseline].spread, None
+        return baseline, stats[baseline].spread, None, 0.0
     ratios = timing.Stats([r / b for r, b in zip(stats[rival].times_s, stats[baseline].times_s)],
                           1, 0.0)
     best = rival if ratios.median_s <= 1 - need else baseline
-    return best, ratios.spread, abs((1 - need) / ratios.median_s - 1)
+    return best, ratios.spread, abs((1 - need) / ratios.median_s - 1), ratios.median_s

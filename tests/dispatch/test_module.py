@@ -58,8 +58,9 @@ def test_a_module_is_never_slower_than_its_plain_policy(monkeypatch, fresh_dispa
         block(torch.randn(2, 4, 64))
     (choice,) = dispatch.module.choices(block).values()
     assert choice.name != "cpp" and choice.times_s["cpp"] > choice.times_s["plain"]
-    if choice.name != "plain":  # another path (oneDNN, say) won, by the margin
-        assert choice.times_s[choice.name] <= 0.95 * choice.times_s["plain"]
+    if choice.name != "plain":  # another path (oneDNN, say) won, by the margin: the median
+        # of its round-by-round time ratio to plain, which the rule judges (not the medians')
+        assert 0 < choice.ratio <= 0.95
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
