@@ -52,19 +52,6 @@ class DispatchReport(List[StageDecision]):
         return sorted({d.backend for d in self})
 
 
-def _run_once(model: nn.Module, inputs, backward: Optional[bool]) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if backward is None:
-        backward = model.training and bool(params) and torch.is_grad_enabled()
-    with torch.set_grad_enabled(backward):  # no backward: an inference call, under no_grad
-        out = model(*inputs)
-    if backward:
-        outputs = [t for t in (out if isinstance(out, (tuple, list)) else [out])
-                   if isinstance(t, torch.Tensor) and t.requires_grad]
-        torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs],
-                            allow_unused=True)
-
-
 def explain(model: nn.Module, *example_inputs, backward: Optional[bool] = None
             ) -> DispatchReport:
     """Run `model` once on `example_inputs` and report every choice made: per outermost
@@ -77,8 +64,17 @@ def explain(model: nn.Module, *example_inputs, backward: Optional[bool] = None
     runs under no_grad, as inference does. The model's state is restored afterwards.
     """
     names = {module: name for name, module in model.named_modules()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if backward is None:
+        backward = model.training and bool(params) and torch.is_grad_enabled()
     with dispatch.module.state_restored(model), dispatch.recording() as log:
-        _run_once(model, example_inputs, backward)
+        with torch.set_grad_enabled(backward):  # no backward: an inference call, under no_grad
+            out = model(*example_inputs)
+        outputs = [t for t in (out if isinstance(out, (tuple, list)) else [out])
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        if backward and outputs:
+            torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs],
+                                allow_unused=True)
     return DispatchReport(
         StageDecision(names.get(where, ""), call, f"policy: {choice.name}" if choice.level ==
                       "module" else choice.name, choice.why(), choice.level)

@@ -9,18 +9,16 @@ Two levels decide, and nothing else does:
 Both return a Choice (choice.py), time with the one timer (fastres/timing.py) by one rule
 (measure.py), keep choices in one cache (cache.py), probe candidates for correctness
 before timing them (op.py), and never measure where that is unsafe (safety.py).
-`fastres.explain` reads what they chose (record.py).
+`fastres.explain` reads the log of what they chose (choice.py).
 """
-from . import module, op, record
+from . import choice, module, op, safety
 from .cache import cache, forget
-from .choice import Choice
+from .choice import Choice, recording
 from .measure import MARGIN_BACKWARD, MARGIN_FORWARD
-from .op import (CPP_MIN_LENGTH, PREFERENCE, candidates, describe_default, forced_backend,
-                 static_choice, trace_time_choice, use_backend)
-from .record import recording
+from .op import (CPP_MIN_LENGTH, candidates, describe_default, forced_backend, static_choice,
+                 trace_time_choice, use_backend)
 from .safety import why_not_measure
 
-__all__ = ["CPP_MIN_LENGTH", "Choice", "MARGIN_BACKWARD", "MARGIN_FORWARD", "PREFERENCE",
-           "cache", "candidates", "describe_default", "forced_backend", "forget", "module",
-           "op", "record", "recording", "static_choice", "trace_time_choice", "use_backend",
-           "why_not_measure"]
+__all__ = ["CPP_MIN_LENGTH", "Choice", "MARGIN_BACKWARD", "MARGIN_FORWARD", "cache", "candidates",
+           "choice", "describe_default", "forced_backend", "forget", "module", "op", "recording",
+           "safety", "static_choice", "trace_time_choice", "use_backend", "why_not_measure"]

@@ -45,6 +45,8 @@ def read_file(path: str) -> Tuple[Optional[dict], Dict[str, Choice], Optional[st
     try:
         with open(path) as f:
             doc = json.load(f)
+    except FileNotFoundError:
+        return None, {}, None
     except (OSError, ValueError) as exc:
         return None, {}, f"not readable as JSON ({exc})"
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
@@ -68,8 +70,7 @@ class ChoiceCache:
     def __init__(self, path: Optional[str]):
         self.path = path
         self.memory: Dict[Hashable, Choice] = {}
-        self._disk: Dict[str, Choice] = {}
-        self._read: set = set()
+        self._files: Dict[Optional[str], Dict[str, Choice]] = {}  # a file's entries, by path
         self._lock = threading.RLock()
 
     def file_for(self, device: str) -> Optional[str]:
@@ -84,14 +85,12 @@ class ChoiceCache:
         """A final choice an earlier process stored for `text_key`, or None."""
         path = self.file_for(device)
         with self._lock:
-            if path is not None and path not in self._read:
-                self._read.add(path)
-                _, entries, problem = read_file(path) if os.path.exists(path) else (0, {}, 0)
+            if path not in self._files:
+                _, self._files[path], problem = read_file(path) if path else (0, {}, 0)
                 if problem:
                     warnings.warn(f"fastres: dispatch cache {path}: {problem}; the affected "
                                   "choices will be measured again", RuntimeWarning, stacklevel=4)
-                self._disk.update(entries)
-            return self._disk.get(text_key)
+            return self._files[path].get(text_key)
 
     def store(self, text_key: str, device: str, choice: Choice) -> None:
         """Keep a final choice on disk, merged into the file under a lock and replaced
@@ -102,11 +101,11 @@ class ChoiceCache:
             return
         with self._lock, contextlib.suppress(OSError):  # (read-only: kept in this process)
             self.stored(text_key, device)
-            self._disk[text_key] = choice
+            self._files[path][text_key] = choice
             os.makedirs(self.path, exist_ok=True)
             with open(path + ".lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
-                entries = read_file(path)[1] if os.path.exists(path) else {}
+                entries = read_file(path)[1]
                 entries[text_key] = choice
                 doc = {"schema": SCHEMA, "device": device_name(device),
                        "threads": torch.get_num_threads(), "versions": versions(),

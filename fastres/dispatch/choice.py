@@ -1,4 +1,5 @@
-"""The one record of a choice: what runs, why, and how that was found out.
+"""The one record of a choice: what runs, why, and how that was found out; and the log of
+the choices made, which `fastres.explain` reads.
 
 Both levels that choose (an op call, fastres/dispatch/op.py; the outermost fused module,
 fastres/dispatch/module.py) return a Choice; the cache stores Choices; `fastres.explain` and
@@ -6,15 +7,22 @@ fastres/dispatch/module.py) return a Choice; the cache stores Choices; `fastres.
 count, software versions, when, the machine's load) and whether it is final: a choice
 measured on a busy machine, or won by less than the timing noise, is used by this process
 only and measured again by the next one, so a noisy moment cannot decide for good.
+
+Inside `recording()` every choice made on the thread is logged as (where, call, choice):
+where is the module that chose (the outermost fused module, for a module-level choice) or
+the stage's conv (set_stage), call the op's Call or None for a module-level choice.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Dict
+import threading
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
 from .. import machine
+from ..backends import Call
 
 # A machine whose one-minute load average exceeds this many runnable threads per core is busy:
 # a choice timed there is not stored for later processes. The measuring process itself adds
@@ -58,20 +66,17 @@ class Choice:
         if not self.times_s:
             return self.reason
         ranked = sorted(self.times_s, key=self.times_s.get)
-        base, fastest = self.times_s.get(self.baseline), ranked[0]
+        rival = self.name if self.name != self.baseline else ranked[0]
+        base = self.times_s.get(self.baseline) or self.times_s[rival]
         # (the saving the margin was judged by: the paired rounds' ratio, else the medians')
-        rival = self.name if self.name != self.baseline else fastest
-        saving = 1 - (self.ratio or (self.times_s[rival] / base if base else 1.0))
+        saving = 1 - (self.ratio or self.times_s[rival] / base)
         verdict = f"{self.name} was fastest"
-        if base and self.name != self.baseline:
-            verdict = (f"{self.name} took {saving:.0%} less time than {self.baseline} "
-                       f"(needed {self.margin:.0%})")
-        elif base and fastest != self.baseline:
-            short = (f"short of the {self.margin:.0%} a fused path must save"
-                     if saving < self.margin else
-                     f"but samples spread {self.spread:.0%}: too close to call")
-            verdict = (f"{fastest} took {saving:.0%} less time than {self.baseline}, {short}, "
-                       f"so {self.baseline} runs")
+        if rival != self.baseline and self.baseline in self.times_s:
+            verdict = f"{rival} took {saving:.0%} less time than {self.baseline}" + (
+                f" (needed {self.margin:.0%})" if rival == self.name else
+                f", short of the {self.margin:.0%} a fused path must save, so {self.baseline} runs"
+                if saving < self.margin else f", but samples spread {self.spread:.0%}: too close "
+                f"to call, so {self.baseline} runs")
         parts = [", ".join(f"{n} {_fmt(self.times_s[n])}" for n in ranked) + "; " + verdict]
         if self.excluded:
             parts.append("left out: " + "; ".join(f"{k}: {v}" for k, v in self.excluded.items()))
@@ -97,8 +102,9 @@ class Choice:
         return dataclasses.replace(cls(**doc), source=CACHED)
 
 
-_FIELD_TYPES = dict(level=str, name=str, reason=str, source=str, times_s=dict, spread=(int, float), ratio=(int, float),
-                    margin=(int, float), baseline=str, excluded=dict, provenance=dict, final=bool)
+_FIELD_TYPES = dict(level=str, name=str, reason=str, source=str, times_s=dict, spread=(int, float),
+                    margin=(int, float), baseline=str, excluded=dict, provenance=dict, final=bool,
+                    ratio=(int, float))
 
 
 def _fmt(seconds: float) -> str:
@@ -111,3 +117,40 @@ def provenance(device: str) -> Dict[str, object]:
     return {"device": machine.device_name(device), "threads": torch.get_num_threads(),
             "versions": machine.versions(), "measured_utc": machine.utc_now(),
             "load_per_core": None if load is None else round(load, 2)}
+
+
+_log = threading.local()  # .entries (None: nothing is recorded), .stage, .measuring
+
+
+def recording_active() -> bool:
+    return getattr(_log, "entries", None) is not None
+
+
+def record(where, call, choice: Choice) -> None:
+    """Add a choice to the record, where one is kept; call: a Call, its fields or None."""
+    if getattr(_log, "entries", None) is not None:
+        _log.entries.append((where if where is not None else getattr(_log, "stage", None),
+                             Call(*call) if isinstance(call, tuple) else call, choice))
+
+
+def set_stage(stage) -> None:
+    """Name the stage (the caller's conv module) the next op choices belong to."""
+    _log.stage = stage
+
+
+@contextlib.contextmanager
+def recording(keep: bool = True, measuring: bool = False) -> Iterator[Optional[List]]:
+    """Record the choices made inside the block into the list it yields; keep=False leaves
+    them out of any record (a measurement's runs); measuring: a module's measurement runs."""
+    previous = (getattr(_log, "entries", None), getattr(_log, "stage", None),
+                module_measuring())
+    _log.entries, _log.stage, _log.measuring = [] if keep else None, None, measuring or previous[2]
+    try:
+        yield _log.entries
+    finally:
+        _log.entries, _log.stage, _log.measuring = previous
+
+
+def module_measuring() -> bool:
+    """Whether a module-level measurement is running on this thread."""
+    return getattr(_log, "measuring", False)

@@ -22,6 +22,7 @@ times, its stages' measurements about fifteen, on the slice.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -39,9 +40,7 @@ CONFIG = timing.TimingConfig(min_rounds=5, max_rounds=5, max_time_s=0.0, min_blo
 # of two calls at least: a block's first call runs on the caches the candidate before it
 # left, and at one call per block (a training step of tens of ms) that was every sample:
 # it hid about a third of a 9% win (ResNet1d's training program, benchmarks/NOTES.md).
-MODULE_CONFIG = timing.TimingConfig(min_rounds=3, max_rounds=3, max_time_s=0.0,
-                                    min_block_s=2e-3, warmup_s=0.0, min_warmup_calls=1,
-                                    min_block_calls=2)
+MODULE_CONFIG = dataclasses.replace(CONFIG, min_rounds=3, max_rounds=3, min_block_calls=2)
 # Passes of those rounds at most: a decision too close to call is timed again, the rounds
 # pooled (a median of 3 samples is a noisy thing, and most decisions are clear after one).
 PASSES = 3
@@ -63,10 +62,6 @@ def bounded_extent(batch: int, length: int) -> Tuple[int, int]:
     return max(1, min(batch, budget // length)), length
 
 
-def margin(level: str, with_backward: bool) -> float:
-    return MARGIN_BACKWARD if with_backward and level == "op" else MARGIN_FORWARD
-
-
 def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, device: str,
             with_backward: bool, excluded: Optional[Dict[str, str]] = None,
             config: Optional[timing.TimingConfig] = None) -> Choice:
@@ -79,7 +74,8 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
     and the decision stands clear of the timing noise. config: the rounds (CONFIG, read
     when called, unless given).
     """
-    excluded, need, stats = dict(excluded or {}), margin(level, with_backward), {}
+    need = MARGIN_BACKWARD if with_backward and level == "op" else MARGIN_FORWARD
+    excluded, stats = dict(excluded or {}), {}
     for _ in range(PASSES):
         for name, result in timing.measure({n: r for n, r in runs.items() if n not in excluded},
                                            torch.device(device), config or CONFIG).items():

@@ -20,7 +20,7 @@ before a candidate (eager included) is timed for a new signature, the checker sa
 it computes a small call of the same geometry within docs/spec.md's bound against the
 float64 reference; one that does not is left out, with the answer as its reason. The
 checker is fastres.parity.probe, the one user of the reference besides the tests and the
-bench; fastres/__init__.py hands it over (register_checker): the parity harness runs the
+bench; fastres/__init__.py hands it over (`checker`): the parity harness runs the
 op's backends, so this package cannot import it.
 """
 from __future__ import annotations
@@ -37,9 +37,8 @@ import torch
 from .. import backends
 from ..backends import Call
 from ..conventions import HALF_DTYPES
-from . import record
 from .cache import cache
-from .choice import FORCED, RULE, STATIC, Choice
+from .choice import FORCED, RULE, STATIC, Choice, module_measuring, record, recording
 from .measure import bounded_extent, measure
 from .safety import why_not_measure
 
@@ -49,7 +48,9 @@ PREFERENCE: Dict[str, List[str]] = {"cuda": ["triton", "cuda"], "cpu": ["cpp"]}
 # Shortest output length at which the C++ forward beats oneDNN in the static rule.
 CPP_MIN_LENGTH = 512
 _forced = threading.local()  # .name, .reason: use_backend's, on this thread
-_checker: Callable[[Call, str], Optional[str]] = None  # (set by fastres/__init__.py)
+# The correctness checker: checker(call, backend) is None where `backend` may be trusted with
+# `call`, else why not (see the module docstring; set by fastres/__init__.py).
+checker: Callable[[Call, str], Optional[str]] = None
 
 
 @contextlib.contextmanager
@@ -80,13 +81,6 @@ def forced_backend() -> Optional[str]:
             raise RuntimeError(f"FASTRES_BACKEND={forced!r} is not available: "
                                f"{backends.unavailable_reason(forced)}")
     return forced
-
-
-def register_checker(checker: Callable[[Call, str], Optional[str]]) -> None:
-    """Set the correctness checker: checker(call, backend) is None where `backend` may be
-    trusted with `call`, else why not (see the module docstring)."""
-    global _checker
-    _checker = checker
 
 
 def fused_backends(device_type: str, dtype: torch.dtype) -> List[str]:
@@ -123,8 +117,7 @@ def static_choice(call: Call, why: str = "") -> Choice:
     return Choice("op", fused[0], "static rule" + suffix, STATIC)
 
 
-def trace_time_choice(device_type: str, dtype: torch.dtype, stride: int,
-                      needs_grad: bool) -> str:
+def trace_time_choice(device_type: str, dtype: torch.dtype) -> str:
     """The backend a call runs on inside a torch.compile graph: fixed per graph, chosen from
     what cannot be symbolic (lengths and batch sizes can be). On CPU eager for float32,
     whose PyTorch ops inductor then compiles itself, and the C++ kernels for 16 bits
@@ -140,21 +133,17 @@ def choose(signature: tuple, make_run: Optional[Callable[[str], Callable[[], obj
     docstring). make_run(name) returns one run of backend `name` on private copies of a
     bounded slice of the call's inputs; without it nothing is measured."""
     forced, memory = forced_backend(), cache().memory
-    choice = memory.get(signature) if forced is None else None
-    if choice is None:
-        call = Call(*signature)
-        choice = _forced_choice(call, forced) if forced else _decide(call, make_run)
-        if choice.source not in (STATIC, FORCED):  # (a static choice waits for a measurement)
+    if forced is not None:
+        reason = backends.get(forced).supports(Call(*signature))
+        if reason is not None:
+            raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
+        choice = Choice("op", forced, getattr(_forced, "reason", None) or "forced", FORCED)
+    elif (choice := memory.get(signature)) is None:
+        choice = _decide(Call(*signature), make_run)
+        if choice.source != STATIC:  # (a static choice waits for a measurement)
             memory[signature] = choice
-    record.record(None, signature, choice)
+    record(None, signature, choice)
     return choice
-
-
-def _forced_choice(call: Call, forced: str) -> Choice:
-    reason = backends.get(forced).supports(call)
-    if reason is not None:
-        raise RuntimeError(f"fastres backend {forced!r} cannot run this call: {reason}")
-    return Choice("op", forced, getattr(_forced, "reason", None) or "forced", FORCED)
 
 
 def _decide(call: Call, make_run) -> Choice:
@@ -173,7 +162,7 @@ def _decide(call: Call, make_run) -> Choice:
     why = why_not_measure() or (None if make_run else "nothing to measure with")
     if why is not None:
         return static_choice(call, why)
-    excluded = {n: failure for n in names if (failure := _checker(call, n)) is not None}
+    excluded = {n: failure for n in names if (failure := checker(call, n)) is not None}
     trusted = [n for n in names if n not in excluded]
     if not trusted:
         # Nothing computes this geometry right: say so loudly, and run PyTorch's kernels.
@@ -182,32 +171,23 @@ def _decide(call: Call, make_run) -> Choice:
                         excluded=excluded, final=False)
         warnings.warn(f"fastres: {choice.reason} ({call.key()})", RuntimeWarning, stacklevel=4)
         return choice
-    # (one trusted candidate is timed too: its choice shows the time)
-    with record.recording(keep=False):
-        runs = _runs(trusted, make_run,
-                     call.device_type == "cpu" and not record.module_measuring())
+    # (one trusted candidate is timed too: its choice shows the time.) On a CPU each run
+    # follows a call of eager PyTorch on another copy of the inputs, as a stage in a model
+    # follows PyTorch's own layers: switching between oneDNN (PyTorch's convs) and the BLAS
+    # the C++ kernels use costs both sides tens of microseconds (measured: a oneDNN conv of
+    # 167 us takes 248 us when MKL GEMMs run between its calls), which a candidate timed back
+    # to back never shows. Not inside a module's measurement, where the stage runs between
+    # its module's other layers anyway (and the module level decides on the whole).
+    with recording(keep=False):
+        runs = {name: make_run(name) for name in trusted}
+        if call.device_type == "cpu" and not module_measuring():
+            neighbour = make_run("eager")
+            runs = {name: (lambda run=run: (neighbour(), run())) for name, run in runs.items()}
         choice = measure("op", runs, "eager" if "eager" in trusted else trusted[0],
                          call.device, call.needs_grad, excluded)
     store.store(call.key(), call.device, choice)
     store.memory[sliced] = choice
     return choice
-
-
-def _runs(names: List[str], make_run, neighbour_first: bool
-          ) -> Dict[str, Callable[[], object]]:
-    """name -> one timed run. On a CPU each run follows a call of eager PyTorch on another
-    copy of the inputs, as a stage in a model follows PyTorch's own layers: switching
-    between oneDNN (PyTorch's convs) and the BLAS the C++ kernels use costs both sides tens
-    of microseconds (measured: a oneDNN conv of 167 us takes 248 us when MKL GEMMs run
-    between its calls), which a candidate timed back to back never shows. Not inside a
-    module's measurement, where the stage runs between its module's other layers anyway
-    (and the module level decides on the whole)."""
-    neighbour = make_run("eager") if neighbour_first else None
-
-    def run(name):
-        alone = make_run(name)
-        return (lambda: (neighbour(), alone())) if neighbour else alone
-    return {name: run(name) for name in names}
 
 
 def describe_default(device: torch.device, dtype: torch.dtype) -> str:

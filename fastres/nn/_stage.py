@@ -89,16 +89,15 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padd
     whose residual is its input: fused stages then add the shortcut's gradient inside
     stage 1's data-gradient kernel; every other path ignores it.
     """
-    if isinstance(bn, nn.SyncBatchNorm) and activation != "relu":
-        return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation)
     if isinstance(bn, nn.SyncBatchNorm):  # statistics over every process's batch
-        return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
-                                       bn_arguments(bn))
-    recording = dispatch.record.recording_active()
+        return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation) \
+            if activation != "relu" else sync_conv_bn_relu_stage(
+                x, conv, bn, padding, residual, relu_before_add, bn_arguments(bn))
+    recording = dispatch.choice.recording_active()
     if recording:
-        dispatch.record.set_stage(conv)
-    if dispatch.module.hooked(conv, bn, deep=False):
-        dispatch.record.record(conv, None, dispatch.Choice(
+        dispatch.choice.set_stage(conv)
+    if dispatch.module.hooked(conv, bn):
+        dispatch.choice.record(conv, None, dispatch.Choice(
             "op", "eager", "its conv or norm has hooks, so the stage runs as modules"))
         return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation)
     weight = conv.weight
@@ -125,9 +124,7 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padd
            None if bn is None else (type(bn), bn.training, bn.eps,
                                     getattr(bn, "running_mean", None) is None),
            dispatch.forced_backend(), dispatch.safety.functorch_active())
-    plans = _PLANS.get(conv)
-    if plans is None:
-        plans = _PLANS.setdefault(conv, {})
+    plans = _PLANS.get(conv) or _PLANS.setdefault(conv, {})  # (no new dict per call)
     cached = None if recording else plans.get(key)  # recording: choose() logs the choice
     if cached is None:
         stage_plan, _ = plan(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
@@ -230,7 +227,7 @@ def projected(downsample: nn.Module, x: Tensor) -> Tensor:
     if type(conv) is not nn.Conv1d or conv.kernel_size[0] != 1 or conv.groups != 1 \
             or conv.padding != (0,) or conv.stride[0] < 2 \
             or not weight_grad_at_risk(x, conv.weight, conv.stride[0]) \
-            or dispatch.module.hooked(downsample, conv, deep=False):
+            or dispatch.module.hooked(downsample):
         return downsample(x)
     return downsample[1](one_tap_conv1d(x, conv.weight, conv.bias, conv.stride[0], 0, 0))
 

@@ -263,8 +263,8 @@ class _TCNBlockLayout(nn.Module):
             h = conv_bn_relu_stage(x, self.conv1, self.norm1, self.padding_mode,
                                    **_activation_kw(op_activation(self.activation1)))
         else:
-            if fused and dispatch.record.recording_active():
-                dispatch.record.record(self.conv1, None, dispatch.Choice("op", "plain", why))
+            if fused and dispatch.choice.recording_active():
+                dispatch.choice.record(self.conv1, None, dispatch.Choice("op", "plain", why))
             z = self._norm(self.norm1, self._conv(x, self.conv1))
             if embeddings is not None:
                 z = self._embed(z, embeddings)
@@ -278,8 +278,8 @@ class _TCNBlockLayout(nn.Module):
             out = conv_bn_relu_stage(h, self.conv2, self.norm2, self.padding_mode,
                                      **_activation_kw(op_activation(self.activation2)))
         else:
-            if fused and dispatch.record.recording_active():
-                dispatch.record.record(self.conv2, None, dispatch.Choice("op", "plain", why))
+            if fused and dispatch.choice.recording_active():
+                dispatch.choice.record(self.conv2, None, dispatch.Choice("op", "plain", why))
             out = self.activation2(self._norm(self.norm2, self._conv(h, self.conv2)))
         return self.dropout2(out)
 

@@ -382,7 +382,7 @@ def _unit_affine(c_out: int, device: torch.device, dtype: torch.dtype):
 def _backend_at_trace_time(device_type: str, dtype: torch.dtype, stride: int,
                            needs_grad: bool, activation: str = "relu",
                            layer_norm: bool = False) -> str:
-    name = dispatch.trace_time_choice(device_type, dtype, stride, needs_grad)
+    name = dispatch.trace_time_choice(device_type, dtype)
     kernels = backends.get(name)
     runs = kernels.activations
     if activation != "relu" and runs != "all" and activation.partition(":")[0] not in runs:

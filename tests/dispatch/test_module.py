@@ -166,7 +166,7 @@ def test_the_onednn_training_program_is_a_candidate_that_trains_as_plain(monkeyp
 def test_hooked_sees_every_kind_of_hook_at_any_depth(walk, monkeypatch):
     """dispatch.module.hooked, asked on every call of a fused module: the compiled walk and
     the Python one agree on forward, pre-forward, backward and backward-pre hooks, on the
-    module itself or any module below it (or only on the modules given, deep=False)."""
+    module itself or any module below it."""
     if walk == "python":
         monkeypatch.setitem(_ext._DIRECT, "modules_hooked", None)
     elif _ext.direct("modules_hooked") is None:
@@ -180,7 +180,6 @@ def test_hooked_sees_every_kind_of_hook_at_any_depth(walk, monkeypatch):
                      lambda m: m.register_full_backward_pre_hook(lambda *a: None)):
         handle = register(deep)
         assert dispatch.module.hooked(net) and dispatch.module.hooked(None, deep)
-        assert not dispatch.module.hooked(net, deep=False)
         assert not dispatch.module.hooked(net.network[0])
         handle.remove()
         assert not dispatch.module.hooked(net)
