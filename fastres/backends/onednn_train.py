@@ -64,7 +64,9 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
   memory seen as a (B, C, L) tensor: the GEMM's (C_out, B*L) product is the conv output, the
   batch-norm kernels read it as one (1, C, B*L) item, and the next such stage's columns and
   the gradients' GEMMs read their operands without the four transposes per stage that
-  (B, C, L) memory costs; a oneDNN stage converts what it reads (`contiguous`).
+  (B, C, L) memory costs; a oneDNN stage converts what it reads (`contiguous`). The columns
+  and their gradient's col2im are one pass each in C++ (cm_im2col, cm_col2im: no padded
+  copy, no zero fill and one add per tap), in Python where the extension predates them.
 - **Weights converted once per call**: a (C_out, C_in, K) weight as the channels-last
   (C_out, K, C_in) memory the NHWC conv reads, by the extension's transpose (ATen converted
   it at the forward and again at the backward, with a strided copy of several ms at
@@ -309,12 +311,27 @@ def _weight_grad_ncl(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
     return grad_w.view(c_out, h.shape[1], k)
 
 
+def _cm_kernels() -> bool:
+    """Whether the extension has the channel-major im2col and col2im loops
+    (csrc/cpu/nlc_bn_train_cpu.cpp); an older build runs their Python equivalents below."""
+    return _CM_KERNELS and hasattr(torch.ops.fastres_ext, "cm_col2im")
+
+
+# False: the Python im2col and col2im even where the extension has the loops (for tests)
+_CM_KERNELS = True
+
+
 def _gemm_columns(h_cm: Tensor, geo: _Geometry, l_out: int) -> Tensor:
     """The im2col matrix of a conv of the few-rows route, as (C_in, K, B, L_out) contiguous
     (viewed (C_in*K, B*L_out): the product with the (C_out, C_in*K) weights is the conv),
     from channel-major (C_in, B, L) activations padded by the conv's true padding (so
     L_out is the stage's output length, no rows to crop)."""
     k, s, d, left = geo.kernel_size, geo.stride, geo.dilation, geo.pad_left
+    if _cm_kernels():  # one pass, the padding never copied
+        cols = _alloc.empty((h_cm.shape[0], k, h_cm.shape[1], l_out), dtype=h_cm.dtype,
+                            device=h_cm.device)
+        torch.ops.fastres_ext.cm_im2col(h_cm, k, s, d, left, cols)
+        return cols
     need = (l_out - 1) * s + (k - 1) * d + 1  # padded positions the windows read
     right = max(0, need - left - h_cm.shape[2])
     padded = F.pad(h_cm, [left, right]) if left or right else h_cm
@@ -334,6 +351,10 @@ def _data_grad_gemm(grad_y2: Tensor, weight: Tensor, geo: _Geometry, batch: int,
     c_out, c_in, k = weight.shape[0], weight.shape[1], geo.kernel_size
     s, d, left = geo.stride, geo.dilation, geo.pad_left
     gcols = torch.mm(weight.reshape(c_out, c_in * k).t(), grad_y2).view(c_in, k, batch, l_out)
+    if _cm_kernels():  # one pass over the gradient
+        grad_h = _alloc.empty((c_in, batch, length), dtype=grad_y2.dtype, device=grad_y2.device)
+        torch.ops.fastres_ext.cm_col2im(gcols, s, d, left, grad_h)
+        return grad_h
     spans = []  # (tap, first and last+1 output read, first input position)
     for j in range(k):
         offset = j * d - left  # output t read input position t * s + offset

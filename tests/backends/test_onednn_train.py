@@ -431,12 +431,17 @@ def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_
     (1, 4, 3, 8, 0), (1, 1, 3, 1, 1), (1, 2, 5, 4, 4), (1, 1, 1, 0, 0), (1, 1, 4, 3, 0),
     (2, 1, 4, 0, 0)])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kernels", [True, False], ids=["extension", "python"])
 def test_conv_by_gemm_matches_float64(stride, dilation, kernel_size, pad_left, pad_right, bias,
-                                      fresh_seed):
+                                      kernels, fresh_seed, monkeypatch):
     """The few-rows route's conv (the weights times the im2col matrix built from
     channel-major activations) and data gradient (the weights transposed times grad_y,
-    added back into the input positions: every tap, the middle one copied where it read
-    every position) against float64."""
+    added back into the input positions) against float64, into poisoned outputs: by the
+    extension's loops, and by the Python an older build runs (the middle tap copied where
+    it read every position)."""
+    if kernels and not onednn_train._cm_kernels():
+        pytest.skip("the compiled extension predates the channel-major im2col loops")
+    monkeypatch.setattr(onednn_train, "_CM_KERNELS", kernels)
     g = torch.Generator().manual_seed(fresh_seed)
     conv = nn.Conv1d(3, 19, kernel_size, stride=stride, dilation=dilation, bias=bias)
     geo = onednn_train._Geometry(conv, pad_left, pad_right, ncl=True)
@@ -447,8 +452,9 @@ def test_conv_by_gemm_matches_float64(stride, dilation, kernel_size, pad_left, p
                                    stride=stride, dilation=dilation)
     l_out = geo.out_length(64)
     assert y.shape[2] == l_out
-    cols = onednn_train._gemm_columns(x.detach().float().transpose(0, 1).contiguous(), geo,
-                                      l_out)
+    with _alloc.poisoned(True):
+        cols = onednn_train._gemm_columns(x.detach().float().transpose(0, 1).contiguous(),
+                                          geo, l_out)
     assert cols.shape == (3, kernel_size, 2, l_out)
     got = torch.mm(w.float().reshape(19, -1), cols.view(3 * kernel_size, -1))
     if b is not None:
@@ -456,9 +462,30 @@ def test_conv_by_gemm_matches_float64(stride, dilation, kernel_size, pad_left, p
     assert rel_err(got.view(19, 2, l_out).transpose(0, 1), y) < TOL
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
     (ref,) = torch.autograd.grad(y, [x], grad_y)
-    got = onednn_train._data_grad_gemm(grad_y.float().transpose(0, 1).reshape(19, -1),
-                                       w.float(), geo, 2, l_out, 64)
+    with _alloc.poisoned(True):
+        got = onednn_train._data_grad_gemm(grad_y.float().transpose(0, 1).reshape(19, -1),
+                                           w.float(), geo, 2, l_out, 64)
     assert got.shape == (3, 2, 64) and rel_err(got.transpose(0, 1), ref) < TOL
+
+
+def test_channel_major_loops_refuse_bad_input():
+    """The extension's im2col and col2im check their operands: a wrong shape, a
+    non-contiguous or non-float32 tensor is an error, never a silent wrong answer."""
+    if not onednn_train._cm_kernels():
+        pytest.skip("the compiled extension predates the channel-major im2col loops")
+    ops = torch.ops.fastres_ext
+    h, cols = torch.randn(3, 2, 16), torch.empty(3, 3, 2, 16)
+    ops.cm_im2col(h, 3, 1, 1, 1, cols)  # the right shapes pass
+    with pytest.raises(RuntimeError, match="cols must be"):
+        ops.cm_im2col(h, 3, 1, 1, 1, torch.empty(3, 2, 2, 16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.cm_im2col(h.transpose(1, 2), 3, 1, 1, 1, cols)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.cm_im2col(h.double(), 3, 1, 1, 1, cols)
+    with pytest.raises(RuntimeError, match="grad_h must be"):
+        ops.cm_col2im(cols, 1, 1, 1, torch.empty(4, 2, 16))
+    with pytest.raises(RuntimeError, match="overlaps"):
+        ops.cm_col2im(cols, 1, 1, 1, cols.view(-1)[:96].view(3, 2, 16))
 
 
 @pytest.mark.parametrize("shape", [(3, 17, 33), (1, 1, 5), (2, 40, 3), (4, 16, 16)])
