@@ -140,8 +140,11 @@ WINOGRAD_MODES = ("off", "forward", "forward+dgrad")
 # the weights as they are (forward, data and weight gradient: _gemm_columns,
 # _data_grad_gemm, _StageFunction._gemm_forward) instead of oneDNN, whose every call reorders the
 # weights (they change every step): at few rows and many channels that reorder is most of
-# the call (benchmarks/NOTES.md, issue 22 section 15). -1: never.
-GEMM_MAX_ROWS = 256
+# the call (benchmarks/NOTES.md, issue 22 section 15). Since the route keeps its activations
+# channel-major and builds its columns in C++ it measured ahead up to ResNet1d's stem at B4
+# L1024 (2048 rows) and far behind at 16384 rows, where the columns (K times the input)
+# outgrow the caches (section 17). -1: never.
+GEMM_MAX_ROWS = 2048
 WINOGRAD = "forward"
 
 
