@@ -226,7 +226,8 @@ class _Geometry:
 
     def conv_length(self, length: int) -> int:
         """The length of oneDNN's output (symmetric padding), which the stage's conv output
-        has whichever kernel computes it."""
+        has on oneDNN and Winograd; the few-rows GEMM route pads as the conv does and its
+        output has out_length."""
         return output_length(length, self.kernel_size, self.dilation, self.stride,
                              self.padding[1], self.padding[1])
 
