@@ -4,6 +4,8 @@
 // gradient). Two layouts of the same computation: channels-last (nlc_bn_train_*, described
 // first) and NCL (ncl_bn_train_*, on the (B, C, L) output of oneDNN's blocked NCL convs, read
 // in place; see "The NCL variants' loops" below for how they cut and vectorize the work).
+// Also the tiled transpose and the few-rows GEMM route's channel-major im2col and col2im
+// (cm_im2col, cm_col2im) the same program runs.
 //
 // Layout: y (B, Ly, C) is the conv output as oneDNN writes it channels-last (rows of C
 // contiguous values, row stride C); only its first `length` rows per batch item are the stage's
@@ -703,6 +705,108 @@ void nlc_transpose_last2_cpu(const at::Tensor& src, const at::Tensor& out) {
   });
 }
 
+// The few-rows route's columns and their gradient (fastres/backends/onednn_train.py,
+// GEMM_MAX_ROWS), on channel-major activations: h (C, B, L) contiguous, the columns
+// (C, K, B, L_out) contiguous (the (C*K, B*L_out) matrix the conv's GEMM reads). Column
+// (c, j, b, t) is h[c, b, t*s + j*d - pad_left], zero outside [0, L): the padding is never
+// copied. In Python these were a padded copy, K strided slices and a stack (forward) and a
+// zero fill plus one add per tap (backward), each a pass over memory and a few ops' overhead.
+// Work items are channels: a channel's rows stay in L1 while its K taps are read or added.
+namespace {
+
+void check_cm(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim &&
+                  t.is_contiguous(),
+              "fastres_ext: ", name, " must be a contiguous float32 CPU tensor of ", dim,
+              " dims");
+}
+
+// The outputs t in [first, last) of tap j read input positions in [0, length).
+void tap_span(int64_t j, int64_t stride, int64_t dilation, int64_t pad_left, int64_t length,
+              int64_t l_out, int64_t* first, int64_t* last) {
+  const int64_t offset = j * dilation - pad_left;  // output t reads t * stride + offset
+  *first = offset >= 0 ? 0 : std::min(l_out, (-offset + stride - 1) / stride);
+  *last = length - 1 - offset < 0 ? 0 : std::min(l_out, (length - 1 - offset) / stride + 1);
+  if (*last < *first) *last = *first;
+}
+
+}  // namespace
+
+void cm_im2col_cpu(const at::Tensor& h, int64_t kernel_size, int64_t stride, int64_t dilation,
+                   int64_t pad_left, const at::Tensor& cols) {
+  check_cm(h, "h", 3);
+  check_cm(cols, "cols", 4);
+  const int64_t channels = h.size(0), batch = h.size(1), length = h.size(2);
+  const int64_t l_out = cols.size(3);
+  TORCH_CHECK(kernel_size >= 1 && stride >= 1 && dilation >= 1 && pad_left >= 0,
+              "fastres_ext: bad conv geometry");
+  TORCH_CHECK(cols.size(0) == channels && cols.size(1) == kernel_size &&
+                  cols.size(2) == batch,
+              "fastres_ext: cols must be (C, K, B, L_out) for h (C, B, L)");
+  TORCH_CHECK(at::has_internal_overlap(cols) != at::MemOverlap::Yes &&
+                  at::get_overlap_status(h, cols) == at::MemOverlapStatus::No,
+              "fastres_ext: cols overlaps h");
+  const float* hp = h.data_ptr<float>();
+  float* cp = cols.data_ptr<float>();
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t j = 0; j < kernel_size; ++j) {
+        int64_t first, last;
+        tap_span(j, stride, dilation, pad_left, length, l_out, &first, &last);
+        const int64_t offset = j * dilation - pad_left;
+        for (int64_t b = 0; b < batch; ++b) {
+          const float* src = hp + (c * batch + b) * length;
+          float* dst = cp + ((c * kernel_size + j) * batch + b) * l_out;
+          std::fill(dst, dst + first, 0.0f);
+          if (stride == 1) {
+            std::copy(src + first + offset, src + last + offset, dst + first);
+          } else {
+            for (int64_t t = first; t < last; ++t) dst[t] = src[t * stride + offset];
+          }
+          std::fill(dst + last, dst + l_out, 0.0f);
+        }
+      }
+    }
+  });
+}
+
+// grad_h[c, b, p] = the sum over taps j (in order) of gcols[c, j, b, t] with
+// t * s + j * d - pad_left = p: the data gradient's col2im, every element written.
+void cm_col2im_cpu(const at::Tensor& gcols, int64_t stride, int64_t dilation, int64_t pad_left,
+                   const at::Tensor& grad_h) {
+  check_cm(gcols, "gcols", 4);
+  check_cm(grad_h, "grad_h", 3);
+  const int64_t channels = gcols.size(0), kernel_size = gcols.size(1), batch = gcols.size(2);
+  const int64_t l_out = gcols.size(3), length = grad_h.size(2);
+  TORCH_CHECK(stride >= 1 && dilation >= 1 && pad_left >= 0, "fastres_ext: bad conv geometry");
+  TORCH_CHECK(grad_h.size(0) == channels && grad_h.size(1) == batch,
+              "fastres_ext: grad_h must be (C, B, L) for gcols (C, K, B, L_out)");
+  TORCH_CHECK(at::get_overlap_status(gcols, grad_h) == at::MemOverlapStatus::No,
+              "fastres_ext: grad_h overlaps gcols");
+  const float* gp = gcols.data_ptr<float>();
+  float* op = grad_h.data_ptr<float>();
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t b = 0; b < batch; ++b) {
+        float* dst = op + (c * batch + b) * length;
+        std::fill(dst, dst + length, 0.0f);
+        for (int64_t j = 0; j < kernel_size; ++j) {
+          int64_t first, last;
+          tap_span(j, stride, dilation, pad_left, length, l_out, &first, &last);
+          const int64_t offset = j * dilation - pad_left;
+          const float* src = gp + ((c * kernel_size + j) * batch + b) * l_out;
+          if (stride == 1) {
+            float* d = dst + offset;
+            for (int64_t t = first; t < last; ++t) d[t] += src[t];
+          } else {
+            for (int64_t t = first; t < last; ++t) dst[t * stride + offset] += src[t];
+          }
+        }
+      }
+    }
+  });
+}
+
 // The instruction-set level the batch-norm loops run at: "auto" (the best the CPU has, the
 // default), "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2) or "baseline"; "" leaves it. Returns
 // the level before the call. For tests: a level the CPU lacks is refused.
@@ -745,6 +849,10 @@ TORCH_LIBRARY_FRAGMENT(fastres_ext, m) {
       "Tensor invstd, Tensor? gamma, Tensor(a!) grad_y, Tensor(b!) grad_gamma, "
       "Tensor(c!) grad_beta, Tensor(d!)? grad_residual, bool relu=True) -> ()");
   m.def("nlc_transpose_last2(Tensor src, Tensor(a!) out) -> ()");
+  m.def("cm_im2col(Tensor h, int kernel_size, int stride, int dilation, int pad_left, "
+        "Tensor(a!) cols) -> ()");
+  m.def("cm_col2im(Tensor gcols, int stride, int dilation, int pad_left, Tensor(a!) grad_h) "
+        "-> ()");
   m.def("bn_train_isa(str level) -> str", &bn_train_isa);
 }
 
@@ -754,6 +862,8 @@ TORCH_LIBRARY_IMPL(fastres_ext, CPU, m) {
   m.impl("ncl_bn_train_forward", &ncl_bn_train_forward_cpu);
   m.impl("ncl_bn_train_backward", &ncl_bn_train_backward_cpu);
   m.impl("nlc_transpose_last2", &nlc_transpose_last2_cpu);
+  m.impl("cm_im2col", &cm_im2col_cpu);
+  m.impl("cm_col2im", &cm_col2im_cpu);
 }
 
 }  // namespace fastres

@@ -56,10 +56,17 @@ How a stage (conv -> BN with batch statistics -> (+ residual) -> ReLU) runs, and
   oneDNN's conv instead, whose NaN and inf are torch's.
 - **Few rows: the NCL layout's convs as GEMMs** (at GEMM_MAX_ROWS output rows B * L_out or
   fewer, any kernel, stride, dilation): the forward is the (C_out, C_in*K) weights as they
-  are times the input's im2col matrix, the data gradient their transpose times grad_y added
-  back into the input's positions, the weight gradient _weight_grad_ncl. oneDNN reorders the
-  weights at every call (forward, and the backward once more; they change every step), which
-  at few rows and many channels is most of the call; the GEMMs read them in place.
+  are times the input's im2col matrix (saved for the weight gradient, grad_y times its
+  transpose), the data gradient their transpose times grad_y added back into the input's
+  positions. oneDNN reorders the weights at every call (forward, and the backward once more;
+  they change every step), which at few rows and many channels is most of the call; the
+  GEMMs read them in place. Such a stage keeps its activations channel-major, (C, B, L)
+  memory seen as a (B, C, L) tensor: the GEMM's (C_out, B*L) product is the conv output, the
+  batch-norm kernels read it as one (1, C, B*L) item, and the next such stage's columns and
+  the gradients' GEMMs read their operands without the four transposes per stage that
+  (B, C, L) memory costs; a oneDNN stage converts what it reads (`contiguous`). The columns
+  and their gradient's col2im are one pass each in C++ (cm_im2col, cm_col2im: no padded
+  copy, no zero fill and one add per tap), in Python where the extension predates them.
 - **Weights converted once per call**: a (C_out, C_in, K) weight as the channels-last
   (C_out, K, C_in) memory the NHWC conv reads, by the extension's transpose (ATen converted
   it at the forward and again at the backward, with a strided copy of several ms at
@@ -130,11 +137,14 @@ WINOGRAD_MIN_ROWS = 512
 WINOGRAD_MODES = ("off", "forward", "forward+dgrad")
 
 # The most output rows (B * L_out) at which a conv of the NCL layout runs as GEMMs over
-# the weights as they are (forward, data and weight gradient: _conv_gemm_ncl,
-# _data_grad_gemm_ncl, _weight_grad_ncl) instead of oneDNN, whose every call reorders the
+# the weights as they are (forward, data and weight gradient: _gemm_columns,
+# _data_grad_gemm, _StageFunction._gemm_forward) instead of oneDNN, whose every call reorders the
 # weights (they change every step): at few rows and many channels that reorder is most of
-# the call (benchmarks/NOTES.md, issue 22 section 15). -1: never.
-GEMM_MAX_ROWS = 256
+# the call (benchmarks/NOTES.md, issue 22 section 15). Since the route keeps its activations
+# channel-major and builds its columns in C++ it measured ahead up to ResNet1d's stem at B4
+# L1024 (2048 rows) and far behind at 16384 rows, where the columns (K times the input)
+# outgrow the caches (section 17). -1: never.
+GEMM_MAX_ROWS = 2048
 WINOGRAD = "forward"
 
 
@@ -216,7 +226,8 @@ class _Geometry:
 
     def conv_length(self, length: int) -> int:
         """The length of oneDNN's output (symmetric padding), which the stage's conv output
-        has whichever kernel computes it."""
+        has on oneDNN and Winograd; the few-rows GEMM route pads as the conv does and its
+        output has out_length."""
         return output_length(length, self.kernel_size, self.dilation, self.stride,
                              self.padding[1], self.padding[1])
 
@@ -304,46 +315,78 @@ def _weight_grad_ncl(grad_y: Tensor, h: Tensor, geo: _Geometry) -> Tensor:
     return grad_w.view(c_out, h.shape[1], k)
 
 
-def _conv_gemm_ncl(h: Tensor, weight: Tensor, bias: Optional[Tensor], geo: _Geometry) -> Tensor:
-    """The conv on (B, C_in, L) activations as one GEMM, (C_out, C_in*K) weights as they are
-    times the im2col matrix (C_in*K, B*L_out) of h padded by oneDNN's symmetric padding (so
-    the output has the length oneDNN's would): no weight reorder, which is what oneDNN's
-    conv pays per call at few rows (see GEMM_MAX_ROWS)."""
-    batch, c_in, length = h.shape
-    k, s, d, pad = geo.kernel_size, geo.stride, geo.dilation, geo.padding[1]
-    l_out = geo.conv_length(length)
-    padded = F.pad(h, [pad, pad]) if pad else h
-    per_channel = padded.transpose(0, 1)  # (C_in, B, L_padded) view
-    columns = torch.stack([per_channel[:, :, j * d: j * d + (l_out - 1) * s + 1: s]
-                           for j in range(k)], dim=1)  # (C_in, K, B, L_out)
-    w2 = weight.reshape(weight.shape[0], c_in * k)
-    cols = columns.view(c_in * k, batch * l_out)
-    y2 = torch.mm(w2, cols) if bias is None else torch.addmm(bias[:, None], w2, cols)
-    return y2.view(weight.shape[0], batch, l_out).transpose(0, 1).contiguous()
+def _cm_kernels() -> bool:
+    """Whether the extension has the channel-major im2col and col2im loops
+    (csrc/cpu/nlc_bn_train_cpu.cpp); an older build runs their Python equivalents below."""
+    return _CM_KERNELS and hasattr(torch.ops.fastres_ext, "cm_col2im")
 
 
-def _data_grad_gemm_ncl(grad_y: Tensor, weight: Tensor, geo: _Geometry, length: int) -> Tensor:
-    """The data gradient of _conv_gemm_ncl's conv (its true geometry: grad_y holds the
-    conv's L_out outputs): (C_in*K, C_out) weights transposed times grad_y (C_out, B*L_out),
-    its columns added back into the padded input's positions (col2im), cropped."""
-    batch, c_out, l_out = grad_y.shape
-    c_in, k = weight.shape[1], geo.kernel_size
+# False: the Python im2col and col2im even where the extension has the loops (for tests)
+_CM_KERNELS = True
+
+
+def _gemm_columns(h_cm: Tensor, geo: _Geometry, l_out: int) -> Tensor:
+    """The im2col matrix of a conv of the few-rows route, as (C_in, K, B, L_out) contiguous
+    (viewed (C_in*K, B*L_out): the product with the (C_out, C_in*K) weights is the conv),
+    from channel-major (C_in, B, L) activations padded by the conv's true padding (so
+    L_out is the stage's output length, no rows to crop)."""
+    k, s, d, left = geo.kernel_size, geo.stride, geo.dilation, geo.pad_left
+    if _cm_kernels():  # one pass, the padding never copied
+        cols = _alloc.empty((h_cm.shape[0], k, h_cm.shape[1], l_out), dtype=h_cm.dtype,
+                            device=h_cm.device)
+        torch.ops.fastres_ext.cm_im2col(h_cm, k, s, d, left, cols)
+        return cols
+    need = (l_out - 1) * s + (k - 1) * d + 1  # padded positions the windows read
+    right = max(0, need - left - h_cm.shape[2])
+    padded = F.pad(h_cm, [left, right]) if left or right else h_cm
+    if k == 1 and s == 1:
+        return padded[:, None, :, :l_out].contiguous()
+    return torch.stack([padded[:, :, j * d: j * d + (l_out - 1) * s + 1: s]
+                        for j in range(k)], dim=1)
+
+
+def _data_grad_gemm(grad_y2: Tensor, weight: Tensor, geo: _Geometry, batch: int,
+                    l_out: int, length: int) -> Tensor:
+    """The data gradient of a few-rows conv, channel-major: the (C_in*K, C_out) weights
+    transposed times grad_y (C_out, B*L_out), each tap's columns added back into the input
+    positions it read (col2im), as (C_in, B, length) contiguous. A tap that read every
+    position once (stride 1, the "same" conv's middle tap) is copied instead of added to
+    zeros."""
+    c_out, c_in, k = weight.shape[0], weight.shape[1], geo.kernel_size
     s, d, left = geo.stride, geo.dilation, geo.pad_left
-    gy2 = grad_y.transpose(0, 1).reshape(c_out, batch * l_out)
-    gcols = torch.mm(weight.reshape(c_out, c_in * k).t(), gy2).view(c_in, k, batch, l_out)
-    span = (l_out - 1) * s + 1
-    padded = torch.zeros((c_in, batch, max(left + length, (k - 1) * d + span)),
-                         dtype=grad_y.dtype, device=grad_y.device)
+    gcols = torch.mm(weight.reshape(c_out, c_in * k).t(), grad_y2).view(c_in, k, batch, l_out)
+    if _cm_kernels():  # one pass over the gradient
+        grad_h = _alloc.empty((c_in, batch, length), dtype=grad_y2.dtype, device=grad_y2.device)
+        torch.ops.fastres_ext.cm_col2im(gcols, s, d, left, grad_h)
+        return grad_h
+    spans = []  # (tap, first and last+1 output read, first input position)
     for j in range(k):
-        padded[:, :, j * d: j * d + span: s] += gcols[:, j]
-    return padded[:, :, left: left + length].transpose(0, 1).contiguous()
+        offset = j * d - left  # output t read input position t * s + offset
+        first = max(0, (s - 1 - offset) // s)
+        last = min(l_out, (length - 1 - offset) // s + 1)
+        if last > first:
+            spans.append((j, first, last, first * s + offset))
+    whole = next((span for span in spans if s == 1 and span[3] == 0
+                  and span[2] - span[1] == length), None)
+    if whole is not None:
+        grad_h = gcols[:, whole[0], :, whole[1]:whole[2]].contiguous()
+    else:
+        grad_h = torch.zeros((c_in, batch, length), dtype=grad_y2.dtype,
+                             device=grad_y2.device)
+    for span in spans:
+        if span is whole:
+            continue
+        j, first, last, start = span
+        grad_h[:, :, start: start + (last - first - 1) * s + 1: s] += gcols[:, j, :, first:last]
+    return grad_h
 
 
 class _StageFunction(torch.autograd.Function):
     """act(BN_batch(conv(h)) (+ residual)), act ReLU or none; BN's running statistics
     updated in place. h: (B, L, C_in) contiguous, residual and the output (B, L_out, C_out)
     contiguous; or with geo.ncl, (B, C_in, L) and (B, C_out, L_out), the conv's output read
-    in place by the NCL batch-norm kernels."""
+    in place by the NCL batch-norm kernels (on the few-rows route: any strides in, the
+    output a channel-major view, see _gemm_forward)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, gamma, beta, residual, geo, relu, running_mean,
@@ -352,11 +395,14 @@ class _StageFunction(torch.autograd.Function):
         # its im2col path (slow_conv_dilated2d), which measured slower here at B1 L256
         ctx.winograd = None
         ctx.gemm = geo.ncl and h.shape[0] * geo.out_length(h.shape[2]) <= geo.gemm_max_rows
+        ctx.geo, ctx.relu = geo, relu
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         if ctx.gemm:
-            w4 = weight.detach().unsqueeze(2)
-            y = _conv_gemm_ncl(h, weight.detach(), None if bias is None else bias.detach(),
-                               geo)
-        elif geo.ncl:
+            return _StageFunction._gemm_forward(ctx, h, weight, bias, gamma, beta, residual,
+                                                geo, relu, running_mean, running_var, eps,
+                                                momentum_factor)
+        if geo.ncl:
+            h = h.contiguous()  # a few-rows stage's channel-major output, read by oneDNN
             w4 = weight.detach().unsqueeze(2)
             y = None
             if geo.winograd and h.shape[0] * h.shape[2] >= geo.winograd_min_rows:
@@ -394,12 +440,70 @@ class _StageFunction(torch.autograd.Function):
         bn_forward(y, length, gamma, beta, running_mean, running_var, eps, momentum_factor,
                    None if residual is None else residual.contiguous(), out, mean, invstd, relu)
         ctx.save_for_backward(h, w4, gamma, y, out, mean, invstd)
-        ctx.geo, ctx.relu = geo, relu
-        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
         return out
 
     @staticmethod
+    def _gemm_forward(ctx, h, weight, bias, gamma, beta, residual, geo, relu, running_mean,
+                      running_var, eps, momentum_factor):
+        """The few-rows route (see GEMM_MAX_ROWS), channel-major: the activations as
+        (C, B, L) memory, returned as its (B, C, L)-shaped view, so that the GEMM's
+        (C_out, B*L_out) product is the conv output without a transpose, the batch-norm
+        kernels read it as one (1, C_out, B*L_out) item (the same statistics: every value of
+        a channel), and the next few-rows stage's columns and the gradients' GEMMs read
+        their operands in place. The columns are saved for the weight gradient (K times
+        the input's values, at few rows)."""
+        batch, c_out = h.shape[0], weight.shape[0]
+        length = geo.out_length(h.shape[2])
+        n = batch * length
+        cols = _gemm_columns(h.transpose(0, 1).contiguous(), geo, length)
+        w2 = weight.detach().reshape(c_out, -1)
+        cols2 = cols.view(w2.shape[1], n)
+        y = torch.mm(w2, cols2) if bias is None \
+            else torch.addmm(bias.detach()[:, None], w2, cols2)  # (C_out, B*L_out)
+        out = _alloc.empty((c_out, batch, length), dtype=h.dtype, device=h.device)
+        mean = _alloc.empty((c_out,), dtype=torch.float32, device=h.device)
+        invstd = _alloc.empty((c_out,), dtype=torch.float32, device=h.device)
+        res = None if residual is None else \
+            residual.transpose(0, 1).contiguous().view(1, c_out, n)
+        torch.ops.fastres_ext.ncl_bn_train_forward(
+            y.view(1, c_out, n), n, gamma, beta, running_mean, running_var, eps,
+            momentum_factor, res, out.view(1, c_out, n), mean, invstd, relu)
+        ctx.save_for_backward(cols, weight.detach(), gamma, y, out, mean, invstd)
+        ctx.in_length = h.shape[2]
+        return out.transpose(0, 1)
+
+    @staticmethod
+    def _gemm_backward(ctx, grad_out):
+        cols, weight, gamma, y, out, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        c_out, batch, length = out.shape
+        n = batch * length
+        grad_y = _alloc.empty((c_out, n), dtype=y.dtype, device=y.device)
+        grad_gamma = _alloc.empty((c_out,), dtype=torch.float32, device=y.device)
+        grad_beta = _alloc.empty((c_out,), dtype=torch.float32, device=y.device)
+        grad_res = _alloc.empty((c_out, batch, length), dtype=out.dtype, device=out.device) \
+            if ctx.has_residual and need[5] else None
+        torch.ops.fastres_ext.ncl_bn_train_backward(
+            grad_out.transpose(0, 1).contiguous().view(1, c_out, n), out.view(1, c_out, n),
+            y.view(1, c_out, n), mean, invstd, gamma, grad_y.view(1, c_out, n), grad_gamma,
+            grad_beta, None if grad_res is None else grad_res.view(1, c_out, n), ctx.relu)
+        grad_h = grad_w = grad_b = None
+        if need[0]:
+            grad_h = _data_grad_gemm(grad_y, weight, ctx.geo, batch, length,
+                                     ctx.in_length).transpose(0, 1)
+        if need[1]:
+            grad_w = torch.mm(grad_y, cols.view(-1, n).t()).view(weight.shape)
+        if need[2] and ctx.has_bias:
+            grad_b = grad_y.sum(1)
+        return (grad_h, grad_w, grad_b, grad_gamma if need[3] else None,
+                grad_beta if need[4] else None,
+                None if grad_res is None else grad_res.transpose(0, 1),
+                None, None, None, None, None, None)
+
+    @staticmethod
     def backward(ctx, grad_out):
+        if ctx.gemm:  # every gradient by GEMMs (see GEMM_MAX_ROWS)
+            return _StageFunction._gemm_backward(ctx, grad_out)
         h, w4, gamma, y, out, mean, invstd = ctx.saved_tensors
         geo = ctx.geo
         need = ctx.needs_input_grad
@@ -414,18 +518,6 @@ class _StageFunction(torch.autograd.Function):
         bn_backward(grad_out.contiguous(), out, y, mean, invstd, gamma, grad_y, grad_gamma,
                     grad_beta, grad_res, ctx.relu)
         grad_h = grad_w = grad_b = None
-        if ctx.gemm:  # every gradient by GEMMs (see GEMM_MAX_ROWS)
-            length = out.shape[2]
-            w = w4.squeeze(2)
-            if need[0]:
-                grad_h = _data_grad_gemm_ncl(grad_y[:, :, :length], w, geo, h.shape[2])
-            if need[1]:
-                grad_w = _weight_grad_ncl(grad_y[:, :, :length], h, geo)
-            if need[2] and ctx.has_bias:
-                grad_b = grad_y[:, :, :length].sum(dim=(0, 2))
-            return (grad_h, grad_w, grad_b, grad_gamma if need[3] else None,
-                    grad_beta if need[4] else None, grad_res, None, None, None, None, None,
-                    None)
         if need[0] and ctx.winograd is not None and geo.winograd_dgrad:
             v, gain_t = ctx.winograd
             grad_h, ok = torch.ops.fastres_ext.winograd_ncl(

@@ -13,6 +13,7 @@ instead of compounding. Kernel outputs are poisoned (filled
 with NaN before the kernels write them): an element a kernel forgets to write cannot pass.
 """
 import copy
+import sys
 
 import pytest
 import torch
@@ -191,6 +192,27 @@ def test_train_steps_match_float64(name, conv_layout, gemm, fresh_seed, monkeypa
         monkeypatch.setattr(onednn_train, "GEMM_MAX_ROWS", -1)
     model, shape = _draw(name, fresh_seed)
     _train_and_compare(model, shape, fresh_seed, conv_layout=conv_layout)
+
+
+@pytest.mark.parametrize("first_gemm", [True, False])
+@pytest.mark.parametrize("name", ["block-downsample", "basic-strided-wide-pad", "resnet",
+                                  "resnet-causal-no-maxpool"])
+def test_alternating_routes_match_float64(name, first_gemm, fresh_seed, monkeypatch):
+    """Stages on the few-rows route (GEMMs on channel-major activations) and on oneDNN
+    (contiguous (B, C, L)) alternating, so that each reads the other's output, residual
+    and gradients: every conversion between the two layouts, both ways."""
+    build = onednn_train.build_or_reason
+
+    def alternating(module, conv_layout=None, winograd=None):
+        program, reason = build(module, conv_layout, winograd)
+        if program is not None:
+            for i, stage in enumerate(onednn_train._stages(program._blocks)):
+                stage.geo.gemm_max_rows = sys.maxsize if (i % 2 == 0) == first_gemm else -1
+        return program, reason
+
+    monkeypatch.setattr(onednn_train, "build_or_reason", alternating)
+    model, shape = _draw(name, fresh_seed)
+    _train_and_compare(model, shape, fresh_seed, conv_layout="NCL")
 
 
 @pytest.mark.parametrize("conv_layout", onednn_train.CONV_LAYOUTS)
@@ -406,13 +428,20 @@ def test_weight_grad_by_rows_matches_float64(stride, dilation, kernel_size, pad_
 
 @pytest.mark.parametrize("stride, dilation, kernel_size, pad_left, pad_right", [
     (2, 8, 5, 16, 16), (2, 1, 3, 1, 1), (3, 2, 3, 4, 0), (2, 1, 7, 3, 3), (2, 1, 1, 0, 0),
-    (1, 4, 3, 8, 0), (1, 1, 3, 1, 1), (1, 2, 5, 4, 4)])
+    (1, 4, 3, 8, 0), (1, 1, 3, 1, 1), (1, 2, 5, 4, 4), (1, 1, 1, 0, 0), (1, 1, 4, 3, 0),
+    (2, 1, 4, 0, 0)])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kernels", [True, False], ids=["extension", "python"])
 def test_conv_by_gemm_matches_float64(stride, dilation, kernel_size, pad_left, pad_right, bias,
-                                      fresh_seed):
-    """The few-rows route's conv and data gradient (GEMMs over the weights as they are)
-    against float64: the forward with oneDNN's symmetric padding (the program's conv output,
-    its first out_length rows the conv's), the data gradient of the true conv."""
+                                      kernels, fresh_seed, monkeypatch):
+    """The few-rows route's conv (the weights times the im2col matrix built from
+    channel-major activations) and data gradient (the weights transposed times grad_y,
+    added back into the input positions) against float64, into poisoned outputs: by the
+    extension's loops, and by the Python an older build runs (the middle tap copied where
+    it read every position)."""
+    if kernels and not onednn_train._cm_kernels():
+        pytest.skip("the compiled extension predates the channel-major im2col loops")
+    monkeypatch.setattr(onednn_train, "_CM_KERNELS", kernels)
     g = torch.Generator().manual_seed(fresh_seed)
     conv = nn.Conv1d(3, 19, kernel_size, stride=stride, dilation=dilation, bias=bias)
     geo = onednn_train._Geometry(conv, pad_left, pad_right, ncl=True)
@@ -421,16 +450,42 @@ def test_conv_by_gemm_matches_float64(stride, dilation, kernel_size, pad_left, p
     b = torch.randn(19, generator=g, dtype=torch.float64) if bias else None
     y = torch.nn.functional.conv1d(torch.nn.functional.pad(x, [pad_left, pad_right]), w, b,
                                    stride=stride, dilation=dilation)
-    sym = torch.nn.functional.conv1d(x, w, b, stride=stride, dilation=dilation,
-                                     padding=max(pad_left, pad_right))
-    got = onednn_train._conv_gemm_ncl(x.detach().float(), w.float(),
-                                      None if b is None else b.float(), geo)
-    assert got.shape == sym.shape and rel_err(got, sym) < TOL
-    assert rel_err(got[:, :, :y.shape[2]], y) < TOL
+    l_out = geo.out_length(64)
+    assert y.shape[2] == l_out
+    with _alloc.poisoned(True):
+        cols = onednn_train._gemm_columns(x.detach().float().transpose(0, 1).contiguous(),
+                                          geo, l_out)
+    assert cols.shape == (3, kernel_size, 2, l_out)
+    got = torch.mm(w.float().reshape(19, -1), cols.view(3 * kernel_size, -1))
+    if b is not None:
+        got += b.float()[:, None]
+    assert rel_err(got.view(19, 2, l_out).transpose(0, 1), y) < TOL
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
     (ref,) = torch.autograd.grad(y, [x], grad_y)
-    got = onednn_train._data_grad_gemm_ncl(grad_y.float(), w.float(), geo, 64)
-    assert got.shape == ref.shape and rel_err(got, ref) < TOL
+    with _alloc.poisoned(True):
+        got = onednn_train._data_grad_gemm(grad_y.float().transpose(0, 1).reshape(19, -1),
+                                           w.float(), geo, 2, l_out, 64)
+    assert got.shape == (3, 2, 64) and rel_err(got.transpose(0, 1), ref) < TOL
+
+
+def test_channel_major_loops_refuse_bad_input():
+    """The extension's im2col and col2im check their operands: a wrong shape, a
+    non-contiguous or non-float32 tensor is an error, never a silent wrong answer."""
+    if not onednn_train._cm_kernels():
+        pytest.skip("the compiled extension predates the channel-major im2col loops")
+    ops = torch.ops.fastres_ext
+    h, cols = torch.randn(3, 2, 16), torch.empty(3, 3, 2, 16)
+    ops.cm_im2col(h, 3, 1, 1, 1, cols)  # the right shapes pass
+    with pytest.raises(RuntimeError, match="cols must be"):
+        ops.cm_im2col(h, 3, 1, 1, 1, torch.empty(3, 2, 2, 16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.cm_im2col(h.transpose(1, 2), 3, 1, 1, 1, cols)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.cm_im2col(h.double(), 3, 1, 1, 1, cols)
+    with pytest.raises(RuntimeError, match="grad_h must be"):
+        ops.cm_col2im(cols, 1, 1, 1, torch.empty(4, 2, 16))
+    with pytest.raises(RuntimeError, match="overlaps"):
+        ops.cm_col2im(cols, 1, 1, 1, cols.view(-1)[:96].view(3, 2, 16))
 
 
 @pytest.mark.parametrize("shape", [(3, 17, 33), (1, 1, 5), (2, 40, 3), (4, 16, 16)])
