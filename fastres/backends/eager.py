@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import upstream_kernels
-from ..conventions import (HALF_DTYPES, NORM_LAYER, NORM_NONE, NORM_TRAIN, autocast_dtype,
-                           output_length)
+from ..conventions import (HALF_DTYPES, NORM_EVAL, NORM_LAYER, NORM_NONE, NORM_TRAIN,
+                           autocast_dtype, output_length)
 from ._activation import activation_function
 from .base import Backend
 
@@ -43,7 +43,9 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, dilati
     k = weight.shape[-1]
     l_out = output_length(x.shape[-1], k, dilation, stride, pad_left, pad_right)
     if pad_left >= pad_right:  # causal: the extra outputs are at the end (the "chomp")
-        return y[..., :l_out]
+        # (made contiguous: batch norm over the strided view ran slower than this copy costs,
+        # forward and backward; benchmarks/NOTES.md, issue 21, seventh session)
+        return y[..., :l_out].contiguous()
     # More zeros on the right (same padding, odd total): the extra outputs are at the start,
     # which only works out on the stride grid at stride 1, where PyTorch's "same" is exact.
     return F.conv1d(x, weight, bias, padding="same", dilation=dilation)
@@ -95,8 +97,16 @@ def conv_bn_relu_eager(x, weight, bias, gamma, beta, running_mean, running_var, 
             # Running statistics of another dtype (a model moved to 16 bits whole) are
             # updated through compute-dtype copies, written back below.
             work = [t if t is None or t.dtype == compute else t.to(compute) for t in stats]
-            z = F.batch_norm(z, work[0], work[1], up(gamma), up(beta), norm == NORM_TRAIN,
-                             momentum_factor, eps)
+            if norm == NORM_EVAL and eps == 0:
+                # (y - mean) / sqrt(var) as docs/spec.md has it: with a zero variance
+                # F.batch_norm's kernel for contiguous input folds 1/sqrt(0) into a scale
+                # and a shift, and gives NaN where the spec has +-inf.
+                z = (z - work[0][:, None]) / work[1][:, None].sqrt()
+                z = z if gamma is None else z * up(gamma)[:, None]
+                z = z if beta is None else z + up(beta)[:, None]
+            else:
+                z = F.batch_norm(z, work[0], work[1], up(gamma), up(beta), norm == NORM_TRAIN,
+                                 momentum_factor, eps)
             if norm == NORM_TRAIN:
                 with torch.no_grad():
                     for stat, copy in zip(stats, work):
