@@ -70,9 +70,9 @@ def explain(model: nn.Module, *example_inputs, backward: Optional[bool] = None
     with dispatch.module.state_restored(model), dispatch.recording() as log:
         with torch.set_grad_enabled(backward):  # no backward: an inference call, under no_grad
             out = model(*example_inputs)
-        outputs = [t for t in (out if isinstance(out, (tuple, list)) else [out])
-                   if isinstance(t, torch.Tensor) and t.requires_grad]
-        if backward and outputs:
+        if backward:
+            outputs = [t for t in (out if isinstance(out, (tuple, list)) else [out])
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
             torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs],
                                 allow_unused=True)
     return DispatchReport(

@@ -72,11 +72,15 @@ class Choice:
         saving = 1 - (self.ratio or self.times_s[rival] / base)
         verdict = f"{self.name} was fastest"
         if rival != self.baseline and self.baseline in self.times_s:
-            verdict = f"{rival} took {saving:.0%} less time than {self.baseline}" + (
-                f" (needed {self.margin:.0%})" if rival == self.name else
-                f", short of the {self.margin:.0%} a fused path must save, so {self.baseline} runs"
-                if saving < self.margin else f", but samples spread {self.spread:.0%}: too close "
-                f"to call, so {self.baseline} runs")
+            verdict = f"{rival} took {saving:.0%} less time than {self.baseline}"
+            if rival == self.name:
+                verdict += f" (needed {self.margin:.0%})"
+            elif saving < self.margin:
+                verdict += (f", short of the {self.margin:.0%} a fused path must save, so "
+                            f"{self.baseline} runs")
+            else:
+                verdict += (f", but samples spread {self.spread:.0%}: too close to call, so "
+                            f"{self.baseline} runs")
         parts = [", ".join(f"{n} {_fmt(self.times_s[n])}" for n in ranked) + "; " + verdict]
         if self.excluded:
             parts.append("left out: " + "; ".join(f"{k}: {v}" for k, v in self.excluded.items()))

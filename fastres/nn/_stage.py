@@ -90,9 +90,11 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padd
     stage 1's data-gradient kernel; every other path ignores it.
     """
     if isinstance(bn, nn.SyncBatchNorm):  # statistics over every process's batch
-        return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add, activation) \
-            if activation != "relu" else sync_conv_bn_relu_stage(
-                x, conv, bn, padding, residual, relu_before_add, bn_arguments(bn))
+        if activation != "relu":
+            return _stage_as_modules(x, conv, bn, padding, residual, relu_before_add,
+                                     activation)
+        return sync_conv_bn_relu_stage(x, conv, bn, padding, residual, relu_before_add,
+                                       bn_arguments(bn))
     recording = dispatch.choice.recording_active()
     if recording:
         dispatch.choice.set_stage(conv)
@@ -124,7 +126,9 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padd
            None if bn is None else (type(bn), bn.training, bn.eps,
                                     getattr(bn, "running_mean", None) is None),
            dispatch.forced_backend(), dispatch.safety.functorch_active())
-    plans = _PLANS.get(conv) or _PLANS.setdefault(conv, {})  # (no new dict per call)
+    plans = _PLANS.get(conv)
+    if plans is None:  # (setdefault alone would build a dict on every call)
+        plans = _PLANS.setdefault(conv, {})
     cached = None if recording else plans.get(key)  # recording: choose() logs the choice
     if cached is None:
         stage_plan, _ = plan(x, weight, stride=conv.stride[0], dilation=conv.dilation[0],
