@@ -721,10 +721,10 @@ void check_cm(const at::Tensor& t, const char* name, int64_t dim) {
               " dims");
 }
 
-// The outputs t in [first, last) of tap j read input positions in [0, length).
-void tap_span(int64_t j, int64_t stride, int64_t dilation, int64_t pad_left, int64_t length,
-              int64_t l_out, int64_t* first, int64_t* last) {
-  const int64_t offset = j * dilation - pad_left;  // output t reads t * stride + offset
+// The outputs t in [first, last) of a tap whose output t reads input position
+// t * stride + offset (offset = j * dilation - pad_left for tap j) that lie in [0, length).
+void tap_span(int64_t offset, int64_t stride, int64_t length, int64_t l_out, int64_t* first,
+              int64_t* last) {
   *first = offset >= 0 ? 0 : std::min(l_out, (-offset + stride - 1) / stride);
   *last = length - 1 - offset < 0 ? 0 : std::min(l_out, (length - 1 - offset) / stride + 1);
   if (*last < *first) *last = *first;
@@ -751,9 +751,9 @@ void cm_im2col_cpu(const at::Tensor& h, int64_t kernel_size, int64_t stride, int
   at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t j = 0; j < kernel_size; ++j) {
-        int64_t first, last;
-        tap_span(j, stride, dilation, pad_left, length, l_out, &first, &last);
         const int64_t offset = j * dilation - pad_left;
+        int64_t first, last;
+        tap_span(offset, stride, length, l_out, &first, &last);
         for (int64_t b = 0; b < batch; ++b) {
           const float* src = hp + (c * batch + b) * length;
           float* dst = cp + ((c * kernel_size + j) * batch + b) * l_out;
@@ -791,9 +791,9 @@ void cm_col2im_cpu(const at::Tensor& gcols, int64_t stride, int64_t dilation, in
         float* dst = op + (c * batch + b) * length;
         std::fill(dst, dst + length, 0.0f);
         for (int64_t j = 0; j < kernel_size; ++j) {
-          int64_t first, last;
-          tap_span(j, stride, dilation, pad_left, length, l_out, &first, &last);
           const int64_t offset = j * dilation - pad_left;
+          int64_t first, last;
+          tap_span(offset, stride, length, l_out, &first, &last);
           const float* src = gp + ((c * kernel_size + j) * batch + b) * l_out;
           if (stride == 1) {
             float* d = dst + offset;
