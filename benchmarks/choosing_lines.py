@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import os
 import subprocess
 import tokenize
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -56,7 +57,8 @@ AFTER_UNITS: Dict[str, Optional[Sequence[str]]] = {
     "fastres/backends/triton/tuning.py": ALL,
     "fastres/nn/_stage.py": ("_PLAIN", "_PLANNED_DEVICES", "_PLANS", "conv_bn_relu_stage"),
     "fastres/stream/whole_sequence.py": ("WHOLE_SEQUENCE_MAX_BATCH", "WHOLE_SEQUENCE_MAX_STEPS",
-                                         "whole_sequence", "_may_run_stacked"),
+                                         "whole_sequence", "_may_run_stacked",
+                                         "StackProgram"),
     # The same units as the bench's timer before (its presets and imports not counted).
     "fastres/timing.py": ("TimingConfig", "Stats", "synchronize", "_time_block", "measure"),
 }
@@ -101,7 +103,8 @@ def _files(rev: Optional[str], path: str) -> List[str]:
     cmd = ["git", "ls-files", path] if rev is None else ["git", "ls-tree", "--name-only", rev,
                                                         path]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
-    return sorted(p for p in out if p.endswith(".py"))
+    # (the working tree: files deleted but not yet committed are gone)
+    return sorted(p for p in out if p.endswith(".py") and (rev is not None or os.path.exists(p)))
 
 
 def _unit_names(node: ast.stmt) -> List[str]:

@@ -296,14 +296,14 @@ def _dispatch(parser, args) -> int:
               "calls are measured on first use, or with fastres.autotune")
     for path in paths:
         mark = " (this process's settings)" if path == current else ""
-        header, entries, problem = read_file(path)
+        doc, entries, problem = read_file(path)
         print(f"{path}{mark}")
         if problem is not None:
-            print(f"  ignored by fastres: {problem}" if header is None else f"  {problem}")
-            if header is None:
+            print(f"  ignored by fastres: {problem}" if doc is None else f"  {problem}")
+            if doc is None:
                 continue
-        print(f"  {header.get('device')}, {header.get('threads')} threads, " + ", ".join(
-            f"{k} {v}" for k, v in (header.get("versions") or {}).items()))
+        print(f"  {doc.get('device')}, {doc.get('threads')} threads, " + ", ".join(
+            f"{k} {v}" for k, v in (doc.get("versions") or {}).items()))
         for key, choice in sorted(entries.items()):
             print(f"  {_describe_key(key)}\n      runs {choice.name}: {choice.why()}")
     return 0

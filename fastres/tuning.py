@@ -48,9 +48,6 @@ class DispatchReport(List[StageDecision]):
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + why
                          for row, why in zip(rows, ["why"] + [d.reason for d in self]))
 
-    def backends_used(self) -> List[str]:
-        return sorted({d.backend for d in self})
-
 
 def explain(model: nn.Module, *example_inputs, backward: Optional[bool] = None
             ) -> DispatchReport:

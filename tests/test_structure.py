@@ -9,7 +9,8 @@
 - backends never import each other (the shared C++ interface fastres._ext is not a backend);
 - what exists is apart from which runs: only fastres.backends and fastres.dispatch (and the
   bench and tests, which time backends by name) reach a backend module, and the backends
-  never import the dispatcher;
+  never import the dispatcher; the dispatcher reaches what exists only through the
+  registry of fastres.backends (backends and whole-module programs as objects, by name);
 - the library never imports the bench package (only the command line's bench verb does);
 - one timer: only fastres/timing.py reads the clock to time candidates.
 """
@@ -131,6 +132,13 @@ def test_backends_never_import_the_dispatcher(graph):
         if name.startswith("fastres.backends"):
             chooser = {d for d in deps if d.startswith("fastres.dispatch")}
             assert not chooser, f"{name} (what exists) imports {sorted(chooser)} (which runs)"
+
+
+def test_the_dispatcher_reaches_what_exists_through_the_registry(graph):
+    for name, deps in graph.items():
+        if name.startswith("fastres.dispatch"):
+            inner = {d for d in deps if d.startswith("fastres.backends.")}
+            assert not inner, f"{name} imports {sorted(inner)}: use fastres.backends' registry"
 
 
 def test_one_timer():

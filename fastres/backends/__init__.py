@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+from torch import Tensor, nn
 
 from ..conventions import NORM_LAYER, triton_interpreting
 from .base import Backend, Call, KernelBackend
 from .eager import EagerBackend
 
-__all__ = ["Backend", "Call", "KernelBackend", "all_backends", "available_backends", "get",
-           "names", "register", "unavailable_reason"]
+__all__ = ["Backend", "Call", "KernelBackend", "ModuleProgram", "all_backends",
+           "available_backends", "get", "module_programs", "names", "register",
+           "register_module_program", "unavailable_reason"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -125,3 +127,74 @@ def unavailable_reason(name: str) -> Optional[str]:
 def available_backends() -> List[str]:
     """The names of the backends that can run on this machine."""
     return [b.name for b in _REGISTRY.values() if b.unavailable_reason() is None]
+
+
+class ModuleProgram:
+    """A way to run a whole fused module at once: every stage and the arithmetic between
+    them in one program, where running the stages one by one pays for each stage's layout,
+    dispatch and Python. The module level (fastres/dispatch/module.py) times the programs
+    offered for a module against its stages, and runs the fastest; a program chooses nothing.
+
+    name: the module level's policy name. device_type, trains: the device it runs on, and
+    whether it runs training steps (forward and backward) or inference (eval, no gradient).
+    load(): the module that builds programs (imported on first use, as a KernelBackend's).
+    """
+
+    name: str
+    device_type = "cpu"
+    trains = False
+
+    def load(self):
+        raise NotImplementedError
+
+    def program_for(self, module: nn.Module):
+        """The module's program as the module is now (a callable x -> module(x), with
+        unsupported_reason(x)), or None where none can be built for it."""
+        return self.load().program_for(module)
+
+    def offered(self, module: nn.Module, x: Tensor, needs_grad: bool) -> bool:
+        """Whether the module level may time this program for module(x)."""
+        return x.device.type == self.device_type and module.training == self.trains \
+            and needs_grad == self.trains and self.program_for(module) is not None
+
+    def run(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:
+        """module(x), or None where the program cannot run this input or the module as it
+        is now (a hook, a mode or a weight changed since it was chosen)."""
+        program = self.program_for(module)
+        if program is None or program.unsupported_reason(x) is not None:
+            return None
+        return program(x)
+
+
+class OneDNNProgram(ModuleProgram):
+    name = "onednn"
+
+    def load(self):  # eval: packed weights, fused post-ops
+        from . import onednn
+        return onednn
+
+
+class OneDNNTrainProgram(ModuleProgram):
+    name = "onednn-train"
+    trains = True
+
+    def load(self):  # training: channels-last convs, batch norm in C++
+        from . import onednn_train
+        return onednn_train
+
+
+_MODULE_PROGRAMS: Dict[str, ModuleProgram] = {p.name: p for p in (
+    OneDNNProgram(), OneDNNTrainProgram())}
+
+
+def module_programs() -> Dict[str, ModuleProgram]:
+    """Every whole-module program fastres knows, by name: the registry itself, which the
+    module level reads on every call (also under torch.compile, which traces a dict), and
+    which only register_module_program changes."""
+    return _MODULE_PROGRAMS
+
+
+def register_module_program(program: ModuleProgram) -> None:
+    """Add (or replace) a whole-module program by its name (fastres.stream registers
+    TemporalConvNet's stacked kernel: it builds on fastres.nn, which builds on this)."""
+    _MODULE_PROGRAMS[program.name] = program

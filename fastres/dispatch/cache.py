@@ -16,7 +16,9 @@ the same time keep each other's choices (POSIX file locks: fastres builds for Li
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -34,14 +36,9 @@ from .choice import Choice
 SCHEMA = 4  # 3: op choices only, no provenance; 4: Choice records of both levels
 
 
-def default_path() -> Optional[str]:
-    setting = os.environ.get("FASTRES_DISPATCH_CACHE")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return None if setting == "0" else setting or os.path.join(base, "fastres")
-
-
 def read_file(path: str) -> Tuple[Optional[dict], Dict[str, Choice], Optional[str]]:
-    """(the document's header, its valid entries, what was wrong with it or None)."""
+    """(the document, None where it is not a cache this fastres reads; its valid entries;
+    what was wrong with it, or None)."""
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -58,8 +55,7 @@ def read_file(path: str) -> Tuple[Optional[dict], Dict[str, Choice], Optional[st
         with contextlib.suppress(TypeError, ValueError):
             entries[key] = Choice.from_json(entry)
     bad = len(doc["entries"]) - len(entries)
-    header = {k: v for k, v in doc.items() if k != "entries"}
-    return header, entries, (f"{bad} malformed entries ignored" if bad else None)
+    return doc, entries, (f"{bad} malformed entries ignored" if bad else None)
 
 
 class ChoiceCache:
@@ -109,7 +105,7 @@ class ChoiceCache:
                 entries[text_key] = choice
                 doc = {"schema": SCHEMA, "device": device_name(device),
                        "threads": torch.get_num_threads(), "versions": versions(),
-                       "entries": {k: c.to_json() for k, c in sorted(entries.items())}}
+                       "entries": {k: dataclasses.asdict(c) for k, c in sorted(entries.items())}}
                 fd, tmp = tempfile.mkstemp(dir=self.path, suffix=".tmp")
                 with os.fdopen(fd, "w") as f:
                     json.dump(doc, f, indent=1)
@@ -121,18 +117,14 @@ class ChoiceCache:
         return sorted(glob.glob(os.path.join(self.path, f"dispatch-{device_type}-*.json")))
 
 
-_CACHE: Optional[ChoiceCache] = None
-
-
+@functools.lru_cache(maxsize=None)
 def cache() -> ChoiceCache:
     """The process's cache (FASTRES_DISPATCH_CACHE, read when it is first asked for)."""
-    global _CACHE
-    if _CACHE is None:
-        _CACHE = ChoiceCache(default_path())
-    return _CACHE
+    setting = os.environ.get("FASTRES_DISPATCH_CACHE")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return ChoiceCache(None if setting == "0" else setting or os.path.join(base, "fastres"))
 
 
 def forget() -> None:
     """Drop every choice this process made or read; the cache setting is read again."""
-    global _CACHE
-    _CACHE = None
+    cache.cache_clear()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import typing
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -67,11 +68,10 @@ class Choice:
             return self.reason
         ranked = sorted(self.times_s, key=self.times_s.get)
         rival = self.name if self.name != self.baseline else ranked[0]
-        base = self.times_s.get(self.baseline) or self.times_s[rival]
-        # (the saving the margin was judged by: the paired rounds' ratio, else the medians')
-        saving = 1 - (self.ratio or self.times_s[rival] / base)
         verdict = f"{self.name} was fastest"
         if rival != self.baseline and self.baseline in self.times_s:
+            # (the saving the margin was judged by: the paired rounds' ratio, else the medians')
+            saving = 1 - (self.ratio or self.times_s[rival] / self.times_s[self.baseline])
             verdict = f"{rival} took {saving:.0%} less time than {self.baseline}"
             if rival == self.name:
                 verdict += f" (needed {self.margin:.0%})"
@@ -89,26 +89,22 @@ class Choice:
         when = self.provenance.get("measured_utc")
         return (f"{self.source} {when}" if when else self.source) + ": " + "; ".join(parts)
 
-    def to_json(self) -> Dict[str, object]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_json(cls, doc: object) -> "Choice":
-        """A Choice from a stored entry; ValueError for anything of the wrong shape."""
-        if not isinstance(doc, dict) or not set(doc) <= set(_FIELD_TYPES) \
-                or not {"level", "name", "reason"} <= set(doc):
-            raise ValueError(f"not a stored choice: {doc!r:.80}")
+        """A Choice from a stored entry: TypeError for anything but an object of Choice's
+        fields (the constructor's own check), ValueError for a field of the wrong type."""
+        choice = cls(**doc)
         for key, value in doc.items():
             if not isinstance(value, _FIELD_TYPES[key]) or (
                     key == "times_s" and not all(isinstance(t, (int, float))
                                                  for t in value.values())):
                 raise ValueError(f"{key} of a stored choice is {value!r:.40}")
-        return dataclasses.replace(cls(**doc), source=CACHED)
+        return dataclasses.replace(choice, source=CACHED)
 
 
-_FIELD_TYPES = dict(level=str, name=str, reason=str, source=str, times_s=dict, spread=(int, float),
-                    margin=(int, float), baseline=str, excluded=dict, provenance=dict, final=bool,
-                    ratio=(int, float))
+# Each field's JSON type, read off its annotation (a float field also takes a JSON integer).
+_FIELD_TYPES = {name: (int, float) if hint is float else typing.get_origin(hint) or hint
+                for name, hint in typing.get_type_hints(Choice).items()}
 
 
 def _fmt(seconds: float) -> str:

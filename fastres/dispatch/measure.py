@@ -19,16 +19,29 @@ not below MIN_MEASURED_POSITIONS. A choice between kernels does not depend on ho
 steps the same call has, and the first call on a 2,000,000-step input must cost about one
 plain call, not several: a module's measurement runs each of its few candidates about five
 times, its stages' measurements about fifteen, on the slice.
+
+Where measuring must not happen (`why_not_measure`): measuring runs every candidate several
+times on private copies of the inputs and takes gradients with torch.autograd.grad. That
+is safe in a plain forward and nowhere else:
+- under torch.compile or torch.jit tracing, the runs would be traced into the graph;
+- inside a torch.func transform (grad, vmap), the copies are wrapped tensors and the
+  extra runs become part of the transformed function;
+- inside a backward pass (reentrant activation checkpointing recomputes the forward there)
+  or under saved-tensor hooks (non-reentrant checkpointing packs every saved tensor, and
+  recomputes the forward under them in backward), torch.autograd.grad would run inside
+  the engine or hand the hooks tensors they never expected;
+- with FASTRES_DISPATCH=static, the user asked for no measuring.
+Where measuring is unsafe the stored choice, or else the static rule, runs.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .. import timing
-from ..machine import load_per_core
 from .choice import BUSY_LOAD_PER_CORE, MEASURED, Choice, provenance
 
 MARGIN_FORWARD = 0.05
@@ -89,7 +102,8 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
         best, spread, closeness, ratio = _judge(stats, baseline, need)
         if closeness is None or closeness >= spread:
             break
-    load = load_per_core()
+    details = provenance(device)
+    load = details["load_per_core"]
     why_not = f"measured under load ({load:.1f} runnable threads a core)" \
         if load is not None and load > BUSY_LOAD_PER_CORE else None
     if closeness is not None and closeness < spread:
@@ -98,7 +112,6 @@ def measure(level: str, runs: Dict[str, Callable[[], object]], baseline: str, de
         best = baseline
         why_not = why_not or (f"decided within the timing noise ({closeness:.0%} from the "
                               f"other answer, samples spread {spread:.0%})")
-    details = provenance(device)
     if why_not:
         details["not_final"] = why_not + "; measured again by the next process"
     return Choice(level, best, "measured", MEASURED, {n: st.median_s for n, st in stats.items()},
@@ -123,3 +136,24 @@ def _judge(stats: Dict[str, timing.Stats], baseline: str, need: float
                           1, 0.0)
     best = rival if ratios.median_s <= 1 - need else baseline
     return best, ratios.spread, abs((1 - need) / ratios.median_s - 1), ratios.median_s
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def why_not_measure() -> Optional[str]:
+    """None where measuring is safe now, else the reason it is not."""
+    for unsafe, why in (
+            (torch.compiler.is_compiling, "under torch.compile tracing"),
+            (lambda: torch.jit.is_tracing() or torch.jit.is_scripting(), "under torch.jit tracing"),
+            (functorch_active, "inside a torch.func transform"),
+            (lambda: torch._C._current_graph_task_id() != -1,
+             "inside a backward pass (activation checkpointing recomputes there)"),
+            (lambda: torch._C._autograd._top_saved_tensors_default_hooks(True) is not None,
+             "under saved-tensor hooks (activation checkpointing)"),
+            (lambda: os.environ.get("FASTRES_DISPATCH") == "static", "FASTRES_DISPATCH=static")):
+        if unsafe():
+            return why
+    return None

@@ -17,13 +17,12 @@ each policy, and keeps the fastest:
                 forward-only 16-bit calls keep the plain twin as their baseline.
     stages      every stage its own op-level choice
     <backend>   every stage on that fused backend (cpp on CPU; triton, cuda on CUDA)
-    stack       TemporalConvNet's whole stack in one C++ call, at small batch in eval
-                (the module's `dispatch_candidates`: fastres/stream registers it)
-    onednn      in eval on a CPU, the whole module channels-last on oneDNN with prepacked
-                weights and fused post-ops (fastres/backends/onednn.py)
-    onednn-train
-                in training on a CPU, the whole module channels-last on oneDNN's convs,
-                batch norm, residual and ReLU in C++ (fastres/backends/onednn_train.py)
+    <program>   a whole-module program offered for the module in this mode (what exists:
+                backends.module_programs()): "onednn", in eval on a CPU, the whole
+                module channels-last on oneDNN with prepacked weights and fused post-ops;
+                "onednn-train", in training on a CPU, oneDNN's convs with batch norm,
+                residual and ReLU in C++; "stack", TemporalConvNet's whole stack in one
+                C++ call at small batch in eval (fastres/stream registers it)
 
 Anything but the baseline must beat it by a margin (measure.py: the forward one, since a
 training step is timed whole here), so a module is never slower than its plain twin where
@@ -38,7 +37,7 @@ Where a policy would change what the user sees, it is not taken:
 - torch.jit tracing (and the legacy ONNX exporter) and torch.func transforms run the plain
   twin, whose ops they can trace or transform;
 - a forced backend, torch.compile and autocast run the stages, each choosing per call;
-- where measuring is unsafe (safety.py: activation checkpointing, a backward pass), the
+- where measuring is unsafe (measure.py: activation checkpointing, a backward pass), the
   stored choice runs, or else the stages.
 """
 from __future__ import annotations
@@ -53,13 +52,11 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from .. import _ext, backends
-from ..backends import onednn, onednn_train
 from ..conventions import HALF_DTYPES
 from .cache import cache
 from .choice import RULE, Choice, record, recording
 from .op import forced_backend, fused_backends, use_backend
-from .measure import MODULE_CONFIG, bounded_extent, measure
-from .safety import functorch_active, why_not_measure
+from .measure import MODULE_CONFIG, bounded_extent, functorch_active, measure, why_not_measure
 
 _state = threading.local()  # .policy: the policy of the outermost module being run
 _MEMO = "_fastres_choices"  # module.__dict__ key: input signature -> Choice
@@ -84,21 +81,15 @@ def run(module: nn.Module, x: Tensor) -> Tensor:
     inner = getattr(_state, "policy", None)
     if inner is not None:  # inside an outer fused module: follow its policy
         return module.plain_forward(x) if inner == "plain" else module.fused_forward(x)
-    if not isinstance(x, Tensor) or x.device.type not in ("cpu", "cuda"):
-        return module.fused_forward(x)
     if torch.jit.is_tracing() or torch.jit.is_scripting() or functorch_active():
         return _forward_outermost(module, "plain", x)
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) \
-            or forced_backend() is not None:
+    if not isinstance(x, Tensor) or x.device.type not in ("cpu", "cuda") \
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) \
+            or forced_backend() is not None:  # (unmeasured: the stages choose per call)
         return module.fused_forward(x)
     choice = _choice(module, x)
     record(module, None, choice)
     return _forward_outermost(module, choice.name, x)
-
-
-def _needs_grad(module: nn.Module, x: Tensor) -> bool:
-    return torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def _choice(module: nn.Module, x: Tensor) -> Choice:
@@ -107,7 +98,8 @@ def _choice(module: nn.Module, x: Tensor) -> Choice:
     # modules), as the whole-module paths skip every submodule.
     if hooked(module):
         return _HOOKED
-    needs_grad = _needs_grad(module, x)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in module.parameters()))
     key = (tuple(x.shape), x.dtype, x.device, module.training, needs_grad)
     memo = module.__dict__.setdefault(_MEMO, {})
     if key in memo:
@@ -135,33 +127,14 @@ _HOOKED = Choice("module", "stages", "not measured: it has hooks, which measurin
                  "ones as modules", RULE)
 
 
-def _whole_module_paths(module: nn.Module, x: Tensor, needs_grad: bool,
-                        only: Optional[str] = None
-                        ) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
-    """Paths that run the whole module at once, by name (`only`: that one alone, so a call
-    checks no other path's weights); each returns module(x), or None where it cannot run
-    this input."""
-    paths = {}
-    # The oneDNN programs on a CPU: eval (packed weights, post-ops) and training
-    # (channels-last convs, batch norm in C++), each where it was built for this mode.
-    name, backend = ("onednn-train", onednn_train) if needs_grad else ("onednn", onednn)
-    if x.device.type == "cpu" and only in (None, name) and module.training == needs_grad:
-        program = backend.program_for(module)
-        if program is not None:
-            paths[name] = lambda x: None if program.unsupported_reason(x) is not None \
-                else program(x)
-    if only is None or not only.startswith("onednn"):
-        paths.update(getattr(module, "dispatch_candidates", lambda x, only: {})(x, only))
-    return paths
-
-
 def _measure(module: nn.Module, x: Tensor, needs_grad: bool) -> Choice:
     batch, length = bounded_extent(x.shape[0], x.shape[-1])
     sample = x.detach()[:batch, ..., :length].clone()
     params = [p for p in module.parameters() if p.requires_grad] if needs_grad else []
     names = (["eager" if x.dtype in HALF_DTYPES and needs_grad else "plain", "stages"]
              + fused_backends(x.device.type, x.dtype)
-             + list(_whole_module_paths(module, x, needs_grad)))
+             + [name for name, program in backends.module_programs().items()
+                if program.offered(module, x, needs_grad)])
 
     def runner(policy: str) -> Callable[[], None]:
         x_copy = sample.clone().requires_grad_(x.requires_grad and needs_grad)
@@ -201,9 +174,9 @@ def _forward_outermost(module: nn.Module, policy: str, x: Tensor, strict: bool =
                        ) -> Tensor:
     """module(x) under `policy`: a whole-module path, or the stages with nested fused
     modules following it (and every stage on it, when it names a backend)."""
-    if policy not in ("plain", "stages") and policy not in backends.names():
-        path = _whole_module_paths(module, x, _needs_grad(module, x), policy).get(policy)
-        out = None if path is None else path(x)
+    program = backends.module_programs().get(policy)
+    if program is not None:
+        out = program.run(module, x)
         if out is not None:
             return out
         if strict:

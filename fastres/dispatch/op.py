@@ -3,7 +3,7 @@
     1. a backend forced with use_backend(name) (this thread) or FASTRES_BACKEND;
     2. this process's choice for the call signature (Call's fields), one dict lookup;
     3. a final choice an earlier process stored (cache.py);
-    4. where measuring is safe (safety.py) and the caller can make runs: each candidate
+    4. where measuring is safe (measure.py) and the caller can make runs: each candidate
        (eager and the fused backends that run the call here) is probed for correctness on
        this geometry (probe.py), the ones that pass are timed (measure.py), and the winner
        is kept; eager wins unless a fused backend beats it by the margin;
@@ -39,8 +39,7 @@ from ..backends import Call
 from ..conventions import HALF_DTYPES
 from .cache import cache
 from .choice import FORCED, RULE, STATIC, Choice, module_measuring, record, recording
-from .measure import bounded_extent, measure
-from .safety import why_not_measure
+from .measure import bounded_extent, measure, why_not_measure
 
 # The fused backends the default tries per device type, most preferred first. "composite"
 # is never a default: it exists to be compared against.

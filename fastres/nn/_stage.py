@@ -125,7 +125,7 @@ def conv_bn_relu_stage(x: Tensor, conv: nn.Conv1d, bn: Optional[nn.Module], padd
            relu_before_add, activation,
            None if bn is None else (type(bn), bn.training, bn.eps,
                                     getattr(bn, "running_mean", None) is None),
-           dispatch.forced_backend(), dispatch.safety.functorch_active())
+           dispatch.forced_backend(), dispatch.measure.functorch_active())
     plans = _PLANS.get(conv)
     if plans is None:  # (setdefault alone would build a dict on every call)
         plans = _PLANS.setdefault(conv, {})

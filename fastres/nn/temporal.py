@@ -15,9 +15,8 @@ the same attributes and a plain-PyTorch forward; fastres.unfuse swaps to it for 
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -421,18 +420,6 @@ class TemporalConvNet(nn.Module):
             return self._skip_forward(x, None, fused=False)
         return self.network(x)
 
-    def dispatch_candidates(self, x: Tensor, only: Optional[str] = None
-                            ) -> Dict[str, Callable[[Tensor], Optional[Tensor]]]:
-        """Whole-network paths the module level may time against the blocks: each returns
-        model(x), or None where it cannot run this input or this model as it is now.
-        only: that path alone, unasked whether it is offered (the module level runs a path
-        it chose; the path itself still returns None where it cannot run)."""
-        if only is not None:
-            path = _WHOLE_NETWORK_PATHS.get(only)
-            return {} if path is None else {only: functools.partial(path, self)}
-        return {name: functools.partial(path, self) for name, path in _WHOLE_NETWORK_PATHS.items()
-                if path(self, None) is not False}
-
     def _skip_forward(self, x: Tensor, embeddings, fused: bool) -> Tensor:
         """The blocks with WaveNet-style skips, on (B, C, L): every level's pre-residual
         output (projected where its width differs) summed with the last level's output."""
@@ -488,18 +475,3 @@ def stack_only_reason(model: TemporalConvNet) -> Optional[str]:
 def skips_only(model: TemporalConvNet) -> bool:
     """Whether model's forward is its blocks with skip connections and nothing else."""
     return _options_beyond_the_stack(model) == ["skip_connections"]
-
-
-# Paths that may run a whole TemporalConvNet forward at once, by name: path(model, x) returns
-# model(x), or None where it cannot; path(model, None) returns False where it can never
-# run for this model. fastres/stream registers its stacked C++ kernel as "stack": it builds
-# on this module, so this module cannot import it.
-_WHOLE_NETWORK_PATHS: Dict[str, Callable[[TemporalConvNet, Optional[Tensor]], object]] = {}
-
-
-def register_whole_network_path(name: str):
-    """Decorator: let `path(model, x)` be the module level's candidate `name`."""
-    def register(path):
-        _WHOLE_NETWORK_PATHS[name] = path
-        return path
-    return register

@@ -1,10 +1,10 @@
-"""TemporalConvNet's whole-stack path: the whole stack by the C++ stream kernel from a fresh
-zero state, one candidate ("stack") of the module level's choice (fastres/dispatch/module.py
-times it against the blocks; nothing here chooses).
+"""TemporalConvNet's whole-stack program: the whole stack by the C++ stream kernel from a
+fresh zero state, one candidate ("stack") of the module level's choice
+(fastres/dispatch/module.py times it against the blocks; nothing here chooses).
 
 Not streaming: it reuses the stream's fold (plan.py) and kernel for small-batch inference.
-Registered with fastres.nn.temporal (register_whole_network_path) when fastres.stream is
-imported: this package builds on fastres.nn, so fastres.nn cannot import it.
+Registered as a whole-module program (fastres.backends.register_module_program) when
+fastres.stream is imported: this package builds on fastres.nn, which builds on the backends.
 """
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch import nn
+
 from .. import _alloc
-from ..nn.temporal import (TemporalBlock, TemporalConvNet, register_whole_network_path,
-                           stack_only_reason)
+from ..backends import ModuleProgram, register_module_program
+from ..nn.temporal import TemporalBlock, TemporalConvNet, stack_only_reason
 from .core import cpp_unavailable as _cpp_unavailable
 from .errors import StreamError
 from .fold import Snapshot as _Snapshot
@@ -67,21 +69,16 @@ def _stacked_forward(plan: _Plan, x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-@register_whole_network_path("stack")
-def whole_sequence(model: TemporalConvNet, x: Optional[Tensor]) -> Optional[Tensor]:
+def whole_sequence(model: TemporalConvNet, x: Tensor) -> Optional[Tensor]:
     """model(x) by the C++ stream kernel, or None where that would not give the layered
     output: an eval-mode network of fused TemporalBlocks whose forward is the stack alone,
     on the CPU, no gradient needed, a batch of at most WHOLE_SEQUENCE_MAX_BATCH, the
     extension built, not under tracing. Its folded weights (and every attribute that
     changes the result, a norm's eps included) are checked against the model on every
     call by the rule of fastres/_copies.py (after a partial write through `.data`:
-    fastres.forget_weights(model)). The module level never takes it while any module has hooks (it
-    skips every module). whole_sequence(model, None) is False where it cannot run for the
-    model as it is now (in training mode, say), so the module level does not offer it.
+    fastres.forget_weights(model)). The module level never takes it while any module has
+    hooks (it skips every module).
     """
-    if x is None:  # (never offered for a training step: the stack holds no batch statistics)
-        return not model.training and _cpp_unavailable() is None \
-            and stack_only_reason(model) is None
     if not _may_run_stacked(model, x):
         return None
     cache = model.__dict__.get(_CACHE_ATTR)
@@ -90,8 +87,25 @@ def whole_sequence(model: TemporalConvNet, x: Optional[Tensor]) -> Optional[Tens
     return _run_stacked(model, cache, x)
 
 
+class StackProgram(ModuleProgram):
+    """whole_sequence as the module level's candidate "stack", offered where it runs
+    (never for a training step: the stack holds no batch statistics)."""
+
+    name = "stack"
+
+    def offered(self, module: nn.Module, x: Tensor, needs_grad: bool) -> bool:
+        return _may_run_stacked(module, x)
+
+    def run(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:
+        return whole_sequence(module, x)
+
+
+register_module_program(StackProgram())
+
+
 def _may_run_stacked(model: TemporalConvNet, x: Tensor) -> bool:
-    if model.training or not isinstance(x, Tensor) or x.dim() != 3 or x.device.type != "cpu" \
+    if not isinstance(model, TemporalConvNet) or model.training or not isinstance(x, Tensor) \
+            or x.dim() != 3 or x.device.type != "cpu" \
             or not 1 <= x.shape[0] <= WHOLE_SEQUENCE_MAX_BATCH \
             or not 1 <= x.shape[0] * x.shape[2] <= WHOLE_SEQUENCE_MAX_STEPS \
             or torch.jit.is_tracing() or torch.compiler.is_compiling():

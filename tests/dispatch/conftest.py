@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastres import dispatch
+from fastres import dispatch, machine
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def fresh_dispatch(monkeypatch, tmp_path):
     monkeypatch.delenv("FASTRES_DISPATCH", raising=False)
     monkeypatch.delenv("FASTRES_BACKEND", raising=False)
     monkeypatch.setenv("FASTRES_DISPATCH_CACHE", str(tmp_path))
-    monkeypatch.setattr(dispatch.measure, "load_per_core", lambda: 0.5)
+    monkeypatch.setattr(machine, "load_per_core", lambda: 0.5)
     dispatch.forget()
     yield tmp_path
     dispatch.forget()

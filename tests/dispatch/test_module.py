@@ -162,6 +162,46 @@ def test_the_onednn_training_program_is_a_candidate_that_trains_as_plain(monkeyp
     assert choice.name == "onednn-train"
 
 
+def test_a_registered_whole_module_program_runs_where_offered_and_chosen(monkeypatch,
+                                                                        fresh_dispatch):
+    """Whole-module programs are what exists (fastres.backends.register_module_program):
+    the module level times one only where its `offered` says, runs it once chosen, and
+    runs the stages where it returns None for an input."""
+    calls = []
+
+    class Counting(backends.ModuleProgram):
+        name = "counting"
+
+        def offered(self, module, x, needs_grad):
+            return not needs_grad
+
+        def run(self, module, x):
+            calls.append(x.shape[0])
+            return None if x.shape[0] == 5 else module.plain_forward(x)
+    monkeypatch.setitem(backends._MODULE_PROGRAMS, "counting", Counting())
+    real, timed = dispatch.module.measure, []
+
+    def measure_then_take_it(level, runs, *args, **kwargs):
+        timed.append(sorted(runs))
+        choice = real(level, runs, *args, **kwargs)
+        return dataclasses.replace(choice, name="counting") if "counting" in runs else choice
+    monkeypatch.setattr(dispatch.module, "measure", measure_then_take_it)
+    block = fastres.TemporalBlock(4, 4, 3).eval()
+    plain = fastres.unfuse(copy.deepcopy(block))
+    for batch in (2, 5):  # (5: the program declines the input, the stages run)
+        x = torch.randn(batch, 4, 30)
+        with torch.no_grad():
+            for _ in range(2):
+                before = len(calls)
+                out = block(x)
+                assert calls[before:] and calls[-1] == batch
+                assert rel_err(out, plain(x)) < 1e-5
+    assert timed and all("counting" in names for names in timed)
+    block.train()
+    block(torch.randn(2, 4, 30, requires_grad=True)).sum().backward()
+    assert "counting" not in timed[-1]
+
+
 @pytest.mark.parametrize("walk", ["python", "compiled"])
 def test_hooked_sees_every_kind_of_hook_at_any_depth(walk, monkeypatch):
     """dispatch.module.hooked, asked on every call of a fused module: the compiled walk and

@@ -301,7 +301,7 @@ def test_choices_persist_across_processes_with_provenance(monkeypatch, fresh_dis
 
 
 def test_a_choice_measured_under_load_is_not_stored(monkeypatch, fresh_dispatch, fresh_seed):
-    monkeypatch.setattr(dispatch.measure, "load_per_core", lambda: 4.0)
+    monkeypatch.setattr(fastres.machine, "load_per_core", lambda: 4.0)
     x, w, _, kwargs = _stage_args(fresh_seed, training=False, length=700)
     with dispatch.recording() as log:
         fastres.conv_bn_relu(x, w, **kwargs)
@@ -315,7 +315,7 @@ def test_a_choice_measured_under_load_is_not_stored(monkeypatch, fresh_dispatch,
 def test_a_choice_won_within_the_noise_is_not_stored(monkeypatch, fresh_dispatch):
     """A fused path 5% faster than eager (exactly the margin) with samples spread 10%: which
     one wins is the noise's call, so the choice holds for this process only."""
-    monkeypatch.setattr(dispatch.measure, "load_per_core", lambda: 0.5)  # (a quiet machine)
+    monkeypatch.setattr(fastres.machine, "load_per_core", lambda: 0.5)  # (a quiet machine)
     samples = {"eager": [1.0, 1.1, 0.9, 1.05, 0.95], "fused": [0.95, 1.05, 0.85, 1.0, 0.9]}
     monkeypatch.setattr(dispatch.measure.timing, "measure", lambda runs, device, config: {
         name: dispatch.measure.timing.Stats([t * 1e-3 for t in samples[name]], 1, 0.0)
@@ -334,7 +334,7 @@ def test_a_fused_path_must_win_clear_of_the_noise(monkeypatch):
     scatter around that (its ratios spread 18%) is too close to call, so the baseline runs
     and the next process measures again. An irrelevant third candidate's noise does not
     decide either way."""
-    monkeypatch.setattr(dispatch.measure, "load_per_core", lambda: 0.5)  # (a quiet machine)
+    monkeypatch.setattr(fastres.machine, "load_per_core", lambda: 0.5)  # (a quiet machine)
     samples = {"base": [1.0, 1.25, 0.9, 1.0, 1.2], "fused": [0.85, 1.06, 0.77, 0.85, 1.02],
                "noisy": [2.0, 4.0, 1.0, 3.0, 2.5]}
     monkeypatch.setattr(dispatch.measure.timing, "measure", lambda runs, device, config: {
