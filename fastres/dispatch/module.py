@@ -66,7 +66,7 @@ def hooked(*modules: Optional[nn.Module]) -> bool:
     """Whether any of `modules`, or any module below one, has forward, pre-forward or
     backward hooks, or any global module hook is registered."""
     if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks \
-            or _torch_module._global_backward_hooks:
+            or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks:
         return True
     walk = None if torch.compiler.is_compiling() else _ext.direct("modules_hooked")
     if walk is not None:  # (in C++, a tenth of the Python walk's time; dynamo traces Python)

@@ -223,5 +223,10 @@ def test_hooked_sees_every_kind_of_hook_at_any_depth(walk, monkeypatch):
         assert not dispatch.module.hooked(net.network[0])
         handle.remove()
         assert not dispatch.module.hooked(net)
-    with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
-        assert dispatch.module.hooked(net)
+    hooks = torch.nn.modules.module
+    for register in (hooks.register_module_forward_hook, hooks.register_module_forward_pre_hook,
+                     hooks.register_module_full_backward_hook,
+                     hooks.register_module_full_backward_pre_hook):
+        with register(lambda *a: None):  # (a global hook: every module has it)
+            assert dispatch.module.hooked(net)
+        assert not dispatch.module.hooked(net)
