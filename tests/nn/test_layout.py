@@ -42,7 +42,9 @@ def test_nlc_equals_ncl_on_transposed_data(cls, args, kw, shape, fresh_seed):
         out, ref = nlc(x), ncl(x_ncl)
         if out.dim() == 3:
             assert out.shape == (shape[0], ref.shape[2], ref.shape[1])  # (B, L_out, C_out)
-        assert rel_err(_as_ncl_output(out), ref) < 1e-6
+        # (each model's kernels are chosen by its own measurement: they agree to the
+        # float32 bound of docs/spec.md, not bit for bit)
+        assert rel_err(_as_ncl_output(out), ref) < 1e-5
         grad = torch.randn(ref.shape, generator=g)
         out.backward(grad.transpose(1, 2) if out.dim() == 3 else grad)
         ref.backward(grad)
@@ -53,7 +55,7 @@ def test_nlc_equals_ncl_on_transposed_data(cls, args, kw, shape, fresh_seed):
             assert rel_err(p.grad, q.grad, grad_scale(name, ref_grads)) < 1e-5, name
             p.grad = q.grad = None
     for (name, b), c in zip(nlc.named_buffers(), ncl.buffers()):
-        assert rel_err(b.double(), c.double()) < 1e-6, name
+        assert rel_err(b.double(), c.double()) < 1e-5, name
 
 
 @pytest.mark.parametrize("cls, args, kw, shape", CASES)
@@ -65,9 +67,9 @@ def test_unfuse_and_script_keep_the_layout(cls, args, kw, shape, fresh_seed):
     assert plain.input_layout == "NLC"
     with torch.no_grad():
         out = nlc(x)
-        assert rel_err(plain(x), out) < 1e-6
+        assert rel_err(plain(x), out) < 1e-5  # (the fused model's kernels are measured)
         if kw.get("norm") != "weight":  # weight-normed blocks trace but do not script
-            assert rel_err(torch.jit.script(copy.deepcopy(plain))(x), out) < 1e-6
+            assert rel_err(torch.jit.script(copy.deepcopy(plain))(x), out) < 1e-5
     assert "input_layout='NLC'" in repr(nlc)
 
 
