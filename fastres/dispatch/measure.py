@@ -58,9 +58,14 @@ MODULE_CONFIG = dataclasses.replace(CONFIG, min_rounds=3, max_rounds=3, min_bloc
 # pooled (a median of 3 samples is a noisy thing, and most decisions are clear after one).
 PASSES = 3
 # Measuring times at most this many positions (batch x length) of an input, and at most
-# 1/LONG_INPUT_FRACTION of a long one's, but not below MIN_MEASURED_POSITIONS.
+# 1/LONG_INPUT_FRACTION of a long one's, but not below MIN_MEASURED_POSITIONS: below that a
+# slice no longer sees the caches the whole input runs through. At 4096 positions a
+# TemporalBlock(128) B8 L2048 eval input (16384) was measured at B2, where plain took a fifth
+# to a sixth of its whole-input time for a quarter of the work, and the fused paths' lead of
+# 30-50% on the whole input shrank into the margin (benchmarks/NOTES.md, issue 21, eighth
+# session).
 MAX_MEASURED_POSITIONS = 1 << 15
-MIN_MEASURED_POSITIONS = 1 << 12
+MIN_MEASURED_POSITIONS = 1 << 14
 LONG_INPUT_FRACTION = 128
 
 
