@@ -11,9 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from .. import _alloc
 from ..backends import ModuleProgram, register_module_program

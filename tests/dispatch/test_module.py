@@ -178,7 +178,7 @@ def test_a_registered_whole_module_program_runs_where_offered_and_chosen(monkeyp
         def run(self, module, x):
             calls.append(x.shape[0])
             return None if x.shape[0] == 5 else module.plain_forward(x)
-    monkeypatch.setitem(backends._MODULE_PROGRAMS, "counting", Counting())
+    monkeypatch.setitem(backends.module_programs(), "counting", Counting())
     real, timed = dispatch.module.measure, []
 
     def measure_then_take_it(level, runs, *args, **kwargs):

@@ -92,6 +92,9 @@ def test_the_module_level_times_the_stack_once_per_signature(monkeypatch, stacke
         net(torch.randn(2, 3, 32))                               # a new signature: measured
         net(torch.randn(2, 3, 32))
     assert len(measured) == 2 and stacked_calls[-1] == (2, 3, 32)
+    with torch.no_grad():   # a batch the stack would decline: not offered, so never chosen
+        net(torch.randn(whole_sequence_module.WHOLE_SEQUENCE_MAX_BATCH + 1, 3, 32))
+    assert len(measured) == 3 and "stack" not in measured[-1]
     net.network[0].register_forward_hook(lambda m, i, o: None)   # a hook: never the stack
     stacked_calls.clear()
     with torch.no_grad():
@@ -100,7 +103,7 @@ def test_the_module_level_times_the_stack_once_per_signature(monkeypatch, stacke
     net.train()                            # a training step: the stack is not offered
     net.network[0]._forward_hooks.clear()
     net(torch.randn(2, 3, 32)).sum().backward()
-    assert len(measured) == 3 and "stack" not in measured[-1]
+    assert len(measured) == 4 and "stack" not in measured[-1]
 
 
 @requires_cpp
