@@ -72,7 +72,8 @@ class Choice:
         if rival != self.baseline and self.baseline in self.times_s:
             # (the saving the margin was judged by: the paired rounds' ratio, else the medians')
             saving = 1 - (self.ratio or self.times_s[rival] / self.times_s[self.baseline])
-            verdict = f"{rival} took {saving:.0%} less time than {self.baseline}"
+            verdict = (f"{rival} took {abs(saving):.0%} {'less' if saving >= 0 else 'more'} "
+                       f"time than {self.baseline}")
             if rival == self.name:
                 verdict += f" (needed {self.margin:.0%})"
             elif saving < self.margin:

@@ -354,6 +354,16 @@ def test_a_fused_path_must_win_clear_of_the_noise(monkeypatch):
     assert "too close to call" in choice.why()
 
 
+def test_a_reason_says_more_time_where_the_best_fused_path_was_slower():
+    """A fused path with the lower median can be slower round by round (the paired ratio,
+    what the margin is judged by); the reason then says how much more time it took, not a
+    negative saving."""
+    choice = dispatch.Choice("op", "eager", "measured", "measured",
+                             {"eager": 100e-6, "cpp": 99e-6}, 0.02, 0.05, "eager", ratio=1.12)
+    assert "cpp took 12% more time than eager, short of the 5%" in choice.why()
+    assert "-" not in choice.why().split(": ", 1)[1]
+
+
 def test_a_close_call_is_timed_again_with_the_rounds_pooled(monkeypatch):
     """Noisy first rounds, steady ones after: the decision waits for them (and stops timing
     once it is clear); never more than PASSES passes."""
