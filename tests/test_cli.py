@@ -115,7 +115,7 @@ def test_bench_json_schema_is_stable(quick_op_run):
                         "wall_time_s", "command", "dispatch"}
     # every choice measured in this run; the stored cache neither read nor written
     assert doc["dispatch"]["reused_cache"] is False and doc["dispatch"]["from_cache"] == 0
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert doc["command"].startswith("fastres bench --quick --only op")
     assert doc["settings"] == {"size": "quick", "device": "cpu", "dtypes": ["float32"],
                                "only": ["op"], "compile_mode": None, "model_compile_mode": None}
@@ -140,9 +140,50 @@ def test_bench_json_schema_is_stable(quick_op_run):
         assert row["case"]["B"] == 2 and row["case"]["K"] == 3
     eager = [r for r in op["rows"] if r["impl"] == "eager"]
     assert all(r["speedup"] == 1.0 for r in eager)
+    # Each row says what the dispatcher ran on its first call, and why: the op's one
+    # choice per fastres row (forced where the impl names a backend), none for plain eager.
+    assert all(r["runs"] is None and r["choices"] is None for r in eager)
+    for row in op["rows"]:
+        if row["impl"] == "eager":
+            continue
+        (choice,) = row["choices"]
+        assert choice["level"] == "op" and choice["runs"] == row["runs"]
+        assert choice["call"].startswith("float32 B2 16->16 L256 K3 d2 s1")
+        if row["impl"].startswith("fastres["):
+            assert row["runs"] == row["impl"][len("fastres["):-1] and choice["why"] == "forced"
+        else:
+            assert choice["why"].startswith("measured")
+    markdown = (out / "t.md").read_text()
+    assert "| compile | runs |" in markdown and "What the dispatcher chose, and why:" in markdown
 
 
 # --------------------------------------------------------------------------- pieces of bench
+
+
+def test_a_candidate_records_the_choices_of_its_first_call_only():
+    """The wrapper every bench candidate runs in: its first call's choices (here two forced
+    stages) are kept; later calls run the candidate without recording anything again."""
+    block = fastres.TemporalBlock(4, 4, kernel_size=3, dilation=1).eval()
+    x, calls = torch.randn(1, 4, 16), []
+
+    def candidate():
+        calls.append(1)
+        with fastres.use_backend("cpp"), torch.no_grad():
+            return block(x)
+
+    wrapped = runner._FirstCallChoices(candidate)
+    wrapped()
+    first = wrapped.choices
+    assert [(c["level"], c["runs"], c["why"]) for c in first] == [("op", "cpp", "forced")] * 2
+    assert first[0]["call"].startswith("float32 B1 4->4 L16 K3 d1 s1 eval")
+    wrapped()
+    assert wrapped.choices is first and len(calls) == 2
+    assert runner.runs_summary(first) == "cpp x2"
+    assert runner.runs_summary([{"level": "module", "runs": "cpp"}] + first) == "cpp, cpp x2"
+    assert runner.runs_summary([{"level": "module", "runs": "stages"},
+                                {"level": "op", "runs": "cpp"},
+                                {"level": "op", "runs": "eager"}]) == "stages, cpp, eager"
+
 
 
 def test_measure_interleaves_and_separates_the_first_call():

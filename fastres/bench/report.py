@@ -20,7 +20,21 @@ from .formatting import markdown_table, text_table
 from .runner import load_suite
 
 def _suite_table(name: str, suite: Dict[str, object]):
-    return load_suite(name).table(suite["rows"], suite["summary"])
+    """The suite's table, with a last column saying what the dispatcher ran for each row
+    that made choices (matched on the first two cells, every table's case and impl)."""
+    headers, cells = load_suite(name).table(suite["rows"], suite["summary"])
+    runs = {(r["task"], r["impl"]): r["runs"] for r in suite["rows"] if r.get("runs")}
+    if not runs:
+        return headers, cells
+    return (list(headers) + ["runs"],
+            [list(c) + [runs.get((c[0], c[1]), "")] for c in cells])
+
+
+def _choice_lines(suite: Dict[str, object]) -> List[str]:
+    """Why each row runs what it runs (the dispatcher's reasons, times included)."""
+    return [f"{r['task']} {r['impl']}: " + "; ".join(
+        f"{c['level']} {c['runs']} ({c['why']})" for c in r["choices"])
+        for r in suite["rows"] if r.get("choices")]
 
 
 def _summary_lines(name: str, suite: Dict[str, object]) -> List[str]:
@@ -87,6 +101,9 @@ def markdown_report(results: Dict[str, object]) -> str:
         lines = _summary_lines(name, suite)
         if lines:
             out += [""] + [f"- {line.strip()}" for line in lines]
+        choices = _choice_lines(suite)
+        if choices:
+            out += ["", "What the dispatcher chose, and why:", ""] + [f"- {c}" for c in choices]
     return "\n".join(out) + "\n"
 
 

@@ -15,12 +15,13 @@ statistics into rows with throughput, speedup and memory next to the time.
 """
 from __future__ import annotations
 
+import collections
 import time
 from typing import Dict, List, Optional
 
 import torch
 
-from .. import machine
+from .. import dispatch, machine
 from . import anchors, block, first_call, model, op, pytorch_tcn, tcn_vs_rnn, timing
 from . import environment as environment_info
 from .task import Settings, Task, compile_fn  # noqa: F401 (the suites' shapes)
@@ -35,14 +36,14 @@ OPT_IN = ("anchors",)
 SIZES = ("quick", "default", "full")
 
 # Version of the results document run() returns (keys: run(); rows: ROW_KEYS).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows say what the dispatcher ran (runs, choices)
 
 # Every row has exactly these keys (None where a number does not apply): the JSON schema.
 ROW_KEYS = (
     "suite", "task", "case", "impl", "status", "error",
     "median_s", "p25_s", "p75_s", "min_s", "spread", "rounds", "number", "first_call_s",
     "times_s", "compile_s", "speedup", "gbps", "tflops", "copy_fraction", "items_per_s",
-    "peak_mem_bytes", "peak_above_start_bytes",
+    "peak_mem_bytes", "peak_above_start_bytes", "runs", "choices",
 )
 
 
@@ -106,6 +107,31 @@ def _empty_row(task: Task, impl: str) -> Dict[str, object]:
     return row
 
 
+class _FirstCallChoices:
+    """A candidate whose first call, the one that makes the dispatcher's choices, records
+    them (each as level, call, runs, why): a row then says what it ran, where a measured
+    choice can differ from one run to the next."""
+
+    def __init__(self, fn):
+        self.fn, self.choices = fn, None
+
+    def __call__(self):
+        if self.choices is not None:
+            return self.fn()
+        with dispatch.recording() as log:
+            out = self.fn()
+        self.choices = [{"level": choice.level, "call": call and call.describe(),
+                         "runs": choice.name, "why": choice.why()} for _, call, choice in log]
+        return out
+
+
+def runs_summary(choices: List[Dict[str, object]]) -> str:
+    """What ran, in one line: each module policy, then each op backend, counted ("stages,
+    cpp x4"; "cpp, cpp x4" where the policy is a backend's)."""
+    counts = collections.Counter((c["level"], c["runs"]) for c in choices)
+    return ", ".join(runs if n == 1 else f"{runs} x{n}" for (_, runs), n in counts.items())
+
+
 def run_task(task: Task, settings: Settings,
              copy_bytes_per_s: Optional[float] = None) -> List[Dict[str, object]]:
     """Build the task's candidates, time them together, return one row per impl."""
@@ -122,9 +148,14 @@ def run_task(task: Task, settings: Settings,
             candidates[impl] = task.make(impl)
         except Exception as exc:  # noqa: BLE001 - report it in the row, keep going
             rows[impl].update(status="error", error=f"{type(exc).__name__}: {exc}")
+    # (every candidate is wrapped, fastres or not, so each pays the same call)
+    candidates = {impl: _FirstCallChoices(fn) for impl, fn in candidates.items()}
     measured = timing.measure(candidates, settings.device, config)
     for impl, result in measured.items():
         row = rows[impl]
+        if candidates[impl].choices:
+            row["choices"] = candidates[impl].choices
+            row["runs"] = runs_summary(row["choices"])
         if isinstance(result, Exception):
             row.update(status="error", error=f"{type(result).__name__}: {result}".strip())
             continue
