@@ -405,6 +405,10 @@ class TemporalConvNet(nn.Module):
     def _dispatched_forward(self, x: Tensor) -> Tensor:
         # How the blocks run is the module level's choice (fastres/dispatch/module.py):
         # plain, stage by stage, all on one backend, or the whole stack in one call.
+        # Blocks that are all plain twins (fastres.unfuse) leave nothing to choose: measuring
+        # would time the same plain network under every policy name.
+        if not any(isinstance(block, FusedModule) for block in self.network):
+            return self.plain_forward(x)
         return dispatch.module.run(self, x)
 
     def fused_forward(self, x: Tensor) -> Tensor:

@@ -322,6 +322,29 @@ def test_unfuse_fastres_models_and_convert_back():
             assert rel_err(back(x), want) < TOL
 
 
+def test_an_unfused_tcn_is_not_measured(monkeypatch):
+    """fastres.unfuse keeps the TemporalConvNet container around plain blocks: it runs them
+    as they are, with no module-level measurement (which would time the same plain network
+    under every policy name on each new signature) and no choice to report."""
+    measured, plains = [], []
+    measure = fastres.dispatch.module._measure
+    monkeypatch.setattr(fastres.dispatch.module, "_measure",
+                        lambda module, *args: measured.append(module) or measure(module, *args))
+    torch.manual_seed(0)
+    for kw in ({}, {"skip_connections": True}, {"activation": "gelu"}):
+        fused = fastres.TemporalConvNet(4, [6, 6], dropout=0.0, **kw)
+        plain = fastres.unfuse(fused)
+        plains.append(plain)
+        for mode in (True, False):
+            fused.train(mode), plain.train(mode)
+            x = torch.randn(2, 4, 32)
+            assert not list(fastres.explain(plain, x))
+            with torch.no_grad():  # (both update their running statistics alike)
+                assert rel_err(plain(x), fused(x)) < TOL
+    # The fused networks were measured (the spy works); no unfused one was.
+    assert measured and not any(m is p for m in measured for p in plains)
+
+
 def test_unfused_resnet_scripts():
     torch.manual_seed(0)
     fused = randomize_bn(fastres.ResNet1d(in_channels=2, widths=(8, 8, 16, 16))).eval()
