@@ -183,6 +183,15 @@ def test_a_candidate_records_the_choices_of_its_first_call_only():
     assert runner.runs_summary([{"level": "module", "runs": "stages"},
                                 {"level": "op", "runs": "cpp"},
                                 {"level": "op", "runs": "eager"}]) == "stages, cpp, eager"
+    # The markdown's reasons count the stages that share one (those following a module).
+    from fastres.bench import report
+    module = {"level": "module", "runs": "cpp", "why": "measured: cpp 1 ms, plain 2 ms"}
+    follow = {"level": "op", "runs": "cpp", "why": "the enclosing module measured fastest"}
+    rows = [{"task": "T", "impl": "fastres", "choices": [module] + [follow] * 3},
+            {"task": "T", "impl": "plain", "choices": None}]
+    assert report._choice_lines({"rows": rows}) == [
+        "T fastres: module cpp (measured: cpp 1 ms, plain 2 ms); "
+        "op cpp x3 (the enclosing module measured fastest)"]
 
 
 

@@ -7,6 +7,7 @@ Files, for an output folder and a prefix such as "cpu-2026-11-23":
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -31,10 +32,16 @@ def _suite_table(name: str, suite: Dict[str, object]):
 
 
 def _choice_lines(suite: Dict[str, object]) -> List[str]:
-    """Why each row runs what it runs (the dispatcher's reasons, times included)."""
-    return [f"{r['task']} {r['impl']}: " + "; ".join(
-        f"{c['level']} {c['runs']} ({c['why']})" for c in r["choices"])
-        for r in suite["rows"] if r.get("choices")]
+    """Why each row runs what it runs (the dispatcher's reasons, times included; choices
+    with the same reason, such as the stages following their module, counted once)."""
+    lines = []
+    for r in suite["rows"]:
+        if r.get("choices"):
+            same = collections.Counter((c["level"], c["runs"], c["why"]) for c in r["choices"])
+            lines.append(f"{r['task']} {r['impl']}: " + "; ".join(
+                f"{level} {runs}{f' x{n}' if n > 1 else ''} ({why})"
+                for (level, runs, why), n in same.items()))
+    return lines
 
 
 def _summary_lines(name: str, suite: Dict[str, object]) -> List[str]:
