@@ -1,6 +1,7 @@
 """The `fastres` command: argument errors, bench outputs and their schema, `fastres check`."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -81,7 +82,7 @@ ENVIRONMENT_KEYS = {"device", "device_name", "torch", "triton", "fastres", "git_
                     "platform", "cpu_count", "torch_threads", "cuda", "cudnn", "cudnn_conv_tf32",
                     "backends_available", "backend_unavailable",
                     "default_backend", "copy_bandwidth_gbs", "load_average_start",
-                    "load_average_end"}
+                    "load_average_end", "allocator"}
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,7 @@ def test_bench_json_schema_is_stable(quick_op_run):
     assert doc["environment"]["torch"] == torch.__version__
     assert doc["environment"]["fastres"] == fastres.__version__
     assert doc["environment"]["torch_threads"] == 1
+    assert doc["environment"]["allocator"]["settled_bytes"] == timing.SETTLE_BYTES
     assert set(doc["suites"]) == {"op"}
     op = doc["suites"]["op"]
     assert set(op) == {"title", "status", "reason", "rows", "summary", "wall_time_s"}
@@ -193,6 +195,51 @@ def test_a_candidate_records_the_choices_of_its_first_call_only():
         "T fastres: module cpp (measured: cpp 1 ms, plain 2 ms); "
         "op cpp x3 (the enclosing module measured fastest)"]
 
+
+
+_MAPPED_WHILE_HELD = """
+import ctypes, json, sys, torch
+from fastres.bench import timing
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+                .split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_while_held(nbytes):
+    before = libc.mallinfo2().hblkhd
+    block = torch.empty(nbytes, dtype=torch.uint8)
+    mapped = libc.mallinfo2().hblkhd - before
+    del block
+    return mapped
+
+fresh = mapped_while_held(4 << 20)
+timing.settle_allocator()
+print(json.dumps([fresh, mapped_while_held(4 << 20)]))
+"""
+
+
+def _glibc_version():
+    name, version = platform.libc_ver()
+    return tuple(int(v) for v in version.split(".")[:2]) if name == "glibc" else None
+
+
+@pytest.mark.skipif((_glibc_version() or (0, 0)) < (2, 33) or any(
+    k.startswith("MALLOC_") or k == "LD_PRELOAD" for k in os.environ),
+    reason="glibc's malloc with its default, dynamic thresholds is what the settling is for "
+           "(and mallinfo2, which reads them out, is glibc 2.33's)")
+def test_settling_the_allocator_serves_mib_tensors_from_the_heap():
+    """In a fresh process a 4 MiB tensor gets its own mapping (its pages faulted in on
+    every allocation); after settle_allocator, the bench's first step, it comes from the
+    heap."""
+    out = subprocess.run([sys.executable, "-c", _MAPPED_WHILE_HELD], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    fresh, settled = json.loads(out.stdout)
+    assert fresh >= 4 << 20 and settled == 0
 
 
 def test_measure_interleaves_and_separates_the_first_call():

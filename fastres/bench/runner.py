@@ -193,6 +193,7 @@ def run(settings: Settings, progress: Optional[bool] = None) -> Dict[str, object
 
     started = time.perf_counter()
     environment = environment_info.environment(settings.device)
+    environment["allocator"] = timing.settle_allocator()
     copy_bytes_per_s = None
     try:
         # The quick size is a smoke test: a small buffer is enough to exercise the path.

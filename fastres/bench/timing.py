@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import math
+import os
+import platform
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -81,6 +83,30 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return {"peak_bytes": peak, "peak_above_start_bytes": peak - before}
+
+
+# glibc's malloc serves a request above its mmap threshold with a fresh mapping, and gives
+# the top of its heap back to the system whenever more than its trim threshold (twice the
+# mmap threshold) lies free there. The mmap threshold starts at 128 KiB and rises to the
+# size of the largest mapped chunk freed so far, up to 32 MiB. So until a process has freed
+# one large tensor, a call that allocates and frees a few MiB of intermediates faults their
+# pages in afresh every time, and a candidate's time depended on whether an earlier suite
+# had freed such a tensor (benchmarks/NOTES.md, ninth session). Every suite now starts from
+# the state of a process that has freed one: the usual state of a training or serving
+# process after its first steps.
+SETTLE_BYTES = 32 * 2**20 - 2**12   # (just under the cap, so the threshold takes its size)
+
+
+def settle_allocator() -> Dict[str, object]:
+    """Allocate and free one SETTLE_BYTES tensor, raising glibc's mmap and trim thresholds
+    to their cap (a no-op elsewhere); return what the results record about the allocator:
+    the C library, the bytes freed, and the environment that changes malloc."""
+    libc = " ".join(platform.libc_ver()).strip() or None
+    block = torch.empty(SETTLE_BYTES, dtype=torch.uint8)
+    del block   # (freeing the mapped chunk is what raises the thresholds)
+    return {"libc": libc, "settled_bytes": SETTLE_BYTES,
+            "env": {k: v for k, v in os.environ.items()
+                    if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
 
 
 def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -> float:
