@@ -20,8 +20,7 @@ from torch import Tensor
 
 from .. import backends, dispatch
 from ..backends._activation import canonical_activation
-from ..dispatch.measure import bounded_extent
-from ..dispatch.measure import functorch_active
+from ..dispatch.measure import bounded_extent, functorch_active
 from ..conventions import (NORM_NONE, NORM_TRAIN, PADDING_MODES, conv_padding,
                            normalizes_per_position, norm_mode, output_length,
                            saves_for_backward, stats_dtype)
